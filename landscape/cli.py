@@ -1,0 +1,48 @@
+"""The ``landscape`` command line: a thin layer over the Python API, one subcommand per stage.
+
+Bad input ends with one line on stderr and exit code 2; no traceback, no partial output.
+"""
+
+import argparse
+import sys
+
+from . import __version__
+from .commands import register_all
+from .errors import UsageError
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    parser = _OneLineErrorParser(
+        prog="landscape",
+        description="Fisher information, loss landscapes and guided dropout for pretrained LMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"landscape {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
+    subparsers.required = True
+    register_all(subparsers)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except UsageError as err:
+        print(f"landscape {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"landscape {args.command}: interrupted; finished work is kept, rerun to resume",
+              file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

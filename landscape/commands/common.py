@@ -1,0 +1,49 @@
+"""Argument groups that several subcommands share, and their translation to API calls."""
+
+from ..errors import UsageError
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None,
+                       help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    group.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+
+
+def add_corpus_args(parser, max_samples_default=None, batch_size_default=16):
+    group = parser.add_argument_group("corpus")
+    group.add_argument("--corpus", default=None,
+                       help="text file, JSONL file, HF dataset name or save_to_disk folder "
+                            "(default: the embedded corpus)")
+    group.add_argument("--fraction", type=float, default=None,
+                       help="seeded document-level fraction of the corpus to use, in (0, 1]")
+    group.add_argument("--max-samples", type=int, default=max_samples_default,
+                       help="at most this many packed sequences")
+    group.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence (default: 128)")
+    group.add_argument("--batch-size", type=int, default=batch_size_default)
+    group.add_argument("--seed", type=int, default=0, help="seed for sub-sampling and masking (default: 0)")
+
+
+def load_model_from_args(args):
+    from ..models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def load_batches_from_args(args, loaded):
+    from ..corpus import load_batches
+
+    return load_batches(loaded, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
+                        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+
+
+def not_built(subparsers, name, help_text, issue):
+    """Register a subcommand whose stage is not built yet: it says so and exits with code 2."""
+    parser = subparsers.add_parser(name, help=f"{help_text} (not built yet)")
+
+    def run(args):
+        raise UsageError(f"'landscape {name}' is not built yet (issue #{issue})")
+
+    parser.set_defaults(func=run)
+    return parser

@@ -1,0 +1,9 @@
+"""The one exception type that means "the user gave bad input"."""
+
+
+class UsageError(Exception):
+    """Bad input from the user (a missing file, an unknown model, a value out of range).
+
+    The command line prints the message as one line and exits with code 2; the Python API lets
+    it propagate.  Messages say what is wrong and what to do about it.
+    """

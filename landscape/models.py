@@ -1,0 +1,151 @@
+"""Model adapters: load a pretrained LM with the right head, and tell which objective it trains.
+
+``--model`` takes a Hugging Face hub id, a local ``from_pretrained`` folder, or nothing (the
+embedded default in ``data/model``).  The head class is chosen from the config, never guessed from
+the name: masked LM (BERT, RoBERTa, DistilBERT ...), causal LM (GPT-2, Llama ...) or seq2seq LM (T5,
+BART ...).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import UsageError
+from .paths import DEFAULT_MODEL_DIR
+
+KINDS = ("mlm", "causal", "seq2seq")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer, objective kind and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str  # one of KINDS
+    source: str  # the hub id or folder given, or the embedded model's folder
+
+
+def parse_dtype(name):
+    """'float32' | 'bfloat16' | 'float16' (or fp32/bf16/fp16) -> torch.dtype."""
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype '{name}'; use float32, bfloat16 or float16") from None
+
+
+def resolve_device(name="auto"):
+    """'auto' picks CUDA when available, else CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device '{name}' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def kind_from_config(config):
+    """Objective kind ('mlm', 'causal', 'seq2seq') for a transformers config, or UsageError."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForMaskedLM"):
+            return "mlm"
+        if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal"
+    model_type = getattr(config, "model_type", None)
+    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "mlm"
+    if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise UsageError(
+        f"unknown architecture '{model_type}': landscape needs a masked, causal or seq2seq language "
+        "model (e.g. BERT, GPT-2, T5)"
+    )
+
+
+def model_kind(model):
+    """Objective kind of an already-built model, from its class and config."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if type(model).__name__.endswith("ForMaskedLM"):
+        return "mlm"
+    return "causal"
+
+
+def _looks_like_path(spec):
+    return spec.startswith((".", "/", "~")) or spec.endswith("/") or Path(spec).suffix != ""
+
+
+def _load_config(spec):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except ValueError as err:  # transformers' word for a config whose model_type it does not know
+        raise UsageError(f"unknown architecture in '{spec}': {str(err).splitlines()[0]}") from None
+    except (OSError, EnvironmentError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(
+            f"cannot load model '{spec}': it is not a local folder and the Hugging Face hub could not "
+            f"provide it ({reason})"
+        ) from None
+
+
+def load_model(spec: Optional[str] = None, device="cpu", dtype="float32") -> LoadedModel:
+    """Load a pretrained LM and its tokenizer, in eval mode, on ``device``.
+
+    spec: hub id, local folder, or None for the embedded default model.
+    Weights are read from safetensors (or with ``weights_only``), never unpickled.
+    """
+    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM,
+                              AutoModelForSeq2SeqLM, AutoTokenizer)
+
+    if spec is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise UsageError(
+                f"the embedded model is missing from {DEFAULT_MODEL_DIR}; rebuild it with "
+                "`python data/build_corpus.py && python data/pretrain.py`"
+            )
+        spec_str = str(DEFAULT_MODEL_DIR)
+    else:
+        spec_str = str(spec)
+        path = Path(spec_str).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"model '{spec_str}' is a file; give the folder that holds config.json")
+            if not (path / "config.json").exists():
+                raise UsageError(f"model folder '{spec_str}' has no config.json; is it a from_pretrained folder?")
+            spec_str = str(path)
+        elif _looks_like_path(spec_str):
+            raise UsageError(f"model folder '{spec_str}' does not exist")
+
+    config = _load_config(spec_str)
+    kind = kind_from_config(config)
+    head = {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM,
+            "seq2seq": AutoModelForSeq2SeqLM}[kind]
+    try:
+        model = head.from_pretrained(spec_str, config=config)
+        tokenizer = AutoTokenizer.from_pretrained(spec_str)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load model '{spec_str}': {str(err).splitlines()[0]}") from None
+    model.to(device=resolve_device(device) if isinstance(device, str) else device,
+             dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=spec_str)

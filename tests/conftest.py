@@ -1,0 +1,136 @@
+"""Tiny models and corpora built inside the tests (no hub, no network).
+
+Fixtures give both ``from_pretrained`` folders (to test loading) and loaded models.
+"""
+
+import json
+
+import pytest
+import torch
+
+TEXT = """The river runs through the old town and under seven stone bridges.
+Farmers bring apples, pears and cheese to the market every Saturday morning.
+A small library near the station lends books, maps and records to anyone.
+The orchestra played a long symphony while the audience listened in silence.
+Engineers tested the new bridge with heavy trucks before it opened to traffic.
+In winter the lake freezes and children skate on it after school.
+The museum shows paintings, sculptures and letters from the last two centuries.
+Scientists measured the temperature of the ocean at many depths during the voyage.
+She wrote a letter to her brother who lived in a city by the sea.
+The committee voted to build a new school next to the park.
+Rain fell for three days and the roads near the river were closed.
+The team won the final match after a long and difficult season.
+""".strip().splitlines()
+
+SPECIALS_BERT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _wordpiece_tokenizer(vocab_size=300):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(TEXT * 3, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS_BERT))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def _save_bert(path):
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    tok = BertTokenizerFast(tokenizer_object=_wordpiece_tokenizer(), unk_token="[UNK]", sep_token="[SEP]",
+                            cls_token="[CLS]", pad_token="[PAD]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _save_gpt2(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(fast), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def _save_t5(path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    sentinels = [f"<extra_id_{i}>" for i in range(20)]
+    tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(TEXT * 3, trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"] + sentinels))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=sentinels)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(fast), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, decoder_start_token_id=fast.pad_token_id, pad_token_id=fast.pad_token_id,
+                      eos_token_id=fast.eos_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """Folder of a tiny random BertForMaskedLM (2 layers, hidden 32) with a WordPiece tokenizer."""
+    return _save_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """Folder of a tiny random GPT2LMHeadModel (tied embeddings, Conv1D layers) with a BPE tokenizer."""
+    return _save_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    """Folder of a tiny random T5ForConditionalGeneration with sentinel tokens."""
+    return _save_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture
+def tiny_bert(tiny_bert_dir):
+    from landscape.models import load_model
+    return load_model(str(tiny_bert_dir))
+
+
+@pytest.fixture
+def tiny_gpt2(tiny_gpt2_dir):
+    from landscape.models import load_model
+    return load_model(str(tiny_gpt2_dir))
+
+
+@pytest.fixture
+def tiny_t5(tiny_t5_dir):
+    from landscape.models import load_model
+    return load_model(str(tiny_t5_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_file(tmp_path_factory):
+    """A JSONL corpus of 12 short English documents."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in TEXT))
+    return path
