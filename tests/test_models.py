@@ -1,0 +1,81 @@
+"""Model adapters: the right head from the config, clear errors for bad models, the embedded model."""
+
+import json
+
+import pytest
+import torch
+
+from landscape.errors import UsageError
+from landscape.models import kind_from_config, load_model
+from landscape.paths import DEFAULT_MODEL_DIR
+
+
+@pytest.mark.parametrize("fixture, kind, cls", [
+    ("tiny_bert_dir", "mlm", "BertForMaskedLM"),
+    ("tiny_gpt2_dir", "causal", "GPT2LMHeadModel"),
+    ("tiny_t5_dir", "seq2seq", "T5ForConditionalGeneration"),
+])
+def test_head_is_chosen_from_the_config(request, fixture, kind, cls):
+    loaded = load_model(str(request.getfixturevalue(fixture)))
+    assert loaded.kind == kind
+    assert type(loaded.model).__name__ == cls
+    assert not loaded.model.training
+
+
+def test_config_without_architectures_still_gets_a_head():
+    from transformers import BertConfig, GPT2Config, T5Config
+
+    assert kind_from_config(BertConfig()) == "mlm"
+    assert kind_from_config(GPT2Config()) == "causal"
+    assert kind_from_config(T5Config()) == "seq2seq"
+
+
+def test_missing_model_folder_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_model(str(tmp_path / "no_such_model") + "/")
+
+
+def test_folder_without_config_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", ["no_such_architecture", "vit"])
+def test_unknown_architecture_is_a_usage_error(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(UsageError, match="unknown architecture"):
+        load_model(str(tmp_path))
+
+
+def test_unreachable_hub_id_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="cannot load model"):
+        load_model("landscape-tests/no-such-model")
+
+
+def test_embedded_model_loads_with_plain_transformers():
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    model = BertForMaskedLM.from_pretrained(DEFAULT_MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    assert model.config.num_hidden_layers >= 4
+    assert 128 <= model.config.hidden_size <= 256
+    assert 7000 <= len(tokenizer) <= 9000
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+
+
+def test_embedded_model_beats_the_unigram_baseline_on_heldout_text():
+    """A real check of pretraining: held-out MLM cross-entropy far below the unigram model's."""
+    from landscape.corpus import load_batches
+    from landscape.objectives import sequence_losses
+    from landscape.paths import HELDOUT_CORPUS
+
+    loaded = load_model(None)
+    batches = load_batches(loaded, corpus=str(HELDOUT_CORPUS), max_samples=32, batch_size=16)
+    with torch.inference_mode():
+        parts = [sequence_losses(loaded.model, b) for b in batches]
+    loss = sum(p.loss_sum.sum() for p in parts) / sum(p.n_tokens.sum() for p in parts)
+    vocab = len(loaded.tokenizer)
+    # The unigram baseline of the model card is about 7 nats; uniform guessing is ln(vocab) ≈ 9.
+    assert loss < 0.75 * torch.log(torch.tensor(float(vocab)))
+    assert loss < 6.0
