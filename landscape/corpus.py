@@ -168,6 +168,14 @@ def make_samples(tokenizer, kind, docs, seq_len=128, max_samples=None, seed=0):
     return samples
 
 
+def check_seq_len(model, seq_len):
+    """Refuse sequences longer than the model's learned position table."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        raise UsageError(f"seq-len {seq_len} is longer than this model's {limit} positions; use --seq-len {limit}")
+
+
 def batches(samples, batch_size, pad_token_id, device="cpu"):
     """Collate samples into a list of batch dicts on ``device``; the last batch may be smaller."""
     if batch_size < 1:
@@ -182,6 +190,7 @@ def batches(samples, batch_size, pad_token_id, device="cpu"):
 def load_batches(loaded, corpus=None, fraction=None, max_samples=None, seq_len=128, batch_size=16,
                  seed=0, device=None):
     """Documents → sub-sample → samples → batches for a ``models.LoadedModel``, in one call."""
+    check_seq_len(loaded.model, seq_len)
     docs = subsample_documents(load_documents(corpus), fraction, seed)
     samples = make_samples(loaded.tokenizer, loaded.kind, docs, seq_len, max_samples, seed)
     pad = loaded.tokenizer.pad_token_id

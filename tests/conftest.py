@@ -134,3 +134,45 @@ def tiny_corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": line}) + "\n" for line in TEXT))
     return path
+
+
+@pytest.fixture
+def write_surface(tmp_path):
+    """Factory: write a synthetic surface HDF5 file in the contract's layout (issue 4) and return its path.
+
+    ``write_surface(name, f, x=..., y=None, legacy=False)``: ``f(X, Y)`` (or ``f(x)`` in 1D) gives the
+    loss; ``legacy=True`` writes the original loss-landscape layout (shape (nx, ny), filled in
+    meshgrid flat order, -1 for points not computed, ``dir_file`` as a dataset).
+    """
+    import h5py
+    import numpy as np
+
+    def write(name, f, x=np.linspace(-1, 1, 21), y=None, legacy=False, missing=None):
+        path = tmp_path / name
+        x = np.asarray(x, dtype=float)
+        if y is None:
+            z = np.asarray(f(x), dtype=float)
+        else:
+            y = np.asarray(y, dtype=float)
+            z = np.asarray(f(*np.meshgrid(x, y)), dtype=float)  # (ny, nx)
+        if missing is not None:
+            z = np.where(missing(z), np.nan, z)
+        with h5py.File(path, "w") as h5:
+            h5["xcoordinates"] = x
+            if y is not None:
+                h5["ycoordinates"] = y
+            if legacy:
+                h5["dir_file"] = "model.t7_weights_xignore=biasbn_xnorm=filter.h5"
+                stored = np.where(np.isnan(z), -1.0, z)
+                if y is not None:
+                    stored = stored.reshape(-1).reshape(len(x), len(y))
+                h5["train_loss"] = stored
+                h5["train_acc"] = np.where(stored < 0, -1.0, 50.0)
+            else:
+                h5.attrs["dir_file"] = "directions.h5"
+                h5.attrs["norm"] = "filter"
+                h5["train_loss"] = z
+                h5["train_acc"] = np.where(np.isnan(z), np.nan, 0.5)
+        return path
+
+    return write

@@ -89,3 +89,9 @@ def test_missing_and_unreadable_corpus_are_refused(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(UsageError, match="not UTF-8"):
         load_documents(str(binary))
+
+
+def test_seq_len_beyond_the_models_positions_is_refused(tiny_bert, tiny_corpus_file):
+    limit = tiny_bert.model.config.max_position_embeddings
+    with pytest.raises(UsageError, match=f"--seq-len {limit}"):
+        load_batches(tiny_bert, corpus=str(tiny_corpus_file), seq_len=limit + 1)
