@@ -4,6 +4,7 @@ Bad input ends with one line on stderr and exit code 2; no traceback, no partial
 """
 
 import argparse
+import re
 import sys
 
 from . import __version__
@@ -12,7 +13,12 @@ from .errors import UsageError
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and still exit code 2)."""
+    """argparse, but a usage error is one line (and still exit code 2), and values such as
+    ``-1:1:21`` or ``-1e-3`` are values, not options (argparse only exempts plain negative numbers)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d[\d.eE+:-]*$|^-\.\d[\d.eE+:-]*$")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -1,8 +1,157 @@
 """directions, surface."""
 
-from .common import not_built
+import os
+from pathlib import Path
+
+from ..errors import UsageError
+from .common import add_corpus_args, add_model_args
 
 
 def register(subparsers):
-    not_built(subparsers, "directions", "filter-normalized, Fisher-masked random directions", 4)
-    not_built(subparsers, "surface", "loss grid along directions (resumable HDF5)", 4)
+    _register_directions(subparsers)
+    _register_surface(subparsers)
+
+
+# ----------------------------------------------------------------------------- directions
+def _register_directions(subparsers):
+    parser = subparsers.add_parser(
+        "directions", help="filter-normalized, Fisher-masked random directions",
+        description="Seeded Gaussian directions, normalized per filter/layer and optionally masked by "
+                    "Fisher scores, written to an HDF5 direction file.")
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
+    parser.add_argument("--fisher", default=None, help="Fisher file (safetensors) for --subset")
+    parser.add_argument("--subset", default=None,
+                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]; default: all)")
+    parser.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
+                        help="rank elements over the whole model (default) or inside each tensor (paper code)")
+    parser.add_argument("--norm", choices=("filter", "layer", "none"), default="filter")
+    parser.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn",
+                        help="biasbn: 1-D tensors (biases, LayerNorm) are not perturbed (default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the directions and of random masks")
+    parser.add_argument("--dims", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--orthogonalize", action="store_true",
+                        help="make the second direction orthogonal to the first")
+    parser.add_argument("--out", required=True, help="direction file to write (.h5)")
+    parser.set_defaults(func=run_directions)
+
+
+def run_directions(args):
+    from .. import directions
+    from ..fisher import load_fisher
+    from ..models import load_model
+
+    subset = args.subset or "all"
+    directions.parse_mask_spec(subset)
+    fisher, fisher_meta = (None, {})
+    if args.fisher:
+        fisher, fisher_meta = load_fisher(args.fisher)
+    elif subset != "all":
+        raise UsageError(f"--subset {subset} needs --fisher F.safetensors")
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    dirs, settings = directions.make_directions(
+        loaded.model, dims=args.dims, seed=args.seed, norm=args.norm, ignore=args.ignore, fisher=fisher,
+        subset=subset, granularity=args.mask_granularity, orthogonal=args.orthogonalize)
+    settings.update(model=_model_id(loaded), fisher=str(args.fisher or ""),
+                    fisher_provenance=str(fisher_meta.get("corpus", "")))
+    directions.save_directions(args.out, dirs, settings)
+    share = 100.0 * settings["n_selected"] / max(1, settings["n_parameters"])
+    print(f"wrote {args.out}: {args.dims} direction(s), norm={args.norm}, subset={subset}, "
+          f"{settings['n_selected']:,} of {settings['n_parameters']:,} parameters perturbed ({share:.2f}%)")
+    return 0
+
+
+def _model_id(loaded):
+    path = Path(loaded.source)
+    return str(path.resolve()) if path.is_dir() else loaded.source
+
+
+# ----------------------------------------------------------------------------- surface
+def _register_surface(subparsers):
+    parser = subparsers.add_parser(
+        "surface", help="loss grid along directions (resumable HDF5)",
+        description="Loss and token accuracy at every point of a 1D or 2D grid along the directions of a "
+                    "direction file. Rerunning the same command resumes; under torchrun the grid is "
+                    "sharded over ranks.")
+    add_model_args(parser)
+    add_corpus_args(parser, max_samples_default=64)
+    parser.add_argument("--directions", required=True, help="direction file from `landscape directions`")
+    parser.add_argument("--x", default="-1:1:21", help="MIN:MAX:NUM along the first direction (default -1:1:21)")
+    parser.add_argument("--y", default=None,
+                        help="MIN:MAX:NUM along the second direction (default -1:1:21 for a 2-direction file)")
+    parser.add_argument("--one-d", action="store_true", help="only the x direction of a 2-direction file")
+    parser.add_argument("--points-per-pass", type=int, default=1,
+                        help="grid points per vmapped forward pass (helps on GPUs; default 1)")
+    parser.add_argument("--flush-seconds", type=float, default=2.0,
+                        help="rewrite the HDF5 file at most this often (every point is journaled at once)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out computed with other settings")
+    parser.add_argument("--out", required=True, help="surface file to write or resume (.h5)")
+    parser.set_defaults(func=run_surface)
+
+
+def _distributed_device(device):
+    """Join the torchrun group if there is one; returns the device this rank should use."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return device
+
+
+def run_surface(args):
+    import torch
+
+    from ..corpus import load_batches
+    from ..models import load_model
+    from ..surface import compute_surface_file, parse_range
+
+    xs = parse_range(args.x, "--x")
+    ys = parse_range(args.y, "--y") if args.y else None
+    if args.one_d and ys is not None:
+        raise UsageError("--one-d and --y contradict each other; drop one")
+    if args.points_per_pass < 1:
+        raise UsageError(f"--points-per-pass must be at least 1, got {args.points_per_pass}")
+    dtype = str(args.dtype).lower()
+    device = _distributed_device(args.device)
+    try:
+        loaded = load_model(args.model, device=device, dtype="float32" if dtype == "tf32" else dtype)
+        if dtype == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if ys is None and not args.one_d and _holds_two_directions(args.directions):
+            ys = parse_range("-1:1:21", "--y")
+        batches = load_batches(loaded, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
+                               seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+        settings = {"model": _model_id(loaded), "corpus": str(args.corpus or "embedded"),
+                    "fraction": args.fraction, "max_samples": args.max_samples, "seq_len": args.seq_len,
+                    "corpus_seed": args.seed, "precision": dtype}
+        info = {"batch_size": args.batch_size, "device": str(next(loaded.model.parameters()).device),
+                "world_size": int(os.environ.get("WORLD_SIZE", "1")), "points_per_pass": args.points_per_pass}
+        result = compute_surface_file(args.out, loaded.model, args.directions, batches, xs, ys, settings=settings,
+                                      overwrite=args.overwrite, points_per_pass=args.points_per_pass,
+                                      flush_seconds=args.flush_seconds, info=info)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {result['path']}: {result['computed']} point(s) computed now, {result['total']} in the grid")
+    return 0
+
+
+def _holds_two_directions(path):
+    import h5py
+
+    from ..io import require_readable_file
+
+    try:
+        with h5py.File(require_readable_file(path, "direction file"), "r") as handle:
+            return "ydirection" in handle
+    except OSError:
+        return False  # load_directions reports what is wrong with the file
