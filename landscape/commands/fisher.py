@@ -1,9 +1,178 @@
 """fisher, stability, profile."""
 
-from .common import not_built
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+from .common import add_corpus_args, add_model_args
 
 
 def register(subparsers):
-    not_built(subparsers, "fisher", "diagonal empirical Fisher of a model on a corpus", 3)
-    not_built(subparsers, "stability", "Fisher stability over nested corpus fractions", 3)
-    not_built(subparsers, "profile", "parameter-wise and site-wise Fisher figures and CSV", 3)
+    _register_fisher(subparsers)
+    _register_stability(subparsers)
+    _register_profile(subparsers)
+
+
+# ------------------------------------------------------------------------------------ fisher
+def _register_fisher(subparsers):
+    parser = subparsers.add_parser(
+        "fisher", help="diagonal empirical Fisher of a model on a corpus",
+        description="Exact diagonal empirical Fisher F_j = (1/N) sum_n (dl_n/dtheta_j)^2 with batched "
+                    "per-sample gradients.  Interrupted runs resume from OUT.ckpt; under torchrun the "
+                    "samples are sharded over the ranks.")
+    add_model_args(parser)
+    add_corpus_args(parser)
+    parser.add_argument("--out", required=True, help="output Fisher file (.safetensors)")
+    _add_run_args(parser)
+    parser.add_argument("--checkpoint-every", type=float, default=60.0,
+                        help="seconds between checkpoints of the running sums (default: 60)")
+    parser.set_defaults(func=run_fisher)
+
+
+def _add_run_args(parser):
+    parser.add_argument("--max-chunk-mb", type=float, default=256.0,
+                        help="memory for per-sample gradients at a time, in MB (default: 256)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _distributed_setup(args):
+    """(rank, world size); initializes torch.distributed when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    from ..models import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def _samples(args, loaded):
+    """All samples of the corpus sub-sample, in seeded document order, and the pad id."""
+    from ..corpus import load_documents, make_samples, subsample_documents
+
+    docs = subsample_documents(load_documents(args.corpus), args.fraction, args.seed)
+    samples = make_samples(loaded.tokenizer, loaded.kind, docs, args.seq_len, args.max_samples, args.seed)
+    pad = loaded.tokenizer.pad_token_id
+    if pad is None:
+        pad = loaded.tokenizer.eos_token_id or 0
+    return samples, pad
+
+
+def _check_out(path, suffixes):
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--out '{path}' is a folder; give a file name ending in {suffixes[0]}")
+    if path.suffix not in suffixes:
+        raise UsageError(f"--out '{path}' must end in {' or '.join(suffixes)}")
+    return path
+
+
+def run_fisher(args):
+    from ..corpus import batches as make_batches
+    from ..fisher import compute_fisher, provenance, save_fisher
+    from ..models import load_model
+
+    out = _check_out(args.out, [".safetensors"])
+    rank, world = _distributed_setup(args)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    samples, pad = _samples(args, loaded)
+    device = next(loaded.model.parameters()).device
+    shard = make_batches(samples[rank::world], args.batch_size, pad, device) if samples[rank::world] else []
+    settings = {"model": loaded.source, "corpus": args.corpus, "fraction": args.fraction,
+                "max_samples": args.max_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                "seed": args.seed, "dtype": args.dtype, "rank": rank, "world": world}
+    checkpoint = out.with_name(out.name + (f".rank{rank}" if world > 1 else "") + ".ckpt")
+    fisher = compute_fisher(loaded.model, shard, kind=loaded.kind, progress=not args.quiet and rank == 0,
+                            checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
+                            fingerprint=json.dumps(settings, sort_keys=True), max_chunk_mb=args.max_chunk_mb)
+    if rank == 0:
+        meta = provenance(loaded.source, args.corpus, args.fraction, len(samples), args.seed,
+                          max_samples=args.max_samples, seq_len=args.seq_len, dtype=args.dtype,
+                          objective=loaded.kind, ranks=world)
+        save_fisher(out, fisher, meta)
+        total = sum(t.numel() for t in fisher.values())
+        print(f"wrote {out}: Fisher of {total:,} parameters ({len(fisher)} tensors) from {len(samples)} "
+              f"samples of {args.seq_len} tokens")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    checkpoint.unlink(missing_ok=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------- stability
+def _register_stability(subparsers):
+    from ..stability import DEFAULT_FRACTIONS, DEFAULT_TOP
+
+    parser = subparsers.add_parser(
+        "stability", help="Fisher stability over nested corpus fractions (paper Table 1)",
+        description="Estimate the Fisher from nested sub-samples of the reference sample in one pass and "
+                    "compare each with the reference: top-k%% overlap and Jaccard, Spearman, relative L1.")
+    add_model_args(parser)
+    add_corpus_args(parser)
+    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS),
+                        help="comma-separated fractions of the reference sample (default: %(default)s)")
+    parser.add_argument("--top", default=",".join(f"{k:g}" for k in DEFAULT_TOP),
+                        help="comma-separated top-k percentages (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output table (.csv)")
+    _add_run_args(parser)
+    parser.set_defaults(func=run_stability)
+
+
+def run_stability(args):
+    from ..corpus import batches as make_batches
+    from ..models import load_model
+    from ..stability import format_table, parse_numbers, stability, write_csv
+
+    out = _check_out(args.out, [".csv"])
+    fractions = parse_numbers(args.fractions, "--fractions", 0.0, 1.0)
+    top = parse_numbers(args.top, "--top", 0.0, 100.0)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    samples, pad = _samples(args, loaded)
+    batches = make_batches(samples, args.batch_size, pad, next(loaded.model.parameters()).device)
+    rows = stability(loaded.model, batches, fractions, top, kind=loaded.kind, progress=not args.quiet)
+    write_csv(rows, out)
+    print(format_table(rows))
+    print(f"wrote {out} (reference: {len(samples)} samples)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- profile
+def _register_profile(subparsers):
+    parser = subparsers.add_parser(
+        "profile", help="parameter-wise and site-wise Fisher figures and CSV",
+        description="Sorted parameter-wise Fisher (log scale), dropout-site scores (element-weighted mean "
+                    "Fisher of the parameters each site drops), per-tensor and per-block tables.")
+    parser.add_argument("fisher", help="a Fisher file written by `landscape fisher`")
+    add_model_args(parser)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(func=run_profile)
+
+
+def run_profile(args):
+    from ..fisher import load_fisher
+    from ..models import load_model
+    from ..profile import write_profile
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' is a file; give a folder")
+    fisher, meta = load_fisher(args.fisher)
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
+    paths = write_profile(fisher, loaded.model, out, title=title)
+    for what, path in paths.items():
+        print(f"wrote {path}", file=sys.stdout)
+    return 0

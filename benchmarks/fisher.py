@@ -1,0 +1,184 @@
+"""Benchmark: exact batched Fisher vs the paper's batch-size-1 loop vs a plain forward+backward.
+
+In one run, on the same samples:
+  (a) loop   - the paper's code: one forward + backward per sample, square ``.grad``, accumulate;
+  (b) floor  - one plain batched forward + backward per batch (what any training step costs);
+  (c) fisher - ``landscape.fisher.compute_fisher`` (exact per-sample gradients, batched).
+Prints seconds, samples/s, peak memory and the ratios (c)/(b) and (c)/(a).
+Targets on CPU: (c) <= 1.5x (b) and (c) no slower than (a).
+
+    python benchmarks/fisher.py                 # embedded model (data/model) or a same-shaped random BERT
+    python benchmarks/fisher.py --gpu-config    # BERT-base-sized random model, seq 128 (for a GPU)
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from landscape.fisher import compute_fisher  # noqa: E402
+from landscape.objectives import sequence_losses  # noqa: E402
+from landscape.paths import DEFAULT_MODEL_DIR  # noqa: E402
+
+
+def random_mlm_batches(vocab, n_samples, seq_len, batch_size, device, seed=0):
+    """Batches of random tokens with BERT-style 15% masked targets (for a random model)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n_samples, batch_size):
+        size = min(batch_size, n_samples - start)
+        ids = torch.randint(5, vocab, (size, seq_len), generator=gen)
+        targets = torch.rand(size, seq_len, generator=gen) < 0.15
+        targets[:, 1] = True
+        labels = torch.where(targets, ids, torch.full_like(ids, -100))
+        inputs = torch.where(targets, torch.full_like(ids, 4), ids)
+        out.append({"input_ids": inputs.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": labels.to(device)})
+    return out
+
+
+def build(args, device):
+    """(model, batches, description) for the chosen configuration."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    if not args.gpu_config and (DEFAULT_MODEL_DIR / "config.json").exists():
+        from landscape.corpus import load_batches
+        from landscape.models import load_model
+
+        loaded = load_model(None, device=device)
+        batches = load_batches(loaded, max_samples=args.samples, seq_len=args.seq_len,
+                               batch_size=args.batch_size, device=device)
+        return loaded.model, batches, f"embedded model {DEFAULT_MODEL_DIR} on the embedded corpus"
+    if args.gpu_config:
+        config = BertConfig()  # BERT-base: 12 layers, hidden 768, vocab 30522
+        what = "random BERT-base-sized BertForMaskedLM"
+    else:
+        config = BertConfig(vocab_size=8192, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=512, max_position_embeddings=128)
+        what = "random BertForMaskedLM shaped like the embedded model (data/model is absent)"
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config).to(device).eval()
+    batches = random_mlm_batches(config.vocab_size, args.samples, args.seq_len, args.batch_size, device)
+    return model, batches, what
+
+
+def loop_fisher(model, batches):
+    """(a) The paper's method: batch-size-1 forward/backward, square the gradient, accumulate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = [torch.zeros_like(p) for p in params]
+    for batch in batches:
+        for row in range(batch["labels"].shape[0]):
+            sample = {k: v[row: row + 1] for k, v in batch.items()}
+            model.zero_grad(set_to_none=True)
+            sequence_losses(model, sample).mean_per_sample().sum().backward()
+            for total, p in zip(sums, params):
+                if p.grad is not None:
+                    total.add_(p.grad.square())
+    model.zero_grad(set_to_none=True)
+    return sums
+
+
+def plain_backward(model, batches):
+    """(b) The floor: one ordinary batched forward + backward per batch."""
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        sequence_losses(model, batch).mean_per_sample().sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on a GPU, peak RSS (VmHWM) on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak_mb = float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_mb = int(line.split()[1]) / 1024
+        return False
+
+
+def timed(fn, device, repeats):
+    """(best seconds over repeats, peak MB of the last repeat)."""
+    best = float("inf")
+    for _ in range(repeats):
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return best, memory.peak_mb
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu-config", action="store_true",
+                        help="BERT-base-sized random model at seq 128 (meant for a GPU)")
+    parser.add_argument("--samples", type=int, default=None, help="default: 64 (CPU) / 256 (--gpu-config)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 (CPU) / 32 (--gpu-config)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="timings are the best of this many runs")
+    parser.add_argument("--loop-samples", type=int, default=None,
+                        help="samples for the slow batch-size-1 loop (default: all); its time is scaled")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    args.samples = args.samples or (256 if args.gpu_config else 64)
+    args.batch_size = args.batch_size or (32 if args.gpu_config else 16)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+
+    model, batches, what = build(args, device)
+    n_samples = sum(b["labels"].shape[0] for b in batches)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{what}: {n_params / 1e6:.2f}M parameters; {n_samples} samples x {args.seq_len} tokens, "
+          f"batch {args.batch_size}, device {device}, torch threads {torch.get_num_threads()}")
+    plain_backward(model, batches[:1])  # warm-up: allocator, kernels, lazy init
+    compute_fisher(model, batches[:1])
+
+    loop_batches = batches
+    if args.loop_samples:
+        loop_batches = [{k: v[: args.loop_samples] for k, v in batches[0].items()}]
+    loop_n = sum(b["labels"].shape[0] for b in loop_batches)
+    t_loop, m_loop = timed(lambda: loop_fisher(model, loop_batches), device, 1)
+    t_loop *= n_samples / loop_n
+    t_floor, m_floor = timed(lambda: plain_backward(model, batches), device, args.repeats)
+    t_fisher, m_fisher = timed(lambda: compute_fisher(model, batches), device, args.repeats)
+
+    print(f"{'method':<34}{'seconds':>9}{'samples/s':>11}{'peak MB':>10}")
+    for name, t, m in (("(a) batch-size-1 loop (paper)", t_loop, m_loop),
+                       ("(b) plain batched fwd+bwd (floor)", t_floor, m_floor),
+                       ("(c) compute_fisher (exact)", t_fisher, m_fisher)):
+        print(f"{name:<34}{t:>9.3f}{n_samples / t:>11.1f}{m:>10.0f}")
+    print(f"ratio (c)/(b) = {t_fisher / t_floor:.2f}  (target <= 1.5)")
+    print(f"ratio (c)/(a) = {t_fisher / t_loop:.2f}  (target <= 1.0; speed-up over the loop "
+          f"{t_loop / t_fisher:.1f}x)")
+    if args.loop_samples:
+        print(f"(a) was timed on {loop_n} samples and scaled to {n_samples}")
+    print("peak memory: " + ("CUDA allocator peak" if device.type == "cuda"
+                             else "process peak RSS (includes the model and data)"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Exact diagonal empirical Fisher: equals a per-sample loop, resumes, shards over ranks."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from landscape import cli
+from landscape.corpus import load_batches
+from landscape.errors import UsageError
+from landscape.fisher import compute_fisher, load_fisher, nested_fisher
+from landscape.objectives import sequence_losses
+
+
+def loop_fisher(model, batches):
+    """Reference: one backward per sample (row of the same padded batch), float64 accumulation."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
+    count = 0
+    for batch in batches:
+        for row in range(batch["labels"].shape[0]):
+            sample = {k: v[row: row + 1] for k, v in batch.items()}
+            loss = sequence_losses(model, sample).mean_per_sample()[0]
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for name, grad in zip(params, grads):
+                if grad is not None:
+                    sums[name] += grad.double() ** 2
+            count += 1
+    return {n: s / count for n, s in sums.items()}
+
+
+def assert_same_fisher(fisher, reference, rtol=1e-5):
+    assert set(fisher) == set(reference)
+    scale = max(float(r.abs().max()) for r in reference.values())
+    for name, ref in reference.items():
+        # Parameters with a Fisher of exactly zero in theory (attention key biases) are rounding
+        # noise in both; compare those against a floor far below every real value.
+        bound = rtol * max(float(ref.abs().max()), 1e-8 * scale)
+        err = float((fisher[name].double() - ref).abs().max())
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def small_batches(loaded, corpus, batch_size=3, max_samples=7, seq_len=16):
+    return load_batches(loaded, corpus, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_t5"])
+def test_compute_fisher_equals_per_sample_loop(name, request, tiny_corpus_file):
+    loaded = request.getfixturevalue(name)
+    batches = small_batches(loaded, tiny_corpus_file, batch_size=5, max_samples=None)
+    assert any((b["attention_mask"] == 0).any() for b in batches), "want padding inside a batch"
+    fisher = compute_fisher(loaded.model, batches)
+    assert_same_fisher(fisher, loop_fisher(loaded.model, batches))
+    for n, p in loaded.model.named_parameters():
+        assert fisher[n].shape == p.shape and p.requires_grad  # requires_grad restored
+
+
+def test_tied_weights_appear_once_and_sum_both_uses(tiny_bert, tiny_gpt2, tiny_corpus_file):
+    bert_names = set(compute_fisher(tiny_bert.model, small_batches(tiny_bert, tiny_corpus_file)))
+    assert "bert.embeddings.word_embeddings.weight" in bert_names
+    assert "cls.predictions.decoder.weight" not in bert_names
+    model = tiny_gpt2.model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batches = small_batches(tiny_gpt2, tiny_corpus_file)
+    fisher = compute_fisher(model, batches)
+    assert "lm_head.weight" not in fisher
+    # Squaring each use separately (what a tie-unaware method does) gives a different number.
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    separate = compute_fisher(untied, batches)
+    squared_separately = separate["transformer.wte.weight"] + separate["lm_head.weight"]
+    assert not torch.allclose(fisher["transformer.wte.weight"], squared_separately, rtol=1e-2)
+
+
+def test_nested_fisher_prefixes_match_separate_runs(tiny_gpt2, tiny_corpus_file):
+    batches = small_batches(tiny_gpt2, tiny_corpus_file, batch_size=3, max_samples=7)
+    full, first4 = nested_fisher(tiny_gpt2.model, batches, [7, 4])
+    prefix = [{k: v[:3] for k, v in batches[0].items()}, {k: v[:1] for k, v in batches[1].items()}]
+    assert_same_fisher(full, {k: v.double() for k, v in compute_fisher(tiny_gpt2.model, batches).items()})
+    assert_same_fisher(first4, {k: v.double() for k, v in compute_fisher(tiny_gpt2.model, prefix).items()})
+
+
+def test_interrupted_run_resumes_without_redoing_batches(tiny_bert, tiny_corpus_file, tmp_path):
+    batches = small_batches(tiny_bert, tiny_corpus_file, batch_size=2, max_samples=8)
+    expected = compute_fisher(tiny_bert.model, batches)
+    checkpoint = tmp_path / "F.ckpt"
+
+    def interrupted():
+        yield from batches[:2]
+        raise KeyboardInterrupt  # Ctrl-C between batch 2 and 3
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_fisher(tiny_bert.model, interrupted(), checkpoint=checkpoint, fingerprint="run-1")
+    assert checkpoint.exists()
+    forwards = []
+    handle = tiny_bert.model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        resumed = compute_fisher(tiny_bert.model, batches, checkpoint=checkpoint, fingerprint="run-1")
+    finally:
+        handle.remove()
+    assert len(forwards) == len(batches) - 2  # finished batches were not redone
+    assert_same_fisher(resumed, {k: v.double() for k, v in expected.items()})
+    with pytest.raises(UsageError, match="other settings"):
+        compute_fisher(tiny_bert.model, batches, checkpoint=checkpoint, fingerprint="run-2")
+
+
+def _cli_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_cli_fisher_writes_file_with_provenance(tiny_bert, tiny_bert_dir, tiny_corpus_file, tmp_path, capsys):
+    out = tmp_path / "F.safetensors"
+    code = cli.main(["fisher", "--model", str(tiny_bert_dir), "--corpus", str(tiny_corpus_file),
+                     "--max-samples", "6", "--seq-len", "16", "--batch-size", "4", "--device", "cpu",
+                     "--out", str(out), "--quiet"])
+    assert code == 0
+    fisher, meta = load_fisher(out)
+    assert meta["samples"] == "6" and meta["model"] == str(tiny_bert_dir)
+    assert meta["corpus"] == str(tiny_corpus_file) and meta["seed"] == "0" and "definition" in meta
+    assert set(fisher) == {n for n, _ in tiny_bert.model.named_parameters()}
+    batches = small_batches(tiny_bert, tiny_corpus_file, batch_size=4, max_samples=6)
+    assert_same_fisher(fisher, {k: v.double() for k, v in compute_fisher(tiny_bert.model, batches).items()},
+                       rtol=1e-5)
+    assert not list(tmp_path.glob("*.ckpt"))  # the checkpoint is removed after success
+
+
+def test_cli_fisher_bad_input_is_one_line_and_no_output(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "F.safetensors"
+    code = cli.main(["fisher", "--model", str(tiny_bert_dir), "--corpus", str(tmp_path / "missing.txt"),
+                     "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert cli.main(["fisher", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "F.bin")]) == 2
+
+
+def test_torchrun_two_gloo_ranks_equal_single_process(tiny_gpt2, tiny_gpt2_dir, tiny_corpus_file, tmp_path):
+    out = tmp_path / "F2.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "landscape.cli", "fisher", "--model", str(tiny_gpt2_dir), "--corpus", str(tiny_corpus_file),
+           "--max-samples", "7", "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--quiet",
+           "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_cli_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    fisher, meta = load_fisher(out)
+    assert meta["ranks"] == "2" and meta["samples"] == "7"
+    batches = small_batches(tiny_gpt2, tiny_corpus_file, batch_size=7, max_samples=7)
+    expected = compute_fisher(tiny_gpt2.model, batches)
+    assert_same_fisher(fisher, {k: v.double() for k, v in expected.items()})
