@@ -4,8 +4,13 @@ Fixtures give both ``from_pretrained`` folders (to test loading) and loaded mode
 """
 
 import json
+import os
 
 import pytest
+
+# The suite never reaches the Hugging Face hub; say so before transformers reads it, so that a
+# test asking for a hub id fails at once instead of waiting on network timeouts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 TEXT = """The river runs through the old town and under seven stone bridges.
