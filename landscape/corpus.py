@@ -122,7 +122,8 @@ def pack_documents(docs, tokenizer, seq_len, separator=None, show_progress=False
     left (it is shorter, not dropped).  Returns a list of lists of token ids.
     """
     stream = []
-    encoded = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    # Documents are longer than the model's positions on purpose (they are cut below): no warning.
+    encoded = tokenizer(list(docs), add_special_tokens=False, verbose=False)["input_ids"]
     for ids in tqdm(encoded, desc="packing", disable=not show_progress, leave=False):
         stream.extend(ids)
         if separator is not None:

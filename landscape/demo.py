@@ -27,7 +27,7 @@ class DemoSettings:
     fisher_samples: int = 512  # packed sequences for the Fisher and the stability reference
     stability_fractions: tuple = (0.33, 0.1, 0.05, 0.01)
     eval_samples: int = 16  # fixed evaluation sample of every surface
-    grid_2d: str = "-1:1:13"
+    grid_2d: str = "-1:1:15"
     grid_1d: str = "-1:1:21"
     seq_len: int = 128
     batch_size: int = 16
@@ -74,27 +74,23 @@ def run_demo(out_dir="landscape_demo", settings=None, device="cpu"):
     model = loaded.model
     paths = {"fisher": out / "fisher.safetensors", "stability": out / "stability.csv",
              "profile": out / "profile", "schedule": out / "schedule.json", "figures": fig_dir}
-    stages = _Stages(total=9)
+    stages = _Stages(total=8)
 
-    def fisher_stage():
+    def fisher_and_stability_stage():
+        # The stability reference is the Fisher of all samples: one pass gives both.
         batches = load_batches(loaded, max_samples=cfg.fisher_samples, seq_len=cfg.seq_len,
                                batch_size=cfg.batch_size, seed=cfg.seed)
-        scores = fisher.compute_fisher(model, batches, progress=True)
+        table, scores = stability_stage.stability_and_reference(
+            model, batches, fractions=cfg.stability_fractions, progress=True)
         n = sum(b["labels"].shape[0] for b in batches)
         fisher.save_fisher(paths["fisher"], scores,
                            fisher.provenance(loaded.source, None, None, n, cfg.seed, seq_len=cfg.seq_len))
-
-    stages.run("Fisher information", [paths["fisher"]], fisher_stage)
-    scores, _ = fisher.load_fisher(paths["fisher"])
-
-    def stability_stage_run():
-        batches = load_batches(loaded, max_samples=cfg.fisher_samples, seq_len=cfg.seq_len,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
-        table = stability_stage.stability(model, batches, fractions=cfg.stability_fractions, progress=True)
         stability_stage.write_csv(table, paths["stability"])
         print(stability_stage.format_table(table))
 
-    stages.run("stability of the Fisher over nested sub-samples", [paths["stability"]], stability_stage_run)
+    stages.run("Fisher information and its stability over nested sub-samples",
+               [paths["fisher"], paths["stability"]], fisher_and_stability_stage)
+    scores, _ = fisher.load_fisher(paths["fisher"])
 
     stages.run("Fisher profile (per parameter, per dropout site)", [paths["profile"] / "sites.png"],
                lambda: profile_stage.write_profile(scores, model, paths["profile"], title="embedded model"))

@@ -397,7 +397,8 @@ def _mpl_figure(surfaces, labels, kind, style, notes):
     for ax, surface, z, label, note in zip(axes[0], surfaces, values, labels, notes):
         mappable = _mpl_panel(ax, surface, z, kind, style, norm, (low, high))
         if n > 1:
-            ax.set_title(_panel_title(label, note), fontsize=10)
+            # Side-by-side panels are narrow: the sharpness note goes on its own line.
+            ax.set_title("\n".join(part for part in (label, note) if part), fontsize=10)
     fig.colorbar(mappable, ax=list(axes[0]), shrink=0.8, pad=0.08 if kind == "surface3d" else 0.05,
                  label=style.value_label(surfaces[0].field))
     fig.suptitle(style.title)

@@ -95,6 +95,13 @@ def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind
 
     Each row: fraction, samples, then the metrics of ``compare``.  One pass over the data.
     """
+    return stability_and_reference(model, batches, fractions, top, kind, progress)[0]
+
+
+def stability_and_reference(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind=None,
+                            progress=False):
+    """``stability`` rows and the reference Fisher they compare with, from the same single pass
+    (so a caller that also needs the Fisher does not compute it twice)."""
     total = sum(int(b["labels"].shape[0]) for b in batches)
     sizes = [total] + [max(1, round(f * total)) for f in fractions]
     estimates = nested_fisher(model, batches, sizes, kind=kind, progress=progress)
@@ -102,7 +109,7 @@ def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind
     rows = []
     for fraction, size, estimate in zip([1.0] + list(fractions), sizes, estimates):
         rows.append({"fraction": fraction, "samples": size, **compare(estimate, reference, top)})
-    return rows
+    return rows, reference
 
 
 def write_csv(rows, path):
