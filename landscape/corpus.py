@@ -169,6 +169,21 @@ def make_samples(tokenizer, kind, docs, seq_len=128, max_samples=None, seed=0):
     return samples
 
 
+def _labelled_batches(loaded, corpus, fraction, max_samples, seq_len, batch_size, seed, device):
+    from .finetune import collate as collate_labelled, encode, load_labelled
+
+    check_fraction(fraction)
+    data, _ = load_labelled(corpus)
+    rows = subsample_documents(list(range(len(data))), fraction, seed)[:max_samples]
+    data = data.select(rows)
+    encoded = encode(loaded.tokenizer, data, seq_len)
+    device = device or next(loaded.model.parameters()).device
+    pad = loaded.tokenizer.pad_token_id or 0
+    return [collate_labelled(encoded, data.labels, list(range(start, min(start + batch_size, len(data)))),
+                             pad, data.task, device)
+            for start in range(0, len(data), batch_size)]
+
+
 def check_seq_len(model, seq_len):
     """Refuse sequences longer than the model's learned position table."""
     config = model.config
@@ -190,8 +205,15 @@ def batches(samples, batch_size, pad_token_id, device="cpu"):
 
 def load_batches(loaded, corpus=None, fraction=None, max_samples=None, seq_len=128, batch_size=16,
                  seed=0, device=None):
-    """Documents → sub-sample → samples → batches for a ``models.LoadedModel``, in one call."""
+    """Documents → sub-sample → samples → batches for a ``models.LoadedModel``, in one call.
+
+    For a fine-tuned classifier (kind 'classification') the corpus is a labelled dataset
+    (``finetune.load_labelled``: CSV/TSV/JSONL/HF dataset; None = the embedded sentiment set) and
+    each sample is one labelled row.
+    """
     check_seq_len(loaded.model, seq_len)
+    if loaded.kind == "classification":
+        return _labelled_batches(loaded, corpus, fraction, max_samples, seq_len, batch_size, seed, device)
     docs = subsample_documents(load_documents(corpus), fraction, seed)
     samples = make_samples(loaded.tokenizer, loaded.kind, docs, seq_len, max_samples, seed)
     pad = loaded.tokenizer.pad_token_id

@@ -15,7 +15,7 @@ import torch
 from .errors import UsageError
 from .paths import DEFAULT_MODEL_DIR
 
-KINDS = ("mlm", "causal", "seq2seq")
+KINDS = ("mlm", "causal", "seq2seq", "classification")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -33,7 +33,7 @@ class LoadedModel:
 
     model: torch.nn.Module
     tokenizer: object
-    kind: str  # one of KINDS
+    kind: str  # one of KINDS; "classification" is a fine-tuned sequence classifier or regressor
     source: str  # the hub id or folder given, or the embedded model's folder
 
 
@@ -62,9 +62,13 @@ def kind_from_config(config):
     """Objective kind ('mlm', 'causal', 'seq2seq') for a transformers config, or UsageError."""
     from transformers.models.auto import modeling_auto as auto
 
+    archs = getattr(config, "architectures", None) or []
+    # A fine-tuned classifier (e.g. saved by `landscape finetune --save-models`) keeps its head.
+    if any(arch.endswith("ForSequenceClassification") for arch in archs):
+        return "classification"
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
-    for arch in getattr(config, "architectures", None) or []:
+    for arch in archs:
         if arch.endswith("ForMaskedLM"):
             return "mlm"
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
@@ -82,6 +86,8 @@ def kind_from_config(config):
 
 def model_kind(model):
     """Objective kind of an already-built model, from its class and config."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return "classification"
     if getattr(model.config, "is_encoder_decoder", False):
         return "seq2seq"
     if type(model).__name__.endswith("ForMaskedLM"):
@@ -114,8 +120,8 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32") -> Loa
     spec: hub id, local folder, or None for the embedded default model.
     Weights are read from safetensors (or with ``weights_only``), never unpickled.
     """
-    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM,
-                              AutoModelForSeq2SeqLM, AutoTokenizer)
+    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
+                              AutoModelForSequenceClassification, AutoTokenizer)
 
     if spec is None:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
@@ -139,7 +145,7 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32") -> Loa
     config = _load_config(spec_str)
     kind = kind_from_config(config)
     head = {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM,
-            "seq2seq": AutoModelForSeq2SeqLM}[kind]
+            "seq2seq": AutoModelForSeq2SeqLM, "classification": AutoModelForSequenceClassification}[kind]
     try:
         model = head.from_pretrained(spec_str, config=config)
         tokenizer = AutoTokenizer.from_pretrained(spec_str)

@@ -183,12 +183,27 @@ def _seq2seq_losses(model, batch):
     return _per_sample(token_loss, correct, is_target.nonzero()[:, 0], labels.shape[0])
 
 
+def _classification_losses(model, batch):
+    """Fine-tuned sequence classifiers: one target per sample (its label); regression heads
+    (one output) give the squared error and count no correct predictions."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()  # (B, C)
+    ones = torch.ones(labels.shape[0], dtype=logits.dtype, device=logits.device)
+    if logits.shape[-1] == 1:
+        return SequenceLosses((logits[:, 0] - labels.float()) ** 2, ones, torch.zeros_like(ones))
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    return SequenceLosses(loss, ones, (logits.argmax(-1) == labels).to(logits.dtype))
+
+
 def sequence_losses(model, batch, kind=None) -> SequenceLosses:
     """Per-sample target-token cross-entropy sums of ``model`` on ``batch``.
 
     batch: dict of (B, T) tensors on the model's device with ``labels`` (-100 = ignored).
-    kind: 'mlm' | 'causal' | 'seq2seq'; inferred from the model when None.
+    kind: 'mlm' | 'causal' | 'seq2seq' | 'classification'; inferred from the model when None.
     The token-weighted mean loss of a set of batches is sum(loss_sum) / sum(n_tokens).
     """
     kind = kind or model_kind(model)
-    return {"mlm": _mlm_losses, "causal": _causal_losses, "seq2seq": _seq2seq_losses}[kind](model, batch)
+    losses = {"mlm": _mlm_losses, "causal": _causal_losses, "seq2seq": _seq2seq_losses,
+              "classification": _classification_losses}
+    return losses[kind](model, batch)
