@@ -42,7 +42,9 @@ def _read_jsonl(path):
     return docs
 
 
-def _read_hf_dataset(spec):
+def open_hf_dataset(spec):
+    """A Hugging Face dataset (``Dataset`` or ``DatasetDict``) from a ``save_to_disk`` folder or a
+    hub name (``name`` or ``name:config``); UsageError when it cannot be had."""
     try:
         import datasets
     except ImportError:
@@ -50,12 +52,17 @@ def _read_hf_dataset(spec):
                          "pip install 'landscape[hf]'") from None
     try:
         if Path(spec).is_dir():
-            data = datasets.load_from_disk(spec)
-        else:
-            name, _, config = spec.partition(":")
-            data = datasets.load_dataset(name, config or None)
+            return datasets.load_from_disk(spec)
+        name, _, config = spec.partition(":")
+        return datasets.load_dataset(name, config or None)
     except Exception as err:  # datasets raises many types; any of them means "cannot read it"
         raise UsageError(f"cannot load dataset '{spec}': {str(err).splitlines()[0]}") from None
+
+
+def _read_hf_dataset(spec):
+    import datasets
+
+    data = open_hf_dataset(spec)
     if isinstance(data, datasets.DatasetDict):
         split = "train" if "train" in data else next(iter(data))
         data = data[split]

@@ -24,6 +24,7 @@ import torch
 
 from . import regularizers as regs
 from . import schedule as sched
+from .corpus import open_hf_dataset
 from .errors import UsageError
 from .io import atomic_output, require_readable_file
 from .paths import DEFAULT_MODEL_DIR, SENTIMENT_DATASET
@@ -148,19 +149,9 @@ def _read_table(path, spec):
 
 
 def _read_hf(spec):
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError("reading a Hugging Face dataset needs the 'datasets' package (pip install datasets), "
-                         "or give a CSV/TSV/JSONL file") from None
-    try:
-        if Path(spec).is_dir():
-            data = datasets.load_from_disk(spec)
-        else:
-            name, _, config = spec.partition(":")
-            data = datasets.load_dataset(name, config or None)
-    except Exception as err:  # datasets raises many types; any of them means "cannot read it"
-        raise UsageError(f"cannot load dataset '{spec}': {str(err).splitlines()[0]}") from None
+    import datasets
+
+    data = open_hf_dataset(spec)
     if isinstance(data, datasets.DatasetDict):
         test_split = next((s for s in ("test", "validation") if s in data and s != "train"), None)
         # GLUE test splits carry label -1 (hidden): evaluate on validation then
