@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import PeakMemory  # noqa: E402 (this folder is sys.path[0] when run as a script)
 from landscape.fisher import compute_fisher  # noqa: E402
 from landscape.objectives import sequence_losses  # noqa: E402
 from landscape.paths import DEFAULT_MODEL_DIR  # noqa: E402
@@ -88,35 +89,6 @@ def plain_backward(model, batches):
         model.zero_grad(set_to_none=True)
         sequence_losses(model, batch).mean_per_sample().sum().backward()
     model.zero_grad(set_to_none=True)
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak on a GPU, peak RSS (VmHWM) on CPU."""
-
-    def __init__(self, device):
-        self.device = device
-        self.peak_mb = float("nan")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            except OSError:
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_mb = int(line.split()[1]) / 1024
-        return False
 
 
 def timed(fn, device, repeats):
