@@ -24,11 +24,11 @@ TOP_K = (80, 50, 20, 5, 1, 0.25)
 class DemoSettings:
     """Sizes of the demo's samples and grids, chosen to finish in minutes on 2 CPU cores."""
 
-    fisher_samples: int = 512  # packed sequences for the Fisher and the stability reference
-    stability_fractions: tuple = (0.33, 0.1, 0.05, 0.01)
-    eval_samples: int = 16  # fixed evaluation sample of every surface
-    grid_2d: str = "-1:1:15"
-    grid_1d: str = "-1:1:21"
+    fisher_samples: int = 2048  # packed sequences for the Fisher and the stability reference
+    stability_fractions: tuple = (0.33, 0.1, 0.05, 0.01, 0.001)
+    eval_samples: int = 32  # fixed evaluation sample of every surface
+    grid_2d: str = "-1:1:21"
+    grid_1d: str = "-1:1:41"
     seq_len: int = 128
     batch_size: int = 16
     seed: int = 0
