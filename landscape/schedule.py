@@ -167,16 +167,17 @@ def apply(model, schedule):
         raise UsageError(
             f"the schedule names {len(missing)} dropout site(s) this model does not have (first: "
             f"'{missing[0]}'); was it made for another model? Rebuild it with `landscape schedule --model ...`")
-    for name, p in probs.items():
+    for name, p in probs.items():  # validate everything first: a refused schedule changes nothing
         if not (0.0 <= p < 1.0):
             raise UsageError(f"dropout probability {p} for site '{name}' is outside [0, 1)")
+        if not isinstance(modules[name], nn.Dropout) and float_dropout_attr(modules[name]) is None:
+            raise UsageError(f"module '{name}' ({type(modules[name]).__name__}) is not a dropout site")
+    for name, p in probs.items():
         module = modules[name]
         if isinstance(module, nn.Dropout):
             module.p = float(p)
-        elif float_dropout_attr(module) is not None:
-            setattr(module, float_dropout_attr(module), float(p))
         else:
-            raise UsageError(f"module '{name}' ({type(module).__name__}) is not a dropout site")
+            setattr(module, float_dropout_attr(module), float(p))
     return model
 
 
