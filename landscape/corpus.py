@@ -9,7 +9,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError

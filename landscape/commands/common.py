@@ -1,5 +1,7 @@
 """Argument groups that several subcommands share, and their translation to API calls."""
 
+import os
+
 from ..errors import UsageError
 
 
@@ -47,3 +49,26 @@ def not_built(subparsers, name, help_text, issue):
 
     parser.set_defaults(func=run)
     return parser
+
+
+def join_torchrun(device="auto"):
+    """Join the torch.distributed group when started by torchrun (NCCL on GPUs, gloo on CPU).
+
+    Returns (device for this rank, rank, world size); (device, 0, 1) outside torchrun.  On GPUs each
+    rank takes cuda:LOCAL_RANK.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, 0, 1
+    import torch
+    import torch.distributed as dist
+
+    from ..models import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
+    return device, dist.get_rank(), world

@@ -1,12 +1,11 @@
 """fisher, stability, profile."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from .common import add_corpus_args, add_model_args
+from .common import add_corpus_args, add_model_args, join_torchrun
 
 
 def register(subparsers):
@@ -37,26 +36,6 @@ def _add_run_args(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _distributed_setup(args):
-    """(rank, world size); initializes torch.distributed when started by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    from ..models import resolve_device
-
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
 def _samples(args, loaded):
     """All samples of the corpus sub-sample, in seeded document order, and the pad id."""
     from ..corpus import load_documents, make_samples, subsample_documents
@@ -84,7 +63,7 @@ def run_fisher(args):
     from ..models import load_model
 
     out = _check_out(args.out, [".safetensors"])
-    rank, world = _distributed_setup(args)
+    args.device, rank, world = join_torchrun(args.device)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     samples, pad = _samples(args, loaded)
     device = next(loaded.model.parameters()).device

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
-from .common import add_corpus_args, add_model_args
+from .common import add_corpus_args, add_model_args, join_torchrun
 
 
 def register(subparsers):
@@ -89,22 +89,6 @@ def _register_surface(subparsers):
     parser.set_defaults(func=run_surface)
 
 
-def _distributed_device(device):
-    """Join the torchrun group if there is one; returns the device this rank should use."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return device
-
-
 def run_surface(args):
     import torch
 
@@ -119,7 +103,7 @@ def run_surface(args):
     if args.points_per_pass < 1:
         raise UsageError(f"--points-per-pass must be at least 1, got {args.points_per_pass}")
     dtype = str(args.dtype).lower()
-    device = _distributed_device(args.device)
+    device, _, _ = join_torchrun(args.device)
     try:
         loaded = load_model(args.model, device=device, dtype="float32" if dtype == "tf32" else dtype)
         if dtype == "tf32":
