@@ -1,4 +1,4 @@
-"""What the benchmarks share: peak memory of a block of work."""
+"""What the benchmarks share: peak memory of a block of work, random masked-LM batches."""
 
 from pathlib import Path
 
@@ -31,3 +31,19 @@ class PeakMemory:
                 if line.startswith("VmHWM:"):
                     self.peak_mb = int(line.split()[1]) / 1024
         return False
+
+
+def random_mlm_batches(vocab, n_samples, seq_len, batch_size, device, seed=0):
+    """Batches of random tokens with BERT-style 15% masked targets (for a random model)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n_samples, batch_size):
+        size = min(batch_size, n_samples - start)
+        ids = torch.randint(5, vocab, (size, seq_len), generator=gen)
+        targets = torch.rand(size, seq_len, generator=gen) < 0.15
+        targets[:, 1] = True
+        labels = torch.where(targets, ids, torch.full_like(ids, -100))
+        inputs = torch.where(targets, torch.full_like(ids, 4), ids)
+        out.append({"input_ids": inputs.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": labels.to(device)})
+    return out

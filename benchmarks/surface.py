@@ -25,28 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import PeakMemory  # noqa: E402 (this folder is sys.path[0] when run as a script)
+from _common import PeakMemory, random_mlm_batches  # noqa: E402 (this folder is sys.path[0] when run as a script)
 from landscape import directions, surface  # noqa: E402
 from landscape.paths import DEFAULT_MODEL_DIR  # noqa: E402
 
 # Dense peak TFLOP/s (float32 without tf32, tf32, bf16) used for MFU; --peak-tflops overrides.
 PEAKS = {"H100": (67.0, 495.0, 989.0), "H200": (67.0, 495.0, 989.0), "A100": (19.5, 156.0, 312.0)}
-
-
-def random_mlm_batches(vocab, n_samples, seq_len, batch_size, device, seed=0):
-    """Batches of random tokens with BERT-style 15% masked targets (for a random model)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n_samples, batch_size):
-        size = min(batch_size, n_samples - start)
-        ids = torch.randint(5, vocab, (size, seq_len), generator=gen)
-        targets = torch.rand(size, seq_len, generator=gen) < 0.15
-        targets[:, 1] = True
-        labels = torch.where(targets, ids, torch.full_like(ids, -100))
-        inputs = torch.where(targets, torch.full_like(ids, 4), ids)
-        out.append({"input_ids": inputs.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": labels.to(device)})
-    return out
 
 
 def build(args, device, dtype, workdir):
