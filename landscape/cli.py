@@ -55,7 +55,17 @@ def main(argv=None):
         print(f"landscape {args.command}: interrupted; finished work is kept, rerun to resume",
               file=sys.stderr)
         return 130
+    finally:
+        _leave_torchrun()
     return int(result or 0)
+
+
+def _leave_torchrun():
+    # A gloo/NCCL group left open until interpreter exit can abort the process (SIGABRT).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
