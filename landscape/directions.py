@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .fisher import check_fisher_matches
 from .io import atomic_output, require_readable_file
 
 NORMS = ("filter", "layer", "none")
@@ -208,16 +209,6 @@ def apply_mask(direction, mask):
                              f"{tuple(tensor.shape)}; was the Fisher file computed for this model?")
         out[name] = tensor * mask[name].to(device=tensor.device, dtype=tensor.dtype)
     return out
-
-
-def check_fisher_matches(fisher, model):
-    """UsageError naming the first parameter whose Fisher tensor is missing or mis-shaped."""
-    for name, param in model.named_parameters():
-        if name not in fisher:
-            raise UsageError(f"the Fisher file has no tensor '{name}'; was it computed for this model?")
-        if tuple(fisher[name].shape) != tuple(param.shape):
-            raise UsageError(f"Fisher tensor '{name}' has shape {tuple(fisher[name].shape)} but the model's is "
-                             f"{tuple(param.shape)}; was it computed for this model?")
 
 
 def make_directions(model, dims=2, seed=0, norm="filter", ignore="biasbn", fisher=None, subset="all",

@@ -64,6 +64,21 @@ def load_fisher(path):
         raise UsageError(f"'{path}' is not a Fisher file (safetensors): {str(err).splitlines()[0]}") from None
 
 
+def check_fisher_matches(fisher, model):
+    """UsageError unless ``fisher`` has one tensor per trainable parameter of ``model``, same shapes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n in params if n not in fisher]
+    extra = [n for n in fisher if n not in params]
+    if missing or extra:
+        which = f"no entry for '{missing[0]}'" if missing else f"an entry '{extra[0]}' the model lacks"
+        raise UsageError(f"the Fisher file does not match the model ({which}); compute it for this model "
+                         "with `landscape fisher --model ...`")
+    for name, p in params.items():
+        if tuple(fisher[name].shape) != tuple(p.shape):
+            raise UsageError(f"the Fisher of '{name}' has shape {tuple(fisher[name].shape)}, the model's "
+                             f"parameter {tuple(p.shape)}; compute the Fisher for this model")
+
+
 # --------------------------------------------------------------------------------------------
 # Which modules get exact per-sample gradients from hooks, and for which of their parameters.
 

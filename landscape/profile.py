@@ -14,24 +14,10 @@ import torch
 
 from .errors import UsageError
 from .io import atomic_output
+from .fisher import check_fisher_matches
 from .sites import find_sites, site_scores
 
 _BLOCK = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.\d+)\.")
-
-
-def check_matches(fisher, model):
-    """UsageError unless ``fisher`` has one tensor per trainable parameter of ``model``, same shapes."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = [n for n in params if n not in fisher]
-    extra = [n for n in fisher if n not in params]
-    if missing or extra:
-        which = f"no entry for '{missing[0]}'" if missing else f"an entry '{extra[0]}' the model lacks"
-        raise UsageError(f"the Fisher file does not match the model ({which}); compute it for this model "
-                         "with `landscape fisher --model ...`")
-    for name, p in params.items():
-        if tuple(fisher[name].shape) != tuple(p.shape):
-            raise UsageError(f"the Fisher of '{name}' has shape {tuple(fisher[name].shape)}, the model's "
-                             f"parameter {tuple(p.shape)}; compute the Fisher for this model")
 
 
 def block_of(name):
@@ -156,7 +142,7 @@ def write_profile(fisher, model, out_dir, title=""):
     parameters.png / parameter_quantiles.csv (sorted element-wise Fisher), sites.png / sites.csv
     (site scores, normalized to the highest), tensors.csv, blocks.png / blocks.csv.
     """
-    check_matches(fisher, model)
+    check_fisher_matches(fisher, model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     values = parameter_profile(fisher)
