@@ -1,4 +1,4 @@
-"""What the benchmarks share: peak memory of a block of work, random masked-LM batches."""
+"""What the benchmarks share: peak memory of a block of work, random BERT configs and batches."""
 
 from pathlib import Path
 
@@ -47,3 +47,14 @@ def random_mlm_batches(vocab, n_samples, seq_len, batch_size, device, seed=0):
         out.append({"input_ids": inputs.to(device), "attention_mask": torch.ones_like(ids).to(device),
                     "labels": labels.to(device)})
     return out
+
+
+def random_bert_config(gpu_config):
+    """(BertConfig, description): BERT-base for GPU runs, else the embedded model's shape."""
+    from transformers import BertConfig
+
+    if gpu_config:
+        return BertConfig(), "random BERT-base-sized BertForMaskedLM"  # 12 layers, hidden 768
+    config = BertConfig(vocab_size=8192, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=512, max_position_embeddings=128)
+    return config, "random BertForMaskedLM shaped like the embedded model (data/model is absent)"

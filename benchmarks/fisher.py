@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import PeakMemory, random_mlm_batches  # noqa: E402 (this folder is sys.path[0] when run as a script)
+from _common import PeakMemory, random_bert_config, random_mlm_batches  # noqa: E402 (this folder is sys.path[0] when run as a script)
 from landscape.fisher import compute_fisher  # noqa: E402
 from landscape.objectives import sequence_losses  # noqa: E402
 from landscape.paths import DEFAULT_MODEL_DIR  # noqa: E402
@@ -28,7 +28,7 @@ from landscape.paths import DEFAULT_MODEL_DIR  # noqa: E402
 
 def build(args, device):
     """(model, batches, description) for the chosen configuration."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     if not args.gpu_config and (DEFAULT_MODEL_DIR / "config.json").exists():
         from landscape.corpus import load_batches
@@ -38,13 +38,7 @@ def build(args, device):
         batches = load_batches(loaded, max_samples=args.samples, seq_len=args.seq_len,
                                batch_size=args.batch_size, device=device)
         return loaded.model, batches, f"embedded model {DEFAULT_MODEL_DIR} on the embedded corpus"
-    if args.gpu_config:
-        config = BertConfig()  # BERT-base: 12 layers, hidden 768, vocab 30522
-        what = "random BERT-base-sized BertForMaskedLM"
-    else:
-        config = BertConfig(vocab_size=8192, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=512, max_position_embeddings=128)
-        what = "random BertForMaskedLM shaped like the embedded model (data/model is absent)"
+    config, what = random_bert_config(args.gpu_config)
     torch.manual_seed(0)
     model = BertForMaskedLM(config).to(device).eval()
     batches = random_mlm_batches(config.vocab_size, args.samples, args.seq_len, args.batch_size, device)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import PeakMemory, random_mlm_batches  # noqa: E402 (this folder is sys.path[0] when run as a script)
+from _common import PeakMemory, random_bert_config, random_mlm_batches  # noqa: E402 (this folder is sys.path[0] when run as a script)
 from landscape import directions, surface  # noqa: E402
 from landscape.paths import DEFAULT_MODEL_DIR  # noqa: E402
 
@@ -35,7 +35,7 @@ PEAKS = {"H100": (67.0, 495.0, 989.0), "H200": (67.0, 495.0, 989.0), "A100": (19
 
 def build(args, device, dtype, workdir):
     """(model folder, model, batches, description): a folder is needed to reload per point in (a)."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     if not args.gpu_config and (DEFAULT_MODEL_DIR / "config.json").exists():
         from landscape.corpus import load_batches
@@ -45,13 +45,7 @@ def build(args, device, dtype, workdir):
         batches = load_batches(loaded, max_samples=args.samples, seq_len=args.seq_len,
                                batch_size=args.batch_size, device=device)
         return DEFAULT_MODEL_DIR, loaded.model, batches, f"embedded model {DEFAULT_MODEL_DIR}, embedded corpus"
-    if args.gpu_config:
-        config = BertConfig()  # BERT-base: 12 layers, hidden 768, vocab 30522
-        what = "random BERT-base-sized BertForMaskedLM"
-    else:
-        config = BertConfig(vocab_size=8192, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=512, max_position_embeddings=128)
-        what = "random BertForMaskedLM shaped like the embedded model (data/model is absent)"
+    config, what = random_bert_config(args.gpu_config)
     torch.manual_seed(0)
     folder = Path(workdir) / "model"
     BertForMaskedLM(config).save_pretrained(folder)
