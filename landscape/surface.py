@@ -117,12 +117,13 @@ def _check_directions(model, directions):
 def loss_and_accuracy(model, batches, kind=None):
     """Token-weighted mean target cross-entropy (nats) and token accuracy over all batches."""
     kind = kind or model_kind(model)
-    loss, tokens, correct = 0.0, 0.0, 0.0
+    totals = 0.0
     with torch.inference_mode():
         for batch in batches:
             s = sequence_losses(model, batch, kind)
-            totals = torch.stack([s.loss_sum.sum(), s.n_tokens.sum(), s.n_correct.sum()]).double().cpu()
-            loss, tokens, correct = loss + float(totals[0]), tokens + float(totals[1]), correct + float(totals[2])
+            # Summed on the device: one host transfer per point, not one per batch.
+            totals = totals + torch.stack([s.loss_sum.sum(), s.n_tokens.sum(), s.n_correct.sum()]).double()
+    loss, tokens, correct = (float(t) for t in totals.cpu()) if torch.is_tensor(totals) else (0.0,) * 3
     if tokens == 0:
         raise UsageError("the evaluation sample has no target tokens")
     return loss / tokens, correct / tokens
