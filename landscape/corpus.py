@@ -184,9 +184,8 @@ def _labelled_batches(loaded, corpus, fraction, max_samples, seq_len, batch_size
     data = data.select(rows)
     encoded = encode(loaded.tokenizer, data, seq_len)
     device = device or next(loaded.model.parameters()).device
-    pad = loaded.tokenizer.pad_token_id or 0
     return [collate_labelled(encoded, data.labels, list(range(start, min(start + batch_size, len(data)))),
-                             pad, data.task, device)
+                             pad_token_id(loaded.tokenizer), data.task, device)
             for start in range(0, len(data), batch_size)]
 
 
@@ -209,6 +208,21 @@ def batches(samples, batch_size, pad_token_id, device="cpu"):
     return out
 
 
+def pad_token_id(tokenizer):
+    """The id batches are padded with: the tokenizer's pad token, else EOS (GPT-2 style), else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
+def load_samples(loaded, corpus=None, fraction=None, max_samples=None, seq_len=128, seed=0):
+    """Documents → seeded sub-sample → samples of the model's objective, as a list (for a language
+    model; a caller that shards samples over processes needs them before batching)."""
+    docs = subsample_documents(load_documents(corpus), fraction, seed)
+    check_seq_len(loaded.model, seq_len)
+    return make_samples(loaded.tokenizer, loaded.kind, docs, seq_len, max_samples, seed)
+
+
 def load_batches(loaded, corpus=None, fraction=None, max_samples=None, seq_len=128, batch_size=16,
                  seed=0, device=None):
     """Documents → sub-sample → samples → batches for a ``models.LoadedModel``, in one call.
@@ -217,13 +231,9 @@ def load_batches(loaded, corpus=None, fraction=None, max_samples=None, seq_len=1
     (``finetune.load_labelled``: CSV/TSV/JSONL/HF dataset; None = the embedded sentiment set) and
     each sample is one labelled row.
     """
-    check_seq_len(loaded.model, seq_len)
     if loaded.kind == "classification":
+        check_seq_len(loaded.model, seq_len)
         return _labelled_batches(loaded, corpus, fraction, max_samples, seq_len, batch_size, seed, device)
-    docs = subsample_documents(load_documents(corpus), fraction, seed)
-    samples = make_samples(loaded.tokenizer, loaded.kind, docs, seq_len, max_samples, seed)
-    pad = loaded.tokenizer.pad_token_id
-    if pad is None:
-        pad = loaded.tokenizer.eos_token_id or 0
+    samples = load_samples(loaded, corpus, fraction, max_samples, seq_len, seed)
     device = device or next(loaded.model.parameters()).device
-    return batches(samples, batch_size, pad, device)
+    return batches(samples, batch_size, pad_token_id(loaded.tokenizer), device)

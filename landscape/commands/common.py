@@ -2,8 +2,6 @@
 
 import os
 
-from ..errors import UsageError
-
 
 def add_model_args(parser):
     group = parser.add_argument_group("model")
@@ -31,24 +29,6 @@ def load_model_from_args(args):
     from ..models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def load_batches_from_args(args, loaded):
-    from ..corpus import load_batches
-
-    return load_batches(loaded, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
-                        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
-
-
-def not_built(subparsers, name, help_text, issue):
-    """Register a subcommand whose stage is not built yet: it says so and exits with code 2."""
-    parser = subparsers.add_parser(name, help=f"{help_text} (not built yet)")
-
-    def run(args):
-        raise UsageError(f"'landscape {name}' is not built yet (issue #{issue})")
-
-    parser.set_defaults(func=run)
-    return parser
 
 
 def join_torchrun(device="auto"):

@@ -38,14 +38,10 @@ def _add_run_args(parser):
 
 def _samples(args, loaded):
     """All samples of the corpus sub-sample, in seeded document order, and the pad id."""
-    from ..corpus import load_documents, make_samples, subsample_documents
+    from ..corpus import load_samples, pad_token_id
 
-    docs = subsample_documents(load_documents(args.corpus), args.fraction, args.seed)
-    samples = make_samples(loaded.tokenizer, loaded.kind, docs, args.seq_len, args.max_samples, args.seed)
-    pad = loaded.tokenizer.pad_token_id
-    if pad is None:
-        pad = loaded.tokenizer.eos_token_id or 0
-    return samples, pad
+    samples = load_samples(loaded, args.corpus, args.fraction, args.max_samples, args.seq_len, args.seed)
+    return samples, pad_token_id(loaded.tokenizer)
 
 
 def _check_out(path, suffixes):
