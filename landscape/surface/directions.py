@@ -160,9 +160,17 @@ def _select(scores, kind, count, generator):
         # Uniform random keys + top-k: an exact count without a randperm of the whole model.
         scores = torch.rand(scores.shape, generator=generator, dtype=torch.float32)
         kind = "top"
-    order = torch.sort(scores, descending=(kind == "top"), stable=True).indices
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
-    chosen[order[:count]] = True
+    # The same set as a stable sort's first ``count`` (ties broken by position), found with one
+    # selection instead of sorting: on a 135M-parameter model the sort took most of a minute and
+    # 1.6 GB for its values and int64 indices.
+    n = scores.numel()
+    if count >= n:
+        return torch.ones(n, dtype=torch.bool)
+    rank = n - count + 1 if kind == "top" else count
+    threshold = torch.kthvalue(scores, rank).values
+    chosen = scores > threshold if kind == "top" else scores < threshold
+    ties = torch.nonzero(scores == threshold).squeeze(1)
+    chosen[ties[: count - int(chosen.sum())]] = True
     return chosen
 
 
