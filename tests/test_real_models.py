@@ -129,6 +129,30 @@ def test_smollm2_fisher_and_schedule_commands(runs):
     assert sched["fisher"].endswith("F.safetensors")
 
 
+def test_smollm2_masked_surface_commands(runs, float32_run, smollm2):
+    """`directions --fisher` and a 3-point `surface` as a user runs them: the origin is transformers'
+    own loss, the framing is in the file, and a resume with another framing is refused."""
+    from landscape.surface.file import read_surface
+
+    work = runs
+    ok(cli("directions", "--model", smollm2, "--fisher", work / "F.safetensors", "--subset", "top:5", "--dims", 1,
+           "--out", work / "top5.h5", cwd=work))
+    grid = ["--x=-0.1:0.1:3", "--out", work / "top5_s.h5"]
+    ok(cli("surface", "--model", smollm2, "--directions", work / "top5.h5", *SAMPLE, *grid, cwd=work))
+    s = read_surface(work / "top5_s.h5")
+    loaded, batches, _, _ = float32_run
+    with torch.no_grad():
+        theirs = float(loaded.model(**batches[0]).loss)
+    assert s.z.shape == (3,) and np.isfinite(s.z).all()
+    assert s.z[1] == pytest.approx(theirs, rel=1e-5)  # x = 0
+    assert s.z[0] > s.z[1] and s.z[2] > s.z[1]
+    assert s.settings["framing"] == NO_FRAMING
+    refused = cli("surface", "--model", smollm2, "--directions", work / "top5.h5", *SAMPLE, "--bos", "yes", *grid,
+                  cwd=work)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert "framing" in refused.stderr
+
+
 def test_smollm2_bfloat16_agrees_with_float32_and_accumulates_in_float32(float32_run, bfloat16_run):
     from landscape import surface
     from landscape.directions import fisher_mask
