@@ -103,6 +103,24 @@ def test_mask_ties_keep_exact_count_and_random_is_seeded():
     assert not all(torch.equal(r1[n], r3[n]) for n in scores)
 
 
+def test_mask_ties_are_broken_by_position_as_documented():
+    # The first tied elements (in named_parameters order, then row-major) are the ones selected,
+    # so that the same Fisher file always gives the same mask: exactly a stable sort's first K.
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        flat = torch.randint(0, 4, (97,), generator=gen).float()
+        flat[torch.rand(97, generator=gen) < 0.1] = float("inf") if trial % 2 else -float("inf")
+        scores = {"a": flat[:40].reshape(8, 5), "b": flat[40:]}
+        for kind in ("top", "bottom"):
+            for percent in (1, 30, 50, 99):
+                mask = D.fisher_mask(scores, f"{kind}:{percent}")
+                got = torch.cat([mask["a"].reshape(-1), mask["b"]])
+                order = torch.sort(flat, descending=(kind == "top"), stable=True).indices
+                expected = torch.zeros(97, dtype=torch.bool)
+                expected[order[: round(percent / 100 * 97)]] = True
+                assert torch.equal(got, expected), (trial, kind, percent)
+
+
 def test_mask_per_tensor_granularity_and_names():
     scores = _scores()
     per = D.fisher_mask(scores, "top:50", granularity="tensor")

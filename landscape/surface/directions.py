@@ -161,7 +161,7 @@ def _select(scores, kind, count, generator):
         scores = torch.rand(scores.shape, generator=generator, dtype=torch.float32)
         kind = "top"
     # The same set as a stable sort's first ``count`` (ties broken by position), found with one
-    # selection instead of sorting: on a 135M-parameter model the sort took most of a minute and
+    # selection instead of sorting: on 135M scores the sort took 24 s (the selection 3.6 s) and
     # 1.6 GB for its values and int64 indices.
     n = scores.numel()
     if count >= n:
