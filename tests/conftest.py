@@ -120,6 +120,19 @@ def _save_llama(path):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other jobs, and
+    matches the subprocesses that tests start with OMP_NUM_THREADS=1, so numbers compare bit for bit.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     return _save_llama(tmp_path_factory.mktemp("tiny_llama"))

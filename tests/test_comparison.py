@@ -93,15 +93,6 @@ def test_guided_shuffled_is_a_permutation_that_changes_with_the_restart_seed(tin
     assert ft.run_schedule("guided-shuffled", guided, 1).probabilities() == ps[1]  # seeded
 
 
-@pytest.fixture
-def one_thread():
-    """Train in-process on one thread (as the CLI tests do with --threads 1): much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_the_sweep_records_the_schedule_each_run_used(tiny_bert_dir, toy, tmp_path, one_thread):
     train, test = toy
     guided = _guided(_classifier(tiny_bert_dir, train))

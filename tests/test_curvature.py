@@ -22,14 +22,7 @@ from landscape.data.objectives import sequence_losses
 from landscape.directions import check_directions_match, load_directions, save_directions
 from landscape.errors import UsageError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ----------------------------------------------------------------------------- the dense reference

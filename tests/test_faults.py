@@ -33,13 +33,7 @@ from landscape.surface import file as surface_file
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, first on every subprocess's path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # One thread here and in the subprocesses: numbers comparable bit for bit, no OpenMP spinning.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _env(**changes):

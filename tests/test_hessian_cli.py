@@ -25,12 +25,7 @@ from landscape.surface import loss_and_accuracy, read_surface
 SAMPLE = ("--max-samples", 4, "--seq-len", 16, "--batch-size", 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: no OpenMP spinning
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def cli(*args):

@@ -19,15 +19,7 @@ from landscape.data.objectives import sequence_losses
 from landscape.errors import UsageError
 from landscape.surface import file as surface_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other jobs,
-    # and the subprocesses below use one thread too, so their numbers are comparable bit for bit.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _env():
