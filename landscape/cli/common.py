@@ -23,18 +23,15 @@ def add_corpus_args(parser, max_samples_default=None, batch_size_default=16):
     group.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence (default: 128)")
     group.add_argument("--batch-size", type=int, default=batch_size_default)
     group.add_argument("--seed", type=int, default=0, help="seed for sub-sampling and masking (default: 0)")
+    group.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
+                       help="BOS token first in every sample: auto = as the model's tokenizer frames a text "
+                            "(default), yes = always, no = never")
 
 
 def add_new_head_arg(parser):
     parser.add_argument("--allow-new-head", action="store_true",
                         help="accept a checkpoint without its pretraining head (transformers then initializes "
                              "it randomly: the numbers measure that random head)")
-
-
-def add_bos_arg(parser):
-    parser.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
-                        help="BOS token first in every sample: auto = as the model's tokenizer frames a text "
-                             "(default), yes = always, no = never")
 
 
 def add_overwrite_arg(parser):

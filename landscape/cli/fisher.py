@@ -7,7 +7,6 @@ from pathlib import Path
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import (
-    add_bos_arg,
     add_corpus_args,
     add_model_args,
     add_new_head_arg,
@@ -32,7 +31,6 @@ def _register_fisher(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser)
-    add_bos_arg(parser)
     parser.add_argument("--out", required=True, help="output Fisher file (.safetensors)")
     add_overwrite_arg(parser)
     _add_run_args(parser)
@@ -107,7 +105,6 @@ def _register_stability(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser)
-    add_bos_arg(parser)
     parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS),
                         help="comma-separated fractions of the reference sample (default: %(default)s)")
     parser.add_argument("--top", default=",".join(f"{k:g}" for k in DEFAULT_TOP),

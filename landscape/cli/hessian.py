@@ -9,7 +9,6 @@ from pathlib import Path
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import (
-    add_bos_arg,
     add_corpus_args,
     add_model_args,
     add_new_head_arg,
@@ -35,7 +34,6 @@ def register(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
-    add_bos_arg(parser)
     group = parser.add_argument_group("what to compute")
     group.add_argument("--top", type=int, default=2, help="top eigenpairs (default 2; 0 = none)")
     group.add_argument("--trace", type=int, default=0, metavar="N",

@@ -5,7 +5,6 @@ import os
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import (
-    add_bos_arg,
     add_corpus_args,
     add_model_args,
     add_new_head_arg,
@@ -93,7 +92,6 @@ def _register_surface(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
-    add_bos_arg(parser)
     parser.add_argument("--directions", required=True, help="direction file from `landscape directions`")
     parser.add_argument("--x", default="-1:1:21", help="MIN:MAX:NUM along the first direction (default -1:1:21)")
     parser.add_argument("--y", default=None,
