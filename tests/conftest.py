@@ -5,6 +5,7 @@ Fixtures give both ``from_pretrained`` folders (to test loading) and loaded mode
 
 import json
 import os
+import random
 
 import pytest
 
@@ -26,6 +27,21 @@ The committee voted to build a new school next to the park.
 Rain fell for three days and the roads near the river were closed.
 The team won the final match after a long and difficult season.
 """.strip().splitlines()
+
+# Two separable "sentiment" classes of sentences for fine-tuning tests: label 1 and label 0.
+POSITIVE = ["the market sells apples and cheese", "children skate on the lake",
+            "the orchestra played a symphony", "the team won the final match"]
+NEGATIVE = ["rain fell and the roads were closed", "the river runs under the bridges",
+            "engineers tested the heavy trucks", "the committee voted to build a school"]
+
+
+def write_toy_tsv(path, rows):
+    """A TSV of ``rows`` labelled rows alternating 0/1, each a seeded choice from NEGATIVE/POSITIVE."""
+    rng = random.Random(0)
+    lines = ["text\tlabel"] + [f"{rng.choice(POSITIVE if i % 2 else NEGATIVE)}\t{i % 2}" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
 
 SPECIALS_BERT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -153,6 +169,21 @@ def headless_bert_dir(tmp_path_factory, tiny_bert_dir):
 def tiny_bert_dir(tmp_path_factory):
     """Folder of a tiny random BertForMaskedLM (2 layers, hidden 32) with a WordPiece tokenizer."""
     return _save_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture
+def classifier_dir(tiny_bert_dir, tmp_path):
+    """A 2-label sequence classifier made from the tiny BERT (a new, seeded head), as a folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from landscape.runtime import transformers_silenced
+
+    torch.manual_seed(0)
+    with transformers_silenced():
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    model.save_pretrained(tmp_path / "clf")
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "clf")
+    return tmp_path / "clf"
 
 
 @pytest.fixture(scope="session")

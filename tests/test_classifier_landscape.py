@@ -13,18 +13,6 @@ from landscape.models import load_model
 
 
 @pytest.fixture
-def classifier_dir(tiny_bert_dir, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    model.save_pretrained(tmp_path / "clf")
-    from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "clf")
-    return tmp_path / "clf"
-
-
-@pytest.fixture
 def labelled_file(tmp_path):
     path = tmp_path / "labelled.tsv"
     path.write_text("text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(TEXT)))

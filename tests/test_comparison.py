@@ -3,7 +3,6 @@ statistics against dropout, and sweeps that resume from their per-run CSV after 
 
 import csv
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_toy_tsv
 
 from landscape.data import labelled as ft_data
 from landscape.errors import SettingsMismatch
@@ -23,21 +23,13 @@ from landscape.guided.journal import RunJournal
 from landscape.guided.stats import paired_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
-POSITIVE = ["the market sells apples and cheese", "children skate on the lake",
-            "the orchestra played a symphony", "the team won the final match"]
-NEGATIVE = ["rain fell and the roads were closed", "the river runs under the bridges",
-            "engineers tested the heavy trucks", "the committee voted to build a school"]
 FAST = ["--fractions", "1", "--epochs", "1", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-3",
         "--threads", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def toy_tsv(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("toy") / "toy.tsv"
-    rows = ["text\tlabel"] + [f"{rng.choice(POSITIVE if i % 2 else NEGATIVE)}\t{i % 2}" for i in range(40)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_toy_tsv(tmp_path_factory.mktemp("toy") / "toy.tsv", rows=40)
 
 
 @pytest.fixture(scope="module")

@@ -173,20 +173,6 @@ def _edited_fisher(source, path, value):
 
 
 @pytest.fixture
-def classifier_dir(tiny_bert_dir, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from landscape.runtime import transformers_silenced
-
-    torch.manual_seed(0)
-    with transformers_silenced():
-        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    model.save_pretrained(tmp_path / "clf")
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "clf")
-    return tmp_path / "clf"
-
-
-@pytest.fixture
 def labelled_csv(tmp_path):
     """12 labelled rows and one short row (a text, no label: csv gives None for the label)."""
     path = tmp_path / "labelled.csv"

@@ -2,31 +2,22 @@
 
 import csv
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_toy_tsv
 
 from landscape.data import labelled as ft_data
 from landscape.errors import UsageError
 from landscape.guided import metrics as ft_metrics
 from landscape.guided import training as ft
 
-POSITIVE = ["the market sells apples and cheese", "children skate on the lake",
-            "the orchestra played a symphony", "the team won the final match"]
-NEGATIVE = ["rain fell and the roads were closed", "the river runs under the bridges",
-            "engineers tested the heavy trucks", "the committee voted to build a school"]
-
 
 @pytest.fixture(scope="module")
 def toy_tsv(tmp_path_factory):
     """A separable sentiment-like TSV: 60 rows, label 1 for one set of sentences, 0 for another."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("toy") / "toy.tsv"
-    rows = ["text\tlabel"] + [f"{rng.choice(POSITIVE if i % 2 else NEGATIVE)}\t{i % 2}" for i in range(60)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_toy_tsv(tmp_path_factory.mktemp("toy") / "toy.tsv", rows=60)
 
 
 def test_metrics_match_hand_computed_values():
