@@ -10,6 +10,7 @@ ROOT=$PWD
 OUT=${1:-out/real_pipeline}
 M=${LANDSCAPE_DATA:-$HOME/.cache/landscape}/checkpoints/smollm2-135m-instruct
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+command -v /usr/bin/time > /dev/null || { echo "real_pipeline.sh: needs GNU time at /usr/bin/time" >&2; exit 2; }
 [ -d "$M" ] || python3 data/build_checkpoints.py
 mkdir -p "$OUT" && cd "$OUT"
 
@@ -17,8 +18,7 @@ stage() {  # stage NAME ARGS...: run `landscape ARGS` and print NAME, seconds, p
   local name=$1; shift
   /usr/bin/time -f "%e %M" -o time.txt python3 -m landscape.cli "$@" > "$name.log" 2>&1 \
     || { cat "$name.log" >&2; exit 1; }
-  read -r seconds kb < time.txt
-  printf '%-22s %7.1f s  %5.2f GiB peak RSS\n' "$name" "$seconds" "$(echo "$kb / 1048576" | bc -l)"
+  awk -v name="$name" '{ printf "%-22s %7.1f s  %5.2f GiB peak RSS\n", name, $1, $2 / 1048576 }' time.txt
 }
 
 SAMPLE=(--max-samples 8 --seq-len 128 --batch-size 8)
