@@ -6,7 +6,10 @@ Prints:
   * the stored Fisher tensors' dtype (float32 in both runs: per-sample products and sums are float32);
   * the top-K% overlap of the Fisher: the fraction of the float32 top-K% elements (ranked over all
     parameters together, as ``directions --subset top:K``) that are also in the bfloat16 top-K%;
-  * the max absolute loss difference over a 2D grid, and the loss range of the grid for scale.
+  * the max absolute loss difference over a 2D grid, and the loss range of the grid for scale;
+  * for the bfloat16 model, the same grid with the directions held in bfloat16 on the device (what
+    ``surface`` does by default) against float32 directions streamed from the host
+    (``--stream-directions``): the cost of keeping the directions in the model's dtype.
 
     python benchmarks/bf16_agreement.py --model ~/.cache/landscape/checkpoints/smollm2-135m-instruct \\
         --samples 4 --seq-len 64 --grid 5
@@ -50,7 +53,8 @@ def run(model_dir, dtype, dirs, args):
     start = time.perf_counter()
     grid = surface.evaluate(loaded.model, dirs, batches, axis, axis)
     t_grid = time.perf_counter() - start
-    return loaded, dirs, fisher, grid, origin, (t_fisher, t_grid)
+    streamed = None if dtype == "float32" else surface.evaluate(loaded.model, dirs, batches, axis, axis, stream=True)
+    return loaded, dirs, fisher, (grid, streamed), origin, (t_fisher, t_grid)
 
 
 def main(argv=None):
@@ -67,8 +71,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the directions")
     args = parser.parse_args(argv)
 
-    loaded, dirs, f32, z32, o32, t32 = run(args.model, "float32", None, args)
-    _, _, fbf, zbf, obf, tbf = run(args.model, "bfloat16", dirs, args)
+    loaded, dirs, f32, (z32, _), o32, t32 = run(args.model, "float32", None, args)
+    _, _, fbf, (zbf, zbf_streamed), obf, tbf = run(args.model, "bfloat16", dirs, args)
     dtypes = sorted({str(t.dtype) for t in list(f32.values()) + list(fbf.values())})
     print(f"{args.model} ({loaded.kind}); {args.samples} samples x {args.seq_len} tokens, batch "
           f"{args.batch_size} ({describe_framing(loaded.tokenizer, args.bos)}); {args.grid}x{args.grid} grid "
@@ -81,6 +85,9 @@ def main(argv=None):
     print(f"loss at the origin: float32 {o32:.6f}, bfloat16 {obf:.6f} (|diff| {abs(obf - o32):.4f})")
     print(f"grid loss: float32 range {z32.min():.4f} .. {z32.max():.4f}; max |bf16 - float32| = "
           f"{diff.max():.4f} (mean {diff.mean():.4f}, max relative {(diff / np.abs(z32)).max():.2e})")
+    held = np.abs(zbf - zbf_streamed)
+    print(f"bfloat16 model, directions held in bf16 vs float32 (streamed): max |diff| = {held.max():.4f} "
+          f"(mean {held.mean():.4f}, max relative {(held / np.abs(zbf_streamed)).max():.2e})")
     return 0
 
 

@@ -78,11 +78,9 @@ class DemoRun:
     def direction_file(self, name, spec, dims):
         path = self.paths["directions"] / f"{name}_{dims}d.h5"
         if not path.exists():
-            dirs, settings = directions.make_directions(self.loaded.model, dims=dims, seed=self.cfg.seed,
-                                                        fisher=None if spec == "all" else self.scores,
-                                                        subset=spec)
-            settings.update(model=self.loaded.source, fisher=str(self.paths["fisher"]))
-            directions.save_directions(path, dirs, settings)
+            directions.write_directions(path, self.loaded.model, dims=dims, seed=self.cfg.seed,
+                                        fisher=None if spec == "all" else self.paths["fisher"], subset=spec,
+                                        settings={"model": self.loaded.source, "fisher": str(self.paths["fisher"])})
         return path
 
 

@@ -63,12 +63,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(tensor) -> Any:
-    """Sum ``tensor`` over ranks in place (no-op without a group); returns it."""
+def all_reduce_sum(tensor, group: Any = None) -> Any:
+    """Sum ``tensor`` over the ranks of ``group`` (None: all ranks) in place (no-op without a
+    process group); returns it."""
     import torch.distributed as dist
 
     if _group_active():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=group)
     return tensor
 
 

@@ -152,3 +152,34 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tiny_gpt2, tiny_gpt2_dir, 
     batches = small_batches(tiny_gpt2, tiny_corpus_file, batch_size=7, max_samples=7)
     expected = compute_fisher(tiny_gpt2.model, batches)
     assert_same_fisher(fisher, {k: v.double() for k, v in expected.items()})
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2"])
+def test_row_blocks_and_sample_slices_equal_whole_tensors(name, request, tiny_corpus_file):
+    """A budget smaller than one sample's gradient of a tensor (row blocks of it) and a batch run
+    in slices of samples give the same Fisher as whole tensors and whole batches."""
+    from landscape.fisher import FisherAccumulator
+
+    loaded = request.getfixturevalue(name)
+    batches = small_batches(loaded, tiny_corpus_file, batch_size=5, max_samples=None)
+    reference = {k: v.double() for k, v in compute_fisher(loaded.model, batches).items()}
+    accumulator = FisherAccumulator(loaded.model, max_chunk_mb=0.01)  # ~2600 floats: row blocks
+    accumulator.pass_bytes = 1  # one sample per forward and backward
+    assert any(p.numel() > accumulator.chunk_elements for p in accumulator.params.values())
+    for batch in batches:
+        accumulator.add_batch(batch)
+    assert_same_fisher(accumulator.fisher(0), reference)
+
+
+def test_fisher_file_is_streamed_safetensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from landscape.fisher import save_fisher
+
+    fisher = {"b.weight": torch.rand(7, 3), "a.bias": torch.rand(5), "c": torch.rand(())}
+    save_fisher(tmp_path / "F.safetensors", fisher, {"model": "m", "samples": 3})
+    loaded = load_file(str(tmp_path / "F.safetensors"))
+    assert all(torch.equal(loaded[n], t) for n, t in fisher.items())
+    with safe_open(str(tmp_path / "F.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"model": "m", "samples": "3"}

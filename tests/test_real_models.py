@@ -186,27 +186,31 @@ def test_smollm2_bfloat16_agrees_with_float32_and_accumulates_in_float32(float32
         assert float(low_bits.float().mean()) > 0.9, name
 
 
-def test_bfloat16_perturbations_are_formed_in_float32(float32_run, bfloat16_run):
+@pytest.mark.parametrize("stream", [False, True])
+def test_bfloat16_perturbations_are_formed_in_float32(float32_run, bfloat16_run, stream):
     from landscape.surface.perturbation import InPlacePerturbation
 
     _, _, dirs, _ = float32_run
     model = bfloat16_run[0].model
     # A perturbed bf16 weight is bf16(base + x·dx + y·dy) formed in float32, and restored bit for bit.
+    # The directions are held in bf16 on the device, or streamed from the host in float32.
+    used = dirs if stream else [{n: t.bfloat16().float() for n, t in d.items()} for d in dirs]
     names = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
     params = dict(model.named_parameters())
     before = {n: params[n].detach().clone() for n in names}
-    perturbation = InPlacePerturbation(model, dirs)
+    perturbation = InPlacePerturbation(model, dirs, stream=stream)
     try:
         for x, y in ((0.3, -0.2), (0.0, 0.7), (0.25, 0.0)):
             perturbation.set((x, y))
             for n in names:
                 # float32 sum (the same float32 operations), then one rounding to bf16
                 expected = before[n].float()
-                expected = torch.add(expected, dirs[1][n], alpha=y) if y else expected
-                expected = torch.add(expected, dirs[0][n], alpha=x) if x else expected
+                expected = torch.add(expected, used[1][n], alpha=y) if y else expected
+                expected = torch.add(expected, used[0][n], alpha=x) if x else expected
                 assert torch.equal(params[n].detach(), expected.to(torch.bfloat16)), n
-                in_bf16 = torch.add(before[n], dirs[0][n].bfloat16(), alpha=x).add_(dirs[1][n].bfloat16(), alpha=y)
-                assert not torch.equal(params[n].detach(), in_bf16)  # which a bf16 sum would not give
+                if x and y:  # two terms summed in bf16 would be rounded twice
+                    in_bf16 = torch.add(before[n], dirs[0][n].bfloat16(), alpha=x).add_(dirs[1][n].bfloat16(), alpha=y)
+                    assert not torch.equal(params[n].detach(), in_bf16)
     finally:
         perturbation.restore()
     for n in names:

@@ -71,29 +71,31 @@ def _weights(model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_perturbation_does_not_depend_on_the_row_cache_or_the_order(tiny_llama, dtype):
+def test_perturbation_does_not_depend_on_the_order_or_on_streaming(tiny_llama, dtype):
     model = tiny_llama.model.to(dtype)
     base = _weights(model)
     dirs, _ = directions.make_directions(model, dims=2, seed=0)
     points = [(-0.5, -0.5), (0.5, -0.5), (0.0, 0.25), (0.25, 0.0), (0.0, 0.0), (-1.0, 0.25)]
-    cached, plain = InPlacePerturbation(model, dirs), InPlacePerturbation(model, dirs, row_cache=False)
+    held, streamed = InPlacePerturbation(model, dirs), InPlacePerturbation(model, dirs, stream=True)
+    # Held on the device in the model's dtype; streamed from the host in float32.
+    held_dirs = [{n: t.to(dtype).float() for n, t in d.items()} for d in dirs]
     seen = {}
     for point in points + points[::-1]:
-        for perturbation in (cached, plain):
+        for perturbation, used in ((held, held_dirs), (streamed, dirs)):
             perturbation.set(point)
             now = _weights(model)
-            if point in seen:  # the same bits whatever came before
-                assert all(torch.equal(now[n], seen[point][n]) for n in now), point
-            seen[point] = now
+            if (point, perturbation.stream) in seen:  # the same bits whatever came before
+                assert all(torch.equal(now[n], seen[point, perturbation.stream][n]) for n in now), point
+            seen[point, perturbation.stream] = now
             # formed in float32: (base + y·dy) + x·dx, then one rounding to the model's dtype
-            for n, d in dirs[0].items():
+            for n, d in used[0].items():
                 if d.any():
                     x, y = point
                     want = base[n].float()
-                    want = torch.add(want, dirs[1][n], alpha=y) if y else want
+                    want = torch.add(want, used[1][n], alpha=y) if y else want
                     want = torch.add(want, d, alpha=x) if x else want
                     assert torch.equal(now[n], want.to(dtype)), (n, point)
-    cached.restore()
+    held.restore()
     assert all(torch.equal(p.detach(), base[n]) for n, p in model.named_parameters())
 
 

@@ -28,6 +28,12 @@ def add_corpus_args(parser, max_samples_default=None, batch_size_default=16):
                             "(default), yes = always, no = never")
 
 
+def add_shard_args(parser):
+    parser.add_argument("--shard-size", type=int, default=1,
+                        help="under torchrun, shard the model over groups of this many ranks with FSDP2 (each rank "
+                             "holds 1/K of it); the world / K groups split the work (default: 1, no sharding)")
+
+
 def add_new_head_arg(parser):
     parser.add_argument("--allow-new-head", action="store_true",
                         help="accept a checkpoint without its pretraining head (transformers then initializes "
@@ -39,10 +45,12 @@ def add_overwrite_arg(parser):
                         help="replace an --out computed with other settings")
 
 
-def load_model_from_args(args, device=None, allow_new_head=None):
+def load_model_from_args(args, device=None, allow_new_head=None, layout=None):
     """The model of ``--model`` on ``--device`` (or ``device``), in the storage dtype of ``--dtype``;
     a checkpoint without its pretraining head is refused unless ``--allow-new-head``.
 
+    layout: a ``sharding.ShardLayout``; when it shards, the model is loaded on the CPU and sharded
+    onto the device block by block (``sharding.shard_model``), so the device never holds all of it.
     A ``--corpus`` that names a hub dataset the hub cannot provide is refused first, before the
     model is loaded for nothing."""
     from ..data.hf_datasets import check_hub_name, is_hub_name
@@ -56,8 +64,14 @@ def load_model_from_args(args, device=None, allow_new_head=None):
     apply_precision(args.dtype)
     if allow_new_head is None:
         allow_new_head = getattr(args, "allow_new_head", False)
-    return load_model(args.model, device=device or args.device, dtype=storage_dtype(args.dtype),
-                      allow_new_head=allow_new_head)
+    if layout is None or not layout.sharded:
+        return load_model(args.model, device=device or args.device, dtype=storage_dtype(args.dtype),
+                          allow_new_head=allow_new_head)
+    from ..sharding import shard_model
+
+    loaded = load_model(args.model, device="cpu", dtype=storage_dtype(args.dtype), allow_new_head=allow_new_head)
+    shard_model(loaded.model, layout)
+    return loaded
 
 
 def model_id(loaded):

@@ -11,6 +11,7 @@ from .common import (
     add_model_args,
     add_new_head_arg,
     add_overwrite_arg,
+    add_shard_args,
     load_model_from_args,
 )
 
@@ -27,7 +28,8 @@ def _register_fisher(subparsers):
         "fisher", help="diagonal empirical Fisher of a model on a corpus",
         description="Exact diagonal empirical Fisher F_j = (1/N) sum_n (dl_n/dtheta_j)^2 with batched "
                     "per-sample gradients.  Interrupted runs resume from OUT.ckpt; under torchrun the "
-                    "samples are sharded over the ranks.")
+                    "samples are split over the ranks; with --shard-size K, groups of K ranks hold one "
+                    "FSDP2-sharded copy of the model and the groups split the samples.")
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser)
@@ -36,12 +38,14 @@ def _register_fisher(subparsers):
     _add_run_args(parser)
     parser.add_argument("--checkpoint-every", type=float, default=60.0,
                         help="seconds between checkpoints of the running sums (default: 60)")
+    add_shard_args(parser)
     parser.set_defaults(func=run_fisher)
 
 
 def _add_run_args(parser):
-    parser.add_argument("--max-chunk-mb", type=float, default=256.0,
-                        help="memory for per-sample gradients at a time, in MB (default: 256)")
+    parser.add_argument("--max-chunk-mb", type=float, default=None,
+                        help="memory for per-sample gradients at a time, in MB (default: 256, lowered to a "
+                             "quarter byte per model parameter for models under 1B parameters, at least 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -55,6 +59,8 @@ def _samples(args, loaded):
 
 
 def _check_chunk(max_chunk_mb):
+    if max_chunk_mb is None:
+        return
     if not max_chunk_mb > 0 or max_chunk_mb == float("inf"):  # also refuses NaN
         raise UsageError(f"--max-chunk-mb must be a positive number of MB, got {max_chunk_mb}")
 
@@ -64,11 +70,13 @@ def run_fisher(args):
     from ..data.corpus import describe_framing
     from ..fisher import check_existing_fisher, compute_fisher, provenance, save_fisher
     from ..runtime import barrier, join_torchrun
+    from ..sharding import shard_layout
 
     out = check_output_path(args.out, "--out", [".safetensors"])
     _check_chunk(args.max_chunk_mb)
     args.device, rank, world = join_torchrun(args.device)
-    loaded = load_model_from_args(args)
+    layout = shard_layout(args.shard_size)
+    loaded = load_model_from_args(args, layout=layout)
     samples, pad = _samples(args, loaded)
     meta = provenance(loaded.source, args.corpus, args.fraction, len(samples), args.seed,
                       max_samples=args.max_samples, seq_len=args.seq_len, dtype=args.dtype,
@@ -76,16 +84,22 @@ def run_fisher(args):
     if not args.overwrite:
         check_existing_fisher(out, meta)
     device = next(loaded.model.parameters()).device
-    shard = make_batches(samples[rank::world], args.batch_size, pad, device) if samples[rank::world] else []
+    # Point groups split the samples as ranks do; the ranks of one group run the same ones.
+    mine = samples[layout.group_index::layout.n_groups]
+    shard = make_batches(mine, args.batch_size, pad, device) if mine else []
     settings = {"model": loaded.source, "corpus": args.corpus, "fraction": args.fraction,
                 "max_samples": args.max_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                "seed": args.seed, "dtype": args.dtype, "bos": args.bos, "rank": rank, "world": world}
+                "seed": args.seed, "dtype": args.dtype, "bos": args.bos, "rank": rank, "world": world,
+                "shard_size": args.shard_size}
     checkpoint = out.with_name(out.name + (f".rank{rank}" if world > 1 else "") + ".ckpt")
     fisher = compute_fisher(loaded.model, shard, kind=loaded.kind, progress=not args.quiet and rank == 0,
                             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-                            fingerprint=json.dumps(settings, sort_keys=True), max_chunk_mb=args.max_chunk_mb)
+                            fingerprint=json.dumps(settings, sort_keys=True), max_chunk_mb=args.max_chunk_mb,
+                            layout=layout)
+    if layout.group_index == 0:  # every group holds the same reduced sums; group 0 writes them
+        extra = {"shard_size": args.shard_size} if layout.sharded else {}
+        save_fisher(out, fisher, dict(meta, ranks=world, **extra))
     if rank == 0:
-        save_fisher(out, fisher, dict(meta, ranks=world))
         total = sum(t.numel() for t in fisher.values())
         print(f"wrote {out}: Fisher of {total:,} parameters ({len(fisher)} tensors) from {len(samples)} "
               f"samples of {args.seq_len} tokens")

@@ -9,6 +9,7 @@ from .common import (
     add_model_args,
     add_new_head_arg,
     add_overwrite_arg,
+    add_shard_args,
     load_model_from_args,
     model_id,
 )
@@ -40,7 +41,12 @@ def _register_directions(subparsers):
     parser.add_argument("--dims", type=int, choices=(1, 2), default=2)
     parser.add_argument("--orthogonalize", action="store_true",
                         help="make the second direction orthogonal to the first")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="load the weights in this dtype and round the directions to it: a bfloat16 model's "
+                             "surface then holds exactly these values, and the file is about half the size "
+                             "(default: float32)")
     parser.add_argument("--out", required=True, help="direction file to write (.h5)")
+    add_shard_args(parser)
     add_new_head_arg(parser)
     add_overwrite_arg(parser)
     add_directions_args(parser)
@@ -48,8 +54,9 @@ def _register_directions(subparsers):
 
 
 def run_directions(args):
-    from ..fisher import load_fisher
     from ..models import load_model
+    from ..runtime import join_torchrun
+    from ..sharding import shard_layout, shard_model
     from ..surface import directions
 
     out = check_output_path(args.out, "--out", H5_SUFFIXES)
@@ -57,25 +64,28 @@ def run_directions(args):
         return 0
     subset = args.subset or "all"
     directions.parse_mask_spec(subset)
-    fisher, fisher_meta = (None, {})
-    if args.fisher:
-        fisher, fisher_meta = load_fisher(args.fisher)
-    elif subset != "all":
+    if subset != "all" and not args.fisher:
         raise UsageError(f"--subset {subset} needs --fisher F.safetensors")
+    _, rank, _ = join_torchrun("cpu")
+    layout = shard_layout(args.shard_size)
     # Random directions need only the weights' shapes; masking them by a Fisher measures the head.
-    loaded = load_model(args.model, device="cpu", dtype="float32",
+    loaded = load_model(args.model, device="cpu", dtype=args.dtype,
                         allow_new_head=args.allow_new_head or not args.fisher)
-    dirs, settings = directions.make_directions(
-        loaded.model, dims=args.dims, seed=args.seed, norm=args.norm, ignore=args.ignore, fisher=fisher,
-        subset=subset, granularity=args.mask_granularity, orthogonal=args.orthogonalize)
-    settings.update(model=model_id(loaded), fisher=str(args.fisher or ""),
-                    fisher_provenance=str(fisher_meta.get("corpus", "")))
+    shard_model(loaded.model, layout)
+    settings = {"model": model_id(loaded), "fisher": str(args.fisher or "")}
     if not args.overwrite:
-        directions.check_existing_directions(out, settings)
-    directions.save_directions(out, dirs, settings)
-    share = 100.0 * settings["n_selected"] / max(1, settings["n_parameters"])
-    print(f"wrote {out}: {args.dims} direction(s), norm={args.norm}, subset={subset}, "
-          f"{settings['n_selected']:,} of {settings['n_parameters']:,} parameters perturbed ({share:.2f}%)")
+        directions.check_existing_directions(out, dict(
+            settings, seed=args.seed, norm=args.norm, ignore=args.ignore, subset=subset, dims=args.dims,
+            mask_granularity=args.mask_granularity, orthogonal=args.orthogonalize))
+    attrs = directions.write_directions(
+        out, loaded.model, dims=args.dims, seed=args.seed, norm=args.norm, ignore=args.ignore,
+        fisher=args.fisher, subset=subset, granularity=args.mask_granularity, orthogonal=args.orthogonalize,
+        precision=args.dtype, settings=settings, progress=True)
+    if rank == 0:
+        share = 100.0 * attrs["n_selected"] / max(1, attrs["n_parameters"])
+        print(f"wrote {out}: {args.dims} direction(s), norm={args.norm}, subset={subset}, "
+              f"{attrs['n_selected']:,} of {attrs['n_parameters']:,} parameters perturbed ({share:.2f}%), "
+              f"{out.stat().st_size / 2**20:.1f} MiB")
     return 0
 
 
@@ -101,6 +111,11 @@ def _register_surface(subparsers):
                         help="grid points per vmapped forward pass (helps on GPUs; default 1)")
     parser.add_argument("--flush-seconds", type=float, default=2.0,
                         help="rewrite the HDF5 file at most this often (every point is journaled at once)")
+    parser.add_argument("--stream-directions", action="store_true",
+                        help="keep the directions in host memory in float32 and copy them to the device per tensor "
+                             "at each point: the device holds only the model and one copy of it (default: the "
+                             "directions are held on the device in the model's dtype)")
+    add_shard_args(parser)
     add_overwrite_arg(parser)
     parser.add_argument("--out", required=True, help="surface file to write or resume (.h5)")
     parser.set_defaults(func=run_surface)
@@ -109,6 +124,7 @@ def _register_surface(subparsers):
 def run_surface(args):
     from ..data.corpus import describe_framing, load_batches
     from ..runtime import join_torchrun
+    from ..sharding import shard_layout
     from ..surface import compute_surface_file, directions, parse_range
     from ..surface.file import check_grid_size
 
@@ -123,7 +139,8 @@ def run_surface(args):
         ys = parse_range("-1:1:21")
     check_grid_size(xs, ys)  # before anything heavy is loaded
     device, _, _ = join_torchrun(args.device)
-    loaded = load_model_from_args(args, device=device)
+    layout = shard_layout(args.shard_size)
+    loaded = load_model_from_args(args, device=device, layout=layout)
     batches = load_batches(loaded, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
                            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, bos=args.bos)
     settings = {"model": model_id(loaded), "corpus": str(args.corpus or "embedded"),
@@ -131,10 +148,11 @@ def run_surface(args):
                 "corpus_seed": args.seed, "precision": str(args.dtype).lower(),
                 "framing": describe_framing(loaded.tokenizer, args.bos)}
     info = {"batch_size": args.batch_size, "device": str(next(loaded.model.parameters()).device),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "points_per_pass": args.points_per_pass}
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "points_per_pass": args.points_per_pass,
+            "shard_size": args.shard_size}
     result = compute_surface_file(out, loaded.model, args.directions, batches, xs, ys, settings=settings,
                                   overwrite=args.overwrite, points_per_pass=args.points_per_pass,
-                                  flush_seconds=args.flush_seconds, info=info)
+                                  flush_seconds=args.flush_seconds, info=info, stream=args.stream_directions)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {result['path']}: {result['computed']} point(s) computed now, {result['total']} in the grid")
     return 0

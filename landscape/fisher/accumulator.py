@@ -9,8 +9,14 @@ embedding tied to the output decoder) gets the sum of all its uses per sample be
 Parameters of any other module (T5's relative attention bias, unknown layers) get exact
 per-sample gradients from a vmapped backward.
 
-Memory is bounded by chunking over samples: at most ``max_chunk_mb`` of per-sample gradients
-exist at once.
+Memory is bounded by chunking over samples and, for a tensor whose per-sample gradient alone
+exceeds the budget (a tied 49152 x 576 output embedding), over row blocks of it: at most
+``max_chunk_mb`` of per-sample gradients exist at once.  The default budget is a fraction of the
+model's size (``default_chunk_mb``), so the sums (4 bytes per parameter) dominate the memory.
+
+Under a sharded model (``landscape.sharding``: FSDP2, parameters as row-sharded DTensors) every
+rank of a shard group runs the same batch and keeps sums only for its own rows of each parameter
+(``local_rows``): the activations and output gradients the hooks see are whole on every rank.
 """
 
 import contextlib
@@ -22,9 +28,47 @@ from ..data.objectives import IGNORE_INDEX, sequence_losses
 from ..errors import UsageError
 from ..models import model_kind
 from ..runtime import all_reduce_sum
+from ..sharding import is_sharded, local_rows
 from .rules import kept_tokens, rule_for
 
 DEFAULT_CHUNK_MB = 256
+# The default budget is at most this many bytes per parameter of the model (and at least
+# MIN_CHUNK_MB): above the sums' 4 bytes, per-sample gradients stay a small share of the peak.
+CHUNK_BYTES_PER_PARAM = 0.25
+MIN_CHUNK_MB = 16
+# Activations of one forward and backward (estimated by ``_bytes_per_token``) get at most this
+# many bytes per parameter (at least MIN_PASS_MB): tiny models always run whole batches.
+PASS_BYTES_PER_PARAM = 0.5
+MIN_PASS_MB = 64
+
+
+def default_chunk_mb(model) -> float:
+    """The default per-sample gradient budget of ``model``, in MB: DEFAULT_CHUNK_MB, lowered to
+    CHUNK_BYTES_PER_PARAM bytes per parameter for large models, never below MIN_CHUNK_MB."""
+    params = sum(p.numel() for p in model.parameters())
+    return max(MIN_CHUNK_MB, min(DEFAULT_CHUNK_MB, CHUNK_BYTES_PER_PARAM * params / 2**20))
+
+
+def default_pass_mb(model) -> float:
+    """Activation budget of one forward and backward of ``model``, in MB: PASS_BYTES_PER_PARAM
+    bytes per parameter, at least MIN_PASS_MB."""
+    params = sum(p.numel() for p in model.parameters())
+    return max(MIN_PASS_MB, PASS_BYTES_PER_PARAM * params / 2**20)
+
+
+def _bytes_per_token(model, kind, hooked):
+    """Rough activation bytes per token of a Fisher pass: each hooked module's input, kept once by
+    the hook and about once more by autograd, and for LMs the float32 logits, log-probabilities
+    and their gradient over the vocabulary."""
+    width = 0
+    for module, rule, _ in hooked.values():
+        if not rule.input_is_index:
+            weight = getattr(module, "weight", None)
+            width += getattr(module, "in_features", None) or (weight.shape[0] if weight is not None else 0)
+    size = next(model.parameters()).element_size()
+    decoder = model.get_output_embeddings() if kind in ("mlm", "causal", "seq2seq") else None
+    vocab = decoder.weight.shape[0] if decoder is not None and getattr(decoder, "weight", None) is not None else 0
+    return 2 * size * width + 12 * vocab
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,18 +93,23 @@ class _Call:
     g: torch.Tensor = None
     remaining: int = 0  # parameters of this call still to process
 
-    def padded(self, tensor, batch_size):
-        """(B, L, d) per-sample layout of ``tensor`` (zero rows where a sample has fewer rows)."""
+    def samples(self, tensor, batch_size, start, stop):
+        """(stop - start, L, d) per-sample layout of ``tensor`` for samples [start, stop); zero rows
+        where a sample has fewer rows than the longest of the batch (so every chunk has the same L)."""
         if self.row_sample is None:
-            return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
-        return _pad_rows(tensor, self.row_sample, batch_size)
+            return tensor.reshape(batch_size, -1, tensor.shape[-1])[start:stop]
+        lo, hi = torch.searchsorted(self.row_sample, torch.tensor([start, stop], device=self.row_sample.device))
+        length = int(torch.bincount(self.row_sample, minlength=batch_size).max()) if len(self.row_sample) else 0
+        return _pad_rows(tensor[lo:hi], self.row_sample[lo:hi] - start, stop - start, length)
 
 
-def _pad_rows(rows, row_sample, batch_size):
-    counts = torch.bincount(row_sample, minlength=batch_size)
+def _pad_rows(rows, row_sample, count, length):
+    """(count, length, d): row i of ``rows`` at sample row_sample[i] (sorted), after that sample's
+    earlier rows; the rest zero."""
+    counts = torch.bincount(row_sample, minlength=count)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(len(row_sample), device=rows.device) - starts[row_sample]
-    out = rows.new_zeros((batch_size, int(counts.max().item()) if len(row_sample) else 0, rows.shape[-1]))
+    out = rows.new_zeros((count, length, rows.shape[-1]))
     out[row_sample, position] = rows
     return out
 
@@ -73,18 +122,29 @@ class FisherAccumulator:
 
     One group (all weights 1) is the ordinary Fisher; several groups with 0/1 weights estimate the
     Fisher of nested sub-samples in one pass (``nested_fisher``).  ``add_batch`` does one batched
-    forward and backward.  Sums are float32, on the parameters' device.
+    forward and backward.  Sums are float32, on the parameters' device; for a sharded model, of
+    this rank's rows only: ``sums[name]`` is (S, stop - start, *shape[1:]) for ``rows[name]``.
+    max_chunk_mb: budget for per-sample gradients at a time (None: ``default_chunk_mb``).  A batch
+    whose activations would exceed ``default_pass_mb`` runs in slices of samples.
     """
 
-    def __init__(self, model, n_groups=1, kind=None, max_chunk_mb=DEFAULT_CHUNK_MB):
+    def __init__(self, model, n_groups=1, kind=None, max_chunk_mb=None):
         self.model = model
         self.kind = kind or model_kind(model)
         self.n_groups = n_groups
+        if max_chunk_mb is None:
+            max_chunk_mb = default_chunk_mb(model)
         self.chunk_elements = max(1, int(max_chunk_mb * 2**20 // 4))
+        self.pass_bytes = int(default_pass_mb(model) * 2**20)
+        self._token_bytes = None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.sums = {n: torch.zeros((n_groups, *p.shape), dtype=torch.float32, device=p.device)
-                     for n, p in self.params.items()}
+        self.sharded = any(is_sharded(p) for p in self.params.values())
+        self.rows = {n: local_rows(p) for n, p in self.params.items()}
+        self.sums = {n: torch.zeros((n_groups, *_local_shape(p, self.rows[n])), dtype=torch.float32,
+                                    device=p.device) for n, p in self.params.items()}
         self.counts = torch.zeros(n_groups, dtype=torch.float64)
+        self.device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        self._divided = set()
         self._plan_hooks()
 
     # -- planning --------------------------------------------------------------------------
@@ -113,6 +173,9 @@ class FisherAccumulator:
                                       for c in containers):
                 holders[pname] = hooked_holders
         self.fallback = [n for n, hs in holders.items() if None in hs]
+        if self.sharded and self.fallback:
+            raise UsageError(f"parameter '{self.fallback[0]}' has no per-layer Fisher rule (it needs the vmapped "
+                             "per-sample fallback), which a sharded model does not support; use shard size 1")
         self.holders = {n: hs for n, hs in holders.items() if None not in hs}
         for mname in list(self.hooked):
             module, rule, own = self.hooked[mname]
@@ -133,19 +196,37 @@ class FisherAccumulator:
         """Accumulate one batch.  batch: dict of (B, T) tensors with ``labels``; each row is a
         sample.  weights: (B, S) membership of each sample in each group (default: all ones)."""
         size = batch["labels"].shape[0]
-        device = next(iter(self.sums.values())).device
         if weights is None:
             weights = torch.ones(size, self.n_groups)
-        weights = torch.as_tensor(weights, dtype=torch.float32).reshape(size, self.n_groups).to(device)
+        weights = torch.as_tensor(weights, dtype=torch.float32).reshape(size, self.n_groups).to(self.device)
+        step = self._samples_per_pass(batch)
+        for start in range(0, size, step):
+            rows = slice(start, min(size, start + step))
+            self._add_rows({k: v[rows] for k, v in batch.items()} if step < size else batch, weights[rows])
+        self.counts += weights.sum(0).to("cpu", torch.float64)
+
+    def _samples_per_pass(self, batch):
+        """Samples per forward and backward: the whole batch unless its activations would exceed
+        the pass budget (a large model's batch then runs in slices of samples, whose per-sample
+        gradients are the same)."""
+        size, length = batch["labels"].shape[:2]
+        if self._token_bytes is None:
+            self._token_bytes = _bytes_per_token(self.model, self.kind, self.hooked)
+        return max(1, min(size, self.pass_bytes // max(1, length * self._token_bytes)))
+
+    def _add_rows(self, batch, weights):
         unsupported = set()
         while True:
             try:
                 self._run_batch(batch, weights)
                 break
             except _Unsupported as err:
+                if self.sharded:  # a half-run forward of a sharded model cannot be rerun
+                    raise UsageError(f"module '{err.module_name}' is called on rows that are not samples; its "
+                                     "parameters need the vmapped per-sample fallback, which a sharded model "
+                                     "does not support; use shard size 1") from None
                 unsupported.add(err.module_name)
                 self._plan_hooks(unsupported)
-        self.counts += weights.sum(0).to("cpu", torch.float64)
 
     def _run_batch(self, batch, weights):
         self._batch_size = batch["labels"].shape[0]
@@ -273,38 +354,47 @@ class FisherAccumulator:
                 call.x = call.g = None  # free the activations as soon as nothing needs them
 
     def _accumulate_dense(self, pname, uses):
-        param = self.params[pname]
+        param, (first, last) = self.params[pname], self.rows[pname]
+        if last <= first:
+            return  # a shard with no rows of this parameter
         size = self._batch_size
-        chunk = max(1, self.chunk_elements // param.numel())
-        flat_sum = self.sums[pname].view(self.n_groups, -1)
-        prepared = [(_prepare(call, rule, size, self.hooked[call.module_name][0]), rule, role)
-                    for call, rule, role in uses]
+        chunk, block = _chunk_and_block(size, last - first, _row_numel(param), self.chunk_elements)
+        whole = (first, last) == (0, param.shape[0]) and block >= last - first
         # Embedding rows go last: they are added into the dense per-sample gradient in place.
-        prepared.sort(key=lambda u: u[1].input_is_index)
+        uses = sorted(uses, key=lambda u: u[1].input_is_index)
         for start in range(0, size, chunk):
             stop = min(size, start + chunk)
-            grad = None
-            for (x, g, module), rule, role in prepared:
-                grad = rule.per_sample_grad(x[start:stop], g[start:stop], role, module, param, out=grad)
-            flat_sum.addmm_(self._weights[start:stop].T, grad.reshape(stop - start, -1).square_())
+            prepared = [(*_prepare(call, rule, size, start, stop), self.hooked[call.module_name][0], rule, role)
+                        for call, rule, role in uses]
+            weights = self._weights[start:stop].T
+            for a in range(first, last, block):
+                b = min(last, a + block)
+                grad = None
+                for x, g, module, rule, role in prepared:
+                    grad = rule.per_sample_grad(x, g, role, module, param, out=grad,
+                                                rows=None if whole else (a, b))
+                flat_sum = self.sums[pname].narrow(1, a - first, b - a).view(self.n_groups, -1)
+                flat_sum.addmm_(weights, grad.reshape(stop - start, -1).square_())
 
     def _accumulate_sparse_embedding(self, pname, uses):
         """Untied embeddings: per-sample gradients touch only the rows of that sample's tokens."""
-        param = self.params[pname]
+        param, (first, last) = self.params[pname], self.rows[pname]
         vocab, width = param.shape
-        keys, rows = [], []
+        rows = None if (first, last) == (0, vocab) else (first, last)
+        keys, grads = [], []
         for call, rule, _ in uses:
-            idx, g, module = _prepare(call, rule, self._batch_size, self.hooked[call.module_name][0])
+            idx = call.x
+            g = call.samples(call.g, self._batch_size, 0, self._batch_size).float()
             sample = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-            keep = kept_tokens(idx, module)
+            keep = kept_tokens(idx, self.hooked[call.module_name][0], rows)
             keys.append((sample * vocab + idx)[keep])
-            rows.append(g[keep])
-        keys, rows = torch.cat(keys), torch.cat(rows)
+            grads.append(g[keep])
+        keys, grads = torch.cat(keys), torch.cat(grads)
         unique, inverse = torch.unique(keys, return_inverse=True)
         # index_put_ with accumulate: much faster than index_add_ on CPU for these shapes.
-        per_sample = rows.new_zeros((len(unique), width)).index_put_((inverse,), rows, accumulate=True)
+        per_sample = grads.new_zeros((len(unique), width)).index_put_((inverse,), grads, accumulate=True)
         per_sample.square_()
-        sample, token = unique // vocab, unique % vocab
+        sample, token = unique // vocab, unique % vocab - first
         for group in range(self.n_groups):
             w = self._weights[sample, group][:, None]
             self.sums[pname][group].index_put_((token,), per_sample * w, accumulate=True)
@@ -329,19 +419,26 @@ class FisherAccumulator:
                     self._weights.T, grad.reshape(size, -1).float().square())
 
     # -- results and state -------------------------------------------------------------------
-    def all_reduce(self):
-        """Sum running sums and counts over the ranks of the default torch.distributed group."""
+    def all_reduce(self, group=None):
+        """Sum running sums and counts over the ranks of ``group`` (a torch.distributed process group;
+        None: the default group).  For a sharded model: the ranks holding the same rows."""
         for tensor in self.sums.values():
-            all_reduce_sum(tensor)
+            all_reduce_sum(tensor, group)
         device = next(iter(self.sums.values())).device
-        self.counts = all_reduce_sum(self.counts.to(device)).cpu()
+        self.counts = all_reduce_sum(self.counts.to(device), group).cpu()
 
     def fisher(self, group=0):
-        """{param name: F} of one group: running sum / number of samples."""
+        """{param name: F} of one sample group: running sum / number of samples, divided in place
+        (no second copy of the sums), so the accumulator is finished for that group.  Values are
+        this rank's rows (``rows``) of a sharded model, whole tensors otherwise."""
         count = float(self.counts[group])
         if count <= 0:
             raise UsageError("no samples reached the Fisher estimate; give a larger corpus or fraction")
-        return {n: s[group] / count for n, s in self.sums.items()}
+        if group not in self._divided:
+            self._divided.add(group)
+            for s in self.sums.values():
+                s[group].div_(count)
+        return {n: s[group] for n, s in self.sums.items()}
 
     def state_tensors(self):
         state = {f"sum/{n}": s for n, s in self.sums.items()}
@@ -357,10 +454,31 @@ class FisherAccumulator:
         self.counts = state["count"].to(torch.float64).cpu()
 
 
-def _prepare(call, rule, batch_size, module):
-    """Per-sample float32 (x, g, module) of a call: x (B, L, d_in), g (B, L, d_out); for an
-    embedding x is the indices (B, L)."""
-    g = call.padded(call.g, batch_size).float()
+def _prepare(call, rule, batch_size, start, stop):
+    """Per-sample (x, g) of a call for samples [start, stop), in the model's dtype: x (c, L, d_in),
+    g (c, L, d_out); for an embedding x is the indices (c, L)."""
+    g = call.samples(call.g, batch_size, start, stop)
     if rule.input_is_index:
-        return call.x, g, module
-    return call.padded(call.x, batch_size).float(), g, module
+        return call.x[start:stop], g
+    return call.samples(call.x, batch_size, start, stop), g
+
+
+def _local_shape(param, rows):
+    """Shape of this rank's rows [start, stop) of ``param`` (a 0-dim parameter stays 0-dim)."""
+    if param.dim() == 0:
+        return ()
+    return (rows[1] - rows[0], *param.shape[1:])
+
+
+def _row_numel(param):
+    """Elements in one row (dim 0 slice) of ``param``."""
+    return max(1, param.numel() // max(1, param.shape[0])) if param.dim() else 1
+
+
+def _chunk_and_block(size, rows, row_numel, budget):
+    """(samples per chunk, rows per block) so that chunk x block x row_numel <= budget elements where
+    possible: whole tensors while one sample's gradient fits, else one sample and row blocks."""
+    numel = rows * row_numel
+    if numel <= budget:
+        return max(1, budget // numel), rows
+    return 1, max(1, budget // row_numel)

@@ -6,26 +6,56 @@ A Fisher is a mean of squares: every value is finite and non-negative.  A file t
 NaN.
 """
 
+import json
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
 from ..models import check_tensors_match
+from ..sharding import full_shape, full_tensor, writer_of
 
 DEFINITION = ("diagonal empirical Fisher F_j = (1/N) sum_n (d l_n / d theta_j)^2, l_n = mean target-token "
               "cross-entropy of sample (sequence) n, model in eval mode, exact per-sample gradients")
 
 def save_fisher(path, fisher, metadata=None):
-    """Write {param name: tensor} and string metadata to a safetensors file, atomically."""
-    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in fisher.items()}
+    """Write {param name: tensor} as float32 and string metadata to a safetensors file, atomically,
+    one tensor at a time (no second copy of the whole Fisher exists).
+
+    Values may be sharded (DTensors, as ``compute_fisher`` returns them for a sharded model): then
+    every rank of one shard group calls this, each tensor is gathered in turn
+    (``sharding.full_tensor``), and only the group's first rank writes.  Returns the path.
+    """
+    names = sorted(fisher)  # safetensors' own order for tensors of one dtype
+    shapes = {name: tuple(full_shape(fisher[name])) for name in names}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    if not all(writer_of(t) for t in fisher.values()):
+        for name in names:  # take part in every gather, in the writer's order
+            full_tensor(fisher[name])
+        return Path(path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(_header(shapes, meta))
+        for name in names:
+            tensor = full_tensor(fisher[name]).detach().to("cpu", torch.float32).contiguous()
+            handle.write(memoryview(tensor.numpy()).cast("B"))  # the tensor's own bytes, no copy
     return Path(path)
+
+
+def _header(shapes, metadata):
+    """The safetensors header of float32 tensors stored back to back in the order of ``shapes``:
+    8-byte little-endian length, then JSON padded with spaces to a multiple of 8."""
+    entries, offset = {"__metadata__": metadata}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(torch.Size(shape).numel())
+        entries[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def load_fisher(path):

@@ -5,10 +5,13 @@ the module's parameters it covers (its *roles*) and how the per-sample gradient 
 from the module's input ``x`` and the gradient ``g`` of the loss sum with respect to its output.
 Supporting a new layer type means writing one rule and registering it; nothing else changes.
 
-Shapes: ``x`` (c, L, d_in) float32 (an embedding's ``x`` is its indices, (c, L) int),
-``g`` (c, L, d_out) float32, for c samples of L rows each.  A rule adds the per-sample gradients,
-(c, *param.shape), into ``out`` (or returns a new tensor when ``out`` is None): a weight used by
-several modules (a tied embedding and decoder) gets the sum of its uses before squaring.
+Shapes: ``x`` (c, L, d_in) (an embedding's ``x`` is its indices, (c, L) int), ``g`` (c, L, d_out),
+for c samples of L rows each, in the model's dtype; rules compute in float32.  A rule adds the
+per-sample gradients, (c, *param.shape), into ``out`` (or returns a new tensor when ``out`` is
+None): a weight used by several modules (a tied embedding and decoder) gets the sum of its uses
+before squaring.  With ``rows=(a, b)`` a rule forms only rows [a, b) of dim 0 of the parameter,
+(c, b - a, *param.shape[1:]): the rows a rank of a sharded model holds, or one block of a large
+tensor, so that no more than a block of per-sample gradients exists at once.
 """
 
 from dataclasses import dataclass
@@ -26,7 +29,9 @@ class LayerRule:
     """How to get per-sample gradients of one module type's parameters.
 
     name: for messages; roles: the parameter attribute names it covers (``weight``, ``bias``);
-    per_sample_grad(x, g, role, module, param, out=None) -> (c, *param.shape), added into ``out``;
+    per_sample_grad(x, g, role, module, param, out=None, rows=None) -> (c, *param.shape), or
+    (c, b - a, *param.shape[1:]) for rows=(a, b), added into ``out``; ``param.shape`` is the whole
+    tensor's shape (also for a sharded parameter);
     input_is_index: the input is token indices (embeddings), whose gradients touch only the
     rows of the sample's tokens, so the accumulator may keep them sparse.
     """
@@ -55,28 +60,36 @@ def rule_for(name: str, module: nn.Module) -> Optional[LayerRule]:
 
 
 # ----------------------------------------------------------------------------- the rules
-def _add(out: Optional[torch.Tensor], part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    part = part.reshape(part.shape[0], *param.shape)
+def _add(out: Optional[torch.Tensor], part: torch.Tensor, param: torch.Tensor, rows=None) -> torch.Tensor:
+    shape = param.shape if rows is None else (rows[1] - rows[0], *param.shape[1:])
+    part = part.reshape(part.shape[0], *shape)
     return part if out is None else out.add_(part)
 
 
-def _linear(x, g, role, module, param, out=None):
+def _cols(t: torch.Tensor, rows) -> torch.Tensor:
+    """Float32 ``t`` restricted to [a, b) of its last dim (all of it when ``rows`` is None)."""
+    return (t if rows is None else t[..., rows[0]:rows[1]]).float()
+
+
+def _linear(x, g, role, module, param, out=None, rows=None):
     if role == "bias":
-        return _add(out, g.sum(1), param)
-    return _add(out, torch.bmm(g.transpose(1, 2), x), param)  # (c, out, in)
+        return _add(out, _cols(g, rows).sum(1), param, rows)
+    return _add(out, torch.bmm(_cols(g, rows).transpose(1, 2), x.float()), param, rows)  # (c, out, in)
 
 
-def _conv1d(x, g, role, module, param, out=None):
-    # GPT-2's Conv1D stores its weight as (in, out).
+def _conv1d(x, g, role, module, param, out=None, rows=None):
+    # GPT-2's Conv1D stores its weight as (in, out): its rows are input features.
     if role == "bias":
-        return _add(out, g.sum(1), param)
-    return _add(out, torch.bmm(x.transpose(1, 2), g), param)
+        return _add(out, _cols(g, rows).sum(1), param, rows)
+    return _add(out, torch.bmm(_cols(x, rows).transpose(1, 2), g.float()), param, rows)
 
 
-def _layer_norm(x, g, role, module, param, out=None):
+def _layer_norm(x, g, role, module, param, out=None, rows=None):
     if role == "bias":
-        return _add(out, g.sum(1), param)
-    return _add(out, (g * nnf.layer_norm(x, x.shape[-1:], eps=module.eps)).sum(1), param)
+        return _add(out, _cols(g, rows).sum(1), param, rows)
+    x = x.float()
+    normalized = nnf.layer_norm(x, x.shape[-1:], eps=module.eps)
+    return _add(out, (_cols(g, rows) * _cols(normalized, rows)).sum(1), param, rows)
 
 
 def rms_eps(module: nn.Module) -> Optional[float]:
@@ -88,25 +101,29 @@ def rms_eps(module: nn.Module) -> Optional[float]:
     return None
 
 
-def _rms_norm(x, g, role, module, param, out=None):
+def _rms_norm(x, g, role, module, param, out=None, rows=None):
+    x = x.float()
     normalized = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + rms_eps(module))
-    return _add(out, (g * normalized).sum(1), param)
+    return _add(out, (_cols(g, rows) * _cols(normalized, rows)).sum(1), param, rows)
 
 
-def kept_tokens(idx: torch.Tensor, module: nn.Embedding) -> torch.Tensor:
-    """Tokens that send a gradient to the table (the padding row receives none)."""
-    if module.padding_idx is None:
-        return torch.ones_like(idx, dtype=torch.bool)
-    return idx != module.padding_idx
+def kept_tokens(idx: torch.Tensor, module: nn.Embedding, rows=None) -> torch.Tensor:
+    """Tokens that send a gradient to the table (the padding row receives none), among the table
+    rows [a, b) when ``rows`` is given."""
+    keep = torch.ones_like(idx, dtype=torch.bool) if module.padding_idx is None else idx != module.padding_idx
+    if rows is not None:
+        keep &= (idx >= rows[0]) & (idx < rows[1])
+    return keep
 
 
-def _embedding(idx, g, role, module, param, out=None):
+def _embedding(idx, g, role, module, param, out=None, rows=None):
     # Rows are added in place: the dense (c, vocab, width) gradient is never built twice.
     count, (vocab, width) = idx.shape[0], param.shape
-    grad = g.new_zeros((count, vocab, width)) if out is None else out
-    keep = kept_tokens(idx, module)
-    keys = torch.arange(count, device=idx.device)[:, None] * vocab + idx
-    grad.view(count * vocab, width).index_put_((keys[keep],), g[keep], accumulate=True)
+    first, height = (0, vocab) if rows is None else (rows[0], rows[1] - rows[0])
+    grad = g.new_zeros((count, height, width), dtype=torch.float32) if out is None else out
+    keep = kept_tokens(idx, module, rows)
+    keys = torch.arange(count, device=idx.device)[:, None] * height + (idx - first)
+    grad.view(count * height, width).index_put_((keys[keep],), g[keep].float(), accumulate=True)
     return grad
 
 

@@ -20,13 +20,16 @@ from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..files import atomic_output
-from .accumulator import DEFAULT_CHUNK_MB, FisherAccumulator
+from ..runtime import all_reduce_sum
+from ..sharding import ShardLayout, collective_errors, sharded_like
+from .accumulator import FisherAccumulator
 
 
 def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], *, kind: Optional[str] = None,
                    progress: bool = False, total: Optional[int] = None, checkpoint=None,
                    checkpoint_every: float = 60.0, fingerprint: str = "",
-                   max_chunk_mb: float = DEFAULT_CHUNK_MB) -> Dict[str, torch.Tensor]:
+                   max_chunk_mb: Optional[float] = None,
+                   layout: Optional[ShardLayout] = None) -> Dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of ``model`` on ``batches``.
 
     batches: iterable of dicts that ``model(**batch)`` accepts, each with ``labels`` (-100 =
@@ -35,18 +38,28 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
     checkpoint: optional path; running sums are saved there every ``checkpoint_every`` seconds and
         on Ctrl-C, and a later call with the same path and ``fingerprint`` resumes after the batches
         already done (so pass the same batches in the same order).  The caller removes the file.
+    max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default that scales with
+        the model, ``fisher.accumulator.default_chunk_mb``).
+    layout: for a model sharded with ``sharding.shard_model``: every rank of a shard group passes
+        the same batches (its group's samples); sums are reduced over ``layout.point_group``.
     Returns {param name: float32 tensor shaped like the param} for every parameter with
-    requires_grad; a tied parameter appears once under its ``named_parameters()`` name.
+    requires_grad; a tied parameter appears once under its ``named_parameters()`` name.  For a
+    sharded model the values are DTensors sharded like the parameters (``sharding.full_tensor``
+    gathers one; ``save_fisher`` writes them tensor by tensor).
     """
     accumulator = FisherAccumulator(model, 1, kind, max_chunk_mb)
-    _accumulate_all(accumulator, batches, None, progress, total, checkpoint, checkpoint_every, fingerprint)
-    accumulator.all_reduce()
-    return accumulator.fisher(0)
+    shard_group = layout.shard_group if layout is not None and layout.sharded else None
+    with collective_errors() if shard_group is not None else contextlib.nullcontext():
+        _accumulate_all(accumulator, batches, None, progress, total, checkpoint, checkpoint_every, fingerprint,
+                        shard_group=shard_group)
+    accumulator.all_reduce(layout.point_group if layout is not None else None)
+    fisher = accumulator.fisher(0)
+    return {n: sharded_like(t, accumulator.params[n]) for n, t in fisher.items()}
 
 
 def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], sizes: Sequence[int], *,
                   kind: Optional[str] = None, progress: bool = False,
-                  max_chunk_mb: float = DEFAULT_CHUNK_MB) -> List[Dict[str, torch.Tensor]]:
+                  max_chunk_mb: Optional[float] = None) -> List[Dict[str, torch.Tensor]]:
     """Fisher of the first ``sizes[s]`` samples of ``batches``, for every s, in one pass.
 
     Each sample's squared gradients go into every prefix that contains it; iteration stops after
@@ -72,7 +85,7 @@ def _batch_rows(batch):
 
 
 def _accumulate_all(accumulator, batches, membership, progress, total, checkpoint, checkpoint_every,
-                    fingerprint, stop_after=None):
+                    fingerprint, stop_after=None, shard_group=None):
     done_batches, offset = 0, 0
     if checkpoint is not None and Path(checkpoint).exists():
         done_batches, offset = _resume(accumulator, checkpoint, fingerprint)
@@ -97,15 +110,26 @@ def _accumulate_all(accumulator, batches, membership, progress, total, checkpoin
                 in_batch = False
                 done_batches, offset = done_batches + 1, offset + size
                 bar.update(size)
-                if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+                due = checkpoint is not None and time.monotonic() - last_save >= checkpoint_every
+                due, stopping = _agree(due, stop["requested"], shard_group, accumulator.device)
+                if due:
                     _save_checkpoint(accumulator, checkpoint, fingerprint, done_batches, offset)
                     last_save = time.monotonic()
-                if stop["requested"]:
+                if stopping:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             if checkpoint is not None and not in_batch:
                 _save_checkpoint(accumulator, checkpoint, fingerprint, done_batches, offset)
             raise
+
+
+def _agree(due, stopping, shard_group, device):
+    """(save now, stop now), the same on every rank of a shard group: the ranks of a sharded model
+    must run the same batches, so one rank's timer or Ctrl-C decides for all of them."""
+    if shard_group is None:
+        return due, stopping
+    flags = all_reduce_sum(torch.tensor([float(due), float(stopping)], device=device), shard_group)
+    return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 @contextlib.contextmanager

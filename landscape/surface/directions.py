@@ -1,30 +1,43 @@
 """Random directions in parameter space: filter-normalized, optionally Fisher-masked.
 
 A direction is ``{param name: float32 CPU tensor shaped like the param}``, named as in
-``model.named_parameters()`` (tied weights appear once, under their first name).
+``model.named_parameters()`` (tied weights appear once, under their first name).  Each tensor is
+seeded by its name, so a direction can be made one tensor at a time: ``write_directions`` streams
+a whole surface's directions into their file that way, holding one tensor (and the masks) at a
+time; ``make_directions`` returns them as dicts for Python users.
 
-File format (contract): HDF5, group ``xdirection`` (and ``ydirection`` for 2D), one dataset per
-parameter named as in ``named_parameters()``; the settings that produced it are attributes of the
-file, plus a content ``fingerprint`` so that surfaces can tell whether a file was regenerated.
+Masks live in ``masks``, the file in ``direction_file``; their public names are re-exported here.
 """
 
-import hashlib
 import zlib
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import h5py
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, require_readable_file
+from ..errors import UsageError
 from ..fisher.file import check_fisher_matches
-from ..models import check_tensors_match
+from ..runtime import rank_and_world
+from ..sharding import full_tensor
+from .direction_file import (
+    FORMAT,
+    GROUPS,
+    PRECISIONS,
+    DirectionWriter,
+    check_directions_finite,
+    check_directions_match,
+    check_existing_directions,
+    count_directions,
+    fingerprint,
+    load_directions,
+    round_to,
+    save_directions,
+)
+from .masks import MASK_KINDS, ScoreSource, fisher_mask, parse_mask_spec
 
-__all__ = ["NORMS", "IGNORES", "MASK_KINDS", "GROUPS", "FORMAT", "normalize_filters", "random_direction",
-           "perturbable_names", "orthogonalize", "parse_mask_spec", "fisher_mask", "apply_mask",
-           "make_directions", "fingerprint", "save_directions", "check_existing_directions",
+__all__ = ["NORMS", "IGNORES", "MASK_KINDS", "GROUPS", "FORMAT", "PRECISIONS", "normalize_filters",
+           "random_direction", "perturbable_names", "orthogonalize", "parse_mask_spec", "fisher_mask", "apply_mask",
+           "make_directions", "write_directions", "fingerprint", "save_directions", "check_existing_directions",
            "load_directions", "count_directions", "check_directions_match", "check_directions_finite",
            "interpolation_direction", "trajectory_directions"]
 
@@ -33,9 +46,6 @@ Direction = Dict[str, torch.Tensor]
 
 NORMS = ("filter", "layer", "none")
 IGNORES = ("biasbn", "none")
-MASK_KINDS = ("top", "bottom", "random")
-GROUPS = ("xdirection", "ydirection")
-FORMAT = "landscape-directions"
 
 
 # ----------------------------------------------------------------------------- directions
@@ -99,20 +109,25 @@ def random_direction(model: torch.nn.Module, seed: int = 0, norm: str = "filter"
     if ignore not in IGNORES:
         raise UsageError(f"unknown ignore '{ignore}'; use one of {', '.join(IGNORES)}")
     owners = _owner_modules(model)
-    direction = {}
-    for name, param in model.named_parameters():
-        weight = param.detach().to("cpu", torch.float32)
-        if weight.dim() <= 1:
-            if ignore == "biasbn":
-                direction[name] = torch.zeros_like(weight)
-            elif norm == "none":
-                direction[name] = _gaussian_like(weight.shape, seed, index, name)
-            else:
-                direction[name] = weight.clone()
-            continue
-        d = _gaussian_like(weight.shape, seed, index, name)
-        direction[name] = _normalize(d, weight, norm, _filter_axis(owners[name]))
-    return direction
+    return {name: direction_tensor(name, param, owners[name], seed, index, norm, ignore)
+            for name, param in model.named_parameters()}
+
+
+def direction_tensor(name: str, param: torch.nn.Parameter, owner: torch.nn.Module, seed: int = 0, index: int = 0,
+                     norm: str = "filter", ignore: str = "biasbn") -> torch.Tensor:
+    """One tensor of ``random_direction``: float32 on the CPU, shaped like the whole parameter.
+
+    A sharded parameter is gathered for it (a collective: every rank of its group calls this in
+    the same order)."""
+    weight = full_tensor(param).detach().to("cpu", torch.float32)
+    if weight.dim() <= 1:
+        if ignore == "biasbn":
+            return torch.zeros_like(weight)
+        if norm == "none":
+            return _gaussian_like(weight.shape, seed, index, name)
+        return weight.clone()
+    d = _gaussian_like(weight.shape, seed, index, name)
+    return _normalize(d, weight, norm, _filter_axis(owner))
 
 
 def perturbable_names(model: torch.nn.Module, ignore: str = "biasbn") -> List[str]:
@@ -137,85 +152,6 @@ def orthogonalize(dx: Direction, dy: Direction) -> Direction:
 
 
 # ----------------------------------------------------------------------------- masks
-def parse_mask_spec(spec: str) -> Tuple[str, float]:
-    """'top:K' | 'bottom:K' | 'random:K' | 'all' -> (kind, K percent) with K in (0, 100]."""
-    text = str(spec).strip().lower()
-    if text == "all":
-        return "all", 100.0
-    kind, _, value = text.partition(":")
-    if kind not in MASK_KINDS or not value:
-        raise UsageError(f"mask spec '{spec}' is not top:K, bottom:K, random:K or all (K in percent)")
-    try:
-        percent = float(value)
-    except ValueError:
-        raise UsageError(f"mask spec '{spec}': K must be a number of percent in (0, 100]") from None
-    if not 0.0 < percent <= 100.0:
-        raise UsageError(f"mask spec '{spec}': K must be in (0, 100], got {value}")
-    return kind, percent
-
-
-def _select(scores, kind, count, generator):
-    """Bool mask over the flat ``scores`` with exactly ``count`` elements selected."""
-    if kind == "random":
-        # Uniform random keys + top-k: an exact count without a randperm of the whole model.
-        scores = torch.rand(scores.shape, generator=generator, dtype=torch.float32)
-        kind = "top"
-    # The same set as a stable sort's first ``count`` (ties broken by position), found with one
-    # selection instead of sorting: on 135M scores the sort took 24 s (the selection 3.6 s) and
-    # 1.6 GB for its values and int64 indices.
-    n = scores.numel()
-    if count >= n:
-        return torch.ones(n, dtype=torch.bool)
-    rank = n - count + 1 if kind == "top" else count
-    threshold = torch.kthvalue(scores, rank).values
-    chosen = scores > threshold if kind == "top" else scores < threshold
-    ties = torch.nonzero(scores == threshold).squeeze(1)
-    chosen[ties[: count - int(chosen.sum())]] = True
-    return chosen
-
-
-def _count(percent, total):
-    return min(total, max(1, round(percent / 100.0 * total)))
-
-
-def fisher_mask(fisher: Direction, spec: str, seed: int = 0, granularity: str = "global",
-                names: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
-    """Element-wise mask from Fisher scores: {param name: bool tensor shaped like the param}.
-
-    spec: 'top:K' keeps the K% of elements with the highest scores, 'bottom:K' the K% lowest,
-    'random:K' a seeded random K% (the same count as top:K, the paper's control), 'all' every one.
-    granularity: 'global' ranks all elements of all tensors together (exactly round(K%·N)
-    selected, ties broken by position); 'tensor' selects K% inside each tensor (the paper code's way).
-    names: the tensors that may be selected (e.g. only the perturbable ones); others get all-False.
-    NaN scores are never selected by top/bottom.
-    """
-    kind, percent = parse_mask_spec(spec)
-    if granularity not in ("global", "tensor"):
-        raise UsageError(f"unknown mask granularity '{granularity}'; use global or tensor")
-    names = list(fisher) if names is None else [n for n in fisher if n in set(names)]
-    masks = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in fisher.items()}
-    if not names:
-        return masks
-    generator = torch.Generator().manual_seed(int(seed))
-    if kind == "all":
-        for n in names:
-            masks[n] = torch.ones(fisher[n].shape, dtype=torch.bool)
-        return masks
-    groups = [names] if granularity == "global" else [[n] for n in names]
-    for group in groups:
-        flat = torch.cat([fisher[n].detach().reshape(-1).float().cpu() for n in group])
-        if kind != "random":
-            # NaN sorts last in both directions, so it is picked only when nothing else is left.
-            flat = torch.nan_to_num(flat, nan=(-float("inf") if kind == "top" else float("inf")))
-        chosen = _select(flat, kind, _count(percent, flat.numel()), generator)
-        start = 0
-        for n in group:
-            size = fisher[n].numel()
-            masks[n] = chosen[start: start + size].reshape(fisher[n].shape)
-            start += size
-    return masks
-
-
 def apply_mask(direction: Direction, mask: Dict[str, torch.Tensor]) -> Direction:
     """Zero the unselected elements of a direction: {name: direction * mask}.
 
@@ -227,7 +163,8 @@ def apply_mask(direction: Direction, mask: Dict[str, torch.Tensor]) -> Direction
             got = "no tensor" if name not in mask else f"shape {tuple(mask[name].shape)}"
             raise UsageError(f"the mask (Fisher file) does not match the direction: '{name}' has {got}, the "
                              f"parameter {tuple(tensor.shape)}; was it computed for this model?")
-    return {name: tensor * mask[name].to(device=tensor.device, dtype=tensor.dtype)
+    # +0.0, never -0.0 (which ``tensor * 0`` gives for negative values): exact zeros compress well.
+    return {name: tensor.masked_fill(~mask[name].to(device=tensor.device, dtype=torch.bool), 0.0)
             for name, tensor in direction.items()}
 
 
@@ -239,11 +176,7 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
     fisher: {name: scores} or None (then subset must be 'all').  The same mask applies to every
     direction.  Returns (directions, settings) where settings are the attributes to store.
     """
-    if dims not in (1, 2):
-        raise UsageError(f"dims must be 1 or 2, got {dims}")
-    parse_mask_spec(subset)
-    if fisher is None and subset != "all":
-        raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
+    _check_request(dims, subset, fisher)
     dirs = [random_direction(model, seed=seed, norm=norm, ignore=ignore, index=i) for i in range(dims)]
     n_selected = sum(int((t != 0).sum()) for t in dirs[0].values())
     if fisher is not None:
@@ -261,134 +194,138 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
     return dirs, settings
 
 
-# ----------------------------------------------------------------------------- files
-def fingerprint(directions: List[Direction]) -> str:
-    """Short content hash of a list of directions (names, shapes and float32 values)."""
-    digest = hashlib.sha1()
-    for d in directions:
-        for name in sorted(d):
-            t = d[name].detach().to("cpu", torch.float32).contiguous()
-            digest.update(f"{name}{tuple(t.shape)}".encode())
-            digest.update(t.numpy().tobytes())
-    return digest.hexdigest()[:16]
+def _check_request(dims, subset, fisher, precision="float32"):
+    if dims not in (1, 2):
+        raise UsageError(f"dims must be 1 or 2, got {dims}")
+    parse_mask_spec(subset)
+    if fisher is None and subset != "all":
+        raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown direction precision '{precision}'; use one of {', '.join(PRECISIONS)}")
 
 
-def save_directions(path, directions: List[Direction], settings: Optional[dict] = None) -> str:
-    """Write 1 or 2 directions to an HDF5 direction file (atomically); returns its fingerprint.
+def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: str = "filter",
+                     ignore: str = "biasbn", fisher=None, subset: str = "all", granularity: str = "global",
+                     orthogonal: bool = False, precision: str = "float32", settings: Optional[dict] = None,
+                     progress: bool = False) -> dict:
+    """Make the directions of one surface and write them to a direction file, one tensor at a time.
 
-    directions: list of {param name: tensor}; settings: attributes (str, numbers, bools).
+    The same directions as ``make_directions`` (and so the same file and fingerprint as
+    ``save_directions`` of them) for float32 precision, without ever holding a whole direction:
+    peak memory above the model is the masks (1 byte per parameter) and a few copies of the
+    largest tensor.  Under torch.distributed every rank calls this and rank 0 writes.
+
+    Args:
+        path: the direction file (.h5) to write.
+        model: the model; a sharded (FSDP2) model is gathered one tensor at a time.
+        dims: 1 or 2 directions.
+        seed: seed of the directions and of random masks.
+        norm: 'filter' | 'layer' | 'none'; ignore: 'biasbn' | 'none' (see ``random_direction``).
+        fisher: Fisher scores for the mask, as {name: tensor} or a Fisher file's path (read one
+            tensor at a time), or None for subset 'all'.
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``).
+        granularity: 'global' | 'tensor' (see ``fisher_mask``).
+        orthogonal: make the second direction orthogonal to the first (see ``orthogonalize``).
+        precision: 'float32', or 'bfloat16' / 'float16' to round the values to the model's dtype
+            (the file then stores them in about half the space, and a surface of a model of that
+            dtype holds exactly these values).
+        settings: extra attributes to store (model, Fisher file path, ...); the Fisher file's
+            corpus is stored as ``fisher_provenance``.
+        progress: show a progress bar over tensors.
+
+    Returns:
+        The attributes written: the settings of ``make_directions``, ``precision``, the extra
+        settings and the ``fingerprint``.
     """
-    if len(directions) not in (1, 2):
-        raise UsageError(f"a direction file holds 1 or 2 directions, got {len(directions)}")
-    stamp = fingerprint(directions)
-    with atomic_output(path) as tmp:
-        # Through a Python file object: a failed write (full disk) is a clean OSError (HDF5's own
-        # writer reports it while freeing objects, noisily, and can crash the process).
-        with open(tmp, "wb") as stream, h5py.File(stream, "w") as handle:
-            for key, value in (settings or {}).items():
-                handle.attrs[key] = "" if value is None else value
-            handle.attrs["format"] = FORMAT
-            handle.attrs["fingerprint"] = stamp  # of these values, whatever ``settings`` held
-            for group_name, direction in zip(GROUPS, directions):
-                group = handle.create_group(group_name)
-                for name, tensor in direction.items():
-                    group.create_dataset(name, data=tensor.detach().to("cpu", torch.float32).numpy())
-    return stamp
+    _check_request(dims, subset, fisher, precision)
+    params = dict(model.named_parameters())
+    masks = None
+    if fisher is not None:
+        scores = ScoreSource(fisher)
+        check_fisher_matches(scores.shaped(), model)
+        masks = fisher_mask(scores, subset, seed=seed, granularity=granularity,
+                            names=perturbable_names(model, ignore))
+    maker = _TensorMaker(model, seed, norm, ignore, masks)
+    projection = _orthogonal_projection(maker) if orthogonal and dims == 2 else None
+    attrs = {"seed": int(seed), "norm": norm, "ignore": ignore, "subset": subset, "mask_seed": int(seed),
+             "mask_granularity": granularity, "orthogonal": bool(orthogonal), "dims": int(dims),
+             "n_selected": 0, "n_parameters": int(sum(p.numel() for p in model.parameters())),
+             "precision": precision, **(settings or {})}
+    if fisher is not None:
+        attrs["fisher_provenance"] = str(scores.metadata.get("corpus", ""))
+    if masks is not None:
+        attrs["n_selected"] = int(sum(int(m.sum()) for m in masks.values()))
+    rank, _ = rank_and_world()
+    names = sorted(params)
+    bar = tqdm(total=dims * len(names), desc="directions", unit="tensor", disable=not progress or rank != 0,
+               leave=False)
+    with bar, (DirectionWriter(path, attrs) if rank == 0 else _NoWriter()) as writer:
+        for axis in range(dims):
+            for name in names:
+                values = maker.tensor(name, axis) if axis == 0 or projection is None else projection(name)
+                if axis == 0 and masks is None:
+                    attrs["n_selected"] += int(torch.count_nonzero(values))
+                writer.add(axis, name, round_to(values, precision))
+                bar.update(1)
+            writer.settings["n_selected"] = attrs["n_selected"]
+    attrs["fingerprint"] = writer.fingerprint
+    return attrs
 
 
-def check_existing_directions(path, settings) -> None:
-    """SettingsMismatch when ``path`` holds directions made with settings other than ``settings``.
+class _NoWriter:
+    """What ranks other than 0 write: nothing (they take part in the gathers only)."""
 
-    A missing file passes; so does one with the same settings (they are seeded: the same file).
-    """
-    path = Path(path)
-    if not path.exists():
-        return
-    try:
-        with h5py.File(path, "r") as handle:
-            old = {k: _attr(v) for k, v in handle.attrs.items()}
-    except OSError:
-        raise SettingsMismatch(f"'{path}' exists but is not a direction file") from None
-    for key in sorted(set(settings) & set(old)):
-        now = "" if settings[key] is None else settings[key]
-        if old[key] != now:
-            raise SettingsMismatch(f"'{path}' holds directions made with other settings "
-                                   f"({key}={old[key]!r}, this run has {key}={now!r})")
+    fingerprint = ""
+
+    def __init__(self):
+        self.settings = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add(self, axis, name, values):
+        pass
 
 
-def _attr(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+class _TensorMaker:
+    """One tensor of one direction at a time, as ``make_directions`` makes it (masked after
+    normalization)."""
+
+    def __init__(self, model, seed, norm, ignore, masks):
+        self.params = dict(model.named_parameters())
+        self.owners = _owner_modules(model)
+        self.seed, self.norm, self.ignore, self.masks = seed, norm, ignore, masks
+
+    def tensor(self, name: str, axis: int) -> torch.Tensor:
+        values = direction_tensor(name, self.params[name], self.owners[name], self.seed, axis, self.norm,
+                                  self.ignore)
+        if self.masks is not None:
+            values.masked_fill_(~self.masks[name], 0.0)  # as apply_mask
+        return values
 
 
-def load_directions(path, model: Optional[torch.nn.Module] = None) -> Tuple[List[Direction], dict]:
-    """Read a direction file: returns (list of {name: float32 tensor}, {attribute: value}).
+def _orthogonal_projection(maker: _TensorMaker):
+    """name -> the second direction's tensor made orthogonal to the first, as ``orthogonalize``
+    does over whole directions (the same sums, in the same order, so the same numbers)."""
+    names = list(maker.params)  # the order orthogonalize sums in: named_parameters()
+    dot = xx = yy = 0.0
+    for name in names:
+        dx, dy = maker.tensor(name, 0).double(), maker.tensor(name, 1).double()
+        dot, xx, yy = dot + float((dx * dy).sum()), xx + float(dx.pow(2).sum()), yy + float(dy.pow(2).sum())
+    if xx == 0.0:
+        return lambda name: maker.tensor(name, 1)
 
-    With ``model``, checks that every parameter has a direction tensor of the right shape and no
-    tensor is extra; UsageError names the first mismatch.
-    """
-    path = require_readable_file(path, "direction file")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError:
-        raise UsageError(f"'{path}' is not a direction file (not HDF5); make one with `landscape directions`") from None
-    try:
-        with handle:
-            directions, attrs = _read_groups(handle, path)
-    except (OSError, KeyError, ValueError, RuntimeError) as err:  # h5py's words for damaged internals
-        raise UsageError(f"direction file '{path}' is damaged ({str(err).splitlines()[0]}); "
-                         "make the directions again") from None
-    stamp = fingerprint(directions)
-    if str(attrs.setdefault("fingerprint", stamp)) != stamp:  # bytes changed on disk after writing
-        raise UsageError(f"direction file '{path}' is damaged (its values do not match the fingerprint "
-                         "written with them); make the directions again")
-    check_directions_finite(directions, path)
-    if model is not None:
-        check_directions_match(directions, model, path)
-    return directions, attrs
+    def projected(name):
+        return maker.tensor(name, 1).double() - (dot / xx) * maker.tensor(name, 0).double()
 
-
-def _read_groups(handle, path):
-    if "xdirection" not in handle or not isinstance(handle["xdirection"], h5py.Group):
-        raise UsageError(f"'{path}' is not a direction file (no 'xdirection' group); "
-                         "make one with `landscape directions`")
-    attrs = {k: _attr(v) for k, v in handle.attrs.items()}
-    directions = []
-    for group_name in GROUPS:
-        if group_name in handle:
-            group = handle[group_name]
-            directions.append({name: torch.from_numpy(np.asarray(group[name][()], dtype=np.float32))
-                               for name in group})
-    return directions, attrs
-
-
-def count_directions(path) -> int:
-    """How many directions (1 or 2) a direction file holds, without reading them."""
-    path = require_readable_file(path, "direction file")
-    try:
-        with h5py.File(path, "r") as handle:
-            return sum(name in handle for name in GROUPS)
-    except OSError:
-        raise UsageError(f"'{path}' is not a direction file (not HDF5); make one with `landscape directions`") from None
-
-
-def check_directions_match(directions, model, path="directions"):
-    """UsageError naming the first tensor whose name or shape does not fit ``model``."""
-    for axis, direction in zip(GROUPS, directions):
-        check_tensors_match(direction, model, f"direction file '{path}' ({axis})")
-
-
-def check_directions_finite(directions, path="directions"):
-    """UsageError naming the first tensor with a NaN or an infinity: such a direction would make
-    every point of a surface NaN."""
-    for axis, direction in zip(GROUPS, directions):
-        for name, tensor in direction.items():
-            if not bool(torch.isfinite(tensor).all()):
-                raise UsageError(f"direction file '{path}' holds non-finite values ({axis}/{name}); "
-                                 "make the directions again")
+    new = 0.0
+    for name in names:
+        new += float(projected(name).pow(2).sum())
+    scale = (yy / new) ** 0.5 if new > 0 else 1.0
+    return lambda name: (projected(name) * scale).float()
 
 
 # Directions between checkpoints live in ``connectivity``; users reach them from here (DESIGN.md).

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
-from ..models import check_tensors_match, model_kind
+from ..models import model_kind
 from ..runtime import gather_all, rank_and_world
+from ..sharding import is_sharded, local_tensor
 from .perturbation import InPlacePerturbation
 
 Batch = Dict[str, torch.Tensor]  # a batch dict, or a direction {param name: tensor}
@@ -49,10 +50,31 @@ def grid_points(xs: Sequence[float], ys: Optional[Sequence[float]] = None) -> Li
 
 # ----------------------------------------------------------------------------- evaluation
 def _check_directions(model, directions):
+    """Each direction has a tensor for every parameter, shaped like the rows this rank holds."""
     if not 1 <= len(directions) <= 2:
         raise UsageError(f"a surface needs 1 or 2 directions, got {len(directions)}")
     for axis, direction in enumerate(directions):
-        check_tensors_match(direction, model, f"direction {axis + 1}", allow_extra=True)
+        for name, param in model.named_parameters():
+            want = tuple(local_tensor(param).shape)
+            got = tuple(direction[name].shape) if name in direction else None
+            if got != want:
+                has = "no entry" if got is None else f"shape {got}"
+                raise UsageError(f"direction {axis + 1} does not match the model: '{name}' has {has}, the model's "
+                                 f"parameter {want}; was it made for another model?")
+
+
+def point_groups(model: torch.nn.Module) -> Tuple[int, int, bool]:
+    """(this rank's point group, number of groups, whether it reports the group's results).
+
+    Unsharded, every rank is a group of its own.  A model sharded over groups of K ranks
+    (``sharding.shard_model``) is evaluated by each group together: its K ranks run the same
+    points (each forward is a collective over the group), and the first of them reports."""
+    rank, world = rank_and_world()
+    sharded = next((p for p in model.parameters() if is_sharded(p)), None)
+    if sharded is None:
+        return rank, world, True
+    size = sharded.device_mesh.size()
+    return rank // size, world // size, sharded.device_mesh.get_local_rank() == 0
 
 
 def loss_and_accuracy(model: torch.nn.Module, batches: List[Batch], kind: Optional[str] = None) -> Tuple[float, float]:
@@ -111,25 +133,31 @@ def _points_pass(model, perturbation, batches, chunk, kind):
 
 def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: List[Batch], points: list,
                     todo: List[int], points_per_pass: int = 1, progress: bool = False,
-                    on_results: Optional[Callable[[list], None]] = None, kind: Optional[str] = None) -> None:
+                    on_results: Optional[Callable[[list], None]] = None, kind: Optional[str] = None,
+                    stream: bool = False) -> None:
     """The one evaluation loop: the points ``todo`` (indices into ``points``), in rounds.
 
-    Under torch.distributed each rank evaluates its share of every round and all ranks see every
-    result; every rank runs the same number of rounds, so the collective gathers always pair up.
-    on_results([(index, loss, acc), ...]) is called after each round.  The weights are restored
-    afterwards, also on error or Ctrl-C.
+    Under torch.distributed each point group (a rank, or the K ranks of a sharded model) evaluates
+    its share of every round and all ranks see every result; every rank runs the same number of
+    rounds, so the collective gathers always pair up.  on_results([(index, loss, acc), ...]) is
+    called after each round.  stream: keep the directions in host memory (``InPlacePerturbation``).
+    The weights are restored afterwards, also on error or Ctrl-C.
     """
     _check_directions(model, directions)
     kind = kind or model_kind(model)
-    rank, world = rank_and_world()
+    group, groups, reports = point_groups(model)
     step = max(1, int(points_per_pass))
-    perturbation = InPlacePerturbation(model, directions)
-    bar = tqdm(total=len(todo), desc="surface", unit="pt", disable=not progress or rank != 0, leave=False)
+    if step > 1 and any(is_sharded(p) for p in model.parameters()):
+        raise UsageError("several points per pass need the whole model on each rank; a sharded model "
+                         "evaluates one point per pass")
+    perturbation = InPlacePerturbation(model, directions, stream=stream)
+    bar = tqdm(total=len(todo), desc="surface", unit="pt", disable=not progress or rank_and_world()[0] != 0,
+               leave=False)
     try:
-        for start in range(0, len(todo), step * world):
-            mine = todo[start + rank * step: start + (rank + 1) * step]
+        for start in range(0, len(todo), step * groups):
+            mine = todo[start + group * step: start + (group + 1) * step]
             results = _points_pass(model, perturbation, batches, [points[i] for i in mine], kind) if mine else []
-            mine_results = [(i, loss, acc) for i, (loss, acc) in zip(mine, results)]
+            mine_results = [(i, loss, acc) for i, (loss, acc) in zip(mine, results)] if reports else []
             gathered = [r for part in gather_all(mine_results) for r in part]
             if on_results is not None:
                 on_results(gathered)
@@ -141,12 +169,14 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
 
 def evaluate_points(model: torch.nn.Module, directions: List[Batch], batches: List[Batch], points: list,
                     kind: Optional[str] = None, points_per_pass: int = 1, progress: bool = False,
-                    on_result: Optional[Callable[[int, float, float], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
+                    on_result: Optional[Callable[[int, float, float], None]] = None,
+                    stream: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy at each coefficient tuple in ``points``; weights restored afterwards.
 
     directions: list of 1 or 2 {name: tensor}; points: list of (x,) or (x, y) tuples.
     points_per_pass > 1 evaluates that many points per vmapped pass (torch.func; for GPUs).
-    on_result(i, loss, acc) is called as each point finishes.  Returns two float64 arrays (P,).
+    on_result(i, loss, acc) is called as each point finishes.  stream: directions stay in host
+    memory (``InPlacePerturbation``).  Returns two float64 arrays (P,).
     """
     losses = np.full(len(points), np.nan)
     accs = np.full(len(points), np.nan)
@@ -158,25 +188,26 @@ def evaluate_points(model: torch.nn.Module, directions: List[Batch], batches: Li
                 on_result(i, loss, acc)
 
     evaluate_rounds(model, directions, batches, points, list(range(len(points))), points_per_pass, progress, keep,
-                    kind)
+                    kind, stream)
     return losses, accs
 
 
 def evaluate(model: torch.nn.Module, directions: List[Batch], batches: List[Batch], xs: Sequence[float],
              ys: Optional[Sequence[float]] = None, kind: Optional[str] = None, points_per_pass: int = 1,
-             progress: bool = False, return_accuracy: bool = False):
+             progress: bool = False, return_accuracy: bool = False, stream: bool = False):
     """Loss surface of ``model`` along ``directions`` on a grid; the weights are unchanged after.
 
     directions: [dx] with ys=None (1D) or [dx, dy] (2D); batches: list of batch dicts on the
-    model's device (with labels).  Returns numpy float64 (len(xs),) or (len(ys), len(xs)) with
-    Z[iy, ix] = token-weighted mean cross-entropy at base + xs[ix]·dx + ys[iy]·dy; with
-    return_accuracy, (Z, accuracy) of the same shape.
+    model's device (with labels).  The directions are held in the model's dtype on its device
+    (float32 for float32 models), or with ``stream`` in float32 in host memory.  Returns numpy
+    float64 (len(xs),) or (len(ys), len(xs)) with Z[iy, ix] = token-weighted mean cross-entropy at
+    base + xs[ix]·dx + ys[iy]·dy; with return_accuracy, (Z, accuracy) of the same shape.
     """
     if (ys is None) != (len(directions) == 1):
         raise UsageError("give one direction with xs only, or two directions with xs and ys")
     shape = (len(xs),) if ys is None else (len(ys), len(xs))
     losses, accs = evaluate_points(model, directions, batches, grid_points(xs, ys), kind, points_per_pass,
-                                   progress)
+                                   progress, stream=stream)
     if return_accuracy:
         return losses.reshape(shape), accs.reshape(shape)
     return losses.reshape(shape)

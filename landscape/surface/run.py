@@ -3,29 +3,53 @@
 import json
 from pathlib import Path
 
+import torch
+
 from ..errors import UsageError
 from ..runtime import broadcast_from_rank0, rank_and_world
+from ..sharding import is_sharded, local_rows, local_tensor
 from .directions import load_directions
 from .evaluation import evaluate_rounds, grid_points
 from .file import SurfaceFile, _scalar_attrs, check_grid_size, surface_identity
+from .perturbation import direction_dtype
+
+
+def load_directions_for(model, dir_file, axes=2, stream=False):
+    """The directions of ``dir_file`` as a surface of ``model`` holds them: in the model's dtype on
+    its device (float32 in host memory with ``stream``), only the rows a sharded rank holds, read
+    one tensor at a time.  Returns (directions, file attributes, the dtype they are held in)."""
+    params = dict(model.named_parameters())
+    dtype = direction_dtype(local_tensor(next(iter(params.values()))).dtype, stream)
+    device = "cpu" if stream else local_tensor(next(iter(params.values()))).device
+
+    def rows(name):
+        return local_rows(params[name]) if name in params and is_sharded(params[name]) else None
+
+    directions, attrs = load_directions(dir_file, model, dtype=dtype, device=device, rows=rows, axes=axes)
+    return directions, attrs, dtype
 
 
 def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=None, overwrite=False,
-                         points_per_pass=1, progress=True, flush_seconds=2.0, info=None):
+                         points_per_pass=1, progress=True, flush_seconds=2.0, info=None, stream=False):
     """Compute (or resume) a surface file: loss and accuracy at every grid point not yet in ``out``.
 
-    model: in eval mode on its device; dir_file: a direction file made for it (a 2-direction file
-    with ys=None gives the 1D surface along x); batches: the fixed evaluation sample.
-    settings: extra attributes that identify the run (model, corpus, max_samples, ...); a file
-    computed with other settings is refused (``SettingsMismatch``) unless ``overwrite``.  info:
-    attributes stored but not compared (batch size, device).  Under torch.distributed, points are
-    sharded over ranks and rank 0 writes.  Returns {'path', 'computed', 'total'}.
+    model: in eval mode on its device (or sharded, ``sharding.shard_model``); dir_file: a direction
+    file made for it (a 2-direction file with ys=None gives the 1D surface along x); batches: the
+    fixed evaluation sample.  settings: extra attributes that identify the run (model, corpus,
+    max_samples, ...); a file computed with other settings is refused (``SettingsMismatch``)
+    unless ``overwrite``.  info: attributes stored but not compared (batch size, device).
+    stream: keep the directions in host memory in float32 (see ``InPlacePerturbation``); by
+    default they are held on the model's device in its dtype, and the file records that dtype
+    (``direction_dtype``) when it is not float32.  Under torch.distributed, points are split over
+    ranks (over groups of ranks for a sharded model) and rank 0 writes.  Returns {'path',
+    'computed', 'total'}.
     """
     check_grid_size(xs, ys)
-    directions, dir_attrs = load_directions(dir_file, model)
+    directions, dir_attrs, held = load_directions_for(model, dir_file, 1 if ys is None else 2, stream)
     if ys is not None and len(directions) < 2:
         raise UsageError(f"'{dir_file}' holds one direction; a 2D surface needs a file with two")
-    directions = directions[: 1 if ys is None else 2]
+    if held != torch.float32:  # the directions are rounded to it: part of what the numbers are
+        settings = dict(settings or {}, direction_dtype=str(held).replace("torch.", ""))
     identity = surface_identity(dir_attrs, batches, model, xs, ys, settings)
     attrs = dict(_scalar_attrs(identity), identity=json.dumps(identity, sort_keys=True),
                  dir_file=str(dir_file), **{k: v for k, v in (info or {}).items() if v is not None})
@@ -44,7 +68,7 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     complete = False
     try:
         evaluate_rounds(model, directions, batches, points, todo, points_per_pass, progress,
-                        surface_file.record if surface_file is not None else None)
+                        surface_file.record if surface_file is not None else None, stream=stream)
         complete = True
     finally:
         if surface_file is not None:

@@ -1,0 +1,239 @@
+"""Models larger than one device: PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) in groups.
+
+Under torchrun, ``--shard-size K`` arranges the ranks on a 2D device mesh ("points", "shard"):
+K ranks of one *point group* hold one sharded copy of the model (each rank 1/K of every parameter,
+rows of dim 0 split as ``torch.chunk`` splits them), and the world / K groups replicate it and
+split the work (samples, grid points) as single ranks do without sharding.  Ranks of one group
+run the same forwards, because every forward of a sharded model is a collective over its group;
+groups never wait for each other except where a stage reduces its results (``point_group``).
+
+Everything else reads parameters through this module: ``local_tensor`` (the writable rows this
+rank holds), ``local_rows`` (which rows those are), ``full_tensor`` (the whole tensor, gathered).
+With K = 1 these are the plain tensors and nothing is sharded.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Tuple
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .runtime import rank_and_world
+
+MESH_DIMS = ("points", "shard")
+
+
+@dataclass
+class ShardLayout:
+    """Where this rank sits on the 2D mesh: replicated over point groups x sharded within a group.
+
+    shard_size: K ranks hold one sharded copy; n_groups: world // K point groups; group_index:
+    this rank's point group; shard_rank: its index inside the group; mesh: the 2D DeviceMesh
+    ("points", "shard"), None when nothing is sharded; shard_group: the ProcessGroup of this
+    rank's group (None: not sharded); point_group: the ProcessGroup of the ranks with the same
+    shard_rank in every group (None: the default group, i.e. every rank when not sharded).
+    """
+
+    shard_size: int
+    n_groups: int
+    group_index: int
+    shard_rank: int
+    mesh: object = None
+    shard_group: object = None
+    point_group: object = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_size > 1
+
+    @property
+    def shard_mesh(self):
+        """The 1D sub-mesh of this rank's group (what ``fully_shard`` shards over), or None."""
+        return None if self.mesh is None else self.mesh["shard"]
+
+
+def shard_layout(shard_size: int = 1) -> ShardLayout:
+    """This rank's place for groups of ``shard_size`` ranks; call after ``runtime.join_torchrun``.
+
+    K = 1 needs no mesh: every rank is its own group (plain replicas).  Every rank must call this
+    (building the mesh creates the groups collectively).  UsageError when K < 1 or when K does not
+    divide the number of ranks.
+    """
+    rank, world = rank_and_world()
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise UsageError(f"the shard size must be a whole number of ranks >= 1, got {shard_size}")
+    if shard_size == 1:
+        return ShardLayout(1, world, rank, 0)
+    if world == 1:
+        raise UsageError(f"a shard size of {shard_size} needs {shard_size} or a multiple of {shard_size} ranks "
+                         "under torchrun; this process runs alone")
+    if world % shard_size:
+        raise UsageError(f"a shard size of {shard_size} does not divide the {world} ranks; "
+                         "give a shard size that divides the number of ranks")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    groups = world // shard_size
+    mesh = init_device_mesh(_mesh_device_type(), (groups, shard_size), mesh_dim_names=MESH_DIMS)
+    return ShardLayout(shard_size, groups, rank // shard_size, rank % shard_size, mesh,
+                       mesh.get_group("shard"), mesh.get_group("points"))
+
+
+def _mesh_device_type() -> str:
+    import torch.distributed as dist
+
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+# ----------------------------------------------------------------------------- sharding a model
+def shard_model(model: nn.Module, layout: ShardLayout) -> nn.Module:
+    """Shard ``model`` over ``layout``'s group with FSDP2; a no-op when nothing is sharded.
+
+    Each repeated block (the classes in ``model._no_split_modules``, as transformers and accelerate
+    use them) becomes one FSDP unit, then the root takes the rest.  A block holding a parameter
+    that is also used outside it (a tied embedding) is left to the root, so the tie survives: one
+    unit manages every use.  Parameters end up as DTensors of ``Shard(0)`` on the group's mesh, on
+    the mesh's device (a CPU-loaded model moves there one block at a time), and every unit, the
+    root included, reshards after its forward, so parameters are sharded between forwards.
+    Buffers (rotary tables, position ids) are not sharded: every rank keeps them whole.
+    Returns the model.
+    """
+    if not layout.sharded:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    if any(is_sharded(p) for p in model.parameters()):
+        raise UsageError("the model is already distributed (DTensor parameters); load it unsharded")
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    shared = _ids_used_outside(model)
+    mesh = layout.shard_mesh
+    with _fsdp_errors():
+        for name, module in reversed(list(model.named_modules())):  # children before parents
+            if name and type(module).__name__ in blocks and not (_param_ids(module) & shared.get(name, set())):
+                fully_shard(module, mesh=mesh)
+        # The root too reshards after forward (FSDP2 keeps a root unsharded by default): a stage
+        # that runs forwards only would otherwise see whole, plain root parameters between them.
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    check_uniform(model)
+    return model
+
+
+def _param_ids(module):
+    return {id(p) for p in module.parameters()}
+
+
+def _ids_used_outside(model):
+    """{module name: ids of its parameters that some module outside it also holds}."""
+    holders = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(mname)
+    out = {}
+    for name, _ in model.named_modules():
+        prefix = name + "."
+        out[name] = {pid for pid, names in holders.items()
+                     if any(n == name or n.startswith(prefix) for n in names)
+                     and any(not (n == name or n.startswith(prefix)) for n in names)}
+    return out
+
+
+def check_uniform(model: nn.Module) -> None:
+    """UsageError unless the parameters are all unsharded, or all ``Shard(0)`` on one 1D mesh."""
+    meshes, kinds = set(), set()
+    for name, p in model.named_parameters():
+        kinds.add(is_sharded(p))
+        if is_sharded(p):
+            from torch.distributed.tensor import Shard
+
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                raise UsageError(f"parameter '{name}' is distributed as {tuple(p.placements)} over a "
+                                 f"{p.device_mesh.ndim}D mesh; only rows (Shard(0)) over one group are supported")
+            meshes.add(id(p.device_mesh))
+    if len(kinds) > 1 or len(meshes) > 1:
+        raise UsageError("the model's parameters are not all sharded the same way (some are whole, or over "
+                         "other groups); shard the whole model with one shard size")
+
+
+@contextlib.contextmanager
+def _fsdp_errors() -> Iterator[None]:
+    """An FSDP2 feature the backend lacks (gloo on CPU) is a one-line UsageError, not a traceback."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError, ValueError, AssertionError) as err:
+        raise UsageError(f"FSDP2 sharding failed on this backend: {str(err).strip().splitlines()[0]}") from None
+
+
+def collective_errors():
+    """Context manager for passes over a sharded model: a collective the backend does not support
+    (gloo has no reduce-scatter, so nothing may request parameter gradients) is a one-line UsageError."""
+    return _fsdp_errors()
+
+
+# ----------------------------------------------------------------------------- reading parameters
+def is_sharded(param: torch.Tensor) -> bool:
+    """True when ``param`` is a DTensor (its rows are spread over a shard group)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The rows of ``param`` this rank holds, as a plain tensor sharing their storage (writes are
+    seen by the next forward); ``param.data`` when unsharded.  Shape: (stop - start, *rest)."""
+    if is_sharded(param):
+        return param.to_local().detach()  # detached: in-place writes need no autograd view
+    return param.data
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of the whole tensor (a DTensor's global shape)."""
+    return param.shape
+
+
+def local_rows(param: torch.Tensor) -> Tuple[int, int]:
+    """[start, stop) of dim 0 of the whole tensor that this rank holds.
+
+    Unsharded: (0, shape[0]); 0-dim: (0, 1).  Sharded rows follow ``torch.chunk``: ceil(n / K)
+    rows per rank, the last ranks fewer or none (7 rows on 2 ranks: 4 + 3).
+    """
+    shape = full_shape(param)
+    if len(shape) == 0:
+        return 0, 1
+    if not is_sharded(param):
+        return 0, shape[0]
+    mesh = param.device_mesh
+    rows, size, rank = shape[0], mesh.size(), mesh.get_local_rank()
+    per_rank = -(-rows // size)
+    start = min(rank * per_rank, rows)
+    stop = min(start + per_rank, rows)
+    if param.to_local().shape[:1] != (stop - start,):
+        raise UsageError("a parameter is not row-sharded as torch.chunk splits it; shard the model with shard_model")
+    return start, stop
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered over the shard group when sharded (a collective: every rank of
+    the group calls it, in the same order), ``param.data`` otherwise.  For per-tensor work."""
+    if is_sharded(param):
+        with _fsdp_errors():
+            return param.full_tensor().detach()
+    return param.data
+
+
+def sharded_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` (this rank's rows of a tensor shaped like ``param``) as a tensor sharded like
+    ``param``: a DTensor when ``param`` is one, so ``full_tensor`` gathers it; ``local`` otherwise."""
+    if not is_sharded(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    shape = full_shape(param)
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=shape, stride=torch.empty(shape, device="meta").stride())
+
+
+def writer_of(tensor: torch.Tensor) -> bool:
+    """Whether this rank holds ``full_tensor(tensor)`` for writing: the first rank of its group."""
+    return not is_sharded(tensor) or tensor.device_mesh.get_local_rank() == 0
