@@ -3,7 +3,8 @@
 Each stage runs in a fresh child process on the same tiny sample (8 sequences x 64 tokens of the
 embedded corpus, one batch): the model alone (load, build the sample, one forward under
 ``torch.inference_mode``: the baseline), ``fisher``, ``directions`` (random, and ``--fisher F
---subset top:5``), a 2D 3x3 ``surface`` on each of those direction files, and ``hessian --top 1``
+--subset top:5``), a 2D 3x3 ``surface`` on each of those direction files (and with
+``--stream-directions`` on the random one), and ``hessian --top 1``
 (at most 10 Hessian-vector products). The peak is, on CPU, the child's peak RSS from the moment its
 model is loaded (and sharded): the child resets the kernel's high-water mark right after
 ``load_model`` and ``shard_model`` return, so the loader's own transient peak, which is the same
@@ -42,8 +43,9 @@ from pathlib import Path
 
 SAMPLE = ["--max-samples", "8", "--seq-len", "64", "--batch-size", "8"]
 GRID = ["--x=-0.1:0.1:3", "--y=-0.1:0.1:3"]
-STAGES = ("fisher", "directions", "directions-top5", "surface", "surface-top5", "hessian")
-NEEDS = {"directions-top5": "fisher", "surface": "directions", "surface-top5": "directions-top5"}
+STAGES = ("fisher", "directions", "directions-top5", "surface", "surface-top5", "surface-stream", "hessian")
+NEEDS = {"directions-top5": "fisher", "surface": "directions", "surface-top5": "directions-top5",
+         "surface-stream": "directions"}
 SAMPLED = {"fisher", "surface", "hessian"}  # subcommands that build a sample
 DTYPE_BYTES = {"float32": 4, "tf32": 4, "bfloat16": 2, "float16": 2}
 SCALES = {"8B": 8e9, "70B": 70e9}
@@ -232,6 +234,10 @@ def stage_command(stage, files):
         "surface": ("surface", ["--directions", files["directions"]] + GRID + ["--out", files["surface"]]),
         "surface-top5": ("surface", ["--directions", files["directions-top5"]] + GRID
                          + ["--out", files["surface-top5"]]),
+        # directions in host memory: on a GPU the device holds the base copy only; on CPU the
+        # host is the device, so this shows the float32 directions' host memory instead
+        "surface-stream": ("surface", ["--directions", files["directions"], "--stream-directions"] + GRID
+                           + ["--out", files["surface-stream"]]),
         "hessian": ("hessian", ["--top", "1", "--max-iter", "10", "--out", files["hessian"]]),
     }[stage]
 

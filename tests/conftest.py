@@ -211,6 +211,12 @@ def tiny_gpt2(tiny_gpt2_dir):
 
 
 @pytest.fixture
+def tiny_llama(tiny_llama_dir):
+    from landscape.models import load_model
+    return load_model(str(tiny_llama_dir))
+
+
+@pytest.fixture
 def tiny_t5(tiny_t5_dir):
     from landscape.models import load_model
     return load_model(str(tiny_t5_dir))

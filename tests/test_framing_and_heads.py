@@ -12,11 +12,6 @@ from landscape.errors import NewHeadRefused, UsageError
 from landscape.models import load_model
 
 
-@pytest.fixture
-def tiny_llama(tiny_llama_dir):
-    return load_model(str(tiny_llama_dir))
-
-
 def test_llama_style_samples_all_start_with_bos(tiny_llama, tiny_corpus_file):
     bos = tiny_llama.tokenizer.bos_token_id
     batches = load_batches(tiny_llama, str(tiny_corpus_file), max_samples=8, seq_len=16, batch_size=4)

@@ -149,3 +149,20 @@ def test_bfloat16_surface_holds_directions_in_bfloat16_and_says_so(tiny_llama_di
     np.testing.assert_array_equal(surfaces["held"].z, surfaces["exact16"].z)
     np.testing.assert_array_equal(surfaces["held"].z, S.evaluate(loaded.model, dirs16, batches, xs, ys))
 
+
+
+def test_bytes_held_beside_a_bfloat16_model(tiny_llama):
+    """Held: a bf16 base copy and two bf16 directions (6 bytes per perturbed parameter); streamed:
+    the base copy beside the model, the float32 directions in host memory."""
+    from landscape.surface.perturbation import InPlacePerturbation
+
+    model = tiny_llama.model.to(torch.bfloat16)
+    dirs, _ = D.make_directions(model, dims=2)
+    moved = sum(int(d.any()) * d.numel() for d in dirs[0].values())
+    for stream, direction_bytes in ((False, 2), (True, 4)):
+        perturbation = InPlacePerturbation(model, dirs, stream=stream)
+        base = sum(e.base.numel() * e.base.element_size() for e in perturbation.entries)
+        held = [p for e in perturbation.entries for p in e.parts]
+        assert base == 2 * moved
+        assert sum(p.numel() * p.element_size() for p in held) == 2 * direction_bytes * moved
+        assert all(p.device.type == "cpu" for p in held) or not stream

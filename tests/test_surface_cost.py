@@ -8,13 +8,7 @@ from landscape import directions, surface
 from landscape.corpus import load_batches
 from landscape.data.objectives import IGNORE_INDEX, pad_batch, sequence_losses
 from landscape.fisher import compute_fisher
-from landscape.models import load_model
 from landscape.surface.perturbation import InPlacePerturbation
-
-
-@pytest.fixture
-def tiny_llama(tiny_llama_dir):
-    return load_model(str(tiny_llama_dir))
 
 
 def _ragged_batch(loaded, tiny_corpus_file):

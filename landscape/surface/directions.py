@@ -187,11 +187,14 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
         n_selected = sum(int(m.sum()) for m in mask.values())
     if orthogonal and dims == 2:
         dirs[1] = orthogonalize(dirs[0], dirs[1])
-    settings = {"seed": int(seed), "norm": norm, "ignore": ignore, "subset": subset,
-                "mask_seed": int(seed), "mask_granularity": granularity, "orthogonal": bool(orthogonal),
-                "dims": int(dims), "n_selected": int(n_selected),
-                "n_parameters": int(sum(p.numel() for p in model.parameters()))}
-    return dirs, settings
+    return dirs, _settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, n_selected)
+
+
+def _settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, n_selected):
+    """The attributes a direction file stores about how its directions were made."""
+    return {"seed": int(seed), "norm": norm, "ignore": ignore, "subset": subset, "mask_seed": int(seed),
+            "mask_granularity": granularity, "orthogonal": bool(orthogonal), "dims": int(dims),
+            "n_selected": int(n_selected), "n_parameters": int(sum(p.numel() for p in model.parameters()))}
 
 
 def _check_request(dims, subset, fisher, precision="float32"):
@@ -247,10 +250,8 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
                             names=perturbable_names(model, ignore))
     maker = _TensorMaker(model, seed, norm, ignore, masks)
     projection = _orthogonal_projection(maker) if orthogonal and dims == 2 else None
-    attrs = {"seed": int(seed), "norm": norm, "ignore": ignore, "subset": subset, "mask_seed": int(seed),
-             "mask_granularity": granularity, "orthogonal": bool(orthogonal), "dims": int(dims),
-             "n_selected": 0, "n_parameters": int(sum(p.numel() for p in model.parameters())),
-             "precision": precision, **(settings or {})}
+    attrs = dict(_settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, 0),
+                 precision=precision, **(settings or {}))
     if fisher is not None:
         attrs["fisher_provenance"] = str(scores.metadata.get("corpus", ""))
     if masks is not None:
