@@ -1,9 +1,9 @@
 """demo: the whole pipeline on the embedded model and corpus."""
 
+from ..defaults import DemoSettings
+
 
 def register(subparsers):
-    from ..demo import DemoSettings
-
     defaults = DemoSettings()
     parser = subparsers.add_parser(
         "demo", help="the whole pipeline on the embedded model and corpus",
@@ -24,7 +24,7 @@ def register(subparsers):
 
 
 def run(args):
-    from ..demo import DemoSettings, run_demo
+    from ..demo import run_demo
     from ..models import resolve_device
 
     settings = DemoSettings(fisher_samples=args.fisher_samples, eval_samples=args.eval_samples,

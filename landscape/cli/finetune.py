@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import floats
@@ -107,10 +108,10 @@ def _outputs(args):
 
 
 def _config(args):
-    from ..guided.training import EMBEDDED_DEFAULTS, PAPER_DEFAULTS, FinetuneConfig
+    from ..guided.training import FinetuneConfig
     from ..models import resolve_device
 
-    defaults = EMBEDDED_DEFAULTS if args.model is None else PAPER_DEFAULTS
+    defaults = FINETUNE_EMBEDDED if args.model is None else FINETUNE_PAPER
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
     config = FinetuneConfig(lr=pick(args.lr, "lr"), batch_size=pick(args.batch_size, "batch_size"),
                             seq_len=pick(args.seq_len, "seq_len"), epochs=args.epochs, warmup=args.warmup,

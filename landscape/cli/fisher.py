@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import (
@@ -110,8 +111,6 @@ def run_fisher(args):
 
 # --------------------------------------------------------------------------------- stability
 def _register_stability(subparsers):
-    from ..fisher.stability import DEFAULT_FRACTIONS, DEFAULT_TOP
-
     parser = subparsers.add_parser(
         "stability", help="Fisher stability over nested corpus fractions (paper Table 1)",
         description="Estimate the Fisher from nested sub-samples of the reference sample in one pass and "
@@ -119,9 +118,9 @@ def _register_stability(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser)
-    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS),
+    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in STABILITY_FRACTIONS),
                         help="comma-separated fractions of the reference sample (default: %(default)s)")
-    parser.add_argument("--top", default=",".join(f"{k:g}" for k in DEFAULT_TOP),
+    parser.add_argument("--top", default=",".join(f"{k:g}" for k in STABILITY_TOP),
                         help="comma-separated top-k percentages (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output table (.csv)")
     _add_run_args(parser)

@@ -30,8 +30,9 @@ def register(subparsers):
                     "parameters, or of P·H·P for a Fisher subset.  Writes a JSON report and optionally the "
                     "top eigenvectors as a direction file.  Long runs keep checkpoints next to --out "
                     "(OUT.top.ckpt, OUT.trace.ckpt, OUT.spectrum.ckpt); rerunning the same command resumes.  --seed "
-                    "seeds the sample, random masks, the Lanczos start vector and the probes.  The model is not sharded: "
-                    "Hessian-vector products need all of it on one device (no --shard-size; see docs/scale.md).")
+                    "seeds the sample, random masks, the Lanczos start vector and the probes.  The model is not "
+                    "sharded: Hessian-vector products need all of it on one device (no --shard-size; see "
+                    "docs/scale.md).")
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
