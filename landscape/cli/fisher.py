@@ -114,7 +114,7 @@ def _register_stability(subparsers):
     parser = subparsers.add_parser(
         "stability", help="Fisher stability over nested corpus fractions (paper Table 1)",
         description="Estimate the Fisher from nested sub-samples of the reference sample in one pass and "
-                    "compare each with the reference: top-k%% overlap and Jaccard, Spearman, relative L1.")
+                    "compare each with the reference: top-k% overlap and Jaccard, Spearman, relative L1.")
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser)
