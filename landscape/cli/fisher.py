@@ -38,7 +38,7 @@ def _register_fisher(subparsers):
     add_overwrite_arg(parser)
     _add_run_args(parser)
     parser.add_argument("--checkpoint-every", type=float, default=60.0,
-                        help="seconds between checkpoints of the running sums (default: 60)")
+                        help="seconds between checkpoints of the running sums")
     add_shard_args(parser)
     parser.set_defaults(func=run_fisher)
 
@@ -47,7 +47,7 @@ def _add_run_args(parser):
     parser.add_argument("--max-chunk-mb", type=float, default=None,
                         help="memory for per-sample gradients at a time, in MB (default: 256, lowered to a "
                              "quarter byte per model parameter for models under 1B parameters, at least 16)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")
 
 
 def _samples(args, loaded):
@@ -119,9 +119,9 @@ def _register_stability(subparsers):
     add_new_head_arg(parser)
     add_corpus_args(parser)
     parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in STABILITY_FRACTIONS),
-                        help="comma-separated fractions of the reference sample (default: %(default)s)")
+                        help="comma-separated fractions of the reference sample")
     parser.add_argument("--top", default=",".join(f"{k:g}" for k in STABILITY_TOP),
-                        help="comma-separated top-k percentages (default: %(default)s)")
+                        help="comma-separated top-k percentages")
     parser.add_argument("--out", required=True, help="output table (.csv)")
     _add_run_args(parser)
     parser.set_defaults(func=run_stability)
