@@ -6,7 +6,7 @@ the entry points of DESIGN.md.  The code is laid out by concern (imports flow on
 command line down to the core):
 
 * core: ``errors``, ``files``, ``runtime`` (distribution, logging, precision), ``datahome``, ``hub`` (is
-  a hub name worth asking for), ``models``
+  a hub name worth asking for), ``defaults`` (shared with ``--help``, so stdlib only), ``models``
 * ``data/``: objectives, corpora, labelled sets, sub-sampling, the embedded texts and model
 * ``fisher/``: per-layer rules, the accumulator, runs, the file, stability
 * ``surface/``: directions, perturbation, evaluation, the file and its journal, sharpness

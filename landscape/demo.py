@@ -16,6 +16,7 @@ import torch
 
 from . import fisher
 from .data.corpus import load_batches
+from .defaults import DemoSettings
 from .fisher import stability as stability_stage
 from .guided import profile as profile_stage
 from .guided import schedule
@@ -25,21 +26,6 @@ from .surface import compute_surface_file, directions, parse_range, sharpness
 
 SURFACES_2D = (("all", "all"), ("top50", "top:50"), ("bottom50", "bottom:50"))
 TOP_K = (80, 50, 20, 5, 1, 0.25)
-
-
-@dataclass
-class DemoSettings:
-    """Sizes of the demo's samples and grids, chosen to finish in minutes on 2 CPU cores."""
-
-    fisher_samples: int = 2048  # packed sequences for the Fisher and the stability reference
-    stability_fractions: tuple = (0.33, 0.1, 0.05, 0.01, 0.001)
-    eval_samples: int = 32  # fixed evaluation sample of every surface
-    grid_2d: str = "-1:1:21"
-    grid_1d: str = "-1:1:41"
-    seq_len: int = 128
-    batch_size: int = 16
-    seed: int = 0
-    points_per_pass: int = 1
 
 
 def _label(spec):

@@ -12,11 +12,30 @@ from ..errors import NewHeadRefused, SettingsMismatch, UsageError
 from .commands import register_all
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, added here so that no help string repeats a value
+    the parser already holds.  A default of None or False (the option left out) has no value to show:
+    its help says what leaving it out means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "%(default)" in text or _no_default(action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _no_default(value):
+    # By identity: a default of 0 or 0.0 is a value to show, though it equals False.
+    return value is None or value is False or value is argparse.SUPPRESS
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and still exit code 2), and values such as
-    ``-1:1:21`` or ``-1e-3`` are values, not options (argparse only exempts plain negative numbers)."""
+    """argparse, but a usage error is one line (and still exit code 2), values such as ``-1:1:21`` or
+    ``-1e-3`` are values, not options (argparse only exempts plain negative numbers), and every
+    option's help shows its default."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-\d[\d.eE+:-]*$|^-\.\d[\d.eE+:-]*$")
 
@@ -30,7 +49,8 @@ def build_parser():
         description="Fisher information, loss landscapes and guided dropout for pretrained LMs.",
     )
     parser.add_argument("--version", action="version", version=f"landscape {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser,
+                                       help="a pipeline stage; `landscape COMMAND --help` lists its options")
     subparsers.required = True
     register_all(subparsers)
     return parser

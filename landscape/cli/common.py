@@ -7,8 +7,8 @@ def add_model_args(parser):
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
                        help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    group.add_argument("--dtype", default="float32", help="float32 | tf32 | bfloat16 | float16 (default: float32)")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    group.add_argument("--dtype", default="float32", help="float32 | tf32 | bfloat16 | float16")
 
 
 def add_corpus_args(parser, max_samples_default=None, batch_size_default=16):
@@ -17,21 +17,22 @@ def add_corpus_args(parser, max_samples_default=None, batch_size_default=16):
                        help="text file, JSONL file, HF dataset name or save_to_disk folder "
                             "(default: the embedded corpus)")
     group.add_argument("--fraction", type=float, default=None,
-                       help="seeded document-level fraction of the corpus to use, in (0, 1]")
+                       help="seeded document-level fraction of the corpus to use, in (0, 1] (default: all of it)")
+    no_cap = "" if max_samples_default else " (default: all that the corpus gives)"
     group.add_argument("--max-samples", type=int, default=max_samples_default,
-                       help="at most this many packed sequences")
-    group.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence (default: 128)")
-    group.add_argument("--batch-size", type=int, default=batch_size_default)
-    group.add_argument("--seed", type=int, default=0, help="seed for sub-sampling and masking (default: 0)")
+                       help=f"at most this many packed sequences{no_cap}")
+    group.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence")
+    group.add_argument("--batch-size", type=int, default=batch_size_default, help="packed sequences per forward pass")
+    group.add_argument("--seed", type=int, default=0, help="seed for sub-sampling and masking")
     group.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
-                       help="BOS token first in every sample: auto = as the model's tokenizer frames a text "
-                            "(default), yes = always, no = never")
+                       help="BOS token first in every sample: auto = as the model's tokenizer frames a text, "
+                            "yes = always, no = never")
 
 
 def add_shard_args(parser):
     parser.add_argument("--shard-size", type=int, default=1,
                         help="under torchrun, shard the model over groups of this many ranks with FSDP2 (each rank "
-                             "holds 1/K of it); the world / K groups split the work (default: 1, no sharding)")
+                             "holds 1/K of it); the world / K groups split the work; 1 = no sharding")
 
 
 def add_new_head_arg(parser):
@@ -42,7 +43,7 @@ def add_new_head_arg(parser):
 
 def add_overwrite_arg(parser):
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an --out computed with other settings")
+                        help="replace an --out computed with other settings (default: refuse)")
 
 
 def load_model_from_args(args, device=None, allow_new_head=None, layout=None):

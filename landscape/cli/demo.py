@@ -1,30 +1,30 @@
 """demo: the whole pipeline on the embedded model and corpus."""
 
+from ..defaults import DemoSettings
+
 
 def register(subparsers):
-    from ..demo import DemoSettings
-
     defaults = DemoSettings()
     parser = subparsers.add_parser(
         "demo", help="the whole pipeline on the embedded model and corpus",
         description="Fisher → stability → profile → directions → surfaces → figures → guided dropout "
                     "schedule, on the embedded model and corpus.  Stages whose files exist are kept, "
                     "so rerunning continues an interrupted demo.")
-    parser.add_argument("--out", default="landscape_demo", help="output folder (default: landscape_demo)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--out", default="landscape_demo", help="output folder")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--fisher-samples", type=int, default=defaults.fisher_samples,
-                        help=f"sequences for the Fisher and stability (default: {defaults.fisher_samples})")
+                        help="sequences for the Fisher and stability")
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
-                        help=f"sequences of the fixed surface evaluation sample (default: {defaults.eval_samples})")
-    parser.add_argument("--grid-2d", default=defaults.grid_2d, help=f"MIN:MAX:NUM (default: {defaults.grid_2d})")
-    parser.add_argument("--grid-1d", default=defaults.grid_1d, help=f"MIN:MAX:NUM (default: {defaults.grid_1d})")
+                        help="sequences of the fixed surface evaluation sample")
+    parser.add_argument("--grid-2d", default=defaults.grid_2d, help="MIN:MAX:NUM of both axes of the 2D surfaces")
+    parser.add_argument("--grid-1d", default=defaults.grid_1d, help="MIN:MAX:NUM of the 1D curves")
     parser.add_argument("--points-per-pass", type=int, default=defaults.points_per_pass,
-                        help="grid points evaluated per forward pass (more helps on a GPU)")
+                        help="grid points evaluated per forward pass; more helps on a GPU")
     parser.set_defaults(func=run)
 
 
 def run(args):
-    from ..demo import DemoSettings, run_demo
+    from ..demo import run_demo
     from ..models import resolve_device
 
     settings = DemoSettings(fisher_samples=args.fisher_samples, eval_samples=args.eval_samples,

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import floats
@@ -16,65 +17,81 @@ def register(subparsers):
                     "and a plot (stars: p < 0.05 and CI excluding 0). The per-run CSV is a journal: rerunning the "
                     "same command skips finished runs; changed settings are refused unless --overwrite. "
                     "Without --model/--dataset: the embedded model on the embedded movie-snippet sentiment set.")
-    p.add_argument("--model", default=None, help="HF model id or from_pretrained folder (default: embedded model)")
+    p.add_argument("--model", default=None,
+                   help="HF model id or from_pretrained folder (default: the embedded model)")
     p.add_argument("--dataset", default=None,
                    help="CSV/TSV/JSONL with text and label columns, or a HF dataset name/folder "
                         "(default: the embedded sentiment set)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--pair-column", default=None, help="second text column for sentence-pair tasks")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--task", default="auto", choices=["auto", "classification", "regression"])
+    p.add_argument("--text-column", default="text", help="column of the text, the first of a pair")
+    p.add_argument("--pair-column", default=None,
+                   help="second text column for sentence-pair tasks (default: single texts)")
+    p.add_argument("--label-column", default="label", help="column of the label")
+    p.add_argument("--task", default="auto", choices=["auto", "classification", "regression"],
+                   help="auto: classification for non-numeric labels or integers with at most max(20, rows/50) "
+                        "distinct values, regression otherwise")
     p.add_argument("--regularizer", default="dropout,gaussian,guided,r3f",
                    help="comma-separated: none, dropout, gaussian, guided, dropout-matched (uniform at the guided "
                         "schedule's mean p), guided-shuffled (the schedule's probabilities on a random permutation "
-                        "of its sites, a new one per restart seed), r3f, r4f, mixout, childtuning (ChildTuning-D) "
-                        "(default: dropout,gaussian,guided,r3f). guided, dropout-matched and guided-shuffled need "
-                        "--schedule or --fisher; dropout is the baseline of the paired statistics")
-    p.add_argument("--schedule", default=None, help="guided dropout schedule JSON (from `landscape schedule`)")
+                        "of its sites, a new one per restart seed), r3f, r4f, mixout, childtuning (ChildTuning-D). "
+                        "guided, dropout-matched and guided-shuffled need --schedule or --fisher; dropout is the "
+                        "baseline of the paired statistics")
+    p.add_argument("--schedule", default=None,
+                   help="guided dropout schedule JSON (from `landscape schedule`; default: made from --fisher)")
     p.add_argument("--fisher", default=None, help="pretraining Fisher file to compute the guided schedule from "
-                                                  "instead")
-    p.add_argument("--p-upper", type=float, default=0.1, help="guided schedule from --fisher: upper bound (0.1)")
-    p.add_argument("--p-lower", type=float, default=0.0, help="guided schedule from --fisher: lower bound (0.0)")
-    p.add_argument("--fractions", default="1.0", help="training-set fractions, e.g. 1,0.5,0.25,0.1 (default 1.0)")
+                                                  "instead (default: none; give it or --schedule for guided)")
+    p.add_argument("--p-upper", type=float, default=0.1, help="guided schedule from --fisher: upper bound")
+    p.add_argument("--p-lower", type=float, default=0.0, help="guided schedule from --fisher: lower bound")
+    p.add_argument("--fractions", default="1.0", help="training-set fractions, e.g. 1,0.5,0.25,0.1")
     p.add_argument("--restarts", type=int, default=5,
-                   help="restart seeds per fraction (default 5; a Wilcoxon p < 0.05 needs at least 6)")
-    p.add_argument("--seed", type=int, default=0, help="first restart seed (default 0)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/test split (default 0)")
+                   help="restart seeds per fraction; a Wilcoxon p < 0.05 needs at least 6")
+    p.add_argument("--seed", type=int, default=0, help="first restart seed")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/test split")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test share when the dataset has one split")
     p.add_argument("--max-train", type=int, default=None,
-                   help="cap on training rows at fraction 1 (embedded default 1000; otherwise all)")
-    p.add_argument("--max-test", type=int, default=None, help="cap on test rows (embedded default 1000)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper 2e-5; embedded default 5e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="paper 8; embedded default 32")
-    p.add_argument("--seq-len", type=int, default=None, help="max tokens per example (128; embedded default 64)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up share of all steps (0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.1, help="standard/Gaussian dropout probability (0.1)")
-    p.add_argument("--r3f-lambda", type=float, default=1.0)
-    p.add_argument("--r3f-sigma", type=float, default=1e-5)
-    p.add_argument("--r3f-noise", default="normal", choices=["normal", "uniform"])
+                   help=f"cap on training rows at fraction 1 {_by_model('max_train')}")
+    p.add_argument("--max-test", type=int, default=None, help=f"cap on test rows {_by_model('max_test')}")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate {_by_model('lr')}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per step {_by_model('batch_size')}")
+    p.add_argument("--seq-len", type=int, default=None, help=f"max tokens per example {_by_model('seq_len')}")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up share of all steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--dropout", type=float, default=0.1, help="standard/Gaussian dropout probability")
+    p.add_argument("--r3f-lambda", type=float, default=1.0,
+                   help="r3f/r4f: weight of the symmetric KL between the outputs on clean and on noised embeddings")
+    p.add_argument("--r3f-sigma", type=float, default=1e-5, help="r3f/r4f: scale of the embedding noise")
+    p.add_argument("--r3f-noise", default="normal", choices=["normal", "uniform"],
+                   help="r3f/r4f: distribution of the embedding noise")
     p.add_argument("--mixout-p", type=float, default=0.9,
-                   help="mixout: probability of mixing a body weight back to its pretrained value (0.9)")
+                   help="mixout: probability of mixing a body weight back to its pretrained value")
     p.add_argument("--childtuning-reserve", type=float, default=0.3,
                    help="ChildTuning-D: share of the body's elements that train, those with the highest task "
-                        "Fisher on the run's training subset (0.3)")
+                        "Fisher on the run's training subset")
     p.add_argument("--metric", default=None, help="metric to plot: accuracy|f1|mcc (classification, default "
                                                   "accuracy) or pearson|spearman (regression, default pearson)")
-    p.add_argument("--save-models", default=None, help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed>")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--save-models", default=None,
+                   help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
+                   help="CPU threads for torch; 0 = torch's choice; 1 is much faster on a busy machine")
     p.add_argument("--out", required=True,
                    help="summary CSV: per regularizer, fraction and metric the mean, IQR, and the paired "
                         "difference from dropout (diff_vs_dropout, ci_low, ci_high, p_value)")
     p.add_argument("--runs-out", default=None,
                    help="per-run CSV, also the sweep's journal (default: <out>_runs.csv)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed)")
+                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed; "
+                        "default: resume)")
     p.add_argument("--plot", default=None, help="figure (.png/.pdf/.svg; default: <out>.png)")
     p.set_defaults(func=run)
     return p
+
+
+def _by_model(key):
+    """'(default: E on the embedded model, P with --model)' for a setting that depends on the model."""
+    paper = FINETUNE_PAPER[key]
+    return (f"(default: {FINETUNE_EMBEDDED[key]} on the embedded model, "
+            f"{'all' if paper is None else paper} with --model, as in the paper)")
 
 
 def _check(args, regularizers, fractions):
@@ -107,10 +124,10 @@ def _outputs(args):
 
 
 def _config(args):
-    from ..guided.training import EMBEDDED_DEFAULTS, PAPER_DEFAULTS, FinetuneConfig
+    from ..guided.training import FinetuneConfig
     from ..models import resolve_device
 
-    defaults = EMBEDDED_DEFAULTS if args.model is None else PAPER_DEFAULTS
+    defaults = FINETUNE_EMBEDDED if args.model is None else FINETUNE_PAPER
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
     config = FinetuneConfig(lr=pick(args.lr, "lr"), batch_size=pick(args.batch_size, "batch_size"),
                             seq_len=pick(args.seq_len, "seq_len"), epochs=args.epochs, warmup=args.warmup,

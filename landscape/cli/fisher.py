@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import (
@@ -37,7 +38,7 @@ def _register_fisher(subparsers):
     add_overwrite_arg(parser)
     _add_run_args(parser)
     parser.add_argument("--checkpoint-every", type=float, default=60.0,
-                        help="seconds between checkpoints of the running sums (default: 60)")
+                        help="seconds between checkpoints of the running sums")
     add_shard_args(parser)
     parser.set_defaults(func=run_fisher)
 
@@ -46,7 +47,7 @@ def _add_run_args(parser):
     parser.add_argument("--max-chunk-mb", type=float, default=None,
                         help="memory for per-sample gradients at a time, in MB (default: 256, lowered to a "
                              "quarter byte per model parameter for models under 1B parameters, at least 16)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")
 
 
 def _samples(args, loaded):
@@ -110,19 +111,17 @@ def run_fisher(args):
 
 # --------------------------------------------------------------------------------- stability
 def _register_stability(subparsers):
-    from ..fisher.stability import DEFAULT_FRACTIONS, DEFAULT_TOP
-
     parser = subparsers.add_parser(
         "stability", help="Fisher stability over nested corpus fractions (paper Table 1)",
         description="Estimate the Fisher from nested sub-samples of the reference sample in one pass and "
-                    "compare each with the reference: top-k%% overlap and Jaccard, Spearman, relative L1.")
+                    "compare each with the reference: top-k% overlap and Jaccard, Spearman, relative L1.")
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser)
-    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS),
-                        help="comma-separated fractions of the reference sample (default: %(default)s)")
-    parser.add_argument("--top", default=",".join(f"{k:g}" for k in DEFAULT_TOP),
-                        help="comma-separated top-k percentages (default: %(default)s)")
+    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in STABILITY_FRACTIONS),
+                        help="comma-separated fractions of the reference sample")
+    parser.add_argument("--top", default=",".join(f"{k:g}" for k in STABILITY_TOP),
+                        help="comma-separated top-k percentages")
     parser.add_argument("--out", required=True, help="output table (.csv)")
     _add_run_args(parser)
     parser.set_defaults(func=run_stability)

@@ -37,25 +37,26 @@ def register(subparsers):
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
     group = parser.add_argument_group("what to compute")
-    group.add_argument("--top", type=int, default=2, help="top eigenpairs (default 2; 0 = none)")
+    group.add_argument("--top", type=int, default=2, help="top eigenpairs; 0 = none")
     group.add_argument("--trace", type=int, default=0, metavar="N",
-                       help="Hutchinson probes for the trace, e.g. 100 (default 0 = no trace)")
+                       help="Hutchinson probes for the trace, e.g. 100; 0 = no trace")
     group.add_argument("--spectrum", type=int, default=0, metavar="RUNS",
-                       help="stochastic Lanczos quadrature runs for the density, e.g. 10 (default 0 = none)")
-    group.add_argument("--steps", type=int, default=80, help="Lanczos steps per spectrum run (default 80)")
-    group.add_argument("--bins", type=int, default=200, help="histogram bins of the density (default 200)")
+                       help="stochastic Lanczos quadrature runs for the density, e.g. 10; 0 = none")
+    group.add_argument("--steps", type=int, default=80, help="Lanczos steps per spectrum run")
+    group.add_argument("--bins", type=int, default=200, help="histogram bins of the density")
     group.add_argument("--tol", type=float, default=1e-4,
-                       help="eigenpairs converge when |Hv - λv| <= tol·|λ| (default 1e-4)")
+                       help="eigenpairs converge when |Hv - λv| <= tol·|λ|")
     group.add_argument("--max-iter", type=int, default=500,
-                       help="at most this many Hessian-vector products for the eigenpairs (default 500)")
+                       help="at most this many Hessian-vector products for the eigenpairs")
     _add_mask_args(group)
     parser.add_argument("--cache-mb", type=float, default=1024.0,
-                        help="memory for the cached first-order graphs, in MB (default 1024; 0 = recompute)")
+                        help="memory for the cached first-order graphs, in MB; 0 = recompute")
     parser.add_argument("--out", required=True, help="JSON report to write (.json)")
     parser.add_argument("--vectors", default=None,
-                        help="also write the top-1/top-2 eigenvectors as a direction file (.h5) for `surface`")
+                        help="also write the top-1/top-2 eigenvectors as a direction file (.h5) for `surface` "
+                             "(default: the report only)")
     add_overwrite_arg(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")
     parser.set_defaults(func=run_hessian)
 
 
@@ -65,10 +66,10 @@ def _add_mask_args(group, ignore_default="biasbn"):
                        help="top:K | bottom:K | random:K | all: the Hessian restricted to those parameters "
                             "(P·H·P; K in percent of the perturbable elements; default: all)")
     group.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
-                       help="rank elements over the whole model (default) or inside each tensor")
+                       help="rank elements over the whole model (global) or inside each tensor (tensor)")
     group.add_argument("--ignore", choices=("biasbn", "none"), default=ignore_default,
                        help="biasbn: 1-D tensors (biases, LayerNorm) are not coordinates, as directions do not "
-                            "perturb them (default); none: every trainable element (the full Hessian)")
+                            "perturb them; none: every trainable element (the full Hessian)")
 
 
 def _check_counts(top, trace, runs, steps, bins, tol, max_iter, vectors):
@@ -190,24 +191,24 @@ def add_directions_args(parser):
         "those of `landscape surface`.  --to and --trajectory write raw parameter differences: --norm, --ignore "
         "and --fisher do not apply.")
     group.add_argument("--kind", choices=("random", "hessian"), default="random",
-                       help="random: seeded Gaussian directions (default); hessian: eigenvector axes")
+                       help="random: seeded Gaussian directions; hessian: eigenvector axes")
     group.add_argument("--to", default=None, metavar="MODEL_B",
                        help="one direction θ_B − θ_A from --model A to MODEL_B (x = 0 is A, x = 1 is B; "
-                            "--dims does not apply)")
+                            "--dims does not apply; default: random directions)")
     group.add_argument("--trajectory", nargs="+", default=None, metavar="CKPT",
                        help="checkpoints in training order (at least 4): the top-2 PCA plane relative to the "
                             "last one, which is the plane's origin; --model must be that last checkpoint "
-                            "(it is when --model is left out)")
-    group.add_argument("--corpus", default=None, help="hessian: corpus of the sample (default: embedded)")
-    group.add_argument("--max-samples", type=int, default=None, help="hessian: sequences (default 64)")
-    group.add_argument("--seq-len", type=int, default=None, help="hessian: tokens per sequence (default 128)")
-    group.add_argument("--batch-size", type=int, default=None, help="hessian: batch size (default 16)")
+                            "(it is when --model is left out; default: random directions)")
+    group.add_argument("--corpus", default=None, help="hessian: corpus of the sample (default: the embedded corpus)")
+    group.add_argument("--max-samples", type=int, default=None, help="hessian: sequences (default: 64)")
+    group.add_argument("--seq-len", type=int, default=None, help="hessian: tokens per sequence (default: 128)")
+    group.add_argument("--batch-size", type=int, default=None, help="hessian: batch size (default: 16)")
     group.add_argument("--sample-seed", type=int, default=None,
-                       help="hessian: seed of the sample, as `surface --seed` (default 0)")
+                       help="hessian: seed of the sample, as `surface --seed` (default: 0)")
     group.add_argument("--bos", choices=("auto", "yes", "no"), default=None,
-                       help="hessian: BOS framing of the samples (default auto)")
-    group.add_argument("--tol", type=float, default=None, help="hessian: eigenpair tolerance (default 1e-4)")
-    group.add_argument("--device", default=None, help="hessian: auto | cpu | cuda | cuda:N (default auto)")
+                       help="hessian: BOS framing of the samples (default: auto)")
+    group.add_argument("--tol", type=float, default=None, help="hessian: eigenpair tolerance (default: 1e-4)")
+    group.add_argument("--device", default=None, help="hessian: auto | cpu | cuda | cuda:N (default: auto)")
 
 
 _HESSIAN_ONLY = ("corpus", "max_samples", "seq_len", "batch_size", "sample_seed", "bos", "tol", "device")

@@ -20,12 +20,12 @@ def _add_style_args(parser, kinds_help):
     parser.add_argument("--out", required=True, help="output file: .html (interactive, offline), .png or .pdf")
     parser.add_argument("--kind", default="auto", help=kinds_help)
     parser.add_argument("--field", default="train_loss",
-                        help="dataset to draw: train_loss | train_acc | test_loss | test_acc (default: train_loss)")
-    parser.add_argument("--log", action="store_true", help="log scale for the values")
-    parser.add_argument("--zmin", type=float, default=None, help="clip values below this")
-    parser.add_argument("--zmax", type=float, default=None, help="clip values above this")
-    parser.add_argument("--cmap", default="viridis", help="matplotlib colour map name (default: viridis)")
-    parser.add_argument("--levels", type=int, default=20, help="contour levels (default: 20)")
+                        help="dataset to draw: train_loss | train_acc | test_loss | test_acc")
+    parser.add_argument("--log", action="store_true", help="log scale for the values (default: linear)")
+    parser.add_argument("--zmin", type=float, default=None, help="clip values below this (default: no clipping)")
+    parser.add_argument("--zmax", type=float, default=None, help="clip values above this (default: no clipping)")
+    parser.add_argument("--cmap", default="viridis", help="matplotlib colour map name")
+    parser.add_argument("--levels", type=int, default=20, help="contour levels")
     parser.add_argument("--title", default=None, help="figure title (default: from the file names)")
 
 
@@ -66,7 +66,8 @@ def _register_compare(subparsers):
                         help="radius of the quadratic fit for the curvature (default: two grid steps)")
     parser.add_argument("--hessian", default=None, metavar="H1.json,H2.json,...",
                         help="`landscape hessian` reports, one per surface in order: their top eigenvalue, trace "
-                             "and its standard error become CSV columns top_eigenvalue, trace, trace_stderr")
+                             "and its standard error become CSV columns top_eigenvalue, trace, trace_stderr "
+                             "(default: no curvature columns)")
     _add_style_args(parser, "2D: auto | surface3d | contour | contourf | heatmap (auto = surface3d); 1D: line")
     parser.set_defaults(func=_run_compare)
 

@@ -12,11 +12,11 @@ def register(subparsers):
                     "highest --p-lower (paper eq. 9-10 for --shape linear).")
     parser.add_argument("fisher", help="Fisher file (safetensors) written by `landscape fisher`")
     add_model_args(parser)
-    parser.add_argument("--p-upper", type=float, default=0.1, help="probability of the lowest-scored site (0.1)")
-    parser.add_argument("--p-lower", type=float, default=0.0, help="probability of the highest-scored site (0.0)")
+    parser.add_argument("--p-upper", type=float, default=0.1, help="probability of the lowest-scored site")
+    parser.add_argument("--p-lower", type=float, default=0.0, help="probability of the highest-scored site")
     parser.add_argument("--shape", default="linear", choices=["linear", "log", "power"],
                         help="linear in rank (paper), normalized log score, or a power of the rank")
-    parser.add_argument("--gamma", type=float, default=2.0, help="exponent of --shape power (default 2)")
+    parser.add_argument("--gamma", type=float, default=2.0, help="exponent of --shape power")
     parser.add_argument("--out", required=True, help="schedule JSON to write")
     parser.set_defaults(func=run)
     return parser

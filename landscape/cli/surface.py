@@ -33,18 +33,21 @@ def _register_directions(subparsers):
     parser.add_argument("--subset", default=None,
                         help="top:K | bottom:K | random:K | all (K in percent, (0, 100]; default: all)")
     parser.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
-                        help="rank elements over the whole model (default) or inside each tensor (paper code)")
-    parser.add_argument("--norm", choices=("filter", "layer", "none"), default="filter")
+                        help="rank elements over the whole model (global) or inside each tensor (tensor, as the "
+                             "paper's code does)")
+    parser.add_argument("--norm", choices=("filter", "layer", "none"), default="filter",
+                        help="rescale each filter (output unit) or each whole tensor of a direction to the norm of "
+                             "the same part of the weights (Li et al.), or leave the Gaussian as drawn")
     parser.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn",
-                        help="biasbn: 1-D tensors (biases, LayerNorm) are not perturbed (default)")
+                        help="biasbn: 1-D tensors (biases, LayerNorm) are not perturbed; none: every tensor is")
     parser.add_argument("--seed", type=int, default=0, help="seed of the directions and of random masks")
-    parser.add_argument("--dims", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--dims", type=int, choices=(1, 2), default=2,
+                        help="number of directions: 1 for a 1D curve, 2 for a 2D surface")
     parser.add_argument("--orthogonalize", action="store_true",
-                        help="make the second direction orthogonal to the first")
+                        help="make the second direction orthogonal to the first (default: two independent draws)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="load the weights in this dtype and round the directions to it: a bfloat16 model's "
-                             "surface then holds exactly these values, and the file is about half the size "
-                             "(default: float32)")
+                             "surface then holds exactly these values, and the file is about half the size")
     parser.add_argument("--out", required=True, help="direction file to write (.h5)")
     add_shard_args(parser)
     add_new_head_arg(parser)
@@ -103,14 +106,15 @@ def _register_surface(subparsers):
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
     parser.add_argument("--directions", required=True, help="direction file from `landscape directions`")
-    parser.add_argument("--x", default="-1:1:21", help="MIN:MAX:NUM along the first direction (default -1:1:21)")
+    parser.add_argument("--x", default="-1:1:21", help="MIN:MAX:NUM along the first direction")
     parser.add_argument("--y", default=None,
-                        help="MIN:MAX:NUM along the second direction (default -1:1:21 for a 2-direction file)")
-    parser.add_argument("--one-d", action="store_true", help="only the x direction of a 2-direction file")
+                        help="MIN:MAX:NUM along the second direction (default: -1:1:21 for a 2-direction file)")
+    parser.add_argument("--one-d", action="store_true",
+                        help="only the x direction of a 2-direction file (default: both directions)")
     parser.add_argument("--points-per-pass", type=int, default=1,
-                        help="grid points per vmapped forward pass (helps on GPUs; default 1)")
+                        help="grid points per vmapped forward pass; more helps on a GPU")
     parser.add_argument("--flush-seconds", type=float, default=2.0,
-                        help="rewrite the HDF5 file at most this often (every point is journaled at once)")
+                        help="seconds between rewrites of the HDF5 file; every point is journaled at once")
     parser.add_argument("--stream-directions", action="store_true",
                         help="keep the directions in host memory in float32 and copy them to the device per tensor "
                              "at each point: the device holds only the model and one copy of it (default: the "

@@ -18,12 +18,12 @@ import math
 import numpy as np
 import torch
 
+from ..defaults import STABILITY_FRACTIONS as DEFAULT_FRACTIONS
+from ..defaults import STABILITY_TOP as DEFAULT_TOP
 from ..errors import UsageError
 from ..files import write_csv as write_rows
 from .run import nested_fisher
 
-DEFAULT_FRACTIONS = (0.33, 0.1, 0.05, 0.01, 0.001)
-DEFAULT_TOP = (5.0, 1.0, 0.5, 0.25)
 SPEARMAN_MAX_ELEMENTS = 10_000_000
 
 

@@ -92,14 +92,6 @@ class FinetuneConfig:
     device: str = "cpu"
 
 
-# The embedded model is a 4-layer, hidden-128 BERT trained from scratch on a small corpus: at the
-# paper's lr 2e-5 its randomly initialised head barely moves in a few hundred steps, so it gets a
-# from-scratch-sized learning rate, larger batches, short sequences (movie snippets average ~19 words)
-# and a capped training set so a full data-paucity sweep fits in minutes on two CPU cores.
-EMBEDDED_DEFAULTS = {"lr": 5e-4, "batch_size": 32, "seq_len": 64, "max_train": 1000, "max_test": 1000}
-PAPER_DEFAULTS = {"lr": 2e-5, "batch_size": 8, "seq_len": 128, "max_train": None, "max_test": None}
-
-
 # ---------------------------------------------------------------- model and batches
 
 def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
