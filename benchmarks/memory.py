@@ -10,7 +10,8 @@ model is loaded (and sharded): the child resets the kernel's high-water mark rig
 ``load_model`` and ``shard_model`` return, so the loader's own transient peak, which is the same
 for every stage and can hide what a lean stage adds, is not counted (the reset also lowers what
 ``os.wait4`` reports, so a checkout measured with this script before and after a change is
-compared the same way); on a GPU it is
+compared the same way), with glibc returning freed buffers of 1 MiB or more to the system
+(``MALLOC_MMAP_THRESHOLD_``; see ``Runner``); on a GPU it is
 ``torch.cuda.max_memory_allocated()``. A stage's cost is (its peak - the baseline's peak) /
 parameters, for each dtype; a stage whose subcommand has no ``--dtype`` runs in float32 and is
 marked ``*``. Then, per stage, the extrapolation to 8B and 70B parameters: GiB = (bytes of the
@@ -165,7 +166,12 @@ class Runner:
 
     def __init__(self, args, work):
         self.work, self.nproc, self.shard_size = work, args.nproc, args.shard_size or args.nproc
-        self.env = dict(os.environ, OMP_NUM_THREADS="1",
+        # glibc keeps freed blocks in per-thread heaps (arenas) and reuses them poorly across threads:
+        # measured here, a sharded forward's all-gather buffers, freed block after block, grew the
+        # RSS by the whole model although none was alive.  A fixed mmap threshold returns every
+        # buffer of 1 MiB or more to the system when it is freed, so RSS shows what is alive (the
+        # CUDA allocator's figures on a GPU need no such help).
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="1048576",
                         PYTHONPATH=os.pathsep.join(filter(None, [args.repo, os.environ.get("PYTHONPATH")])))
         self.helps = {}
 

@@ -237,3 +237,17 @@ def sharded_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def writer_of(tensor: torch.Tensor) -> bool:
     """Whether this rank holds ``full_tensor(tensor)`` for writing: the first rank of its group."""
     return not is_sharded(tensor) or tensor.device_mesh.get_local_rank() == 0
+
+
+def point_groups(model: nn.Module) -> Tuple[int, int, bool]:
+    """(this rank's point group, number of groups, whether it reports the group's results).
+
+    Unsharded, every rank is a group of its own.  A model sharded over groups of K ranks
+    (``sharding.shard_model``) is evaluated by each group together: its K ranks run the same
+    points (each forward is a collective over the group), and the first of them reports."""
+    rank, world = rank_and_world()
+    sharded = next((p for p in model.parameters() if is_sharded(p)), None)
+    if sharded is None:
+        return rank, world, True
+    size = sharded.device_mesh.size()
+    return rank // size, world // size, sharded.device_mesh.get_local_rank() == 0

@@ -116,9 +116,9 @@ def _register_surface(subparsers):
     parser.add_argument("--flush-seconds", type=float, default=2.0,
                         help="seconds between rewrites of the HDF5 file; every point is journaled at once")
     parser.add_argument("--stream-directions", action="store_true",
-                        help="keep the directions in host memory in float32 and copy them to the device per tensor "
-                             "at each point: the device holds only the model and one copy of it (default: the "
-                             "directions are held on the device in the model's dtype)")
+                        help="keep the directions in host memory in float32 and copy them to the device at each "
+                             "point: beside the model the device holds only a copy of its perturbed weights "
+                             "(default: the directions are held on the device in the model's dtype)")
     add_shard_args(parser)
     add_overwrite_arg(parser)
     parser.add_argument("--out", required=True, help="surface file to write or resume (.h5)")

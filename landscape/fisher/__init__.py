@@ -8,7 +8,8 @@ Modules: ``rules`` (per-layer per-sample gradient rules, registered by module ty
 ``file`` (the safetensors file), ``stability`` (top-k overlap across sub-samples).
 """
 
-from .accumulator import DEFAULT_CHUNK_MB, FisherAccumulator
+from .accumulator import FisherAccumulator
+from .budget import DEFAULT_CHUNK_MB
 from .file import (
            DEFINITION,
            check_existing_fisher,

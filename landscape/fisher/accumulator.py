@@ -12,7 +12,7 @@ per-sample gradients from a vmapped backward.
 Memory is bounded by chunking over samples and, for a tensor whose per-sample gradient alone
 exceeds the budget (a tied 49152 x 576 output embedding), over row blocks of it: at most
 ``max_chunk_mb`` of per-sample gradients exist at once.  The default budget is a fraction of the
-model's size (``default_chunk_mb``), so the sums (4 bytes per parameter) dominate the memory.
+model's size (``budget.default_chunk_mb``), so the sums (4 bytes per parameter) dominate the memory.
 
 Under a sharded model (``landscape.sharding``: FSDP2, parameters as row-sharded DTensors) every
 rank of a shard group runs the same batch and keeps sums only for its own rows of each parameter
@@ -29,47 +29,15 @@ from ..errors import UsageError
 from ..models import model_kind
 from ..runtime import all_reduce_sum
 from ..sharding import is_sharded, local_rows
+from .budget import (
+    activation_bytes,
+    chunk_and_block,
+    default_chunk_mb,
+    default_pass_mb,
+    row_numel,
+    samples_per_pass,
+)
 from .rules import kept_tokens, rule_for
-
-DEFAULT_CHUNK_MB = 256
-# The default budget is at most this many bytes per parameter of the model (and at least
-# MIN_CHUNK_MB): above the sums' 4 bytes, per-sample gradients stay a small share of the peak.
-CHUNK_BYTES_PER_PARAM = 0.25
-MIN_CHUNK_MB = 16
-# Activations of one forward and backward (estimated by ``_bytes_per_token``) get at most this
-# many bytes per parameter (at least MIN_PASS_MB): tiny models always run whole batches.
-PASS_BYTES_PER_PARAM = 0.5
-MIN_PASS_MB = 64
-
-
-def default_chunk_mb(model) -> float:
-    """The default per-sample gradient budget of ``model``, in MB: DEFAULT_CHUNK_MB, lowered to
-    CHUNK_BYTES_PER_PARAM bytes per parameter for large models, never below MIN_CHUNK_MB."""
-    params = sum(p.numel() for p in model.parameters())
-    return max(MIN_CHUNK_MB, min(DEFAULT_CHUNK_MB, CHUNK_BYTES_PER_PARAM * params / 2**20))
-
-
-def default_pass_mb(model) -> float:
-    """Activation budget of one forward and backward of ``model``, in MB: PASS_BYTES_PER_PARAM
-    bytes per parameter, at least MIN_PASS_MB."""
-    params = sum(p.numel() for p in model.parameters())
-    return max(MIN_PASS_MB, PASS_BYTES_PER_PARAM * params / 2**20)
-
-
-def _bytes_per_token(model, kind, hooked):
-    """Rough activation bytes per token of a Fisher pass: each hooked module's input, kept once by
-    the hook and about once more by autograd, and for LMs the float32 logits, log-probabilities
-    and their gradient over the vocabulary."""
-    width = 0
-    for module, rule, _ in hooked.values():
-        if not rule.input_is_index:
-            weight = getattr(module, "weight", None)
-            width += getattr(module, "in_features", None) or (weight.shape[0] if weight is not None else 0)
-    size = next(model.parameters()).element_size()
-    decoder = model.get_output_embeddings() if kind in ("mlm", "causal", "seq2seq") else None
-    vocab = decoder.weight.shape[0] if decoder is not None and getattr(decoder, "weight", None) is not None else 0
-    return 2 * size * width + 12 * vocab
-
 
 # --------------------------------------------------------------------------------------------
 # Which modules get exact per-sample gradients from hooks, and for which of their parameters.
@@ -136,7 +104,7 @@ class FisherAccumulator:
             max_chunk_mb = default_chunk_mb(model)
         self.chunk_elements = max(1, int(max_chunk_mb * 2**20 // 4))
         self.pass_bytes = int(default_pass_mb(model) * 2**20)
-        self._token_bytes = None
+        self._costs = None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.sharded = any(is_sharded(p) for p in self.params.values())
         self.rows = {n: local_rows(p) for n, p in self.params.items()}
@@ -206,13 +174,11 @@ class FisherAccumulator:
         self.counts += weights.sum(0).to("cpu", torch.float64)
 
     def _samples_per_pass(self, batch):
-        """Samples per forward and backward: the whole batch unless its activations would exceed
-        the pass budget (a large model's batch then runs in slices of samples, whose per-sample
-        gradients are the same)."""
-        size, length = batch["labels"].shape[:2]
-        if self._token_bytes is None:
-            self._token_bytes = _bytes_per_token(self.model, self.kind, self.hooked)
-        return max(1, min(size, self.pass_bytes // max(1, length * self._token_bytes)))
+        """The whole batch, or slices of samples when its activations would exceed the pass budget
+        (per-sample gradients do not depend on which samples share a pass)."""
+        if self._costs is None:
+            self._costs = activation_bytes(self.model, self.kind, self.hooked)
+        return samples_per_pass(batch["labels"], self._costs, self.pass_bytes)
 
     def _add_rows(self, batch, weights):
         unsupported = set()
@@ -358,7 +324,7 @@ class FisherAccumulator:
         if last <= first:
             return  # a shard with no rows of this parameter
         size = self._batch_size
-        chunk, block = _chunk_and_block(size, last - first, _row_numel(param), self.chunk_elements)
+        chunk, block = chunk_and_block(size, last - first, row_numel(param), self.chunk_elements)
         whole = (first, last) == (0, param.shape[0]) and block >= last - first
         # Embedding rows go last: they are added into the dense per-sample gradient in place.
         uses = sorted(uses, key=lambda u: u[1].input_is_index)
@@ -468,17 +434,3 @@ def _local_shape(param, rows):
     if param.dim() == 0:
         return ()
     return (rows[1] - rows[0], *param.shape[1:])
-
-
-def _row_numel(param):
-    """Elements in one row (dim 0 slice) of ``param``."""
-    return max(1, param.numel() // max(1, param.shape[0])) if param.dim() else 1
-
-
-def _chunk_and_block(size, rows, row_numel, budget):
-    """(samples per chunk, rows per block) so that chunk x block x row_numel <= budget elements where
-    possible: whole tensors while one sample's gradient fits, else one sample and row blocks."""
-    numel = rows * row_numel
-    if numel <= budget:
-        return max(1, budget // numel), rows
-    return 1, max(1, budget // row_numel)

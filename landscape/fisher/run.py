@@ -39,7 +39,7 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
         on Ctrl-C, and a later call with the same path and ``fingerprint`` resumes after the batches
         already done (so pass the same batches in the same order).  The caller removes the file.
     max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default that scales with
-        the model, ``fisher.accumulator.default_chunk_mb``).
+        the model, ``fisher.budget.default_chunk_mb``).
     layout: for a model sharded with ``sharding.shard_model``: every rank of a shard group passes
         the same batches (its group's samples); sums are reduced over ``layout.point_group``.
     Returns {param name: float32 tensor shaped like the param} for every parameter with

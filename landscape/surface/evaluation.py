@@ -15,7 +15,7 @@ from ..data.objectives import sequence_losses
 from ..errors import UsageError
 from ..models import model_kind
 from ..runtime import gather_all, rank_and_world
-from ..sharding import is_sharded, local_tensor
+from ..sharding import is_sharded, local_tensor, point_groups
 from .perturbation import InPlacePerturbation
 
 Batch = Dict[str, torch.Tensor]  # a batch dict, or a direction {param name: tensor}
@@ -61,20 +61,6 @@ def _check_directions(model, directions):
                 has = "no entry" if got is None else f"shape {got}"
                 raise UsageError(f"direction {axis + 1} does not match the model: '{name}' has {has}, the model's "
                                  f"parameter {want}; was it made for another model?")
-
-
-def point_groups(model: torch.nn.Module) -> Tuple[int, int, bool]:
-    """(this rank's point group, number of groups, whether it reports the group's results).
-
-    Unsharded, every rank is a group of its own.  A model sharded over groups of K ranks
-    (``sharding.shard_model``) is evaluated by each group together: its K ranks run the same
-    points (each forward is a collective over the group), and the first of them reports."""
-    rank, world = rank_and_world()
-    sharded = next((p for p in model.parameters() if is_sharded(p)), None)
-    if sharded is None:
-        return rank, world, True
-    size = sharded.device_mesh.size()
-    return rank // size, world // size, sharded.device_mesh.get_local_rank() == 0
 
 
 def loss_and_accuracy(model: torch.nn.Module, batches: List[Batch], kind: Optional[str] = None) -> Tuple[float, float]:

@@ -1,0 +1,72 @@
+"""How much memory a Fisher pass may use: per-sample gradients at a time, and activations.
+
+The running sums are 4 bytes per parameter and cannot shrink; everything else is bounded so that
+it stays a small share beside them on a large model, while a small model still runs whole batches
+and whole tensors (there, the bounds' floors apply and memory is no concern).
+"""
+
+import torch
+
+DEFAULT_CHUNK_MB = 256
+# Per-sample gradients: DEFAULT_CHUNK_MB, lowered to this many bytes per parameter for models
+# under about 1B parameters, but never below MIN_CHUNK_MB.
+CHUNK_BYTES_PER_PARAM = 0.25
+MIN_CHUNK_MB = 64
+# Activations of one forward and backward: this many bytes per parameter, at least MIN_PASS_MB
+# (which keeps the embedded model's benchmark batches whole).
+PASS_BYTES_PER_PARAM = 0.5
+MIN_PASS_MB = 192
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_chunk_mb(model) -> float:
+    """The default per-sample gradient budget of ``model``, in MB (see the constants above)."""
+    return max(MIN_CHUNK_MB, min(DEFAULT_CHUNK_MB, CHUNK_BYTES_PER_PARAM * _parameters(model) / 2**20))
+
+
+def default_pass_mb(model) -> float:
+    """The activation budget of one forward and backward of ``model``, in MB."""
+    return max(MIN_PASS_MB, PASS_BYTES_PER_PARAM * _parameters(model) / 2**20)
+
+
+def activation_bytes(model, kind, hooked) -> tuple:
+    """Rough activation bytes of a Fisher pass: (per token, per target token).
+
+    Per token, each hooked module's input, kept once by the hook and about once more by autograd;
+    per target token (the rows language models project onto the vocabulary), the float32 logits,
+    log-probabilities and their gradient."""
+    width = 0
+    for module, rule, _ in hooked.values():
+        if not rule.input_is_index:
+            weight = getattr(module, "weight", None)
+            width += getattr(module, "in_features", None) or (weight.shape[0] if weight is not None else 0)
+    size = next(model.parameters()).element_size()
+    decoder = model.get_output_embeddings() if kind in ("mlm", "causal", "seq2seq") else None
+    vocab = decoder.weight.shape[0] if decoder is not None and getattr(decoder, "weight", None) is not None else 0
+    return 2 * size * width, 12 * vocab
+
+
+def samples_per_pass(labels: torch.Tensor, costs: tuple, budget_bytes: int) -> int:
+    """Samples per forward and backward: the whole batch unless its activations would exceed the
+    budget.  labels: (B, T) with -100 where nothing is predicted; costs: ``activation_bytes``."""
+    size, length = labels.shape[:2]
+    targets = int((labels != -100).sum()) / max(1, size)
+    per_sample = length * costs[0] + targets * costs[1]
+    return max(1, min(size, int(budget_bytes // max(1.0, per_sample))))
+
+
+def row_numel(param) -> int:
+    """Elements in one row (dim 0 slice) of ``param``."""
+    return max(1, param.numel() // max(1, param.shape[0])) if param.dim() else 1
+
+
+def chunk_and_block(size, rows, row_numel, budget):
+    """(samples per chunk, rows per block) so that chunk x block x row_numel <= budget elements where
+    possible: whole tensors while one sample's gradient fits, else one sample and row blocks."""
+    numel = rows * row_numel
+    if numel <= budget:
+        return max(1, budget // numel), rows
+    return 1, max(1, budget // row_numel)
