@@ -178,7 +178,7 @@ class FisherAccumulator:
         (per-sample gradients do not depend on which samples share a pass)."""
         if self._costs is None:
             self._costs = activation_bytes(self.model, self.kind, self.hooked)
-        return samples_per_pass(batch["labels"], self._costs, self.pass_bytes)
+        return samples_per_pass(batch, self._costs, self.pass_bytes)
 
     def _add_rows(self, batch, weights):
         unsupported = set()

@@ -49,10 +49,13 @@ def activation_bytes(model, kind, hooked) -> tuple:
     return 2 * size * width, 12 * vocab
 
 
-def samples_per_pass(labels: torch.Tensor, costs: tuple, budget_bytes: int) -> int:
+def samples_per_pass(batch: dict, costs: tuple, budget_bytes: int) -> int:
     """Samples per forward and backward: the whole batch unless its activations would exceed the
-    budget.  labels: (B, T) with -100 where nothing is predicted; costs: ``activation_bytes``."""
-    size, length = labels.shape[:2]
+    budget.  batch: (B, T) tensors with ``labels`` (-100 where nothing is predicted; a
+    classifier's labels are (B,)); costs: ``activation_bytes``."""
+    labels = batch["labels"]
+    size = labels.shape[0]
+    length = max((v.shape[1] for v in batch.values() if torch.is_tensor(v) and v.dim() >= 2), default=1)
     targets = int((labels != -100).sum()) / max(1, size)
     per_sample = length * costs[0] + targets * costs[1]
     return max(1, min(size, int(budget_bytes // max(1.0, per_sample))))
