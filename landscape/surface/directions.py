@@ -241,7 +241,6 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         settings and the ``fingerprint``.
     """
     _check_request(dims, subset, fisher, precision)
-    params = dict(model.named_parameters())
     masks = None
     if fisher is not None:
         scores = ScoreSource(fisher)
@@ -257,7 +256,7 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
     if masks is not None:
         attrs["n_selected"] = int(sum(int(m.sum()) for m in masks.values()))
     rank, _ = rank_and_world()
-    names = sorted(params)
+    names = sorted(maker.params)
     bar = tqdm(total=dims * len(names), desc="directions", unit="tensor", disable=not progress or rank != 0,
                leave=False)
     with bar, (DirectionWriter(path, attrs) if rank == 0 else _NoWriter()) as writer:
@@ -310,7 +309,10 @@ class _TensorMaker:
 
 def _orthogonal_projection(maker: _TensorMaker):
     """name -> the second direction's tensor made orthogonal to the first, as ``orthogonalize``
-    does over whole directions (the same sums, in the same order, so the same numbers)."""
+    does over whole directions (the same sums, in the same order, so the same numbers).
+
+    Tensors are generated again for each pass (the sums, the new norm, the output) instead of
+    being kept: that costs time on the host, and keeping them would cost two whole directions."""
     names = list(maker.params)  # the order orthogonalize sums in: named_parameters()
     dot = xx = yy = 0.0
     for name in names:
