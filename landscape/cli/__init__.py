@@ -66,12 +66,15 @@ def _message(err: UsageError, args) -> str:
 
 
 def main(argv=None):
-    from ..runtime import leave_torchrun, quiet_transformers
+    from ..runtime import barrier, leave_torchrun, quiet_transformers
 
     args = build_parser().parse_args(argv)
     quiet_transformers()
     try:
         result = args.func(args)
+        # Ranks leave together: one that tears its group down while rank 0 still writes the output
+        # can abort rank 0 (seen with gloo: "terminate called without an active exception").
+        barrier()
     except UsageError as err:
         print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
         return 2
