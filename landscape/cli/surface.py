@@ -105,6 +105,11 @@ def _register_surface(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
+    parser.add_argument("--eval-corpus", default=None,
+                        help="a held-out corpus (the forms --corpus takes), sampled with the same --fraction, "
+                             "--max-samples, --seq-len, --seed and --bos: its loss and token accuracy at every point "
+                             "are written as test_loss and test_acc, in the same pass over the grid (default: "
+                             "train_loss and train_acc only)")
     parser.add_argument("--directions", required=True, help="direction file from `landscape directions`")
     parser.add_argument("--x", default="-1:1:21", help="MIN:MAX:NUM along the first direction")
     parser.add_argument("--y", default=None,
@@ -142,24 +147,39 @@ def run_surface(args):
     if not args.one_d and ys is None and directions.count_directions(args.directions) == 2:
         ys = parse_range("-1:1:21")
     check_grid_size(xs, ys)  # before anything heavy is loaded
+    _check_eval_corpus(args.eval_corpus)
     device, _, _ = join_torchrun(args.device)
     layout = shard_layout(args.shard_size)
     loaded = load_model_from_args(args, device=device, layout=layout)
-    batches = load_batches(loaded, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
-                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, bos=args.bos)
+    sampling = dict(fraction=args.fraction, max_samples=args.max_samples, seq_len=args.seq_len,
+                    batch_size=args.batch_size, seed=args.seed, bos=args.bos)
+    batches = load_batches(loaded, corpus=args.corpus, **sampling)
+    eval_batches = load_batches(loaded, corpus=args.eval_corpus, **sampling) if args.eval_corpus else None
     settings = {"model": model_id(loaded), "corpus": str(args.corpus or "embedded"),
                 "fraction": args.fraction, "max_samples": args.max_samples, "seq_len": args.seq_len,
                 "corpus_seed": args.seed, "precision": str(args.dtype).lower(),
                 "framing": describe_framing(loaded.tokenizer, args.bos)}
+    if args.eval_corpus:
+        settings["eval_corpus"] = str(args.eval_corpus)
     info = {"batch_size": args.batch_size, "device": str(next(loaded.model.parameters()).device),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "points_per_pass": args.points_per_pass,
             "shard_size": args.shard_size}
     result = compute_surface_file(out, loaded.model, args.directions, batches, xs, ys, settings=settings,
                                   overwrite=args.overwrite, points_per_pass=args.points_per_pass,
-                                  flush_seconds=args.flush_seconds, info=info, stream=args.stream_directions)
+                                  flush_seconds=args.flush_seconds, info=info, stream=args.stream_directions,
+                                  eval_batches=eval_batches)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {result['path']}: {result['computed']} point(s) computed now, {result['total']} in the grid")
     return 0
+
+
+def _check_eval_corpus(corpus):
+    """A held-out corpus named as a hub dataset that the hub cannot provide is refused before the
+    model is loaded for nothing (``--corpus`` is checked the same way)."""
+    from ..data.hf_datasets import check_hub_name, is_hub_name
+
+    if corpus is not None and is_hub_name(corpus):
+        check_hub_name(corpus)
 
 
 def _grid(text, axis):

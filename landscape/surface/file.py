@@ -37,6 +37,7 @@ from ..models import model_kind
 
 FORMAT = "landscape-surface"
 FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
+TRAIN_FIELDS, TEST_FIELDS = FIELDS[:2], FIELDS[2:]  # test_*: on the held-out sample of ``--eval-corpus``
 JOURNAL_MAGIC = "landscape-surface-journal/2"
 MAX_POINTS = 10_000_000  # 160 MB of float64 loss and accuracy in memory; beyond that, refuse
 
@@ -191,8 +192,11 @@ def _refuse(path, old, new):
     raise SettingsMismatch(f"'{path}' was computed with other settings ({detail})")
 
 
-def surface_identity(directions_attrs, batches, model, xs, ys, settings=None):
-    """Everything that changes the numbers of a surface; a resumed file must match it exactly."""
+def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, eval_batches=None):
+    """Everything that changes the numbers of a surface; a resumed file must match it exactly.
+
+    eval_batches: the held-out sample of ``test_loss``/``test_acc``, identified like ``batches``.
+    """
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     identity = {
@@ -209,6 +213,10 @@ def surface_identity(directions_attrs, batches, model, xs, ys, settings=None):
                 "fisher", "model"):
         if key in directions_attrs:
             identity[f"dir_{key}"] = directions_attrs[key]
+    if eval_batches is not None:
+        identity.update(eval_sample_fingerprint=sample_fingerprint(eval_batches),
+                        eval_n_samples=int(sum(b["labels"].shape[0] for b in eval_batches)),
+                        eval_n_target_tokens=sum(int((b["labels"] != -100).sum()) for b in eval_batches))
     identity.update(settings or {})
     return _canonical(identity)
 
@@ -254,26 +262,29 @@ def journal_path(path) -> Path:
     return Path(str(path) + ".journal")
 
 
-def _record(index: int, loss: float, acc: float) -> bytes:
-    body = f"{index} {float(loss).hex()} {float(acc).hex()}"
+def _record(index: int, *values: float) -> bytes:
+    """One journal line: the point's flat index, then its values (loss, acc[, test loss, test acc])."""
+    body = " ".join([str(index)] + [float(v).hex() for v in values])
     return f"{body} {zlib.crc32(body.encode()):08x}\n".encode()
 
 
-def _parse_record(line: bytes):
-    """(index, loss, acc) of a whole, intact record line (without its newline), else None."""
+def _parse_record(line: bytes, count: int = 2):
+    """(index, values) of a whole, intact record line (without its newline) of ``count`` values, else None."""
     try:
         text = line.decode("ascii")
         body, _, crc = text.rpartition(" ")
         if int(crc, 16) != zlib.crc32(body.encode()) or len(crc) != 8:
             return None
-        index, loss, acc = body.split(" ")
-        return int(index), float.fromhex(loss), float.fromhex(acc)
-    except ValueError:  # not ASCII, not hex, wrong field count
+        index, *values = body.split(" ")
+        if len(values) != count:
+            return None
+        return int(index), tuple(float.fromhex(v) for v in values)
+    except ValueError:  # not ASCII, not hex
         return None
 
 
-def read_journal(path, identity, loss, acc):
-    """Apply a journal's intact records to the flat loss/acc arrays.
+def read_journal(path, identity, *arrays):
+    """Apply a journal's intact records to the flat arrays of the surface's fields (loss, acc, ...).
 
     Returns (whether it has this run's header, byte offset where intact records end).  Reading
     stops at the first torn or corrupted record: everything after it is cut off by the writer, so a
@@ -294,18 +305,22 @@ def read_journal(path, identity, loss, acc):
     end = len(header) + 1
     while True:
         line, newline, after = rest.partition(b"\n")
-        parsed = _parse_record(line) if newline else None
-        if parsed is None or not 0 <= parsed[0] < loss.size:
+        parsed = _parse_record(line, len(arrays)) if newline else None
+        if parsed is None or not 0 <= parsed[0] < arrays[0].size:
             return True, end
-        loss[parsed[0]], acc[parsed[0]] = parsed[1], parsed[2]
+        for array, value in zip(arrays, parsed[1]):
+            array[parsed[0]] = value
         end += len(line) + 1
         rest = after
 
 
 # ----------------------------------------------------------------------------- writing
-def write_surface(path, xs, ys, loss, acc, attrs):
-    """Write a surface file atomically (contract layout, with ``checksums``); attrs: scalars and strings."""
-    data = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": loss, "train_acc": acc}
+def write_surface(path, xs, ys, loss, acc, attrs, extra=None):
+    """Write a surface file atomically (contract layout, with ``checksums``); attrs: scalars and strings.
+
+    extra: more fields shaped like ``loss``, {name: values} (``test_loss``, ``test_acc``).
+    """
+    data = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": loss, "train_acc": acc, **(extra or {})}
     data = {name: np.asarray(values, dtype=np.float64) for name, values in data.items() if values is not None}
     with atomic_output(path) as tmp:
         # Through a Python file object: a failed write (full disk) is a clean OSError, where HDF5's
@@ -318,16 +333,16 @@ def write_surface(path, xs, ys, loss, acc, attrs):
             handle.attrs["checksums"] = json.dumps({name: _crc(values) for name, values in data.items()})
 
 
-def _read_surface_state(path, identity, shape):
-    """Loss/acc arrays from an existing surface file with the same settings (else UsageError)."""
+def _read_surface_state(path, identity, shape, fields=TRAIN_FIELDS):
+    """The arrays of ``fields`` from an existing surface file with the same settings (else UsageError)."""
     try:
         with h5py.File(path, "r") as handle:
             stored = handle.attrs.get("identity")
             if stored is None or "train_loss" not in handle:
                 raise SettingsMismatch(f"'{path}' exists but is not a landscape surface file")
-            names = [n for n in ("xcoordinates", "ycoordinates", "train_loss", "train_acc") if n in handle]
+            names = [n for n in ("xcoordinates", "ycoordinates", *fields) if n in handle]
             values = _verified(handle, path, names)
-            loss, acc = values["train_loss"], values["train_acc"]
+            arrays = [values[name] for name in fields]
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise SettingsMismatch(f"'{path}' exists but cannot be read as a surface file "
                                f"({_first_line(err)})") from None
@@ -339,9 +354,9 @@ def _read_surface_state(path, identity, shape):
         raise SettingsMismatch(f"'{path}' has a damaged 'identity' attribute (not JSON)")
     if old != identity:
         _refuse(path, old, identity)
-    if loss.shape != shape:
-        raise SettingsMismatch(f"'{path}' has a {loss.shape} grid, this run {shape}")
-    return loss.astype(np.float64), acc.astype(np.float64)
+    if arrays[0].shape != shape:
+        raise SettingsMismatch(f"'{path}' has a {arrays[0].shape} grid, this run {shape}")
+    return [a.astype(np.float64) for a in arrays]
 
 
 def _clean_partials(path):
@@ -362,12 +377,14 @@ class SurfaceFile:
     """Rank 0's side of a resumable surface file: journal per point, atomic HDF5 every few seconds.
 
     ``missing()`` lists the points still to compute; ``record`` journals finished points at once;
-    ``close(complete)`` writes the file and, when complete, removes the journal.
+    ``close(complete)`` writes the file and, when complete, removes the journal.  fields: the
+    datasets computed at each point, in the order of each result's values (``TRAIN_FIELDS``, or
+    ``FIELDS`` with a held-out sample's ``test_loss`` and ``test_acc``).
     """
 
-    def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0):
+    def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0, fields=TRAIN_FIELDS):
         check_grid_size(xs, ys)
-        self.path, self.xs, self.ys = Path(path), xs, ys
+        self.path, self.xs, self.ys, self.fields = Path(path), xs, ys, tuple(fields)
         self.identity, self.attrs, self.flush_seconds = identity, attrs, flush_seconds
         self.shape = (len(xs),) if ys is None else (len(ys), len(xs))
         if self.path.is_dir():
@@ -397,12 +414,20 @@ class SurfaceFile:
         if overwrite:
             self.path.unlink(missing_ok=True)
             self.journal.truncate(0)
-        self.loss = np.full(self.shape, np.nan)
-        self.acc = np.full(self.shape, np.nan)
+        arrays = [np.full(self.shape, np.nan) for _ in self.fields]
         if self.path.exists():
-            self.loss, self.acc = _read_surface_state(self.path, self.identity, self.shape)
-        has_header, end = read_journal(self.path, self.identity, self.loss.reshape(-1), self.acc.reshape(-1))
+            arrays = _read_surface_state(self.path, self.identity, self.shape, self.fields)
+        self.data = dict(zip(self.fields, arrays))
+        has_header, end = read_journal(self.path, self.identity, *(a.reshape(-1) for a in arrays))
         self._write_journal(lambda: self._reset_journal(has_header, end))
+
+    @property
+    def loss(self):
+        return self.data["train_loss"]
+
+    @property
+    def acc(self):
+        return self.data["train_acc"]
 
     def _reset_journal(self, has_header, end):
         # Cut a torn or corrupted tail before anything is appended after it.
@@ -420,20 +445,26 @@ class SurfaceFile:
                              "the points it holds are kept: free space and rerun to resume") from None
 
     def missing(self):
-        """Flat (row-major) indices of points not computed yet."""
-        return np.flatnonzero(np.isnan(self.loss.reshape(-1))).tolist()
+        """Flat (row-major) indices of points not computed yet (in any of the fields)."""
+        pending = np.zeros(self.loss.size, dtype=bool)
+        for values in self.data.values():
+            pending |= np.isnan(values.reshape(-1))
+        return np.flatnonzero(pending).tolist()
 
     def record(self, results):
-        """results: (flat index, loss, acc) triples; journaled at once, HDF5 rewritten by time.
+        """results: (flat index, *values) with one value per field (loss, acc[, test loss, test acc]);
+        journaled at once, HDF5 rewritten by time.
 
         A loss that is not finite (the model diverged there) is stored as +inf: computed, never NaN.
         """
-        results = [(i, _diverged_as_inf(loss), acc) for i, loss, acc in results]
+        results = [(i, *(_diverged_as_inf(v) if name.endswith("_loss") else v for name, v in zip(self.fields, values)))
+                   for i, *values in results]
         data = b"".join(_record(*result) for result in results)
         # write + flush puts the records in the OS page cache: they survive a SIGKILL of this process.
         self._write_journal(lambda: (self.journal.write(data), self.journal.flush()))
-        for i, loss, acc in results:
-            self.loss.reshape(-1)[i], self.acc.reshape(-1)[i] = loss, acc
+        for i, *values in results:
+            for name, value in zip(self.fields, values):
+                self.data[name].reshape(-1)[i] = value
         if time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
@@ -441,7 +472,8 @@ class SurfaceFile:
         done = int((~np.isnan(self.loss)).sum())
         attrs = dict(self.attrs, points_done=done, points_total=int(self.loss.size))
         try:
-            write_surface(self.path, self.xs, self.ys, self.loss, self.acc, attrs)
+            write_surface(self.path, self.xs, self.ys, self.loss, self.acc, attrs,
+                          extra={name: self.data[name] for name in self.fields if name not in TRAIN_FIELDS})
         except UsageError as err:  # a full disk, a file-size limit: the journal still holds every point
             raise UsageError(f"{err}; the {done} finished point(s) are kept in the journal "
                              f"'{journal_path(self.path)}' and the last '{self.path.name}' written: "

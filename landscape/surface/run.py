@@ -10,7 +10,7 @@ from ..runtime import broadcast_from_rank0, rank_and_world
 from ..sharding import is_sharded, local_rows, local_tensor
 from .directions import load_directions
 from .evaluation import evaluate_rounds, grid_points
-from .file import SurfaceFile, _scalar_attrs, check_grid_size, surface_identity
+from .file import FIELDS, TRAIN_FIELDS, SurfaceFile, _scalar_attrs, check_grid_size, surface_identity
 from .perturbation import direction_dtype
 
 
@@ -30,7 +30,8 @@ def load_directions_for(model, dir_file, axes=2, stream=False):
 
 
 def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=None, overwrite=False,
-                         points_per_pass=1, progress=True, flush_seconds=2.0, info=None, stream=False):
+                         points_per_pass=1, progress=True, flush_seconds=2.0, info=None, stream=False,
+                         eval_batches=None):
     """Compute (or resume) a surface file: loss and accuracy at every grid point not yet in ``out``.
 
     model: in eval mode on its device (or sharded, ``sharding.shard_model``); dir_file: a direction
@@ -41,8 +42,10 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     stream: keep the directions in host memory in float32 (see ``InPlacePerturbation``); by
     default they are held on the model's device in its dtype, and the file records that dtype
     (``direction_dtype``) when it is not float32.  Under torch.distributed, points are split over
-    ranks (over groups of ranks for a sharded model) and rank 0 writes.  Returns {'path',
-    'computed', 'total'}.
+    ranks (over groups of ranks for a sharded model) and rank 0 writes.  eval_batches: a held-out
+    sample; its loss and accuracy at every point, in the same pass over the grid, become
+    ``test_loss`` and ``test_acc`` (as the original loss-landscape code writes them), and its
+    fingerprint is part of the file's identity.  Returns {'path', 'computed', 'total'}.
     """
     check_grid_size(xs, ys)
     directions, dir_attrs, held = load_directions_for(model, dir_file, 1 if ys is None else 2, stream)
@@ -50,14 +53,15 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
         raise UsageError(f"'{dir_file}' holds one direction; a 2D surface needs a file with two")
     if held != torch.float32:  # the directions are rounded to it: part of what the numbers are
         settings = dict(settings or {}, direction_dtype=str(held).replace("torch.", ""))
-    identity = surface_identity(dir_attrs, batches, model, xs, ys, settings)
+    identity = surface_identity(dir_attrs, batches, model, xs, ys, settings, eval_batches)
     attrs = dict(_scalar_attrs(identity), identity=json.dumps(identity, sort_keys=True),
                  dir_file=str(dir_file), **{k: v for k, v in (info or {}).items() if v is not None})
     rank, _ = rank_and_world()
     surface_file, todo = None, None
     if rank == 0:
         try:
-            surface_file = SurfaceFile(out, xs, ys, identity, attrs, overwrite, flush_seconds)
+            surface_file = SurfaceFile(out, xs, ys, identity, attrs, overwrite, flush_seconds,
+                                       fields=TRAIN_FIELDS if eval_batches is None else FIELDS)
             todo = surface_file.missing()
         except UsageError as err:
             todo = err
@@ -68,7 +72,8 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     complete = False
     try:
         evaluate_rounds(model, directions, batches, points, todo, points_per_pass, progress,
-                        surface_file.record if surface_file is not None else None, stream=stream)
+                        surface_file.record if surface_file is not None else None, stream=stream,
+                        eval_batches=eval_batches)
         complete = True
     finally:
         if surface_file is not None:
