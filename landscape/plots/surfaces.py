@@ -318,6 +318,10 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
     if kind == "surface3d":
         mappable = ax.plot_surface(X, Y, masked, cmap=cmap, norm=norm, linewidth=0, antialiased=True)
         ax.set_zlim(*zrange)  # the colour bar names the value; a z label would collide with it
+        from matplotlib.ticker import MaxNLocator
+
+        for axis in (ax.xaxis, ax.yaxis):  # a 3D box's tick labels crowd one another beyond a few
+            axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
     elif kind == "heatmap":
         mappable = ax.pcolormesh(surface.x, surface.y, masked, cmap=cmap, norm=norm, shading="nearest")
     else:
