@@ -16,7 +16,7 @@ import torch
 
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
-from .runtime import transformers_silenced
+from .runtime import resolve_device, transformers_silenced
 
 OBJECTIVE_KINDS = ("mlm", "causal", "seq2seq", "classification")
 
@@ -46,19 +46,6 @@ def parse_dtype(name):
         return _DTYPES[str(name).lower()]
     except KeyError:
         raise UsageError(f"unknown dtype '{name}'; use float32, bfloat16 or float16") from None
-
-
-def resolve_device(name="auto"):
-    """'auto' picks CUDA when available, else CPU."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device '{name}' was asked for but no CUDA GPU is available; use the CPU")
-    return device
 
 
 def kind_from_config(config):

@@ -69,7 +69,7 @@ def test_embedded_model_beats_the_unigram_baseline_on_heldout_text():
     below that of the train split's unigram distribution (add-one smoothed), as the card says."""
     from landscape.corpus import load_batches, load_documents
     from landscape.data.objectives import IGNORE_INDEX, sequence_losses
-    from landscape.datahome import embedded_text
+    from landscape.data.embedded_text import embedded_text
 
     loaded = load_model(None)
     batches = load_batches(loaded, corpus=str(embedded_text('heldout')), max_samples=64, batch_size=16)

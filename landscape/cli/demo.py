@@ -25,7 +25,7 @@ def register(subparsers):
 
 def run(args):
     from ..demo import run_demo
-    from ..models import resolve_device
+    from ..runtime import resolve_device
 
     settings = DemoSettings(fisher_samples=args.fisher_samples, eval_samples=args.eval_samples,
                             grid_2d=args.grid_2d, grid_1d=args.grid_1d, points_per_pass=args.points_per_pass)

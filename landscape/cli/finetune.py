@@ -125,7 +125,7 @@ def _outputs(args):
 
 def _config(args):
     from ..guided.training import FinetuneConfig
-    from ..models import resolve_device
+    from ..runtime import resolve_device
 
     defaults = FINETUNE_EMBEDDED if args.model is None else FINETUNE_PAPER
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731

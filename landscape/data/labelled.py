@@ -143,7 +143,7 @@ def load_labelled(spec=None, text_column="text", label_column="label", pair_colu
     regression for non-integer labels.
     """
     if spec is None:
-        from ..datahome import embedded_text
+        from .embedded_text import embedded_text
 
         spec = str(embedded_text("sentiment"))
     spec = str(spec)
