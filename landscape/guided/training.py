@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .. import checks
 from ..data.labelled import LabelledData, encode, labelled_batch
 from ..data.objectives import pad_token_id
 from ..datahome import EMBEDDED_MODEL_DIR
@@ -90,6 +91,20 @@ class FinetuneConfig:
     mixout_p: float = 0.9  # mixout's mixing probability (the reference's GLUE setting)
     childtuning_reserve: float = 0.3  # ChildTuning-D: share of the body's elements that train
     device: str = "cpu"
+
+    def __post_init__(self):
+        # Checked here, so a bad value is refused before a run rather than surfacing as NaN weights.
+        for name, domain in _CONFIG_DOMAINS.items():
+            setattr(self, name, domain.check(getattr(self, name), name))
+        if self.r3f_noise not in ("normal", "uniform"):
+            raise UsageError(f"r3f_noise must be normal or uniform, got {self.r3f_noise!r}")
+
+
+_CONFIG_DOMAINS = {"lr": checks.POSITIVE, "weight_decay": checks.NON_NEGATIVE, "warmup": checks.PROBABILITY,
+                   "epochs": checks.POSITIVE_INT, "batch_size": checks.POSITIVE_INT, "seq_len": checks.SEQ_LEN,
+                   "eval_batch_size": checks.POSITIVE_INT, "dropout": checks.BELOW_ONE,
+                   "r3f_lambda": checks.NON_NEGATIVE, "r3f_sigma": checks.POSITIVE, "mixout_p": checks.BELOW_ONE,
+                   "childtuning_reserve": checks.FRACTION}
 
 
 # ---------------------------------------------------------------- model and batches
