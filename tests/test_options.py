@@ -187,3 +187,27 @@ def test_options_keep_their_defaults_through_the_types():
     args = SUBCOMMANDS["surface"].parse_args(["--directions", "d.h5", "--out", "s.h5"])
     assert args.x == "-1:1:21" and args.y is None and args.seed == 0 and args.seq_len == 128
     assert isinstance(opts.RANGE("-2:2:5"), str) and opts.FRACTIONS("1,0.5") == "1,0.5"
+
+
+def test_the_api_refuses_instead_of_falling_back(tiny_bert, tiny_corpus_file, write_surface, tmp_path):
+    import numpy as np
+
+    from landscape import corpus, directions, fisher, surface
+    from landscape.fisher.accumulator import FisherAccumulator
+    from landscape.surface import sharpness
+    from landscape.surface.file import SurfaceFile, read_surface
+
+    model = tiny_bert.model
+    batches = corpus.load_batches(tiny_bert, str(tiny_corpus_file), max_samples=2, seq_len=16, batch_size=2)
+    with pytest.raises(UsageError, match="points_per_pass"):  # once silently taken as 1
+        surface.evaluate(model, [directions.random_direction(model, seed=0)], batches, [0.0, 1.0], points_per_pass=0)
+    with pytest.raises(UsageError, match="checkpoint_every"):  # NaN would never be due
+        fisher.compute_fisher(model, batches, checkpoint=tmp_path / "c", checkpoint_every=math.nan)
+    with pytest.raises(UsageError, match="max_chunk_mb"):  # 0 was one element per chunk
+        FisherAccumulator(model, max_chunk_mb=0)
+    with pytest.raises(UsageError, match="flush_seconds"):
+        SurfaceFile(tmp_path / "s.h5", np.linspace(-1, 1, 3), None, {}, {}, flush_seconds=math.nan)
+    bowl = read_surface(write_surface("bowl.h5", lambda x: x**2))
+    with pytest.raises(UsageError, match="radius"):  # NaN compared as no point and wrote a figure
+        sharpness.summarize(bowl, radius=math.nan)
+    assert list(tmp_path.glob("c*")) == [] and not (tmp_path / "s.h5").exists()

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
 from ..runtime import all_reduce_sum
@@ -47,6 +48,8 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
     sharded model the values are DTensors sharded like the parameters (``sharding.full_tensor``
     gathers one; ``save_fisher`` writes them tensor by tensor).
     """
+    # NaN would never be due: the sums would silently go unsaved.
+    checkpoint_every = checks.non_negative_float(checkpoint_every, "checkpoint_every")
     accumulator = FisherAccumulator(model, 1, kind, max_chunk_mb)
     shard_group = layout.shard_group if layout is not None and layout.sharded else None
     with collective_errors() if shard_group is not None else contextlib.nullcontext():

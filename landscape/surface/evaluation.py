@@ -123,7 +123,7 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
     _check_directions(model, directions)
     kind = kind or model_kind(model)
     group, groups, reports = point_groups(model)
-    step = max(1, int(points_per_pass))
+    step = checks.positive_int(points_per_pass, "points_per_pass")  # 0 is refused, not taken as 1
     if step > 1 and any(is_sharded(p) for p in model.parameters()):
         raise UsageError("several points per pass need the whole model on each rank; a sharded model "
                          "evaluates one point per pass")

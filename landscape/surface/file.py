@@ -31,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .. import checks
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
 from ..models import model_kind
@@ -367,6 +368,7 @@ class SurfaceFile:
 
     def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0):
         check_grid_size(xs, ys)
+        checks.non_negative_float(flush_seconds, "flush_seconds")  # NaN: the file would never be rewritten
         self.path, self.xs, self.ys = Path(path), xs, ys
         self.identity, self.attrs, self.flush_seconds = identity, attrs, flush_seconds
         self.shape = (len(xs),) if ys is None else (len(ys), len(xs))
