@@ -6,7 +6,8 @@ here raises errors in the library's terms (no command-line flags).
 
 The report (JSON, ``FORMAT``): ``settings`` (everything that changes the numbers, as given by the
 caller), ``provenance`` (sample fingerprint, sizes, versions, attention used), ``loss`` at the
-weights, ``eigenvalues`` (descending) with their relative residuals, ``trace`` {mean, stderr,
+weights, ``eigenvalues`` (descending) with their relative residuals (measured: one more product per
+returned vector; ``estimated_residuals`` are Lanczos' own), ``trace`` {mean, stderr,
 samples}, ``spectrum`` (histogram edges, centers, density and the quadrature nodes/weights),
 ``vectors`` (the direction file and its fingerprint), ``seconds`` per stage.  Units: the loss is
 nats per target token; eigenvalues, trace and spectrum are nats/token per (unit of parameter)².
@@ -207,7 +208,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
 
 
 def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, vector_settings):
-    identity = _identity(op, "top", common["seed"], k=k, tol=tol, max_iter=max_iter)
+    identity = _identity(op, "top", common["seed"], k=k, tol=tol, max_iter=max_iter, residuals="measured")
     journal = _Journal(journal_path, identity) if journal_path is not None else None
     record = journal.records.get(0) if journal else None
     want_file = vectors is not None
@@ -220,7 +221,8 @@ def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, ve
         values, vecs, lanczos = top_eigenpairs(model, batches, k=k, tol=tol, max_iter=max_iter,
                                                return_info=True, **common)
         values = [float(v) for v in values]
-        info = {"products": lanczos.products, "residuals": lanczos.residuals, "converged": lanczos.converged}
+        info = {"products": lanczos.products, "residuals": lanczos.residuals, "converged": lanczos.converged,
+                "estimated_residuals": lanczos.estimated}
         fingerprint = save_eigenvectors(vectors, vecs, values, vector_settings) if want_file else None
         if journal:
             journal.add(0, values=values, info=info, fingerprint=fingerprint)
