@@ -99,7 +99,8 @@ class Schema:
         """A list (or nested lists, ``ndim``) of numbers as a float64 array: finite (NaN only with
         ``allow_nan``), ``length`` long when given, each at least ``minimum``, strictly increasing."""
         try:
-            if isinstance(value, (str, bytes, dict)) or any(isinstance(v, (bool, str)) for v in _flat(value)):
+            if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, str)) or v is None
+                                                            for v in _flat(value)):
                 raise TypeError
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
