@@ -216,6 +216,45 @@ def test_a_trace_journal_of_garbage_or_with_a_damaged_record_is_one_line(tiny_be
         assert str(journal) in str(refused.value) and words in str(refused.value)
 
 
+# ============================================================================= directions, surfaces, schedules
+def test_integer_directions_and_non_finite_coordinates_and_bad_schedules_are_one_line(tiny_bert, tmp_path):
+    import h5py
+    import numpy as np
+
+    from landscape import directions as D
+    from landscape.guided import schedule
+    from landscape.surface.file import read_surface
+
+    dirs, settings = D.make_directions(tiny_bert.model, dims=1, seed=0)
+    path = tmp_path / "d.h5"
+    D.save_directions(path, dirs, settings)
+    with h5py.File(path, "r+") as handle:
+        name = sorted(handle["xdirection"])[0]
+        values = np.asarray(handle["xdirection"][name][()])
+        del handle["xdirection"][name]
+        handle["xdirection"][name] = np.zeros(values.shape, dtype=np.int32)
+    with pytest.raises(UsageError, match=f"'xdirection/{name}' is of dtype int32, not a float dataset"):
+        D.load_directions(path)
+    surface = tmp_path / "s.h5"
+    with h5py.File(surface, "w") as handle:
+        handle["xcoordinates"] = np.array([-1.0, 0.0, np.inf])
+        handle["train_loss"] = np.ones(3)
+    with pytest.raises(UsageError, match="'xcoordinates' .* non-finite"):
+        read_surface(surface)
+    schedule.save_schedule(schedule.uniform(tiny_bert.model, 0.1), tmp_path / "good.json")
+    good = json.loads((tmp_path / "good.json").read_text())
+    for edit, words in ((lambda d: d["sites"][0].update(p=float("nan")), r"'sites\[0\].p' is NaN"),
+                        (lambda d: d["sites"][1].update(p=1.5), r"'sites\[1\].p' is 1.5, not below 1"),
+                        (lambda d: d["sites"][0].pop("name"), r"no 'sites\[0\].name'"),
+                        (lambda d: d.update(sites={}), "'sites' is not a list"),
+                        (lambda d: d.update(format="landscape-hessian"), "is not a schedule file")):
+        data = json.loads(json.dumps(good))
+        edit(data)
+        (tmp_path / "s.json").write_text(json.dumps(data))
+        with pytest.raises(UsageError, match=words):
+            schedule.load_schedule(tmp_path / "s.json")
+
+
 # ============================================================================= the sweep's journal
 def test_a_sweep_journal_cell_edited_to_nan_is_one_line(tiny_bert_dir, labelled, tmp_path, capfd):
     from landscape.guided.sweep import run_columns
