@@ -145,6 +145,32 @@ def test_an_integer_or_foreign_fisher_is_refused_by_directions(tiny_bert, tiny_b
                 "--out", tmp_path / "d.h5")[0] == 0
 
 
+def test_a_damaged_fisher_checkpoint_is_refused_on_resume(tiny_bert, tiny_corpus_file, tmp_path):
+    from safetensors import safe_open
+
+    from landscape.corpus import load_batches
+    from landscape.fisher import compute_fisher
+
+    batches = load_batches(tiny_bert, tiny_corpus_file, max_samples=4, seq_len=16, batch_size=2)
+    path = tmp_path / "F.ckpt"
+    clean = compute_fisher(tiny_bert.model, batches, checkpoint=path, checkpoint_every=0.0, fingerprint="x")
+    resumed = compute_fisher(tiny_bert.model, batches, checkpoint=path, fingerprint="x")  # every batch done
+    assert all(torch.equal(clean[n], resumed[n]) for n in clean)
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    name = sorted(k for k in state if k.startswith("sum/"))[0]
+    for edit, words in ((lambda s, m: s[name].view(-1).__setitem__(0, float("nan")), "non-finite"),
+                        (lambda s, m: s.update({name: s[name][..., :1].contiguous()}), "of shape"),
+                        (lambda s, m: m.update(samples_done="four"), "not a count")):
+        tensors, header = dict(state), dict(meta)
+        tensors[name] = state[name].clone()
+        edit(tensors, header)
+        save_file(tensors, str(path), metadata=header)
+        with pytest.raises(UsageError, match=f"Fisher checkpoint .*{words}.*delete it to start over"):
+            compute_fisher(tiny_bert.model, batches, checkpoint=path, fingerprint="x")
+
+
 # ============================================================================= Hessian reports and journals
 @pytest.fixture(scope="module")
 def report_file(tiny_bert_dir, tiny_corpus_file, tmp_path_factory):
