@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 
 from .. import checks
 from ..data.labelled import LabelledData, encode, labelled_batch
 from ..data.objectives import pad_token_id
 from ..datahome import EMBEDDED_MODEL_DIR
 from ..errors import UsageError
+from ..models import check_finite_weights, check_tokenizer_files, check_weight_files
 from ..runtime import transformers_silenced
 from . import regularizers as regs
 from . import schedule as sched
@@ -116,15 +118,18 @@ def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
     source = str(EMBEDDED_MODEL_DIR) if spec is None else str(spec)
     num_labels = 1 if data.task == "regression" else len(data.label_names)
     problem = "regression" if data.task == "regression" else "single_label_classification"
+    check_weight_files(source)
     try:
         # The "newly initialized head" report is expected here: the head is new by design.
         with transformers_silenced():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
                                                                        problem_type=problem)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         reason = str(err).splitlines()[0]
         raise UsageError(f"cannot load model '{source}' for sequence classification: {reason}") from None
+    check_tokenizer_files(source, tokenizer)
+    check_finite_weights(model, source)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id(tokenizer)
     if data.task == "classification":

@@ -132,6 +132,8 @@ def _verified(f, path, names):
 
 def _coordinates(values, path, name):
     values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise UsageError(f"'{name}' in '{path}' holds non-finite values; is it a surface file?")
     if values.ndim != 1 or len(values) < 2:
         raise UsageError(f"'{name}' in '{path}' must be a 1-D array of at least 2 points, got shape {values.shape}")
     if not np.all(np.diff(values) > 0):
