@@ -145,6 +145,19 @@ def test_an_integer_or_foreign_fisher_is_refused_by_directions(tiny_bert, tiny_b
                 "--out", tmp_path / "d.h5")[0] == 0
 
 
+
+def test_a_fisher_file_from_before_the_format_key_still_reads(tiny_bert, tmp_path):
+    from landscape.fisher import load_fisher
+    from landscape.fisher.file import DEFINITION
+
+    params = dict(tiny_bert.model.named_parameters())
+    old = tmp_path / "old.safetensors"
+    save_file({n: torch.rand_like(p) for n, p in params.items()}, str(old),
+              metadata={"definition": DEFINITION, "model": "m", "samples": "8"})
+    scores, meta = load_fisher(old)
+    assert set(scores) == set(params) and "format" not in meta
+
+
 def test_a_damaged_fisher_checkpoint_is_refused_on_resume(tiny_bert, tiny_corpus_file, tmp_path):
     from safetensors import safe_open
 

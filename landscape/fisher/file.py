@@ -85,9 +85,15 @@ def _schema(path) -> Schema:
 def check_fisher_header(metadata: dict, path) -> None:
     """DamagedFile unless the header metadata says this is a Fisher file (``format``): a file of
     model weights has tensors of the same names and shapes, but they are not Fisher scores."""
-    if metadata.get("format") != FORMAT:
-        found = f"format {metadata['format']!r}" if "format" in metadata else "no format"
-        _schema(path).fail(f"is not a Fisher file (its header has {found}, not {FORMAT!r})")
+    if metadata.get("format") == FORMAT or _written_before_format(metadata):
+        return
+    found = f"format {metadata['format']!r}" if "format" in metadata else "no format"
+    _schema(path).fail(f"is not a Fisher file (its header has {found}, not {FORMAT!r})")
+
+
+def _written_before_format(metadata: dict) -> bool:
+    # Files from before the ``format`` key carry the definition they were computed by; they stay readable.
+    return "format" not in metadata and str(metadata.get("definition", "")).startswith("diagonal empirical Fisher")
 
 
 def check_fisher_tensor(name: str, tensor, path="the Fisher") -> None:
