@@ -3,7 +3,8 @@
 * The embedded model ships inside the package (``landscape/data/model``), so a wheel works from
   any folder.
 * The embedded corpus and sentiment set are third-party text, never shipped: they are extracted
-  on first use into the *data home*, ``LANDSCAPE_DATA`` or ``~/.cache/landscape``.
+  on first use into the *data home*, ``LANDSCAPE_DATA`` or ``~/.cache/landscape``
+  (``data.embedded_text.embedded_text`` extracts them; this module only says where).
 """
 
 import os
@@ -15,10 +16,3 @@ EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "data" / "model"
 def data_home() -> Path:
     """The folder that holds extracted texts and built checkpoints (read at call time)."""
     return Path(os.environ.get("LANDSCAPE_DATA") or Path.home() / ".cache" / "landscape").expanduser()
-
-
-def embedded_text(which: str) -> Path:
-    """Path of an embedded text ('train', 'heldout' or 'sentiment'), extracted on first use."""
-    from .data.embedded_text import ensure_embedded_text
-
-    return ensure_embedded_text(data_home())[which]

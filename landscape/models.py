@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
-from .runtime import transformers_silenced
+from .runtime import resolve_device, transformers_silenced
 
 OBJECTIVE_KINDS = ("mlm", "causal", "seq2seq", "classification")
 
@@ -46,19 +47,6 @@ def parse_dtype(name):
         return _DTYPES[str(name).lower()]
     except KeyError:
         raise UsageError(f"unknown dtype '{name}'; use float32, bfloat16 or float16") from None
-
-
-def resolve_device(name="auto"):
-    """'auto' picks CUDA when available, else CPU."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device '{name}' was asked for but no CUDA GPU is available; use the CPU")
-    return device
 
 
 def kind_from_config(config):
@@ -178,6 +166,7 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
 
     config = _load_config(spec_str)
     kind = kind_from_config(config)
+    check_weight_files(spec_str)
     head = {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM,
             "seq2seq": AutoModelForSeq2SeqLM, "classification": AutoModelForSequenceClassification}[kind]
     try:
@@ -191,15 +180,60 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
         raise UsageError(f"cannot load model '{spec_str}': its pickled weights (pytorch_model.bin) cannot be loaded "
                          "safely (they hold more than tensors); convert them to safetensors in a trusted "
                          "environment, or use a safetensors copy of the model") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise UsageError(f"cannot load model '{spec_str}': {str(err).splitlines()[0]}") from None
+    check_tokenizer_files(spec_str, tokenizer)
     new = new_parameters(loading_info)
     if new and not allow_new_head:
         _refuse_new_head(spec_str, kind, new)
     model.to(device=resolve_device(device) if isinstance(device, str) else device,
              dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     model.eval()
+    check_finite_weights(model, spec_str)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=spec_str)
+
+
+def check_weight_files(folder) -> None:
+    """DamagedFile unless every safetensors file of a local model folder has a readable header whose
+    tensors cover the file (a truncated or overwritten weights file); reads headers only."""
+    from safetensors import safe_open
+
+    from .schema import Schema
+
+    path = Path(folder)
+    if not path.is_dir():
+        return  # a hub id: transformers reads its cached files
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            Schema("model weights", weights, "the file is truncated or damaged: copy or download the model "
+                   "again").fail(f"cannot be read ({str(err).splitlines()[0]})")
+
+
+def check_tokenizer_files(folder, tokenizer) -> None:
+    """UsageError when a local model folder has none of its tokenizer's files: transformers then
+    builds a tokenizer of special tokens alone, which maps every word to the unknown token."""
+    path = Path(folder)
+    if not path.is_dir():
+        return
+    names = {"tokenizer.json", *(getattr(tokenizer, "vocab_files_names", None) or {}).values()}
+    if not any((path / name).is_file() for name in names):
+        raise UsageError(f"model folder '{folder}' has no tokenizer (none of {', '.join(sorted(names))}); "
+                         "save the tokenizer with the model (tokenizer.save_pretrained)")
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """UsageError naming the first parameter with a NaN or an infinity (in the dtype it was loaded
+    in): every loss, gradient and Fisher of such a model is NaN or meaningless."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.numel():
+            low, high = torch.aminmax(param.detach())
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                dtype = str(param.dtype).replace("torch.", "")
+                raise UsageError(f"model '{source}' has non-finite weights (in '{name}', {dtype}); "
+                                 "use an intact checkpoint")
 
 
 def check_tensors_match(tensors, model, what: str, trainable_only: bool = False, allow_extra: bool = False) -> None:

@@ -8,6 +8,8 @@ import contextlib
 import os
 from typing import Any, Iterator, List, Tuple
 
+from .errors import UsageError
+
 
 # ----------------------------------------------------------------------------- distribution
 def _group_active() -> bool:
@@ -36,8 +38,6 @@ def join_torchrun(device: Any = "auto") -> Tuple[Any, int, int]:
         return device, 0, 1
     import torch
     import torch.distributed as dist
-
-    from .models import resolve_device
 
     if resolve_device(device).type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -144,3 +144,28 @@ def apply_precision(precision: str) -> None:
 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def resolve_device(name="auto"):
+    """The torch device for a device name.
+
+    Args:
+        name: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'.
+
+    Returns:
+        torch.device.
+
+    Raises:
+        UsageError: an unknown name, or CUDA asked for where none is available.
+    """
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device '{name}' was asked for but no CUDA GPU is available; use the CPU")
+    return device

@@ -61,8 +61,8 @@ def test_bad_inputs_end_in_one_line_and_leave_no_output(tmp_path, tiny_bert_dir,
         (["--model", unknown_arch_dir], "unknown architecture"),
         (["--model", tiny_bert_dir, "--corpus", empty_corpus, "--seq-len", 32], "contains no text"),
         (["--model", tiny_bert_dir, "--corpus", tmp_path / "nowhere.txt", "--seq-len", 32], "does not exist"),
-        (["--model", tiny_bert_dir, "--fraction", 1.5, "--seq-len", 32], "fraction must be in (0, 1]"),
-        (["--model", tiny_bert_dir, "--fraction", 0, "--seq-len", 32], "fraction must be in (0, 1]"),
+        (["--model", tiny_bert_dir, "--fraction", 1.5, "--seq-len", 32], "--fraction: must be a number in (0, 1]"),
+        (["--model", tiny_bert_dir, "--fraction", 0, "--seq-len", 32], "--fraction: must be a number in (0, 1]"),
     ]
     for args, needle in cases:
         _assert_one_line_error(run_cli("fisher", *args, "--out", out, cwd=tmp_path), needle)

@@ -269,6 +269,55 @@ def test_slq_density_integrates_to_one_with_the_trace_as_mean(tiny):
     assert abs(spec.mean() - spec.ritz_mean) <= widths[0]
 
 
+def test_reported_numbers_are_what_the_dense_hessian_gives(tiny, tmp_path):
+    """The report's residuals, trace standard error and spectrum, each checked against the dense H."""
+    from landscape.curvature.lanczos import _generator, _random_unit
+
+    model, batches, H, offsets = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = C.hessian_report(model, batches, top=2, trace_samples=60, spectrum_runs=4, steps=12, bins=80,
+                                  seed=0, vectors=tmp_path / "v.h5")
+    dim = H.shape[0]
+    # Residuals: measured by a product on the returned vector, as the dense H measures them (within
+    # the float32 product's own error), not Lanczos' estimate (here 50 to 100 times smaller).
+    vectors, _ = load_directions(tmp_path / "v.h5")
+    for value, vector, got in zip(report["eigenvalues"], vectors, report["eigenpairs"]["residuals"]):
+        v = _flat(vector, offsets)
+        dense = float(torch.linalg.norm(H @ v - value * v)) / abs(value)
+        assert dense / 3 <= got <= 3 * dense, (got, dense)
+    assert report["eigenpairs"]["products"] >= 2 + len(report["eigenvalues"])
+    # Trace: a Rademacher probe's variance is 2(‖H‖_F² − Σ H_ii²); the reported standard error is
+    # the sample estimate of sqrt(that / n), within 30% for n = 60.
+    trace = report["trace"]
+    exact_sd = math.sqrt(2 * (float((H ** 2).sum()) - float((H.diagonal() ** 2).sum())) / trace["samples"])
+    assert 0.7 * exact_sd <= trace["stderr"] <= 1.3 * exact_sd
+    assert abs(trace["mean"] - float(H.trace())) <= 4 * trace["stderr"]
+    assert trace["per_coordinate"] == pytest.approx(trace["mean"] / dim)
+    # Spectrum: run r's Gauss quadrature reproduces the moments z_rᵀ H^p z_r / dim of its own start
+    # vector exactly for p <= 2·steps − 1; the broadened density's mean and variance follow.
+    spectrum = report["spectrum"]
+    assert spectrum["dim"] == dim
+    power = torch.eye(dim, dtype=torch.float64)
+    moments = []
+    for p in range(4):
+        for r, (nodes, weights) in enumerate(zip(spectrum["nodes"], spectrum["weights"])):
+            z = _random_unit(dim, _generator(0, 3, r), "cpu", rademacher=True).double()
+            want = float(z @ power @ z)
+            got = float(np.dot(np.asarray(weights), np.asarray(nodes) ** p))
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6 * float(torch.linalg.norm(H)) ** p), (p, r)
+        moments.append(np.mean([np.dot(w, np.asarray(n) ** p) for n, w in zip(spectrum["nodes"], spectrum["weights"])]))
+        power = power @ H
+    edges, density = np.asarray(spectrum["edges"]), np.asarray(spectrum["density"])
+    centers, widths = (edges[1:] + edges[:-1]) / 2, np.diff(edges)
+    assert np.sum(density * widths) == pytest.approx(1, abs=1e-9)
+    mean = np.sum(centers * density * widths)
+    variance = np.sum((centers - mean) ** 2 * density * widths)
+    assert mean == pytest.approx(moments[1], abs=widths[0])
+    # Broadening adds sigma² to the variance; binning adds about width²/12.
+    assert variance == pytest.approx(moments[2] - moments[1] ** 2 + spectrum["sigma"] ** 2, rel=0.02)
+
+
 # ----------------------------------------------------------------------------- model state
 def test_weights_mode_attention_and_dtype_restored(tiny):
     model, batches, _, _ = tiny

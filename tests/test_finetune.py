@@ -106,7 +106,9 @@ def test_cli_refuses_bad_input_without_writing(toy_tsv, tiny_bert_dir, tmp_path,
     base = ["finetune", "--model", str(tiny_bert_dir), "--dataset", str(toy_tsv), "--out", str(out)]
     assert main(base + ["--regularizer", "guided"]) == 2  # no schedule, no Fisher
     assert main(base + ["--regularizer", "dropconnect"]) == 2
-    assert main(base + ["--fractions", "0,1"]) == 2
+    with pytest.raises(SystemExit) as stop:  # refused by argparse, as the option is parsed
+        main(base + ["--fractions", "0,1"])
+    assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "--schedule" in err and "dropconnect" in err and "Traceback" not in err
+    assert "--schedule" in err and "dropconnect" in err and "--fractions" in err and "Traceback" not in err
     assert not out.exists()

@@ -182,4 +182,4 @@ def test_fisher_file_is_streamed_safetensors(tmp_path):
     loaded = load_file(str(tmp_path / "F.safetensors"))
     assert all(torch.equal(loaded[n], t) for n, t in fisher.items())
     with safe_open(str(tmp_path / "F.safetensors"), framework="pt") as handle:
-        assert handle.metadata() == {"model": "m", "samples": "3"}
+        assert handle.metadata() == {"model": "m", "samples": "3", "format": "landscape-fisher-v1"}

@@ -207,7 +207,10 @@ def test_compare_adds_hessian_columns(write_surface, tmp_path, capsys):
     b = write_surface("b.h5", lambda x: 1 + 3 * x**2)
     reports = []
     for name, top, trace in (("ha.json", 2.0, 10.0), ("hb.json", 6.0, 30.0)):
-        save_report(tmp_path / name, {"format": FORMAT, "eigenvalues": [top], "trace": {"mean": trace, "stderr": 0.5}})
+        save_report(tmp_path / name, {"format": FORMAT, "settings": {}, "provenance": {"n_coordinates": 100},
+                                      "loss": 3.0, "eigenvalues": [top],
+                                      "eigenpairs": {"residuals": [1e-5], "products": 20, "converged": True},
+                                      "trace": {"mean": trace, "stderr": 0.5, "samples": 10}})
         reports.append(str(tmp_path / name))
     out = tmp_path / "cmp.png"
     assert cli("compare", a, b, "--labels", "a,b", "--hessian", ",".join(reports), "--out", out) == 0

@@ -68,8 +68,8 @@ def test_embedded_model_beats_the_unigram_baseline_on_heldout_text():
     """A real check of pretraining: on held-out masked tokens, the model's cross-entropy is well
     below that of the train split's unigram distribution (add-one smoothed), as the card says."""
     from landscape.corpus import load_batches, load_documents
+    from landscape.data.embedded_text import embedded_text
     from landscape.data.objectives import IGNORE_INDEX, sequence_losses
-    from landscape.datahome import embedded_text
 
     loaded = load_model(None)
     batches = load_batches(loaded, corpus=str(embedded_text('heldout')), max_samples=64, batch_size=16)

@@ -66,6 +66,8 @@ def test_cli_stability_writes_csv_and_prints_table(tiny_bert_dir, tiny_corpus_fi
 @pytest.mark.parametrize("flag,value", [("--fractions", "0.5,2"), ("--fractions", "abc"), ("--top", "0")])
 def test_cli_stability_rejects_bad_numbers(flag, value, tiny_bert_dir, tmp_path, capsys):
     out = tmp_path / "S.csv"
-    code = cli.main(["stability", "--model", str(tiny_bert_dir), flag, value, "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:  # refused by argparse, as the option is parsed
+        cli.main(["stability", "--model", str(tiny_bert_dir), flag, value, "--out", str(out)])
+    code = stop.value.code
     err = capsys.readouterr().err
     assert code == 2 and flag in err and len(err.strip().splitlines()) == 1 and not out.exists()

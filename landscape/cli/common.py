@@ -1,6 +1,7 @@
 """Argument groups that several subcommands share, and their translation to API calls."""
 
 from ..errors import UsageError
+from . import options
 
 
 def add_model_args(parser):
@@ -16,21 +17,22 @@ def add_corpus_args(parser, max_samples_default=None, batch_size_default=16):
     group.add_argument("--corpus", default=None,
                        help="text file, JSONL file, HF dataset name or save_to_disk folder "
                             "(default: the embedded corpus)")
-    group.add_argument("--fraction", type=float, default=None,
+    group.add_argument("--fraction", type=options.FRACTION, default=None,
                        help="seeded document-level fraction of the corpus to use, in (0, 1] (default: all of it)")
     no_cap = "" if max_samples_default else " (default: all that the corpus gives)"
-    group.add_argument("--max-samples", type=int, default=max_samples_default,
+    group.add_argument("--max-samples", type=options.POSITIVE_INT, default=max_samples_default,
                        help=f"at most this many packed sequences{no_cap}")
-    group.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence")
-    group.add_argument("--batch-size", type=int, default=batch_size_default, help="packed sequences per forward pass")
-    group.add_argument("--seed", type=int, default=0, help="seed for sub-sampling and masking")
+    group.add_argument("--seq-len", type=options.SEQ_LEN, default=128, help="tokens per packed sequence")
+    group.add_argument("--batch-size", type=options.POSITIVE_INT, default=batch_size_default,
+                       help="packed sequences per forward pass")
+    group.add_argument("--seed", type=options.SEED, default=0, help="seed for sub-sampling and masking")
     group.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
                        help="BOS token first in every sample: auto = as the model's tokenizer frames a text, "
                             "yes = always, no = never")
 
 
 def add_shard_args(parser):
-    parser.add_argument("--shard-size", type=int, default=1,
+    parser.add_argument("--shard-size", type=options.POSITIVE_INT, default=1,
                         help="under torchrun, shard the model over groups of this many ranks with FSDP2 (each rank "
                              "holds 1/K of it); the world / K groups split the work; 1 = no sharding")
 

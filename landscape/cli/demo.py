@@ -1,6 +1,7 @@
 """demo: the whole pipeline on the embedded model and corpus."""
 
 from ..defaults import DemoSettings
+from . import options
 
 
 def register(subparsers):
@@ -12,20 +13,21 @@ def register(subparsers):
                     "so rerunning continues an interrupted demo.")
     parser.add_argument("--out", default="landscape_demo", help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--fisher-samples", type=int, default=defaults.fisher_samples,
+    parser.add_argument("--fisher-samples", type=options.POSITIVE_INT, default=defaults.fisher_samples,
                         help="sequences for the Fisher and stability")
-    parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
+    parser.add_argument("--eval-samples", type=options.POSITIVE_INT, default=defaults.eval_samples,
                         help="sequences of the fixed surface evaluation sample")
-    parser.add_argument("--grid-2d", default=defaults.grid_2d, help="MIN:MAX:NUM of both axes of the 2D surfaces")
-    parser.add_argument("--grid-1d", default=defaults.grid_1d, help="MIN:MAX:NUM of the 1D curves")
-    parser.add_argument("--points-per-pass", type=int, default=defaults.points_per_pass,
+    parser.add_argument("--grid-2d", type=options.RANGE, default=defaults.grid_2d,
+                        help="MIN:MAX:NUM of both axes of the 2D surfaces")
+    parser.add_argument("--grid-1d", type=options.RANGE, default=defaults.grid_1d, help="MIN:MAX:NUM of the 1D curves")
+    parser.add_argument("--points-per-pass", type=options.POSITIVE_INT, default=defaults.points_per_pass,
                         help="grid points evaluated per forward pass; more helps on a GPU")
     parser.set_defaults(func=run)
 
 
 def run(args):
     from ..demo import run_demo
-    from ..models import resolve_device
+    from ..runtime import resolve_device
 
     settings = DemoSettings(fisher_samples=args.fisher_samples, eval_samples=args.eval_samples,
                             grid_2d=args.grid_2d, grid_1d=args.grid_1d, points_per_pass=args.points_per_pass)

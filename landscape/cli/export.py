@@ -1,9 +1,7 @@
 """export: a surface file in another tool's format (VTK XML PolyData for ParaView)."""
 
-import math
-
-from ..errors import UsageError
 from ..files import check_output_path
+from . import options
 
 
 def register(subparsers):
@@ -19,7 +17,7 @@ def register(subparsers):
                         help="dataset to export")
     parser.add_argument("--log", action="store_true",
                         help="z = ln(value + 0.1), as the original's --log (default: z = the value)")
-    parser.add_argument("--zmax", type=float, default=None,
+    parser.add_argument("--zmax", type=options.POSITIVE, default=None,
                         help="clip values above this before the log, as the original's --zmax; needed when the "
                              "loss diverged (+inf) somewhere (default: no clipping)")
     parser.set_defaults(func=run_export)
@@ -29,8 +27,6 @@ def run_export(args):
     from ..plots.vtk import export_vtp
 
     out = check_output_path(args.out, "--out", [".vtp"])
-    if args.zmax is not None and not (math.isfinite(args.zmax) and args.zmax > 0):
-        raise UsageError(f"--zmax must be a positive finite number, got {args.zmax}")
     result = export_vtp(args.vtk, out, field=args.field, log=args.log, zmax=args.zmax)
     print(f"wrote {result['path']}: {result['points']} points, {result['polys']} quads ({args.field}"
           f"{', ln(value + 0.1)' if args.log else ''}{f', clipped at {args.zmax:g}' if args.zmax is not None else ''})")

@@ -5,6 +5,7 @@ from pathlib import Path
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
+from . import options
 from .common import floats
 
 
@@ -39,32 +40,37 @@ def register(subparsers):
                    help="guided dropout schedule JSON (from `landscape schedule`; default: made from --fisher)")
     p.add_argument("--fisher", default=None, help="pretraining Fisher file to compute the guided schedule from "
                                                   "instead (default: none; give it or --schedule for guided)")
-    p.add_argument("--p-upper", type=float, default=0.1, help="guided schedule from --fisher: upper bound")
-    p.add_argument("--p-lower", type=float, default=0.0, help="guided schedule from --fisher: lower bound")
-    p.add_argument("--fractions", default="1.0", help="training-set fractions, e.g. 1,0.5,0.25,0.1")
-    p.add_argument("--restarts", type=int, default=5,
+    p.add_argument("--p-upper", type=options.BELOW_ONE, default=0.1, help="guided schedule from --fisher: upper bound")
+    p.add_argument("--p-lower", type=options.BELOW_ONE, default=0.0, help="guided schedule from --fisher: lower bound")
+    p.add_argument("--fractions", type=options.FRACTIONS, default="1.0",
+                   help="training-set fractions, e.g. 1,0.5,0.25,0.1")
+    p.add_argument("--restarts", type=options.POSITIVE_INT, default=5,
                    help="restart seeds per fraction; a Wilcoxon p < 0.05 needs at least 6")
-    p.add_argument("--seed", type=int, default=0, help="first restart seed")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/test split")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="test share when the dataset has one split")
-    p.add_argument("--max-train", type=int, default=None,
+    p.add_argument("--seed", type=options.SEED, default=0, help="first restart seed")
+    p.add_argument("--split-seed", type=options.SEED, default=0, help="seed of the fixed train/test split")
+    p.add_argument("--test-fraction", type=options.OPEN_UNIT, default=0.2,
+                   help="test share when the dataset has one split")
+    p.add_argument("--max-train", type=options.POSITIVE_INT, default=None,
                    help=f"cap on training rows at fraction 1 {_by_model('max_train')}")
-    p.add_argument("--max-test", type=int, default=None, help=f"cap on test rows {_by_model('max_test')}")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate {_by_model('lr')}")
-    p.add_argument("--batch-size", type=int, default=None, help=f"examples per step {_by_model('batch_size')}")
-    p.add_argument("--seq-len", type=int, default=None, help=f"max tokens per example {_by_model('seq_len')}")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up share of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--dropout", type=float, default=0.1, help="standard/Gaussian dropout probability")
-    p.add_argument("--r3f-lambda", type=float, default=1.0,
+    p.add_argument("--max-test", type=options.POSITIVE_INT, default=None,
+                   help=f"cap on test rows {_by_model('max_test')}")
+    p.add_argument("--lr", type=options.POSITIVE, default=None, help=f"peak learning rate {_by_model('lr')}")
+    p.add_argument("--batch-size", type=options.POSITIVE_INT, default=None,
+                   help=f"examples per step {_by_model('batch_size')}")
+    p.add_argument("--seq-len", type=options.SEQ_LEN, default=None,
+                   help=f"max tokens per example {_by_model('seq_len')}")
+    p.add_argument("--epochs", type=options.POSITIVE_INT, default=3, help="passes over the training rows")
+    p.add_argument("--warmup", type=options.SHARE, default=0.1, help="warm-up share of all steps")
+    p.add_argument("--weight-decay", type=options.NON_NEGATIVE, default=0.0, help="AdamW weight decay")
+    p.add_argument("--dropout", type=options.BELOW_ONE, default=0.1, help="standard/Gaussian dropout probability")
+    p.add_argument("--r3f-lambda", type=options.NON_NEGATIVE, default=1.0,
                    help="r3f/r4f: weight of the symmetric KL between the outputs on clean and on noised embeddings")
-    p.add_argument("--r3f-sigma", type=float, default=1e-5, help="r3f/r4f: scale of the embedding noise")
+    p.add_argument("--r3f-sigma", type=options.POSITIVE, default=1e-5, help="r3f/r4f: scale of the embedding noise")
     p.add_argument("--r3f-noise", default="normal", choices=["normal", "uniform"],
                    help="r3f/r4f: distribution of the embedding noise")
-    p.add_argument("--mixout-p", type=float, default=0.9,
+    p.add_argument("--mixout-p", type=options.BELOW_ONE, default=0.9,
                    help="mixout: probability of mixing a body weight back to its pretrained value")
-    p.add_argument("--childtuning-reserve", type=float, default=0.3,
+    p.add_argument("--childtuning-reserve", type=options.FRACTION, default=0.3,
                    help="ChildTuning-D: share of the body's elements that train, those with the highest task "
                         "Fisher on the run's training subset")
     p.add_argument("--metric", default=None, help="metric to plot: accuracy|f1|mcc (classification, default "
@@ -72,7 +78,7 @@ def register(subparsers):
     p.add_argument("--save-models", default=None,
                    help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=options.THREADS, default=0,
                    help="CPU threads for torch; 0 = torch's choice; 1 is much faster on a busy machine")
     p.add_argument("--out", required=True,
                    help="summary CSV: per regularizer, fraction and metric the mean, IQR, and the paired "
@@ -125,7 +131,7 @@ def _outputs(args):
 
 def _config(args):
     from ..guided.training import FinetuneConfig
-    from ..models import resolve_device
+    from ..runtime import resolve_device
 
     defaults = FINETUNE_EMBEDDED if args.model is None else FINETUNE_PAPER
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731

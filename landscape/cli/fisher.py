@@ -7,6 +7,7 @@ from pathlib import Path
 from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
 from ..files import check_output_path
+from . import options
 from .common import (
     add_corpus_args,
     add_model_args,
@@ -37,14 +38,14 @@ def _register_fisher(subparsers):
     parser.add_argument("--out", required=True, help="output Fisher file (.safetensors)")
     add_overwrite_arg(parser)
     _add_run_args(parser)
-    parser.add_argument("--checkpoint-every", type=float, default=60.0,
+    parser.add_argument("--checkpoint-every", type=options.NON_NEGATIVE, default=60.0,
                         help="seconds between checkpoints of the running sums")
     add_shard_args(parser)
     parser.set_defaults(func=run_fisher)
 
 
 def _add_run_args(parser):
-    parser.add_argument("--max-chunk-mb", type=float, default=None,
+    parser.add_argument("--max-chunk-mb", type=options.POSITIVE, default=None,
                         help="memory for per-sample gradients at a time, in MB (default: 256, lowered to a "
                              "quarter byte per model parameter for models under 1B parameters, at least 64)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")
@@ -118,9 +119,9 @@ def _register_stability(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser)
-    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in STABILITY_FRACTIONS),
+    parser.add_argument("--fractions", type=options.FRACTIONS, default=",".join(f"{f:g}" for f in STABILITY_FRACTIONS),
                         help="comma-separated fractions of the reference sample")
-    parser.add_argument("--top", default=",".join(f"{k:g}" for k in STABILITY_TOP),
+    parser.add_argument("--top", type=options.PERCENTS, default=",".join(f"{k:g}" for k in STABILITY_TOP),
                         help="comma-separated top-k percentages")
     parser.add_argument("--out", required=True, help="output table (.csv)")
     _add_run_args(parser)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import check_output_path
+from . import options
 from .common import (
     add_corpus_args,
     add_model_args,
@@ -37,19 +38,19 @@ def register(subparsers):
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
     group = parser.add_argument_group("what to compute")
-    group.add_argument("--top", type=int, default=2, help="top eigenpairs; 0 = none")
-    group.add_argument("--trace", type=int, default=0, metavar="N",
+    group.add_argument("--top", type=options.EIGENPAIRS, default=2, help="top eigenpairs; 0 = none")
+    group.add_argument("--trace", type=options.NON_NEGATIVE_INT, default=0, metavar="N",
                        help="Hutchinson probes for the trace, e.g. 100; 0 = no trace")
-    group.add_argument("--spectrum", type=int, default=0, metavar="RUNS",
+    group.add_argument("--spectrum", type=options.NON_NEGATIVE_INT, default=0, metavar="RUNS",
                        help="stochastic Lanczos quadrature runs for the density, e.g. 10; 0 = none")
-    group.add_argument("--steps", type=int, default=80, help="Lanczos steps per spectrum run")
-    group.add_argument("--bins", type=int, default=200, help="histogram bins of the density")
-    group.add_argument("--tol", type=float, default=1e-4,
+    group.add_argument("--steps", type=options.LANCZOS_STEPS, default=80, help="Lanczos steps per spectrum run")
+    group.add_argument("--bins", type=options.BINS, default=200, help="histogram bins of the density")
+    group.add_argument("--tol", type=options.OPEN_UNIT, default=1e-4,
                        help="eigenpairs converge when |Hv - λv| <= tol·|λ|")
-    group.add_argument("--max-iter", type=int, default=500,
+    group.add_argument("--max-iter", type=options.POSITIVE_INT, default=500,
                        help="at most this many Hessian-vector products for the eigenpairs")
     _add_mask_args(group)
-    parser.add_argument("--cache-mb", type=float, default=1024.0,
+    parser.add_argument("--cache-mb", type=options.NON_NEGATIVE, default=1024.0,
                         help="memory for the cached first-order graphs, in MB; 0 = recompute")
     parser.add_argument("--out", required=True, help="JSON report to write (.json)")
     parser.add_argument("--vectors", default=None,
@@ -200,14 +201,18 @@ def add_directions_args(parser):
                             "last one, which is the plane's origin; --model must be that last checkpoint "
                             "(it is when --model is left out; default: random directions)")
     group.add_argument("--corpus", default=None, help="hessian: corpus of the sample (default: the embedded corpus)")
-    group.add_argument("--max-samples", type=int, default=None, help="hessian: sequences (default: 64)")
-    group.add_argument("--seq-len", type=int, default=None, help="hessian: tokens per sequence (default: 128)")
-    group.add_argument("--batch-size", type=int, default=None, help="hessian: batch size (default: 16)")
-    group.add_argument("--sample-seed", type=int, default=None,
+    group.add_argument("--max-samples", type=options.POSITIVE_INT, default=None,
+                       help="hessian: sequences (default: 64)")
+    group.add_argument("--seq-len", type=options.SEQ_LEN, default=None,
+                       help="hessian: tokens per sequence (default: 128)")
+    group.add_argument("--batch-size", type=options.POSITIVE_INT, default=None,
+                       help="hessian: batch size (default: 16)")
+    group.add_argument("--sample-seed", type=options.SEED, default=None,
                        help="hessian: seed of the sample, as `surface --seed` (default: 0)")
     group.add_argument("--bos", choices=("auto", "yes", "no"), default=None,
                        help="hessian: BOS framing of the samples (default: auto)")
-    group.add_argument("--tol", type=float, default=None, help="hessian: eigenpair tolerance (default: 1e-4)")
+    group.add_argument("--tol", type=options.OPEN_UNIT, default=None,
+                       help="hessian: eigenpair tolerance (default: 1e-4)")
     group.add_argument("--device", default=None, help="hessian: auto | cpu | cuda | cuda:N (default: auto)")
 
 
@@ -311,12 +316,14 @@ def _hessian_directions(args, out):
     if not 0 < tol < 1:
         raise UsageError(f"--tol must be in (0, 1), got {tol}")
     fisher, fisher_meta, subset = _fisher_and_subset(args)
-    loaded = load_model(args.model, device=args.device or "auto", dtype="float32",
+    loaded = load_model(args.model, device="auto" if args.device is None else args.device, dtype="float32",
                         allow_new_head=args.allow_new_head)
-    seq_len, seed, bos = args.seq_len or 128, args.sample_seed or 0, args.bos or "auto"
+    seq_len = 128 if args.seq_len is None else args.seq_len
+    seed = 0 if args.sample_seed is None else args.sample_seed
+    bos = "auto" if args.bos is None else args.bos
     max_samples = 64 if args.max_samples is None else args.max_samples
     batches = load_batches(loaded, corpus=args.corpus, max_samples=max_samples, seq_len=seq_len,
-                           batch_size=args.batch_size or 16, seed=seed, bos=bos)
+                           batch_size=16 if args.batch_size is None else args.batch_size, seed=seed, bos=bos)
     mask = subset_mask(loaded.model, fisher, subset, seed=args.seed, ignore=args.ignore,
                        granularity=args.mask_granularity)
     settings = dict(_mask_settings(args, fisher_meta, subset, args.seed), kind="hessian", norm="unit",

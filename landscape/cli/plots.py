@@ -2,6 +2,7 @@
 
 from ..errors import UsageError
 from ..files import check_output_path
+from . import options
 from .hessian import compare_columns, compare_reports, plot_other
 
 
@@ -22,10 +23,12 @@ def _add_style_args(parser, kinds_help):
     parser.add_argument("--field", default="train_loss",
                         help="dataset to draw: train_loss | train_acc | test_loss | test_acc")
     parser.add_argument("--log", action="store_true", help="log scale for the values (default: linear)")
-    parser.add_argument("--zmin", type=float, default=None, help="clip values below this (default: no clipping)")
-    parser.add_argument("--zmax", type=float, default=None, help="clip values above this (default: no clipping)")
+    parser.add_argument("--zmin", type=options.FINITE, default=None,
+                        help="clip values below this (default: no clipping)")
+    parser.add_argument("--zmax", type=options.FINITE, default=None,
+                        help="clip values above this (default: no clipping)")
     parser.add_argument("--cmap", default="viridis", help="matplotlib colour map name")
-    parser.add_argument("--levels", type=int, default=20, help="contour levels")
+    parser.add_argument("--levels", type=options.CONTOUR_LEVELS, default=20, help="contour levels")
     parser.add_argument("--title", default=None, help="figure title (default: from the file names)")
 
 
@@ -60,9 +63,9 @@ def _register_compare(subparsers):
     parser.add_argument("--labels", default=None, help="comma-separated labels, one per file (default: file names)")
     parser.add_argument("--csv", default=None,
                         help="sharpness CSV (default: next to --out, as <out name>.sharpness.csv)")
-    parser.add_argument("--radius", type=float, default=None,
+    parser.add_argument("--radius", type=options.NON_NEGATIVE, default=None,
                         help="radius for the loss rise (default: half the grid's half-width)")
-    parser.add_argument("--fit-radius", type=float, default=None,
+    parser.add_argument("--fit-radius", type=options.POSITIVE, default=None,
                         help="radius of the quadratic fit for the curvature (default: two grid steps)")
     parser.add_argument("--hessian", default=None, metavar="H1.json,H2.json,...",
                         help="`landscape hessian` reports, one per surface in order: their top eigenvalue, trace "

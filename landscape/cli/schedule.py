@@ -1,6 +1,7 @@
 """``landscape schedule``: a guided dropout schedule (JSON) from a Fisher file and a model."""
 
 from ..errors import UsageError
+from . import options
 from .common import add_model_args, load_model_from_args
 
 
@@ -12,11 +13,11 @@ def register(subparsers):
                     "highest --p-lower (paper eq. 9-10 for --shape linear).")
     parser.add_argument("fisher", help="Fisher file (safetensors) written by `landscape fisher`")
     add_model_args(parser)
-    parser.add_argument("--p-upper", type=float, default=0.1, help="probability of the lowest-scored site")
-    parser.add_argument("--p-lower", type=float, default=0.0, help="probability of the highest-scored site")
+    parser.add_argument("--p-upper", type=options.BELOW_ONE, default=0.1, help="probability of the lowest-scored site")
+    parser.add_argument("--p-lower", type=options.BELOW_ONE, default=0.0, help="probability of the highest-scored site")
     parser.add_argument("--shape", default="linear", choices=["linear", "log", "power"],
                         help="linear in rank (paper), normalized log score, or a power of the rank")
-    parser.add_argument("--gamma", type=float, default=2.0, help="exponent of --shape power")
+    parser.add_argument("--gamma", type=options.POSITIVE, default=2.0, help="exponent of --shape power")
     parser.add_argument("--out", required=True, help="schedule JSON to write")
     parser.set_defaults(func=run)
     return parser

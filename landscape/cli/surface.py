@@ -4,6 +4,7 @@ import os
 
 from ..errors import UsageError
 from ..files import check_output_path
+from . import options
 from .common import (
     add_corpus_args,
     add_model_args,
@@ -40,7 +41,7 @@ def _register_directions(subparsers):
                              "the same part of the weights (Li et al.), or leave the Gaussian as drawn")
     parser.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn",
                         help="biasbn: 1-D tensors (biases, LayerNorm) are not perturbed; none: every tensor is")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the directions and of random masks")
+    parser.add_argument("--seed", type=options.SEED, default=0, help="seed of the directions and of random masks")
     parser.add_argument("--dims", type=int, choices=(1, 2), default=2,
                         help="number of directions: 1 for a 1D curve, 2 for a 2D surface")
     parser.add_argument("--orthogonalize", action="store_true",
@@ -111,14 +112,14 @@ def _register_surface(subparsers):
                              "are written as test_loss and test_acc, in the same pass over the grid (default: "
                              "train_loss and train_acc only)")
     parser.add_argument("--directions", required=True, help="direction file from `landscape directions`")
-    parser.add_argument("--x", default="-1:1:21", help="MIN:MAX:NUM along the first direction")
-    parser.add_argument("--y", default=None,
+    parser.add_argument("--x", type=options.RANGE, default="-1:1:21", help="MIN:MAX:NUM along the first direction")
+    parser.add_argument("--y", type=options.RANGE, default=None,
                         help="MIN:MAX:NUM along the second direction (default: -1:1:21 for a 2-direction file)")
     parser.add_argument("--one-d", action="store_true",
                         help="only the x direction of a 2-direction file (default: both directions)")
-    parser.add_argument("--points-per-pass", type=int, default=1,
+    parser.add_argument("--points-per-pass", type=options.POSITIVE_INT, default=1,
                         help="grid points per vmapped forward pass; more helps on a GPU")
-    parser.add_argument("--flush-seconds", type=float, default=2.0,
+    parser.add_argument("--flush-seconds", type=options.NON_NEGATIVE, default=2.0,
                         help="seconds between rewrites of the HDF5 file; every point is journaled at once")
     parser.add_argument("--stream-directions", action="store_true",
                         help="keep the directions in host memory in float32 and copy them to the device at each "

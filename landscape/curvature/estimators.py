@@ -38,7 +38,8 @@ def trace(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] 
     if int(samples) < 1:
         raise UsageError(f"the trace needs at least 1 probe, got {samples}")
     op = HessianOperator(model, batches, mask, kind, cache_bytes)
-    journal = _Journal(checkpoint, _identity(op, "trace", seed, probe="rademacher")) if checkpoint else None
+    identity = _identity(op, "trace", seed, probe="rademacher")
+    journal = _Journal(checkpoint, identity, _check_probe) if checkpoint else None
     done = {i: float.fromhex(r["value"]) for i, r in (journal.records.items() if journal else ()) if i < samples}
     op.bar = _bar(int(samples) - len(done), progress)
     try:
@@ -58,7 +59,27 @@ def trace(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] 
     return float(values.mean()), stderr
 
 
+def _check_probe(record: dict, schema, where: str) -> None:
+    """A trace journal record: ``value``, the probe's zᵀHz as a float's hex string, finite."""
+    text = schema.text(schema.field(record, "value", where), f"{where}: value")
+    try:
+        value = float.fromhex(text)
+    except ValueError:
+        schema.fail(f"is damaged: {where}: value {text[:20]!r} is not a hexadecimal float")
+    schema.number(value, f"{where}: value")
+
+
 # ----------------------------------------------------------------------------- spectrum
+def _check_run(record: dict, schema, where: str) -> None:
+    """A spectrum journal record: ``nodes`` and ``weights`` of one run, finite, as many of each,
+    weights non-negative and summing to 1."""
+    nodes = schema.numbers(schema.field(record, "nodes", where), f"{where}: nodes")
+    weights = schema.numbers(schema.field(record, "weights", where), f"{where}: weights", length=len(nodes),
+                             minimum=0.0)
+    if not len(nodes) or abs(float(weights.sum()) - 1) > 1e-6:
+        schema.fail(f"is damaged: {where}: the weights sum to {float(weights.sum()):g}, not 1")
+
+
 @dataclass
 class Spectrum:
     """Spectral density of the Hessian from stochastic Lanczos quadrature.
@@ -139,7 +160,7 @@ def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dic
         raise UsageError(f"the spectrum needs runs, steps and bins of at least 1, got {runs}, {steps}, {bins}")
     op = HessianOperator(model, batches, mask, kind, cache_bytes)
     identity = _identity(op, "spectrum", seed, steps=min(int(steps), op.dim), reorthogonalize=bool(reorthogonalize))
-    journal = _Journal(checkpoint, identity) if checkpoint else None
+    journal = _Journal(checkpoint, identity, _check_run) if checkpoint else None
     done = {i: (np.array(r["nodes"]), np.array(r["weights"]))
             for i, r in (journal.records.items() if journal else ()) if i < runs}
     op.bar = _bar((int(runs) - len(done)) * min(int(steps), op.dim), progress)

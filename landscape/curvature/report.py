@@ -6,7 +6,8 @@ here raises errors in the library's terms (no command-line flags).
 
 The report (JSON, ``FORMAT``): ``settings`` (everything that changes the numbers, as given by the
 caller), ``provenance`` (sample fingerprint, sizes, versions, attention used), ``loss`` at the
-weights, ``eigenvalues`` (descending) with their relative residuals, ``trace`` {mean, stderr,
+weights, ``eigenvalues`` (descending) with their relative residuals (measured: one more product per
+returned vector; ``estimated_residuals`` are Lanczos' own), ``trace`` {mean, stderr,
 samples}, ``spectrum`` (histogram edges, centers, density and the quadrature nodes/weights),
 ``vectors`` (the direction file and its fingerprint), ``seconds`` per stage.  Units: the loss is
 nats per target token; eigenvalues, trace and spectrum are nats/token per (unit of parameter)².
@@ -32,6 +33,7 @@ import torch
 from .. import __version__
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
+from ..schema import Schema
 from .checkpoint import _identity, _Journal
 from .estimators import spectrum as estimate_spectrum
 from .estimators import trace as estimate_trace
@@ -207,8 +209,8 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
 
 
 def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, vector_settings):
-    identity = _identity(op, "top", common["seed"], k=k, tol=tol, max_iter=max_iter)
-    journal = _Journal(journal_path, identity) if journal_path is not None else None
+    identity = _identity(op, "top", common["seed"], k=k, tol=tol, max_iter=max_iter, residuals="measured")
+    journal = _Journal(journal_path, identity, _top_record(k)) if journal_path is not None else None
     record = journal.records.get(0) if journal else None
     want_file = vectors is not None
     reuse = record is not None and (not want_file or (
@@ -220,7 +222,8 @@ def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, ve
         values, vecs, lanczos = top_eigenpairs(model, batches, k=k, tol=tol, max_iter=max_iter,
                                                return_info=True, **common)
         values = [float(v) for v in values]
-        info = {"products": lanczos.products, "residuals": lanczos.residuals, "converged": lanczos.converged}
+        info = {"products": lanczos.products, "residuals": lanczos.residuals, "converged": lanczos.converged,
+                "estimated_residuals": lanczos.estimated}
         fingerprint = save_eigenvectors(vectors, vecs, values, vector_settings) if want_file else None
         if journal:
             journal.add(0, values=values, info=info, fingerprint=fingerprint)
@@ -228,6 +231,24 @@ def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, ve
     if want_file:
         out["vectors"] = {"path": str(vectors), "fingerprint": fingerprint, "count": min(k, 2)}
     return out
+
+
+def _top_record(k: int):
+    """The schema of the top journal's record: k finite eigenvalues, their info, a fingerprint."""
+    def check(record: dict, schema, where: str) -> None:
+        schema.numbers(schema.field(record, "values", where), f"{where}: values", length=k)
+        _check_eigenpairs(schema, schema.field(record, "info", where), k, f"{where}: info")
+        fingerprint = schema.field(record, "fingerprint", where, optional=True)
+        if fingerprint is not None:
+            schema.text(fingerprint, f"{where}: fingerprint")
+    return check
+
+
+def _check_eigenpairs(schema, info, k: int, where: str) -> None:
+    schema.mapping(info, where)
+    schema.numbers(schema.field(info, "residuals", where), f"{where}.residuals", length=k, minimum=0.0)
+    schema.integer(schema.field(info, "products", where), f"{where}.products", minimum=k)
+    schema.boolean(schema.field(info, "converged", where), f"{where}.converged")
 
 
 def _loss(model, op: HessianOperator) -> float:
@@ -274,7 +295,60 @@ def load_report(path) -> dict:
         raise UsageError(f"'{path}' is not a Hessian report (not JSON); make one with `landscape hessian`") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise UsageError(f"'{path}' is not a Hessian report; make one with `landscape hessian`")
+    check_report(report, path)
     return report
+
+
+def check_report(report: dict, path) -> None:
+    """The report's schema (DamagedFile, one line, at the first field that breaks it): ``settings``
+    and ``provenance`` objects, ``n_coordinates`` >= 1, a finite ``loss``; at least one of
+    ``eigenvalues`` (finite, descending, with ``eigenpairs``: a residual >= 0 each, products,
+    converged), ``trace`` (finite mean, stderr >= 0 or NaN for one probe, samples >= 1) and
+    ``spectrum`` (strictly increasing finite edges, one density >= 0 per bin integrating to 1,
+    per run as many nodes as weights); ``vectors`` null or an object with a path."""
+    schema = Schema("Hessian report", path, "make it again with `landscape hessian`")
+    schema.mapping(schema.field(report, "settings"), "settings")
+    provenance = schema.mapping(schema.field(report, "provenance"), "provenance")
+    schema.integer(schema.field(provenance, "n_coordinates", "provenance"), "provenance.n_coordinates", minimum=1)
+    schema.number(schema.field(report, "loss"), "loss")
+    values = schema.field(report, "eigenvalues", optional=True)
+    if values is not None:
+        values = schema.numbers(values, "eigenvalues")
+        if not len(values) or np.any(np.diff(values) > 0):
+            schema.fail("is damaged: 'eigenvalues' is empty or not in descending order")
+        _check_eigenpairs(schema, schema.field(report, "eigenpairs"), len(values), "eigenpairs")
+    trace = schema.field(report, "trace", optional=True)
+    if trace is not None:
+        schema.mapping(trace, "trace")
+        samples = schema.integer(schema.field(trace, "samples", "trace"), "trace.samples", minimum=1)
+        schema.number(schema.field(trace, "mean", "trace"), "trace.mean")
+        schema.number(schema.field(trace, "stderr", "trace"), "trace.stderr", minimum=0.0, allow_nan=samples == 1)
+    spectrum = schema.field(report, "spectrum", optional=True)
+    if spectrum is not None:
+        _check_spectrum(schema, schema.mapping(spectrum, "spectrum"))
+    if values is None and trace is None and spectrum is None:
+        schema.fail("holds no eigenvalues, trace or spectrum")
+    vectors = schema.field(report, "vectors", optional=True)
+    if vectors is not None:
+        schema.text(schema.field(schema.mapping(vectors, "vectors"), "path", "vectors"), "vectors.path")
+
+
+def _check_spectrum(schema, spectrum: dict) -> None:
+    edges = schema.numbers(schema.field(spectrum, "edges", "spectrum"), "spectrum.edges", increasing=True)
+    if len(edges) < 2:
+        schema.fail("is damaged: 'spectrum.edges' needs at least 2 values")
+    density = schema.numbers(schema.field(spectrum, "density", "spectrum"), "spectrum.density",
+                             length=len(edges) - 1, minimum=0.0)
+    if abs(float(np.sum(density * np.diff(edges))) - 1) > 1e-6:
+        schema.fail("is damaged: 'spectrum.density' does not integrate to 1")
+    for key in ("runs", "steps", "bins"):
+        schema.integer(schema.field(spectrum, key, "spectrum"), f"spectrum.{key}", minimum=1)
+    nodes, weights = schema.field(spectrum, "nodes", "spectrum"), schema.field(spectrum, "weights", "spectrum")
+    if not isinstance(nodes, list) or not isinstance(weights, list) or len(nodes) != len(weights):
+        schema.fail("is damaged: 'spectrum.nodes' and 'spectrum.weights' are not lists of one entry per run")
+    for run, (n, w) in enumerate(zip(nodes, weights)):
+        count = len(schema.numbers(n, f"spectrum.nodes[{run}]"))
+        schema.numbers(w, f"spectrum.weights[{run}]", length=count, minimum=0.0)
 
 
 def check_existing_report(path, settings: dict) -> Optional[dict]:

@@ -64,7 +64,7 @@ def _read_hf_dataset(spec):
 def load_documents(spec: Optional[str] = None) -> List[str]:
     """List of documents (str) from a corpus spec; None is the embedded corpus."""
     if spec is None:
-        from ..datahome import embedded_text
+        from .embedded_text import embedded_text
 
         spec = str(embedded_text("train"))
     path = Path(spec).expanduser()

@@ -39,6 +39,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
+from ..datahome import data_home
 from ..errors import UsageError
 
 GENSIM_SPEC = "gensim==4.4.0"
@@ -312,10 +313,13 @@ def ensure_embedded_text(home: Path, archives: "str | None" = None, force: bool 
     return outputs
 
 
+def embedded_text(which: str) -> Path:
+    """Path of an embedded text ('train', 'heldout' or 'sentiment') in the data home, extracted on first use."""
+    return ensure_embedded_text(data_home())[which]
+
+
 def main(argv=None) -> int:
     """``python data/build_corpus.py``: extract the texts ahead of time (exit 2 on failure)."""
-    from ..datahome import data_home
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="data home (default: LANDSCAPE_DATA or ~/.cache/landscape)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")

@@ -7,6 +7,7 @@ movie-snippet sentiment set, extracted into the data home on first use.
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import UsageError
 from ..files import require_readable_file
+from ..schema import Schema
 from .hf_datasets import open_hf_dataset
 from .objectives import pad_batch
 from .sampling import seeded_order, seeded_prefix
@@ -52,9 +54,23 @@ def _infer_task(raw_labels):
     return "classification" if integral and len(set(values)) <= max(20, len(values) // 50) else "regression"
 
 
+def _check_labels(raw_labels, spec):
+    """DamagedFile for a label that reads as NaN or an infinity (a missing value, or an overflow,
+    written as a number): as a target it makes every loss NaN, as a class name it invents a class."""
+    for number, value in enumerate(raw_labels, 1):
+        try:
+            finite = math.isfinite(float(value))
+        except (TypeError, ValueError, OverflowError):
+            continue  # a class name
+        if not finite:
+            Schema("dataset", spec, "labels must be finite numbers or class names").fail(
+                f"has the label {str(value)!r} in its labelled row {number}")
+
+
 def _make_data(texts, raw_labels, pairs, task, spec, skipped=0):
     if not texts:
         raise UsageError(f"dataset '{spec}' has no rows")
+    _check_labels(raw_labels, spec)
     task = _infer_task(raw_labels) if task == "auto" else task
     if task == "regression":
         try:
@@ -143,7 +159,7 @@ def load_labelled(spec=None, text_column="text", label_column="label", pair_colu
     regression for non-integer labels.
     """
     if spec is None:
-        from ..datahome import embedded_text
+        from .embedded_text import embedded_text
 
         spec = str(embedded_text("sentiment"))
     spec = str(spec)
@@ -157,6 +173,7 @@ def load_labelled(spec=None, text_column="text", label_column="label", pair_colu
     if test_records is None:
         return train, None
     t_texts, t_raw, t_pairs, _ = _columns(test_records, spec, text_column, label_column, pair_column)
+    _check_labels(t_raw, spec)
     if train.task == "classification":
         index = {n: i for i, n in enumerate(train.label_names)}
         unknown = {str(v) for v in t_raw} - set(index)

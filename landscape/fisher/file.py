@@ -3,7 +3,8 @@
 
 A Fisher is a mean of squares: every value is finite and non-negative.  A file that breaks that
 (a diverged run, a hand-edited file) is refused on reading, so no mask or schedule is ranked on
-NaN.
+NaN.  Its schema (``check_fisher_header``, ``check_fisher_tensor``): the header's ``format`` is
+``FORMAT``, and every tensor is float32, finite and non-negative.
 """
 
 import json
@@ -17,10 +18,12 @@ from safetensors.torch import load_file
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
 from ..models import check_tensors_match
+from ..schema import Schema
 from ..sharding import full_shape, full_tensor, writer_of
 
 DEFINITION = ("diagonal empirical Fisher F_j = (1/N) sum_n (d l_n / d theta_j)^2, l_n = mean target-token "
               "cross-entropy of sample (sequence) n, model in eval mode, exact per-sample gradients")
+FORMAT = "landscape-fisher-v1"
 
 def save_fisher(path, fisher, metadata=None):
     """Write {param name: tensor} as float32 and string metadata to a safetensors file, atomically,
@@ -33,6 +36,7 @@ def save_fisher(path, fisher, metadata=None):
     names = sorted(fisher)  # safetensors' own order for tensors of one dtype
     shapes = {name: tuple(full_shape(fisher[name])) for name in names}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.setdefault("format", FORMAT)  # what readers check first (``check_fisher_header``)
     if not all(writer_of(t) for t in fisher.values()):
         for name in names:  # take part in every gather, in the writer's order
             full_tensor(fisher[name])
@@ -69,19 +73,44 @@ def load_fisher(path):
         fisher = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise UsageError(f"'{path}' is not a Fisher file (safetensors): {str(err).splitlines()[0]}") from None
+    check_fisher_header(metadata, path)
     check_fisher_values(fisher, path)
     return fisher, metadata
 
 
+def _schema(path) -> Schema:
+    return Schema("Fisher file", path, "recompute it with `landscape fisher`")
+
+
+def check_fisher_header(metadata: dict, path) -> None:
+    """DamagedFile unless the header metadata says this is a Fisher file (``format``): a file of
+    model weights has tensors of the same names and shapes, but they are not Fisher scores."""
+    if metadata.get("format") == FORMAT or _written_before_format(metadata):
+        return
+    found = f"format {metadata['format']!r}" if "format" in metadata else "no format"
+    _schema(path).fail(f"is not a Fisher file (its header has {found}, not {FORMAT!r})")
+
+
+def _written_before_format(metadata: dict) -> bool:
+    # Files from before the ``format`` key carry the definition they were computed by; they stay readable.
+    return "format" not in metadata and str(metadata.get("definition", "")).startswith("diagonal empirical Fisher")
+
+
+def check_fisher_tensor(name: str, tensor, path="the Fisher") -> None:
+    """DamagedFile unless ``tensor`` is float32 (the contract), finite and non-negative.
+
+    An integer or half-precision tensor is refused rather than converted: the writer stores
+    float32, so another dtype means the file was made or edited by something else."""
+    low = _schema(path).tensor(name, tensor, dtypes=(torch.float32,))
+    if low is not None and low < 0:
+        _schema(path).fail(f"holds negative values (in '{name}'), which a Fisher (a mean of squares) cannot have")
+
+
 def check_fisher_values(fisher, path="the Fisher") -> None:
-    """UsageError naming the first tensor with a NaN, an infinity or a negative value."""
+    """DamagedFile naming the first tensor that is not float32, or has a NaN, an infinity or a
+    negative value."""
     for name, tensor in fisher.items():
-        values = tensor.float()
-        if not bool(torch.isfinite(values).all()):
-            raise UsageError(f"'{path}' holds non-finite values (in '{name}'); recompute the Fisher")
-        if bool((values < 0).any()):
-            raise UsageError(f"'{path}' holds negative values (in '{name}'), which a Fisher (a mean of squares) "
-                             "cannot have; recompute it")
+        check_fisher_tensor(name, tensor, path)
 
 
 def check_existing_fisher(path, metadata) -> None:
@@ -116,6 +145,6 @@ def provenance(model_source, corpus, fraction, samples, seed, **extra):
     definition), plus any extra settings given."""
     meta = {"model": model_source, "corpus": corpus if corpus is not None else "embedded default",
             "fraction": "1.0" if fraction is None else str(fraction), "samples": str(samples),
-            "seed": str(seed), "definition": DEFINITION, "format": "landscape-fisher-v1"}
+            "seed": str(seed), "definition": DEFINITION, "format": FORMAT}
     meta.update({k: str(v) for k, v in extra.items()})
     return meta

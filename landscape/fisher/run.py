@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
 from ..runtime import all_reduce_sum
@@ -47,6 +48,8 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
     sharded model the values are DTensors sharded like the parameters (``sharding.full_tensor``
     gathers one; ``save_fisher`` writes them tensor by tensor).
     """
+    # NaN would never be due: the sums would silently go unsaved.
+    checkpoint_every = checks.non_negative_float(checkpoint_every, "checkpoint_every")
     accumulator = FisherAccumulator(model, 1, kind, max_chunk_mb)
     shard_group = layout.shard_group if layout is not None and layout.sharded else None
     with collective_errors() if shard_group is not None else contextlib.nullcontext():
@@ -174,6 +177,25 @@ def _resume(accumulator, path, fingerprint):
     if meta.get("fingerprint", "") != fingerprint:
         raise UsageError(f"checkpoint '{path}' was written with other settings; rerun with the same "
                          "settings to resume, or delete it to start over")
+    _check_checkpoint(path, meta, state, accumulator)
     accumulator.load_state_tensors({k: v.to(accumulator.sums[k[4:]].device) if k.startswith("sum/") else v
                                     for k, v in state.items()})
     return int(meta["batches_done"]), int(meta["samples_done"])
+
+
+def _check_checkpoint(path, meta, state, accumulator) -> None:
+    """The checkpoint's schema: integer counts done in its header; running sums of squares and
+    sample counts as float tensors, finite, non-negative, each sum shaped as this run's."""
+    from ..schema import Schema
+
+    schema = Schema("Fisher checkpoint", path, "delete it to start over")
+    for key in ("batches_done", "samples_done"):
+        text = schema.text(schema.field(meta, key, "header"), f"header.{key}")
+        if not text.isdigit():
+            schema.fail(f"is damaged: 'header.{key}' is {text[:20]!r}, not a count")
+    for key, tensor in state.items():
+        schema.tensor(key, tensor, dtypes=(torch.float32, torch.float64), minimum=0.0)
+        name = key[4:] if key.startswith("sum/") else None
+        if name in accumulator.sums and tuple(tensor.shape) != tuple(accumulator.sums[name].shape):
+            schema.fail(f"holds '{key}' of shape {tuple(tensor.shape)}, this run's is "
+                        f"{tuple(accumulator.sums[name].shape)}")

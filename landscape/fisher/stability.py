@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from .. import checks
 from ..defaults import STABILITY_FRACTIONS as DEFAULT_FRACTIONS
 from ..defaults import STABILITY_TOP as DEFAULT_TOP
 from ..errors import UsageError
@@ -29,16 +30,7 @@ SPEARMAN_MAX_ELEMENTS = 10_000_000
 
 def parse_numbers(text, what, low, high):
     """'0.33,0.1' -> [0.33, 0.1], each in (low, high]; UsageError otherwise."""
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated numbers, got '{text}'") from None
-    if not values:
-        raise UsageError(f"{what} is empty; give comma-separated numbers such as '{high / 10:g},{high / 100:g}'")
-    bad = [v for v in values if not low < v <= high]
-    if bad:
-        raise UsageError(f"{what} must each be in ({low:g}, {high:g}], got {bad[0]:g}")
-    return values
+    return checks.number_list(text, what, checks.Domain("float", low, high, low_open=True))
 
 
 def flatten(fisher, names=None):

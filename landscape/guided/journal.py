@@ -5,8 +5,10 @@ the next run starts, so a killed sweep leaves every finished run on disk and at 
 line at the end: a last line without its newline.  Opening the journal drops that torn tail
 (truncating the file to the last complete line), so appending continues on a clean line.  The
 header must be the one this sweep writes; a file with other columns or a malformed complete line
-is refused with ``SettingsMismatch`` (pass ``overwrite=True`` to start it afresh).  One sweep at a
-time may write a journal (an exclusive lock on the file).
+is refused with ``SettingsMismatch`` (pass ``overwrite=True`` to start it afresh).  Each row read
+back goes through the caller's ``check`` (the sweep's schema of a run: types, ranges, finite
+values), so a hand-edited cell is one line naming the file, the line and the column.  One sweep at
+a time may write a journal (an exclusive lock on the file).
 """
 
 import csv
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 from ..errors import SettingsMismatch, UsageError
+from ..schema import Schema
 
 __all__ = ["RunJournal", "parse_cell"]
 
@@ -62,12 +65,13 @@ class RunJournal:
     (None when empty).
     """
 
-    def __init__(self, path, columns, overwrite=False, text_columns=()):
+    def __init__(self, path, columns, overwrite=False, text_columns=(), check=None):
         import fcntl
 
         self.path = Path(path)
         self.columns = list(columns)
         self.text_columns = set(text_columns)
+        self.check = check  # (row, Schema, "line N") -> None, raising DamagedFile for a damaged row
         self.rows = []
         self.dropped_tail = False
         try:
@@ -104,7 +108,11 @@ class RunJournal:
                 if len(record) != len(self.columns):
                     raise SettingsMismatch(f"line {number} of '{self.path}' has {len(record)} fields, not "
                                            f"{len(self.columns)}: not a per-run CSV of this sweep")
-                self.rows.append(self._parse(record))
+                row = self._parse(record)
+                if self.check is not None:
+                    self.check(row, Schema("per-run CSV", self.path, "correct or delete that line, or rerun with "
+                                           "--overwrite"), f"line {number}")
+                self.rows.append(row)
         self._write(lambda: self._reset(end if lines else 0, not lines))
 
     def _reset(self, end, write_header):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..files import atomic_output, require_readable_file
+from ..schema import Schema
 from .sites import find_sites, float_dropout_attr, site_scores
 
 __all__ = ["FORMAT", "SHAPES", "SiteProbability", "Schedule", "linear_probabilities", "power_probabilities",
@@ -228,20 +229,45 @@ def _float_or_nan(value):
 
 
 def load_schedule(path) -> Schedule:
-    """Read a schedule JSON written by ``save_schedule``; UsageError if it is not one."""
+    """Read a schedule JSON written by ``save_schedule``; UsageError if it is not one.
+
+    Schema (``check_schedule``): a 'sites' list of objects, each with a string 'name', a
+    probability 'p' in [0, 1), a finite 'score' or null, an integer 'rank' >= 0 when given."""
     path = require_readable_file(path, "schedule file")
     try:
         data = json.loads(path.read_text())
-        sites = [SiteProbability(name=str(e["name"]), kind=str(e.get("kind", "")), block=str(e.get("block", "")),
-                                 score=_float_or_nan(e.get("score")), rank=int(e.get("rank", i)),
-                                 p=float(e["p"]))
-                 for i, e in enumerate(data["sites"])]
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"'{path}' is not a schedule file (JSON with a 'sites' list of name/p entries): "
                          f"{type(err).__name__}: {err}") from None
+    check_schedule(data, path)
+    sites = [SiteProbability(name=e["name"], kind=str(e.get("kind", "")), block=str(e.get("block", "")),
+                             score=_float_or_nan(e.get("score")), rank=int(e.get("rank", i)), p=float(e["p"]))
+             for i, e in enumerate(data["sites"])]
     return Schedule(sites=sites, model=str(data.get("model", "")), fisher=str(data.get("fisher", "")),
                     shape=str(data.get("shape", "")), p_upper=_float_or_nan(data.get("p_upper")),
                     p_lower=_float_or_nan(data.get("p_lower")), unscored=list(data.get("unscored", [])))
+
+
+def check_schedule(data, path) -> None:
+    """DamagedFile at the first part of a schedule file's JSON that breaks its schema."""
+    schema = Schema("schedule file", path, "make it again with `landscape schedule`")
+    schema.mapping(data)
+    if "format" in data and data["format"] != FORMAT:
+        schema.fail(f"is not a schedule file (format {data['format']!r}, not {FORMAT!r})")
+    sites = schema.field(data, "sites")
+    if not isinstance(sites, list) or not sites:
+        schema.fail("is damaged: 'sites' is not a list of sites")
+    for i, entry in enumerate(sites):
+        where = f"sites[{i}]"
+        schema.mapping(entry, where)
+        schema.text(schema.field(entry, "name", where), f"{where}.name")
+        p = schema.number(schema.field(entry, "p", where), f"{where}.p", minimum=0.0)
+        if p >= 1:
+            schema.fail(f"is damaged: '{where}.p' is {p:g}, not below 1")
+        if entry.get("score") is not None:
+            schema.number(entry["score"], f"{where}.score")
+        if "rank" in entry:
+            schema.integer(entry["rank"], f"{where}.rank", minimum=0)
 
 
 def format_table(schedule: Schedule):

@@ -51,6 +51,38 @@ def run_columns(task):
             "schedule_mean_p", "schedule_sha", "shuffle_seed", "settings", "reg_settings"]
 
 
+def check_run_row(task):
+    """The schema of one row of a ``task`` sweep's per-run CSV, as ``RunJournal`` reads it back: a
+    regularizer name, fraction in (0, 1], integer seed and n_train, metrics finite in their range
+    ([0, 1] for accuracy and F1, [-1, 1] for correlations), seconds >= 0, fingerprints present; a
+    diverged run's final_train_loss may be NaN or infinite."""
+    bounded = {"accuracy": 0.0, "f1": 0.0, "mcc": -1.0, "pearson": -1.0, "spearman": -1.0}
+
+    def check(row, schema, where):
+        def at(column):
+            return f"{where}, column {column}"
+
+        for column in ("regularizer", "settings", "reg_settings"):
+            if not row[column]:
+                schema.fail(f"is damaged: {at(column)} is empty")
+        fraction = schema.number(row["fraction"], at("fraction"))
+        if not 0 < fraction <= 1:
+            schema.fail(f"is damaged: {at('fraction')} is {fraction:g}, not in (0, 1]")
+        schema.integer(row["seed"], at("seed"))
+        schema.integer(row["n_train"], at("n_train"), minimum=1)
+        for metric in metrics_for(task):
+            value = schema.number(row[metric], at(metric), minimum=bounded[metric])
+            if value > 1:
+                schema.fail(f"is damaged: {at(metric)} is {value:g}, above 1")
+        schema.number(row["final_train_loss"], at("final_train_loss"), allow_nan=True, finite=False)
+        schema.number(row["seconds"], at("seconds"), minimum=0.0)
+        if row["schedule_mean_p"] is not None:
+            schema.number(row["schedule_mean_p"], at("schedule_mean_p"), minimum=0.0)
+        if row["shuffle_seed"] is not None:
+            schema.integer(row["shuffle_seed"], at("shuffle_seed"))
+    return check
+
+
 def _digest(value, length=12):
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
@@ -159,7 +191,8 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
     fingerprints = {r: (_digest(shared), _digest(per_reg[r])) for r in regularizers}
     journal = None
     if runs_path is not None:
-        journal = RunJournal(runs_path, run_columns(train_data.task), overwrite, TEXT_COLUMNS)
+        journal = RunJournal(runs_path, run_columns(train_data.task), overwrite, TEXT_COLUMNS,
+                             check_run_row(train_data.task))
     try:
         done = {}
         if journal is not None:

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 
+from .. import checks
 from ..data.labelled import LabelledData, encode, labelled_batch
 from ..data.objectives import pad_token_id
 from ..datahome import EMBEDDED_MODEL_DIR
 from ..errors import UsageError
+from ..models import check_finite_weights, check_tokenizer_files, check_weight_files
 from ..runtime import transformers_silenced
 from . import regularizers as regs
 from . import schedule as sched
@@ -91,6 +94,20 @@ class FinetuneConfig:
     childtuning_reserve: float = 0.3  # ChildTuning-D: share of the body's elements that train
     device: str = "cpu"
 
+    def __post_init__(self):
+        # Checked here, so a bad value is refused before a run rather than surfacing as NaN weights.
+        for name, domain in _CONFIG_DOMAINS.items():
+            setattr(self, name, domain.check(getattr(self, name), name))
+        if self.r3f_noise not in ("normal", "uniform"):
+            raise UsageError(f"r3f_noise must be normal or uniform, got {self.r3f_noise!r}")
+
+
+_CONFIG_DOMAINS = {"lr": checks.POSITIVE, "weight_decay": checks.NON_NEGATIVE, "warmup": checks.PROBABILITY,
+                   "epochs": checks.POSITIVE_INT, "batch_size": checks.POSITIVE_INT, "seq_len": checks.SEQ_LEN,
+                   "eval_batch_size": checks.POSITIVE_INT, "dropout": checks.BELOW_ONE,
+                   "r3f_lambda": checks.NON_NEGATIVE, "r3f_sigma": checks.POSITIVE, "mixout_p": checks.BELOW_ONE,
+                   "childtuning_reserve": checks.FRACTION}
+
 
 # ---------------------------------------------------------------- model and batches
 
@@ -101,15 +118,18 @@ def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
     source = str(EMBEDDED_MODEL_DIR) if spec is None else str(spec)
     num_labels = 1 if data.task == "regression" else len(data.label_names)
     problem = "regression" if data.task == "regression" else "single_label_classification"
+    check_weight_files(source)
     try:
         # The "newly initialized head" report is expected here: the head is new by design.
         with transformers_silenced():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
                                                                        problem_type=problem)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         reason = str(err).splitlines()[0]
         raise UsageError(f"cannot load model '{source}' for sequence classification: {reason}") from None
+    check_tokenizer_files(source, tokenizer)
+    check_finite_weights(model, source)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id(tokenizer)
     if data.task == "classification":

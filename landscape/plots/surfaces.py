@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
 from ..surface.file import read_surface
@@ -51,12 +52,14 @@ class Style:
     def validate(self):
         import matplotlib
 
+        self.zmin = checks.optional(checks.finite_float, self.zmin, "zmin")
+        self.zmax = checks.optional(checks.finite_float, self.zmax, "zmax")
+        # Bounded: each level is drawn as its own set of paths, and 50 million of them never finish.
+        self.levels = checks.CONTOUR_LEVELS.check(self.levels, "contour levels")
         if self.zmin is not None and self.zmax is not None and self.zmin >= self.zmax:
             raise UsageError(f"zmin ({self.zmin}) must be below zmax ({self.zmax})")
         if self.log and self.zmax is not None and self.zmax <= 0:
             raise UsageError("zmax must be positive on a log scale")
-        if self.levels < 2:
-            raise UsageError(f"contour levels must be at least 2, got {self.levels}")
         if self.cmap not in matplotlib.colormaps:
             raise UsageError(f"unknown colour map '{self.cmap}'; use a matplotlib name such as viridis, "
                              "coolwarm, magma or terrain")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
 from ..surface.file import read_surface
@@ -36,8 +37,7 @@ def surface_points(path, field="train_loss", log=False, zmax=None):
         UsageError: a 1D surface, points not computed yet, values that are not finite without
             ``zmax`` (a loss that diverged is +inf), or a bad ``zmax``.
     """
-    if zmax is not None and not (np.isfinite(zmax) and zmax > 0):
-        raise UsageError(f"zmax must be a positive finite number, got {zmax}")
+    zmax = checks.optional(checks.positive_float, zmax, "zmax")
     surface = read_surface(path, field)
     if surface.dims != 2:
         raise UsageError(f"'{path}' is a 1D surface; a .vtp export needs a 2D one (a grid of quads)")

@@ -277,6 +277,12 @@ class _Shaped:
 def _read_group(group, group_name, stamp, non_finite, dtype, device, rows) -> Iterator[Tuple[str, torch.Tensor]]:
     buffer = np.empty(READ_BLOCK, dtype=np.float32)  # one read buffer for every tensor: no heap churn
     for name in sorted(group):
+        item = group[name]
+        # Schema: every member is a float dataset (an integer one would be read as float32 silently).
+        if not isinstance(item, h5py.Dataset) or item.dtype.kind != "f":
+            what = "a group" if not isinstance(item, h5py.Dataset) else f"of dtype {item.dtype}"
+            raise UsageError(f"direction file '{group.file.filename}' is damaged: '{group_name}/{name}' is {what}, "
+                             "not a float dataset; make the directions again")
         span = rows(name) if rows is not None else None
         values, finite = _read_tensor(group[name], name, stamp, buffer, dtype or torch.float32, device or "cpu", span)
         if not finite and not non_finite:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
 from ..models import model_kind
@@ -27,17 +28,7 @@ def parse_range(text: str, name: str = "x") -> np.ndarray:
 
     name: what the range is for, in messages ('x', 'y').
     """
-    parts = str(text).split(":")
-    try:
-        low, high, num = float(parts[0]), float(parts[1]), int(parts[2])
-        if len(parts) != 3:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise UsageError(f"the {name} range '{text}' is not MIN:MAX:NUM (e.g. -1:1:21)") from None
-    if num < 2:
-        raise UsageError(f"the {name} range '{text}' is empty: NUM must be at least 2")
-    if not np.isfinite([low, high]).all() or low >= high:
-        raise UsageError(f"the {name} range '{text}' is inverted or empty: MIN must be smaller than MAX")
+    low, high, num = checks.grid_range(text, f"the {name} range")
     return np.linspace(low, high, num)
 
 
@@ -137,7 +128,7 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
     _check_directions(model, directions)
     kind = kind or model_kind(model)
     group, groups, reports = point_groups(model)
-    step = max(1, int(points_per_pass))
+    step = checks.positive_int(points_per_pass, "points_per_pass")  # 0 is refused, not taken as 1
     if step > 1 and any(is_sharded(p) for p in model.parameters()):
         raise UsageError("several points per pass need the whole model on each rank; a sharded model "
                          "evaluates one point per pass")

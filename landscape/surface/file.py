@@ -31,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .. import checks
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
 from ..models import model_kind
@@ -132,6 +133,8 @@ def _verified(f, path, names):
 
 def _coordinates(values, path, name):
     values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise UsageError(f"'{name}' in '{path}' holds non-finite values; is it a surface file?")
     if values.ndim != 1 or len(values) < 2:
         raise UsageError(f"'{name}' in '{path}' must be a 1-D array of at least 2 points, got shape {values.shape}")
     if not np.all(np.diff(values) > 0):
@@ -384,6 +387,7 @@ class SurfaceFile:
 
     def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0, fields=TRAIN_FIELDS):
         check_grid_size(xs, ys)
+        checks.non_negative_float(flush_seconds, "flush_seconds")  # NaN: the file would never be rewritten
         self.path, self.xs, self.ys, self.fields = Path(path), xs, ys, tuple(fields)
         self.identity, self.attrs, self.flush_seconds = identity, attrs, flush_seconds
         self.shape = (len(xs),) if ys is None else (len(ys), len(xs))

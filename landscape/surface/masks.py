@@ -101,6 +101,9 @@ class ScoreSource:
                 self.names = list(handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys())
                 self.shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in self.names}
                 self.metadata = dict(handle.metadata() or {})
+            from ..fisher.file import check_fisher_header
+
+            check_fisher_header(self.metadata, self._path)
 
     def read(self, name: str) -> torch.Tensor:
         """float32 CPU scores of one tensor."""
@@ -108,12 +111,12 @@ class ScoreSource:
             return self._dict[name].detach().reshape(self.shapes[name]).float().cpu()
         from safetensors import safe_open
 
-        from ..fisher.file import check_fisher_values
+        from ..fisher.file import check_fisher_tensor
 
         with safe_open(self._path, framework="pt") as handle:
-            values = handle.get_tensor(name).float()
-        check_fisher_values({name: values}, self._path)  # what load_fisher checks, per tensor
-        return values
+            values = handle.get_tensor(name)
+        check_fisher_tensor(name, values, self._path)  # what load_fisher checks, per tensor, before any cast
+        return values.float()
 
     def shaped(self) -> Dict[str, torch.Tensor]:
         """{name: a meta tensor of the scores' shape}, to check names and shapes without values."""

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..errors import UsageError
+from .. import checks
 from ..files import write_csv as write_rows
 from .file import Surface, read_surface
 
@@ -57,8 +57,8 @@ def summarize(surface, radius=None, fit_radius=None, label=None, field="train_lo
         surface = read_surface(surface, field)
     radius = default_radius(surface) if radius is None else float(radius)
     fit_radius = default_fit_radius(surface) if fit_radius is None else float(fit_radius)
-    if radius < 0 or fit_radius <= 0:
-        raise UsageError(f"the radius must be positive (got radius={radius}, fit radius={fit_radius})")
+    radius = checks.non_negative_float(radius, "radius")  # NaN too: it would compare as no point at all
+    fit_radius = checks.positive_float(fit_radius, "fit radius")
     finite = surface.z[np.isfinite(surface.z)]
     row = dict(label=label if label is not None else surface.path.stem, file=str(surface.path),
                dims=surface.dims, field=surface.field, radius=radius, fit_radius=fit_radius,

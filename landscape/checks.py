@@ -1,0 +1,219 @@
+"""The domains of numeric settings, in one home: counts, fractions, probabilities, finite numbers,
+MIN:MAX:NUM ranges and comma-separated lists of numbers.
+
+The stages call these functions on the values a Python user passes (``positive_int(batch_size,
+"batch_size")``), and the command line's parsers use the same domains as argparse types
+(``cli/options.py``), so an option and the API argument behind it refuse the same values with the
+same words.  Standard library only: the parsers need these, and ``landscape --help`` must not pay
+for torch or numpy.
+"""
+
+import math
+import operator
+from typing import List, Optional, Tuple
+
+from .errors import UsageError
+
+SEED_MAX = 2**32 - 1  # seeds are unsigned 32-bit integers, as numpy's generators take them
+SEQ_LEN_MAX = 2**20  # tokens per sample; the model's own position table is checked when it is loaded
+GRID_NUM_MAX = 100_000  # points along one axis of a surface grid (a 2D grid is also capped in total)
+EIGENPAIRS_MAX = 1000  # top Hessian eigenpairs: Lanczos holds about 2k + 10 vectors of the model's size
+LANCZOS_STEPS_MAX = 10_000  # steps of one Lanczos run, each a vector of the model's size
+BINS_MAX = 1_000_000  # histogram bins of a spectral density (the report holds them all)
+THREADS_MAX = 4096  # CPU threads for torch
+# Contour levels of a figure: drawing time grows linearly, about 0.02 s a level on a 51 x 51 grid
+# (500 levels: 12 s on a busy 2-core machine), so 50 million never finish; colours that close cannot be told apart.
+CONTOUR_LEVELS_MAX = 500
+
+
+class Domain:
+    """A set of allowed values: integers or finite floats between optional bounds.
+
+    Args:
+        kind: "int" or "float"; a float is always finite (NaN and ±inf are never in a domain).
+        low, high: bounds, None for none.
+        low_open, high_open: whether the bound itself is excluded.
+    """
+
+    def __init__(self, kind: str, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False):
+        self.kind, self.low, self.high = kind, low, high
+        self.low_open, self.high_open = low_open, high_open
+
+    def __repr__(self):
+        return f"Domain({self.describe()})"
+
+    def describe(self) -> str:
+        """In words, for messages: 'an integer >= 1', 'a finite number in (0, 1]'."""
+        low, high = _show(self.low), _show(self.high)
+        if self.low is not None and self.high is not None:  # bounds on both sides: finite goes without saying
+            what = "an integer" if self.kind == "int" else "a number"
+            return f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        what = "an integer" if self.kind == "int" else "a finite number"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
+        return what
+
+    def convert(self, value):
+        """``value`` (a number or its text) as an int or float, or None when it is not one."""
+        if isinstance(value, bool):
+            return None
+        try:
+            if self.kind == "int":
+                return int(value.strip(), 10) if isinstance(value, str) else operator.index(value)
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+
+    def __contains__(self, value) -> bool:
+        number = self.convert(value)
+        if number is None or (self.kind == "float" and not math.isfinite(number)):
+            return False
+        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
+            return False
+        return self.high is None or (number < self.high if self.high_open else number <= self.high)
+
+    def problem(self, value) -> Optional[str]:
+        """Why ``value`` is not in the domain ('must be ..., got ...'), or None when it is."""
+        if value in self:
+            return None
+        return f"must be {self.describe()}, got {_quote(value)}"
+
+    def check(self, value, name: str):
+        """``value`` converted to the domain's kind.
+
+        Raises:
+            UsageError: naming ``name`` when the value is outside the domain.
+        """
+        problem = self.problem(value)
+        if problem:
+            raise UsageError(f"{name} {problem}")
+        return self.convert(value)
+
+
+def _show(bound) -> str:
+    return "" if bound is None else f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def _quote(value) -> str:
+    return f"'{value}'" if isinstance(value, str) else repr(value)
+
+
+POSITIVE_INT = Domain("int", 1)
+NON_NEGATIVE_INT = Domain("int", 0)
+SEED = Domain("int", 0, SEED_MAX)
+SEQ_LEN = Domain("int", 8, SEQ_LEN_MAX)
+CONTOUR_LEVELS = Domain("int", 2, CONTOUR_LEVELS_MAX)
+FRACTION = Domain("float", 0.0, 1.0, low_open=True)
+PROBABILITY = Domain("float", 0.0, 1.0)
+BELOW_ONE = Domain("float", 0.0, 1.0, high_open=True)
+OPEN_UNIT = Domain("float", 0.0, 1.0, low_open=True, high_open=True)
+PERCENT = Domain("float", 0.0, 100.0, low_open=True)
+FINITE = Domain("float")
+POSITIVE = Domain("float", 0.0, low_open=True)
+NON_NEGATIVE = Domain("float", 0.0)
+
+
+def int_in(low: int, high: Optional[int] = None) -> Domain:
+    """Integers in [low, high] (no upper bound when high is None)."""
+    return Domain("int", low, high)
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1; UsageError naming ``name`` otherwise."""
+    return POSITIVE_INT.check(value, name)
+
+
+def non_negative_int(value, name: str) -> int:
+    """``value`` as an int >= 0; UsageError naming ``name`` otherwise."""
+    return NON_NEGATIVE_INT.check(value, name)
+
+
+def seed(value, name: str = "seed") -> int:
+    """``value`` as a seed, an int in [0, 2**32 - 1]; UsageError naming ``name`` otherwise."""
+    return SEED.check(value, name)
+
+
+def fraction(value, name: str) -> float:
+    """``value`` as a float in (0, 1]; UsageError naming ``name`` otherwise (NaN included)."""
+    return FRACTION.check(value, name)
+
+
+def probability(value, name: str) -> float:
+    """``value`` as a float in [0, 1]; UsageError naming ``name`` otherwise."""
+    return PROBABILITY.check(value, name)
+
+
+def finite_float(value, name: str) -> float:
+    """``value`` as a finite float; UsageError naming ``name`` for NaN, ±inf or a non-number."""
+    return FINITE.check(value, name)
+
+
+def positive_float(value, name: str) -> float:
+    """``value`` as a finite float > 0; UsageError naming ``name`` otherwise."""
+    return POSITIVE.check(value, name)
+
+
+def non_negative_float(value, name: str) -> float:
+    """``value`` as a finite float >= 0; UsageError naming ``name`` otherwise."""
+    return NON_NEGATIVE.check(value, name)
+
+
+def optional(check, value, name: str):
+    """None stays None (the setting left out); anything else goes through ``check(value, name)``."""
+    return None if value is None else check(value, name)
+
+
+# ----------------------------------------------------------------------------- composite values
+def range_problem(text, num_max: int = GRID_NUM_MAX) -> Tuple[Optional[Tuple[float, float, int]], Optional[str]]:
+    """((MIN, MAX, NUM), None) for a valid 'MIN:MAX:NUM', or (None, why not)."""
+    parts = str(text).split(":")
+    if len(parts) != 3:
+        return None, f"must be MIN:MAX:NUM (e.g. -1:1:21), got '{text}'"
+    low, high, num = FINITE.convert(parts[0]), FINITE.convert(parts[1]), Domain("int").convert(parts[2])
+    if low is None or high is None or num is None:
+        return None, f"must be MIN:MAX:NUM with numbers (e.g. -1:1:21), got '{text}'"
+    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
+        return None, f"must have finite MIN and MAX and a finite MAX - MIN, got '{text}'"
+    if low >= high:
+        return None, f"must have MIN smaller than MAX, got '{text}'"
+    if not 2 <= num <= num_max:
+        return None, f"must have NUM in [2, {num_max}], got '{text}'"
+    return (low, high, num), None
+
+
+def grid_range(text, name: str, num_max: int = GRID_NUM_MAX) -> Tuple[float, float, int]:
+    """'MIN:MAX:NUM' -> (MIN, MAX, NUM): finite bounds, MIN < MAX, MAX - MIN finite, 2 <= NUM <= num_max.
+
+    Raises:
+        UsageError: naming ``name`` otherwise.
+    """
+    parsed, problem = range_problem(text, num_max)
+    if problem:
+        raise UsageError(f"{name} {problem}")
+    return parsed
+
+
+def list_problem(text, domain: Domain) -> Tuple[Optional[List], Optional[str]]:
+    """(numbers, None) for 'a,b,c' with every item in ``domain`` and at least one, or (None, why not)."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]  # '0.5,' is one item
+    if not items:
+        return None, f"must be comma-separated numbers, each {domain.describe()}, got '{text}'"
+    for item in items:
+        if item not in domain:
+            return None, f"must be comma-separated numbers, each {domain.describe()}, got '{item}' in '{text}'"
+    return [domain.convert(item) for item in items], None
+
+
+def number_list(text, name: str, domain: Domain) -> List:
+    """'a,b,c' -> [a, b, c], each in ``domain``, at least one.
+
+    Raises:
+        UsageError: naming ``name`` and the first bad item otherwise.
+    """
+    numbers, problem = list_problem(text, domain)
+    if problem:
+        raise UsageError(f"{name} {problem}")
+    return numbers

@@ -1,0 +1,213 @@
+"""Every numeric option is checked before any work, by the shared domains of ``landscape.checks``.
+
+The table is read from the parsers: every option of every subcommand whose type is a number, a
+comma-separated list of numbers or a MIN:MAX:NUM range gets 0, -1, nan, inf and a huge value
+wherever its own declared domain says the value is wrong, and must end in exit code 2 with one
+line naming the option, quickly, writing nothing.  A new numeric option is covered without editing
+this file, and one declared with a plain ``type=int``/``float`` (no domain to read) fails here.
+Parse-level refusals are checked in-process; a few of the campaign's cases also as real processes.
+"""
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from landscape import checks
+from landscape.cli import build_parser, main
+from landscape.cli import options as opts
+from landscape.errors import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+CANDIDATES = ("0", "-1", "nan", "inf", "-inf", "1e308", str(10**12))
+SECONDS = 3.0  # a parse-level refusal takes milliseconds; generous for a shared two-core machine
+
+
+def _subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+SUBCOMMANDS = _subcommands()
+
+
+def _is_plain_number(action):
+    default = action.default
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    return action.type in (int, float) or (action.type is None and numeric_default and action.nargs != 0)
+
+
+def _numeric_options():
+    for command, parser in SUBCOMMANDS.items():
+        for action in parser._actions:
+            if action.option_strings and (hasattr(action.type, "domain") or action.type in (int, float)):
+                yield command, action
+
+
+def _bad_values(action):
+    """The values among CANDIDATES that the option's own domain (or its choices) rules out."""
+    kind = action.type
+    if action.choices is not None:
+        return [v for v in CANDIDATES if _convert(kind, v) not in action.choices]
+    if kind.form == "number":
+        return [v for v in CANDIDATES if v not in kind.domain]
+    if kind.form == "list":
+        bad = [v for v in CANDIDATES if v not in kind.domain]
+        valid = next(iter(str(action.default or "").split(",")), "")
+        return bad + ([f"{valid},{bad[0]}"] if valid and bad else [])
+    return ["nan:1:3", "-1:inf:3", "-1e308:1e308:3", "1:-1:3", "-1:1:0", "-1:1:-1", "-1:1:nan",
+            f"-1:1:{kind.num_max + 1}", f"-1:1:{10**12}", "-1:1", "0"]
+
+
+def _convert(kind, text):
+    try:
+        return kind(text)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return None
+
+
+def _base_argv(command, parser, folder):
+    """The subcommand with every required argument given (none of them is read: parsing fails first)."""
+    argv = [command]
+    for action in parser._actions:
+        if not action.option_strings and action.dest not in ("help",):
+            argv.append(str(folder / "input"))
+        elif action.required:
+            argv += [action.option_strings[0], str(folder / "output")]
+    return argv
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_numeric_option_declares_its_domain(command):
+    for action in SUBCOMMANDS[command]._actions:
+        if action.choices is None and _is_plain_number(action):
+            pytest.fail(f"{command} {action.option_strings[0]}: a number without a domain; give it a type from "
+                        "landscape.cli.options (or choices)")
+
+
+NUMERIC = list(_numeric_options())
+
+
+def test_the_table_is_not_empty():
+    assert len(NUMERIC) > 60, [f"{c} {a.option_strings[0]}" for c, a in NUMERIC]
+
+
+@pytest.mark.parametrize("command,action", NUMERIC, ids=[f"{c} {a.option_strings[0]}" for c, a in NUMERIC])
+def test_out_of_domain_values_are_one_line_and_exit_2(command, action, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    option = action.option_strings[0]
+    base = _base_argv(command, SUBCOMMANDS[command], tmp_path)
+    build_parser().parse_args(base)  # the base is valid: a refusal below is the option's own
+    bad = _bad_values(action)
+    assert bad, f"{command} {option}: no candidate is outside its domain; is the domain right?"
+    for value in bad:
+        started = time.perf_counter()
+        with pytest.raises(SystemExit) as done:
+            main([*base, f"{option}={value}"])
+        seconds = time.perf_counter() - started
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert done.value.code == 2, (value, err)
+        assert len(lines) == 1, (value, err)
+        assert lines[0].startswith(f"landscape {command}: error: argument {option}"), (value, err)
+        assert "must" in lines[0] or "invalid" in lines[0], lines[0]
+        assert seconds < SECONDS, f"{command} {option}={value} took {seconds:.1f} s"
+        assert list(tmp_path.iterdir()) == [], f"{command} {option}={value} wrote something"
+
+
+# The campaign's cases (issue 19), each as a real process: exit 2, one line naming the option,
+# no output file, quickly.
+CAMPAIGN = [
+    (["finetune", "--seq-len", "0"], "--seq-len"),
+    (["finetune", "--warmup", "2"], "--warmup"),
+    (["finetune", "--lr", "nan"], "--lr"),
+    (["compare", "a.h5", "--radius", "nan"], "--radius"),
+    (["surface", "--directions", "d.h5", "--x=-1e308:1e308:3"], "--x"),
+    (["plot", "a.h5", "--kind", "contour", "--levels", "50000000"], "--levels"),
+    (["directions", "--kind", "hessian", "--batch-size", "0"], "--batch-size"),
+]
+
+
+@pytest.mark.parametrize("argv,option", CAMPAIGN, ids=[" ".join(a) for a, _ in CAMPAIGN])
+def test_campaign_cases_as_processes(argv, option, tmp_path):
+    suffix = {"finetune": ".csv", "directions": ".h5", "surface": ".h5"}.get(argv[0], ".png")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "landscape.cli", *argv, "--out", f"out{suffix}"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    seconds = time.perf_counter() - started
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and f"argument {option}: must" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert seconds < 10.0, f"{' '.join(argv)} took {seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------- the library's side
+def test_domains_in_words_and_values():
+    assert checks.positive_int("3", "n") == 3 and checks.fraction(1, "f") == 1.0
+    assert checks.FRACTION.describe() == "a number in (0, 1]"
+    assert checks.POSITIVE.describe() == "a finite number > 0"
+    assert checks.grid_range("-1:1:21", "x") == (-1.0, 1.0, 21)
+    assert checks.number_list("0.5, 0.1,", "f", checks.FRACTION) == [0.5, 0.1]
+    for call in (lambda: checks.positive_int(0, "batch_size"), lambda: checks.positive_int(2.0, "batch_size"),
+                 lambda: checks.positive_int(True, "batch_size"), lambda: checks.finite_float(math.nan, "zmin"),
+                 lambda: checks.probability(1.5, "warmup"), lambda: checks.seed(-1),
+                 lambda: checks.grid_range("-1e308:1e308:3", "x"), lambda: checks.grid_range("-1:1:1", "x"),
+                 lambda: checks.number_list(",", "f", checks.FRACTION)):
+        with pytest.raises(UsageError):
+            call()
+
+
+def test_the_api_refuses_what_the_options_refuse():
+    from landscape.guided.training import FinetuneConfig
+    from landscape.plots.surfaces import Style
+    from landscape.surface import parse_range
+
+    for bad in ({"lr": -1.0}, {"lr": math.nan}, {"warmup": 2.0}, {"batch_size": 0}, {"seq_len": 0},
+                {"r3f_sigma": -1.0}, {"epochs": 0}):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            FinetuneConfig(**bad)
+    with pytest.raises(UsageError, match="zmin"):
+        Style(zmin=math.nan).validate()
+    with pytest.raises(UsageError, match="levels"):
+        Style(levels=50_000_000).validate()
+    with pytest.raises(UsageError, match="finite MAX - MIN"):
+        parse_range("-1e308:1e308:3")
+
+
+def test_options_keep_their_defaults_through_the_types():
+    # A list or range option's value stays its text, as the stages and stored settings expect it.
+    args = SUBCOMMANDS["surface"].parse_args(["--directions", "d.h5", "--out", "s.h5"])
+    assert args.x == "-1:1:21" and args.y is None and args.seed == 0 and args.seq_len == 128
+    assert isinstance(opts.RANGE("-2:2:5"), str) and opts.FRACTIONS("1,0.5") == "1,0.5"
+
+
+def test_the_api_refuses_instead_of_falling_back(tiny_bert, tiny_corpus_file, write_surface, tmp_path):
+    import numpy as np
+
+    from landscape import corpus, directions, fisher, surface
+    from landscape.fisher.accumulator import FisherAccumulator
+    from landscape.surface import sharpness
+    from landscape.surface.file import SurfaceFile, read_surface
+
+    model = tiny_bert.model
+    batches = corpus.load_batches(tiny_bert, str(tiny_corpus_file), max_samples=2, seq_len=16, batch_size=2)
+    with pytest.raises(UsageError, match="points_per_pass"):  # once silently taken as 1
+        surface.evaluate(model, [directions.random_direction(model, seed=0)], batches, [0.0, 1.0], points_per_pass=0)
+    with pytest.raises(UsageError, match="checkpoint_every"):  # NaN would never be due
+        fisher.compute_fisher(model, batches, checkpoint=tmp_path / "c", checkpoint_every=math.nan)
+    with pytest.raises(UsageError, match="max_chunk_mb"):  # 0 was one element per chunk
+        FisherAccumulator(model, max_chunk_mb=0)
+    with pytest.raises(UsageError, match="flush_seconds"):
+        SurfaceFile(tmp_path / "s.h5", np.linspace(-1, 1, 3), None, {}, {}, flush_seconds=math.nan)
+    bowl = read_surface(write_surface("bowl.h5", lambda x: x**2))
+    with pytest.raises(UsageError, match="radius"):  # NaN compared as no point and wrote a figure
+        sharpness.summarize(bowl, radius=math.nan)
+    assert list(tmp_path.glob("c*")) == [] and not (tmp_path / "s.h5").exists()
