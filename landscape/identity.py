@@ -228,7 +228,8 @@ def changed(stored: Dict, current: Dict) -> Optional[str]:
 
 
 _DETAIL = {"the model": "its weights are not the ones the run started with",
-           "the sample": "its tokens are not the ones the run started with (was the corpus edited?)"}
+           "the sample": "its tokens are not the ones the run started with: an edited corpus, another "
+                         "sub-sample or another tokenizer"}
 
 
 def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[str] = None,
