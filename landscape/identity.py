@@ -6,13 +6,14 @@ schedule, Hessian report) records the fingerprint of the model it was made for, 
 uses it with another model refuses it.  See docs/identity.md.
 
 Model fingerprint (``model_fingerprint``): a SHA-256 over, for every weight tensor of the
-checkpoint in sorted name order, its name, its stored dtype, its shape and ``SAMPLES_PER_TENSOR``
-evenly spaced elements of its stored bytes.  It is read from the checkpoint files (safetensors
-headers and a memory map; ``pytorch_model.bin`` through ``torch.load(weights_only=True,
-mmap=True)``), never from the loaded model: the same for every ``--dtype``, for a model sharded
-with FSDP2, for the same weights split into other shards or saved as another format, and for the
-classifier ``finetune`` builds on a checkpoint.  A model that exists only in memory (the Python
-API) gets ``parameters_fingerprint``, the same hash over its parameters.
+checkpoint in sorted name order, its name, its stored dtype, its shape and the stored bytes of
+``SAMPLES_PER_TENSOR`` of its elements (64 evenly spaced runs of 64; all of a smaller tensor).  It
+is read from the checkpoint files (safetensors headers and reads of those elements only;
+``pytorch_model.bin`` through ``torch.load(weights_only=True, mmap=True)``), never from the loaded
+model: the same for every ``--dtype``, for a model sharded with FSDP2, for the same weights split
+into other safetensors shards, and for the classifier ``finetune`` builds on a checkpoint.  A
+model that exists only in memory (the Python API) gets ``parameters_fingerprint``, the same hash
+over its parameters.
 
 Sample fingerprint (``sample_fingerprint``): a SHA-1 over the inputs and targets of every sample
 in order, without padding (so the batch size does not change it).
@@ -20,18 +21,19 @@ in order, without padding (so the batch size does not change it).
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-import numpy as np
 import torch
 
 from .errors import SettingsMismatch, UsageError
 
 MODEL_KEY = "model_fingerprint"
 SAMPLE_KEY = "sample_fingerprint"
-SAMPLES_PER_TENSOR = 4096
+RUNS, RUN_LENGTH = 64, 64
+SAMPLES_PER_TENSOR = RUNS * RUN_LENGTH  # elements hashed per tensor
 SCHEME = b"landscape-weights/1"
 
 # safetensors' dtype codes; torch tensors from .bin files and parameters are named the same way.
@@ -43,10 +45,14 @@ _ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 
 # ----------------------------------------------------------------------------- the model
-def _indices(count: int) -> np.ndarray:
-    """``SAMPLES_PER_TENSOR`` evenly spaced element indices of a tensor of ``count`` elements."""
-    k = min(count, SAMPLES_PER_TENSOR)
-    return (np.arange(k, dtype=np.int64) * count) // max(k, 1)
+def _runs(count: int) -> List[tuple]:
+    """The hashed elements of a tensor of ``count`` elements, as (first element, length) runs: all
+    of a tensor of at most ``SAMPLES_PER_TENSOR`` elements, else ``RUNS`` evenly spaced runs of
+    ``RUN_LENGTH`` consecutive elements.  Runs rather than single elements: a cold read touches at
+    most 2 pages per run (at most ~0.5 MB per tensor), whatever the tensor's size."""
+    if count <= SAMPLES_PER_TENSOR:
+        return [(0, count)] if count else []
+    return [((i * count) // RUNS, RUN_LENGTH) for i in range(RUNS)]
 
 
 class _Digest:
@@ -63,26 +69,28 @@ class _Digest:
 
 def _safetensors_entries(path: Path) -> Iterable:
     """(name, dtype code, shape, sampled bytes) of every tensor of one safetensors file, read from
-    its header and a memory map of the sampled elements only."""
+    its header and the sampled runs only (``os.pread`` with readahead off: a few pages a tensor)."""
     with open(path, "rb") as handle:
         length = struct.unpack("<Q", handle.read(8))[0]
         header = json.loads(handle.read(length))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length) if path.stat().st_size > 8 + length \
-        else np.zeros(0, dtype=np.uint8)
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        code, shape = str(entry["dtype"]), entry["shape"]
-        size = _ITEM_SIZES.get(code, 1)
-        start, end = (int(v) for v in entry["data_offsets"])
-        elements = data[start:end].reshape(-1, size) if end > start else np.zeros((0, size), np.uint8)
-        yield name, code, shape, np.ascontiguousarray(elements[_indices(len(elements))]).tobytes()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            code, shape = str(entry["dtype"]), entry["shape"]
+            size = _ITEM_SIZES.get(code, 1)
+            start, end = (int(v) for v in entry["data_offsets"])
+            base = 8 + length + start
+            sample = b"".join(os.pread(handle.fileno(), count * size, base + first * size)
+                              for first, count in _runs((end - start) // size))
+            yield name, code, shape, sample
 
 
 def _tensor_sample(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
-    picked = flat[torch.from_numpy(_indices(flat.numel()))].cpu().contiguous()
-    return picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b""
+    return b"".join(flat[first:first + count].cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                    for first, count in _runs(flat.numel()))
 
 
 def _bin_entries(path: Path) -> Iterable:
@@ -95,19 +103,19 @@ def _bin_entries(path: Path) -> Iterable:
             yield name, _TORCH_CODES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape), _tensor_sample(tensor)
 
 
-def _weight_files(folder: Path, stem: str) -> List[Path]:
-    """The checkpoint files of ``folder`` as transformers picks them: the sharded index's files,
-    else ``{stem}.safetensors``, else the pickled ``.bin`` equivalents."""
-    for suffix, fallback in ((".safetensors", "*.safetensors"), (".bin", None)):
-        index = folder / f"{stem}{suffix}.index.json"
+def _weight_files(folder: Path, adapter: bool) -> List[Path]:
+    """The checkpoint files of ``folder`` as transformers (or PEFT, for an ``adapter``) picks them:
+    a sharded index's files, else the single file, safetensors before pickled ``.bin``."""
+    names = ["adapter_model.safetensors", "adapter_model.bin"] if adapter else \
+        ["model.safetensors", "pytorch_model.bin"]
+    for name in names:
+        index = folder / f"{name}.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
-            return [folder / name for name in sorted(set(weight_map.values()))]
-        if (folder / f"{stem}{suffix}").is_file():
-            return [folder / f"{stem}{suffix}"]
-    if stem == "model":
-        return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
-    return []
+            return [folder / file for file in sorted(set(weight_map.values()))]
+        if (folder / name).is_file():
+            return [folder / name]
+    return [] if adapter else sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
 
 
 def folder_fingerprint(folder) -> Optional[str]:
@@ -115,7 +123,7 @@ def folder_fingerprint(folder) -> Optional[str]:
     weight files).  A PEFT adapter folder: its adapter weights and its base model's fingerprint."""
     folder = Path(folder)
     adapter = folder / "adapter_config.json"
-    files = _weight_files(folder, "adapter_model" if adapter.is_file() else "model")
+    files = _weight_files(folder, adapter.is_file())
     if not files:
         return None
     digest = _Digest()

@@ -81,6 +81,12 @@ def test_the_fingerprint_is_the_checkpoints_whatever_the_dtype_or_the_shards(tin
     BertForMaskedLM.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     assert identity.source_fingerprint(tmp_path / "sharded") == first
+    # Pickled weights (read with weights_only and mmap) are identified as well.
+    for name, folder in (("bin_a", tiny_bert_dir), ("bin_b", other_bert_dir)):
+        (tmp_path / name).mkdir()
+        torch.save(load_file(str(folder / "model.safetensors")), tmp_path / name / "pytorch_model.bin")
+    pickled = [identity.source_fingerprint(tmp_path / name) for name in ("bin_a", "bin_b")]
+    assert None not in pickled and pickled[0] != pickled[1]
     # The embedded model is a folder too; a model only in memory is hashed from its parameters.
     assert identity.source_fingerprint(None) == identity.folder_fingerprint(load_model(None).source)
     loaded = load_model(str(tiny_bert_dir))
@@ -227,14 +233,14 @@ def test_compare_refuses_a_hessian_report_of_another_model(tiny_bert_dir, other_
 
 def test_a_hessian_journal_of_another_model_or_sample_is_refused_naming_it(tmp_path):
     from landscape.curvature.checkpoint import _Journal
-    from landscape.errors import SettingsMismatch
+    from landscape.errors import UsageError
 
     path = tmp_path / "H.trace.ckpt"
     start = {"method": "trace", identity.MODEL_KEY: "aaaa", identity.SAMPLE_KEY: "bbbb", "seed": 0}
     _Journal(path, start).add(0, value=1.0)
-    with pytest.raises(SettingsMismatch, match="the model changed"):
+    with pytest.raises(UsageError, match="the model changed"):
         _Journal(path, dict(start, **{identity.MODEL_KEY: "cccc"}))
-    with pytest.raises(SettingsMismatch, match="the sample changed"):
+    with pytest.raises(UsageError, match="the sample changed"):
         _Journal(path, dict(start, **{identity.SAMPLE_KEY: "dddd"}))
     assert _Journal(path, start).records[0]["value"] == 1.0
 
