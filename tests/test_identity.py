@@ -181,7 +181,11 @@ def test_a_fisher_file_is_refused_with_another_model_by_every_reader(fisher_of_t
     for args in (("schedule", fisher_of_tiny, "--model", other, "--out", tmp_path / "s.json"),
                  ("profile", fisher_of_tiny, "--model", other, "--out", tmp_path / "profile"),
                  ("directions", "--model", other, "--fisher", fisher_of_tiny, "--subset", "top:10",
-                  "--out", tmp_path / "d.h5")):
+                  "--out", tmp_path / "d.h5"),
+                 ("directions", "--model", other, "--kind", "hessian", "--fisher", fisher_of_tiny, "--subset",
+                  "top:10", "--device", "cpu", "--out", tmp_path / "h.h5"),
+                 ("hessian", "--model", other, "--fisher", fisher_of_tiny, "--subset", "top:10", "--device", "cpu",
+                  "--out", tmp_path / "h.json")):
         _one_line(*_cli(capfd, *args)[::2], str(fisher_of_tiny), "another model")
     assert not any(tmp_path.iterdir())
     # With its own model the same file is accepted, and the schedule records the model.
