@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..files import atomic_output
-from ..identity import refuse_changed_resume
+from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, refuse_changed_resume, sample_fingerprint
 from ..runtime import all_reduce_sum
 from ..sharding import ShardLayout, collective_errors, sharded_like
 from .accumulator import FisherAccumulator
@@ -40,7 +40,7 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
         on Ctrl-C, and a later call with the same path and ``fingerprint`` resumes after the batches
         already done (so pass the same batches in the same order).  The caller removes the file.
         The checkpoint also records the model's and the sample's fingerprints (``identity``); a
-        resume whose model or sample changed is refused (``SettingsMismatch``) naming which.
+        resume whose model or sample changed is refused (UsageError) naming which.
     model_fingerprint: the model's (``identity.model_fingerprint`` of its checkpoint); default:
         ``identity.parameters_fingerprint`` of an unsharded model.
     max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default that scales with
@@ -88,9 +88,8 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
 
 
 def _with_identity(fingerprint, model, batches, model_fingerprint):
-    """The settings fingerprint with the model's and the sample's content fingerprints added."""
-    from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, sample_fingerprint
-
+    """The settings fingerprint with the model's and the sample's content fingerprints added (the
+    sample's when ``batches`` is a list: a generator could be read only once)."""
     if model_fingerprint is None:
         with contextlib.suppress(UsageError):  # a sharded model without a checkpoint's fingerprint
             model_fingerprint = parameters_fingerprint(model)

@@ -6,14 +6,16 @@
 (``guided.stats``); ``plot_paucity`` draws it, ``format_summary`` prints it.
 
 Settings fingerprint: every run row carries ``settings``, a short hash of what all runs of a sweep
-share (model, the train/test data after reading, splitting and the test cap, the training cap, and
-every ``FinetuneConfig`` field but the device and the regularizer-specific ones), and
+share (model, its weights' ``identity.source_fingerprint``, the train/test data after reading,
+splitting and the test cap, the training cap, and every ``FinetuneConfig`` field but the device and
+the regularizer-specific ones), and
 ``reg_settings``, a hash of what only its regularizer uses (the guided schedule's site -> p list for
 guided / dropout-matched / guided-shuffled, ``mixout_p``, ``childtuning_reserve``, the R3F
 settings).  Resuming refuses, with ``SettingsMismatch``, a journal holding a run of other shared
 settings, or a run of a regularizer in this sweep made with other settings of its own; runs of
 regularizers outside this sweep are kept as they are.  The settings behind each fingerprint are
-kept in ``<runs>.settings.json``, so a refusal can name what changed.
+kept in ``<runs>.settings.json``, so a refusal can name what changed: the model's weights or the
+data first, by name.
 """
 
 import dataclasses
@@ -61,9 +63,9 @@ def _data_digest(data):
 
 def sweep_settings(model_spec, train_data, test_data, config, cap=None, regularizers=(), guided=None):
     """(shared settings, {regularizer: its own settings}): what the fingerprints hash."""
-    own = {f for fields in _OWN_FIELDS.values() for f in fields}
     from ..identity import MODEL_KEY, source_fingerprint
 
+    own = {f for fields in _OWN_FIELDS.values() for f in fields}
     shared = {"model": "embedded" if model_spec is None else str(model_spec),
               MODEL_KEY: source_fingerprint(model_spec) or "",
               "train_data": _data_digest(train_data), "test_data": _data_digest(test_data), "max_train": cap,
