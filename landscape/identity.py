@@ -10,7 +10,8 @@ checkpoint in sorted name order, its name, its stored dtype, its shape and the s
 ``SAMPLES_PER_TENSOR`` of its elements (64 evenly spaced runs of 64; all of a smaller tensor).  It
 is read from the checkpoint files (safetensors headers and reads of those elements only;
 ``pytorch_model.bin`` through ``torch.load(weights_only=True, mmap=True)``), never from the loaded
-model: the same for every ``--dtype``, for a model sharded with FSDP2, for the same weights split
+model, and covers the folder's ``config.json`` (less the keys a re-save rewrites).  It is the same
+for every ``--dtype``, for a model sharded with FSDP2, for the same weights split
 into other safetensors shards, and for the classifier ``finetune`` builds on a checkpoint.  A
 model that exists only in memory (the Python API) gets ``parameters_fingerprint``, the same hash
 over its parameters.
@@ -130,6 +131,7 @@ def folder_fingerprint(folder) -> Optional[str]:
     if adapter.is_file():
         base = json.loads(adapter.read_text()).get("base_model_name_or_path")
         digest.hash.update(f"base:{source_fingerprint(base) if base else ''}".encode())
+    digest.hash.update(_config_bytes(folder / "config.json"))
     entries = []
     try:
         for path in files:
@@ -141,6 +143,25 @@ def folder_fingerprint(folder) -> Optional[str]:
     for name, code, shape, sample in sorted(entries, key=lambda e: e[0]):
         digest.add(name, code, shape, sample)
     return digest.hexdigest()
+
+
+# Keys a re-save rewrites without changing what the model computes.
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache")
+
+
+def _config_bytes(path: Path) -> bytes:
+    """The model's configuration, as part of its identity: the same weights under another
+    ``rope_theta``, attention scale or head count compute other numbers."""
+    if not path.is_file():
+        return b"config:none"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read '{path}' to identify the model: {err}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"'{path}' is not a model configuration (a JSON object)")
+    kept = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return b"config:" + json.dumps(kept, sort_keys=True).encode()
 
 
 def _hub_folder(spec: str) -> Optional[Path]:

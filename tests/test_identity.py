@@ -81,6 +81,14 @@ def test_the_fingerprint_is_the_checkpoints_whatever_the_dtype_or_the_shards(tin
     BertForMaskedLM.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     assert identity.source_fingerprint(tmp_path / "sharded") == first
+    # The configuration counts (other numbers from the same weights), a re-save's bookkeeping does not.
+    shutil.copytree(tiny_bert_dir, tmp_path / "config")
+    config_path = tmp_path / "config" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, transformers_version="0.0.1", torch_dtype="bfloat16")))
+    assert identity.source_fingerprint(tmp_path / "config") == first
+    config_path.write_text(json.dumps(dict(config, layer_norm_eps=1e-3)))
+    assert identity.source_fingerprint(tmp_path / "config") != first
     # Pickled weights (read with weights_only and mmap) are identified as well.
     for name, folder in (("bin_a", tiny_bert_dir), ("bin_b", other_bert_dir)):
         (tmp_path / name).mkdir()
