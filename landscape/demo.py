@@ -20,6 +20,7 @@ from .defaults import DemoSettings
 from .fisher import stability as stability_stage
 from .guided import profile as profile_stage
 from .guided import schedule
+from .identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from .models import LoadedModel, load_model
 from .plots import surfaces as plots
 from .surface import compute_surface_file, directions, parse_range, sharpness
@@ -66,7 +67,8 @@ class DemoRun:
         if not path.exists():
             directions.write_directions(path, self.loaded.model, dims=dims, seed=self.cfg.seed,
                                         fisher=None if spec == "all" else self.paths["fisher"], subset=spec,
-                                        settings={"model": self.loaded.source, "fisher": str(self.paths["fisher"])})
+                                        settings={"model": self.loaded.source, "fisher": str(self.paths["fisher"]),
+                                                  MODEL_KEY: model_fingerprint(self.loaded)})
         return path
 
 
@@ -80,7 +82,9 @@ def _fisher_and_stability(run: DemoRun):
                                                             fractions=cfg.stability_fractions, progress=True)
     n = sum(b["labels"].shape[0] for b in batches)
     fisher.save_fisher(paths["fisher"], scores,
-                       fisher.provenance(run.loaded.source, None, None, n, cfg.seed, seq_len=cfg.seq_len))
+                       fisher.provenance(run.loaded.source, None, None, n, cfg.seed, seq_len=cfg.seq_len,
+                                         model_fingerprint=model_fingerprint(run.loaded),
+                                         sample_fingerprint=sample_fingerprint(batches)))
     stability_stage.write_csv(table, paths["stability"])
     print(stability_stage.format_table(table))
 
@@ -100,7 +104,7 @@ def _surfaces(run: DemoRun, dims: int):
     specs = run.specs_2d if dims == 2 else run.specs_1d
     grid = parse_range(run.cfg.grid_2d if dims == 2 else run.cfg.grid_1d)
     settings = {"model": run.loaded.source, "corpus": "embedded default", "max_samples": run.cfg.eval_samples,
-                "seed": run.cfg.seed + 1, "seq_len": run.cfg.seq_len}
+                "seed": run.cfg.seed + 1, "seq_len": run.cfg.seq_len, MODEL_KEY: model_fingerprint(run.loaded)}
     for name, spec in specs:
         result = compute_surface_file(run.paths["surfaces"] / f"{name}_{dims}d.h5", run.loaded.model,
                                       run.direction_file(name, spec, dims), run.eval_batches, grid,
@@ -115,7 +119,8 @@ def _figures_stage(run: DemoRun):
 
 def _schedule(run: DemoRun):
     s = schedule.guided_dropout(run.loaded.model, run.scores, p_upper=0.1, p_lower=0.0,
-                                model_source=run.loaded.source, fisher_source=str(run.paths["fisher"]))
+                                model_source=run.loaded.source, fisher_source=str(run.paths["fisher"]),
+                                model_fingerprint=model_fingerprint(run.loaded))
     schedule.save_schedule(s, run.paths["schedule"])
     print(schedule.format_table(s))
 

@@ -121,7 +121,7 @@ def test_surface_file_resume_and_refusal(tiny_bert, bert_batches, dir_file, tmp_
     again = S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, xs, ys, progress=False)
     assert again["computed"] == 2
     np.testing.assert_array_equal(_load(out)["train_loss"], data["train_loss"])
-    with pytest.raises(UsageError, match="other settings"):
+    with pytest.raises(UsageError, match="the sample changed"):
         S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches[:1], xs, ys, progress=False)
     with pytest.raises(UsageError, match="grid"):
         S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, S.parse_range("-1:1:4"), ys,

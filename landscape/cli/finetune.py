@@ -160,8 +160,12 @@ def _probe(args, regularizers, train_data):
     sites = [s.name for s in find_sites(model)]
     if not needs_schedule:
         return None, sites
+    from ..identity import source_fingerprint
+
     guided = schedule.schedule_from_args(model, schedule_path=args.schedule, fisher_path=args.fisher,
-                                         p_upper=args.p_upper, p_lower=args.p_lower)
+                                         p_upper=args.p_upper, p_lower=args.p_lower,
+                                         model_fingerprint=source_fingerprint(args.model) or "",
+                                         model_spec=args.model)
     schedule.apply(model, guided)  # refuses a schedule made for another model, in one line
     return guided, sites
 

@@ -71,6 +71,7 @@ def run_fisher(args):
     from ..data.corpus import batches as make_batches
     from ..data.corpus import describe_framing
     from ..fisher import check_existing_fisher, compute_fisher, provenance, save_fisher
+    from ..identity import model_fingerprint, sample_fingerprint
     from ..runtime import barrier, join_torchrun
     from ..sharding import shard_layout
 
@@ -80,9 +81,12 @@ def run_fisher(args):
     layout = shard_layout(args.shard_size)
     loaded = load_model_from_args(args, layout=layout)
     samples, pad = _samples(args, loaded)
+    weights = model_fingerprint(loaded)  # of the checkpoint's files: the same on every rank, sharded or not
     meta = provenance(loaded.source, args.corpus, args.fraction, len(samples), args.seed,
                       max_samples=args.max_samples, seq_len=args.seq_len, dtype=args.dtype,
-                      objective=loaded.kind, framing=describe_framing(loaded.tokenizer, args.bos))
+                      objective=loaded.kind, framing=describe_framing(loaded.tokenizer, args.bos),
+                      model_fingerprint=weights,
+                      sample_fingerprint=sample_fingerprint(make_batches(samples, args.batch_size, pad)))
     if not args.overwrite:
         check_existing_fisher(out, meta)
     device = next(loaded.model.parameters()).device
@@ -97,7 +101,7 @@ def run_fisher(args):
     fisher = compute_fisher(loaded.model, shard, kind=loaded.kind, progress=not args.quiet and rank == 0,
                             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
                             fingerprint=json.dumps(settings, sort_keys=True), max_chunk_mb=args.max_chunk_mb,
-                            layout=layout)
+                            layout=layout, model_fingerprint=weights)
     if layout.group_index == 0:  # every group holds the same reduced sums; group 0 writes them
         extra = {"shard_size": args.shard_size} if layout.sharded else {}
         save_fisher(out, fisher, dict(meta, ranks=world, **extra))
@@ -159,8 +163,9 @@ def _register_profile(subparsers):
 
 
 def run_profile(args):
-    from ..fisher import load_fisher
+    from ..fisher import check_fisher_model, load_fisher
     from ..guided.profile import write_profile
+    from ..identity import model_fingerprint
     from ..models import load_model
 
     out = Path(args.out)
@@ -169,6 +174,7 @@ def run_profile(args):
     fisher, meta = load_fisher(args.fisher)
     # A profile reads the Fisher file: the model only gives shapes and dropout sites.
     loaded = load_model(args.model, device="cpu", dtype="float32", allow_new_head=True)
+    check_fisher_model(args.fisher, meta, model_fingerprint(loaded), args.model)
     title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
     paths = write_profile(fisher, loaded.model, out, title=title)
     for what, path in paths.items():

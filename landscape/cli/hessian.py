@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import check_output_path
+from ..identity import MODEL_KEY, model_fingerprint
 from . import options
 from .common import (
     add_corpus_args,
@@ -102,6 +103,16 @@ def _fisher_and_subset(args):
     return None, {}, subset
 
 
+def _checked_fingerprint(args, loaded, fisher_meta):
+    """The model's fingerprint, after refusing a --fisher file computed on another model."""
+    from ..fisher import check_fisher_model
+
+    weights = model_fingerprint(loaded)
+    if args.fisher:
+        check_fisher_model(args.fisher, fisher_meta, weights, args.model)
+    return weights
+
+
 def _mask_settings(args, fisher_meta, subset, seed):
     return {"fisher": str(Path(args.fisher).resolve()) if args.fisher else "",
             "fisher_provenance": str(fisher_meta.get("corpus", "")), "subset": subset, "mask_seed": int(seed),
@@ -128,13 +139,15 @@ def run_hessian(args):
         raise UsageError(f"--cache-mb must be 0 or more, got {args.cache_mb}")
     fisher, fisher_meta, subset = _fisher_and_subset(args)
     loaded = load_model_from_args(args)
+    weights = _checked_fingerprint(args, loaded, fisher_meta)
     batches = load_batches(loaded, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
                            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, bos=args.bos)
     mask = subset_mask(loaded.model, fisher, subset, seed=args.seed, ignore=args.ignore,
                        granularity=args.mask_granularity)
     sample = {"model": model_id(loaded), "corpus": str(args.corpus or "embedded"), "fraction": args.fraction,
               "max_samples": args.max_samples, "seq_len": args.seq_len, "corpus_seed": args.seed,
-              "framing": describe_framing(loaded.tokenizer, args.bos), "precision": str(args.dtype).lower()}
+              "framing": describe_framing(loaded.tokenizer, args.bos), "precision": str(args.dtype).lower(),
+              MODEL_KEY: weights}
     masking = _mask_settings(args, fisher_meta, subset, args.seed)
     settings = dict(sample, **masking, batch_size=args.batch_size, seed=args.seed, top=args.top, tol=args.tol,
                     max_iter=args.max_iter, trace=args.trace, spectrum=args.spectrum,
@@ -258,7 +271,8 @@ def _interpolation(args, out):
     model_b = load_model(args.to, device="cpu", dtype="float32", allow_new_head=args.allow_new_head)
     direction = interpolation_direction(model_a.model, model_b.model)
     distance = math.sqrt(sum(float(t.double().pow(2).sum()) for t in direction.values()))
-    settings = {"kind": "interpolation", "model": model_id(model_a), "to": model_id(model_b), "norm": "none",
+    settings = {"kind": "interpolation", "model": model_id(model_a), MODEL_KEY: model_fingerprint(model_a),
+                "to": model_id(model_b), "to_fingerprint": model_fingerprint(model_b), "norm": "none",
                 "ignore": "none", "subset": "all", "dims": 1, "distance": distance,
                 "n_selected": sum(int((t != 0).sum()) for t in direction.values()),
                 "n_parameters": sum(p.numel() for p in model_a.model.parameters())}
@@ -290,8 +304,9 @@ def _trajectory(args, out):
             raise UsageError(f"the plane's origin is the last checkpoint '{args.trajectory[-1]}' but --model "
                              f"'{args.model}' has other weights; give --model {args.trajectory[-1]} or leave it out")
     labels = [Path(c).name or str(c) for c in args.trajectory]
-    settings = {"kind": "trajectory", "model": model_id(last), "norm": "unit", "ignore": "none", "subset": "all",
-                "dims": 2, "orthogonal": True, "n_selected": sum(int((t != 0).sum()) for t in dirs[0].values()),
+    settings = {"kind": "trajectory", "model": model_id(last), MODEL_KEY: model_fingerprint(last), "norm": "unit",
+                "ignore": "none", "subset": "all", "dims": 2, "orthogonal": True,
+                "n_selected": sum(int((t != 0).sum()) for t in dirs[0].values()),
                 "n_parameters": sum(p.numel() for p in last.model.parameters()),
                 "explained_variance": np.asarray(explained, dtype=np.float64),
                 "trajectory_coordinates": np.asarray(coords, dtype=np.float64),
@@ -308,9 +323,9 @@ def _hessian_directions(args, out):
     from ..curvature import top_eigenpairs
     from ..curvature.report import mask_size, save_eigenvectors, subset_mask
     from ..data.corpus import describe_framing, load_batches
+    from ..identity import sample_fingerprint
     from ..models import load_model
     from ..surface.directions import check_existing_directions
-    from ..surface.file import sample_fingerprint
 
     tol = 1e-4 if args.tol is None else args.tol
     if not 0 < tol < 1:
@@ -318,6 +333,7 @@ def _hessian_directions(args, out):
     fisher, fisher_meta, subset = _fisher_and_subset(args)
     loaded = load_model(args.model, device="auto" if args.device is None else args.device, dtype="float32",
                         allow_new_head=args.allow_new_head)
+    weights = _checked_fingerprint(args, loaded, fisher_meta)
     seq_len = 128 if args.seq_len is None else args.seq_len
     seed = 0 if args.sample_seed is None else args.sample_seed
     bos = "auto" if args.bos is None else args.bos
@@ -327,7 +343,8 @@ def _hessian_directions(args, out):
     mask = subset_mask(loaded.model, fisher, subset, seed=args.seed, ignore=args.ignore,
                        granularity=args.mask_granularity)
     settings = dict(_mask_settings(args, fisher_meta, subset, args.seed), kind="hessian", norm="unit",
-                    model=model_id(loaded), corpus=str(args.corpus or "embedded"), max_samples=max_samples,
+                    model=model_id(loaded), model_fingerprint=weights, corpus=str(args.corpus or "embedded"),
+                    max_samples=max_samples,
                     seq_len=seq_len, corpus_seed=seed, framing=describe_framing(loaded.tokenizer, bos),
                     sample_fingerprint=sample_fingerprint(batches), seed=args.seed, tol=tol,
                     n_selected=mask_size(loaded.model, mask),
@@ -377,7 +394,21 @@ def compare_reports(args):
     if any(not p for p in paths) or len(paths) != len(args.surfaces):
         raise UsageError(f"--hessian names {len(paths)} report(s) for {len(args.surfaces)} surface file(s); give "
                          "one `landscape hessian` JSON per surface, comma-separated, in the same order")
-    return [load_report(p) for p in paths]
+    reports = [load_report(p) for p in paths]
+    for report_path, report, surface_path in zip(paths, reports, args.surfaces):
+        _check_same_model(report_path, report, surface_path)
+    return reports
+
+
+def _check_same_model(report_path, report, surface_path):
+    """A Hessian report joined to a surface must be of the surface's model (when both say which)."""
+    from ..surface.file import read_surface
+
+    made_for = str((report.get("settings") or {}).get(MODEL_KEY) or "")
+    surface_model = str(read_surface(surface_path).settings.get(MODEL_KEY) or "")
+    if made_for and surface_model and made_for != surface_model:
+        raise UsageError(f"Hessian report '{report_path}' is of another model (model fingerprint {made_for}) than "
+                         f"surface '{surface_path}' ({surface_model}); give the report of the surface's model")
 
 
 def compare_columns(rows, reports, csv_path):

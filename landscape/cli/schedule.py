@@ -25,17 +25,20 @@ def register(subparsers):
 
 def run(args):
     from ..files import check_output_path
-    from ..fisher import load_fisher
+    from ..fisher import check_fisher_model, load_fisher
     from ..guided import schedule
+    from ..identity import model_fingerprint
 
     check_output_path(args.out, "--out", [".json"])
     if not args.gamma > 0:  # also refuses NaN
         raise UsageError(f"--gamma must be positive, got {args.gamma}")
-    fisher, _ = load_fisher(args.fisher)
+    fisher, meta = load_fisher(args.fisher)
     loaded = load_model_from_args(args, allow_new_head=True)  # the model only gives shapes and sites
+    weights = model_fingerprint(loaded)
+    check_fisher_model(args.fisher, meta, weights, args.model)
     sched = schedule.guided_dropout(loaded.model, fisher, p_upper=args.p_upper, p_lower=args.p_lower,
                                     shape=args.shape, gamma=args.gamma, model_source=loaded.source,
-                                    fisher_source=str(args.fisher))
+                                    fisher_source=str(args.fisher), model_fingerprint=weights)
     schedule.save_schedule(sched, args.out)
     print(schedule.format_table(sched))
     if sched.unscored:

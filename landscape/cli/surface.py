@@ -58,6 +58,8 @@ def _register_directions(subparsers):
 
 
 def run_directions(args):
+    from ..fisher import check_fisher_model, fisher_metadata
+    from ..identity import MODEL_KEY, model_fingerprint
     from ..models import load_model
     from ..runtime import join_torchrun
     from ..sharding import shard_layout, shard_model
@@ -75,8 +77,11 @@ def run_directions(args):
     # Random directions need only the weights' shapes; masking them by a Fisher measures the head.
     loaded = load_model(args.model, device="cpu", dtype=args.dtype,
                         allow_new_head=args.allow_new_head or not args.fisher)
+    weights = model_fingerprint(loaded)  # of the checkpoint's files, unchanged by sharding
+    if args.fisher:
+        check_fisher_model(args.fisher, fisher_metadata(args.fisher), weights, args.model)
     shard_model(loaded.model, layout)
-    settings = {"model": model_id(loaded), "fisher": str(args.fisher or "")}
+    settings = {"model": model_id(loaded), "fisher": str(args.fisher or ""), MODEL_KEY: weights}
     if not args.overwrite:
         directions.check_existing_directions(out, dict(
             settings, seed=args.seed, norm=args.norm, ignore=args.ignore, subset=subset, dims=args.dims,
@@ -133,6 +138,7 @@ def _register_surface(subparsers):
 
 def run_surface(args):
     from ..data.corpus import describe_framing, load_batches
+    from ..identity import MODEL_KEY, model_fingerprint
     from ..runtime import join_torchrun
     from ..sharding import shard_layout
     from ..surface import compute_surface_file, directions, parse_range
@@ -159,7 +165,7 @@ def run_surface(args):
     settings = {"model": model_id(loaded), "corpus": str(args.corpus or "embedded"),
                 "fraction": args.fraction, "max_samples": args.max_samples, "seq_len": args.seq_len,
                 "corpus_seed": args.seed, "precision": str(args.dtype).lower(),
-                "framing": describe_framing(loaded.tokenizer, args.bos)}
+                "framing": describe_framing(loaded.tokenizer, args.bos), MODEL_KEY: model_fingerprint(loaded)}
     if args.eval_corpus:
         settings["eval_corpus"] = str(args.eval_corpus)
     info = {"batch_size": args.batch_size, "device": str(next(loaded.model.parameters()).device),

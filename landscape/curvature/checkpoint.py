@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from ..errors import UsageError
+from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, refuse_changed_resume, sample_fingerprint
 from ..schema import Schema
 from .operator import HessianOperator
 
@@ -50,6 +48,7 @@ class _Journal:
         if not isinstance(header, dict) or header.pop("format", None) != JOURNAL_FORMAT:
             schema.fail("is not a Hessian checkpoint (no header line of one)")
         if header != json.loads(json.dumps(self.identity)):
+            refuse_changed_resume(self.path, header, self.identity, "delete it or choose another path", UsageError)
             key = next(k for k in sorted(set(header) | set(self.identity)) if header.get(k) != self.identity.get(k))
             raise UsageError(f"checkpoint '{self.path}' was written with other settings ({key}={header.get(key)!r}, "
                              f"this run has {self.identity.get(key)!r}); delete it or choose another path")
@@ -80,18 +79,8 @@ class _Journal:
 
 
 def _identity(op: HessianOperator, method: str, seed: int, **settings) -> dict:
-    """Everything that changes a finished probe's or run's numbers (not how many there are)."""
-    digest = hashlib.sha1()
-    for name, param in op.space.all_params:
-        data = param.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}{tuple(param.shape)}{data.dtype}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    sample = hashlib.sha1()
-    for batch in op.batches:
-        for key in sorted(batch):
-            sample.update(key.encode())
-            if torch.is_tensor(batch[key]):
-                sample.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
-    return {"method": method, "model": f"{type(op.model).__name__}:{digest.hexdigest()[:16]}",
-            "sample": sample.hexdigest()[:16], "coordinates": op.space.fingerprint(), "dim": op.dim,
+    """Everything that changes a finished probe's or run's numbers (not how many there are): the
+    model's weights and the sample's tokens by content (``identity``), the coordinates, the seed."""
+    return {"method": method, "model": type(op.model).__name__, MODEL_KEY: parameters_fingerprint(op.model),
+            SAMPLE_KEY: sample_fingerprint(op.batches), "coordinates": op.space.fingerprint(), "dim": op.dim,
             "objective": op.kind, "seed": int(seed), **settings}

@@ -266,7 +266,7 @@ def _loss(model, op: HessianOperator) -> float:
 
 
 def _provenance(model, op: HessianOperator) -> dict:
-    from ..surface.file import sample_fingerprint
+    from ..identity import sample_fingerprint
 
     return {"sample_fingerprint": sample_fingerprint(op.batches),
             "n_samples": int(sum(b["labels"].shape[0] for b in op.batches)),

@@ -14,7 +14,9 @@ from .file import (
            DEFINITION,
            check_existing_fisher,
            check_fisher_matches,
+           check_fisher_model,
            check_fisher_values,
+           fisher_metadata,
            load_fisher,
            provenance,
            save_fisher,
@@ -22,4 +24,5 @@ from .file import (
 from .run import compute_fisher, nested_fisher
 
 __all__ = ["DEFAULT_CHUNK_MB", "DEFINITION", "FisherAccumulator", "check_existing_fisher", "check_fisher_matches",
-           "check_fisher_values", "compute_fisher", "load_fisher", "nested_fisher", "provenance", "save_fisher"]
+           "check_fisher_model", "check_fisher_values", "compute_fisher", "fisher_metadata", "load_fisher",
+           "nested_fisher", "provenance", "save_fisher"]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
+from ..identity import MODEL_KEY, check_file_model
 from ..models import check_tensors_match
 from ..schema import Schema
 from ..sharding import full_shape, full_tensor, writer_of
@@ -104,6 +105,26 @@ def check_fisher_tensor(name: str, tensor, path="the Fisher") -> None:
     low = _schema(path).tensor(name, tensor, dtypes=(torch.float32,))
     if low is not None and low < 0:
         _schema(path).fail(f"holds negative values (in '{name}'), which a Fisher (a mean of squares) cannot have")
+
+
+def fisher_metadata(path) -> dict:
+    """The header metadata of a Fisher file, without reading its tensors (UsageError if unreadable)."""
+    from safetensors import safe_open
+
+    path = require_readable_file(path, "Fisher file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UsageError(f"'{path}' is not a Fisher file (safetensors): {str(err).splitlines()[0]}") from None
+
+
+def check_fisher_model(path, metadata: dict, fingerprint: str, model_spec=None) -> None:
+    """UsageError when the Fisher file at ``path`` (its ``metadata``) was computed on a model other
+    than the one whose fingerprint (``identity.model_fingerprint``) is ``fingerprint``.  Files
+    written before fingerprints were recorded pass here; their tensors' names and shapes are still
+    checked against the model where they are used."""
+    check_file_model(path, "Fisher file", metadata.get(MODEL_KEY), fingerprint, model_spec)
 
 
 def check_fisher_values(fisher, path="the Fisher") -> None:

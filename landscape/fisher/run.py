@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
+from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, refuse_changed_resume, sample_fingerprint
 from ..runtime import all_reduce_sum
 from ..sharding import ShardLayout, collective_errors, sharded_like
 from .accumulator import FisherAccumulator
@@ -29,8 +30,8 @@ from .accumulator import FisherAccumulator
 def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], *, kind: Optional[str] = None,
                    progress: bool = False, total: Optional[int] = None, checkpoint=None,
                    checkpoint_every: float = 60.0, fingerprint: str = "",
-                   max_chunk_mb: Optional[float] = None,
-                   layout: Optional[ShardLayout] = None) -> Dict[str, torch.Tensor]:
+                   max_chunk_mb: Optional[float] = None, layout: Optional[ShardLayout] = None,
+                   model_fingerprint: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of ``model`` on ``batches``.
 
     batches: iterable of dicts that ``model(**batch)`` accepts, each with ``labels`` (-100 =
@@ -39,6 +40,10 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
     checkpoint: optional path; running sums are saved there every ``checkpoint_every`` seconds and
         on Ctrl-C, and a later call with the same path and ``fingerprint`` resumes after the batches
         already done (so pass the same batches in the same order).  The caller removes the file.
+        The checkpoint also records the model's and the sample's fingerprints (``identity``); a
+        resume whose model or sample changed is refused (UsageError) naming which.
+    model_fingerprint: the model's (``identity.model_fingerprint`` of its checkpoint); default:
+        ``identity.parameters_fingerprint`` of an unsharded model.
     max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default that scales with
         the model, ``fisher.budget.default_chunk_mb``).
     layout: for a model sharded with ``sharding.shard_model``: every rank of a shard group passes
@@ -51,6 +56,8 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
     # NaN would never be due: the sums would silently go unsaved.
     checkpoint_every = checks.non_negative_float(checkpoint_every, "checkpoint_every")
     accumulator = FisherAccumulator(model, 1, kind, max_chunk_mb)
+    if checkpoint is not None:
+        fingerprint = _with_identity(fingerprint, model, batches, model_fingerprint)
     shard_group = layout.shard_group if layout is not None and layout.sharded else None
     with collective_errors() if shard_group is not None else contextlib.nullcontext():
         _accumulate_all(accumulator, batches, None, progress, total, checkpoint, checkpoint_every, fingerprint,
@@ -81,6 +88,17 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
     _accumulate_all(accumulator, batches, membership, progress, max(sizes), None, 0.0, "",
                     stop_after=max(sizes))
     return [accumulator.fisher(s) for s in range(len(sizes))]
+
+
+def _with_identity(fingerprint, model, batches, model_fingerprint):
+    """The settings fingerprint with the model's and the sample's content fingerprints added (the
+    sample's when ``batches`` is a list: a generator could be read only once)."""
+    if model_fingerprint is None:
+        with contextlib.suppress(UsageError):  # a sharded model without a checkpoint's fingerprint
+            model_fingerprint = parameters_fingerprint(model)
+    ids = {MODEL_KEY: model_fingerprint or "",
+           SAMPLE_KEY: sample_fingerprint(batches) if isinstance(batches, (list, tuple)) else ""}
+    return {"settings": fingerprint, **ids}
 
 
 def _batch_rows(batch):
@@ -159,7 +177,9 @@ def _deferred_interrupts(enabled=True):
 
 def _save_checkpoint(accumulator, path, fingerprint, done_batches, offset):
     tensors = {k: v.detach().cpu().contiguous() for k, v in accumulator.state_tensors().items()}
-    meta = {"fingerprint": fingerprint, "batches_done": str(done_batches), "samples_done": str(offset)}
+    ids = fingerprint if isinstance(fingerprint, dict) else {"settings": fingerprint}
+    meta = {"fingerprint": ids["settings"], **{k: v for k, v in ids.items() if k != "settings"},
+            "batches_done": str(done_batches), "samples_done": str(offset)}
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -174,7 +194,9 @@ def _resume(accumulator, path, fingerprint):
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError):
         raise UsageError(f"checkpoint '{path}' is unreadable; delete it to start over") from None
-    if meta.get("fingerprint", "") != fingerprint:
+    ids = fingerprint if isinstance(fingerprint, dict) else {"settings": fingerprint}
+    refuse_changed_resume(path, meta, ids, "delete it to start over", UsageError)  # names the model or sample
+    if meta.get("fingerprint", "") != ids["settings"]:
         raise UsageError(f"checkpoint '{path}' was written with other settings; rerun with the same "
                          "settings to resume, or delete it to start over")
     _check_checkpoint(path, meta, state, accumulator)

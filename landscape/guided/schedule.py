@@ -56,6 +56,7 @@ class Schedule:
     p_upper: float = 0.1
     p_lower: float = 0.0
     unscored: list = field(default_factory=list)  # sites of the model the Fisher has no entries for
+    model_fingerprint: str = ""  # identity.model_fingerprint of the model it was made for ("" = unknown)
 
     def probabilities(self):
         """{site module name: dropout probability}."""
@@ -118,7 +119,7 @@ def _probabilities(shape, scores, p_upper, p_lower, gamma):
 
 
 def guided_dropout(model, fisher, p_upper=0.1, p_lower=0.0, shape="linear", gamma=2.0,
-                   model_source="", fisher_source="") -> Schedule:
+                   model_source="", fisher_source="", model_fingerprint="") -> Schedule:
     """Guided dropout schedule for ``model`` from a diagonal Fisher {param name: tensor}.
 
     Sites are scored by element-weighted mean Fisher and sorted ascending (ties keep module order);
@@ -141,7 +142,7 @@ def guided_dropout(model, fisher, p_upper=0.1, p_lower=0.0, shape="linear", gamm
                for r, (s, p) in enumerate(zip(order, probs))]
     return Schedule(sites=entries, model=model_source, fisher=fisher_source, shape=shape,
                     p_upper=p_upper, p_lower=p_lower,
-                    unscored=[s.name for s in all_sites if s not in scored])
+                    unscored=[s.name for s in all_sites if s not in scored], model_fingerprint=model_fingerprint)
 
 
 def uniform(model: nn.Module, p: float) -> Schedule:
@@ -203,7 +204,8 @@ def to_dict(schedule: Schedule):
     """The JSON-ready form of a schedule (the file contract)."""
     return {"format": FORMAT, "model": schedule.model, "fisher": schedule.fisher, "shape": schedule.shape,
             "p_upper": schedule.p_upper, "p_lower": schedule.p_lower,
-            "sites": [asdict(s) for s in schedule.sites], "unscored": list(schedule.unscored)}
+            "sites": [asdict(s) for s in schedule.sites], "unscored": list(schedule.unscored),
+            "model_fingerprint": schedule.model_fingerprint}
 
 
 def save_schedule(schedule: Schedule, path):
@@ -245,7 +247,8 @@ def load_schedule(path) -> Schedule:
              for i, e in enumerate(data["sites"])]
     return Schedule(sites=sites, model=str(data.get("model", "")), fisher=str(data.get("fisher", "")),
                     shape=str(data.get("shape", "")), p_upper=_float_or_nan(data.get("p_upper")),
-                    p_lower=_float_or_nan(data.get("p_lower")), unscored=list(data.get("unscored", [])))
+                    p_lower=_float_or_nan(data.get("p_lower")), unscored=list(data.get("unscored", [])),
+                    model_fingerprint=str(data.get("model_fingerprint") or ""))
 
 
 def check_schedule(data, path) -> None:
@@ -295,16 +298,28 @@ def callback(schedule):
 
 
 def schedule_from_args(model, schedule_path: Optional[str] = None, fisher_path: Optional[str] = None,
-                       p_upper=0.1, p_lower=0.0, shape="linear"):
-    """Load a schedule file, or compute one from a Fisher file; None when neither is given."""
-    if schedule_path:
-        return load_schedule(schedule_path)
-    if fisher_path:
-        from ..fisher import load_fisher
+                       p_upper=0.1, p_lower=0.0, shape="linear", model_fingerprint: str = "", model_spec=None):
+    """Load a schedule file, or compute one from a Fisher file; None when neither is given.
 
-        fisher, _ = load_fisher(fisher_path)
+    model_fingerprint: the ``identity.model_fingerprint`` of the checkpoint ``model`` was built
+    from (``model_spec``); when given, a schedule or Fisher file recorded for another model is
+    refused (UsageError).  Files without a recorded fingerprint are checked by site names only.
+    """
+    from ..identity import check_file_model
+
+    if schedule_path:
+        loaded = load_schedule(schedule_path)
+        if model_fingerprint:
+            check_file_model(schedule_path, "schedule", loaded.model_fingerprint, model_fingerprint, model_spec)
+        return loaded
+    if fisher_path:
+        from ..fisher import check_fisher_model, load_fisher
+
+        fisher, meta = load_fisher(fisher_path)
+        if model_fingerprint:
+            check_fisher_model(fisher_path, meta, model_fingerprint, model_spec)
         return guided_dropout(model, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape,
-                              fisher_source=str(fisher_path))
+                              fisher_source=str(fisher_path), model_fingerprint=model_fingerprint)
     return None
 
 
@@ -344,7 +359,7 @@ def matched_uniform(schedule: Schedule) -> Schedule:
                for s in sites]
     return Schedule(sites=entries, model=schedule.model, fisher=schedule.fisher,
                     shape=f"matched-uniform({_source_description(schedule)})", p_upper=mean, p_lower=mean,
-                    unscored=list(schedule.unscored))
+                    unscored=list(schedule.unscored), model_fingerprint=schedule.model_fingerprint)
 
 
 def shuffled(schedule: Schedule, seed: int) -> Schedule:
@@ -370,7 +385,8 @@ def shuffled(schedule: Schedule, seed: int) -> Schedule:
                for i, s in enumerate(sites)]
     return Schedule(sites=entries, model=schedule.model, fisher=schedule.fisher,
                     shape=f"shuffled(seed={seed}; {_source_description(schedule)})",
-                    p_upper=schedule.p_upper, p_lower=schedule.p_lower, unscored=list(schedule.unscored))
+                    p_upper=schedule.p_upper, p_lower=schedule.p_lower, unscored=list(schedule.unscored),
+                    model_fingerprint=schedule.model_fingerprint)
 
 
 def mean_p(schedule: Schedule) -> float:

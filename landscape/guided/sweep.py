@@ -6,14 +6,16 @@
 (``guided.stats``); ``plot_paucity`` draws it, ``format_summary`` prints it.
 
 Settings fingerprint: every run row carries ``settings``, a short hash of what all runs of a sweep
-share (model, the train/test data after reading, splitting and the test cap, the training cap, and
-every ``FinetuneConfig`` field but the device and the regularizer-specific ones), and
+share (model, its weights' ``identity.source_fingerprint``, the train/test data after reading,
+splitting and the test cap, the training cap, and every ``FinetuneConfig`` field but the device and
+the regularizer-specific ones), and
 ``reg_settings``, a hash of what only its regularizer uses (the guided schedule's site -> p list for
 guided / dropout-matched / guided-shuffled, ``mixout_p``, ``childtuning_reserve``, the R3F
 settings).  Resuming refuses, with ``SettingsMismatch``, a journal holding a run of other shared
 settings, or a run of a regularizer in this sweep made with other settings of its own; runs of
 regularizers outside this sweep are kept as they are.  The settings behind each fingerprint are
-kept in ``<runs>.settings.json``, so a refusal can name what changed.
+kept in ``<runs>.settings.json``, so a refusal can name what changed: the model's weights or the
+data first, by name.
 """
 
 import dataclasses
@@ -93,8 +95,11 @@ def _data_digest(data):
 
 def sweep_settings(model_spec, train_data, test_data, config, cap=None, regularizers=(), guided=None):
     """(shared settings, {regularizer: its own settings}): what the fingerprints hash."""
+    from ..identity import MODEL_KEY, source_fingerprint
+
     own = {f for fields in _OWN_FIELDS.values() for f in fields}
     shared = {"model": "embedded" if model_spec is None else str(model_spec),
+              MODEL_KEY: source_fingerprint(model_spec) or "",
               "train_data": _data_digest(train_data), "test_data": _data_digest(test_data), "max_train": cap,
               **{k: v for k, v in dataclasses.asdict(config).items() if k not in own and k != "device"}}
     per_reg = {}
@@ -137,12 +142,31 @@ def _what_changed(runs_path, old_fingerprint, new_settings):
     return f" ({'; '.join(changed)})" if changed else ""
 
 
+def _refuse_changed_content(runs_path, old_fingerprint, shared):
+    """SettingsMismatch naming the model or the data when that is what changed since the journal's runs."""
+    from ..identity import MODEL_KEY, refuse_changed_resume
+
+    try:
+        old = json.loads(_settings_file(runs_path).read_text()).get(old_fingerprint)
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(old, dict):
+        return
+    refuse_changed_resume(runs_path, {MODEL_KEY: old.get(MODEL_KEY)}, {MODEL_KEY: shared[MODEL_KEY]})
+    data = next((k for k in ("train_data", "test_data") if old.get(k) != shared[k]), None)
+    if data is not None:
+        raise SettingsMismatch(f"cannot resume '{runs_path}': the {data.replace('_', ' ')} changed since its runs "
+                               f"were made (fingerprint {old.get(data)} then, {shared[data]} now); rerun with "
+                               "the same data")
+
+
 def _check_journal(journal, regularizers, shared, per_reg):
     """SettingsMismatch unless every run in the journal fits this sweep's settings."""
     shared_fp = _digest(shared)
     for row in journal.rows:
         if row["settings"] != shared_fp:
             changed = _what_changed(journal.path, row["settings"], shared)
+            _refuse_changed_content(journal.path, row["settings"], shared)
             raise SettingsMismatch(
                 f"'{journal.path}' holds runs made with other settings{changed}"
                 " (model, dataset, split, caps, lr, epochs, batch size, sequence length, warm-up, weight decay "

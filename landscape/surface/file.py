@@ -19,7 +19,6 @@ on the journal).
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -34,6 +33,7 @@ import numpy as np
 from .. import checks
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
+from ..identity import MODEL_KEY, refuse_changed_resume, sample_fingerprint
 from ..models import model_kind
 
 FORMAT = "landscape-surface"
@@ -190,6 +190,11 @@ def _first_difference(old, new):
 
 
 def _refuse(path, old, new):
+    refuse_changed_resume(path, old, new)  # the model or sample, by name
+    held_out = [identity.get("eval_sample_fingerprint") for identity in (old, new)]
+    if all(held_out) and held_out[0] != held_out[1]:
+        raise SettingsMismatch(f"cannot resume '{path}': the held-out sample (--eval-corpus) changed since it was "
+                               f"written (eval_sample_fingerprint {held_out[0]} then, {held_out[1]} now)")
     key, before, now = _first_difference(old, new)
     detail = "a different grid" if key == "grid" else f"{key}={before!r}, this run has {key}={now!r}"
     raise SettingsMismatch(f"'{path}' was computed with other settings ({detail})")
@@ -221,38 +226,12 @@ def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, ev
                         eval_n_samples=int(sum(b["labels"].shape[0] for b in eval_batches)),
                         eval_n_target_tokens=sum(int((b["labels"] != -100).sum()) for b in eval_batches))
     identity.update(settings or {})
+    if MODEL_KEY not in identity:  # the Python API's in-memory model; the CLI gives its checkpoint's
+        from ..identity import parameters_fingerprint
+
+        with contextlib.suppress(UsageError):  # a sharded model has no whole parameters to hash here
+            identity[MODEL_KEY] = parameters_fingerprint(model)
     return _canonical(identity)
-
-
-def sample_fingerprint(batches) -> str:
-    """Short hash of the evaluation sample (inputs and targets of every sample, in order).
-
-    Each sample is hashed without its padding, so the same samples batched differently (another
-    batch size) give the same fingerprint: batch size is not a setting of a surface.
-    """
-    digest = hashlib.sha1()
-    for batch in batches:
-        mask = batch.get("attention_mask")
-        for row in range(batch["labels"].shape[0]):
-            length = int(mask[row].sum()) if mask is not None else None
-            for key in sorted(batch):
-                value = _unpadded(batch[key][row].detach().cpu(), key, length,
-                                  None if mask is None else mask.shape[1])
-                digest.update(key.encode())
-                digest.update(value.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _unpadded(row, key, length, width):
-    """A sample's row without the padding its batch gave it (right padding, as ``pad_batch`` does)."""
-    if row.dim() == 0:
-        return row
-    if length is not None and row.shape[0] == width:
-        return row[:length]
-    if key == "labels":  # seq2seq targets have their own width, padded with -100
-        kept = (row != -100).nonzero()
-        return row[: int(kept.max()) + 1] if len(kept) else row[:0]
-    return row
 
 
 def _scalar_attrs(identity):

@@ -6,11 +6,12 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..identity import MODEL_KEY, check_file_model
 from ..runtime import broadcast_from_rank0, rank_and_world
 from ..sharding import is_sharded, local_rows, local_tensor
 from .directions import load_directions
 from .evaluation import evaluate_rounds, grid_points
-from .file import FIELDS, TRAIN_FIELDS, SurfaceFile, _scalar_attrs, check_grid_size, surface_identity
+from .file import FIELDS, TRAIN_FIELDS, SurfaceFile, _scalar_attrs, check_grid_size, journal_path, surface_identity
 from .perturbation import direction_dtype
 
 
@@ -54,6 +55,11 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     if held != torch.float32:  # the directions are rounded to it: part of what the numbers are
         settings = dict(settings or {}, direction_dtype=str(held).replace("torch.", ""))
     identity = surface_identity(dir_attrs, batches, model, xs, ys, settings, eval_batches)
+    if MODEL_KEY in identity and (overwrite or not (Path(out).exists() or journal_path(out).exists())):
+        # A fresh start refuses a direction file made for another model; a resume compares the whole
+        # identity (the model's fingerprint and the direction file's) with the start's, naming what changed.
+        check_file_model(dir_file, "direction file", dir_attrs.get(MODEL_KEY), identity[MODEL_KEY],
+                         identity.get("model"))
     attrs = dict(_scalar_attrs(identity), identity=json.dumps(identity, sort_keys=True),
                  dir_file=str(dir_file), **{k: v for k, v in (info or {}).items() if v is not None})
     rank, _ = rank_and_world()

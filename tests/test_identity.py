@@ -1,0 +1,269 @@
+"""Identity by content (issue 19, items 1 and 7): a resume whose model or sample changed is refused
+naming which, and a file made for one model is refused when used with another.
+
+Models are tiny BERTs built here; "another model at the same path" is the same folder with its
+weights file replaced by one of other weights.  An interrupted ``fisher`` is stopped in-process
+after a checkpoint (the accumulator raises KeyboardInterrupt at its next batch, as Ctrl-C would;
+what is on disk is what a SIGKILL after that checkpoint leaves).
+"""
+
+import json
+import shutil
+
+import h5py
+import pytest
+import torch
+from conftest import write_toy_tsv
+from safetensors.torch import load_file
+
+from landscape import identity
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def _cli(capfd, *args):
+    from landscape.cli import main
+
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def _one_line(code, err, *words):
+    assert code == 2, err
+    lines = [part.rsplit("\r", 1)[-1] for part in err.split("\n") if part.rsplit("\r", 1)[-1].strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def other_bert_dir(tiny_bert_dir, tmp_path_factory):
+    """The tiny BERT's architecture and tokenizer with other weights."""
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    path = tmp_path_factory.mktemp("other_bert")
+    model = BertForMaskedLM.from_pretrained(tiny_bert_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def model_dir(tiny_bert_dir, tmp_path):
+    """A copy of the tiny BERT's folder that a test may replace the weights of."""
+    return shutil.copytree(tiny_bert_dir, tmp_path / "model")
+
+
+def _replace_weights(folder, other):
+    shutil.copyfile(other / "model.safetensors", folder / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- the fingerprint
+def test_the_fingerprint_is_the_checkpoints_whatever_the_dtype_or_the_shards(tiny_bert_dir, other_bert_dir, tmp_path):
+    from transformers import BertForMaskedLM
+
+    from landscape.models import load_model
+
+    first = identity.source_fingerprint(tiny_bert_dir)
+    assert first == identity.model_fingerprint(load_model(str(tiny_bert_dir), dtype="bfloat16"))
+    assert first != identity.source_fingerprint(other_bert_dir)
+    # The same weights split into several safetensors shards (with an index): the same fingerprint.
+    BertForMaskedLM.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert identity.source_fingerprint(tmp_path / "sharded") == first
+    # The configuration counts (other numbers from the same weights), a re-save's bookkeeping does not.
+    shutil.copytree(tiny_bert_dir, tmp_path / "config")
+    config_path = tmp_path / "config" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, transformers_version="0.0.1", torch_dtype="bfloat16")))
+    assert identity.source_fingerprint(tmp_path / "config") == first
+    config_path.write_text(json.dumps(dict(config, layer_norm_eps=1e-3)))
+    assert identity.source_fingerprint(tmp_path / "config") != first
+    # Pickled weights (read with weights_only and mmap) are identified as well.
+    for name, folder in (("bin_a", tiny_bert_dir), ("bin_b", other_bert_dir)):
+        (tmp_path / name).mkdir()
+        torch.save(load_file(str(folder / "model.safetensors")), tmp_path / name / "pytorch_model.bin")
+    pickled = [identity.source_fingerprint(tmp_path / name) for name in ("bin_a", "bin_b")]
+    assert None not in pickled and pickled[0] != pickled[1]
+    # The embedded model is a folder too; a model only in memory is hashed from its parameters.
+    assert identity.source_fingerprint(None) == identity.folder_fingerprint(load_model(None).source)
+    loaded = load_model(str(tiny_bert_dir))
+    assert identity.parameters_fingerprint(loaded.model) == identity.parameters_fingerprint(loaded.model)
+
+
+# ----------------------------------------------------------------------------- fisher resumes
+def _fisher_args(model, corpus, out):
+    return ("fisher", "--model", model, "--corpus", corpus, "--out", out, "--max-samples", 8, "--seq-len", 16,
+            "--batch-size", 2, "--checkpoint-every", 0, "--quiet", "--device", "cpu")
+
+
+def _stopped_fisher(capfd, monkeypatch, args, after=2):
+    """Run ``fisher`` until ``after`` batches are checkpointed, then interrupt it."""
+    from landscape.fisher.accumulator import FisherAccumulator
+
+    real, calls = FisherAccumulator.add_batch, []
+
+    def add_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FisherAccumulator, "add_batch", add_batch)
+        code, _, err = _cli(capfd, *args)
+    assert code == 130, err
+
+
+def test_fisher_resume_refuses_an_edited_corpus_or_replaced_model_and_resumes_unchanged_bit_for_bit(
+        model_dir, other_bert_dir, tiny_corpus_file, tmp_path, capfd, monkeypatch):
+    corpus = shutil.copyfile(tiny_corpus_file, tmp_path / "corpus.jsonl")
+    fresh = tmp_path / "fresh.safetensors"
+    assert _cli(capfd, *_fisher_args(model_dir, corpus, fresh))[0] == 0
+    out = tmp_path / "F.safetensors"
+    checkpoint = tmp_path / "F.safetensors.ckpt"
+    args = _fisher_args(model_dir, corpus, out)
+
+    _stopped_fisher(capfd, monkeypatch, args)
+    assert checkpoint.exists()
+    text = corpus.read_text()
+    corpus.write_text(text.replace("river", "mountain").replace("market", "harbour"))
+    _one_line(*_cli(capfd, *args)[::2], "the sample changed", str(checkpoint))
+    corpus.write_text(text)
+
+    backup = tmp_path / "weights.safetensors"
+    shutil.copyfile(model_dir / "model.safetensors", backup)
+    _replace_weights(model_dir, other_bert_dir)
+    _one_line(*_cli(capfd, *args)[::2], "the model changed", str(checkpoint))
+    shutil.copyfile(backup, model_dir / "model.safetensors")
+
+    code, _, err = _cli(capfd, *args)  # unchanged: resumes from the checkpoint
+    assert code == 0, err
+    assert not checkpoint.exists()
+    resumed, expected = load_file(str(out)), load_file(str(fresh))
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+# ----------------------------------------------------------------------------- surface resume
+def test_surface_rerun_after_the_model_was_replaced_is_refused_naming_the_model(
+        model_dir, other_bert_dir, tiny_corpus_file, tmp_path, capfd):
+    directions, out = tmp_path / "D.h5", tmp_path / "S.h5"
+    assert _cli(capfd, "directions", "--model", model_dir, "--dims", 1, "--out", directions)[0] == 0
+    args = ("surface", "--model", model_dir, "--directions", directions, "--corpus", tiny_corpus_file,
+            "--max-samples", 4, "--seq-len", 16, "--x", "-1:1:3", "--out", out, "--device", "cpu")
+    assert _cli(capfd, *args)[0] == 0
+    with h5py.File(out, "r") as handle:
+        assert handle.attrs[identity.MODEL_KEY] == identity.source_fingerprint(model_dir)
+    _replace_weights(model_dir, other_bert_dir)
+    _one_line(*_cli(capfd, *args)[::2], "the model changed", str(out))
+    # Started afresh, the direction file (made for the old weights) is refused in turn.
+    _one_line(*_cli(capfd, *args, "--overwrite")[::2], "direction file", "another model")
+
+
+# ----------------------------------------------------------------------------- files used with another model
+@pytest.fixture(scope="module")
+def fisher_of_tiny(tiny_bert_dir, tiny_corpus_file, tmp_path_factory):
+    from landscape.cli import main
+
+    out = tmp_path_factory.mktemp("fisher") / "F.safetensors"
+    assert main([str(a) for a in _fisher_args(tiny_bert_dir, tiny_corpus_file, out)]) == 0
+    return out
+
+
+def test_a_fisher_file_is_refused_with_another_model_by_every_reader(fisher_of_tiny, tiny_bert_dir, other_bert_dir,
+                                                                      tmp_path, capfd):
+    from landscape.fisher import fisher_metadata
+
+    assert fisher_metadata(fisher_of_tiny)[identity.MODEL_KEY] == identity.source_fingerprint(tiny_bert_dir)
+    other = str(other_bert_dir)
+    for args in (("schedule", fisher_of_tiny, "--model", other, "--out", tmp_path / "s.json"),
+                 ("profile", fisher_of_tiny, "--model", other, "--out", tmp_path / "profile"),
+                 ("directions", "--model", other, "--fisher", fisher_of_tiny, "--subset", "top:10",
+                  "--out", tmp_path / "d.h5"),
+                 ("directions", "--model", other, "--kind", "hessian", "--fisher", fisher_of_tiny, "--subset",
+                  "top:10", "--device", "cpu", "--out", tmp_path / "h.h5"),
+                 ("hessian", "--model", other, "--fisher", fisher_of_tiny, "--subset", "top:10", "--device", "cpu",
+                  "--out", tmp_path / "h.json")):
+        _one_line(*_cli(capfd, *args)[::2], str(fisher_of_tiny), "another model")
+    assert not any(tmp_path.iterdir())
+    # With its own model the same file is accepted, and the schedule records the model.
+    assert _cli(capfd, "schedule", fisher_of_tiny, "--model", tiny_bert_dir, "--out", tmp_path / "s.json")[0] == 0
+    recorded = json.loads((tmp_path / "s.json").read_text())[identity.MODEL_KEY]
+    assert recorded == identity.source_fingerprint(tiny_bert_dir)
+
+
+def test_finetune_refuses_a_fisher_or_schedule_of_another_model(fisher_of_tiny, tiny_bert_dir, other_bert_dir,
+                                                                 tmp_path, capfd):
+    data = write_toy_tsv(tmp_path / "toy.tsv", 24)
+    common = ("finetune", "--model", other_bert_dir, "--dataset", data, "--regularizer", "guided", "--restarts", 1,
+              "--epochs", 1, "--out", tmp_path / "sum.csv", "--device", "cpu")
+    _one_line(*_cli(capfd, *common, "--fisher", fisher_of_tiny)[::2], str(fisher_of_tiny), "another model")
+    schedule = tmp_path / "s.json"
+    assert _cli(capfd, "schedule", fisher_of_tiny, "--model", tiny_bert_dir, "--out", schedule)[0] == 0
+    _one_line(*_cli(capfd, *common, "--schedule", schedule)[::2], "schedule", "another model")
+    assert not (tmp_path / "sum.csv").exists()
+
+
+def test_finetune_sweep_resume_refuses_replaced_weights(model_dir, other_bert_dir, tmp_path, capfd):
+    data = write_toy_tsv(tmp_path / "toy.tsv", 16)
+    args = ("finetune", "--model", model_dir, "--dataset", data, "--regularizer", "none", "--restarts", 1,
+            "--epochs", 1, "--max-train", 8, "--seq-len", 16, "--out", tmp_path / "sum.csv", "--device", "cpu")
+    assert _cli(capfd, *args)[0] == 0
+    _replace_weights(model_dir, other_bert_dir)
+    _one_line(*_cli(capfd, *args)[::2], "the model changed", "sum_runs.csv")
+
+
+def test_compare_refuses_a_hessian_report_of_another_model(tiny_bert_dir, other_bert_dir, tiny_corpus_file,
+                                                            tmp_path, capfd):
+    sample = ("--corpus", tiny_corpus_file, "--max-samples", 4, "--seq-len", 16, "--device", "cpu")
+    surfaces, reports = [], []
+    for name, model in (("a", tiny_bert_dir), ("b", other_bert_dir)):
+        assert _cli(capfd, "directions", "--model", model, "--dims", 1, "--out", tmp_path / f"{name}.d.h5")[0] == 0
+        assert _cli(capfd, "surface", "--model", model, "--directions", tmp_path / f"{name}.d.h5", *sample,
+                    "--x", "-1:1:5", "--out", tmp_path / f"{name}.h5")[0] == 0
+        assert _cli(capfd, "hessian", "--model", model, *sample, "--top", 1, "--quiet",
+                    "--out", tmp_path / f"{name}.json")[0] == 0
+        surfaces.append(tmp_path / f"{name}.h5")
+        reports.append(str(tmp_path / f"{name}.json"))
+    code, _, err = _cli(capfd, "compare", *surfaces, "--hessian", ",".join(reports), "--out", tmp_path / "ok.png")
+    assert code == 0, err
+    swapped = ",".join(reversed(reports))
+    _one_line(*_cli(capfd, "compare", *surfaces, "--hessian", swapped, "--out", tmp_path / "bad.png")[::2],
+              "Hessian report", "another model")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_hessian_journal_of_another_model_or_sample_is_refused_naming_it(tmp_path):
+    from landscape.curvature.checkpoint import _Journal
+    from landscape.errors import UsageError
+
+    path = tmp_path / "H.trace.ckpt"
+    start = {"method": "trace", identity.MODEL_KEY: "aaaa", identity.SAMPLE_KEY: "bbbb", "seed": 0}
+    _Journal(path, start).add(0, value=1.0)
+    with pytest.raises(UsageError, match="the model changed"):
+        _Journal(path, dict(start, **{identity.MODEL_KEY: "cccc"}))
+    with pytest.raises(UsageError, match="the sample changed"):
+        _Journal(path, dict(start, **{identity.SAMPLE_KEY: "dddd"}))
+    assert _Journal(path, start).records[0]["value"] == 1.0
+
+
+def test_files_written_before_fingerprints_are_still_read(fisher_of_tiny, tiny_bert_dir, tmp_path, capfd):
+    """A Fisher file without ``model_fingerprint`` (an older one) is checked by names and shapes only."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(fisher_of_tiny), framework="pt") as handle:
+        meta = {k: v for k, v in handle.metadata().items() if k != identity.MODEL_KEY}
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(fisher_of_tiny)), str(old), metadata=meta)
+    assert _cli(capfd, "schedule", old, "--model", tiny_bert_dir, "--out", tmp_path / "s.json")[0] == 0
