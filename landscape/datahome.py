@@ -17,6 +17,19 @@ def data_home() -> Path:
     return Path(os.environ.get("LANDSCAPE_DATA") or Path.home() / ".cache" / "landscape").expanduser()
 
 
+def checkpoints_dir() -> Path:
+    """Where ``data/build_checkpoints.py`` builds real checkpoints by default: ``<data home>/checkpoints``."""
+    return data_home() / "checkpoints"
+
+
+def built_checkpoints() -> dict:
+    """{name: folder} of the checkpoints built under ``checkpoints_dir()`` (folders with a config.json)."""
+    folder = checkpoints_dir()
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
+
+
 def embedded_text(which: str) -> Path:
     """Path of an embedded text ('train', 'heldout' or 'sentiment'), extracted on first use."""
     from .data.embedded_text import ensure_embedded_text

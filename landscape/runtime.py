@@ -1,12 +1,15 @@
-"""Process-wide plumbing in one place: torch.distributed, transformers' logging, matmul precision.
+"""Process-wide plumbing in one place: torch.distributed, transformers' logging, matmul precision,
+CPU threads.
 
 Stages call these instead of touching ``torch.distributed`` or ``transformers.logging`` directly,
-so a rule (which backend, what gets quiet, when TF32 is allowed) has one home.
+so a rule (which backend, what gets quiet, when TF32 is allowed, how many threads) has one home.
+Importing this module imports no torch: the command line parses ``--threads`` with it.
 """
 
 import contextlib
 import os
-from typing import Any, Iterator, List, Tuple
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -144,3 +147,94 @@ def apply_precision(precision: str) -> None:
 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# ----------------------------------------------------------------------------- CPU threads
+THREADS_HELP = ("torch CPU threads: auto = the cores this process may use, minus those other processes keep "
+                "busy right now (at least 1); N = exactly N; 0 = torch's own default (every core, however busy)")
+
+
+def parse_threads(text: str) -> str:
+    """'auto', or a count >= 0 as text; UsageError otherwise (the command line's ``--threads``)."""
+    from .errors import UsageError
+
+    value = str(text).strip().lower()
+    if value == "auto" or (value.isdigit() and int(value) >= 0):
+        return value
+    raise UsageError(f"--threads: expected auto or a number of threads (0 = torch's default), got '{text}'")
+
+
+def usable_cores() -> List[int]:
+    """The CPU ids this process may run on (its affinity), or range(cpu_count) where that is unknown."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _cpu_times(cores: List[int]) -> Optional[Dict[int, Tuple[int, int]]]:
+    """{cpu id: (idle jiffies, total jiffies)} from /proc/stat, None where there is none."""
+    try:
+        with open("/proc/stat") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        head, *fields = line.split()
+        if head.startswith("cpu") and head[3:].isdigit() and int(head[3:]) in cores:
+            values = [int(v) for v in fields[:8]]
+            times[int(head[3:])] = (values[3] + values[4], sum(values))  # idle + iowait, all
+    return times if len(times) == len(cores) else None
+
+
+def busy_cores(cores: List[int], sample_seconds: float = 0.3) -> float:
+    """How many of ``cores`` other processes keep busy now, in cores.
+
+    Measured over ``sample_seconds`` from /proc/stat while this process sleeps (so it counts
+    others only, and a command that just finished does not count, as it would in the load
+    average); elsewhere the 1-minute load average, capped at the core count."""
+    before = _cpu_times(cores)
+    if before is not None:
+        time.sleep(sample_seconds)
+        after = _cpu_times(cores)
+        if after is not None:
+            busy = 0.0
+            for cpu in cores:
+                idle = after[cpu][0] - before[cpu][0]
+                total = after[cpu][1] - before[cpu][1]
+                busy += 1.0 - idle / total if total > 0 else 0.0
+            return busy
+    try:
+        return min(float(len(cores)), os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def auto_threads(cores: Optional[List[int]] = None, busy: Optional[float] = None) -> int:
+    """The thread count of ``--threads auto``: the usable cores left free by other processes,
+    shared among the ranks torchrun started on this machine, at least 1.
+
+    Why: torch's threads wait for each other at every operation, so a thread that another process
+    keeps off its core stalls all of them; on a busy 2-core machine torch's default 2 threads ran
+    5-15x slower than 1 (benchmarks/busy.py measures it)."""
+    cores = usable_cores() if cores is None else cores
+    busy = busy_cores(cores) if busy is None else busy
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    free = (len(cores) - busy) / local_ranks
+    return max(1, min(len(cores), int(free + 0.5)))
+
+
+def apply_threads(spec: Any = "auto") -> int:
+    """Set torch's intra-op threads (and inter-op threads, where torch still allows it) from a
+    ``--threads`` value: 'auto', a count, or 0 for torch's default; returns the count in use."""
+    import torch
+
+    value = parse_threads(spec)
+    if value == "0":
+        return torch.get_num_threads()
+    count = auto_threads() if value == "auto" else int(value)
+    torch.set_num_threads(count)
+    with contextlib.suppress(RuntimeError):  # torch refuses once inter-op work has started
+        torch.set_num_interop_threads(count)
+    return count

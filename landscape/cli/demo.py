@@ -1,6 +1,7 @@
 """demo: the whole pipeline on the embedded model and corpus."""
 
 from ..defaults import DemoSettings
+from .common import add_threads_arg
 
 
 def register(subparsers):
@@ -12,6 +13,7 @@ def register(subparsers):
                     "so rerunning continues an interrupted demo.")
     parser.add_argument("--out", default="landscape_demo", help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_threads_arg(parser)
     parser.add_argument("--fisher-samples", type=int, default=defaults.fisher_samples,
                         help="sequences for the Fisher and stability")
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
