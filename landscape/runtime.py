@@ -109,8 +109,9 @@ def quiet_transformers() -> None:
 
 
 @contextlib.contextmanager
-def transformers_silenced(errors_only: bool = True) -> Iterator[None]:
-    """No transformers progress bars (and, with ``errors_only``, no warnings) inside the block.
+def transformers_silenced(errors_only: bool = True, bars: bool = False) -> Iterator[None]:
+    """No transformers progress bars (unless ``bars``: e.g. its "Loading weights" bar over a large
+    checkpoint) and, with ``errors_only``, no warnings inside the block.
 
     For loads whose warnings are expected, e.g. the "newly initialized head" report of a
     classifier we are about to fine-tune.
@@ -118,16 +119,21 @@ def transformers_silenced(errors_only: bool = True) -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    was_on = hf_logging.is_progress_bar_enabled()
+    if bars:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     if errors_only:
         hf_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if bars:
+        if was_on:
             hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- precision
