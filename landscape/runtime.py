@@ -157,7 +157,8 @@ def apply_precision(precision: str) -> None:
 
 # ----------------------------------------------------------------------------- CPU threads
 THREADS_HELP = ("torch CPU threads: auto = the cores this process may use, minus those other processes keep "
-                "busy right now (at least 1); N = exactly N; 0 = torch's own default (every core, however busy)")
+                "busy right now (at least 1, at most OMP_NUM_THREADS when set); N = exactly N; 0 = torch's own "
+                "default (every core, however busy)")
 
 
 def parse_threads(text: str) -> str:
@@ -240,6 +241,8 @@ def apply_threads(spec: Any = "auto") -> int:
     if value == "0":
         return torch.get_num_threads()
     count = auto_threads() if value == "auto" else int(value)
+    if value == "auto" and os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's own cap stays
+        count = max(1, min(count, int(os.environ["OMP_NUM_THREADS"])))
     torch.set_num_threads(count)
     with contextlib.suppress(RuntimeError):  # torch refuses once inter-op work has started
         torch.set_num_interop_threads(count)

@@ -4,6 +4,7 @@ Bad input ends with one line on stderr and exit code 2; no traceback, no partial
 """
 
 import argparse
+import os
 import re
 import sys
 
@@ -70,7 +71,7 @@ def _set_threads(spec):
     from ..runtime import apply_threads, usable_cores
 
     count, cores = apply_threads(spec), len(usable_cores())
-    if spec == "auto" and count < cores:
+    if spec == "auto" and count < cores and not os.environ.get("OMP_NUM_THREADS"):
         print(f"landscape: other processes keep the CPU busy; using {count} torch thread(s) of {cores} cores "
               "(--threads N to choose)", file=sys.stderr)
 
