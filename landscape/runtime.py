@@ -195,7 +195,7 @@ def _cpu_times(cores: List[int]) -> Optional[Dict[int, Tuple[int, int]]]:
     return times if len(times) == len(cores) else None
 
 
-def busy_cores(cores: List[int], sample_seconds: float = 0.3) -> float:
+def busy_cores(cores: List[int], sample_seconds: float = 0.1) -> float:
     """How many of ``cores`` other processes keep busy now, in cores.
 
     Measured over ``sample_seconds`` from /proc/stat while this process sleeps (so it counts
@@ -240,9 +240,12 @@ def apply_threads(spec: Any = "auto") -> int:
     value = parse_threads(spec)
     if value == "0":
         return torch.get_num_threads()
-    count = auto_threads() if value == "auto" else int(value)
-    if value == "auto" and os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's own cap stays
-        count = max(1, min(count, int(os.environ["OMP_NUM_THREADS"])))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    cap = int(cap) if cap.isdigit() and int(cap) > 0 else None  # the user's own cap stays
+    if value != "auto":
+        count = int(value)
+    else:
+        count = 1 if cap == 1 else min(auto_threads(), cap or len(usable_cores()))
     torch.set_num_threads(count)
     with contextlib.suppress(RuntimeError):  # torch refuses once inter-op work has started
         torch.set_num_interop_threads(count)
