@@ -10,13 +10,14 @@ OUT=${1:-$(mktemp -d)}
 [ -n "${1:-}" ] || trap 'rm -rf "$OUT"' EXIT
 mkdir -p "$OUT"
 L="python3 -m landscape.cli"
-size() { printf '  %-52s %10s MiB\n' "$1" "$(python3 -c "import os,sys; print(f'{os.path.getsize(sys.argv[1]) / 2**20:.1f}')" "$2")"; }
+size() { printf '  %-58s %12s\n' "$1" "$(python3 -c "import os,sys; n = os.path.getsize(sys.argv[1])
+print(f'{n / 2**20:.1f} MiB' if n >= 2**20 else f'{n / 2**10:.1f} KiB')" "$2")"; }
 
 measure() {  # NAME MODEL_ARGS...
     local name=$1; shift
     local d="$OUT/$name"; mkdir -p "$d"
     echo "$name:"
-    $L fisher "$@" --max-samples 1 --seq-len 16 --batch-size 1 --threads 1 --quiet --out "$d/F.safetensors" >/dev/null
+    $L fisher "$@" --max-samples 1 --seq-len 16 --batch-size 1 --threads 1 --quiet --out "$d/F.safetensors" >/dev/null 2>&1
     size "fisher (float32, any sample)" "$d/F.safetensors"
     for spec in all:float32 top:50:float32 top:5:float32 all:bfloat16; do
         local subset=${spec%:*} dtype=${spec##*:}
