@@ -200,7 +200,15 @@ def busy_cores(cores: List[int], sample_seconds: float = 0.1) -> float:
 
     Measured over ``sample_seconds`` from /proc/stat while this process sleeps (so it counts
     others only, and a command that just finished does not count, as it would in the load
-    average); elsewhere the 1-minute load average, capped at the core count."""
+    average); elsewhere the 1-minute load average, capped at the core count.
+
+    Args:
+        cores: CPU ids (``usable_cores()``).
+        sample_seconds: how long to watch /proc/stat.
+
+    Returns:
+        Busy cores in [0, len(cores)] (a fraction: 0.5 = one core half busy).
+    """
     before = _cpu_times(cores)
     if before is not None:
         time.sleep(sample_seconds)
@@ -220,11 +228,18 @@ def busy_cores(cores: List[int], sample_seconds: float = 0.1) -> float:
 
 def auto_threads(cores: Optional[List[int]] = None, busy: Optional[float] = None) -> int:
     """The thread count of ``--threads auto``: the usable cores left free by other processes,
-    shared among the ranks torchrun started on this machine, at least 1.
+    shared among the ranks torchrun started on this machine (LOCAL_WORLD_SIZE), at least 1.
 
     Why: torch's threads wait for each other at every operation, so a thread that another process
-    keeps off its core stalls all of them; on a busy 2-core machine torch's default 2 threads ran
-    5-15x slower than 1 (benchmarks/busy.py measures it)."""
+    keeps off its core stalls all of them (benchmarks/busy.py measures it).
+
+    Args:
+        cores: CPU ids this process may use (default: ``usable_cores()``).
+        busy: busy cores (default: measured by ``busy_cores``).
+
+    Returns:
+        A thread count in [1, len(cores)].
+    """
     cores = usable_cores() if cores is None else cores
     busy = busy_cores(cores) if busy is None else busy
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
@@ -233,8 +248,18 @@ def auto_threads(cores: Optional[List[int]] = None, busy: Optional[float] = None
 
 
 def apply_threads(spec: Any = "auto") -> int:
-    """Set torch's intra-op threads (and inter-op threads, where torch still allows it) from a
-    ``--threads`` value: 'auto', a count, or 0 for torch's default; returns the count in use."""
+    """Set torch's intra-op threads (and inter-op threads, where torch still allows it).
+
+    Args:
+        spec: a ``--threads`` value: 'auto' (``auto_threads``, at most OMP_NUM_THREADS when that is
+            set), a count, or 0 for torch's default (left as it is).
+
+    Returns:
+        The intra-op thread count in use.
+
+    Raises:
+        UsageError: a value that is none of these.
+    """
     import torch
 
     value = parse_threads(spec)
