@@ -7,6 +7,7 @@ BART ...).
 """
 
 import pickle
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,12 @@ def _refuse_new_head(spec, kind, new):
 LOAD_BAR_BYTES = 100 * 2**20
 
 
+def _load_bar(spec: str) -> bool:
+    """Show the loading bar: on a terminal only (the bar leaves a line, and a refusal after the load
+    must stay one line on stderr in a log), for large weights."""
+    return sys.stderr.isatty() and _weight_bytes(spec) >= LOAD_BAR_BYTES
+
+
 def _weight_bytes(spec: str) -> float:
     """Bytes of weight files in a local folder; infinity for a hub id (a download may come too)."""
     folder = Path(spec)
@@ -197,7 +204,7 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
     try:
         # Newly initialized weights are reported by us (below), in one line, not by transformers;
         # torch's note on an unusual pickle protocol is moot: such weights are refused below.
-        with transformers_silenced(bars=_weight_bytes(spec_str) >= LOAD_BAR_BYTES), warnings.catch_warnings():
+        with transformers_silenced(bars=_load_bar(spec_str)), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model, loading_info = head.from_pretrained(spec_str, config=config, output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(spec_str)

@@ -4,7 +4,6 @@ Bad input ends with one line on stderr and exit code 2; no traceback, no partial
 """
 
 import argparse
-import os
 import re
 import sys
 
@@ -66,16 +65,6 @@ def _message(err: UsageError, args) -> str:
     return str(err)
 
 
-def _set_threads(spec):
-    """Apply ``--threads``; say so on stderr when ``auto`` leaves cores to other processes."""
-    from ..runtime import apply_threads, usable_cores
-
-    count, cores = apply_threads(spec), len(usable_cores())
-    if spec == "auto" and count < cores and not os.environ.get("OMP_NUM_THREADS"):
-        print(f"landscape: other processes keep the CPU busy; using {count} torch thread(s) of {cores} cores "
-              "(--threads N to choose)", file=sys.stderr)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if getattr(args, "torch_free", False):  # `where`: answers at once, no torch or transformers
@@ -84,12 +73,12 @@ def main(argv=None):
         except UsageError as err:
             print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
             return 2
-    from ..runtime import barrier, leave_torchrun, quiet_transformers
+    from ..runtime import apply_threads, barrier, leave_torchrun, quiet_transformers
 
     quiet_transformers()
     try:
         if getattr(args, "threads", None) is not None:
-            _set_threads(args.threads)
+            apply_threads(args.threads)
         result = args.func(args)
         # Ranks leave together: one that tears its group down while rank 0 still writes the output
         # can abort rank 0 (seen with gloo: "terminate called without an active exception").
