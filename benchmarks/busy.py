@@ -8,7 +8,7 @@ matmul loop with torch's default threads (``--competitor torch``); it starts bef
 each busy run.  Prints each run's wall time, the threads that ``auto`` chose, and the ratios:
 busy/idle for auto (target <= 2) and busy-default/busy-auto.
 
-    python benchmarks/busy.py                       # about 3 minutes on 2 idle cores
+    python benchmarks/busy.py                       # 24 min on the shared 2-core machine of results/busy.txt
     python benchmarks/busy.py --fisher-samples 256 --grid=-1:1:9 --competitor torch
 
 Timings on a machine shared with other work are noisy; the loads before each run are printed.
