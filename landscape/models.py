@@ -7,6 +7,7 @@ BART ...).
 """
 
 import pickle
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,26 @@ def _refuse_new_head(spec, kind, new):
                          "with its pretraining head, or allow a new head if you mean it")
 
 
+# A load of at least this many bytes of weights (or from the hub) shows transformers' "Loading weights"
+# bar: SmolLM2-135M's 538 MB take seconds, a 7B model minutes; the embedded model's 7 MB need none.
+LOAD_BAR_BYTES = 100 * 2**20
+
+
+def _load_bar(spec: str) -> bool:
+    """Show the loading bar: on a terminal only (the bar leaves a line, and a refusal after the load
+    must stay one line on stderr in a log), for large weights."""
+    return sys.stderr.isatty() and _weight_bytes(spec) >= LOAD_BAR_BYTES
+
+
+def _weight_bytes(spec: str) -> float:
+    """Bytes of weight files in a local folder; infinity for a hub id (a download may come too)."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return float("inf")
+    return sum(f.stat().st_size for f in folder.iterdir()
+               if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+
+
 def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
                allow_new_head: bool = False) -> LoadedModel:
     """Load a pretrained LM and its tokenizer, in eval mode, on ``device``.
@@ -172,7 +193,7 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
     try:
         # Newly initialized weights are reported by us (below), in one line, not by transformers;
         # torch's note on an unusual pickle protocol is moot: such weights are refused below.
-        with transformers_silenced(), warnings.catch_warnings():
+        with transformers_silenced(bars=_load_bar(spec_str)), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model, loading_info = head.from_pretrained(spec_str, config=config, output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(spec_str)

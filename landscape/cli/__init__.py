@@ -66,11 +66,19 @@ def _message(err: UsageError, args) -> str:
 
 
 def main(argv=None):
-    from ..runtime import barrier, leave_torchrun, quiet_transformers
-
     args = build_parser().parse_args(argv)
+    if getattr(args, "torch_free", False):  # `where`: answers at once, no torch or transformers
+        try:
+            return int(args.func(args) or 0)
+        except UsageError as err:
+            print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
+            return 2
+    from ..runtime import apply_threads, barrier, leave_torchrun, quiet_transformers
+
     quiet_transformers()
     try:
+        if getattr(args, "threads", None) is not None:
+            apply_threads(args.threads)
         result = args.func(args)
         # Ranks leave together: one that tears its group down while rank 0 still writes the output
         # can abort rank 0 (seen with gloo: "terminate called without an active exception").

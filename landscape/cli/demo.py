@@ -2,6 +2,7 @@
 
 from ..defaults import DemoSettings
 from . import options
+from .common import add_threads_arg
 
 
 def register(subparsers):
@@ -13,6 +14,7 @@ def register(subparsers):
                     "so rerunning continues an interrupted demo.")
     parser.add_argument("--out", default="landscape_demo", help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_threads_arg(parser)
     parser.add_argument("--fisher-samples", type=options.POSITIVE_INT, default=defaults.fisher_samples,
                         help="sequences for the Fisher and stability")
     parser.add_argument("--eval-samples", type=options.POSITIVE_INT, default=defaults.eval_samples,

@@ -6,7 +6,7 @@ from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
 from . import options
-from .common import floats
+from .common import add_threads_arg, floats
 
 
 def register(subparsers):
@@ -78,8 +78,7 @@ def register(subparsers):
     p.add_argument("--save-models", default=None,
                    help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=options.THREADS, default=0,
-                   help="CPU threads for torch; 0 = torch's choice; 1 is much faster on a busy machine")
+    add_threads_arg(p)
     p.add_argument("--out", required=True,
                    help="summary CSV: per regularizer, fraction and metric the mean, IQR, and the paired "
                         "difference from dropout (diff_vs_dropout, ci_low, ci_high, p_value)")
@@ -110,8 +109,6 @@ def _check(args, regularizers, fractions):
         raise UsageError(f"--fractions must be in (0, 1]; got {args.fractions}")
     if args.restarts < 1 or args.epochs < 1:
         raise UsageError("--restarts and --epochs must be at least 1")
-    if args.threads < 0:
-        raise UsageError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     if "mixout" in regularizers and not 0.0 <= args.mixout_p < 1.0:
         raise UsageError(f"--mixout-p must be in [0, 1), got {args.mixout_p}")
     if "childtuning" in regularizers and not 0.0 < args.childtuning_reserve <= 1.0:
@@ -182,10 +179,6 @@ def run(args):
     fractions = floats(args.fractions, "--fractions")
     _check(args, regularizers, fractions)
     out, runs_out, plot_out = _outputs(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     config, max_train, max_test = _config(args)
     train_data, test_data = load_labelled(args.dataset, args.text_column, args.label_column, args.pair_column,
                                           args.task)

@@ -11,6 +11,7 @@ from .common import (
     add_new_head_arg,
     add_overwrite_arg,
     add_shard_args,
+    add_threads_arg,
     load_model_from_args,
     model_id,
 )
@@ -54,6 +55,7 @@ def _register_directions(subparsers):
     add_new_head_arg(parser)
     add_overwrite_arg(parser)
     add_directions_args(parser)
+    add_threads_arg(parser)
     parser.set_defaults(func=run_directions)
 
 

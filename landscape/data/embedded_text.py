@@ -63,8 +63,10 @@ DROP_LINK_PREFIX = re.compile(r"^\s*:?\s*(file|image|category|media|wikipedia|wp
                               r"[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
 
 
-ARCHIVES_HINT = (f"without network, download {GENSIM_SPEC} (wheel) and {VADER_SPEC} (sdist) elsewhere "
-                 "and run `python data/build_corpus.py --archives DIR`")
+# The wheel has no data/ scripts: the hint names what an installed package can run.
+ARCHIVES_HINT = (f"without network, download {GENSIM_SPEC} (wheel) and {VADER_SPEC} (sdist) elsewhere into a "
+                 "folder DIR and set LANDSCAPE_ARCHIVES=DIR (or run `python -m landscape.data.embedded_text "
+                 "--archives DIR`)")
 
 
 def fail(msg: str) -> None:
@@ -335,3 +337,7 @@ def main(argv=None) -> int:
         return 2
     print(f"build_corpus: the embedded texts are under {outputs['train'].parent.parent}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

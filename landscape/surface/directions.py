@@ -234,7 +234,7 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
             dtype holds exactly these values).
         settings: extra attributes to store (model, Fisher file path, ...); the Fisher file's
             corpus is stored as ``fisher_provenance``.
-        progress: show a progress bar over tensors.
+        progress: show progress bars (stderr): over the Fisher scores while masking, then over tensors.
 
     Returns:
         The attributes written: the settings of ``make_directions``, ``precision``, the extra
@@ -246,7 +246,7 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         scores = ScoreSource(fisher)
         check_fisher_matches(scores.shaped(), model)
         masks = fisher_mask(scores, subset, seed=seed, granularity=granularity,
-                            names=perturbable_names(model, ignore))
+                            names=perturbable_names(model, ignore), progress=progress and rank_and_world()[0] == 0)
     maker = _TensorMaker(model, seed, norm, ignore, masks)
     projection = _orthogonal_projection(maker) if orthogonal and dims == 2 else None
     attrs = dict(_settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, 0),

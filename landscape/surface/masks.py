@@ -171,7 +171,7 @@ def _select_streamed(stream: KeyStream, kind: str, count: int, total: int) -> It
 
 
 def fisher_mask(scores, spec: str, seed: int = 0, granularity: str = "global",
-                 names: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
+                 names: Optional[List[str]] = None, progress: bool = False) -> Dict[str, torch.Tensor]:
     """Element-wise masks from Fisher scores: {param name: bool tensor shaped like the param}.
 
     Args:
@@ -183,6 +183,7 @@ def fisher_mask(scores, spec: str, seed: int = 0, granularity: str = "global",
             selected, ties broken by position in the scores' order); 'tensor' selects K% inside
             each tensor (the paper code's way).
         names: the tensors that may be selected (e.g. the perturbable ones); others get all-False.
+        progress: a progress bar (stderr) over the scores read, all passes together.
 
     Returns:
         {name: bool CPU tensor} for every tensor of ``scores``.  NaN scores are picked by top and
@@ -207,17 +208,41 @@ def fisher_mask(scores, spec: str, seed: int = 0, granularity: str = "global",
     else:
         groups = [[n] for n in chosen]
     generator = torch.Generator().manual_seed(int(seed))
-    for group in groups:
-        total = sum(source.numel(n) for n in group)
-        count = selected_count(percent, total)
-        if granularity == "tensor" and kind == "random":
-            # One generator across tensors, in order, as the per-tensor masks always were.
-            keys = sortable_keys(torch.rand(total, generator=generator))
-            stream = lambda keys=keys: iter([keys])  # noqa: E731
-        else:
-            stream = _score_keys(source, group, kind, seed)
-        _fill(masks, source, group, _select_streamed(stream, "top" if kind == "random" else kind, count, total))
+    bar = _passes_bar(source, groups, percent, progress, f"mask {spec}")
+    with bar:
+        for group in groups:
+            total = sum(source.numel(n) for n in group)
+            count = selected_count(percent, total)
+            if granularity == "tensor" and kind == "random":
+                # One generator across tensors, in order, as the per-tensor masks always were.
+                keys = sortable_keys(torch.rand(total, generator=generator))
+                stream = lambda keys=keys: iter([keys])  # noqa: E731
+            else:
+                stream = _score_keys(source, group, kind, seed)
+            stream = _counted(stream, bar)
+            _fill(masks, source, group, _select_streamed(stream, "top" if kind == "random" else kind, count, total))
     return masks
+
+
+def _passes_bar(source: ScoreSource, groups: List[List[str]], percent: float, show: bool, desc: str):
+    """A tqdm bar over the elements the selection reads: 3 passes (2 radix + 1 select) per group,
+    1 where everything is selected."""
+    from tqdm.auto import tqdm
+
+    total = 0
+    for group in groups:
+        size = sum(source.numel(n) for n in group)
+        total += size * (1 if selected_count(percent, size) >= size else 3)
+    return tqdm(total=total, desc=desc, unit="score", unit_scale=True, disable=not show, leave=False)
+
+
+def _counted(stream: KeyStream, bar) -> KeyStream:
+    """``stream``, advancing ``bar`` by the keys of each block it yields."""
+    def counted():
+        for keys in stream():
+            bar.update(keys.numel())
+            yield keys
+    return counted
 
 
 def _fill(masks, source, group, blocks):
