@@ -5,7 +5,7 @@ from pathlib import Path
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
-from .common import floats
+from .common import claim, floats
 
 
 def register(subparsers):
@@ -80,8 +80,8 @@ def register(subparsers):
     p.add_argument("--runs-out", default=None,
                    help="per-run CSV, also the sweep's journal (default: <out>_runs.csv)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed; "
-                        "default: resume)")
+                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed), "
+                        "and replace outputs that hold another kind of file (default: resume, refuse)")
     p.add_argument("--plot", default=None, help="figure (.png/.pdf/.svg; default: <out>.png)")
     p.set_defaults(func=run)
     return p
@@ -120,6 +120,11 @@ def _outputs(args):
     check_output_path(out, "--out", [".csv"])
     check_output_path(runs_out, "--runs-out", [".csv"])
     check_output_path(plot_out, "--plot", [".png", ".pdf", ".svg"])
+    claim(args, runs_out, "table", columns=("regularizer", "fraction", "seed", "n_train"))
+    claim(args, out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
+    claim(args, plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
+    if args.save_models:
+        claim(args, args.save_models, "folder")
     return out, runs_out, plot_out
 
 

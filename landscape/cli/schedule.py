@@ -1,7 +1,7 @@
 """``landscape schedule``: a guided dropout schedule (JSON) from a Fisher file and a model."""
 
 from ..errors import UsageError
-from .common import add_model_args, load_model_from_args
+from .common import add_model_args, add_overwrite_arg, claim, load_model_from_args
 
 
 def register(subparsers):
@@ -18,6 +18,7 @@ def register(subparsers):
                         help="linear in rank (paper), normalized log score, or a power of the rank")
     parser.add_argument("--gamma", type=float, default=2.0, help="exponent of --shape power")
     parser.add_argument("--out", required=True, help="schedule JSON to write")
+    add_overwrite_arg(parser, "replace an --out that is not a dropout schedule (default: refuse)")
     parser.set_defaults(func=run)
     return parser
 
@@ -28,6 +29,7 @@ def run(args):
     from ..guided import schedule
 
     check_output_path(args.out, "--out", [".json"])
+    claim(args, args.out, "schedule")
     if not args.gamma > 0:  # also refuses NaN
         raise UsageError(f"--gamma must be positive, got {args.gamma}")
     fisher, _ = load_fisher(args.fisher)

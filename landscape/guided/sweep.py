@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..data.labelled import subsample
 from ..errors import SettingsMismatch
 from ..files import atomic_output
+from ..outputs import figure_metadata
 from . import schedule as sched
 from .journal import RunJournal
 from .metrics import metrics_for
@@ -279,7 +280,8 @@ def plot_paucity(summary, metric, path, title=""):
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        fmt = Path(path).suffix.lstrip(".") or "png"
+        fig.savefig(tmp, format=fmt, dpi=120, metadata=figure_metadata(path, fmt))
     plt.close(fig)
     return Path(path)
 
