@@ -69,6 +69,8 @@ class Claim:
     def release(self):
         if self._key is not None:
             _unlock(self._key)
+            if self._key not in _HELD:  # the last claim of this output in this process
+                _STAMPS.pop(_resolved(self.path), None)
             self._key = None
 
     def __enter__(self):
@@ -164,18 +166,30 @@ def _lock(path):
     if key in _HELD:
         _HELD[key][1] += 1
         return key
+    made = [folder for folder in [side.parent, *side.parent.parents] if not folder.exists()]
     try:
         side.parent.mkdir(parents=True, exist_ok=True)
         handle = _acquire(side, path)
     except OSError as err:
+        _remove_empty(made)
         raise UsageError(f"cannot write '{path}': cannot create its lock file '{side}' "
                          f"({err.strerror or err})") from None
+    except BaseException:
+        _remove_empty(made)
+        raise
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()} {_command()}\n".encode())
     handle.flush()
-    _HELD[key] = [handle, 1]
+    _HELD[key] = [handle, 1, made]
     return key
+
+
+def _remove_empty(folders):
+    """Remove the folders a claim created for its lock file, deepest first, where still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _acquire(side, path):
@@ -230,6 +244,7 @@ def _unlock(key):
         if os.fstat(handle.fileno()).st_ino == os.stat(key).st_ino:
             os.unlink(key)
     handle.close()
+    _remove_empty(entry[2])  # a refused or failed run leaves no empty folder behind
 
 
 # ----------------------------------------------------------------------------- figure stamps

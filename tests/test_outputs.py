@@ -194,10 +194,12 @@ def _wait_lock(proc, out, limit=120):
 def test_a_second_writer_is_refused_naming_the_first_and_a_killed_one_blocks_nothing(tiny_bert_dir,
                                                                                       tiny_corpus_file, tmp_path):
     model, corpus = ["--model", tiny_bert_dir], ["--corpus", tiny_corpus_file, "--max-samples", 4, "--seq-len", 16]
-    big = _surface(tmp_path / "big.h5", nx=40, ny=30)
+    # Each first run is frozen as soon as it holds its lock; these take seconds after that point, so
+    # the freeze never comes too late (a big surface costs nothing: it is read after the claim).
+    big = _surface(tmp_path / "big.h5", nx=400, ny=300)
     commands = {
         "fisher": ["fisher", *model, *corpus, "--quiet", "--out", tmp_path / "F.safetensors"],
-        "directions": ["directions", *model, "--out", tmp_path / "D.h5"],
+        "directions": ["directions", *model, "--kind", "hessian", *corpus, "--out", tmp_path / "D.h5"],
         "hessian": ["hessian", *model, *corpus, "--top", 1, "--quiet", "--out", tmp_path / "H.json"],
         "plot": ["plot", big, "--kind", "surface3d", "--out", tmp_path / "big.png"],
     }
@@ -256,3 +258,14 @@ def test_surface_overwrite_keeps_the_old_file_until_the_new_one_is_complete(tiny
     with h5py.File(out, "r") as handle:
         assert handle["train_loss"].shape == (6, 10) and np.isfinite(handle["train_loss"][()]).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["D.h5", "S.h5"]
+
+
+def test_the_demo_refuses_a_file_it_did_not_write_and_leaves_nothing(foreign, tmp_path):
+    from landscape.demo import DemoSettings, run_demo
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "schedule.json").write_bytes(foreign["report"].read_bytes())
+    with pytest.raises(OutputRefused, match="schedule.json' holds a Hessian report, not a dropout schedule"):
+        run_demo(demo, DemoSettings(fisher_samples=8, eval_samples=2, grid_2d="-1:1:3", grid_1d="-1:1:3"))
+    assert [p.name for p in demo.rglob("*")] == ["schedule.json"]

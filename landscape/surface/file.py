@@ -378,7 +378,6 @@ class SurfaceFile:
             raise UsageError(f"'{self.target}' is a folder; give a surface file name")
         self._claim = claim_output(self.target, "surface", overwrite)
         try:
-            _check_journal_kind(self.path, overwrite)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.journal = open(journal_path(self.path), "ab+")
         except OSError as err:
@@ -484,21 +483,6 @@ def aside_path(path) -> Path:
     """Where ``overwrite`` builds the replacement of surface file ``path`` until it is complete."""
     path = Path(path)
     return path.with_name(f".{path.name}.new.h5")
-
-
-def _check_journal_kind(path, overwrite):
-    """OutputRefused when ``path``'s journal name holds a file that is not a surface journal."""
-    from ..errors import OutputRefused
-
-    journal = journal_path(path)
-    if overwrite or not journal.is_file():
-        return
-    with open(journal, "rb") as handle:
-        start = handle.read(len(JOURNAL_MAGIC))
-    if start and not JOURNAL_MAGIC.encode().startswith(start) and not start.startswith(JOURNAL_MAGIC.encode()):
-        from ..outputs import identify
-
-        raise OutputRefused(journal, f"'{journal}' holds {identify(journal).words}, not a surface journal")
 
 
 def _diverged_as_inf(loss: float) -> float:
