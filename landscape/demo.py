@@ -99,25 +99,28 @@ def _directions(run: DemoRun):
         run.direction_file(name, spec, 1)
 
 
-def _claim_outputs(run: DemoRun, overwrite: bool):
-    """Claim every file the demo writes (``outputs.claim_output``); the claims, to release at the end."""
-    paths, claims = run.paths, [claim_output(run.out, "folder")]
-    for key, kind, columns in (("fisher", "fisher", None), ("stability", "table", ("fraction", "samples")),
-                               ("schedule", "schedule", None)):
-        claims.append(claim_output(paths[key], kind, overwrite, columns=columns))
-    claims += profile_stage.claim_profile(paths["profile"], paths["fisher"], overwrite)
+def _claim_outputs(run: DemoRun, overwrite: bool, held: contextlib.ExitStack):
+    """Claim every file the demo writes (``outputs.claim_output``) into ``held``, which releases them."""
+    paths = run.paths
+
+    def take(path, kind, columns=None):
+        held.enter_context(claim_output(path, kind, overwrite, columns=columns))
+
+    take(run.out, "folder")
+    take(paths["fisher"], "fisher")
+    take(paths["stability"], "table", ("fraction", "samples"))
+    take(paths["schedule"], "schedule")
+    held.enter_context(profile_stage.claim_profile(paths["profile"], paths["fisher"], overwrite))
     for dims, specs in ((2, run.specs_2d), (1, run.specs_1d)):
         for name, _ in specs:
-            claims.append(claim_output(paths["directions"] / f"{name}_{dims}d.h5", "directions", overwrite))
-            claims.append(claim_output(paths["surfaces"] / f"{name}_{dims}d.h5", "surface", overwrite))
+            take(paths["directions"] / f"{name}_{dims}d.h5", "directions")
+            take(paths["surfaces"] / f"{name}_{dims}d.h5", "surface")
     figures = [f"{kind}_{name}.png" for name, _ in run.specs_2d for kind in ("surface3d", "contour")]
     for name in figures + ["surface3d_all.html", "compare_all_top_bottom.png", "topk_sweep.png",
                            "random_controls.png"]:
-        claims.append(claim_output(paths["figures"] / name, "figure", overwrite))
+        take(paths["figures"] / name, "figure")
     for name in ("compare_all_top_bottom", "topk_sweep", "random_controls"):
-        claims.append(claim_output(plots.default_csv_path(paths["figures"] / f"{name}.png"), "table", overwrite,
-                                   columns=sharpness.COLUMNS[:4]))
-    return claims
+        take(plots.default_csv_path(paths["figures"] / f"{name}.png"), "table", sharpness.COLUMNS[:4])
 
 
 def _surfaces(run: DemoRun, dims: int):
@@ -182,8 +185,7 @@ def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=Fa
     torch.manual_seed(cfg.seed)
     run = DemoRun(out=Path(out_dir), cfg=cfg, loaded=load_model(None, device=device), overwrite=overwrite)
     with contextlib.ExitStack() as held:
-        for claim in _claim_outputs(run, overwrite):
-            held.enter_context(claim)
+        _claim_outputs(run, overwrite, held)
         _run_stages(run)
     return {k: v for k, v in run.paths.items() if k in ("fisher", "stability", "profile", "schedule", "figures")}
 

@@ -18,7 +18,7 @@ any work.  A claim
 
 Figures carry a stamp (``figure_metadata`` for matplotlib's ``savefig(metadata=...)``,
 ``stamp_html`` for plotly pages): ``landscape-output:`` followed by base64 JSON of the claim's
-kind and settings, so that any of PNG, PDF, SVG and HTML is read back by one search.
+kind and settings and ``!``, so that any of PNG, PDF, SVG and HTML is read back by one search.
 """
 
 import base64
@@ -43,7 +43,8 @@ WORDS = {
     "table": "a table", "folder": "a folder", "sweep-settings": "a fine-tuning sweep's settings",
 }
 STAMP_TAG = "landscape-output:"
-_STAMP = re.compile(rb"landscape-output:([A-Za-z0-9_=-]+)")
+# Base64 ends with "!": the bytes after a stamp (a PNG chunk's CRC) may look like base64 too.
+_STAMP = re.compile(rb"landscape-output:([A-Za-z0-9_=-]+)!")
 _HELD = {}    # lock path -> [open file, count]: this process's claims
 _STAMPS = {}  # resolved output path -> stamp of the claim, for the figure writers
 
@@ -249,7 +250,8 @@ def _unlock(key):
 
 # ----------------------------------------------------------------------------- figure stamps
 def _encoded(stamp):
-    return STAMP_TAG + base64.urlsafe_b64encode(json.dumps(stamp, sort_keys=True, default=str).encode()).decode()
+    text = base64.urlsafe_b64encode(json.dumps(stamp, sort_keys=True, default=str).encode()).decode()
+    return f"{STAMP_TAG}{text}!"
 
 
 def _stamp_for(out):

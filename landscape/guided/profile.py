@@ -137,12 +137,16 @@ PROFILE_FILES = {"parameter_quantiles.csv": ("rank", "fraction", "fisher"),
 def claim_profile(out_dir, fisher_path, overwrite=False):
     """Claim every file of a profile under ``out_dir`` (``outputs.claim_output``): files already
     there must be a profile's own (its tables, figures of the same Fisher file) unless ``overwrite``.
-    Returns the claims."""
+    Returns the claims as one ExitStack (closing it releases them); none is held when one is refused."""
+    import contextlib
     import os
 
     settings = {"command": "profile", "inputs": [os.path.abspath(fisher_path)]}
-    return [claim_output(Path(out_dir) / name, "table" if columns else "figure", overwrite, columns=columns,
-                         settings=None if columns else settings) for name, columns in PROFILE_FILES.items()]
+    with contextlib.ExitStack() as claims:
+        for name, columns in PROFILE_FILES.items():
+            claims.enter_context(claim_output(Path(out_dir) / name, "table" if columns else "figure", overwrite,
+                                              columns=columns, settings=None if columns else settings))
+        return claims.pop_all()
 
 
 def write_profile(fisher, model, out_dir, title=""):
