@@ -383,9 +383,6 @@ class SurfaceFile:
         except OSError as err:
             self._claim.release()
             raise UsageError(f"cannot write '{journal_path(self.path)}': {err.strerror or err}") from None
-        except BaseException:
-            self._claim.release()
-            raise
         try:
             self._load(overwrite)
         except BaseException:
