@@ -40,7 +40,7 @@ WORDS = {
     "surface": "a loss surface", "surface-journal": "a surface journal", "hessian-report": "a Hessian report",
     "hessian-journal": "a Hessian checkpoint", "schedule": "a dropout schedule",
     "figure": "a figure drawn by landscape",
-    "table": "a table", "folder": "a folder", "sweep-settings": "a fine-tuning sweep's settings",
+    "table": "a table", "folder": "a folder", "saved-model": "a saved model (config.json)",
 }
 STAMP_TAG = "landscape-output:"
 # Base64 ends with "!": the bytes after a stamp (a PNG chunk's CRC) may look like base64 too.
@@ -114,6 +114,18 @@ def claim_output(path, kind: str, overwrite: bool = False, columns: Optional[Seq
     if kind == "figure":
         _STAMPS[_resolved(path)] = {"kind": kind, "settings": settings}
     return Claim(path, key)
+
+
+def check_saved_models(folders, overwrite=False) -> None:
+    """OutputRefused unless each of ``folders`` (where models will be saved, inside a folder the
+    caller has claimed) is missing, empty, or a saved model (``save_pretrained`` replaces it)."""
+    for folder in map(Path, folders):
+        if overwrite or not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+            continue
+        held = identify(folder)
+        if held.kind != "saved-model":
+            words = "a folder of other files" if held.kind == "folder" else held.words
+            raise OutputRefused(folder, f"'{folder}' holds {words}, not {WORDS['saved-model']}")
 
 
 def release_all():
@@ -292,6 +304,8 @@ def identify(path) -> Held:
     """What the existing file (or folder) ``path`` holds, from its content."""
     path = Path(path)
     if path.is_dir():
+        if (path / "config.json").is_file():
+            return Held("saved-model", WORDS["saved-model"])
         return Held("folder", "a folder")
     try:
         with open(path, "rb") as handle:

@@ -269,3 +269,14 @@ def test_the_demo_refuses_a_file_it_did_not_write_and_leaves_nothing(foreign, tm
     with pytest.raises(OutputRefused, match="schedule.json' holds a Hessian report, not a dropout schedule"):
         run_demo(demo, DemoSettings(fisher_samples=8, eval_samples=2, grid_2d="-1:1:3", grid_1d="-1:1:3"))
     assert [p.name for p in demo.rglob("*")] == ["schedule.json"]
+
+
+def test_finetune_never_saves_a_model_over_a_folder_of_other_files(tmp_path, capfd):
+    run_folder = tmp_path / "models" / "dropout_f1_s0"
+    run_folder.mkdir(parents=True)
+    (run_folder / "notes.txt").write_text("mine")
+    args = ["finetune", "--regularizer", "dropout", "--restarts", 1, "--out", tmp_path / "s.csv",
+            "--save-models", tmp_path / "models"]
+    code, _, err = _cli(capfd, *args)
+    _one_line(code, err, "dropout_f1_s0' holds a folder of other files, not a saved model", "--overwrite")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dropout_f1_s0", "models", "notes.txt"]

@@ -124,7 +124,14 @@ def _outputs(args):
     claim(args, out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
     claim(args, plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
     if args.save_models:
+        from ..guided.sweep import model_folder
+        from ..outputs import check_saved_models
+
         claim(args, args.save_models, "folder")
+        regs = [r.strip() for r in args.regularizer.split(",") if r.strip()]
+        check_saved_models([model_folder(args.save_models, reg, fraction, seed) for reg in regs
+                            for fraction in floats(args.fractions, "--fractions")
+                            for seed in range(args.seed, args.seed + args.restarts)], args.overwrite)
     return out, runs_out, plot_out
 
 

@@ -52,6 +52,11 @@ def run_columns(task):
             "schedule_mean_p", "schedule_sha", "shuffle_seed", "settings", "reg_settings"]
 
 
+def model_folder(save_models, reg, fraction, seed) -> Path:
+    """Where ``data_paucity`` saves the model of one run under ``save_models``."""
+    return Path(save_models) / f"{reg}_f{fraction:g}_s{seed}"
+
+
 def _digest(value, length=12):
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
@@ -178,7 +183,7 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         with tqdm(total=total, desc="fine-tuning", unit="step", disable=not show_progress) as bar:
             for reg, fraction, seed in todo:
                 subset = subsets[(fraction, seed)]
-                save_dir = None if save_models is None else Path(save_models) / f"{reg}_f{fraction:g}_s{seed}"
+                save_dir = None if save_models is None else model_folder(save_models, reg, fraction, seed)
                 started = time.perf_counter()
                 metrics = finetune_once(model_spec, subset, test_data, reg, seed, config, guided, save_dir, bar)
                 row = {"regularizer": reg, "fraction": fraction, "seed": seed, "n_train": len(subset), **metrics,
