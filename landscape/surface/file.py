@@ -395,7 +395,8 @@ class SurfaceFile:
         self.last_flush = time.monotonic()
 
     def _load(self, overwrite):
-        _clean_partials(self.path)
+        for path in {self.path, self.target}:
+            _clean_partials(path)
         self.loss = np.full(self.shape, np.nan)
         self.acc = np.full(self.shape, np.nan)
         try:
