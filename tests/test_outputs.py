@@ -134,6 +134,7 @@ def test_plot_redraws_its_own_figure_refuses_others_and_overwrite_replaces(forei
     plt.imsave(photo, np.zeros((4, 4)))
     code, _, err = _cli(capfd, "plot", other, "--out", photo)
     _one_line(code, err, "holds a PNG image not drawn by landscape, not a figure drawn by landscape")
+    assert not list(tmp_path.glob(".*.lock")), "a finished or refused run left its lock file"
 
 
 def test_svg_figures_carry_the_stamp_too(tmp_path):
@@ -218,14 +219,12 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_killed_one_blocks_not
         for proc in first.values():
             proc.kill()
             proc.wait()
-    # Killed while holding it: the lock file stays, with a dead pid, and blocks nothing.
-    plot_out = commands["plot"][-1]
-    assert outputs.lock_path(plot_out).exists()
-    small = _surface(tmp_path / "small.h5")
-    done = subprocess.run(_cmd("plot", small, "--out", plot_out), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert not outputs.lock_path(plot_out).exists()
+    kinds = {"fisher": "fisher", "directions": "directions", "hessian": "hessian-report", "plot": "figure"}
+    for name, args in commands.items():  # killed while holding it: its lock file stays and blocks nothing
+        assert outputs.lock_path(args[-1]).read_text().startswith(f"{first[name].pid} ")
+        with outputs.claim_output(args[-1], kinds[name], overwrite=True):
+            pass
+        assert not outputs.lock_path(args[-1]).exists()
 
 
 def _records(path):
