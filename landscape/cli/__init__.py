@@ -8,7 +8,7 @@ import re
 import sys
 
 from .. import __version__
-from ..errors import NewHeadRefused, SettingsMismatch, UsageError
+from ..errors import NewHeadRefused, OutputBusy, OutputRefused, SettingsMismatch, UsageError
 from .commands import register_all
 
 
@@ -58,6 +58,10 @@ def build_parser():
 
 def _message(err: UsageError, args) -> str:
     """The library's message, plus what to do on the command line where that is a flag."""
+    if isinstance(err, OutputRefused):
+        return f"{err.reason}; choose another {_flag_of(args, err.path)} or pass --overwrite"
+    if isinstance(err, OutputBusy):
+        return f"{err.reason}; wait for it to finish or choose another {_flag_of(args, err.path)}"
     if isinstance(err, SettingsMismatch) and hasattr(args, "overwrite"):
         return f"{err}; rerun with --overwrite to replace it, or choose another --out"
     if isinstance(err, NewHeadRefused) and hasattr(args, "allow_new_head"):
@@ -65,7 +69,17 @@ def _message(err: UsageError, args) -> str:
     return str(err)
 
 
+def _flag_of(args, path) -> str:
+    """The option that named ``path`` (--out, --csv, --vectors, ...), else --out."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value and str(path) in (value, value.rstrip("/")):
+            return f"--{name.replace('_', '-')}"
+    return "--out"
+
+
 def main(argv=None):
+    from ..outputs import release_all
+
     args = build_parser().parse_args(argv)
     if getattr(args, "torch_free", False):  # `where`: answers at once, no torch or transformers
         try:
@@ -91,6 +105,7 @@ def main(argv=None):
               file=sys.stderr)
         return 130
     finally:
+        release_all()  # the locks of this command's outputs
         leave_torchrun()
     return int(result or 0)
 

@@ -61,9 +61,17 @@ def add_new_head_arg(parser):
                              "it randomly: the numbers measure that random head)")
 
 
-def add_overwrite_arg(parser):
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an --out computed with other settings (default: refuse)")
+def add_overwrite_arg(parser, help="replace an --out computed with other settings, or holding another kind of "
+                                    "file (default: refuse)"):
+    parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def claim(args, path, kind, **options):
+    """``outputs.claim_output`` for a command's output, with its ``--overwrite``; the claim is held
+    until the command ends (``cli.main`` releases it)."""
+    from ..outputs import claim_output
+
+    return claim_output(path, kind, overwrite=getattr(args, "overwrite", False), **options)
 
 
 def load_model_from_args(args, device=None, allow_new_head=None, layout=None):

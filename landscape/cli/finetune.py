@@ -6,7 +6,7 @@ from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
 from . import options
-from .common import add_threads_arg, floats
+from .common import add_threads_arg, claim, floats
 
 
 def register(subparsers):
@@ -85,8 +85,8 @@ def register(subparsers):
     p.add_argument("--runs-out", default=None,
                    help="per-run CSV, also the sweep's journal (default: <out>_runs.csv)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed; "
-                        "default: resume)")
+                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed), "
+                        "and replace outputs that hold another kind of file (default: resume, refuse)")
     p.add_argument("--plot", default=None, help="figure (.png/.pdf/.svg; default: <out>.png)")
     p.set_defaults(func=run)
     return p
@@ -123,6 +123,18 @@ def _outputs(args):
     check_output_path(out, "--out", [".csv"])
     check_output_path(runs_out, "--runs-out", [".csv"])
     check_output_path(plot_out, "--plot", [".png", ".pdf", ".svg"])
+    claim(args, runs_out, "table", columns=("regularizer", "fraction", "seed", "n_train"))
+    claim(args, out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
+    claim(args, plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
+    if args.save_models:
+        from ..guided.sweep import model_folder
+        from ..outputs import check_saved_models
+
+        claim(args, args.save_models, "folder")
+        regs = [r.strip() for r in args.regularizer.split(",") if r.strip()]
+        check_saved_models([model_folder(args.save_models, reg, fraction, seed) for reg in regs
+                            for fraction in floats(args.fractions, "--fractions")
+                            for seed in range(args.seed, args.seed + args.restarts)], args.overwrite)
     return out, runs_out, plot_out
 
 

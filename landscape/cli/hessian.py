@@ -14,6 +14,7 @@ from .common import (
     add_model_args,
     add_new_head_arg,
     add_overwrite_arg,
+    claim,
     load_model_from_args,
     model_id,
 )
@@ -135,6 +136,9 @@ def run_hessian(args):
 
     out = check_output_path(args.out, "--out", [".json"])
     vectors = check_output_path(args.vectors, "--vectors", H5_SUFFIXES) if args.vectors else None
+    claim(args, out, "hessian-report")
+    if vectors is not None:
+        claim(args, vectors, "directions")
     _check_counts(args.top, args.trace, args.spectrum, args.steps, args.bins, args.tol, args.max_iter, vectors)
     if not args.cache_mb >= 0:
         raise UsageError(f"--cache-mb must be 0 or more, got {args.cache_mb}")

@@ -12,6 +12,7 @@ from .common import (
     add_overwrite_arg,
     add_shard_args,
     add_threads_arg,
+    claim,
     load_model_from_args,
     model_id,
 )
@@ -68,6 +69,7 @@ def run_directions(args):
     from ..surface import directions
 
     out = check_output_path(args.out, "--out", H5_SUFFIXES)
+    claim(args, out, "directions")
     if other_directions(args, out):  # --kind hessian, --to, --trajectory
         return 0
     subset = args.subset or "all"
@@ -142,6 +144,7 @@ def run_surface(args):
     from ..surface.file import check_grid_size
 
     out = check_output_path(args.out, "--out", H5_SUFFIXES)
+    claim(args, out, "surface")
     xs = _grid(args.x, "x")
     ys = _grid(args.y, "y") if args.y else None
     if args.one_d and ys is not None:

@@ -14,6 +14,7 @@ import torch
 from ..errors import UsageError
 from ..files import atomic_output, write_csv
 from ..fisher import check_fisher_matches
+from ..outputs import claim_output, figure_metadata
 from .sites import find_sites, site_scores
 
 _BLOCK = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.\d+)\.")
@@ -79,7 +80,7 @@ def _save_figure(fig, path):
     import matplotlib.pyplot as plt
 
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png", metadata=figure_metadata(path, "png"))
     plt.close(fig)
     return path
 
@@ -124,6 +125,28 @@ def plot_bars(labels, values, colors, path, xlabel, title=""):
 
 _KIND_COLORS = {"embeddings": "#8c564b", "attention": "#1f77b4", "hidden": "#ff7f0e",
                 "classifier": "#2ca02c", "other": "#7f7f7f"}
+
+
+# The files of a profile folder: the leading columns of each table; None for a figure.
+PROFILE_FILES = {"parameter_quantiles.csv": ("rank", "fraction", "fisher"),
+                 "tensors.csv": ("name", "block", "elements", "mean"), "blocks.csv": ("block", "elements", "mean"),
+                 "sites.csv": ("site", "kind", "block", "elements"),
+                 "parameters.png": None, "blocks.png": None, "sites.png": None}
+
+
+def claim_profile(out_dir, fisher_path, overwrite=False):
+    """Claim every file of a profile under ``out_dir`` (``outputs.claim_output``): files already
+    there must be a profile's own (its tables, figures of the same Fisher file) unless ``overwrite``.
+    Returns the claims as one ExitStack (closing it releases them); none is held when one is refused."""
+    import contextlib
+    import os
+
+    settings = {"command": "profile", "inputs": [os.path.abspath(fisher_path)]}
+    with contextlib.ExitStack() as claims:
+        for name, columns in PROFILE_FILES.items():
+            claims.enter_context(claim_output(Path(out_dir) / name, "table" if columns else "figure", overwrite,
+                                              columns=columns, settings=None if columns else settings))
+        return claims.pop_all()
 
 
 def write_profile(fisher, model, out_dir, title=""):

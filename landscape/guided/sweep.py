@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..data.labelled import subsample
 from ..errors import SettingsMismatch
 from ..files import atomic_output
+from ..outputs import figure_metadata
 from . import schedule as sched
 from .journal import RunJournal
 from .metrics import metrics_for
@@ -83,6 +84,11 @@ def check_run_row(task):
         if row["shuffle_seed"] is not None:
             schema.integer(row["shuffle_seed"], at("shuffle_seed"))
     return check
+
+
+def model_folder(save_models, reg, fraction, seed) -> Path:
+    """Where ``data_paucity`` saves the model of one run under ``save_models``."""
+    return Path(save_models) / f"{reg}_f{fraction:g}_s{seed}"
 
 
 def _digest(value, length=12):
@@ -234,7 +240,7 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         with tqdm(total=total, desc="fine-tuning", unit="step", disable=not show_progress) as bar:
             for reg, fraction, seed in todo:
                 subset = subsets[(fraction, seed)]
-                save_dir = None if save_models is None else Path(save_models) / f"{reg}_f{fraction:g}_s{seed}"
+                save_dir = None if save_models is None else model_folder(save_models, reg, fraction, seed)
                 started = time.perf_counter()
                 metrics = finetune_once(model_spec, subset, test_data, reg, seed, config, guided, save_dir, bar)
                 row = {"regularizer": reg, "fraction": fraction, "seed": seed, "n_train": len(subset), **metrics,
@@ -336,7 +342,8 @@ def plot_paucity(summary, metric, path, title=""):
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        fmt = Path(path).suffix.lstrip(".") or "png"
+        fig.savefig(tmp, format=fmt, dpi=120, metadata=figure_metadata(path, fmt))
     plt.close(fig)
     return Path(path)
 

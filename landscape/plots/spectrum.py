@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files import atomic_output
+from ..outputs import figure_metadata, stamp_html
 from .surfaces import output_format
 
 
@@ -86,7 +87,7 @@ def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, 
     ax.grid(alpha=0.3)
     plt.close(fig)
     with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt))
 
 
 def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out):
@@ -101,3 +102,4 @@ def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out):
                       yaxis_title=ylabel, yaxis_type="log" if log else "linear", width=900, height=540)
     with atomic_output(out) as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, include_mathjax=False)
+        stamp_html(tmp, out)

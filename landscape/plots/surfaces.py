@@ -19,6 +19,7 @@ import numpy as np
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
+from ..outputs import figure_metadata, stamp_html
 from ..surface.file import read_surface
 
 FORMATS = ("html", "png", "pdf")
@@ -282,6 +283,7 @@ def _write_html(fig, out):
     # include_plotlyjs=True embeds plotly.js, so the page works offline (no CDN).
     with atomic_output(out) as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, include_mathjax=False)
+        stamp_html(tmp, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,4 +365,4 @@ def _mpl_lines(surfaces, labels, style, notes):
 
 def _save_mpl(fig, out, fmt):
     with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt))

@@ -13,12 +13,13 @@ Crash safety: every finished point is appended at once to a journal (``S.h5.jour
 records each carry a CRC-32 and end with a newline, so a torn or corrupted record is recognised,
 never misread, and cut off before the next run appends.  The HDF5 file is rewritten to a temporary
 file and atomically renamed into place every few seconds.  A SIGKILL therefore loses only the
-points being computed; rerunning replays the journal.  One run at a time may write a file (a lock
-on the journal).
+points being computed; rerunning replays the journal.  One run at a time may write a file (its
+``outputs.claim_output`` lock).  With ``overwrite`` the new surface is built aside (``.S.h5.new.h5``
+and its journal) and replaces ``S.h5`` only once complete, so an interrupted replacement keeps the
+old file (rerunning with ``overwrite`` resumes the replacement).
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -35,6 +36,7 @@ from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
 from ..identity import MODEL_KEY, refuse_changed_resume, sample_fingerprint
 from ..models import model_kind
+from ..outputs import claim_output
 
 FORMAT = "landscape-surface"
 FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -346,21 +348,20 @@ class SurfaceFile:
     def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0):
         check_grid_size(xs, ys)
         checks.non_negative_float(flush_seconds, "flush_seconds")  # NaN: the file would never be rewritten
-        self.path, self.xs, self.ys = Path(path), xs, ys
+        self.target, self.xs, self.ys = Path(path), xs, ys
+        # Where points go: the target itself, or aside until complete when replacing it.
+        self.path = aside_path(self.target) if overwrite else self.target
         self.identity, self.attrs, self.flush_seconds = identity, attrs, flush_seconds
         self.shape = (len(xs),) if ys is None else (len(ys), len(xs))
-        if self.path.is_dir():
-            raise UsageError(f"'{self.path}' is a folder; give a surface file name")
+        if self.target.is_dir():
+            raise UsageError(f"'{self.target}' is a folder; give a surface file name")
+        self._claim = claim_output(self.target, "surface", overwrite)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.journal = open(journal_path(self.path), "ab+")
         except OSError as err:
+            self._claim.release()
             raise UsageError(f"cannot write '{journal_path(self.path)}': {err.strerror or err}") from None
-        try:
-            fcntl.flock(self.journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.journal.close()
-            raise UsageError(f"another run is writing '{self.path}' right now; wait for it or write another file")
         try:
             self._load(overwrite)
         except BaseException:
@@ -368,19 +369,26 @@ class SurfaceFile:
             self.journal.close()
             if created:  # leave nothing behind for a refused run
                 journal_path(self.path).unlink(missing_ok=True)
+            self._claim.release()
             raise
         self.last_flush = time.monotonic()
 
     def _load(self, overwrite):
-        _clean_partials(self.path)
-        if overwrite:
-            self.path.unlink(missing_ok=True)
-            self.journal.truncate(0)
+        for path in {self.path, self.target}:
+            _clean_partials(path)
         self.loss = np.full(self.shape, np.nan)
         self.acc = np.full(self.shape, np.nan)
-        if self.path.exists():
-            self.loss, self.acc = _read_surface_state(self.path, self.identity, self.shape)
-        has_header, end = read_journal(self.path, self.identity, self.loss.reshape(-1), self.acc.reshape(-1))
+        try:
+            if self.path.exists():
+                self.loss, self.acc = _read_surface_state(self.path, self.identity, self.shape)
+            has_header, end = read_journal(self.path, self.identity, self.loss.reshape(-1), self.acc.reshape(-1))
+        except SettingsMismatch:
+            if not overwrite:
+                raise
+            # An earlier replacement with other settings, interrupted: start this one afresh.
+            self.path.unlink(missing_ok=True)
+            self.loss[...], self.acc[...] = np.nan, np.nan
+            has_header, end = False, 0
         self._write_journal(lambda: self._reset_journal(has_header, end))
 
     def _reset_journal(self, has_header, end):
@@ -438,10 +446,20 @@ class SurfaceFile:
                 if complete:
                     raise
             if complete:
+                if self.path != self.target:  # the replacement is whole: it takes the target's place
+                    journal_path(self.target).unlink(missing_ok=True)  # the old file's, stale from now on
+                    os.replace(self.path, self.target)
                 journal_path(self.path).unlink(missing_ok=True)
         finally:
             with contextlib.suppress(OSError):  # a full disk again, flushing what a failed write left
                 self.journal.close()
+            self._claim.release()
+
+
+def aside_path(path) -> Path:
+    """Where ``overwrite`` builds the replacement of surface file ``path`` until it is complete."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.new.h5")
 
 
 def _diverged_as_inf(loss: float) -> float:
