@@ -130,7 +130,9 @@ def check_saved_models(folders, overwrite=False) -> None:
 
 def release_all():
     """Drop every claim of this process (the CLI calls it when a command ends)."""
-    for key in list(_HELD):
+    # Newest first: a claim that made a folder is released after the claims of files inside it,
+    # so the folder is empty by then and a refused run leaves none behind.
+    for key in reversed(list(_HELD)):
         _HELD[key][1] = 1
         _unlock(key)
     _STAMPS.clear()
