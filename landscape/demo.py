@@ -155,7 +155,8 @@ def _schedule(run: DemoRun):
 @dataclass(frozen=True)
 class Stage:
     """One step of the demo: ``done(run)`` lists the files whose existence means it is finished
-    (empty: always run; such a stage resumes by itself, like a surface file)."""
+    (empty: always run; such a stage resumes by itself, like a surface file).
+    """
 
     title: Callable[[DemoRun], str]
     done: Callable[[DemoRun], List[Path]]

@@ -44,7 +44,8 @@ _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)|\[Errno (\d+)\]")
 def write_failure(err: BaseException) -> Optional[str]:
     """The reason in words when ``err`` is a failed write (a system error, also as h5py and
     safetensors report it: a message quoting the errno, or an error raised while handling one),
-    else None (a bug, not the disk)."""
+    else None (a bug, not the disk).
+    """
     if isinstance(err, UsageError):
         return None
     seen = set()
@@ -71,7 +72,8 @@ def _system_error(err: BaseException) -> Optional[str]:
 
 def _probe_folder(folder: Path) -> Optional[str]:
     """Why a file cannot be created in ``folder`` (tried for real: permission bits do not stop
-    root, a read-only mount or /proc do), or None when it can."""
+    root, a read-only mount or /proc do), or None when it can.
+    """
     probe = folder / f".landscape-write-test-{os.getpid()}"
     try:
         handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -68,7 +68,8 @@ def in_cache(name: str, repo_type: str = "model") -> bool:
 
 def unavailable(name: str, repo_type: str = "model") -> Optional[str]:
     """Why the hub cannot provide ``name`` (to follow "it is not a local path, and"), or None when
-    it is worth asking (cached, or the hub answers)."""
+    it is worth asking (cached, or the hub answers).
+    """
     if in_cache(name, repo_type):
         return None
     if offline():

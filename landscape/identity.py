@@ -50,7 +50,8 @@ def _runs(count: int) -> List[tuple]:
     """The hashed elements of a tensor of ``count`` elements, as (first element, length) runs: all
     of a tensor of at most ``SAMPLES_PER_TENSOR`` elements, else ``RUNS`` evenly spaced runs of
     ``RUN_LENGTH`` consecutive elements.  Runs rather than single elements: a cold read touches at
-    most 2 pages per run (at most ~0.5 MB per tensor), whatever the tensor's size."""
+    most 2 pages per run (at most ~0.5 MB per tensor), whatever the tensor's size.
+    """
     if count <= SAMPLES_PER_TENSOR:
         return [(0, count)] if count else []
     return [((i * count) // RUNS, RUN_LENGTH) for i in range(RUNS)]
@@ -70,7 +71,8 @@ class _Digest:
 
 def _safetensors_entries(path: Path) -> Iterable:
     """(name, dtype code, shape, sampled bytes) of every tensor of one safetensors file, read from
-    its header and the sampled runs only (``os.pread`` with readahead off: a few pages a tensor)."""
+    its header and the sampled runs only (``os.pread`` with readahead off: a few pages a tensor).
+    """
     with open(path, "rb") as handle:
         length = struct.unpack("<Q", handle.read(8))[0]
         header = json.loads(handle.read(length))
@@ -106,7 +108,8 @@ def _bin_entries(path: Path) -> Iterable:
 
 def _weight_files(folder: Path, adapter: bool) -> List[Path]:
     """The checkpoint files of ``folder`` as transformers (or PEFT, for an ``adapter``) picks them:
-    a sharded index's files, else the single file, safetensors before pickled ``.bin``."""
+    a sharded index's files, else the single file, safetensors before pickled ``.bin``.
+    """
     names = ["adapter_model.safetensors", "adapter_model.bin"] if adapter else \
         ["model.safetensors", "pytorch_model.bin"]
     for name in names:
@@ -121,7 +124,8 @@ def _weight_files(folder: Path, adapter: bool) -> List[Path]:
 
 def folder_fingerprint(folder) -> Optional[str]:
     """Fingerprint of the weights stored in a ``from_pretrained`` folder (None when it holds no
-    weight files).  A PEFT adapter folder: its adapter weights and its base model's fingerprint."""
+    weight files).  A PEFT adapter folder: its adapter weights and its base model's fingerprint.
+    """
     folder = Path(folder)
     adapter = folder / "adapter_config.json"
     files = _weight_files(folder, adapter.is_file())
@@ -151,7 +155,8 @@ _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype",
 
 def _config_bytes(path: Path) -> bytes:
     """The model's configuration, as part of its identity: the same weights under another
-    ``rope_theta``, attention scale or head count compute other numbers."""
+    ``rope_theta``, attention scale or head count compute other numbers.
+    """
     if not path.is_file():
         return b"config:none"
     try:
@@ -176,7 +181,8 @@ def _hub_folder(spec: str) -> Optional[Path]:
 
 def source_fingerprint(spec) -> Optional[str]:
     """Fingerprint of the model a ``--model`` value names: a folder, a cached hub id, or None for
-    the embedded model.  None when no weight files can be found for it."""
+    the embedded model.  None when no weight files can be found for it.
+    """
     from .datahome import EMBEDDED_MODEL_DIR
 
     path = Path(str(spec)).expanduser() if spec is not None else EMBEDDED_MODEL_DIR
@@ -205,7 +211,8 @@ def parameters_fingerprint(model: torch.nn.Module) -> str:
 
 def model_fingerprint(loaded) -> str:
     """Fingerprint of a ``models.LoadedModel``: of its checkpoint files (``source_fingerprint``),
-    else of its parameters.  Computed once per loaded model."""
+    else of its parameters.  Computed once per loaded model.
+    """
     cached = getattr(loaded, "_fingerprint", None)
     if cached is None:
         cached = source_fingerprint(loaded.source) or parameters_fingerprint(loaded.model)
@@ -248,7 +255,8 @@ def _unpadded(row, key, length, width):
 # ----------------------------------------------------------------------------- checks
 def changed(stored: Dict, current: Dict) -> Optional[str]:
     """'the model' or 'the sample' when ``stored`` and ``current`` both carry that fingerprint and
-    it differs (the model is named first); None otherwise."""
+    it differs (the model is named first); None otherwise.
+    """
     for key, what in ((MODEL_KEY, "the model"), (SAMPLE_KEY, "the sample")):
         before, now = stored.get(key), current.get(key)
         if before not in (None, "") and now not in (None, "") and str(before) != str(now):

@@ -108,7 +108,8 @@ def _load_config(spec):
 
 def new_parameters(loading_info: dict) -> list:
     """Parameters transformers had to initialize newly, from what ``from_pretrained`` reports
-    (``output_loading_info=True``): keys missing from the checkpoint or of another shape there."""
+    (``output_loading_info=True``): keys missing from the checkpoint or of another shape there.
+    """
     missing = list(loading_info.get("missing_keys") or [])
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry
                   for entry in loading_info.get("mismatched_keys") or []]
@@ -131,7 +132,8 @@ LOAD_BAR_BYTES = 100 * 2**20
 
 def _load_bar(spec: str) -> bool:
     """Show the loading bar: on a terminal only (the bar leaves a line, and a refusal after the load
-    must stay one line on stderr in a log), for large weights."""
+    must stay one line on stderr in a log), for large weights.
+    """
     return sys.stderr.isatty() and _weight_bytes(spec) >= LOAD_BAR_BYTES
 
 
@@ -216,7 +218,8 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
 
 def check_weight_files(folder) -> None:
     """DamagedFile unless every safetensors file of a local model folder has a readable header whose
-    tensors cover the file (a truncated or overwritten weights file); reads headers only."""
+    tensors cover the file (a truncated or overwritten weights file); reads headers only.
+    """
     from safetensors import safe_open
 
     from .schema import Schema
@@ -235,7 +238,8 @@ def check_weight_files(folder) -> None:
 
 def check_tokenizer_files(folder, tokenizer) -> None:
     """UsageError when a local model folder has none of its tokenizer's files: transformers then
-    builds a tokenizer of special tokens alone, which maps every word to the unknown token."""
+    builds a tokenizer of special tokens alone, which maps every word to the unknown token.
+    """
     path = Path(folder)
     if not path.is_dir():
         return
@@ -247,7 +251,8 @@ def check_tokenizer_files(folder, tokenizer) -> None:
 
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:
     """UsageError naming the first parameter with a NaN or an infinity (in the dtype it was loaded
-    in): every loss, gradient and Fisher of such a model is NaN or meaningless."""
+    in): every loss, gradient and Fisher of such a model is NaN or meaningless.
+    """
     for name, param in model.named_parameters():
         if param.is_floating_point() and param.numel():
             low, high = torch.aminmax(param.detach())

@@ -52,7 +52,8 @@ _STAMPS = {}  # resolved output path -> stamp of the claim, for the figure write
 @dataclass
 class Held:
     """What an existing file holds: ``kind`` (a key of WORDS, or None for a foreign file), ``words``
-    for messages, ``columns`` of a CSV table, ``stamp`` settings of a figure."""
+    for messages, ``columns`` of a CSV table, ``stamp`` settings of a figure.
+    """
 
     kind: Optional[str]
     words: str
@@ -95,8 +96,10 @@ def claim_output(path, kind: str, overwrite: bool = False, columns: Optional[Seq
             CSV whose header does not start with them is another table.
         settings: for ``kind="figure"``: what the figure is drawn from (compared with the stamp of
             an existing figure, embedded by the figure writers).
+
     Returns:
         a Claim; the CLI releases every claim when a command ends (``release_all``).
+
     Raises:
         OutputBusy: another live process holds the output.
         OutputRefused: the output holds something else (a SettingsMismatch: ``overwrite=True``
@@ -118,7 +121,8 @@ def claim_output(path, kind: str, overwrite: bool = False, columns: Optional[Seq
 
 def check_saved_models(folders, overwrite=False) -> None:
     """OutputRefused unless each of ``folders`` (where models will be saved, inside a folder the
-    caller has claimed) is missing, empty, or a saved model (``save_pretrained`` replaces it)."""
+    caller has claimed) is missing, empty, or a saved model (``save_pretrained`` replaces it).
+    """
     for folder in map(Path, folders):
         if overwrite or not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
             continue
@@ -207,7 +211,8 @@ def _remove_empty(folders):
 
 def _acquire(side, path):
     """The open, flock-ed lock file.  A lock file removed by its last holder between our open and
-    our flock is not the one at ``side`` any more: then try again on the new one."""
+    our flock is not the one at ``side`` any more: then try again on the new one.
+    """
     for _ in range(100):
         handle = open(side, "a+b")
         try:
@@ -272,14 +277,16 @@ def _stamp_for(out):
 
 def figure_metadata(out, fmt: str) -> dict:
     """``savefig(metadata=...)`` for a figure written to ``out`` in format ``fmt`` (png, pdf, svg):
-    the stamp of its claim, in a field that the format keeps."""
+    the stamp of its claim, in a field that the format keeps.
+    """
     field = {"png": "landscape-output", "pdf": "Subject", "svg": "Description"}.get(fmt.lower())
     return {field: _encoded(_stamp_for(out))} if field else {}
 
 
 def stamp_html(written, out) -> None:
     """Put the stamp of ``out``'s claim into the HTML page ``written`` (its temporary file), as a
-    ``<meta name="landscape-output">`` tag at the start of its head."""
+    ``<meta name="landscape-output">`` tag at the start of its head.
+    """
     written = Path(written)
     text = written.read_text(encoding="utf-8")
     tag = f'<meta name="landscape-output" content="{_encoded(_stamp_for(out))}">'

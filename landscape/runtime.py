@@ -68,7 +68,8 @@ def barrier() -> None:
 
 def all_reduce_sum(tensor, group: Any = None) -> Any:
     """Sum ``tensor`` over the ranks of ``group`` (None: all ranks) in place (no-op without a
-    process group); returns it."""
+    process group); returns it.
+    """
     import torch.distributed as dist
 
     if _group_active():
@@ -188,7 +189,6 @@ THREADS_HELP = ("torch CPU threads: auto = the cores this process may use, minus
 
 def parse_threads(text: str) -> str:
     """'auto', or a count >= 0 as text; UsageError otherwise (the command line's ``--threads``)."""
-
     value = str(text).strip().lower()
     if value == "auto" or (value.isdigit() and int(value) >= 0):
         return value

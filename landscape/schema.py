@@ -60,7 +60,8 @@ class Schema:
     def number(self, value: Any, where: str, *, minimum: Optional[float] = None, allow_nan: bool = False,
                finite: bool = True) -> float:
         """A real number (not a bool, not a string), finite unless ``finite=False``; NaN only with
-        ``allow_nan``; at least ``minimum`` when given."""
+        ``allow_nan``; at least ``minimum`` when given.
+        """
         if isinstance(value, bool) or not isinstance(value, Real):
             self.fail(f"is damaged: '{where}' is {_type(value)}, not a number")
         value = float(value)
@@ -97,7 +98,8 @@ class Schema:
     def numbers(self, value: Any, where: str, *, length: Optional[int] = None, minimum: Optional[float] = None,
                 increasing: bool = False, allow_nan: bool = False, ndim: int = 1) -> np.ndarray:
         """A list (or nested lists, ``ndim``) of numbers as a float64 array: finite (NaN only with
-        ``allow_nan``), ``length`` long when given, each at least ``minimum``, strictly increasing."""
+        ``allow_nan``), ``length`` long when given, each at least ``minimum``, strictly increasing.
+        """
         try:
             if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, str)) or v is None
                                                             for v in _flat(value)):

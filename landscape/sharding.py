@@ -167,7 +167,8 @@ def _fsdp_errors() -> Iterator[None]:
 
 def collective_errors():
     """Context manager for passes over a sharded model: a collective the backend does not support
-    (gloo has no reduce-scatter, so nothing may request parameter gradients) is a one-line UsageError."""
+    (gloo has no reduce-scatter, so nothing may request parameter gradients) is a one-line UsageError.
+    """
     return _fsdp_errors()
 
 
@@ -181,7 +182,8 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
     """The rows of ``param`` this rank holds, as a plain tensor sharing their storage (writes are
-    seen by the next forward); ``param.data`` when unsharded.  Shape: (stop - start, *rest)."""
+    seen by the next forward); ``param.data`` when unsharded.  Shape: (stop - start, *rest).
+    """
     if is_sharded(param):
         return param.to_local().detach()  # detached: in-place writes need no autograd view
     return param.data
@@ -215,7 +217,8 @@ def local_rows(param: torch.Tensor) -> Tuple[int, int]:
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered over the shard group when sharded (a collective: every rank of
-    the group calls it, in the same order), ``param.data`` otherwise.  For per-tensor work."""
+    the group calls it, in the same order), ``param.data`` otherwise.  For per-tensor work.
+    """
     if is_sharded(param):
         with _fsdp_errors():
             return param.full_tensor().detach()
@@ -224,7 +227,8 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 def sharded_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``local`` (this rank's rows of a tensor shaped like ``param``) as a tensor sharded like
-    ``param``: a DTensor when ``param`` is one, so ``full_tensor`` gathers it; ``local`` otherwise."""
+    ``param``: a DTensor when ``param`` is one, so ``full_tensor`` gathers it; ``local`` otherwise.
+    """
     if not is_sharded(param):
         return local
     from torch.distributed.tensor import DTensor
@@ -244,7 +248,8 @@ def point_groups(model: nn.Module) -> Tuple[int, int, bool]:
 
     Unsharded, every rank is a group of its own.  A model sharded over groups of K ranks
     (``sharding.shard_model``) is evaluated by each group together: its K ranks run the same
-    points (each forward is a collective over the group), and the first of them reports."""
+    points (each forward is a collective over the group), and the first of them reports.
+    """
     rank, world = rank_and_world()
     sharded = next((p for p in model.parameters() if is_sharded(p)), None)
     if sharded is None:

@@ -72,7 +72,8 @@ def _check_probe(record: dict, schema, where: str) -> None:
 # ----------------------------------------------------------------------------- spectrum
 def _check_run(record: dict, schema, where: str) -> None:
     """A spectrum journal record: ``nodes`` and ``weights`` of one run, finite, as many of each,
-    weights non-negative and summing to 1."""
+    weights non-negative and summing to 1.
+    """
     nodes = schema.numbers(schema.field(record, "nodes", where), f"{where}: nodes")
     weights = schema.numbers(schema.field(record, "weights", where), f"{where}: weights", length=len(nodes),
                              minimum=0.0)

@@ -1,5 +1,6 @@
 """Lanczos: the top eigenpairs (thick restart, full reorthogonalization), the plain runs of
-stochastic Lanczos quadrature, and the seeded random vectors both start from."""
+stochastic Lanczos quadrature, and the seeded random vectors both start from.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def _generator(seed: int, salt: int, index: int = 0) -> torch.Generator:
 class LanczosInfo:
     """How ``top_eigenpairs`` ended: products used (the checks' included), relative residuals
     ‖Hv − λv‖/|λ| measured with one more product on each returned vector, convergence, and the
-    residuals Lanczos itself estimated (β·|y_m|, exact only in exact arithmetic)."""
+    residuals Lanczos itself estimated (β·|y_m|, exact only in exact arithmetic).
+    """
 
     products: int
     residuals: list
@@ -134,7 +136,8 @@ def _lanczos_top(op: HessianOperator, k: int, seed: int, tol: float, max_iter: i
 
 def _measured_residuals(op: HessianOperator, values, vectors: torch.Tensor) -> list:
     """‖H·v − λ·v‖/|λ| of each returned (λ, v), by one product each: the Krylov estimate β·|y_m|
-    assumes exact arithmetic and can be 100 times smaller than what the float32 vector achieves."""
+    assumes exact arithmetic and can be 100 times smaller than what the float32 vector achieves.
+    """
     out = []
     for value, v in zip(values, vectors):
         hv = op.matvec(v).double()

@@ -37,7 +37,8 @@ class _Block:
 
 class _Space:
     """The coordinates the operator acts on: kept elements of the trainable parameters, flattened in
-    ``named_parameters()`` order (tied weights once)."""
+    ``named_parameters()`` order (tied weights once).
+    """
 
     def __init__(self, model: torch.nn.Module, mask: Optional[dict] = None):
         self.all_params = list(model.named_parameters())
@@ -139,7 +140,8 @@ def _attention_configs(model: torch.nn.Module) -> list:
 
 def _use_eager_attention(model: torch.nn.Module) -> Optional[str]:
     """Switch every attention of the model to 'eager'; returns the implementation it had, or None
-    when there was nothing to switch (already eager everywhere, or not a transformers model)."""
+    when there was nothing to switch (already eager everywhere, or not a transformers model).
+    """
     configs = _attention_configs(model)
     current = [c._attn_implementation for c in configs]
     if all(impl in (None, "eager") for impl in current):
@@ -168,7 +170,8 @@ def _no_double_backward(err: BaseException) -> bool:
 class _ModelState:
     """Puts a model in eval mode and float32 for the Hessian, and restores it exactly afterwards:
     each module's train flag, each cast tensor's original storage, each config's attention
-    implementation."""
+    implementation.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

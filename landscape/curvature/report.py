@@ -305,7 +305,8 @@ def check_report(report: dict, path) -> None:
     ``eigenvalues`` (finite, descending, with ``eigenpairs``: a residual >= 0 each, products,
     converged), ``trace`` (finite mean, stderr >= 0 or NaN for one probe, samples >= 1) and
     ``spectrum`` (strictly increasing finite edges, one density >= 0 per bin integrating to 1,
-    per run as many nodes as weights); ``vectors`` null or an object with a path."""
+    per run as many nodes as weights); ``vectors`` null or an object with a path.
+    """
     schema = Schema("Hessian report", path, "make it again with `landscape hessian`")
     schema.mapping(schema.field(report, "settings"), "settings")
     provenance = schema.mapping(schema.field(report, "provenance"), "provenance")
@@ -353,7 +354,8 @@ def _check_spectrum(schema, spectrum: dict) -> None:
 
 def check_existing_report(path, settings: dict) -> Optional[dict]:
     """The report already at ``path`` when it was made with ``settings`` (None when there is none);
-    ``SettingsMismatch`` when it was made with other settings."""
+    ``SettingsMismatch`` when it was made with other settings.
+    """
     path = Path(path)
     if not path.exists():
         return None

@@ -230,7 +230,8 @@ def load_samples(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
                  max_samples: Optional[int] = None, seq_len: int = 128, seed: int = 0,
                  bos: str = "auto") -> List[Dict[str, torch.Tensor]]:
     """Documents → seeded sub-sample → samples of the model's objective, as a list (for a language
-    model; a caller that shards samples over processes needs them before batching)."""
+    model; a caller that shards samples over processes needs them before batching).
+    """
     docs = subsample_documents(load_documents(corpus), fraction, seed)
     check_seq_len(loaded.model, seq_len)
     return make_samples(loaded.tokenizer, loaded.kind, docs, seq_len, max_samples, seed, bos)

@@ -56,7 +56,8 @@ def _infer_task(raw_labels):
 
 def _check_labels(raw_labels, spec):
     """DamagedFile for a label that reads as NaN or an infinity (a missing value, or an overflow,
-    written as a number): as a target it makes every loss NaN, as a class name it invents a class."""
+    written as a number): as a target it makes every loss NaN, as a class name it invents a class.
+    """
     for number, value in enumerate(raw_labels, 1):
         try:
             finite = math.isfinite(float(value))

@@ -225,7 +225,8 @@ def _seq2seq_losses(model, batch):
 
 def _classification_losses(model, batch):
     """Fine-tuned sequence classifiers: one target per sample (its label); regression heads
-    (one output) give the squared error and count no correct predictions."""
+    (one output) give the squared error and count no correct predictions.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()  # (B, C)

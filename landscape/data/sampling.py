@@ -39,7 +39,8 @@ def seeded_prefix(n: int, fraction: Optional[float] = None, seed: int = 0, minim
                   cap: Optional[int] = None) -> List[int]:
     """Indices of a seeded sub-sample of ``n`` items: the first round(fraction·m) of a seeded
     permutation, where m = min(n, cap); at least ``minimum``.  fraction None keeps all m, in
-    permutation order.  Nested: for one seed, a smaller fraction is a prefix of a larger one."""
+    permutation order.  Nested: for one seed, a smaller fraction is a prefix of a larger one.
+    """
     check_fraction(fraction)
     order = seeded_order(n, seed)
     if cap is not None:

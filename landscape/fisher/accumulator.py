@@ -54,7 +54,8 @@ class _Unsupported(Exception):
 @dataclass
 class _Call:
     """One call of a hooked module in the current batch: its input and, after backward, the
-    gradient of the loss sum with respect to its output."""
+    gradient of the loss sum with respect to its output.
+    """
 
     module_name: str
     x: torch.Tensor  # input (embedding: indices); rows are samples, or target rows (row_sample)
@@ -64,7 +65,8 @@ class _Call:
 
     def samples(self, tensor, batch_size, start, stop):
         """(stop - start, L, d) per-sample layout of ``tensor`` for samples [start, stop); zero rows
-        where a sample has fewer rows than the longest of the batch (so every chunk has the same L)."""
+        where a sample has fewer rows than the longest of the batch (so every chunk has the same L).
+        """
         if self.row_sample is None:
             return tensor.reshape(batch_size, -1, tensor.shape[-1])[start:stop]
         lo, hi = torch.searchsorted(self.row_sample, torch.tensor([start, stop], device=self.row_sample.device))
@@ -74,7 +76,8 @@ class _Call:
 
 def _pad_rows(rows, row_sample, count, length):
     """(count, length, d): row i of ``rows`` at sample row_sample[i] (sorted), after that sample's
-    earlier rows; the rest zero."""
+    earlier rows; the rest zero.
+    """
     counts = torch.bincount(row_sample, minlength=count)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(len(row_sample), device=rows.device) - starts[row_sample]
@@ -164,7 +167,8 @@ class FisherAccumulator:
     # -- one batch -------------------------------------------------------------------------
     def add_batch(self, batch, weights=None):
         """Accumulate one batch.  batch: dict of (B, T) tensors with ``labels``; each row is a
-        sample.  weights: (B, S) membership of each sample in each group (default: all ones)."""
+        sample.  weights: (B, S) membership of each sample in each group (default: all ones).
+        """
         size = batch["labels"].shape[0]
         if weights is None:
             weights = torch.ones(size, self.n_groups)
@@ -177,7 +181,8 @@ class FisherAccumulator:
 
     def _samples_per_pass(self, batch):
         """The whole batch, or slices of samples when its activations would exceed the pass budget
-        (per-sample gradients do not depend on which samples share a pass)."""
+        (per-sample gradients do not depend on which samples share a pass).
+        """
         if self._costs is None:
             self._costs = activation_bytes(self.model, self.kind, self.hooked)
         return samples_per_pass(batch, self._costs, self.pass_bytes)
@@ -227,7 +232,8 @@ class FisherAccumulator:
     @contextlib.contextmanager
     def _frozen_hooked_params(self):
         """Hooked parameters do not require grad during the pass, so backward computes only
-        activation gradients; their per-sample gradients come from the hooks instead."""
+        activation gradients; their per-sample gradients come from the hooks instead.
+        """
         frozen = [self.params[n] for n in self.holders]
         for p in frozen:
             p.requires_grad_(False)
@@ -389,7 +395,8 @@ class FisherAccumulator:
     # -- results and state -------------------------------------------------------------------
     def all_reduce(self, group=None):
         """Sum running sums and counts over the ranks of ``group`` (a torch.distributed process group;
-        None: the default group).  For a sharded model: the ranks holding the same rows."""
+        None: the default group).  For a sharded model: the ranks holding the same rows.
+        """
         for tensor in self.sums.values():
             all_reduce_sum(tensor, group)
         device = next(iter(self.sums.values())).device
@@ -398,7 +405,8 @@ class FisherAccumulator:
     def fisher(self, group=0):
         """{param name: F} of one sample group: running sum / number of samples, divided in place
         (no second copy of the sums), so the accumulator is finished for that group.  Values are
-        this rank's rows (``rows``) of a sharded model, whole tensors otherwise."""
+        this rank's rows (``rows``) of a sharded model, whole tensors otherwise.
+        """
         count = float(self.counts[group])
         if count <= 0:
             raise UsageError("no samples reached the Fisher estimate; give a larger corpus or fraction")
@@ -424,7 +432,8 @@ class FisherAccumulator:
 
 def _prepare(call, rule, batch_size, start, stop):
     """Per-sample (x, g) of a call for samples [start, stop), in the model's dtype: x (c, L, d_in),
-    g (c, L, d_out); for an embedding x is the indices (c, L)."""
+    g (c, L, d_out); for an embedding x is the indices (c, L).
+    """
     g = call.samples(call.g, batch_size, start, stop)
     if rule.input_is_index:
         return call.x[start:stop], g

@@ -52,7 +52,8 @@ def save_fisher(path, fisher, metadata=None):
 
 def _header(shapes, metadata):
     """The safetensors header of float32 tensors stored back to back in the order of ``shapes``:
-    8-byte little-endian length, then JSON padded with spaces to a multiple of 8."""
+    8-byte little-endian length, then JSON padded with spaces to a multiple of 8.
+    """
     entries, offset = {"__metadata__": metadata}, 0
     for name, shape in shapes.items():
         size = 4 * int(torch.Size(shape).numel())
@@ -85,7 +86,8 @@ def _schema(path) -> Schema:
 
 def check_fisher_header(metadata: dict, path) -> None:
     """DamagedFile unless the header metadata says this is a Fisher file (``format``): a file of
-    model weights has tensors of the same names and shapes, but they are not Fisher scores."""
+    model weights has tensors of the same names and shapes, but they are not Fisher scores.
+    """
     if metadata.get("format") == FORMAT or _written_before_format(metadata):
         return
     found = f"format {metadata['format']!r}" if "format" in metadata else "no format"
@@ -101,7 +103,8 @@ def check_fisher_tensor(name: str, tensor, path="the Fisher") -> None:
     """DamagedFile unless ``tensor`` is float32 (the contract), finite and non-negative.
 
     An integer or half-precision tensor is refused rather than converted: the writer stores
-    float32, so another dtype means the file was made or edited by something else."""
+    float32, so another dtype means the file was made or edited by something else.
+    """
     low = _schema(path).tensor(name, tensor, dtypes=(torch.float32,))
     if low is not None and low < 0:
         _schema(path).fail(f"holds negative values (in '{name}'), which a Fisher (a mean of squares) cannot have")
@@ -123,13 +126,15 @@ def check_fisher_model(path, metadata: dict, fingerprint: str, model_spec=None) 
     """UsageError when the Fisher file at ``path`` (its ``metadata``) was computed on a model other
     than the one whose fingerprint (``identity.model_fingerprint``) is ``fingerprint``.  Files
     written before fingerprints were recorded pass here; their tensors' names and shapes are still
-    checked against the model where they are used."""
+    checked against the model where they are used.
+    """
     check_file_model(path, "Fisher file", metadata.get(MODEL_KEY), fingerprint, model_spec)
 
 
 def check_fisher_values(fisher, path="the Fisher") -> None:
     """DamagedFile naming the first tensor that is not float32, or has a NaN, an infinity or a
-    negative value."""
+    negative value.
+    """
     for name, tensor in fisher.items():
         check_fisher_tensor(name, tensor, path)
 
@@ -163,7 +168,8 @@ def check_fisher_matches(fisher, model):
 
 def provenance(model_source, corpus, fraction, samples, seed, **extra):
     """Header metadata of a Fisher file (contract: model, corpus, fraction, sample count, seed,
-    definition), plus any extra settings given."""
+    definition), plus any extra settings given.
+    """
     meta = {"model": model_source, "corpus": corpus if corpus is not None else "embedded default",
             "fraction": "1.0" if fraction is None else str(fraction), "samples": str(samples),
             "seed": str(seed), "definition": DEFINITION, "format": FORMAT}

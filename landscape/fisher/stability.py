@@ -92,7 +92,8 @@ def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind
 def stability_and_reference(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind=None,
                             progress=False):
     """``stability`` rows and the reference Fisher they compare with, from the same single pass
-    (so a caller that also needs the Fisher does not compute it twice)."""
+    (so a caller that also needs the Fisher does not compute it twice).
+    """
     total = sum(int(b["labels"].shape[0]) for b in batches)
     sizes = [total] + [max(1, round(f * total)) for f in fractions]
     estimates = nested_fisher(model, batches, sizes, kind=kind, progress=progress)

@@ -56,7 +56,8 @@ def block_profile(fisher):
 
 def site_profile(model, fisher):
     """Rows per dropout site, in model order: site, kind, block, elements, score, normalized (score /
-    highest score), rank (1 = lowest score, as in the guided-dropout schedule)."""
+    highest score), rank (1 = lowest score, as in the guided-dropout schedule).
+    """
     sites = find_sites(model)
     if not sites:
         raise UsageError("the model has no dropout sites to profile")
@@ -137,7 +138,8 @@ PROFILE_FILES = {"parameter_quantiles.csv": ("rank", "fraction", "fisher"),
 def claim_profile(out_dir, fisher_path, overwrite=False):
     """Claim every file of a profile under ``out_dir`` (``outputs.claim_output``): files already
     there must be a profile's own (its tables, figures of the same Fisher file) unless ``overwrite``.
-    Returns the claims as one ExitStack (closing it releases them); none is held when one is refused."""
+    Returns the claims as one ExitStack (closing it releases them); none is held when one is refused.
+    """
     import contextlib
     import os
 

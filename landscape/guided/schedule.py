@@ -234,7 +234,8 @@ def load_schedule(path) -> Schedule:
     """Read a schedule JSON written by ``save_schedule``; UsageError if it is not one.
 
     Schema (``check_schedule``): a 'sites' list of objects, each with a string 'name', a
-    probability 'p' in [0, 1), a finite 'score' or null, an integer 'rank' >= 0 when given."""
+    probability 'p' in [0, 1), a finite 'score' or null, an integer 'rank' >= 0 when given.
+    """
     path = require_readable_file(path, "schedule file")
     try:
         data = json.loads(path.read_text())

@@ -58,7 +58,8 @@ def check_run_row(task):
     """The schema of one row of a ``task`` sweep's per-run CSV, as ``RunJournal`` reads it back: a
     regularizer name, fraction in (0, 1], integer seed and n_train, metrics finite in their range
     ([0, 1] for accuracy and F1, [-1, 1] for correlations), seconds >= 0, fingerprints present; a
-    diverged run's final_train_loss may be NaN or infinite."""
+    diverged run's final_train_loss may be NaN or infinite.
+    """
     bounded = {"accuracy": 0.0, "f1": 0.0, "mcc": -1.0, "pearson": -1.0, "spearman": -1.0}
 
     def check(row, schema, where):
@@ -266,7 +267,8 @@ def _empty_comparison():
 
 def is_significant(diff_row) -> bool:
     """A summary row's difference against dropout is significant: p < 0.05 and the 95% bootstrap
-    interval excludes 0 (False for rows without a comparison)."""
+    interval excludes 0 (False for rows without a comparison).
+    """
     p, low, high = diff_row.get("p_value"), diff_row.get("ci_low"), diff_row.get("ci_high")
     if p is None or low is None or high is None or not all(math.isfinite(float(v)) for v in (p, low, high)):
         return False
@@ -313,7 +315,8 @@ def summarize_runs(rows, metrics, baseline=BASELINE, bootstrap_seed=0):
 
 def plot_paucity(summary, metric, path, title=""):
     """Figure-4-style plot: metric mean vs training fraction per regularizer, IQR shaded; a cell that
-    differs significantly from dropout (``is_significant``) gets a large star on its point."""
+    differs significantly from dropout (``is_significant``) gets a large star on its point.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,7 +357,8 @@ def _fmt(value, spec):
 
 def format_summary(summary, metric):
     """Text tables of one metric: regularizer x fraction, 'mean [q25, q75]' (with '*' where the
-    difference from dropout is significant), then the paired differences from dropout."""
+    difference from dropout is significant), then the paired differences from dropout.
+    """
     rows = [r for r in summary if r["metric"] == metric]
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     regs = list(dict.fromkeys(r["regularizer"] for r in rows))

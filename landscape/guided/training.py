@@ -45,7 +45,8 @@ DROPOUT_ONLY_REGULARIZERS = ("dropout", "gaussian") + SCHEDULE_REGULARIZERS
 
 def check_regularizers(names, guided: "Optional[sched.Schedule]" = None) -> list:
     """UsageError unless every name is a known regularizer and those built from the guided schedule
-    (guided, dropout-matched, guided-shuffled) have it."""
+    (guided, dropout-matched, guided-shuffled) have it.
+    """
     unknown = [r for r in names if r not in REGULARIZERS]
     if unknown or not names:
         raise UsageError(f"unknown regularizer '{(unknown or [''])[0]}'; use any of {', '.join(REGULARIZERS)}")

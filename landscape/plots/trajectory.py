@@ -29,7 +29,8 @@ from .surfaces import (
 
 def trajectory_points(surface):
     """(coordinates (n, 2), labels, explained variance) of a surface's trajectory, or None when
-    its direction file is not a trajectory plane or cannot be found unchanged."""
+    its direction file is not a trajectory plane or cannot be found unchanged.
+    """
     import h5py
 
     settings = surface.settings or {}
@@ -68,7 +69,8 @@ def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=Fals
                          cmap="viridis", levels=20, title=None):
     """Draw a 2D surface (contour, contourf or heatmap) with its trajectory's checkpoints, labelled,
     joined in training order; returns the output path, or None (nothing written) when the surface
-    has no trajectory."""
+    has no trajectory.
+    """
     fmt = output_format(out)
     style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title).validate()
     surface = read_surface(path, field)

@@ -40,7 +40,8 @@ def round_to(values: torch.Tensor, precision: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- fingerprint
 class Fingerprint:
     """Short content hash of directions: names, shapes and float32 values, direction by direction
-    and, inside one, by sorted name; fed one tensor at a time."""
+    and, inside one, by sorted name; fed one tensor at a time.
+    """
 
     def __init__(self):
         self._digest = hashlib.sha1()
@@ -139,7 +140,8 @@ class DirectionWriter:
 
     def _abort(self, kind, err, tb):
         """Close what is open and let ``atomic_output`` remove the partial file (and turn a failed
-        write into its one-line error)."""
+        write into its one-line error).
+        """
         for closing in (getattr(self, "_handle", None), getattr(self, "_stream", None)):
             if closing is not None:
                 try:
@@ -295,7 +297,8 @@ def _read_tensor(dataset, name, stamp, buffer, dtype, device, span):
     read in blocks of rows through ``buffer``, hashing every value on the way.
 
     The result is allocated once, in its final dtype and place: no float32 copy of a tensor that
-    is kept in bfloat16, and no temporaries that would leave holes in the heap."""
+    is kept in bfloat16, and no temporaries that would leave holes in the heap.
+    """
     shape = tuple(dataset.shape)
     stamp.begin(name, shape)
     if not shape:  # a 0-dim tensor
@@ -342,7 +345,8 @@ def check_directions_match(directions, model, path="directions"):
 
 def check_directions_finite(directions, path="directions"):
     """UsageError naming the first tensor with a NaN or an infinity: such a direction would make
-    every point of a surface NaN."""
+    every point of a surface NaN.
+    """
     for axis, direction in zip(GROUPS, directions):
         for name, tensor in direction.items():
             if not bool(torch.isfinite(tensor).all()):

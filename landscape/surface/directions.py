@@ -118,7 +118,8 @@ def direction_tensor(name: str, param: torch.nn.Parameter, owner: torch.nn.Modul
     """One tensor of ``random_direction``: float32 on the CPU, shaped like the whole parameter.
 
     A sharded parameter is gathered for it (a collective: every rank of its group calls this in
-    the same order)."""
+    the same order).
+    """
     weight = full_tensor(param).detach().to("cpu", torch.float32)
     if weight.dim() <= 1:
         if ignore == "biasbn":
@@ -292,7 +293,8 @@ class _NoWriter:
 
 class _TensorMaker:
     """One tensor of one direction at a time, as ``make_directions`` makes it (masked after
-    normalization)."""
+    normalization).
+    """
 
     def __init__(self, model, seed, norm, ignore, masks):
         self.params = dict(model.named_parameters())
@@ -312,7 +314,8 @@ def _orthogonal_projection(maker: _TensorMaker):
     does over whole directions (the same sums, in the same order, so the same numbers).
 
     Tensors are generated again for each pass (the sums, the new norm, the output) instead of
-    being kept: that costs time on the host, and keeping them would cost two whole directions."""
+    being kept: that costs time on the host, and keeping them would cost two whole directions.
+    """
     names = list(maker.params)  # the order orthogonalize sums in: named_parameters()
     dot = xx = yy = 0.0
     for name in names:

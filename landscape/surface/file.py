@@ -438,7 +438,8 @@ class SurfaceFile:
     def close(self, complete):
         """Write the file; when ``complete``, remove the journal.  An incomplete close happens with an
         error in flight, which says what went wrong: a failed flush then stays quiet (the journal
-        keeps every point)."""
+        keeps every point).
+        """
         try:
             try:
                 self.flush()

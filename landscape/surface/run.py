@@ -18,7 +18,8 @@ from .perturbation import direction_dtype
 def load_directions_for(model, dir_file, axes=2, stream=False):
     """The directions of ``dir_file`` as a surface of ``model`` holds them: in the model's dtype on
     its device (float32 in host memory with ``stream``), only the rows a sharded rank holds, read
-    one tensor at a time.  Returns (directions, file attributes, the dtype they are held in)."""
+    one tensor at a time.  Returns (directions, file attributes, the dtype they are held in).
+    """
     params = dict(model.named_parameters())
     dtype = direction_dtype(local_tensor(next(iter(params.values()))).dtype, stream)
     device = "cpu" if stream else local_tensor(next(iter(params.values()))).device
