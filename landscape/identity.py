@@ -47,8 +47,9 @@ _ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 # ----------------------------------------------------------------------------- the model
 def _runs(count: int) -> List[tuple]:
-    """The hashed elements of a tensor of ``count`` elements, as (first element, length) runs: all
-    of a tensor of at most ``SAMPLES_PER_TENSOR`` elements, else ``RUNS`` evenly spaced runs of
+    """The hashed elements of a tensor of ``count`` elements, as (first element, length) runs.
+
+    All of a tensor of at most ``SAMPLES_PER_TENSOR`` elements, else ``RUNS`` evenly spaced runs of
     ``RUN_LENGTH`` consecutive elements.  Runs rather than single elements: a cold read touches at
     most 2 pages per run (at most ~0.5 MB per tensor), whatever the tensor's size.
     """
@@ -70,8 +71,10 @@ class _Digest:
 
 
 def _safetensors_entries(path: Path) -> Iterable:
-    """(name, dtype code, shape, sampled bytes) of every tensor of one safetensors file, read from
-    its header and the sampled runs only (``os.pread`` with readahead off: a few pages a tensor).
+    """(name, dtype code, shape, sampled bytes) of every tensor of one safetensors file.
+
+    Read from its header and the sampled runs only (``os.pread`` with readahead off: a few pages a
+    tensor).
     """
     with open(path, "rb") as handle:
         length = struct.unpack("<Q", handle.read(8))[0]
@@ -107,8 +110,9 @@ def _bin_entries(path: Path) -> Iterable:
 
 
 def _weight_files(folder: Path, adapter: bool) -> List[Path]:
-    """The checkpoint files of ``folder`` as transformers (or PEFT, for an ``adapter``) picks them:
-    a sharded index's files, else the single file, safetensors before pickled ``.bin``.
+    """The checkpoint files of ``folder`` as transformers (or PEFT, for an ``adapter``) picks them.
+
+    A sharded index's files, else the single file, safetensors before pickled ``.bin``.
     """
     names = ["adapter_model.safetensors", "adapter_model.bin"] if adapter else \
         ["model.safetensors", "pytorch_model.bin"]
@@ -123,8 +127,15 @@ def _weight_files(folder: Path, adapter: bool) -> List[Path]:
 
 
 def folder_fingerprint(folder) -> Optional[str]:
-    """Fingerprint of the weights stored in a ``from_pretrained`` folder (None when it holds no
-    weight files).  A PEFT adapter folder: its adapter weights and its base model's fingerprint.
+    """Fingerprint of the weights stored in a ``from_pretrained`` folder.
+
+    For a PEFT adapter folder: of its adapter weights and its base model's fingerprint.
+
+    Args:
+        folder: a ``from_pretrained`` folder (str or Path).
+
+    Returns:
+        The fingerprint (a hex string), or None when the folder holds no weight files.
     """
     folder = Path(folder)
     adapter = folder / "adapter_config.json"
@@ -154,8 +165,10 @@ _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype",
 
 
 def _config_bytes(path: Path) -> bytes:
-    """The model's configuration, as part of its identity: the same weights under another
-    ``rope_theta``, attention scale or head count compute other numbers.
+    """The model's configuration, as part of its identity.
+
+    The same weights under another ``rope_theta``, attention scale or head count compute other
+    numbers.
     """
     if not path.is_file():
         return b"config:none"
@@ -180,8 +193,13 @@ def _hub_folder(spec: str) -> Optional[Path]:
 
 
 def source_fingerprint(spec) -> Optional[str]:
-    """Fingerprint of the model a ``--model`` value names: a folder, a cached hub id, or None for
-    the embedded model.  None when no weight files can be found for it.
+    """Fingerprint of the model a ``--model`` value names.
+
+    Args:
+        spec: a folder, a cached hub id, or None for the embedded model.
+
+    Returns:
+        The fingerprint (a hex string), or None when no weight files can be found for it.
     """
     from .datahome import EMBEDDED_MODEL_DIR
 
@@ -210,8 +228,14 @@ def parameters_fingerprint(model: torch.nn.Module) -> str:
 
 
 def model_fingerprint(loaded) -> str:
-    """Fingerprint of a ``models.LoadedModel``: of its checkpoint files (``source_fingerprint``),
-    else of its parameters.  Computed once per loaded model.
+    """Fingerprint of a ``models.LoadedModel``, computed once per loaded model.
+
+    Args:
+        loaded: a ``models.LoadedModel``.
+
+    Returns:
+        The fingerprint (a hex string) of its checkpoint files (``source_fingerprint``), else of
+        its parameters.
     """
     cached = getattr(loaded, "_fingerprint", None)
     if cached is None:
@@ -254,8 +278,15 @@ def _unpadded(row, key, length, width):
 
 # ----------------------------------------------------------------------------- checks
 def changed(stored: Dict, current: Dict) -> Optional[str]:
-    """'the model' or 'the sample' when ``stored`` and ``current`` both carry that fingerprint and
-    it differs (the model is named first); None otherwise.
+    """Name what changed between a run's stored and current fingerprints.
+
+    Args:
+        stored: the metadata a run recorded.
+        current: the metadata of the run resuming it.
+
+    Returns:
+        'the model' or 'the sample' when ``stored`` and ``current`` both carry that fingerprint and
+        it differs (the model is named first); None otherwise.
     """
     for key, what in ((MODEL_KEY, "the model"), (SAMPLE_KEY, "the sample")):
         before, now = stored.get(key), current.get(key)
@@ -271,10 +302,18 @@ _DETAIL = {"the model": "its weights are not the ones the run started with",
 
 def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[str] = None,
                           error=SettingsMismatch) -> None:
-    """``error`` (SettingsMismatch by default, whose command-line message adds ``--overwrite``), in
-    one line naming what changed, when a resume's model or sample changed; nothing otherwise.
+    """Refuse a resume whose model or sample changed, in one line naming what changed.
 
-    remedy: what else to do, e.g. "delete it to start over" (None: nothing is added).
+    Args:
+        path: the file being resumed, named in the message.
+        stored: the metadata the run recorded.
+        current: the metadata of this run.
+        remedy: what else to do, e.g. "delete it to start over" (None: nothing is added).
+        error: the error class to raise (SettingsMismatch by default, whose command-line message
+            adds ``--overwrite``).
+
+    Raises:
+        SettingsMismatch: (or ``error``) when the model or the sample changed.
     """
     what = changed(stored, current)
     if what is not None:

@@ -107,8 +107,13 @@ def _load_config(spec):
 
 
 def new_parameters(loading_info: dict) -> list:
-    """Parameters transformers had to initialize newly, from what ``from_pretrained`` reports
-    (``output_loading_info=True``): keys missing from the checkpoint or of another shape there.
+    """Parameters transformers had to initialize newly.
+
+    Args:
+        loading_info: what ``from_pretrained(..., output_loading_info=True)`` reports.
+
+    Returns:
+        Names of the keys missing from the checkpoint or of another shape there.
     """
     missing = list(loading_info.get("missing_keys") or [])
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry
@@ -131,8 +136,9 @@ LOAD_BAR_BYTES = 100 * 2**20
 
 
 def _load_bar(spec: str) -> bool:
-    """Show the loading bar: on a terminal only (the bar leaves a line, and a refusal after the load
-    must stay one line on stderr in a log), for large weights.
+    """Whether to show the loading bar: for large weights, on a terminal only.
+
+    The bar leaves a line, and a refusal after the load must stay one line on stderr in a log.
     """
     return sys.stderr.isatty() and _weight_bytes(spec) >= LOAD_BAR_BYTES
 
@@ -217,8 +223,14 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
 
 
 def check_weight_files(folder) -> None:
-    """DamagedFile unless every safetensors file of a local model folder has a readable header whose
-    tensors cover the file (a truncated or overwritten weights file); reads headers only.
+    """Check that every safetensors file of a local model folder is whole; reads headers only.
+
+    Args:
+        folder: the model folder (str or Path).
+
+    Raises:
+        DamagedFile: a file's header is unreadable or its tensors do not cover the file (a
+            truncated or overwritten weights file).
     """
     from safetensors import safe_open
 
@@ -237,8 +249,17 @@ def check_weight_files(folder) -> None:
 
 
 def check_tokenizer_files(folder, tokenizer) -> None:
-    """UsageError when a local model folder has none of its tokenizer's files: transformers then
-    builds a tokenizer of special tokens alone, which maps every word to the unknown token.
+    """Refuse a local model folder that has none of its tokenizer's files.
+
+    Transformers then builds a tokenizer of special tokens alone, which maps every word to the
+    unknown token.
+
+    Args:
+        folder: the model folder (str or Path); anything else passes.
+        tokenizer: the tokenizer loaded from it.
+
+    Raises:
+        UsageError: the folder has no tokenizer file.
     """
     path = Path(folder)
     if not path.is_dir():
@@ -250,8 +271,16 @@ def check_tokenizer_files(folder, tokenizer) -> None:
 
 
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:
-    """UsageError naming the first parameter with a NaN or an infinity (in the dtype it was loaded
-    in): every loss, gradient and Fisher of such a model is NaN or meaningless.
+    """Refuse a model with a NaN or an infinity in its weights (in the dtype it was loaded in).
+
+    Every loss, gradient and Fisher of such a model is NaN or meaningless.
+
+    Args:
+        model: the loaded model.
+        source: how the model was named, for the message.
+
+    Raises:
+        UsageError: naming the first parameter with a NaN or an infinity.
     """
     for name, param in model.named_parameters():
         if param.is_floating_point() and param.numel():
