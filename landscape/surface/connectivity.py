@@ -1,5 +1,7 @@
-"""Directions between checkpoints: the straight path from one model to another, and the PCA plane
-of a training trajectory (Li et al. 2018, section 7).
+"""Directions between checkpoints.
+
+The straight path from one model to another, and the PCA plane of a training trajectory (Li et al.
+2018, section 7).
 
 Both give ordinary direction dicts ({param name: float32 tensor}) that ``save_directions`` writes
 and ``surface`` reads like any other.

@@ -137,7 +137,7 @@ def perturbable_names(model: torch.nn.Module, ignore: str = "biasbn") -> List[st
 
 
 def orthogonalize(dx: Direction, dy: Direction) -> Direction:
-    """dy minus its projection on dx (over all tensors at once), rescaled to dy's global norm.
+    """Direction ``dy`` minus its projection on ``dx`` (over all tensors at once), at dy's global norm.
 
     Keeps the support of both (a masked dy stays masked when dx has the same mask).
     """
@@ -224,7 +224,8 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         model: the model; a sharded (FSDP2) model is gathered one tensor at a time.
         dims: 1 or 2 directions.
         seed: seed of the directions and of random masks.
-        norm: 'filter' | 'layer' | 'none'; ignore: 'biasbn' | 'none' (see ``random_direction``).
+        norm: 'filter' | 'layer' | 'none' (see ``random_direction``).
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
         fisher: Fisher scores for the mask, as {name: tensor} or a Fisher file's path (read one
             tensor at a time), or None for subset 'all'.
         subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``).
@@ -292,8 +293,9 @@ class _NoWriter:
 
 
 class _TensorMaker:
-    """One tensor of one direction at a time, as ``make_directions`` makes it (masked after
-    normalization).
+    """One tensor of one direction at a time, as ``make_directions`` makes it.
+
+    Tensors are masked after normalization.
     """
 
     def __init__(self, model, seed, norm, ignore, masks):
@@ -310,8 +312,10 @@ class _TensorMaker:
 
 
 def _orthogonal_projection(maker: _TensorMaker):
-    """name -> the second direction's tensor made orthogonal to the first, as ``orthogonalize``
-    does over whole directions (the same sums, in the same order, so the same numbers).
+    """Map a name to the second direction's tensor made orthogonal to the first.
+
+    As ``orthogonalize`` does over whole directions (the same sums, in the same order, so the same
+    numbers).
 
     Tensors are generated again for each pass (the sums, the new norm, the output) instead of
     being kept: that costs time on the host, and keeping them would cost two whole directions.

@@ -63,18 +63,28 @@ class Surface:
 
     @property
     def dims(self):
+        """1 for a 1D surface, 2 for a 2D one."""
         return 1 if self.y is None else 2
 
     @property
     def computed_fraction(self):
+        """Fraction of the points computed (those of ``z`` that are not NaN), in [0, 1]."""
         return float(np.isfinite(self.z).mean())
 
 
 def read_surface(path, field="train_loss"):
     """Read ``field`` of a surface HDF5 file as a ``Surface`` (see the module docstring for layouts).
 
-    Raises UsageError for a missing or non-HDF5 file, a missing field, or shapes that fit neither
-    the contract nor the original loss-landscape layout.
+    Args:
+        path: the surface file (.h5).
+        field: the dataset to read, e.g. 'train_loss' or 'train_acc'.
+
+    Returns:
+        A ``Surface``: x (nx,), y (ny,) or None, z (nx,) or (ny, nx) float64, NaN where not computed.
+
+    Raises:
+        UsageError: a missing or non-HDF5 file, a missing field, or shapes that fit neither the
+            contract nor the original loss-landscape layout.
     """
     path = require_readable_file(path, "surface file")
     try:
@@ -231,6 +241,7 @@ def _scalar_attrs(identity):
 
 # ----------------------------------------------------------------------------- the journal
 def journal_path(path) -> Path:
+    """The journal of the surface file ``path``: the same path with ``.journal`` appended."""
     return Path(str(path) + ".journal")
 
 
@@ -425,6 +436,11 @@ class SurfaceFile:
             self.flush()
 
     def flush(self):
+        """Rewrite the HDF5 file with every point computed so far.
+
+        Raises:
+            UsageError: the file cannot be written (the journal still holds every point).
+        """
         done = int((~np.isnan(self.loss)).sum())
         attrs = dict(self.attrs, points_done=done, points_total=int(self.loss.size))
         try:
@@ -436,9 +452,13 @@ class SurfaceFile:
         self.last_flush = time.monotonic()
 
     def close(self, complete):
-        """Write the file; when ``complete``, remove the journal.  An incomplete close happens with an
-        error in flight, which says what went wrong: a failed flush then stays quiet (the journal
-        keeps every point).
+        """Write the file; when ``complete``, remove the journal.
+
+        An incomplete close happens with an error in flight, which says what went wrong: a failed
+        flush then stays quiet (the journal keeps every point).
+
+        Args:
+            complete: whether every point was computed.
         """
         try:
             try:

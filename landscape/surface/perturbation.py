@@ -26,8 +26,15 @@ BLOCK_SHARE, MIN_BLOCK, MAX_BLOCK = 256, 1 << 20, 1 << 26
 
 
 def direction_dtype(param_dtype: torch.dtype, stream: bool = False) -> torch.dtype:
-    """The dtype directions are held in for a model of ``param_dtype``: float32 when streamed
-    from the host or for float32 (and float64) models, otherwise the model's own dtype.
+    """The dtype directions are held in for a model of ``param_dtype``.
+
+    Args:
+        param_dtype: the model's parameter dtype.
+        stream: whether directions are streamed from host memory.
+
+    Returns:
+        float32 when streamed from the host or for float32 (and float64) models, otherwise the
+        model's own dtype.
     """
     if stream or param_dtype in (torch.float32, torch.float64):
         return torch.float32
@@ -137,7 +144,7 @@ class InPlacePerturbation:
 
 
 def _sum_into(target, base, parts, terms):
-    """target = (base + c_a·d_a) + c_b·d_b, in the target's dtype, without a temporary."""
+    """Set ``target = (base + c_a·d_a) + c_b·d_b``, in the target's dtype, without a temporary."""
     if not terms:
         target.copy_(base)
         return

@@ -16,9 +16,17 @@ from .perturbation import direction_dtype
 
 
 def load_directions_for(model, dir_file, axes=2, stream=False):
-    """The directions of ``dir_file`` as a surface of ``model`` holds them: in the model's dtype on
-    its device (float32 in host memory with ``stream``), only the rows a sharded rank holds, read
-    one tensor at a time.  Returns (directions, file attributes, the dtype they are held in).
+    """The directions of ``dir_file`` as a surface of ``model`` holds them, read one tensor at a time.
+
+    Args:
+        model: the model (a sharded rank reads only the rows it holds).
+        dir_file: the direction file (.h5).
+        axes: the number of directions to read (1 or 2).
+        stream: hold them as float32 in host memory rather than in the model's dtype on its device.
+
+    Returns:
+        (directions: list of {param name: tensor}, file attributes: dict, the dtype they are held
+        in).
     """
     params = dict(model.named_parameters())
     dtype = direction_dtype(local_tensor(next(iter(params.values()))).dtype, stream)
