@@ -36,8 +36,10 @@ class _Block:
 
 
 class _Space:
-    """The coordinates the operator acts on: kept elements of the trainable parameters, flattened in
-    ``named_parameters()`` order (tied weights once).
+    """The coordinates the operator acts on.
+
+    The kept elements of the trainable parameters, flattened in ``named_parameters()`` order (tied
+    weights once).
     """
 
     def __init__(self, model: torch.nn.Module, mask: Optional[dict] = None):
@@ -139,8 +141,11 @@ def _attention_configs(model: torch.nn.Module) -> list:
 
 
 def _use_eager_attention(model: torch.nn.Module) -> Optional[str]:
-    """Switch every attention of the model to 'eager'; returns the implementation it had, or None
-    when there was nothing to switch (already eager everywhere, or not a transformers model).
+    """Switch every attention of the model to 'eager'.
+
+    Returns:
+        The implementation it had, or None when there was nothing to switch (already eager
+        everywhere, or not a transformers model).
     """
     configs = _attention_configs(model)
     current = [c._attn_implementation for c in configs]
@@ -168,8 +173,9 @@ def _no_double_backward(err: BaseException) -> bool:
 
 
 class _ModelState:
-    """Puts a model in eval mode and float32 for the Hessian, and restores it exactly afterwards:
-    each module's train flag, each cast tensor's original storage, each config's attention
+    """Puts a model in eval mode and float32 for the Hessian, and restores it exactly afterwards.
+
+    Restored: each module's train flag, each cast tensor's original storage, each config's attention
     implementation.
     """
 
@@ -289,6 +295,7 @@ class HessianOperator:
 
     @property
     def device(self) -> torch.device:
+        """The device of the coordinates (the model's)."""
         return self.space.device
 
     def to_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
