@@ -1,5 +1,7 @@
-"""ChildTuning-D (Xu et al. 2021, "Raise a Child in Large Language Model"): fine-tune only the
-parameters with the highest *task* Fisher, computed once before training from the training data.
+"""ChildTuning-D (Xu et al. 2021, "Raise a Child in Large Language Model").
+
+Fine-tune only the parameters with the highest *task* Fisher, computed once before training from
+the training data.
 """
 
 import functools

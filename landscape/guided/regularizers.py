@@ -36,7 +36,9 @@ def gaussian_sigma(p):
 
 
 def gaussian_noise(x, p, training=True):
-    """x * (1 + sigma * N(0, 1)) with sigma = sqrt(p / (1 - p)) when training; x itself otherwise.
+    """Gaussian dropout: ``x * (1 + sigma * N(0, 1))``, sigma = sqrt(p / (1 - p)), when training.
+
+    Returns ``x`` itself otherwise; the result has x's shape.
 
     Same mean as x and the variance of Bernoulli dropout with rescaling (x^2 * p / (1 - p)).
     """
@@ -57,9 +59,11 @@ class GaussianDropout(nn.Module):
         self.p = float(p)
 
     def forward(self, x):
+        """``gaussian_noise`` of ``x`` (any shape) in training, ``x`` in eval mode."""
         return gaussian_noise(x, self.p, self.training)
 
     def extra_repr(self):
+        """The probability in the module's printed form."""
         return f"p={self.p}"
 
 

@@ -93,7 +93,7 @@ def power_probabilities(n_sites, p_upper=0.1, p_lower=0.0, gamma=2.0):
 
 
 def log_probabilities(sorted_scores, p_upper=0.1, p_lower=0.0):
-    """p = p_upper - (p_upper - p_lower) * u, u = normalized log score in [0, 1].
+    """Probabilities ``p = p_upper - (p_upper - p_lower) * u``, u = normalized log score in [0, 1].
 
     u = (log s - log s_min) / (log s_max - log s_min): probabilities follow the Fisher scores' spread
     (orders of magnitude), not just their order.  Scores <= 0 are clamped to the smallest positive

@@ -44,8 +44,18 @@ DROPOUT_ONLY_REGULARIZERS = ("dropout", "gaussian") + SCHEDULE_REGULARIZERS
 
 
 def check_regularizers(names, guided: "Optional[sched.Schedule]" = None) -> list:
-    """UsageError unless every name is a known regularizer and those built from the guided schedule
-    (guided, dropout-matched, guided-shuffled) have it.
+    """Check the regularizers of a run.
+
+    Args:
+        names: regularizer names (keys of ``REGULARIZERS``).
+        guided: the guided dropout schedule, needed by those built from it (guided,
+            dropout-matched, guided-shuffled).
+
+    Returns:
+        The names, as a list.
+
+    Raises:
+        UsageError: no name, an unknown name, or a schedule needed but not given.
     """
     unknown = [r for r in names if r not in REGULARIZERS]
     if unknown or not names:
@@ -176,9 +186,11 @@ def prepare_regularizer(model, name, config, guided=None, *, seed=0, train_batch
 
 
 def undo_regularizer(model):
-    """Make a trained model plain again for evaluation and saving: no ChildTuning gradient hooks, no
-    mixout (its parametrization removed with the trained weights kept, the dropout probabilities from
-    before it restored), standard attention, R4F's spectral norm folded into plain weights.
+    """Make a trained model plain again for evaluation and saving; returns it.
+
+    No ChildTuning gradient hooks, no mixout (its parametrization removed with the trained weights
+    kept, the dropout probabilities from before it restored), standard attention, R4F's spectral
+    norm folded into plain weights.
 
     Mixout goes before the spectral norm: ``remove_spectral_norm`` only touches spectral-norm
     parametrizations, so the order is not load-bearing, but mixout's removal also restores dropout.
