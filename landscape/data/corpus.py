@@ -229,8 +229,24 @@ def batches(samples: List[Dict[str, torch.Tensor]], batch_size: int, pad_id: int
 def load_samples(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Optional[float] = None,
                  max_samples: Optional[int] = None, seq_len: int = 128, seed: int = 0,
                  bos: str = "auto") -> List[Dict[str, torch.Tensor]]:
-    """Documents → seeded sub-sample → samples of the model's objective, as a list (for a language
-    model; a caller that shards samples over processes needs them before batching).
+    """Documents → seeded sub-sample → samples of the model's objective, as a list.
+
+    For a language model; a caller that shards samples over processes needs them before batching.
+
+    Args:
+        loaded: the model and tokenizer (``models.LoadedModel``).
+        corpus: the corpus (None: the embedded default).
+        fraction: the fraction of documents to keep, seeded (None: all).
+        max_samples: at most this many samples (None: no limit).
+        seq_len: tokens per sample (at most the model's positions).
+        seed: seeds the sub-sample and the objective's masking.
+        bos: 'auto' | 'yes' | 'no': BOS framing of samples (see ``sample_framing``).
+
+    Returns:
+        A list of sample dicts of (seq_len,) tensors, with ``labels``.
+
+    Raises:
+        UsageError: an unreadable corpus, or ``seq_len`` longer than the model's positions.
     """
     docs = subsample_documents(load_documents(corpus), fraction, seed)
     check_seq_len(loaded.model, seq_len)

@@ -37,6 +37,7 @@ class LabelledData:
         return len(self.texts)
 
     def select(self, indices):
+        """The rows at ``indices`` (a sequence of ints), in that order, as a new ``LabelledData``."""
         return LabelledData(texts=[self.texts[i] for i in indices], labels=[self.labels[i] for i in indices],
                             pairs=None if self.pairs is None else [self.pairs[i] for i in indices],
                             task=self.task, label_names=self.label_names)
@@ -55,8 +56,10 @@ def _infer_task(raw_labels):
 
 
 def _check_labels(raw_labels, spec):
-    """DamagedFile for a label that reads as NaN or an infinity (a missing value, or an overflow,
-    written as a number): as a target it makes every loss NaN, as a class name it invents a class.
+    """DamagedFile for a label that reads as NaN or an infinity.
+
+    Such a label is a missing value, or an overflow, written as a number: as a target it makes
+    every loss NaN, as a class name it invents a class.
     """
     for number, value in enumerate(raw_labels, 1):
         try:

@@ -31,11 +31,24 @@ def sample_generator(token_ids, seed):
 
 
 def mlm_sample(token_ids, special_mask, tokenizer, seed=0, mask_prob=0.15):
-    """BERT masking of one sequence: 15% of non-special tokens are targets, of which 80% become
-    [MASK], 10% a random token and 10% stay; at least one target when any token is maskable.
+    """BERT masking of one sequence.
 
-    token_ids: (T,) int, already with special tokens; special_mask: (T,) bool.
-    Returns a sample dict of (T,) tensors.
+    ``mask_prob`` (15%) of non-special tokens are targets, of which 80% become [MASK], 10% a random
+    token and 10% stay; at least one target when any token is maskable.
+
+    Args:
+        token_ids: (T,) int token ids, already with special tokens.
+        special_mask: (T,) bool, True at special tokens (never targets).
+        tokenizer: the model's tokenizer (its [MASK] id and vocabulary size).
+        seed: seeds the choice of targets and random tokens.
+        mask_prob: the fraction of non-special tokens that are targets.
+
+    Returns:
+        A sample dict of (T,) tensors: ``input_ids``, ``attention_mask`` and ``labels`` (the
+        original id at targets, -100 elsewhere).
+
+    Raises:
+        UsageError: the tokenizer has no [MASK] token.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     special = torch.as_tensor(special_mask, dtype=torch.bool)
@@ -160,8 +173,10 @@ def _token_losses(logits, targets):
 
 
 def _logits_at(model, inputs, rows, cols, shift):
-    """Logits only where they are needed: the output projection (the expensive part, a
-    (rows, vocabulary) matrix) runs on the hidden states at positions (rows, cols + shift) alone.
+    """Logits only where they are needed.
+
+    The output projection (the expensive part, a (rows, vocabulary) matrix) runs on the hidden
+    states at positions (rows, cols + shift) alone.
 
     A pre-hook on the output embeddings selects those rows, so the body runs unchanged and the
     full (B, T, V) logits are never formed.  Returns (M, V) logits, or None when the model has no
@@ -224,8 +239,9 @@ def _seq2seq_losses(model, batch):
 
 
 def _classification_losses(model, batch):
-    """Fine-tuned sequence classifiers: one target per sample (its label); regression heads
-    (one output) give the squared error and count no correct predictions.
+    """Losses of fine-tuned sequence classifiers: one target per sample (its label).
+
+    Regression heads (one output) give the squared error and count no correct predictions.
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
