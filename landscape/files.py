@@ -42,9 +42,16 @@ _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)|\[Errno (\d+)\]")
 
 
 def write_failure(err: BaseException) -> Optional[str]:
-    """The reason in words when ``err`` is a failed write (a system error, also as h5py and
-    safetensors report it: a message quoting the errno, or an error raised while handling one),
-    else None (a bug, not the disk).
+    """The reason in words when ``err`` is a failed write.
+
+    A failed write is a system error, also as h5py and safetensors report it: a message quoting the
+    errno, or an error raised while handling one.
+
+    Args:
+        err: the exception raised while writing.
+
+    Returns:
+        The reason, or None when it is not a failed write (a bug, not the disk).
     """
     if isinstance(err, UsageError):
         return None
@@ -71,8 +78,9 @@ def _system_error(err: BaseException) -> Optional[str]:
 
 
 def _probe_folder(folder: Path) -> Optional[str]:
-    """Why a file cannot be created in ``folder`` (tried for real: permission bits do not stop
-    root, a read-only mount or /proc do), or None when it can.
+    """Why a file cannot be created in ``folder``, or None when it can.
+
+    Tried for real: permission bits do not stop root, a read-only mount or /proc do.
     """
     probe = folder / f".landscape-write-test-{os.getpid()}"
     try:

@@ -91,8 +91,9 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
 
 
 def _with_identity(fingerprint, model, batches, model_fingerprint):
-    """The settings fingerprint with the model's and the sample's content fingerprints added (the
-    sample's when ``batches`` is a list: a generator could be read only once).
+    """The settings fingerprint with the model's and the sample's content fingerprints added.
+
+    The sample's only when ``batches`` is a list: a generator could be read only once.
     """
     if model_fingerprint is None:
         with contextlib.suppress(UsageError):  # a sharded model without a checkpoint's fingerprint
@@ -146,8 +147,10 @@ def _accumulate_all(accumulator, batches, membership, progress, total, checkpoin
 
 
 def _agree(due, stopping, shard_group, device):
-    """(save now, stop now), the same on every rank of a shard group: the ranks of a sharded model
-    must run the same batches, so one rank's timer or Ctrl-C decides for all of them.
+    """(save now, stop now), the same on every rank of a shard group.
+
+    The ranks of a sharded model must run the same batches, so one rank's timer or Ctrl-C decides
+    for all of them.
     """
     if shard_group is None:
         return due, stopping
@@ -157,8 +160,9 @@ def _agree(due, stopping, shard_group, device):
 
 @contextlib.contextmanager
 def _deferred_interrupts(enabled=True):
-    """While checkpointing, Ctrl-C (or SIGTERM, which torchrun sends) takes effect at the next
-    batch boundary, so a checkpoint never holds half a batch.  A second Ctrl-C stops at once.
+    """Defer Ctrl-C (or SIGTERM, which torchrun sends) to the next batch boundary while checkpointing.
+
+    So a checkpoint never holds half a batch.  A second Ctrl-C stops at once.
     """
     state = {"requested": False}
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -209,8 +213,10 @@ def _resume(accumulator, path, fingerprint):
 
 
 def _check_checkpoint(path, meta, state, accumulator) -> None:
-    """The checkpoint's schema: integer counts done in its header; running sums of squares and
-    sample counts as float tensors, finite, non-negative, each sum shaped as this run's.
+    """Check the checkpoint's schema.
+
+    Integer counts done in its header; running sums of squares and sample counts as float tensors,
+    finite, non-negative, each sum shaped as this run's.
     """
     from ..schema import Schema
 
