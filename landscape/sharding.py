@@ -46,6 +46,7 @@ class ShardLayout:
 
     @property
     def sharded(self) -> bool:
+        """Whether parameters are sharded (groups of more than one rank)."""
         return self.shard_size > 1
 
     @property
@@ -166,8 +167,10 @@ def _fsdp_errors() -> Iterator[None]:
 
 
 def collective_errors():
-    """Context manager for passes over a sharded model: a collective the backend does not support
-    (gloo has no reduce-scatter, so nothing may request parameter gradients) is a one-line UsageError.
+    """Context manager for passes over a sharded model.
+
+    A collective the backend does not support (gloo has no reduce-scatter, so nothing may request
+    parameter gradients) becomes a one-line UsageError.
     """
     return _fsdp_errors()
 
@@ -181,8 +184,15 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The rows of ``param`` this rank holds, as a plain tensor sharing their storage (writes are
-    seen by the next forward); ``param.data`` when unsharded.  Shape: (stop - start, *rest).
+    """The rows of ``param`` this rank holds, as a plain tensor sharing their storage.
+
+    Writes are seen by the next forward.
+
+    Args:
+        param: a parameter, sharded (a DTensor) or not.
+
+    Returns:
+        A (stop - start, *rest) tensor; ``param.data`` when unsharded.
     """
     if is_sharded(param):
         return param.to_local().detach()  # detached: in-place writes need no autograd view
@@ -216,8 +226,16 @@ def local_rows(param: torch.Tensor) -> Tuple[int, int]:
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered over the shard group when sharded (a collective: every rank of
-    the group calls it, in the same order), ``param.data`` otherwise.  For per-tensor work.
+    """The whole tensor, for per-tensor work.
+
+    Gathered over the shard group when sharded: a collective, which every rank of the group calls,
+    in the same order.
+
+    Args:
+        param: a parameter, sharded (a DTensor) or not.
+
+    Returns:
+        The whole tensor, detached; ``param.data`` when unsharded.
     """
     if is_sharded(param):
         with _fsdp_errors():
@@ -226,8 +244,14 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 def sharded_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``local`` (this rank's rows of a tensor shaped like ``param``) as a tensor sharded like
-    ``param``: a DTensor when ``param`` is one, so ``full_tensor`` gathers it; ``local`` otherwise.
+    """This rank's rows of a tensor as a tensor sharded like ``param``.
+
+    Args:
+        local: this rank's rows of a tensor shaped like ``param``.
+        param: a parameter, sharded (a DTensor) or not.
+
+    Returns:
+        A DTensor when ``param`` is one, so ``full_tensor`` gathers it; ``local`` otherwise.
     """
     if not is_sharded(param):
         return local

@@ -49,6 +49,12 @@ class Style:
     title: "str | None" = None
 
     def validate(self):
+        """Check and normalize the settings; returns the style itself.
+
+        Raises:
+            UsageError: non-finite or inverted bounds, too many contour levels, a non-positive zmax on
+                a log scale, or an unknown colour map.
+        """
         import matplotlib
 
         self.zmin = checks.optional(checks.finite_float, self.zmin, "zmin")
@@ -73,6 +79,7 @@ class Style:
         return z
 
     def value_label(self, field):
+        """The axis label of values of ``field`` (e.g. 'train_loss'), with 'log10' on a log scale."""
         name = field.replace("_", " ")
         return f"log10 {name}" if self.log else name
 
