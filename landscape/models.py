@@ -156,11 +156,22 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
                allow_new_head: bool = False) -> LoadedModel:
     """Load a pretrained LM and its tokenizer, in eval mode, on ``device``.
 
-    spec: hub id, local folder, or None for the embedded default model.
-    allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
-        ``BertModel`` such as a sentence-transformers checkpoint has no MLM head); by default such
-        a load is refused (``NewHeadRefused``), because transformers would fill them randomly.
     Weights are read from safetensors (or with ``weights_only``), never unpickled.
+
+    Args:
+        spec: hub id, local folder, or None for the embedded default model.
+        device: the device to load onto (e.g. 'cpu', 'cuda').
+        dtype: 'float32' | 'bfloat16' | 'float16' (see ``parse_dtype``).
+        allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
+            ``BertModel`` such as a sentence-transformers checkpoint has no MLM head).
+
+    Returns:
+        A ``LoadedModel`` (model, tokenizer, objective kind, source).
+
+    Raises:
+        NewHeadRefused: such a checkpoint without ``allow_new_head`` (transformers would fill the
+            missing weights randomly).
+        UsageError: the model cannot be found or loaded, or its files are damaged.
     """
     from transformers import (
         AutoModelForCausalLM,

@@ -163,6 +163,19 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
     separated by EOS.  Seq2seq: ``seq_len`` tokens of input before T5 span corruption.
     ``max_samples`` keeps the first samples (documents come in seeded order from
     ``subsample_documents``).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        kind: the objective: 'mlm' | 'causal' | 'seq2seq'.
+        docs: the documents (str).
+        seq_len: tokens per sample, framing included.
+        max_samples: at most this many samples (None: all).
+        seed: seeds the masks (masked LM) and span corruption (seq2seq).
+        bos: 'auto' | 'yes' | 'no' (see ``sample_framing``).
+
+    Returns:
+        A list of sample dicts of (seq_len,) tensors with ``labels`` (-100 where nothing is
+        predicted).
     """
     if seq_len < 8:
         raise UsageError(f"seq-len must be at least 8, got {seq_len}")
@@ -261,6 +274,23 @@ def load_batches(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
     For a fine-tuned classifier (kind 'classification') the corpus is a labelled dataset
     (``finetune.load_labelled``: CSV/TSV/JSONL/HF dataset; None = the embedded sentiment set) and
     each sample is one labelled row.
+
+    Args:
+        loaded: the model and tokenizer (``models.LoadedModel``).
+        corpus: the corpus (None: the embedded default).
+        fraction: the fraction of documents (rows) to keep, seeded (None: all).
+        max_samples: at most this many samples (None: no limit).
+        seq_len: tokens per sample.
+        batch_size: samples per batch (the last batch may be smaller).
+        seed: seeds the sub-sample and the objective's masking.
+        device: where batches go (None: the model's device).
+        bos: 'auto' | 'yes' | 'no' (see ``sample_framing``).
+
+    Returns:
+        A list of batch dicts of (B, T) tensors with ``labels`` (a classifier's labels are (B,)).
+
+    Raises:
+        UsageError: an unreadable corpus, or settings out of their domains.
     """
     check_max_samples(max_samples)
     if loaded.kind == "classification":

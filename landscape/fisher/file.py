@@ -76,7 +76,18 @@ def _header(shapes, metadata):
 
 
 def load_fisher(path):
-    """Read a Fisher file: returns ({param name: float32 tensor}, {metadata key: str})."""
+    """Read a Fisher file.
+
+    Args:
+        path: the Fisher file (.safetensors).
+
+    Returns:
+        ({param name: float32 tensor shaped like the param}, {metadata key: str}).
+
+    Raises:
+        UsageError: a missing or unreadable file, or one that is not a Fisher file.
+        DamagedFile: a tensor that is not float32, finite and non-negative.
+    """
     path = require_readable_file(path, "Fisher file")
     try:
         from safetensors import safe_open
