@@ -174,8 +174,12 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
         bos: 'auto' | 'yes' | 'no' (see ``sample_framing``).
 
     Returns:
-        A list of sample dicts of (seq_len,) tensors with ``labels`` (-100 where nothing is
-        predicted).
+        A list of sample dicts of 1-D tensors with ``labels`` (-100 where nothing is predicted):
+        (seq_len,) for masked and causal LM; seq2seq inputs and labels are shorter after span
+        corruption.
+
+    Raises:
+        UsageError: the documents produce no sample, or ``max_samples`` is out of its domain.
     """
     if seq_len < 8:
         raise UsageError(f"seq-len must be at least 8, got {seq_len}")
@@ -256,7 +260,7 @@ def load_samples(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
         bos: 'auto' | 'yes' | 'no': BOS framing of samples (see ``sample_framing``).
 
     Returns:
-        A list of sample dicts of (seq_len,) tensors, with ``labels``.
+        A list of sample dicts of 1-D tensors with ``labels`` (see ``make_samples``).
 
     Raises:
         UsageError: an unreadable corpus, or ``seq_len`` longer than the model's positions.

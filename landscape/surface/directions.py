@@ -75,8 +75,14 @@ def _gaussian_like(shape, seed, index, name):
 def normalize_filters(direction: torch.Tensor, weight: torch.Tensor, axis: int = 0, eps: float = 1e-10) -> torch.Tensor:
     """Rescale each filter of ``direction`` to the norm of the same filter of ``weight`` (Li et al.).
 
-    direction, weight: tensors of the same shape (ndim >= 2); axis: the filter axis.
-    Returns a new tensor; filter norms of the result equal those of ``weight``.
+    Args:
+        direction: the direction's tensor, same shape as ``weight`` (ndim >= 2).
+        weight: the parameter.
+        axis: the filter axis.
+        eps: added to the direction's filter norms, so a zero filter stays finite.
+
+    Returns:
+        A new tensor shaped like ``weight``; filter norms of the result equal those of ``weight``.
     """
     d = direction.movedim(axis, 0)
     w = weight.movedim(axis, 0)
@@ -96,13 +102,21 @@ def _normalize(direction, weight, norm, axis):
 
 def random_direction(model: torch.nn.Module, seed: int = 0, norm: str = "filter", ignore: str = "biasbn",
                      index: int = 0) -> Direction:
-    """One seeded Gaussian direction for ``model``: {param name: float32 CPU tensor}.
+    """One seeded Gaussian direction for ``model``.
 
-    norm: 'filter' (each filter rescaled to the weight's filter norm; rows of nn.Linear and
-    embeddings, columns of GPT-2 Conv1D), 'layer' (whole tensor to the weight's norm) or 'none'.
-    ignore: 'biasbn' zeroes 1-D tensors (biases, LayerNorm); 'none' perturbs them along the weight
-    itself (its own scale, as in Li et al.'s code) when normalizing, or randomly when norm='none'.
-    index: which direction of a set (0 = x, 1 = y); each (seed, index) pair is independent.
+    Args:
+        model: the model.
+        seed: seeds the direction.
+        norm: 'filter' (each filter rescaled to the weight's filter norm; rows of nn.Linear and
+            embeddings, columns of GPT-2 Conv1D), 'layer' (whole tensor to the weight's norm) or
+            'none'.
+        ignore: 'biasbn' zeroes 1-D tensors (biases, LayerNorm); 'none' perturbs them along the
+            weight itself (its own scale, as in Li et al.'s code) when normalizing, or randomly
+            when norm='none'.
+        index: which direction of a set (0 = x, 1 = y); each (seed, index) pair is independent.
+
+    Returns:
+        {param name: float32 CPU tensor shaped like the param}, in the parameters' units.
     """
     if norm not in NORMS:
         raise UsageError(f"unknown norm '{norm}'; use one of {', '.join(NORMS)}")
@@ -174,8 +188,25 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
                     orthogonal: bool = False) -> Tuple[List[Direction], dict]:
     """The directions of one surface: a list of ``dims`` directions, masked after normalization.
 
-    fisher: {name: scores} or None (then subset must be 'all').  The same mask applies to every
-    direction.  Returns (directions, settings) where settings are the attributes to store.
+    The same mask applies to every direction.
+
+    Args:
+        model: the model.
+        dims: 1 or 2 directions.
+        seed: seeds the directions and random masks.
+        norm: 'filter' | 'layer' | 'none' (see ``random_direction``).
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
+        fisher: {name: scores shaped like the param}, or None (then subset must be 'all').
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``).
+        granularity: 'global' | 'tensor' (see ``fisher_mask``).
+        orthogonal: make the second direction orthogonal to the first (see ``orthogonalize``).
+
+    Returns:
+        (directions, settings): a list of {param name: float32 CPU tensor}, and the attributes to
+        store with them.
+
+    Raises:
+        UsageError: settings out of their domains, or a Fisher that does not fit the model.
     """
     _check_request(dims, subset, fisher)
     dirs = [random_direction(model, seed=seed, norm=norm, ignore=ignore, index=i) for i in range(dims)]

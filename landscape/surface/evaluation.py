@@ -55,7 +55,16 @@ def _check_directions(model, directions):
 
 
 def loss_and_accuracy(model: torch.nn.Module, batches: List[Batch], kind: Optional[str] = None) -> Tuple[float, float]:
-    """Token-weighted mean target cross-entropy (nats) and token accuracy over all batches."""
+    """Token-weighted mean target cross-entropy and token accuracy over all batches.
+
+    Args:
+        model: the model, in eval mode.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        kind: objective kind; inferred from the model when None.
+
+    Returns:
+        (loss in nats per target token, accuracy in [0, 1]).
+    """
     kind = kind or model_kind(model)
     totals = 0.0
     with torch.inference_mode():
@@ -150,10 +159,19 @@ def evaluate_points(model: torch.nn.Module, directions: List[Batch], batches: Li
                     stream: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy at each coefficient tuple in ``points``; weights restored afterwards.
 
-    directions: list of 1 or 2 {name: tensor}; points: list of (x,) or (x, y) tuples.
-    points_per_pass > 1 evaluates that many points per vmapped pass (torch.func; for GPUs).
-    on_result(i, loss, acc) is called as each point finishes.  stream: directions stay in host
-    memory (``InPlacePerturbation``).  Returns two float64 arrays (P,).
+    Args:
+        model: the model, in eval mode.
+        directions: list of 1 or 2 {name: tensor}.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        points: list of P (x,) or (x, y) coefficient tuples.
+        kind: objective kind; inferred from the model when None.
+        points_per_pass: > 1 evaluates that many points per vmapped pass (torch.func; for GPUs).
+        progress: a tqdm bar over points.
+        on_result: called as ``on_result(i, loss, acc)`` as each point finishes.
+        stream: directions stay in host memory (``InPlacePerturbation``).
+
+    Returns:
+        (loss, accuracy): two float64 arrays (P,); loss in nats per target token.
     """
     losses = np.full(len(points), np.nan)
     accs = np.full(len(points), np.nan)
@@ -174,11 +192,25 @@ def evaluate(model: torch.nn.Module, directions: List[Batch], batches: List[Batc
              progress: bool = False, return_accuracy: bool = False, stream: bool = False):
     """Loss surface of ``model`` along ``directions`` on a grid; the weights are unchanged after.
 
-    directions: [dx] with ys=None (1D) or [dx, dy] (2D); batches: list of batch dicts on the
-    model's device (with labels).  The directions are held in the model's dtype on its device
-    (float32 for float32 models), or with ``stream`` in float32 in host memory.  Returns numpy
-    float64 (len(xs),) or (len(ys), len(xs)) with Z[iy, ix] = token-weighted mean cross-entropy at
-    base + xs[ix]·dx + ys[iy]·dy; with return_accuracy, (Z, accuracy) of the same shape.
+    The directions are held in the model's dtype on its device (float32 for float32 models), or
+    with ``stream`` in float32 in host memory.
+
+    Args:
+        model: the model, in eval mode.
+        directions: [dx] with ys=None (1D) or [dx, dy] (2D), each {name: tensor}.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        xs: coefficients along dx.
+        ys: coefficients along dy (None: a 1D surface).
+        kind: objective kind; inferred from the model when None.
+        points_per_pass: points per vmapped pass (see ``evaluate_points``).
+        progress: a tqdm bar over points.
+        return_accuracy: also return the token accuracy.
+        stream: keep the directions in host memory.
+
+    Returns:
+        Numpy float64 Z of shape (len(xs),) or (len(ys), len(xs)), Z[iy, ix] = token-weighted mean
+        cross-entropy (nats per target token) at base + xs[ix]·dx + ys[iy]·dy; with
+        return_accuracy, (Z, accuracy) of the same shape.
     """
     if (ys is None) != (len(directions) == 1):
         raise UsageError("give one direction with xs only, or two directions with xs and ys")
