@@ -56,7 +56,19 @@ def subset_mask(model: torch.nn.Module, fisher: Optional[dict] = None, subset: s
     ``ignore='none'``, the elements of tensors with more than one dimension (no biases, no
     LayerNorm) with ``ignore='biasbn'``.  ``subset`` 'top:K' / 'bottom:K' / 'random:K' keeps K% of
     them by ``fisher`` score (``directions.fisher_mask``, seeded by ``seed`` for random); 'all'
-    keeps every one and needs no Fisher scores.  Returns None when that is every trainable element.
+    keeps every one and needs no Fisher scores.
+
+    Args:
+        model: the model.
+        fisher: {param name: scores shaped like the param}, or None for subset 'all'.
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all'.
+        seed: seeds a random subset.
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
+        granularity: 'global' | 'tensor' (see ``fisher_mask``).
+
+    Returns:
+        {param name: bool tensor shaped like the param}, or None when the mask keeps every
+        trainable element.
     """
     from ..fisher.file import check_fisher_matches
     from ..surface.directions import IGNORES, fisher_mask, parse_mask_spec, perturbable_names
@@ -92,6 +104,15 @@ def save_eigenvectors(path, vectors: list, values, settings: Optional[dict] = No
     ``ydirection`` = eigenvector 2, each of unit norm over all elements (a step x = 1 moves the
     weights by 1 in Euclidean norm; near 0 the loss along it is L0 + g·x + λ·x²/2).  Attributes:
     ``kind='hessian'``, ``eigenvalues``, ``norm='unit'``, and ``settings`` (mask, sample, ...).
+
+    Args:
+        path: the direction file (.h5) to write.
+        vectors: 1 or 2 eigenvectors, each {param name: float32 tensor shaped like the param}.
+        values: their eigenvalues (nats/token per unit²).
+        settings: further attributes to store.
+
+    Returns:
+        The file's content fingerprint.
     """
     from ..surface.directions import save_directions
 

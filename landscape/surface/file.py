@@ -266,9 +266,17 @@ def _parse_record(line: bytes):
 def read_journal(path, identity, loss, acc):
     """Apply a journal's intact records to the flat loss/acc arrays.
 
-    Returns (whether it has this run's header, byte offset where intact records end).  Reading
-    stops at the first torn or corrupted record: everything after it is cut off by the writer, so a
-    record appended later can never be glued onto a torn one.
+    Reading stops at the first torn or corrupted record: everything after it is cut off by the
+    writer, so a record appended later can never be glued onto a torn one.
+
+    Args:
+        path: the surface file (its journal is ``journal_path(path)``).
+        identity: this run's ``surface_identity``; records under another header are not applied.
+        loss: the flat (P,) float64 loss array, filled in place.
+        acc: the flat (P,) float64 accuracy array, filled in place.
+
+    Returns:
+        (whether it has this run's header, byte offset where intact records end).
     """
     data = journal_path(path).read_bytes()
     header, newline, rest = data.partition(b"\n")
@@ -295,7 +303,19 @@ def read_journal(path, identity, loss, acc):
 
 # ----------------------------------------------------------------------------- writing
 def write_surface(path, xs, ys, loss, acc, attrs):
-    """Write a surface file atomically (contract layout, with ``checksums``); attrs: scalars and strings."""
+    """Write a surface file atomically (contract layout, with ``checksums``).
+
+    Args:
+        path: the surface file (.h5).
+        xs: (nx,) coefficients along x.
+        ys: (ny,) coefficients along y, or None for 1D.
+        loss: (nx,) or (ny, nx) float64 losses (nats per target token), NaN where not computed.
+        acc: token accuracies, same shape, in [0, 1].
+        attrs: file attributes: scalars and strings.
+
+    Raises:
+        UsageError: the file cannot be written (its one-line reason).
+    """
     data = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": loss, "train_acc": acc}
     data = {name: np.asarray(values, dtype=np.float64) for name, values in data.items() if values is not None}
     with atomic_output(path) as tmp:
