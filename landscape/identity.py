@@ -213,8 +213,17 @@ def source_fingerprint(spec) -> Optional[str]:
 def parameters_fingerprint(model: torch.nn.Module) -> str:
     """The same hash over a model's parameters and buffers (for a model that exists only in memory).
 
-    It depends on the dtype the parameters are held in; a sharded (FSDP2) model is refused: its
-    ranks hold different parts, so identify it by its checkpoint folder instead.
+    It depends on the dtype the parameters are held in.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The fingerprint (a hex string).
+
+    Raises:
+        UsageError: a sharded (FSDP2) model: its ranks hold different parts, so identify it by its
+            checkpoint folder instead.
     """
     from .sharding import is_sharded
 
@@ -250,6 +259,12 @@ def sample_fingerprint(batches) -> str:
 
     Each sample is hashed without its padding, so the same samples batched differently (another
     batch size) give the same fingerprint: batch size is not a setting of a surface.
+
+    Args:
+        batches: list of batch dicts of (B, T) tensors with ``labels``.
+
+    Returns:
+        The fingerprint (a hex string).
     """
     digest = hashlib.sha1()
     for batch in batches:
@@ -328,6 +343,16 @@ def check_file_model(path, what: str, recorded: Optional[str], fingerprint: str,
 
     Files written before fingerprints were recorded (``recorded`` empty) pass: their readers keep
     checking parameter names and shapes only.
+
+    Args:
+        path: the file, named in the message.
+        what: what the file is ("Fisher file", "schedule"), named in the message.
+        recorded: the model fingerprint the file records (None or empty: none).
+        fingerprint: the fingerprint of the model it is used with.
+        model_spec: how the user named that model, for the message.
+
+    Raises:
+        UsageError: the fingerprints differ.
     """
     if recorded in (None, "") or str(recorded) == str(fingerprint):
         return

@@ -305,9 +305,18 @@ def check_finite_weights(model: torch.nn.Module, source: str) -> None:
 def check_tensors_match(tensors, model, what: str, trainable_only: bool = False, allow_extra: bool = False) -> None:
     """UsageError unless ``tensors`` has one tensor per parameter of ``model``, with its shape.
 
-    The one check behind Fisher files, direction files and masks.  what: how to call the tensors in
-    the message ("the Fisher file", "direction file 'D.h5' (xdirection)"); trainable_only: only
-    parameters with requires_grad are expected; allow_extra: names the model lacks are ignored.
+    The one check behind Fisher files, direction files and masks.
+
+    Args:
+        tensors: {param name: tensor}.
+        model: the model they must fit.
+        what: how to call the tensors in the message ("the Fisher file", "direction file 'D.h5'
+            (xdirection)").
+        trainable_only: only parameters with requires_grad are expected.
+        allow_extra: names the model lacks are ignored.
+
+    Raises:
+        UsageError: a missing or extra name, or a shape that differs, named in the message.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
     missing = next((n for n in params if n not in tensors), None)
