@@ -107,10 +107,20 @@ def _special_frame(tokenizer):
 def sample_framing(tokenizer, bos: str = "auto"):
     """(prefix, suffix) token ids around every sample: the tokenizer's own framing of one text.
 
-    bos: 'auto' keeps the tokenizer's framing (BOS first for Llama-3/Gemma-style tokenizers,
-    nothing for GPT-2-style ones, [CLS] … [SEP] for BERT); 'yes' makes BOS the first token;
-    'no' drops a leading BOS.  A model measured without the BOS it always saw in pretraining is
-    measured far from where it lives.
+    A model measured without the BOS it always saw in pretraining is measured far from where it
+    lives.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        bos: 'auto' keeps the tokenizer's framing (BOS first for Llama-3/Gemma-style tokenizers,
+            nothing for GPT-2-style ones, [CLS] … [SEP] for BERT); 'yes' makes BOS the first token;
+            'no' drops a leading BOS.
+
+    Returns:
+        (prefix, suffix): lists of token ids.
+
+    Raises:
+        UsageError: an unknown ``bos``, or 'yes' for a tokenizer without a BOS token.
     """
     if bos not in BOS_CHOICES:
         raise UsageError(f"unknown BOS setting '{bos}'; use auto, yes or no")

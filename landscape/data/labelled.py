@@ -154,13 +154,27 @@ def _read_hf(spec):
 
 
 def load_labelled(spec=None, text_column="text", label_column="label", pair_column=None, task="auto"):
-    """Read a labelled dataset: (train LabelledData, test LabelledData or None).
+    """Read a labelled dataset.
 
-    spec: CSV, TSV or JSONL file; a Hugging Face dataset name (``name`` or ``name:config``) or
-    ``save_to_disk`` folder (needs ``datasets``); None = the embedded movie-snippet sentiment set.
     Files have one split (test is None: use ``split_train_test``); a dataset's own test (or, for
-    GLUE's hidden test labels, validation) split is returned as test.  task: "auto" picks
-    regression for non-integer labels.
+    GLUE's hidden test labels, validation) split is returned as test.
+
+    Args:
+        spec: CSV, TSV or JSONL file; a Hugging Face dataset name (``name`` or ``name:config``) or
+            ``save_to_disk`` folder (needs ``datasets``); None = the embedded movie-snippet
+            sentiment set.
+        text_column: the column of texts.
+        label_column: the column of labels.
+        pair_column: the column of second texts of a sentence-pair task, or None.
+        task: "classification", "regression", or "auto", which picks regression for non-integer
+            labels.
+
+    Returns:
+        (train LabelledData, test LabelledData or None).
+
+    Raises:
+        UsageError: an unreadable dataset or missing column.
+        DamagedFile: a label that reads as NaN or an infinity.
     """
     if spec is None:
         from .embedded_text import embedded_text
@@ -202,8 +216,15 @@ def split_train_test(data: LabelledData, test_fraction: float = 0.2, seed: int =
 def subsample(data: LabelledData, fraction: float = 1.0, seed: int = 0, cap: Optional[int] = None):
     """Rows of a seeded sub-sample (``sampling.seeded_prefix``; at least 2 rows).
 
-    cap: use at most this many rows at fraction 1 (the permutation's first ``cap``), so fractions stay
-    fractions of the capped set.
+    Args:
+        data: the labelled data.
+        fraction: the fraction of rows to keep, in (0, 1].
+        seed: seeds the permutation.
+        cap: use at most this many rows at fraction 1 (the permutation's first ``cap``), so
+            fractions stay fractions of the capped set.
+
+    Returns:
+        The sub-sample, a ``LabelledData``.
     """
     return data.select(seeded_prefix(len(data), fraction, seed, minimum=2, cap=cap))
 

@@ -256,9 +256,16 @@ def _classification_losses(model, batch):
 def sequence_losses(model, batch, kind=None) -> SequenceLosses:
     """Per-sample target-token cross-entropy sums of ``model`` on ``batch``.
 
-    batch: dict of (B, T) tensors on the model's device with ``labels`` (-100 = ignored).
-    kind: 'mlm' | 'causal' | 'seq2seq' | 'classification'; inferred from the model when None.
     The token-weighted mean loss of a set of batches is sum(loss_sum) / sum(n_tokens).
+
+    Args:
+        model: the model.
+        batch: dict of (B, T) tensors on the model's device with ``labels`` (-100 = ignored).
+        kind: 'mlm' | 'causal' | 'seq2seq' | 'classification'; inferred from the model when None.
+
+    Returns:
+        ``SequenceLosses`` of (B,) tensors: summed cross-entropy (nats), target tokens, correct
+        predictions.
     """
     kind = kind or model_kind(model)
     losses = {"mlm": _mlm_losses, "causal": _causal_losses, "seq2seq": _seq2seq_losses,

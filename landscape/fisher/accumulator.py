@@ -101,8 +101,13 @@ class FisherAccumulator:
     Fisher of nested sub-samples in one pass (``nested_fisher``).  ``add_batch`` does one batched
     forward and backward.  Sums are float32, on the parameters' device; for a sharded model, of
     this rank's rows only: ``sums[name]`` is (S, stop - start, *shape[1:]) for ``rows[name]``.
-    max_chunk_mb: budget for per-sample gradients at a time (None: ``default_chunk_mb``).  A batch
-    whose activations would exceed ``default_pass_mb`` runs in slices of samples.
+    A batch whose activations would exceed ``default_pass_mb`` runs in slices of samples.
+
+    Args:
+        model: the model; every parameter with requires_grad is accumulated.
+        n_groups: the number S of sample groups.
+        kind: objective kind; inferred from the model when None.
+        max_chunk_mb: budget for per-sample gradients at a time, in MB (None: ``default_chunk_mb``).
     """
 
     def __init__(self, model, n_groups=1, kind=None, max_chunk_mb=None):

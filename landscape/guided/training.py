@@ -70,10 +70,15 @@ def check_regularizers(names, guided: "Optional[sched.Schedule]" = None) -> list
 def run_schedule(name, guided, seed=0) -> "Optional[sched.Schedule]":
     """The dropout schedule regularizer ``name`` trains with for restart ``seed``; None if it has none.
 
-    guided: the guided schedule itself; dropout-matched: ``schedule.matched_uniform(guided)`` (every
-    site of the schedule at its mean p); guided-shuffled: ``schedule.shuffled(guided, seed)`` (its
-    probabilities permuted over its sites; the permutation seed is the restart seed, so every restart
-    gets a new permutation).
+    For 'guided': the guided schedule itself; dropout-matched: ``schedule.matched_uniform(guided)``
+    (every site of the schedule at its mean p); guided-shuffled: ``schedule.shuffled(guided, seed)``
+    (its probabilities permuted over its sites; the permutation seed is the restart seed, so every
+    restart gets a new permutation).
+
+    Args:
+        name: the regularizer.
+        guided: the guided schedule.
+        seed: the restart seed.
     """
     if name not in SCHEDULE_REGULARIZERS:
         return None
@@ -262,10 +267,20 @@ def finetune_once(model_spec, train_data, test_data, regularizer, seed=0, config
                   save_dir=None, progress=None):
     """One fine-tuning run; returns {metric: value} on ``test_data`` (and saves the model if asked).
 
-    guided: the guided schedule, for the regularizers built from it (``SCHEDULE_REGULARIZERS``).
+    Args:
+        model_spec: the pretrained model (hub id or folder) to fine-tune.
+        train_data: the training ``LabelledData``.
+        test_data: the test ``LabelledData``.
+        regularizer: a key of ``REGULARIZERS``.
+        seed: the restart seed (seeds the run's random choices).
+        config: a ``FinetuneConfig`` (None: the defaults).
+        guided: the guided schedule, for the regularizers built from it (``SCHEDULE_REGULARIZERS``).
+        save_dir: write a ``from_pretrained`` folder (model + tokenizer) there; it loads with
+            ``AutoModelForSequenceClassification.from_pretrained``.
+        progress: a tqdm bar to advance by training steps, or None.
 
-    save_dir: write a ``from_pretrained`` folder (model + tokenizer) there; it loads with
-    ``AutoModelForSequenceClassification.from_pretrained``.
+    Returns:
+        {metric: value} on ``test_data``.
     """
     config = config or FinetuneConfig()
     torch.manual_seed(seed)  # the head's initialisation and the dropout masks follow the restart seed
