@@ -307,7 +307,14 @@ class HessianOperator:
         return self.space.from_dict(direction)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H·v. v: (dim,) float (any device); returns (dim,) float32 on the model's device."""
+        """The Hessian-vector product H·v.
+
+        Args:
+            v: (dim,) float vector over the operator's coordinates, on any device.
+
+        Returns:
+            (dim,) float32 on the model's device, in nats/token per unit² times v's units.
+        """
         v = v.detach().to(device=self.device, dtype=torch.float32).reshape(-1)
         if v.numel() != self.dim:
             raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.dim}")

@@ -211,10 +211,31 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
     Restart seeds are ``first_seed .. first_seed + restarts - 1``; all regularizers see the same
     sub-samples, so runs pair by (fraction, seed).
 
-    runs_path: the per-run CSV, used as the journal: runs already in it (same regularizer, fraction
-        and seed, same settings) are not redone, and each new run is appended as soon as it ends.
-        A journal with other settings raises ``SettingsMismatch`` unless ``overwrite`` (start afresh).
-    log: a function taking one line of text (e.g. ``print``) for what the resume found; None: quiet.
+    Args:
+        model_spec: the pretrained model (hub id or folder) to fine-tune.
+        train_data: the training ``LabelledData``, sub-sampled per (fraction, seed).
+        test_data: the test ``LabelledData``.
+        regularizers: keys of ``REGULARIZERS``.
+        fractions: training fractions in (0, 1].
+        restarts: restart seeds per (regularizer, fraction).
+        config: a ``FinetuneConfig`` (None: the defaults).
+        guided: the guided schedule, for the regularizers built from it.
+        save_models: a folder to save each run's model in (``model_folder``), or None.
+        first_seed: the first restart seed.
+        cap: use at most this many training rows at fraction 1 (see ``subsample``).
+        show_progress: a tqdm bar over training steps.
+        runs_path: the per-run CSV, used as the journal: runs already in it (same regularizer,
+            fraction and seed, same settings) are not redone, and each new run is appended as soon
+            as it ends.
+        overwrite: start a journal with other settings afresh instead of refusing it.
+        log: a function taking one line of text (e.g. ``print``) for what the resume found; None:
+            quiet.
+
+    Returns:
+        One dict per run, in plan order.
+
+    Raises:
+        SettingsMismatch: a journal with other settings, without ``overwrite``.
     """
     config = config or FinetuneConfig()
     check_regularizers(regularizers, guided)

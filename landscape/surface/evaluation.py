@@ -24,9 +24,17 @@ Batch = Dict[str, torch.Tensor]  # a batch dict, or a direction {param name: ten
 
 # ----------------------------------------------------------------------------- grids
 def parse_range(text: str, name: str = "x") -> np.ndarray:
-    """'MIN:MAX:NUM' -> float64 array of NUM evenly spaced values from MIN to MAX (inclusive).
+    """Parse 'MIN:MAX:NUM' into a float64 array of NUM evenly spaced values from MIN to MAX (inclusive).
 
-    name: what the range is for, in messages ('x', 'y').
+    Args:
+        text: the range, 'MIN:MAX:NUM'.
+        name: what the range is for, in messages ('x', 'y').
+
+    Returns:
+        A (NUM,) float64 array.
+
+    Raises:
+        UsageError: a malformed range, or one out of its domain (``checks.grid_range``).
     """
     low, high, num = checks.grid_range(text, f"the {name} range")
     return np.linspace(low, high, num)
@@ -125,9 +133,20 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
 
     Under torch.distributed each point group (a rank, or the K ranks of a sharded model) evaluates
     its share of every round and all ranks see every result; every rank runs the same number of
-    rounds, so the collective gathers always pair up.  on_results([(index, loss, acc), ...]) is
-    called after each round.  stream: keep the directions in host memory (``InPlacePerturbation``).
-    The weights are restored afterwards, also on error or Ctrl-C.
+    rounds, so the collective gathers always pair up.  The weights are restored afterwards, also on
+    error or Ctrl-C.
+
+    Args:
+        model: the model, in eval mode.
+        directions: list of 1 or 2 {name: tensor}.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        points: list of (x,) or (x, y) coefficient tuples.
+        todo: indices into ``points`` to evaluate.
+        points_per_pass: points per vmapped pass (see ``evaluate_points``).
+        progress: a tqdm bar over points.
+        on_results: called as ``on_results([(index, loss, acc), ...])`` after each round.
+        kind: objective kind; inferred from the model when None.
+        stream: keep the directions in host memory (``InPlacePerturbation``).
     """
     _check_directions(model, directions)
     kind = kind or model_kind(model)

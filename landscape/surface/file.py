@@ -442,9 +442,15 @@ class SurfaceFile:
         return np.flatnonzero(np.isnan(self.loss.reshape(-1))).tolist()
 
     def record(self, results):
-        """results: (flat index, loss, acc) triples; journaled at once, HDF5 rewritten by time.
+        """Record finished points: journaled at once, the HDF5 file rewritten every ``flush_seconds``.
 
         A loss that is not finite (the model diverged there) is stored as +inf: computed, never NaN.
+
+        Args:
+            results: (flat index, loss, acc) triples.
+
+        Raises:
+            UsageError: the journal or the file cannot be written (the points are kept).
         """
         results = [(i, _diverged_as_inf(loss), acc) for i, loss, acc in results]
         data = b"".join(_record(*result) for result in results)
