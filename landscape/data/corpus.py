@@ -87,6 +87,14 @@ def subsample_documents(docs: List[str], fraction: Optional[float] = None, seed:
 
     Nested: for the same seed, a smaller fraction is always a subset of a larger one.
     Always keeps at least one document.
+
+    Args:
+        docs: the documents.
+        fraction: the fraction to keep, in (0, 1] (None: all, in seeded order).
+        seed: seeds the permutation.
+
+    Returns:
+        The kept documents, in the permutation's order.
     """
     return [docs[i] for i in seeded_prefix(len(docs), fraction, seed)]
 
@@ -150,8 +158,17 @@ def pack_documents(docs: List[str], tokenizer, seq_len: int, separator: Optional
                    show_progress: bool = False) -> List[List[int]]:
     """Tokenize documents and cut the concatenated stream into chunks of ``seq_len`` content tokens.
 
-    Documents are joined with ``separator`` (a token id, or nothing).  The last chunk keeps what is
-    left (it is shorter, not dropped).  Returns a list of lists of token ids.
+    The last chunk keeps what is left (it is shorter, not dropped).
+
+    Args:
+        docs: the documents.
+        tokenizer: the model's tokenizer.
+        seq_len: content tokens per chunk.
+        separator: the token id documents are joined with, or None for nothing.
+        show_progress: a tqdm bar over documents.
+
+    Returns:
+        A list of lists of token ids.
     """
     stream = []
     # Documents are longer than the model's positions on purpose (they are cut below): no warning.
@@ -243,7 +260,20 @@ def check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
 
 def batches(samples: List[Dict[str, torch.Tensor]], batch_size: int, pad_id: int,
             device="cpu") -> List[Dict[str, torch.Tensor]]:
-    """Collate samples into a list of batch dicts on ``device``; the last batch may be smaller."""
+    """Collate samples into a list of batch dicts on ``device``; the last batch may be smaller.
+
+    Args:
+        samples: sample dicts of 1-D tensors (``make_samples``).
+        batch_size: samples per batch (>= 1).
+        pad_id: the token id that pads shorter samples (labels are padded with -100).
+        device: where the batches go.
+
+    Returns:
+        A list of batch dicts of (B, T) tensors.
+
+    Raises:
+        UsageError: ``batch_size`` below 1.
+    """
     if batch_size < 1:
         raise UsageError(f"batch-size must be at least 1, got {batch_size}")
     out = []

@@ -47,7 +47,17 @@ def _top_mask(vector, percent):
 
 
 def spearman(a, b, max_elements=SPEARMAN_MAX_ELEMENTS, seed=0):
-    """Spearman rank correlation of two equal-length vectors (average ranks for ties)."""
+    """Spearman rank correlation of two equal-length vectors (average ranks for ties).
+
+    Args:
+        a: the first vector, any 1-D array-like.
+        b: the second, of the same length.
+        max_elements: longer vectors are compared on this many seeded random positions.
+        seed: seeds those positions.
+
+    Returns:
+        The correlation in [-1, 1], a float; NaN when either vector is constant.
+    """
     from scipy.stats import rankdata
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -62,7 +72,19 @@ def spearman(a, b, max_elements=SPEARMAN_MAX_ELEMENTS, seed=0):
 
 
 def compare(fisher, reference, top=DEFAULT_TOP):
-    """Agreement of one Fisher estimate with the reference: {metric: value} (see module doc)."""
+    """Agreement of one Fisher estimate with the reference (metrics: see the module docstring).
+
+    Args:
+        fisher: {param name: tensor}, the estimate.
+        reference: {param name: tensor}, the reference, over the same parameters.
+        top: percentages of the top-Fisher overlap and Jaccard metrics.
+
+    Returns:
+        {metric: value}: topK_overlap, topK_jaccard per K, spearman, rel_l1.
+
+    Raises:
+        UsageError: the two are over different parameters.
+    """
     names = sorted(reference)
     if set(fisher) != set(reference):
         raise UsageError("the two Fisher estimates are over different parameters")

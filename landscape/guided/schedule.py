@@ -75,6 +75,14 @@ def linear_probabilities(n_sites, p_upper=0.1, p_lower=0.0):
     """Paper eq. 9-10: p_r = p_upper - r * (p_upper - p_lower) / (n - 1) for rank r = 0..n-1.
 
     Rank 0 (lowest Fisher score) gets p_upper, rank n-1 gets p_lower; one site alone gets p_upper.
+
+    Args:
+        n_sites: the number n of sites.
+        p_upper: the probability of rank 0.
+        p_lower: the probability of rank n-1.
+
+    Returns:
+        A list of n probabilities, by rank.
     """
     if n_sites == 1:
         return [p_upper]
@@ -86,6 +94,15 @@ def power_probabilities(n_sites, p_upper=0.1, p_lower=0.0, gamma=2.0):
     """p_r = p_upper - (p_upper - p_lower) * (r / (n - 1)) ** gamma; gamma = 1 is the linear shape.
 
     gamma > 1 keeps most sites near p_upper and drops only the most informative ones towards p_lower.
+
+    Args:
+        n_sites: the number n of sites.
+        p_upper: the probability of rank 0.
+        p_lower: the probability of rank n-1.
+        gamma: the exponent.
+
+    Returns:
+        A list of n probabilities, by rank.
     """
     if n_sites == 1:
         return [p_upper]

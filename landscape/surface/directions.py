@@ -133,6 +133,18 @@ def direction_tensor(name: str, param: torch.nn.Parameter, owner: torch.nn.Modul
 
     A sharded parameter is gathered for it (a collective: every rank of its group calls this in
     the same order).
+
+    Args:
+        name: the parameter's name.
+        param: the parameter.
+        owner: the module that holds it (its type decides the filter axis).
+        seed: seeds the direction.
+        index: which direction of a set (0 = x, 1 = y).
+        norm: 'filter' | 'layer' | 'none' (see ``random_direction``).
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
+
+    Returns:
+        A float32 CPU tensor shaped like the whole parameter.
     """
     weight = full_tensor(param).detach().to("cpu", torch.float32)
     if weight.dim() <= 1:

@@ -208,7 +208,19 @@ def _refuse(path, old, new):
 
 
 def surface_identity(directions_attrs, batches, model, xs, ys, settings=None):
-    """Everything that changes the numbers of a surface; a resumed file must match it exactly."""
+    """Everything that changes the numbers of a surface; a resumed file must match it exactly.
+
+    Args:
+        directions_attrs: the direction file's attributes (its fingerprint and settings).
+        batches: the evaluation sample: list of batch dicts with ``labels``.
+        model: the model.
+        xs: coefficients along x.
+        ys: coefficients along y, or None for 1D.
+        settings: extra settings that identify the run.
+
+    Returns:
+        A JSON-ready dict.
+    """
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     identity = {
