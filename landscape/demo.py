@@ -199,8 +199,16 @@ def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=Fa
     """Run every stage into ``out_dir``; returns {name: path} of the main results.
 
     Files of a finished stage are kept (rerunning continues an interrupted demo); a file there that
-    the demo did not write is refused (``OutputRefused``) unless ``overwrite``, which recomputes
-    every stage.
+    the demo did not write is refused unless ``overwrite``, which recomputes every stage.
+
+    Args:
+        out_dir: the demo's output folder.
+        settings: a ``DemoSettings`` (None: the defaults).
+        device: where the model runs (e.g. 'cpu', 'cuda').
+        overwrite: recompute every stage and replace what is there.
+
+    Raises:
+        OutputRefused: a file there that the demo did not write, without ``overwrite``.
     """
     cfg = settings or DemoSettings()
     torch.manual_seed(cfg.seed)

@@ -113,6 +113,17 @@ def check_output_path(path, what: str = "output", suffixes: Optional[Sequence[st
     Checks that ``path`` is not a folder, that its suffix is one of ``suffixes`` (lower case, with
     the dot) when given, and that its folder exists or can be made and is writable (by creating and
     removing a small file there, so a read-only file system is found even for root).
+
+    Args:
+        path: the output.
+        what: what it is, named in messages.
+        suffixes: the allowed suffixes, or None for any.
+
+    Returns:
+        The path, as a ``Path``.
+
+    Raises:
+        UsageError: any of those checks fails.
     """
     path = Path(path)
     if suffixes is not None and path.suffix.lower() not in suffixes:
@@ -135,7 +146,16 @@ def check_output_path(path, what: str = "output", suffixes: Optional[Sequence[st
 
 
 def write_csv(rows: Sequence[dict], path, columns: Optional[Iterable[str]] = None) -> Path:
-    """Write dict rows as CSV atomically; columns default to every key, in first-seen order."""
+    """Write dict rows as CSV atomically.
+
+    Args:
+        rows: the rows, dicts.
+        path: the CSV file.
+        columns: the columns, in order (None: every key, in first-seen order).
+
+    Returns:
+        The path, as a ``Path``.
+    """
     if not rows:
         raise UsageError(f"nothing to write to '{path}': no rows")
     if columns is None:

@@ -203,7 +203,16 @@ def load_labelled(spec=None, text_column="text", label_column="label", pair_colu
 
 
 def split_train_test(data: LabelledData, test_fraction: float = 0.2, seed: int = 0):
-    """Fixed seeded split of one table into (train, test); the same seed always gives the same split."""
+    """Fixed seeded split of one table into (train, test); the same seed always gives the same split.
+
+    Args:
+        data: the labelled data.
+        test_fraction: the share of rows in the test split, in (0, 1).
+        seed: seeds the split.
+
+    Returns:
+        (train, test), two ``LabelledData``.
+    """
     if not 0.0 < test_fraction < 1.0:
         raise UsageError(f"the test fraction must be in (0, 1), got {test_fraction}")
     order = seeded_order(len(data), seed)
@@ -230,7 +239,16 @@ def subsample(data: LabelledData, fraction: float = 1.0, seed: int = 0, cap: Opt
 
 
 def encode(tokenizer, data, seq_len):
-    """Tokenize every row once: a list of {input_ids, attention_mask[, token_type_ids]} lists."""
+    """Tokenize every row once, truncated to ``seq_len`` tokens.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        data: the ``LabelledData`` (texts, and second texts of pairs).
+        seq_len: the most tokens per row.
+
+    Returns:
+        One {input_ids, attention_mask[, token_type_ids]} dict of int lists per row.
+    """
     enc = tokenizer(data.texts, data.pairs, truncation=True, max_length=seq_len)
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
     return [{k: enc[k][i] for k in keys} for i in range(len(data))]
@@ -238,7 +256,19 @@ def encode(tokenizer, data, seq_len):
 
 def labelled_batch(encoded: List[dict], labels: list, indices: List[int], pad_id: int, task: str,
                    device) -> dict:
-    """The rows ``indices`` padded to their longest: a batch dict with ``labels`` (B,)."""
+    """The rows ``indices`` padded to their longest, as a batch.
+
+    Args:
+        encoded: the rows, as ``encode`` returns them.
+        labels: one label per row: class ids, or numbers for regression.
+        indices: the B rows of the batch.
+        pad_id: the token id that pads shorter rows.
+        task: 'classification' (int64 labels) or 'regression' (float32 labels).
+        device: where the batch goes.
+
+    Returns:
+        A batch dict of (B, T) tensors, with ``labels`` (B,).
+    """
     dtype = torch.float32 if task == "regression" else torch.long
     samples = [{**{k: torch.tensor(v, dtype=torch.long) for k, v in encoded[i].items()},
                 "labels": torch.tensor(labels[i], dtype=dtype)} for i in indices]

@@ -92,6 +92,16 @@ def span_corruption_sample(token_ids, tokenizer, seed=0, noise_density=0.15, mea
     About ``noise_density`` of the tokens, in spans of mean length ``mean_span``, are replaced in the
     input by sentinels <extra_id_i>; the target lists each sentinel followed by the span it hides,
     then EOS.
+
+    Args:
+        token_ids: the sequence's token ids (no special tokens).
+        tokenizer: a T5-style tokenizer with sentinel tokens.
+        seed: seeds the spans.
+        noise_density: the fraction of tokens hidden.
+        mean_span: the mean span length, in tokens.
+
+    Returns:
+        A sample dict of 1-D tensors: ``input_ids``, ``attention_mask`` and ``labels``.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     length = len(ids)

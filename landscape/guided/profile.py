@@ -177,6 +177,12 @@ def write_profile(fisher, model, out_dir, title=""):
 
     parameters.png / parameter_quantiles.csv (sorted element-wise Fisher), sites.png / sites.csv
     (site scores, normalized to the highest), tensors.csv, blocks.png / blocks.csv.
+
+    Args:
+        fisher: {param name: tensor shaped like the param}, the Fisher scores.
+        model: the model they were computed on (its dropout sites and blocks).
+        out_dir: the profile folder.
+        title: a prefix of the figures' titles.
     """
     check_fisher_matches(fisher, model)
     out = Path(out_dir)

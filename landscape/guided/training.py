@@ -128,7 +128,13 @@ _CONFIG_DOMAINS = {"lr": checks.POSITIVE, "weight_decay": checks.NON_NEGATIVE, "
 # ---------------------------------------------------------------- model and batches
 
 def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
-    """(model, tokenizer) with a fresh sequence-classification/regression head, on ``device``."""
+    """(model, tokenizer) with a fresh sequence-classification/regression head, on ``device``.
+
+    Args:
+        spec: the pretrained model (hub id or folder), or None for the embedded one.
+        data: the ``LabelledData`` whose task and labels size the head.
+        device: where the model goes.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = str(EMBEDDED_MODEL_DIR) if spec is None else str(spec)
@@ -169,6 +175,17 @@ def prepare_regularizer(model, name, config, guided=None, *, seed=0, train_batch
     run's training data, labelled batches) and from then on trains only the
     ``config.childtuning_reserve`` share of the body with the highest Fisher, plus the head.
     ``undo_regularizer`` makes the model plain again.
+
+    Args:
+        model: the classifier to fine-tune.
+        name: a key of ``REGULARIZERS``.
+        config: the ``FinetuneConfig``.
+        guided: the guided schedule, for the regularizers built from it.
+        seed: the restart seed.
+        train_batches: the run's labelled training batches (for "childtuning").
+
+    Returns:
+        The loss function, called as ``loss_fn(model, batch)``.
     """
     check_regularizers([name], guided)
     sched.apply(model, sched.uniform(model, 0.0 if name == "none" else config.dropout))
@@ -219,7 +236,20 @@ def _linear_warmup_decay(optimizer, total_steps, warmup_fraction):
 
 
 def train(model, loss_fn, encoded, data, config, seed, progress=None):
-    """AdamW with warm-up then linear decay for ``config.epochs`` epochs; returns the last loss."""
+    """AdamW with warm-up then linear decay for ``config.epochs`` epochs.
+
+    Args:
+        model: the model, set up by ``prepare_regularizer``.
+        loss_fn: the loss function ``prepare_regularizer`` returned.
+        encoded: the training rows, as ``labelled.encode`` returns them.
+        data: the training ``LabelledData`` (labels, task).
+        config: the ``FinetuneConfig``.
+        seed: seeds the batch order.
+        progress: a tqdm bar to advance by steps, or None.
+
+    Returns:
+        The last training loss, a float.
+    """
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
                                   weight_decay=config.weight_decay)
@@ -249,7 +279,17 @@ def train(model, loss_fn, encoded, data, config, seed, progress=None):
 
 @torch.no_grad()
 def evaluate_classifier(model, encoded, data, batch_size=64):
-    """Task metrics of ``model`` on ``data`` (eval mode, no dropout)."""
+    """Task metrics of ``model`` on ``data`` (eval mode, no dropout).
+
+    Args:
+        model: the fine-tuned classifier.
+        encoded: the rows, as ``labelled.encode`` returns them.
+        data: the ``LabelledData`` (labels, task).
+        batch_size: rows per forward pass.
+
+    Returns:
+        {metric: float} (see ``metrics.compute_metrics``).
+    """
     model.eval()
     device = next(model.parameters()).device
     outputs = []
