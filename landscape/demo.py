@@ -50,6 +50,7 @@ class DemoRun:
 
     @property
     def paths(self):
+        """{stage output: its path under ``out``}."""
         return {"fisher": self.out / "fisher.safetensors", "stability": self.out / "stability.csv",
                 "profile": self.out / "profile", "schedule": self.out / "schedule.json",
                 "figures": self.out / "figures", "directions": self.out / "directions",
@@ -57,15 +58,27 @@ class DemoRun:
 
     @cached_property
     def scores(self):
+        """The demo's Fisher scores, {param name: tensor}, read from its Fisher file once."""
         return fisher.load_fisher(self.paths["fisher"])[0]
 
     @cached_property
     def eval_batches(self):
+        """The evaluation batches of the surfaces (seed + 1: other samples than the Fisher's)."""
         cfg = self.cfg
         return load_batches(self.loaded, max_samples=cfg.eval_samples, seq_len=cfg.seq_len,
                             batch_size=cfg.batch_size, seed=cfg.seed + 1)
 
     def direction_file(self, name, spec, dims):
+        """The direction file of one surface, written unless it exists (or ``overwrite``).
+
+        Args:
+            name: the surface's name, in the file name.
+            spec: the Fisher subset ('all', 'top:K', 'random:K', ...).
+            dims: 1 or 2 directions.
+
+        Returns:
+            Its path.
+        """
         path = self.paths["directions"] / f"{name}_{dims}d.h5"
         if not path.exists() or self.overwrite:
             directions.write_directions(path, self.loaded.model, dims=dims, seed=self.cfg.seed,
@@ -154,8 +167,11 @@ def _schedule(run: DemoRun):
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of the demo: ``done(run)`` lists the files whose existence means it is finished
-    (empty: always run; such a stage resumes by itself, like a surface file)."""
+    """One step of the demo.
+
+    ``done(run)`` lists the files whose existence means it is finished (empty: always run; such a
+    stage resumes by itself, like a surface file).
+    """
 
     title: Callable[[DemoRun], str]
     done: Callable[[DemoRun], List[Path]]
@@ -183,8 +199,16 @@ def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=Fa
     """Run every stage into ``out_dir``; returns {name: path} of the main results.
 
     Files of a finished stage are kept (rerunning continues an interrupted demo); a file there that
-    the demo did not write is refused (``OutputRefused``) unless ``overwrite``, which recomputes
-    every stage.
+    the demo did not write is refused unless ``overwrite``, which recomputes every stage.
+
+    Args:
+        out_dir: the demo's output folder.
+        settings: a ``DemoSettings`` (None: the defaults).
+        device: where the model runs (e.g. 'cpu', 'cuda').
+        overwrite: recompute every stage and replace what is there.
+
+    Raises:
+        OutputRefused: a file there that the demo did not write, without ``overwrite``.
     """
     cfg = settings or DemoSettings()
     torch.manual_seed(cfg.seed)

@@ -1,5 +1,6 @@
-"""Who may write an output: the one home of "never replace what we did not write" and "one writer
-per output".
+"""Who may write an output.
+
+The one home of "never replace what we did not write" and "one writer per output".
 
 Every stage calls ``claim_output(path, kind, ...)`` for each file (or folder) it will write, before
 any work.  A claim
@@ -51,8 +52,11 @@ _STAMPS = {}  # resolved output path -> stamp of the claim, for the figure write
 
 @dataclass
 class Held:
-    """What an existing file holds: ``kind`` (a key of WORDS, or None for a foreign file), ``words``
-    for messages, ``columns`` of a CSV table, ``stamp`` settings of a figure."""
+    """What an existing file holds.
+
+    ``kind`` (a key of WORDS, or None for a foreign file), ``words`` for messages, ``columns`` of a
+    CSV table, ``stamp`` settings of a figure.
+    """
 
     kind: Optional[str]
     words: str
@@ -68,6 +72,7 @@ class Claim:
         self.path, self._key = Path(path), lock_key
 
     def release(self):
+        """Drop the lock (once; later calls do nothing)."""
         if self._key is not None:
             _unlock(self._key)
             if self._key not in _HELD:  # the last claim of this output in this process
@@ -95,8 +100,10 @@ def claim_output(path, kind: str, overwrite: bool = False, columns: Optional[Seq
             CSV whose header does not start with them is another table.
         settings: for ``kind="figure"``: what the figure is drawn from (compared with the stamp of
             an existing figure, embedded by the figure writers).
+
     Returns:
         a Claim; the CLI releases every claim when a command ends (``release_all``).
+
     Raises:
         OutputBusy: another live process holds the output.
         OutputRefused: the output holds something else (a SettingsMismatch: ``overwrite=True``
@@ -117,8 +124,16 @@ def claim_output(path, kind: str, overwrite: bool = False, columns: Optional[Seq
 
 
 def check_saved_models(folders, overwrite=False) -> None:
-    """OutputRefused unless each of ``folders`` (where models will be saved, inside a folder the
-    caller has claimed) is missing, empty, or a saved model (``save_pretrained`` replaces it)."""
+    """Check that models may be saved into ``folders``.
+
+    Args:
+        folders: where models will be saved, inside a folder the caller has claimed.
+        overwrite: allow any existing content.
+
+    Raises:
+        OutputRefused: unless each folder is missing, empty, or a saved model (``save_pretrained``
+            replaces it).
+    """
     for folder in map(Path, folders):
         if overwrite or not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
             continue
@@ -208,8 +223,11 @@ def _remove_empty(folders):
 
 
 def _acquire(side, path):
-    """The open, flock-ed lock file.  A lock file removed by its last holder between our open and
-    our flock is not the one at ``side`` any more: then try again on the new one."""
+    """The open, flock-ed lock file.
+
+    A lock file removed by its last holder between our open and our flock is not the one at
+    ``side`` any more: then try again on the new one.
+    """
     for _ in range(100):
         handle = open(side, "a+b")
         try:
@@ -273,15 +291,28 @@ def _stamp_for(out):
 
 
 def figure_metadata(out, fmt: str) -> dict:
-    """``savefig(metadata=...)`` for a figure written to ``out`` in format ``fmt`` (png, pdf, svg):
-    the stamp of its claim, in a field that the format keeps."""
+    """The ``savefig(metadata=...)`` argument for a figure written to ``out``.
+
+    Args:
+        out: the figure's path (claimed with ``claim_output``).
+        fmt: its format: png, pdf or svg (others get no stamp).
+
+    Returns:
+        {field: stamp}: the stamp of its claim, in a field that the format keeps; {} otherwise.
+    """
     field = {"png": "landscape-output", "pdf": "Subject", "svg": "Description"}.get(fmt.lower())
     return {field: _encoded(_stamp_for(out))} if field else {}
 
 
 def stamp_html(written, out) -> None:
-    """Put the stamp of ``out``'s claim into the HTML page ``written`` (its temporary file), as a
-    ``<meta name="landscape-output">`` tag at the start of its head."""
+    """Put the stamp of ``out``'s claim into an HTML page.
+
+    Args:
+        written: the page as written (its temporary file); rewritten in place.
+        out: the output path it will become (claimed with ``claim_output``).
+
+    The stamp goes in a ``<meta name="landscape-output">`` tag at the start of the head.
+    """
     written = Path(written)
     text = written.read_text(encoding="utf-8")
     tag = f'<meta name="landscape-output" content="{_encoded(_stamp_for(out))}">'

@@ -1,5 +1,6 @@
-"""Process-wide plumbing in one place: torch.distributed, transformers' logging, matmul precision,
-CPU threads.
+"""Process-wide plumbing in one place.
+
+torch.distributed, transformers' logging, matmul precision, CPU threads.
 
 Stages call these instead of touching ``torch.distributed`` or ``transformers.logging`` directly,
 so a rule (which backend, what gets quiet, when TF32 is allowed, how many threads) has one home.
@@ -60,6 +61,7 @@ def leave_torchrun() -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
     import torch.distributed as dist
 
     if _group_active():
@@ -67,8 +69,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor, group: Any = None) -> Any:
-    """Sum ``tensor`` over the ranks of ``group`` (None: all ranks) in place (no-op without a
-    process group); returns it."""
+    """Sum ``tensor`` over the ranks of ``group`` in place (no-op without a process group).
+
+    Args:
+        tensor: the tensor to sum, any shape.
+        group: a torch.distributed process group (None: all ranks).
+
+    Returns:
+        ``tensor``, summed.
+    """
     import torch.distributed as dist
 
     if _group_active():
@@ -110,11 +119,14 @@ def quiet_transformers() -> None:
 
 @contextlib.contextmanager
 def transformers_silenced(errors_only: bool = True, bars: bool = False) -> Iterator[None]:
-    """No transformers progress bars (unless ``bars``: e.g. its "Loading weights" bar over a large
-    checkpoint) and, with ``errors_only``, no warnings inside the block.
+    """No transformers progress bars and, with ``errors_only``, no warnings inside the block.
 
     For loads whose warnings are expected, e.g. the "newly initialized head" report of a
     classifier we are about to fine-tune.
+
+    Args:
+        errors_only: silence warnings too (only errors are logged).
+        bars: keep progress bars, e.g. its "Loading weights" bar over a large checkpoint.
     """
     from transformers.utils import logging as hf_logging
 
@@ -188,7 +200,6 @@ THREADS_HELP = ("torch CPU threads: auto = the cores this process may use, minus
 
 def parse_threads(text: str) -> str:
     """'auto', or a count >= 0 as text; UsageError otherwise (the command line's ``--threads``)."""
-
     value = str(text).strip().lower()
     if value == "auto" or (value.isdigit() and int(value) >= 0):
         return value
@@ -251,8 +262,10 @@ def busy_cores(cores: List[int], sample_seconds: float = 0.1) -> float:
 
 
 def auto_threads(cores: Optional[List[int]] = None, busy: Optional[float] = None) -> int:
-    """The thread count of ``--threads auto``: the usable cores left free by other processes,
-    shared among the ranks torchrun started on this machine (LOCAL_WORLD_SIZE), at least 1.
+    """The thread count of ``--threads auto``.
+
+    The usable cores left free by other processes, shared among the ranks torchrun started on this
+    machine (LOCAL_WORLD_SIZE), at least 1.
 
     Why: torch's threads wait for each other at every operation, so a thread that another process
     keeps off its core stalls all of them (benchmarks/busy.py measures it).

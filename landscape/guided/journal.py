@@ -136,6 +136,7 @@ class RunJournal:
         return {c: (v or None) if c in self.text_columns else parse_cell(v) for c, v in zip(self.columns, record)}
 
     def close(self):
+        """Close the CSV file and release its claim."""
         if not self._handle.closed:
             self._handle.close()
         self._claim.release()

@@ -1,5 +1,6 @@
-"""Views of a Fisher estimate: per parameter element (paper Fig. 3a), per dropout site (Fig. 3b),
-per tensor and per block, as CSV tables and PNG figures.
+"""Views of a Fisher estimate, as CSV tables and PNG figures.
+
+Per parameter element (paper Fig. 3a), per dropout site (Fig. 3b), per tensor and per block.
 
 Site scores follow DESIGN.md: the element-weighted mean Fisher of the parameters whose output the
 site drops (``sites.site_scores``), sites found by module name (``sites.find_sites``).
@@ -55,8 +56,19 @@ def block_profile(fisher):
 
 
 def site_profile(model, fisher):
-    """Rows per dropout site, in model order: site, kind, block, elements, score, normalized (score /
-    highest score), rank (1 = lowest score, as in the guided-dropout schedule)."""
+    """Rows per dropout site, in model order.
+
+    Args:
+        model: the model whose dropout sites are profiled.
+        fisher: {param name: tensor shaped like the param}, the Fisher scores.
+
+    Returns:
+        One dict per site: site, kind, block, elements, score, normalized (score / highest score),
+        rank (1 = lowest score, as in the guided-dropout schedule).
+
+    Raises:
+        UsageError: the model has no dropout sites.
+    """
     sites = find_sites(model)
     if not sites:
         raise UsageError("the model has no dropout sites to profile")
@@ -135,9 +147,20 @@ PROFILE_FILES = {"parameter_quantiles.csv": ("rank", "fraction", "fisher"),
 
 
 def claim_profile(out_dir, fisher_path, overwrite=False):
-    """Claim every file of a profile under ``out_dir`` (``outputs.claim_output``): files already
-    there must be a profile's own (its tables, figures of the same Fisher file) unless ``overwrite``.
-    Returns the claims as one ExitStack (closing it releases them); none is held when one is refused."""
+    """Claim every file of a profile under ``out_dir`` (``outputs.claim_output``).
+
+    Args:
+        out_dir: the profile folder.
+        fisher_path: the Fisher file the profile is drawn from (its figures' stamp).
+        overwrite: replace files that are not a profile's own.
+
+    Returns:
+        The claims as one ExitStack (closing it releases them); none is held when one is refused.
+
+    Raises:
+        OutputRefused: a file already there is not a profile's own (its tables, figures of the same
+            Fisher file) and ``overwrite`` is off.
+    """
     import contextlib
     import os
 
@@ -154,6 +177,12 @@ def write_profile(fisher, model, out_dir, title=""):
 
     parameters.png / parameter_quantiles.csv (sorted element-wise Fisher), sites.png / sites.csv
     (site scores, normalized to the highest), tensors.csv, blocks.png / blocks.csv.
+
+    Args:
+        fisher: {param name: tensor shaped like the param}, the Fisher scores.
+        model: the model they were computed on (its dropout sites and blocks).
+        out_dir: the profile folder.
+        title: a prefix of the figures' titles.
     """
     check_fisher_matches(fisher, model)
     out = Path(out_dir)

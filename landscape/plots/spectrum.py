@@ -42,7 +42,20 @@ def _subtitle(report):
 
 
 def plot_spectrum(path, out, log=False, title=None):
-    """Draw the spectral density of the Hessian report ``path`` to ``out`` (.png, .pdf or .html)."""
+    """Draw the spectral density of the Hessian report ``path`` to ``out``.
+
+    Args:
+        path: the Hessian report (.json) with a spectrum.
+        out: the figure to write (.png, .pdf or .html).
+        log: a log density axis (empty bins become gaps).
+        title: the figure's title (None: one naming the report).
+
+    Returns:
+        The output path, as a ``Path``.
+
+    Raises:
+        UsageError: an unknown output format, or a report without a spectrum.
+    """
     fmt = output_format(out)
     edges, density, eigenvalues, report = read_spectrum(path)
     title = title or f"Hessian spectral density: {Path(path).name}"

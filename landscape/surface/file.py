@@ -63,18 +63,28 @@ class Surface:
 
     @property
     def dims(self):
+        """1 for a 1D surface, 2 for a 2D one."""
         return 1 if self.y is None else 2
 
     @property
     def computed_fraction(self):
+        """Fraction of the points computed (those of ``z`` that are not NaN), in [0, 1]."""
         return float(np.isfinite(self.z).mean())
 
 
 def read_surface(path, field="train_loss"):
     """Read ``field`` of a surface HDF5 file as a ``Surface`` (see the module docstring for layouts).
 
-    Raises UsageError for a missing or non-HDF5 file, a missing field, or shapes that fit neither
-    the contract nor the original loss-landscape layout.
+    Args:
+        path: the surface file (.h5).
+        field: the dataset to read, e.g. 'train_loss' or 'train_acc'.
+
+    Returns:
+        A ``Surface``: x (nx,), y (ny,) or None, z (nx,) or (ny, nx) float64, NaN where not computed.
+
+    Raises:
+        UsageError: a missing or non-HDF5 file, a missing field, or shapes that fit neither the
+            contract nor the original loss-landscape layout.
     """
     path = require_readable_file(path, "surface file")
     try:
@@ -198,7 +208,19 @@ def _refuse(path, old, new):
 
 
 def surface_identity(directions_attrs, batches, model, xs, ys, settings=None):
-    """Everything that changes the numbers of a surface; a resumed file must match it exactly."""
+    """Everything that changes the numbers of a surface; a resumed file must match it exactly.
+
+    Args:
+        directions_attrs: the direction file's attributes (its fingerprint and settings).
+        batches: the evaluation sample: list of batch dicts with ``labels``.
+        model: the model.
+        xs: coefficients along x.
+        ys: coefficients along y, or None for 1D.
+        settings: extra settings that identify the run.
+
+    Returns:
+        A JSON-ready dict.
+    """
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     identity = {
@@ -231,6 +253,7 @@ def _scalar_attrs(identity):
 
 # ----------------------------------------------------------------------------- the journal
 def journal_path(path) -> Path:
+    """The journal of the surface file ``path``: the same path with ``.journal`` appended."""
     return Path(str(path) + ".journal")
 
 
@@ -255,9 +278,17 @@ def _parse_record(line: bytes):
 def read_journal(path, identity, loss, acc):
     """Apply a journal's intact records to the flat loss/acc arrays.
 
-    Returns (whether it has this run's header, byte offset where intact records end).  Reading
-    stops at the first torn or corrupted record: everything after it is cut off by the writer, so a
-    record appended later can never be glued onto a torn one.
+    Reading stops at the first torn or corrupted record: everything after it is cut off by the
+    writer, so a record appended later can never be glued onto a torn one.
+
+    Args:
+        path: the surface file (its journal is ``journal_path(path)``).
+        identity: this run's ``surface_identity``; records under another header are not applied.
+        loss: the flat (P,) float64 loss array, filled in place.
+        acc: the flat (P,) float64 accuracy array, filled in place.
+
+    Returns:
+        (whether it has this run's header, byte offset where intact records end).
     """
     data = journal_path(path).read_bytes()
     header, newline, rest = data.partition(b"\n")
@@ -284,7 +315,19 @@ def read_journal(path, identity, loss, acc):
 
 # ----------------------------------------------------------------------------- writing
 def write_surface(path, xs, ys, loss, acc, attrs):
-    """Write a surface file atomically (contract layout, with ``checksums``); attrs: scalars and strings."""
+    """Write a surface file atomically (contract layout, with ``checksums``).
+
+    Args:
+        path: the surface file (.h5).
+        xs: (nx,) coefficients along x.
+        ys: (ny,) coefficients along y, or None for 1D.
+        loss: (nx,) or (ny, nx) float64 losses (nats per target token), NaN where not computed.
+        acc: token accuracies, same shape, in [0, 1].
+        attrs: file attributes: scalars and strings.
+
+    Raises:
+        UsageError: the file cannot be written (its one-line reason).
+    """
     data = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": loss, "train_acc": acc}
     data = {name: np.asarray(values, dtype=np.float64) for name, values in data.items() if values is not None}
     with atomic_output(path) as tmp:
@@ -411,9 +454,15 @@ class SurfaceFile:
         return np.flatnonzero(np.isnan(self.loss.reshape(-1))).tolist()
 
     def record(self, results):
-        """results: (flat index, loss, acc) triples; journaled at once, HDF5 rewritten by time.
+        """Record finished points: journaled at once, the HDF5 file rewritten every ``flush_seconds``.
 
         A loss that is not finite (the model diverged there) is stored as +inf: computed, never NaN.
+
+        Args:
+            results: (flat index, loss, acc) triples.
+
+        Raises:
+            UsageError: the journal or the file cannot be written (the points are kept).
         """
         results = [(i, _diverged_as_inf(loss), acc) for i, loss, acc in results]
         data = b"".join(_record(*result) for result in results)
@@ -425,6 +474,11 @@ class SurfaceFile:
             self.flush()
 
     def flush(self):
+        """Rewrite the HDF5 file with every point computed so far.
+
+        Raises:
+            UsageError: the file cannot be written (the journal still holds every point).
+        """
         done = int((~np.isnan(self.loss)).sum())
         attrs = dict(self.attrs, points_done=done, points_total=int(self.loss.size))
         try:
@@ -436,9 +490,14 @@ class SurfaceFile:
         self.last_flush = time.monotonic()
 
     def close(self, complete):
-        """Write the file; when ``complete``, remove the journal.  An incomplete close happens with an
-        error in flight, which says what went wrong: a failed flush then stays quiet (the journal
-        keeps every point)."""
+        """Write the file; when ``complete``, remove the journal.
+
+        An incomplete close happens with an error in flight, which says what went wrong: a failed
+        flush then stays quiet (the journal keeps every point).
+
+        Args:
+            complete: whether every point was computed.
+        """
         try:
             try:
                 self.flush()
