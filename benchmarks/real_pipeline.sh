@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${1:-out/real_pipeline}
-M=${LANDSCAPE_DATA:-$HOME/.cache/landscape}/checkpoints/smollm2-135m-instruct
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 command -v /usr/bin/time > /dev/null || { echo "real_pipeline.sh: needs GNU time at /usr/bin/time" >&2; exit 2; }
-[ -d "$M" ] || python3 data/build_checkpoints.py
+smollm2_path() { python3 -m landscape.cli where --checkpoint smollm2-135m-instruct 2>/dev/null; }
+M=$(smollm2_path) || { python3 data/build_checkpoints.py --only smollm2-135m-instruct && M=$(smollm2_path); }
 mkdir -p "$OUT" && cd "$OUT"
 
 stage() {  # stage NAME ARGS...: run `landscape ARGS` and print NAME, seconds, peak RSS

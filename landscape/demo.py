@@ -6,6 +6,7 @@ writes files under one folder and is skipped when its files are already there, s
 demo continues where it stopped (surfaces resume point by point).
 """
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,6 +23,7 @@ from .guided import profile as profile_stage
 from .guided import schedule
 from .identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from .models import LoadedModel, load_model
+from .outputs import claim_output
 from .plots import surfaces as plots
 from .surface import compute_surface_file, directions, parse_range, sharpness
 
@@ -41,12 +43,14 @@ class DemoRun:
     out: Path
     cfg: DemoSettings
     loaded: LoadedModel
+    overwrite: bool = False
     specs_2d: list = field(default_factory=lambda: list(SURFACES_2D))
     specs_1d: list = field(default_factory=lambda: [(_label(f"top:{k}"), f"top:{k}") for k in TOP_K]
                            + [(_label(f"random:{k}"), f"random:{k}") for k in TOP_K])
 
     @property
     def paths(self):
+        """{stage output: its path under ``out``}."""
         return {"fisher": self.out / "fisher.safetensors", "stability": self.out / "stability.csv",
                 "profile": self.out / "profile", "schedule": self.out / "schedule.json",
                 "figures": self.out / "figures", "directions": self.out / "directions",
@@ -54,17 +58,29 @@ class DemoRun:
 
     @cached_property
     def scores(self):
+        """The demo's Fisher scores, {param name: tensor}, read from its Fisher file once."""
         return fisher.load_fisher(self.paths["fisher"])[0]
 
     @cached_property
     def eval_batches(self):
+        """The evaluation batches of the surfaces (seed + 1: other samples than the Fisher's)."""
         cfg = self.cfg
         return load_batches(self.loaded, max_samples=cfg.eval_samples, seq_len=cfg.seq_len,
                             batch_size=cfg.batch_size, seed=cfg.seed + 1)
 
     def direction_file(self, name, spec, dims):
+        """The direction file of one surface, written unless it exists (or ``overwrite``).
+
+        Args:
+            name: the surface's name, in the file name.
+            spec: the Fisher subset ('all', 'top:K', 'random:K', ...).
+            dims: 1 or 2 directions.
+
+        Returns:
+            Its path.
+        """
         path = self.paths["directions"] / f"{name}_{dims}d.h5"
-        if not path.exists():
+        if not path.exists() or self.overwrite:
             directions.write_directions(path, self.loaded.model, dims=dims, seed=self.cfg.seed,
                                         fisher=None if spec == "all" else self.paths["fisher"], subset=spec,
                                         settings={"model": self.loaded.source, "fisher": str(self.paths["fisher"]),
@@ -100,6 +116,30 @@ def _directions(run: DemoRun):
         run.direction_file(name, spec, 1)
 
 
+def _claim_outputs(run: DemoRun, overwrite: bool, held: contextlib.ExitStack):
+    """Claim every file the demo writes (``outputs.claim_output``) into ``held``, which releases them."""
+    paths = run.paths
+
+    def take(path, kind, columns=None):
+        held.enter_context(claim_output(path, kind, overwrite, columns=columns))
+
+    take(run.out, "folder")
+    take(paths["fisher"], "fisher")
+    take(paths["stability"], "table", ("fraction", "samples"))
+    take(paths["schedule"], "schedule")
+    held.enter_context(profile_stage.claim_profile(paths["profile"], paths["fisher"], overwrite))
+    for dims, specs in ((2, run.specs_2d), (1, run.specs_1d)):
+        for name, _ in specs:
+            take(paths["directions"] / f"{name}_{dims}d.h5", "directions")
+            take(paths["surfaces"] / f"{name}_{dims}d.h5", "surface")
+    figures = [f"{kind}_{name}.png" for name, _ in run.specs_2d for kind in ("surface3d", "contour")]
+    for name in figures + ["surface3d_all.html", "compare_all_top_bottom.png", "topk_sweep.png",
+                           "random_controls.png"]:
+        take(paths["figures"] / name, "figure")
+    for name in ("compare_all_top_bottom", "topk_sweep", "random_controls"):
+        take(plots.default_csv_path(paths["figures"] / f"{name}.png"), "table", sharpness.COLUMNS[:4])
+
+
 def _surfaces(run: DemoRun, dims: int):
     specs = run.specs_2d if dims == 2 else run.specs_1d
     grid = parse_range(run.cfg.grid_2d if dims == 2 else run.cfg.grid_1d)
@@ -108,7 +148,7 @@ def _surfaces(run: DemoRun, dims: int):
     for name, spec in specs:
         result = compute_surface_file(run.paths["surfaces"] / f"{name}_{dims}d.h5", run.loaded.model,
                                       run.direction_file(name, spec, dims), run.eval_batches, grid,
-                                      grid if dims == 2 else None, settings=settings,
+                                      grid if dims == 2 else None, settings=settings, overwrite=run.overwrite,
                                       points_per_pass=run.cfg.points_per_pass, progress=True)
         print(f"  {name}_{dims}d.h5: {result['computed']} new points of {result['total']}", flush=True)
 
@@ -127,8 +167,11 @@ def _schedule(run: DemoRun):
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of the demo: ``done(run)`` lists the files whose existence means it is finished
-    (empty: always run; such a stage resumes by itself, like a surface file)."""
+    """One step of the demo.
+
+    ``done(run)`` lists the files whose existence means it is finished (empty: always run; such a
+    stage resumes by itself, like a surface file).
+    """
 
     title: Callable[[DemoRun], str]
     done: Callable[[DemoRun], List[Path]]
@@ -152,24 +195,43 @@ STAGES = (
 )
 
 
-def run_demo(out_dir="landscape_demo", settings=None, device="cpu"):
-    """Run every stage into ``out_dir``; returns {name: path} of the main results."""
+def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=False):
+    """Run every stage into ``out_dir``; returns {name: path} of the main results.
+
+    Files of a finished stage are kept (rerunning continues an interrupted demo); a file there that
+    the demo did not write is refused unless ``overwrite``, which recomputes every stage.
+
+    Args:
+        out_dir: the demo's output folder.
+        settings: a ``DemoSettings`` (None: the defaults).
+        device: where the model runs (e.g. 'cpu', 'cuda').
+        overwrite: recompute every stage and replace what is there.
+
+    Raises:
+        OutputRefused: a file there that the demo did not write, without ``overwrite``.
+    """
     cfg = settings or DemoSettings()
     torch.manual_seed(cfg.seed)
-    run = DemoRun(out=Path(out_dir), cfg=cfg, loaded=load_model(None, device=device))
+    run = DemoRun(out=Path(out_dir), cfg=cfg, loaded=load_model(None, device=device), overwrite=overwrite)
+    with contextlib.ExitStack() as held:
+        _claim_outputs(run, overwrite, held)
+        _run_stages(run)
+    return {k: v for k, v in run.paths.items() if k in ("fisher", "stability", "profile", "schedule", "figures")}
+
+
+def _run_stages(run: DemoRun):
     for key in ("figures", "directions", "surfaces"):
         run.paths[key].mkdir(parents=True, exist_ok=True)
     for number, stage in enumerate(STAGES, 1):
         prefix = f"[{number}/{len(STAGES)}] {stage.title(run)}"
         outputs = stage.done(run)
-        if outputs and all(p.exists() for p in outputs):
+        if outputs and all(p.exists() for p in outputs) and not run.overwrite:
             print(f"{prefix}: already done, kept", flush=True)
             continue
         print(f"{prefix} ...", flush=True)
         start = time.perf_counter()
         stage.work(run)
         print(f"{prefix}: done in {time.perf_counter() - start:.0f} s", flush=True)
-    return {k: v for k, v in run.paths.items() if k in ("fisher", "stability", "profile", "schedule", "figures")}
 
 
 def _figures(surf_dir, fig_dir, specs_2d, specs_1d):

@@ -18,6 +18,35 @@ class SettingsMismatch(UsageError):
 
 
 class NewHeadRefused(UsageError):
-    """A checkpoint lacks weights of the model its objective needs (e.g. a bare encoder has no MLM
-    head); the library refuses unless ``allow_new_head=True``, the command line names
-    ``--allow-new-head``."""
+    """A checkpoint lacks weights of the model its objective needs (e.g. a bare encoder's MLM head).
+
+    The library refuses unless ``allow_new_head=True``; the command line names ``--allow-new-head``.
+    """
+
+
+class OutputRefused(SettingsMismatch):
+    """An existing output holds something this stage did not write.
+
+    Another kind of file, or a figure of something else; ``overwrite=True`` replaces it.
+
+    Args:
+        path: the output.
+        reason: the message without the remedy, which the command line words with its flags.
+    """
+
+    def __init__(self, path, reason):
+        super().__init__(f"{reason}; pass overwrite=True to replace it, or write elsewhere")
+        self.path, self.reason = path, reason
+
+
+class OutputBusy(UsageError):
+    """Another live process is writing the same output (it holds the output's lock).
+
+    Args:
+        path: the output.
+        reason: the message, naming the other process.
+    """
+
+    def __init__(self, path, reason):
+        super().__init__(f"{reason}; wait for it to finish or write elsewhere")
+        self.path, self.reason = path, reason

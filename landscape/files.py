@@ -42,9 +42,17 @@ _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)|\[Errno (\d+)\]")
 
 
 def write_failure(err: BaseException) -> Optional[str]:
-    """The reason in words when ``err`` is a failed write (a system error, also as h5py and
-    safetensors report it: a message quoting the errno, or an error raised while handling one),
-    else None (a bug, not the disk)."""
+    """The reason in words when ``err`` is a failed write.
+
+    A failed write is a system error, also as h5py and safetensors report it: a message quoting the
+    errno, or an error raised while handling one.
+
+    Args:
+        err: the exception raised while writing.
+
+    Returns:
+        The reason, or None when it is not a failed write (a bug, not the disk).
+    """
     if isinstance(err, UsageError):
         return None
     seen = set()
@@ -70,8 +78,10 @@ def _system_error(err: BaseException) -> Optional[str]:
 
 
 def _probe_folder(folder: Path) -> Optional[str]:
-    """Why a file cannot be created in ``folder`` (tried for real: permission bits do not stop
-    root, a read-only mount or /proc do), or None when it can."""
+    """Why a file cannot be created in ``folder``, or None when it can.
+
+    Tried for real: permission bits do not stop root, a read-only mount or /proc do.
+    """
     probe = folder / f".landscape-write-test-{os.getpid()}"
     try:
         handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -103,6 +113,17 @@ def check_output_path(path, what: str = "output", suffixes: Optional[Sequence[st
     Checks that ``path`` is not a folder, that its suffix is one of ``suffixes`` (lower case, with
     the dot) when given, and that its folder exists or can be made and is writable (by creating and
     removing a small file there, so a read-only file system is found even for root).
+
+    Args:
+        path: the output.
+        what: what it is, named in messages.
+        suffixes: the allowed suffixes, or None for any.
+
+    Returns:
+        The path, as a ``Path``.
+
+    Raises:
+        UsageError: any of those checks fails.
     """
     path = Path(path)
     if suffixes is not None and path.suffix.lower() not in suffixes:
@@ -125,7 +146,16 @@ def check_output_path(path, what: str = "output", suffixes: Optional[Sequence[st
 
 
 def write_csv(rows: Sequence[dict], path, columns: Optional[Iterable[str]] = None) -> Path:
-    """Write dict rows as CSV atomically; columns default to every key, in first-seen order."""
+    """Write dict rows as CSV atomically.
+
+    Args:
+        rows: the rows, dicts.
+        path: the CSV file.
+        columns: the columns, in order (None: every key, in first-seen order).
+
+    Returns:
+        The path, as a ``Path``.
+    """
     if not rows:
         raise UsageError(f"nothing to write to '{path}': no rows")
     if columns is None:

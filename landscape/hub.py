@@ -1,5 +1,7 @@
-"""Is a Hugging Face hub name worth asking the hub for?  A fast answer before transformers or
-datasets try: they retry an unreachable hub for half a minute and print a line per retry.
+"""Is a Hugging Face hub name worth asking the hub for?
+
+A fast answer before transformers or datasets try: they retry an unreachable hub for half a minute
+and print a line per retry.
 
 A name is worth asking for when it is in the local Hugging Face cache, or when the hub is not
 switched off (``HF_HUB_OFFLINE``) and answers a connection within a few seconds (tried once per
@@ -67,8 +69,16 @@ def in_cache(name: str, repo_type: str = "model") -> bool:
 
 
 def unavailable(name: str, repo_type: str = "model") -> Optional[str]:
-    """Why the hub cannot provide ``name`` (to follow "it is not a local path, and"), or None when
-    it is worth asking (cached, or the hub answers)."""
+    """Why the hub cannot provide ``name``.
+
+    Args:
+        name: a hub repository id.
+        repo_type: 'model' or 'dataset'.
+
+    Returns:
+        The reason, worded to follow "it is not a local path, and", or None when it is worth
+        asking (cached, or the hub answers).
+    """
     if in_cache(name, repo_type):
         return None
     if offline():

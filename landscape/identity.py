@@ -47,10 +47,12 @@ _ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 # ----------------------------------------------------------------------------- the model
 def _runs(count: int) -> List[tuple]:
-    """The hashed elements of a tensor of ``count`` elements, as (first element, length) runs: all
-    of a tensor of at most ``SAMPLES_PER_TENSOR`` elements, else ``RUNS`` evenly spaced runs of
+    """The hashed elements of a tensor of ``count`` elements, as (first element, length) runs.
+
+    All of a tensor of at most ``SAMPLES_PER_TENSOR`` elements, else ``RUNS`` evenly spaced runs of
     ``RUN_LENGTH`` consecutive elements.  Runs rather than single elements: a cold read touches at
-    most 2 pages per run (at most ~0.5 MB per tensor), whatever the tensor's size."""
+    most 2 pages per run (at most ~0.5 MB per tensor), whatever the tensor's size.
+    """
     if count <= SAMPLES_PER_TENSOR:
         return [(0, count)] if count else []
     return [((i * count) // RUNS, RUN_LENGTH) for i in range(RUNS)]
@@ -69,8 +71,11 @@ class _Digest:
 
 
 def _safetensors_entries(path: Path) -> Iterable:
-    """(name, dtype code, shape, sampled bytes) of every tensor of one safetensors file, read from
-    its header and the sampled runs only (``os.pread`` with readahead off: a few pages a tensor)."""
+    """(name, dtype code, shape, sampled bytes) of every tensor of one safetensors file.
+
+    Read from its header and the sampled runs only (``os.pread`` with readahead off: a few pages a
+    tensor).
+    """
     with open(path, "rb") as handle:
         length = struct.unpack("<Q", handle.read(8))[0]
         header = json.loads(handle.read(length))
@@ -105,8 +110,10 @@ def _bin_entries(path: Path) -> Iterable:
 
 
 def _weight_files(folder: Path, adapter: bool) -> List[Path]:
-    """The checkpoint files of ``folder`` as transformers (or PEFT, for an ``adapter``) picks them:
-    a sharded index's files, else the single file, safetensors before pickled ``.bin``."""
+    """The checkpoint files of ``folder`` as transformers (or PEFT, for an ``adapter``) picks them.
+
+    A sharded index's files, else the single file, safetensors before pickled ``.bin``.
+    """
     names = ["adapter_model.safetensors", "adapter_model.bin"] if adapter else \
         ["model.safetensors", "pytorch_model.bin"]
     for name in names:
@@ -120,8 +127,16 @@ def _weight_files(folder: Path, adapter: bool) -> List[Path]:
 
 
 def folder_fingerprint(folder) -> Optional[str]:
-    """Fingerprint of the weights stored in a ``from_pretrained`` folder (None when it holds no
-    weight files).  A PEFT adapter folder: its adapter weights and its base model's fingerprint."""
+    """Fingerprint of the weights stored in a ``from_pretrained`` folder.
+
+    For a PEFT adapter folder: of its adapter weights and its base model's fingerprint.
+
+    Args:
+        folder: a ``from_pretrained`` folder (str or Path).
+
+    Returns:
+        The fingerprint (a hex string), or None when the folder holds no weight files.
+    """
     folder = Path(folder)
     adapter = folder / "adapter_config.json"
     files = _weight_files(folder, adapter.is_file())
@@ -150,8 +165,11 @@ _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype",
 
 
 def _config_bytes(path: Path) -> bytes:
-    """The model's configuration, as part of its identity: the same weights under another
-    ``rope_theta``, attention scale or head count compute other numbers."""
+    """The model's configuration, as part of its identity.
+
+    The same weights under another ``rope_theta``, attention scale or head count compute other
+    numbers.
+    """
     if not path.is_file():
         return b"config:none"
     try:
@@ -175,8 +193,14 @@ def _hub_folder(spec: str) -> Optional[Path]:
 
 
 def source_fingerprint(spec) -> Optional[str]:
-    """Fingerprint of the model a ``--model`` value names: a folder, a cached hub id, or None for
-    the embedded model.  None when no weight files can be found for it."""
+    """Fingerprint of the model a ``--model`` value names.
+
+    Args:
+        spec: a folder, a cached hub id, or None for the embedded model.
+
+    Returns:
+        The fingerprint (a hex string), or None when no weight files can be found for it.
+    """
     from .datahome import EMBEDDED_MODEL_DIR
 
     path = Path(str(spec)).expanduser() if spec is not None else EMBEDDED_MODEL_DIR
@@ -189,8 +213,17 @@ def source_fingerprint(spec) -> Optional[str]:
 def parameters_fingerprint(model: torch.nn.Module) -> str:
     """The same hash over a model's parameters and buffers (for a model that exists only in memory).
 
-    It depends on the dtype the parameters are held in; a sharded (FSDP2) model is refused: its
-    ranks hold different parts, so identify it by its checkpoint folder instead.
+    It depends on the dtype the parameters are held in.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The fingerprint (a hex string).
+
+    Raises:
+        UsageError: a sharded (FSDP2) model: its ranks hold different parts, so identify it by its
+            checkpoint folder instead.
     """
     from .sharding import is_sharded
 
@@ -204,8 +237,15 @@ def parameters_fingerprint(model: torch.nn.Module) -> str:
 
 
 def model_fingerprint(loaded) -> str:
-    """Fingerprint of a ``models.LoadedModel``: of its checkpoint files (``source_fingerprint``),
-    else of its parameters.  Computed once per loaded model."""
+    """Fingerprint of a ``models.LoadedModel``, computed once per loaded model.
+
+    Args:
+        loaded: a ``models.LoadedModel``.
+
+    Returns:
+        The fingerprint (a hex string) of its checkpoint files (``source_fingerprint``), else of
+        its parameters.
+    """
     cached = getattr(loaded, "_fingerprint", None)
     if cached is None:
         cached = source_fingerprint(loaded.source) or parameters_fingerprint(loaded.model)
@@ -219,6 +259,12 @@ def sample_fingerprint(batches) -> str:
 
     Each sample is hashed without its padding, so the same samples batched differently (another
     batch size) give the same fingerprint: batch size is not a setting of a surface.
+
+    Args:
+        batches: list of batch dicts of (B, T) tensors with ``labels``.
+
+    Returns:
+        The fingerprint (a hex string).
     """
     digest = hashlib.sha1()
     for batch in batches:
@@ -247,8 +293,16 @@ def _unpadded(row, key, length, width):
 
 # ----------------------------------------------------------------------------- checks
 def changed(stored: Dict, current: Dict) -> Optional[str]:
-    """'the model' or 'the sample' when ``stored`` and ``current`` both carry that fingerprint and
-    it differs (the model is named first); None otherwise."""
+    """Name what changed between a run's stored and current fingerprints.
+
+    Args:
+        stored: the metadata a run recorded.
+        current: the metadata of the run resuming it.
+
+    Returns:
+        'the model' or 'the sample' when ``stored`` and ``current`` both carry that fingerprint and
+        it differs (the model is named first); None otherwise.
+    """
     for key, what in ((MODEL_KEY, "the model"), (SAMPLE_KEY, "the sample")):
         before, now = stored.get(key), current.get(key)
         if before not in (None, "") and now not in (None, "") and str(before) != str(now):
@@ -263,10 +317,18 @@ _DETAIL = {"the model": "its weights are not the ones the run started with",
 
 def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[str] = None,
                           error=SettingsMismatch) -> None:
-    """``error`` (SettingsMismatch by default, whose command-line message adds ``--overwrite``), in
-    one line naming what changed, when a resume's model or sample changed; nothing otherwise.
+    """Refuse a resume whose model or sample changed, in one line naming what changed.
 
-    remedy: what else to do, e.g. "delete it to start over" (None: nothing is added).
+    Args:
+        path: the file being resumed, named in the message.
+        stored: the metadata the run recorded.
+        current: the metadata of this run.
+        remedy: what else to do, e.g. "delete it to start over" (None: nothing is added).
+        error: the error class to raise (SettingsMismatch by default, whose command-line message
+            adds ``--overwrite``).
+
+    Raises:
+        SettingsMismatch: (or ``error``) when the model or the sample changed.
     """
     what = changed(stored, current)
     if what is not None:
@@ -281,6 +343,16 @@ def check_file_model(path, what: str, recorded: Optional[str], fingerprint: str,
 
     Files written before fingerprints were recorded (``recorded`` empty) pass: their readers keep
     checking parameter names and shapes only.
+
+    Args:
+        path: the file, named in the message.
+        what: what the file is ("Fisher file", "schedule"), named in the message.
+        recorded: the model fingerprint the file records (None or empty: none).
+        fingerprint: the fingerprint of the model it is used with.
+        model_spec: how the user named that model, for the message.
+
+    Raises:
+        UsageError: the fingerprints differ.
     """
     if recorded in (None, "") or str(recorded) == str(fingerprint):
         return

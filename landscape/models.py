@@ -7,6 +7,7 @@ BART ...).
 """
 
 import pickle
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,14 @@ def _load_config(spec):
 
 
 def new_parameters(loading_info: dict) -> list:
-    """Parameters transformers had to initialize newly, from what ``from_pretrained`` reports
-    (``output_loading_info=True``): keys missing from the checkpoint or of another shape there."""
+    """Parameters transformers had to initialize newly.
+
+    Args:
+        loading_info: what ``from_pretrained(..., output_loading_info=True)`` reports.
+
+    Returns:
+        Names of the keys missing from the checkpoint or of another shape there.
+    """
     missing = list(loading_info.get("missing_keys") or [])
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry
                   for entry in loading_info.get("mismatched_keys") or []]
@@ -123,15 +130,48 @@ def _refuse_new_head(spec, kind, new):
                          "with its pretraining head, or allow a new head if you mean it")
 
 
+# A load of at least this many bytes of weights (or from the hub) shows transformers' "Loading weights"
+# bar: SmolLM2-135M's 538 MB take seconds, a 7B model minutes; the embedded model's 7 MB need none.
+LOAD_BAR_BYTES = 100 * 2**20
+
+
+def _load_bar(spec: str) -> bool:
+    """Whether to show the loading bar: for large weights, on a terminal only.
+
+    The bar leaves a line, and a refusal after the load must stay one line on stderr in a log.
+    """
+    return sys.stderr.isatty() and _weight_bytes(spec) >= LOAD_BAR_BYTES
+
+
+def _weight_bytes(spec: str) -> float:
+    """Bytes of weight files in a local folder; infinity for a hub id (a download may come too)."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return float("inf")
+    return sum(f.stat().st_size for f in folder.iterdir()
+               if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+
+
 def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
                allow_new_head: bool = False) -> LoadedModel:
     """Load a pretrained LM and its tokenizer, in eval mode, on ``device``.
 
-    spec: hub id, local folder, or None for the embedded default model.
-    allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
-        ``BertModel`` such as a sentence-transformers checkpoint has no MLM head); by default such
-        a load is refused (``NewHeadRefused``), because transformers would fill them randomly.
     Weights are read from safetensors (or with ``weights_only``), never unpickled.
+
+    Args:
+        spec: hub id, local folder, or None for the embedded default model.
+        device: the device to load onto (e.g. 'cpu', 'cuda').
+        dtype: 'float32' | 'bfloat16' | 'float16' (see ``parse_dtype``).
+        allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
+            ``BertModel`` such as a sentence-transformers checkpoint has no MLM head).
+
+    Returns:
+        A ``LoadedModel`` (model, tokenizer, objective kind, source).
+
+    Raises:
+        NewHeadRefused: such a checkpoint without ``allow_new_head`` (transformers would fill the
+            missing weights randomly).
+        UsageError: the model cannot be found or loaded, or its files are damaged.
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -172,7 +212,7 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
     try:
         # Newly initialized weights are reported by us (below), in one line, not by transformers;
         # torch's note on an unusual pickle protocol is moot: such weights are refused below.
-        with transformers_silenced(), warnings.catch_warnings():
+        with transformers_silenced(bars=_load_bar(spec_str)), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model, loading_info = head.from_pretrained(spec_str, config=config, output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(spec_str)
@@ -194,8 +234,15 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
 
 
 def check_weight_files(folder) -> None:
-    """DamagedFile unless every safetensors file of a local model folder has a readable header whose
-    tensors cover the file (a truncated or overwritten weights file); reads headers only."""
+    """Check that every safetensors file of a local model folder is whole; reads headers only.
+
+    Args:
+        folder: the model folder (str or Path).
+
+    Raises:
+        DamagedFile: a file's header is unreadable or its tensors do not cover the file (a
+            truncated or overwritten weights file).
+    """
     from safetensors import safe_open
 
     from .schema import Schema
@@ -213,8 +260,18 @@ def check_weight_files(folder) -> None:
 
 
 def check_tokenizer_files(folder, tokenizer) -> None:
-    """UsageError when a local model folder has none of its tokenizer's files: transformers then
-    builds a tokenizer of special tokens alone, which maps every word to the unknown token."""
+    """Refuse a local model folder that has none of its tokenizer's files.
+
+    Transformers then builds a tokenizer of special tokens alone, which maps every word to the
+    unknown token.
+
+    Args:
+        folder: the model folder (str or Path); anything else passes.
+        tokenizer: the tokenizer loaded from it.
+
+    Raises:
+        UsageError: the folder has no tokenizer file.
+    """
     path = Path(folder)
     if not path.is_dir():
         return
@@ -225,8 +282,17 @@ def check_tokenizer_files(folder, tokenizer) -> None:
 
 
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:
-    """UsageError naming the first parameter with a NaN or an infinity (in the dtype it was loaded
-    in): every loss, gradient and Fisher of such a model is NaN or meaningless."""
+    """Refuse a model with a NaN or an infinity in its weights (in the dtype it was loaded in).
+
+    Every loss, gradient and Fisher of such a model is NaN or meaningless.
+
+    Args:
+        model: the loaded model.
+        source: how the model was named, for the message.
+
+    Raises:
+        UsageError: naming the first parameter with a NaN or an infinity.
+    """
     for name, param in model.named_parameters():
         if param.is_floating_point() and param.numel():
             low, high = torch.aminmax(param.detach())
@@ -239,9 +305,18 @@ def check_finite_weights(model: torch.nn.Module, source: str) -> None:
 def check_tensors_match(tensors, model, what: str, trainable_only: bool = False, allow_extra: bool = False) -> None:
     """UsageError unless ``tensors`` has one tensor per parameter of ``model``, with its shape.
 
-    The one check behind Fisher files, direction files and masks.  what: how to call the tensors in
-    the message ("the Fisher file", "direction file 'D.h5' (xdirection)"); trainable_only: only
-    parameters with requires_grad are expected; allow_extra: names the model lacks are ignored.
+    The one check behind Fisher files, direction files and masks.
+
+    Args:
+        tensors: {param name: tensor}.
+        model: the model they must fit.
+        what: how to call the tensors in the message ("the Fisher file", "direction file 'D.h5'
+            (xdirection)").
+        trainable_only: only parameters with requires_grad are expected.
+        allow_extra: names the model lacks are ignored.
+
+    Raises:
+        UsageError: a missing or extra name, or a shape that differs, named in the message.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
     missing = next((n for n in params if n not in tensors), None)

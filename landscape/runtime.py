@@ -1,12 +1,16 @@
-"""Process-wide plumbing in one place: torch.distributed, transformers' logging, matmul precision.
+"""Process-wide plumbing in one place.
+
+torch.distributed, transformers' logging, matmul precision, CPU threads.
 
 Stages call these instead of touching ``torch.distributed`` or ``transformers.logging`` directly,
-so a rule (which backend, what gets quiet, when TF32 is allowed) has one home.
+so a rule (which backend, what gets quiet, when TF32 is allowed, how many threads) has one home.
+Importing this module imports no torch: the command line parses ``--threads`` with it.
 """
 
 import contextlib
 import os
-from typing import Any, Iterator, List, Tuple
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import UsageError
 
@@ -57,6 +61,7 @@ def leave_torchrun() -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
     import torch.distributed as dist
 
     if _group_active():
@@ -64,8 +69,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor, group: Any = None) -> Any:
-    """Sum ``tensor`` over the ranks of ``group`` (None: all ranks) in place (no-op without a
-    process group); returns it."""
+    """Sum ``tensor`` over the ranks of ``group`` in place (no-op without a process group).
+
+    Args:
+        tensor: the tensor to sum, any shape.
+        group: a torch.distributed process group (None: all ranks).
+
+    Returns:
+        ``tensor``, summed.
+    """
     import torch.distributed as dist
 
     if _group_active():
@@ -106,25 +118,34 @@ def quiet_transformers() -> None:
 
 
 @contextlib.contextmanager
-def transformers_silenced(errors_only: bool = True) -> Iterator[None]:
-    """No transformers progress bars (and, with ``errors_only``, no warnings) inside the block.
+def transformers_silenced(errors_only: bool = True, bars: bool = False) -> Iterator[None]:
+    """No transformers progress bars and, with ``errors_only``, no warnings inside the block.
 
     For loads whose warnings are expected, e.g. the "newly initialized head" report of a
     classifier we are about to fine-tune.
+
+    Args:
+        errors_only: silence warnings too (only errors are logged).
+        bars: keep progress bars, e.g. its "Loading weights" bar over a large checkpoint.
     """
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    was_on = hf_logging.is_progress_bar_enabled()
+    if bars:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     if errors_only:
         hf_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if bars:
+        if was_on:
             hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- precision
@@ -169,3 +190,125 @@ def resolve_device(name="auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device '{name}' was asked for but no CUDA GPU is available; use the CPU")
     return device
+
+
+# ----------------------------------------------------------------------------- CPU threads
+THREADS_HELP = ("torch CPU threads: auto = the cores this process may use, minus those other processes keep "
+                "busy right now (at least 1, at most OMP_NUM_THREADS when set); N = exactly N; 0 = torch's own "
+                "default (every core, however busy)")
+
+
+def parse_threads(text: str) -> str:
+    """'auto', or a count >= 0 as text; UsageError otherwise (the command line's ``--threads``)."""
+    value = str(text).strip().lower()
+    if value == "auto" or (value.isdigit() and int(value) >= 0):
+        return value
+    raise UsageError(f"--threads: expected auto or a number of threads (0 = torch's default), got '{text}'")
+
+
+def usable_cores() -> List[int]:
+    """The CPU ids this process may run on (its affinity), or range(cpu_count) where that is unknown."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _cpu_times(cores: List[int]) -> Optional[Dict[int, Tuple[int, int]]]:
+    """{cpu id: (idle jiffies, total jiffies)} from /proc/stat, None where there is none."""
+    try:
+        with open("/proc/stat") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        head, *fields = line.split()
+        if head.startswith("cpu") and head[3:].isdigit() and int(head[3:]) in cores:
+            values = [int(v) for v in fields[:8]]
+            times[int(head[3:])] = (values[3] + values[4], sum(values))  # idle + iowait, all
+    return times if len(times) == len(cores) else None
+
+
+def busy_cores(cores: List[int], sample_seconds: float = 0.1) -> float:
+    """How many of ``cores`` other processes keep busy now, in cores.
+
+    Measured over ``sample_seconds`` from /proc/stat while this process sleeps (so it counts
+    others only, and a command that just finished does not count, as it would in the load
+    average); elsewhere the 1-minute load average, capped at the core count.
+
+    Args:
+        cores: CPU ids (``usable_cores()``).
+        sample_seconds: how long to watch /proc/stat.
+
+    Returns:
+        Busy cores in [0, len(cores)] (a fraction: 0.5 = one core half busy).
+    """
+    before = _cpu_times(cores)
+    if before is not None:
+        time.sleep(sample_seconds)
+        after = _cpu_times(cores)
+        if after is not None:
+            busy = 0.0
+            for cpu in cores:
+                idle = after[cpu][0] - before[cpu][0]
+                total = after[cpu][1] - before[cpu][1]
+                busy += 1.0 - idle / total if total > 0 else 0.0
+            return busy
+    try:
+        return min(float(len(cores)), os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def auto_threads(cores: Optional[List[int]] = None, busy: Optional[float] = None) -> int:
+    """The thread count of ``--threads auto``.
+
+    The usable cores left free by other processes, shared among the ranks torchrun started on this
+    machine (LOCAL_WORLD_SIZE), at least 1.
+
+    Why: torch's threads wait for each other at every operation, so a thread that another process
+    keeps off its core stalls all of them (benchmarks/busy.py measures it).
+
+    Args:
+        cores: CPU ids this process may use (default: ``usable_cores()``).
+        busy: busy cores (default: measured by ``busy_cores``).
+
+    Returns:
+        A thread count in [1, len(cores)].
+    """
+    cores = usable_cores() if cores is None else cores
+    busy = busy_cores(cores) if busy is None else busy
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    free = (len(cores) - busy) / local_ranks
+    return max(1, min(len(cores), int(free + 0.5)))
+
+
+def apply_threads(spec: Any = "auto") -> int:
+    """Set torch's intra-op threads (and inter-op threads, where torch still allows it).
+
+    Args:
+        spec: a ``--threads`` value: 'auto' (``auto_threads``, at most OMP_NUM_THREADS when that is
+            set), a count, or 0 for torch's default (left as it is).
+
+    Returns:
+        The intra-op thread count in use.
+
+    Raises:
+        UsageError: a value that is none of these.
+    """
+    import torch
+
+    value = parse_threads(spec)
+    if value == "0":
+        return torch.get_num_threads()
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    cap = int(cap) if cap.isdigit() and int(cap) > 0 else None  # the user's own cap stays
+    if value != "auto":
+        count = int(value)
+    else:
+        count = 1 if cap == 1 else min(auto_threads(), cap or len(usable_cores()))
+    torch.set_num_threads(count)
+    with contextlib.suppress(RuntimeError):  # torch refuses once inter-op work has started
+        torch.set_num_interop_threads(count)
+    return count

@@ -26,11 +26,15 @@ class DamagedFile(UsageError):
 
 
 class Schema:
-    """Checks for one file: ``kind`` ('Hessian report') and ``path`` name it in every message,
-    ``remedy`` ('make it again with `landscape hessian`') ends each one.
+    """Checks for one file, each failing with a one-line ``DamagedFile``.
 
     Each check returns the value it checked (converted where said), so a reader validates and
-    takes in one step: ``steps = schema.integer(record, "steps", minimum=1)``.
+    takes in one step: ``steps = schema.integer(schema.field(record, "steps"), "steps", minimum=1)``.
+
+    Args:
+        kind: what the file is ('Hessian report'), named in every message.
+        path: the file, named in every message.
+        remedy: what to do ('make it again with `landscape hessian`'), ending each message.
     """
 
     def __init__(self, kind: str, path, remedy: str = ""):
@@ -59,8 +63,21 @@ class Schema:
     # ------------------------------------------------------------------------- values
     def number(self, value: Any, where: str, *, minimum: Optional[float] = None, allow_nan: bool = False,
                finite: bool = True) -> float:
-        """A real number (not a bool, not a string), finite unless ``finite=False``; NaN only with
-        ``allow_nan``; at least ``minimum`` when given."""
+        """A real number (not a bool, not a string).
+
+        Args:
+            value: the value read.
+            where: its place in the file, named in the message.
+            minimum: the least value allowed (None: no bound).
+            allow_nan: accept NaN.
+            finite: refuse infinities.
+
+        Returns:
+            The value as a float.
+
+        Raises:
+            DamagedFile: the value is not such a number.
+        """
         if isinstance(value, bool) or not isinstance(value, Real):
             self.fail(f"is damaged: '{where}' is {_type(value)}, not a number")
         value = float(value)
@@ -85,19 +102,36 @@ class Schema:
         return int(value)
 
     def text(self, value: Any, where: str) -> str:
+        """``value`` (at ``where``) must be a string; returns it."""
         if not isinstance(value, str):
             self.fail(f"is damaged: '{where}' is {_type(value)}, not a string")
         return value
 
     def boolean(self, value: Any, where: str) -> bool:
+        """``value`` (at ``where``) must be true or false; returns it."""
         if not isinstance(value, bool):
             self.fail(f"is damaged: '{where}' is {_type(value)}, not true or false")
         return value
 
     def numbers(self, value: Any, where: str, *, length: Optional[int] = None, minimum: Optional[float] = None,
                 increasing: bool = False, allow_nan: bool = False, ndim: int = 1) -> np.ndarray:
-        """A list (or nested lists, ``ndim``) of numbers as a float64 array: finite (NaN only with
-        ``allow_nan``), ``length`` long when given, each at least ``minimum``, strictly increasing."""
+        """A list (or nested lists) of numbers as a float64 array.
+
+        Args:
+            value: the value read.
+            where: its place in the file, named in the message.
+            length: the length required (None: any).
+            minimum: the least value allowed for each element (None: no bound).
+            increasing: require strictly increasing values.
+            allow_nan: accept NaN (values are finite otherwise).
+            ndim: the nesting depth required (the array's number of dimensions).
+
+        Returns:
+            The values as a float64 array of ``ndim`` dimensions.
+
+        Raises:
+            DamagedFile: the value is not such a list.
+        """
         try:
             if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, str)) or v is None
                                                             for v in _flat(value)):

@@ -46,6 +46,7 @@ class ShardLayout:
 
     @property
     def sharded(self) -> bool:
+        """Whether parameters are sharded (groups of more than one rank)."""
         return self.shard_size > 1
 
     @property
@@ -166,8 +167,11 @@ def _fsdp_errors() -> Iterator[None]:
 
 
 def collective_errors():
-    """Context manager for passes over a sharded model: a collective the backend does not support
-    (gloo has no reduce-scatter, so nothing may request parameter gradients) is a one-line UsageError."""
+    """Context manager for passes over a sharded model.
+
+    A collective the backend does not support (gloo has no reduce-scatter, so nothing may request
+    parameter gradients) becomes a one-line UsageError.
+    """
     return _fsdp_errors()
 
 
@@ -180,8 +184,16 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The rows of ``param`` this rank holds, as a plain tensor sharing their storage (writes are
-    seen by the next forward); ``param.data`` when unsharded.  Shape: (stop - start, *rest)."""
+    """The rows of ``param`` this rank holds, as a plain tensor sharing their storage.
+
+    Writes are seen by the next forward.
+
+    Args:
+        param: a parameter, sharded (a DTensor) or not.
+
+    Returns:
+        A (stop - start, *rest) tensor; ``param.data`` when unsharded.
+    """
     if is_sharded(param):
         return param.to_local().detach()  # detached: in-place writes need no autograd view
     return param.data
@@ -214,8 +226,17 @@ def local_rows(param: torch.Tensor) -> Tuple[int, int]:
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered over the shard group when sharded (a collective: every rank of
-    the group calls it, in the same order), ``param.data`` otherwise.  For per-tensor work."""
+    """The whole tensor, for per-tensor work.
+
+    Gathered over the shard group when sharded: a collective, which every rank of the group calls,
+    in the same order.
+
+    Args:
+        param: a parameter, sharded (a DTensor) or not.
+
+    Returns:
+        The whole tensor, detached; ``param.data`` when unsharded.
+    """
     if is_sharded(param):
         with _fsdp_errors():
             return param.full_tensor().detach()
@@ -223,8 +244,15 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 def sharded_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``local`` (this rank's rows of a tensor shaped like ``param``) as a tensor sharded like
-    ``param``: a DTensor when ``param`` is one, so ``full_tensor`` gathers it; ``local`` otherwise."""
+    """This rank's rows of a tensor as a tensor sharded like ``param``.
+
+    Args:
+        local: this rank's rows of a tensor shaped like ``param``.
+        param: a parameter, sharded (a DTensor) or not.
+
+    Returns:
+        A DTensor when ``param`` is one, so ``full_tensor`` gathers it; ``local`` otherwise.
+    """
     if not is_sharded(param):
         return local
     from torch.distributed.tensor import DTensor
@@ -244,7 +272,8 @@ def point_groups(model: nn.Module) -> Tuple[int, int, bool]:
 
     Unsharded, every rank is a group of its own.  A model sharded over groups of K ranks
     (``sharding.shard_model``) is evaluated by each group together: its K ranks run the same
-    points (each forward is a collective over the group), and the first of them reports."""
+    points (each forward is a collective over the group), and the first of them reports.
+    """
     rank, world = rank_and_world()
     sharded = next((p for p in model.parameters() if is_sharded(p)), None)
     if sharded is None:

@@ -8,7 +8,7 @@ import re
 import sys
 
 from .. import __version__
-from ..errors import NewHeadRefused, SettingsMismatch, UsageError
+from ..errors import NewHeadRefused, OutputBusy, OutputRefused, SettingsMismatch, UsageError
 from .commands import register_all
 
 
@@ -58,6 +58,10 @@ def build_parser():
 
 def _message(err: UsageError, args) -> str:
     """The library's message, plus what to do on the command line where that is a flag."""
+    if isinstance(err, OutputRefused):
+        return f"{err.reason}; choose another {_flag_of(args, err.path)} or pass --overwrite"
+    if isinstance(err, OutputBusy):
+        return f"{err.reason}; wait for it to finish or choose another {_flag_of(args, err.path)}"
     if isinstance(err, SettingsMismatch) and hasattr(args, "overwrite"):
         return f"{err}; rerun with --overwrite to replace it, or choose another --out"
     if isinstance(err, NewHeadRefused) and hasattr(args, "allow_new_head"):
@@ -65,12 +69,30 @@ def _message(err: UsageError, args) -> str:
     return str(err)
 
 
+def _flag_of(args, path) -> str:
+    """The option that named ``path`` (--out, --csv, --vectors, ...), else --out."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value and str(path) in (value, value.rstrip("/")):
+            return f"--{name.replace('_', '-')}"
+    return "--out"
+
+
 def main(argv=None):
-    from ..runtime import barrier, leave_torchrun, quiet_transformers
+    from ..outputs import release_all
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "torch_free", False):  # `where`: answers at once, no torch or transformers
+        try:
+            return int(args.func(args) or 0)
+        except UsageError as err:
+            print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
+            return 2
+    from ..runtime import apply_threads, barrier, leave_torchrun, quiet_transformers
+
     quiet_transformers()
     try:
+        if getattr(args, "threads", None) is not None:
+            apply_threads(args.threads)
         result = args.func(args)
         # Ranks leave together: one that tears its group down while rank 0 still writes the output
         # can abort rank 0 (seen with gloo: "terminate called without an active exception").
@@ -83,6 +105,7 @@ def main(argv=None):
               file=sys.stderr)
         return 130
     finally:
+        release_all()  # the locks of this command's outputs
         leave_torchrun()
     return int(result or 0)
 

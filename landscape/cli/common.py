@@ -1,10 +1,28 @@
 """Argument groups that several subcommands share, and their translation to API calls."""
 
+import argparse
+
 from ..errors import UsageError
+from ..runtime import THREADS_HELP, parse_threads
 from . import options
 
 
+def _threads(text):
+    try:
+        return parse_threads(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+
+def add_threads_arg(parser):
+    """``--threads`` (default auto) of every command that runs a model; ``cli.main`` applies it after
+    parsing (``runtime.apply_threads``), so that no torch is imported to parse the arguments."""
+    group = parser.add_argument_group("CPU threads")
+    group.add_argument("--threads", type=_threads, default="auto", metavar="auto|N", help=THREADS_HELP)
+
+
 def add_model_args(parser):
+    add_threads_arg(parser)
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
                        help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
@@ -43,9 +61,17 @@ def add_new_head_arg(parser):
                              "it randomly: the numbers measure that random head)")
 
 
-def add_overwrite_arg(parser):
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an --out computed with other settings (default: refuse)")
+def add_overwrite_arg(parser, help="replace an --out computed with other settings, or holding another kind of "
+                                    "file (default: refuse)"):
+    parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def claim(args, path, kind, **options):
+    """``outputs.claim_output`` for a command's output, with its ``--overwrite``; the claim is held
+    until the command ends (``cli.main`` releases it)."""
+    from ..outputs import claim_output
+
+    return claim_output(path, kind, overwrite=getattr(args, "overwrite", False), **options)
 
 
 def load_model_from_args(args, device=None, allow_new_head=None, layout=None):

@@ -2,6 +2,7 @@
 
 from ..defaults import DemoSettings
 from . import options
+from .common import add_threads_arg
 
 
 def register(subparsers):
@@ -13,6 +14,7 @@ def register(subparsers):
                     "so rerunning continues an interrupted demo.")
     parser.add_argument("--out", default="landscape_demo", help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_threads_arg(parser)
     parser.add_argument("--fisher-samples", type=options.POSITIVE_INT, default=defaults.fisher_samples,
                         help="sequences for the Fisher and stability")
     parser.add_argument("--eval-samples", type=options.POSITIVE_INT, default=defaults.eval_samples,
@@ -22,6 +24,9 @@ def register(subparsers):
     parser.add_argument("--grid-1d", type=options.RANGE, default=defaults.grid_1d, help="MIN:MAX:NUM of the 1D curves")
     parser.add_argument("--points-per-pass", type=options.POSITIVE_INT, default=defaults.points_per_pass,
                         help="grid points evaluated per forward pass; more helps on a GPU")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute every stage, replacing files in --out that the demo did not write "
+                             "(default: keep finished stages, refuse foreign files)")
     parser.set_defaults(func=run)
 
 
@@ -31,7 +36,7 @@ def run(args):
 
     settings = DemoSettings(fisher_samples=args.fisher_samples, eval_samples=args.eval_samples,
                             grid_2d=args.grid_2d, grid_1d=args.grid_1d, points_per_pass=args.points_per_pass)
-    paths = run_demo(args.out, settings, device=resolve_device(args.device))
+    paths = run_demo(args.out, settings, device=resolve_device(args.device), overwrite=args.overwrite)
     print(f"\nall results are under {args.out}/:")
     for name in ("figures", "profile", "stability", "schedule", "fisher"):
         print(f"  {name:<10} {paths[name]}")

@@ -6,7 +6,7 @@ from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
 from . import options
-from .common import floats
+from .common import add_threads_arg, claim, floats
 
 
 def register(subparsers):
@@ -78,16 +78,15 @@ def register(subparsers):
     p.add_argument("--save-models", default=None,
                    help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=options.THREADS, default=0,
-                   help="CPU threads for torch; 0 = torch's choice; 1 is much faster on a busy machine")
+    add_threads_arg(p)
     p.add_argument("--out", required=True,
                    help="summary CSV: per regularizer, fraction and metric the mean, IQR, and the paired "
                         "difference from dropout (diff_vs_dropout, ci_low, ci_high, p_value)")
     p.add_argument("--runs-out", default=None,
                    help="per-run CSV, also the sweep's journal (default: <out>_runs.csv)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed; "
-                        "default: resume)")
+                   help="start the per-run CSV afresh instead of resuming it (needed when settings changed), "
+                        "and replace outputs that hold another kind of file (default: resume, refuse)")
     p.add_argument("--plot", default=None, help="figure (.png/.pdf/.svg; default: <out>.png)")
     p.set_defaults(func=run)
     return p
@@ -110,8 +109,6 @@ def _check(args, regularizers, fractions):
         raise UsageError(f"--fractions must be in (0, 1]; got {args.fractions}")
     if args.restarts < 1 or args.epochs < 1:
         raise UsageError("--restarts and --epochs must be at least 1")
-    if args.threads < 0:
-        raise UsageError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     if "mixout" in regularizers and not 0.0 <= args.mixout_p < 1.0:
         raise UsageError(f"--mixout-p must be in [0, 1), got {args.mixout_p}")
     if "childtuning" in regularizers and not 0.0 < args.childtuning_reserve <= 1.0:
@@ -126,6 +123,18 @@ def _outputs(args):
     check_output_path(out, "--out", [".csv"])
     check_output_path(runs_out, "--runs-out", [".csv"])
     check_output_path(plot_out, "--plot", [".png", ".pdf", ".svg"])
+    claim(args, runs_out, "table", columns=("regularizer", "fraction", "seed", "n_train"))
+    claim(args, out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
+    claim(args, plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
+    if args.save_models:
+        from ..guided.sweep import model_folder
+        from ..outputs import check_saved_models
+
+        claim(args, args.save_models, "folder")
+        regs = [r.strip() for r in args.regularizer.split(",") if r.strip()]
+        check_saved_models([model_folder(args.save_models, reg, fraction, seed) for reg in regs
+                            for fraction in floats(args.fractions, "--fractions")
+                            for seed in range(args.seed, args.seed + args.restarts)], args.overwrite)
     return out, runs_out, plot_out
 
 
@@ -182,10 +191,6 @@ def run(args):
     fractions = floats(args.fractions, "--fractions")
     _check(args, regularizers, fractions)
     out, runs_out, plot_out = _outputs(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     config, max_train, max_test = _config(args)
     train_data, test_data = load_labelled(args.dataset, args.text_column, args.label_column, args.pair_column,
                                           args.task)

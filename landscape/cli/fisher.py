@@ -14,6 +14,7 @@ from .common import (
     add_new_head_arg,
     add_overwrite_arg,
     add_shard_args,
+    claim,
     load_model_from_args,
 )
 
@@ -76,6 +77,7 @@ def run_fisher(args):
     from ..sharding import shard_layout
 
     out = check_output_path(args.out, "--out", [".safetensors"])
+    claim(args, out, "fisher")
     _check_chunk(args.max_chunk_mb)
     args.device, rank, world = join_torchrun(args.device)
     layout = shard_layout(args.shard_size)
@@ -128,6 +130,7 @@ def _register_stability(subparsers):
     parser.add_argument("--top", type=options.PERCENTS, default=",".join(f"{k:g}" for k in STABILITY_TOP),
                         help="comma-separated top-k percentages")
     parser.add_argument("--out", required=True, help="output table (.csv)")
+    add_overwrite_arg(parser, "replace an --out that is not a stability table (default: refuse)")
     _add_run_args(parser)
     parser.set_defaults(func=run_stability)
 
@@ -137,6 +140,7 @@ def run_stability(args):
     from ..fisher.stability import format_table, parse_numbers, stability, write_csv
 
     out = check_output_path(args.out, "--out", [".csv"])
+    claim(args, out, "table", columns=("fraction", "samples"))
     _check_chunk(args.max_chunk_mb)
     fractions = parse_numbers(args.fractions, "--fractions", 0.0, 1.0)
     top = parse_numbers(args.top, "--top", 0.0, 100.0)
@@ -159,18 +163,21 @@ def _register_profile(subparsers):
     parser.add_argument("fisher", help="a Fisher file written by `landscape fisher`")
     add_model_args(parser)
     parser.add_argument("--out", required=True, help="output folder")
+    add_overwrite_arg(parser, "replace files in --out that the profile did not write (default: refuse)")
     parser.set_defaults(func=run_profile)
 
 
 def run_profile(args):
     from ..fisher import check_fisher_model, load_fisher
-    from ..guided.profile import write_profile
+    from ..guided.profile import claim_profile, write_profile
     from ..identity import model_fingerprint
     from ..models import load_model
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{out}' is a file; give a folder")
+    claim(args, out, "folder")
+    claim_profile(out, args.fisher, args.overwrite)
     fisher, meta = load_fisher(args.fisher)
     # A profile reads the Fisher file: the model only gives shapes and dropout sites.
     loaded = load_model(args.model, device="cpu", dtype="float32", allow_new_head=True)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import check_output_path
-from ..identity import MODEL_KEY, model_fingerprint
 from . import options
 from .common import (
     add_corpus_args,
     add_model_args,
     add_new_head_arg,
     add_overwrite_arg,
+    claim,
     load_model_from_args,
     model_id,
 )
@@ -106,6 +106,7 @@ def _fisher_and_subset(args):
 def _checked_fingerprint(args, loaded, fisher_meta):
     """The model's fingerprint, after refusing a --fisher file computed on another model."""
     from ..fisher import check_fisher_model
+    from ..identity import model_fingerprint
 
     weights = model_fingerprint(loaded)
     if args.fisher:
@@ -130,10 +131,14 @@ def run_hessian(args):
         subset_mask,
     )
     from ..data.corpus import describe_framing, load_batches
+    from ..identity import MODEL_KEY
     from ..surface.directions import check_existing_directions
 
     out = check_output_path(args.out, "--out", [".json"])
     vectors = check_output_path(args.vectors, "--vectors", H5_SUFFIXES) if args.vectors else None
+    claim(args, out, "hessian-report")
+    if vectors is not None:
+        claim(args, vectors, "directions")
     _check_counts(args.top, args.trace, args.spectrum, args.steps, args.bins, args.tol, args.max_iter, vectors)
     if not args.cache_mb >= 0:
         raise UsageError(f"--cache-mb must be 0 or more, got {args.cache_mb}")
@@ -264,6 +269,7 @@ def _save(out, dirs, settings, overwrite):
 
 
 def _interpolation(args, out):
+    from ..identity import MODEL_KEY, model_fingerprint
     from ..models import load_model
     from ..surface.directions import interpolation_direction
 
@@ -286,6 +292,7 @@ def _trajectory(args, out):
     import numpy as np
     import torch
 
+    from ..identity import MODEL_KEY, model_fingerprint
     from ..models import load_model
     from ..surface.connectivity import model_parameters
     from ..surface.directions import trajectory_directions
@@ -402,6 +409,7 @@ def compare_reports(args):
 
 def _check_same_model(report_path, report, surface_path):
     """A Hessian report joined to a surface must be of the surface's model (when both say which)."""
+    from ..identity import MODEL_KEY
     from ..surface.file import read_surface
 
     made_for = str((report.get("settings") or {}).get(MODEL_KEY) or "")

@@ -1,15 +1,21 @@
 """plot, compare: figures of surface files, and sharpness numbers next to them."""
 
+import os
+
 from ..errors import UsageError
 from ..files import check_output_path
 from . import options
+from .common import add_overwrite_arg, claim
 from .hessian import compare_columns, compare_reports, plot_other
 
 
-def _check_out(path):
+def _check_out(args, inputs):
+    """Check --out and claim it for a figure of ``inputs`` (their absolute paths are its settings)."""
     from ..plots.surfaces import FORMATS
 
-    check_output_path(path, "--out", [f".{f}" for f in FORMATS])
+    check_output_path(args.out, "--out", [f".{f}" for f in FORMATS])
+    claim(args, args.out, "figure", settings={"command": args.command,
+                                              "inputs": [os.path.abspath(p) for p in inputs]})
 
 
 def register(subparsers):
@@ -30,6 +36,8 @@ def _add_style_args(parser, kinds_help):
     parser.add_argument("--cmap", default="viridis", help="matplotlib colour map name")
     parser.add_argument("--levels", type=options.CONTOUR_LEVELS, default=20, help="contour levels")
     parser.add_argument("--title", default=None, help="figure title (default: from the file names)")
+    add_overwrite_arg(parser, "replace an --out (or --csv) that is not a figure (or table) of these inputs "
+                              "(default: refuse; a figure of the same inputs is redrawn)")
 
 
 def _style_kwargs(args):
@@ -50,7 +58,7 @@ def _register_plot(subparsers):
 def _run_plot(args):
     from ..plots.surfaces import plot_surface
 
-    _check_out(args.out)
+    _check_out(args, [args.surface])
     if plot_other(args):  # spectrum; contours with a trajectory's checkpoints
         return
     out = plot_surface(args.surface, args.out, **_style_kwargs(args))
@@ -89,10 +97,11 @@ def _run_compare(args):
     from ..plots import surfaces as render
     from ..surface import sharpness
 
-    _check_out(args.out)
+    _check_out(args, args.surfaces)
     csv_path = args.csv or render.default_csv_path(args.out)
     if csv_path:
         check_output_path(csv_path, "--csv", [".csv"])
+        claim(args, csv_path, "table", columns=sharpness.COLUMNS[:4])
     reports = compare_reports(args)
     rows = render.compare_surfaces(args.surfaces, parse_labels(args.labels), args.out, csv=csv_path,
                                    radius=args.radius, fit_radius=args.fit_radius, **_style_kwargs(args))

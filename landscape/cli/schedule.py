@@ -2,7 +2,7 @@
 
 from ..errors import UsageError
 from . import options
-from .common import add_model_args, load_model_from_args
+from .common import add_model_args, add_overwrite_arg, claim, load_model_from_args
 
 
 def register(subparsers):
@@ -19,6 +19,7 @@ def register(subparsers):
                         help="linear in rank (paper), normalized log score, or a power of the rank")
     parser.add_argument("--gamma", type=options.POSITIVE, default=2.0, help="exponent of --shape power")
     parser.add_argument("--out", required=True, help="schedule JSON to write")
+    add_overwrite_arg(parser, "replace an --out that is not a dropout schedule (default: refuse)")
     parser.set_defaults(func=run)
     return parser
 
@@ -30,6 +31,7 @@ def run(args):
     from ..identity import model_fingerprint
 
     check_output_path(args.out, "--out", [".json"])
+    claim(args, args.out, "schedule")
     if not args.gamma > 0:  # also refuses NaN
         raise UsageError(f"--gamma must be positive, got {args.gamma}")
     fisher, meta = load_fisher(args.fisher)

@@ -11,6 +11,8 @@ from .common import (
     add_new_head_arg,
     add_overwrite_arg,
     add_shard_args,
+    add_threads_arg,
+    claim,
     load_model_from_args,
     model_id,
 )
@@ -54,6 +56,7 @@ def _register_directions(subparsers):
     add_new_head_arg(parser)
     add_overwrite_arg(parser)
     add_directions_args(parser)
+    add_threads_arg(parser)
     parser.set_defaults(func=run_directions)
 
 
@@ -66,6 +69,7 @@ def run_directions(args):
     from ..surface import directions
 
     out = check_output_path(args.out, "--out", H5_SUFFIXES)
+    claim(args, out, "directions")
     if other_directions(args, out):  # --kind hessian, --to, --trajectory
         return 0
     subset = args.subset or "all"
@@ -145,6 +149,7 @@ def run_surface(args):
     from ..surface.file import check_grid_size
 
     out = check_output_path(args.out, "--out", H5_SUFFIXES)
+    claim(args, out, "surface")
     xs = _grid(args.x, "x")
     ys = _grid(args.y, "y") if args.y else None
     if args.one_d and ys is not None:

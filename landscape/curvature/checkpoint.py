@@ -79,8 +79,11 @@ class _Journal:
 
 
 def _identity(op: HessianOperator, method: str, seed: int, **settings) -> dict:
-    """Everything that changes a finished probe's or run's numbers (not how many there are): the
-    model's weights and the sample's tokens by content (``identity``), the coordinates, the seed."""
+    """Everything that changes a finished probe's or run's numbers (not how many there are).
+
+    The model's weights and the sample's tokens by content (``identity``), the coordinates, the
+    seed.
+    """
     return {"method": method, "model": type(op.model).__name__, MODEL_KEY: parameters_fingerprint(op.model),
             SAMPLE_KEY: sample_fingerprint(op.batches), "coordinates": op.space.fingerprint(), "dim": op.dim,
             "objective": op.kind, "seed": int(seed), **settings}

@@ -24,7 +24,11 @@ def trace(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] 
     Probe i is a Rademacher vector z_i drawn from (seed, i) alone; tr(H) ≈ mean_i z_iᵀ·H·z_i.
 
     Args:
-        model, batches, mask, kind, cache_bytes: as for ``HessianOperator``.
+        model: a transformers LM (masked, causal, seq2seq or classifier), any device.
+        batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
+        mask: {param name: bool tensor shaped like the param}; None keeps every element.
+        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
+        cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
         samples: number of probes (one Hessian-vector product each).
         seed: seeds the probes.
         progress: a tqdm bar over products.
@@ -71,8 +75,10 @@ def _check_probe(record: dict, schema, where: str) -> None:
 
 # ----------------------------------------------------------------------------- spectrum
 def _check_run(record: dict, schema, where: str) -> None:
-    """A spectrum journal record: ``nodes`` and ``weights`` of one run, finite, as many of each,
-    weights non-negative and summing to 1."""
+    """Check a spectrum journal record: ``nodes`` and ``weights`` of one run.
+
+    Both finite, as many of each, weights non-negative and summing to 1.
+    """
     nodes = schema.numbers(schema.field(record, "nodes", where), f"{where}: nodes")
     weights = schema.numbers(schema.field(record, "weights", where), f"{where}: weights", length=len(nodes),
                              minimum=0.0)
@@ -142,7 +148,11 @@ def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dic
     each node broadened by a Gaussian of width ``sigma``.
 
     Args:
-        model, batches, mask, kind, cache_bytes: as for ``HessianOperator``.
+        model: a transformers LM (masked, causal, seq2seq or classifier), any device.
+        batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
+        mask: {param name: bool tensor shaped like the param}; None keeps every element.
+        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
+        cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
         runs: independent Lanczos runs (each ``steps`` products).
         steps: Lanczos steps per run (at most the dimension).
         bins: histogram bins over [min node − 5σ, max node + 5σ].
@@ -154,7 +164,7 @@ def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dic
         checkpoint: path of a journal of finished runs (as for ``trace``).
 
     Returns:
-        a ``Spectrum``.
+        A ``Spectrum``.
     """
     if int(runs) < 1 or int(steps) < 1 or int(bins) < 1:
         raise UsageError(f"the spectrum needs runs, steps and bins of at least 1, got {runs}, {steps}, {bins}")

@@ -1,5 +1,7 @@
-"""Lanczos: the top eigenpairs (thick restart, full reorthogonalization), the plain runs of
-stochastic Lanczos quadrature, and the seeded random vectors both start from."""
+"""Lanczos: top eigenpairs, stochastic Lanczos quadrature runs, and their seeded start vectors.
+
+The top eigenpairs use thick restart and full reorthogonalization; the quadrature runs are plain.
+"""
 
 from __future__ import annotations
 
@@ -46,9 +48,12 @@ def _generator(seed: int, salt: int, index: int = 0) -> torch.Generator:
 
 @dataclass
 class LanczosInfo:
-    """How ``top_eigenpairs`` ended: products used (the checks' included), relative residuals
-    ‖Hv − λv‖/|λ| measured with one more product on each returned vector, convergence, and the
-    residuals Lanczos itself estimated (β·|y_m|, exact only in exact arithmetic)."""
+    """How ``top_eigenpairs`` ended.
+
+    Products used (the checks' included), relative residuals ‖Hv − λv‖/|λ| measured with one more
+    product on each returned vector, convergence, and the residuals Lanczos itself estimated
+    (β·|y_m|, exact only in exact arithmetic).
+    """
 
     products: int
     residuals: list
@@ -133,8 +138,11 @@ def _lanczos_top(op: HessianOperator, k: int, seed: int, tol: float, max_iter: i
 
 
 def _measured_residuals(op: HessianOperator, values, vectors: torch.Tensor) -> list:
-    """‖H·v − λ·v‖/|λ| of each returned (λ, v), by one product each: the Krylov estimate β·|y_m|
-    assumes exact arithmetic and can be 100 times smaller than what the float32 vector achieves."""
+    """Measure ‖H·v − λ·v‖/|λ| of each returned (λ, v), by one product each.
+
+    The Krylov estimate β·|y_m| assumes exact arithmetic and can be 100 times smaller than what the
+    float32 vector achieves.
+    """
     out = []
     for value, v in zip(values, vectors):
         hv = op.matvec(v).double()
@@ -156,7 +164,11 @@ def top_eigenpairs(model: torch.nn.Module, batches: Iterable[dict], k: int = 2, 
     Thick-restart Lanczos with full reorthogonalization from a seeded Gaussian start vector.
 
     Args:
-        model, batches, mask, kind, cache_bytes: as for ``HessianOperator`` (the loss is surfaces').
+        model: a transformers LM (masked, causal, seq2seq or classifier), any device.
+        batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
+        mask: {param name: bool tensor shaped like the param}; None keeps every element.
+        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
+        cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
         k: how many eigenpairs.
         seed: seeds the start vector.
         tol: stop when every wanted pair has ‖H·v − λ·v‖ ≤ tol·|λ|.

@@ -36,8 +36,11 @@ class _Block:
 
 
 class _Space:
-    """The coordinates the operator acts on: kept elements of the trainable parameters, flattened in
-    ``named_parameters()`` order (tied weights once)."""
+    """The coordinates the operator acts on.
+
+    The kept elements of the trainable parameters, flattened in ``named_parameters()`` order (tied
+    weights once).
+    """
 
     def __init__(self, model: torch.nn.Module, mask: Optional[dict] = None):
         self.all_params = list(model.named_parameters())
@@ -138,8 +141,12 @@ def _attention_configs(model: torch.nn.Module) -> list:
 
 
 def _use_eager_attention(model: torch.nn.Module) -> Optional[str]:
-    """Switch every attention of the model to 'eager'; returns the implementation it had, or None
-    when there was nothing to switch (already eager everywhere, or not a transformers model)."""
+    """Switch every attention of the model to 'eager'.
+
+    Returns:
+        The implementation it had, or None when there was nothing to switch (already eager
+        everywhere, or not a transformers model).
+    """
     configs = _attention_configs(model)
     current = [c._attn_implementation for c in configs]
     if all(impl in (None, "eager") for impl in current):
@@ -166,9 +173,11 @@ def _no_double_backward(err: BaseException) -> bool:
 
 
 class _ModelState:
-    """Puts a model in eval mode and float32 for the Hessian, and restores it exactly afterwards:
-    each module's train flag, each cast tensor's original storage, each config's attention
-    implementation."""
+    """Puts a model in eval mode and float32 for the Hessian, and restores it exactly afterwards.
+
+    Restored: each module's train flag, each cast tensor's original storage, each config's attention
+    implementation.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -286,6 +295,7 @@ class HessianOperator:
 
     @property
     def device(self) -> torch.device:
+        """The device of the coordinates (the model's)."""
         return self.space.device
 
     def to_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -297,7 +307,14 @@ class HessianOperator:
         return self.space.from_dict(direction)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H·v. v: (dim,) float (any device); returns (dim,) float32 on the model's device."""
+        """The Hessian-vector product H·v.
+
+        Args:
+            v: (dim,) float vector over the operator's coordinates, on any device.
+
+        Returns:
+            (dim,) float32 on the model's device, in nats/token per unit² times v's units.
+        """
         v = v.detach().to(device=self.device, dtype=torch.float32).reshape(-1)
         if v.numel() != self.dim:
             raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.dim}")

@@ -1,5 +1,7 @@
-"""One Hessian run as files: the operator's mask for a subset, the top eigenpairs, trace and
-spectrum with resumable checkpoints, the JSON report, and the eigenvectors as a direction file.
+"""One Hessian run as files.
+
+The operator's mask for a subset, the top eigenpairs, trace and spectrum with resumable
+checkpoints, the JSON report, and the eigenvectors as a direction file.
 
 This is what ``landscape hessian`` and ``landscape directions --kind hessian`` call; everything
 here raises errors in the library's terms (no command-line flags).
@@ -54,7 +56,19 @@ def subset_mask(model: torch.nn.Module, fisher: Optional[dict] = None, subset: s
     ``ignore='none'``, the elements of tensors with more than one dimension (no biases, no
     LayerNorm) with ``ignore='biasbn'``.  ``subset`` 'top:K' / 'bottom:K' / 'random:K' keeps K% of
     them by ``fisher`` score (``directions.fisher_mask``, seeded by ``seed`` for random); 'all'
-    keeps every one and needs no Fisher scores.  Returns None when that is every trainable element.
+    keeps every one and needs no Fisher scores.
+
+    Args:
+        model: the model.
+        fisher: {param name: scores shaped like the param}, or None for subset 'all'.
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all'.
+        seed: seeds a random subset.
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
+        granularity: 'global' | 'tensor' (see ``fisher_mask``).
+
+    Returns:
+        {param name: bool tensor shaped like the param}, or None when the mask keeps every
+        trainable element.
     """
     from ..fisher.file import check_fisher_matches
     from ..surface.directions import IGNORES, fisher_mask, parse_mask_spec, perturbable_names
@@ -90,6 +104,15 @@ def save_eigenvectors(path, vectors: list, values, settings: Optional[dict] = No
     ``ydirection`` = eigenvector 2, each of unit norm over all elements (a step x = 1 moves the
     weights by 1 in Euclidean norm; near 0 the loss along it is L0 + g·x + λ·x²/2).  Attributes:
     ``kind='hessian'``, ``eigenvalues``, ``norm='unit'``, and ``settings`` (mask, sample, ...).
+
+    Args:
+        path: the direction file (.h5) to write.
+        vectors: 1 or 2 eigenvectors, each {param name: float32 tensor shaped like the param}.
+        values: their eigenvalues (nats/token per unit²).
+        settings: further attributes to store.
+
+    Returns:
+        The file's content fingerprint.
     """
     from ..surface.directions import save_directions
 
@@ -123,6 +146,7 @@ def checkpoint_paths(prefix) -> dict:
 
 
 def remove_checkpoints(prefix) -> None:
+    """Delete the journals of the run whose report goes to ``prefix`` (missing ones are fine)."""
     for path in checkpoint_paths(prefix).values():
         path.unlink(missing_ok=True)
 
@@ -136,16 +160,32 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
     """Top eigenpairs, trace and spectrum of the loss Hessian (P·H·P with ``mask``), as a report dict.
 
     Args:
-        model, batches, mask: as for ``HessianOperator`` (the loss is the one surfaces report).
-        top: eigenpairs (0: none); trace_samples: Hutchinson probes (0: no trace); spectrum_runs:
-            SLQ runs of ``steps`` Lanczos steps, histogram of ``bins`` bins (0: no spectrum).
+        model: a transformers LM (masked, causal, seq2seq or classifier), any device.
+        batches: list of batch dicts (B, T) on the model's device, with ``labels`` (the loss is the
+            one surfaces report).
+        top: eigenpairs (0: none).
+        trace_samples: Hutchinson probes (0: no trace).
+        spectrum_runs: SLQ runs of ``steps`` Lanczos steps (0: no spectrum).
+        steps: Lanczos steps per SLQ run.
+        bins: histogram bins of the spectrum.
+        mask: {param name: bool tensor shaped like the param}; None keeps every element.
         seed: seeds the Lanczos start vector, the probes and the SLQ start vectors.
-        tol, max_iter: the eigenpairs' relative residual tolerance and product budget.
+        tol: the eigenpairs' relative residual tolerance.
+        max_iter: the eigenpairs' Hessian-vector product budget.
         checkpoint: path prefix of the journals (``checkpoint_paths``); None: no resume.
         vectors: path of a direction file for the top-1/top-2 eigenvectors (needs top >= 1), with
             ``vector_settings`` as its attributes.
+        vector_settings: attributes of the direction file ``vectors``.
         settings: stored as the report's ``settings`` (identifies the run; see ``check_existing_report``).
+        cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
+        progress: tqdm bars over products.
         log: called with one line per finished stage (e.g. ``print``).
+
+    Returns:
+        The report dict (the contract of ``check_report``).
+
+    Raises:
+        UsageError: nothing to compute, negative counts, or eigenvectors asked without eigenpairs.
     """
     if int(top) < 0 or int(trace_samples) < 0 or int(spectrum_runs) < 0:
         raise UsageError("the numbers of eigenpairs, trace probes and spectrum runs must be 0 or more")
@@ -300,12 +340,14 @@ def load_report(path) -> dict:
 
 
 def check_report(report: dict, path) -> None:
-    """The report's schema (DamagedFile, one line, at the first field that breaks it): ``settings``
-    and ``provenance`` objects, ``n_coordinates`` >= 1, a finite ``loss``; at least one of
+    """Check the report's schema (DamagedFile, one line, at the first field that breaks it).
+
+    The schema: ``settings`` and ``provenance`` objects, ``n_coordinates`` >= 1, a finite ``loss``; at least one of
     ``eigenvalues`` (finite, descending, with ``eigenpairs``: a residual >= 0 each, products,
     converged), ``trace`` (finite mean, stderr >= 0 or NaN for one probe, samples >= 1) and
     ``spectrum`` (strictly increasing finite edges, one density >= 0 per bin integrating to 1,
-    per run as many nodes as weights); ``vectors`` null or an object with a path."""
+    per run as many nodes as weights); ``vectors`` null or an object with a path.
+    """
     schema = Schema("Hessian report", path, "make it again with `landscape hessian`")
     schema.mapping(schema.field(report, "settings"), "settings")
     provenance = schema.mapping(schema.field(report, "provenance"), "provenance")
@@ -352,8 +394,18 @@ def _check_spectrum(schema, spectrum: dict) -> None:
 
 
 def check_existing_report(path, settings: dict) -> Optional[dict]:
-    """The report already at ``path`` when it was made with ``settings`` (None when there is none);
-    ``SettingsMismatch`` when it was made with other settings."""
+    """The report already at ``path`` when it was made with ``settings``.
+
+    Args:
+        path: the report (.json).
+        settings: this run's settings.
+
+    Returns:
+        The report dict, or None when there is none.
+
+    Raises:
+        SettingsMismatch: it was made with other settings.
+    """
     path = Path(path)
     if not path.exists():
         return None

@@ -87,6 +87,14 @@ def subsample_documents(docs: List[str], fraction: Optional[float] = None, seed:
 
     Nested: for the same seed, a smaller fraction is always a subset of a larger one.
     Always keeps at least one document.
+
+    Args:
+        docs: the documents.
+        fraction: the fraction to keep, in (0, 1] (None: all, in seeded order).
+        seed: seeds the permutation.
+
+    Returns:
+        The kept documents, in the permutation's order.
     """
     return [docs[i] for i in seeded_prefix(len(docs), fraction, seed)]
 
@@ -107,10 +115,20 @@ def _special_frame(tokenizer):
 def sample_framing(tokenizer, bos: str = "auto"):
     """(prefix, suffix) token ids around every sample: the tokenizer's own framing of one text.
 
-    bos: 'auto' keeps the tokenizer's framing (BOS first for Llama-3/Gemma-style tokenizers,
-    nothing for GPT-2-style ones, [CLS] … [SEP] for BERT); 'yes' makes BOS the first token;
-    'no' drops a leading BOS.  A model measured without the BOS it always saw in pretraining is
-    measured far from where it lives.
+    A model measured without the BOS it always saw in pretraining is measured far from where it
+    lives.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        bos: 'auto' keeps the tokenizer's framing (BOS first for Llama-3/Gemma-style tokenizers,
+            nothing for GPT-2-style ones, [CLS] … [SEP] for BERT); 'yes' makes BOS the first token;
+            'no' drops a leading BOS.
+
+    Returns:
+        (prefix, suffix): lists of token ids.
+
+    Raises:
+        UsageError: an unknown ``bos``, or 'yes' for a tokenizer without a BOS token.
     """
     if bos not in BOS_CHOICES:
         raise UsageError(f"unknown BOS setting '{bos}'; use auto, yes or no")
@@ -140,8 +158,17 @@ def pack_documents(docs: List[str], tokenizer, seq_len: int, separator: Optional
                    show_progress: bool = False) -> List[List[int]]:
     """Tokenize documents and cut the concatenated stream into chunks of ``seq_len`` content tokens.
 
-    Documents are joined with ``separator`` (a token id, or nothing).  The last chunk keeps what is
-    left (it is shorter, not dropped).  Returns a list of lists of token ids.
+    The last chunk keeps what is left (it is shorter, not dropped).
+
+    Args:
+        docs: the documents.
+        tokenizer: the model's tokenizer.
+        seq_len: content tokens per chunk.
+        separator: the token id documents are joined with, or None for nothing.
+        show_progress: a tqdm bar over documents.
+
+    Returns:
+        A list of lists of token ids.
     """
     stream = []
     # Documents are longer than the model's positions on purpose (they are cut below): no warning.
@@ -163,6 +190,23 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
     separated by EOS.  Seq2seq: ``seq_len`` tokens of input before T5 span corruption.
     ``max_samples`` keeps the first samples (documents come in seeded order from
     ``subsample_documents``).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        kind: the objective: 'mlm' | 'causal' | 'seq2seq'.
+        docs: the documents (str).
+        seq_len: tokens per sample, framing included.
+        max_samples: at most this many samples (None: all).
+        seed: seeds the masks (masked LM) and span corruption (seq2seq).
+        bos: 'auto' | 'yes' | 'no' (see ``sample_framing``).
+
+    Returns:
+        A list of sample dicts of 1-D tensors with ``labels`` (-100 where nothing is predicted):
+        (seq_len,) for masked and causal LM; seq2seq inputs and labels are shorter after span
+        corruption.
+
+    Raises:
+        UsageError: the documents produce no sample, or ``max_samples`` is out of its domain.
     """
     if seq_len < 8:
         raise UsageError(f"seq-len must be at least 8, got {seq_len}")
@@ -216,7 +260,20 @@ def check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
 
 def batches(samples: List[Dict[str, torch.Tensor]], batch_size: int, pad_id: int,
             device="cpu") -> List[Dict[str, torch.Tensor]]:
-    """Collate samples into a list of batch dicts on ``device``; the last batch may be smaller."""
+    """Collate samples into a list of batch dicts on ``device``; the last batch may be smaller.
+
+    Args:
+        samples: sample dicts of 1-D tensors (``make_samples``).
+        batch_size: samples per batch (>= 1).
+        pad_id: the token id that pads shorter samples (labels are padded with -100).
+        device: where the batches go.
+
+    Returns:
+        A list of batch dicts of (B, T) tensors.
+
+    Raises:
+        UsageError: ``batch_size`` below 1.
+    """
     if batch_size < 1:
         raise UsageError(f"batch-size must be at least 1, got {batch_size}")
     out = []
@@ -229,8 +286,25 @@ def batches(samples: List[Dict[str, torch.Tensor]], batch_size: int, pad_id: int
 def load_samples(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Optional[float] = None,
                  max_samples: Optional[int] = None, seq_len: int = 128, seed: int = 0,
                  bos: str = "auto") -> List[Dict[str, torch.Tensor]]:
-    """Documents → seeded sub-sample → samples of the model's objective, as a list (for a language
-    model; a caller that shards samples over processes needs them before batching)."""
+    """Documents → seeded sub-sample → samples of the model's objective, as a list.
+
+    For a language model; a caller that shards samples over processes needs them before batching.
+
+    Args:
+        loaded: the model and tokenizer (``models.LoadedModel``).
+        corpus: the corpus (None: the embedded default).
+        fraction: the fraction of documents to keep, seeded (None: all).
+        max_samples: at most this many samples (None: no limit).
+        seq_len: tokens per sample (at most the model's positions).
+        seed: seeds the sub-sample and the objective's masking.
+        bos: 'auto' | 'yes' | 'no': BOS framing of samples (see ``sample_framing``).
+
+    Returns:
+        A list of sample dicts of 1-D tensors with ``labels`` (see ``make_samples``).
+
+    Raises:
+        UsageError: an unreadable corpus, or ``seq_len`` longer than the model's positions.
+    """
     docs = subsample_documents(load_documents(corpus), fraction, seed)
     check_seq_len(loaded.model, seq_len)
     return make_samples(loaded.tokenizer, loaded.kind, docs, seq_len, max_samples, seed, bos)
@@ -244,6 +318,23 @@ def load_batches(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
     For a fine-tuned classifier (kind 'classification') the corpus is a labelled dataset
     (``finetune.load_labelled``: CSV/TSV/JSONL/HF dataset; None = the embedded sentiment set) and
     each sample is one labelled row.
+
+    Args:
+        loaded: the model and tokenizer (``models.LoadedModel``).
+        corpus: the corpus (None: the embedded default).
+        fraction: the fraction of documents (rows) to keep, seeded (None: all).
+        max_samples: at most this many samples (None: no limit).
+        seq_len: tokens per sample.
+        batch_size: samples per batch (the last batch may be smaller).
+        seed: seeds the sub-sample and the objective's masking.
+        device: where batches go (None: the model's device).
+        bos: 'auto' | 'yes' | 'no' (see ``sample_framing``).
+
+    Returns:
+        A list of batch dicts of (B, T) tensors with ``labels`` (a classifier's labels are (B,)).
+
+    Raises:
+        UsageError: an unreadable corpus, or settings out of their domains.
     """
     check_max_samples(max_samples)
     if loaded.kind == "classification":

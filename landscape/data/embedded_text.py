@@ -63,16 +63,29 @@ DROP_LINK_PREFIX = re.compile(r"^\s*:?\s*(file|image|category|media|wikipedia|wp
                               r"[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
 
 
-ARCHIVES_HINT = (f"without network, download {GENSIM_SPEC} (wheel) and {VADER_SPEC} (sdist) elsewhere "
-                 "and run `python data/build_corpus.py --archives DIR`")
+# The wheel has no data/ scripts: the hint names what an installed package can run.
+ARCHIVES_HINT = (f"without network, download {GENSIM_SPEC} (wheel) and {VADER_SPEC} (sdist) elsewhere into a "
+                 "folder DIR and set LANDSCAPE_ARCHIVES=DIR (or run `python -m landscape.data.embedded_text "
+                 "--archives DIR`)")
 
 
 def fail(msg: str) -> None:
+    """Raise the one-line UsageError of a failed extraction, saying ``msg``."""
     raise UsageError(f"the embedded corpus could not be extracted: {msg}; {ARCHIVES_HINT}")
 
 
 # ----------------------------------------------------------------------------- fetching
 def pip_download(spec: str, dest: str, sdist: bool) -> None:
+    """Download the archive of ``spec`` (no dependencies) into ``dest`` with pip.
+
+    Args:
+        spec: a pip requirement, e.g. 'gensim==4.4.0'.
+        dest: the folder to download into.
+        sdist: get the source archive; otherwise the one fixed wheel, whatever the host.
+
+    Raises:
+        UsageError: pip failed (its last line is quoted).
+    """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dest]
     if sdist:
         cmd += ["--no-binary", ":all:"]
@@ -87,11 +100,20 @@ def pip_download(spec: str, dest: str, sdist: bool) -> None:
 
 
 def find_archive(directory: str, pattern: str) -> str | None:
+    """The first file of ``directory`` matching the glob ``pattern`` (sorted by name), or None."""
     hits = sorted(glob.glob(os.path.join(directory, pattern)))
     return hits[0] if hits else None
 
 
 def get_archives(archives_dir: str | None, tmp: str) -> tuple[str, str]:
+    """Find (in ``archives_dir``) or download (into ``tmp``) the gensim wheel and vaderSentiment sdist.
+
+    Returns:
+        (wheel path, sdist path).
+
+    Raises:
+        UsageError: they can be neither found nor downloaded.
+    """
     wheel_pat, sdist_pat = "gensim-4.4.0-*.whl", "vaderSentiment-3.3.2.tar.gz"
     wheel = find_archive(archives_dir, wheel_pat) if archives_dir else None
     sdist = find_archive(archives_dir, sdist_pat) if archives_dir else None
@@ -215,6 +237,16 @@ def read_wiki(raw_bz2: bytes) -> list[tuple[str, list[str]]]:
 
 # ----------------------------------------------------------------------------- main steps
 def build_corpus(wheel: str, out_dir: str, seed: int) -> str:
+    """Build the embedded text corpus from the gensim wheel's test texts.
+
+    Args:
+        wheel: the gensim wheel.
+        out_dir: the folder to write the corpus into.
+        seed: seeds the split (an article's chunks always stay in the same split).
+
+    Returns:
+        The path written.
+    """
     with zipfile.ZipFile(wheel) as z:
         wiki_raw = z.read(WIKI_MEMBER)
         lee_raw = z.read(LEE_MEMBER).decode("utf-8", errors="replace")
@@ -255,6 +287,15 @@ def build_corpus(wheel: str, out_dir: str, seed: int) -> str:
 
 
 def build_sentiment(sdist: str, out_dir: str) -> str:
+    """Build the embedded sentiment data set from the vaderSentiment sdist's rated snippets.
+
+    Args:
+        sdist: the vaderSentiment source archive.
+        out_dir: the folder to write the data set into.
+
+    Returns:
+        The path written.
+    """
     with tarfile.open(sdist, "r:gz") as outer:
         inner_bytes = outer.extractfile(VADER_INNER).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
@@ -335,3 +376,7 @@ def main(argv=None) -> int:
         return 2
     print(f"build_corpus: the embedded texts are under {outputs['train'].parent.parent}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

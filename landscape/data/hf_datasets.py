@@ -21,8 +21,17 @@ def check_hub_name(spec) -> None:
 
 
 def open_hf_dataset(spec):
-    """A Hugging Face dataset (``Dataset`` or ``DatasetDict``) from a ``save_to_disk`` folder or a
-    hub name (``name`` or ``name:config``); UsageError when it cannot be had."""
+    """Open a Hugging Face dataset.
+
+    Args:
+        spec: a ``save_to_disk`` folder or a hub name (``name`` or ``name:config``).
+
+    Returns:
+        A ``Dataset`` or ``DatasetDict``.
+
+    Raises:
+        UsageError: it cannot be had.
+    """
     try:
         import datasets
     except ImportError:

@@ -37,6 +37,7 @@ class LabelledData:
         return len(self.texts)
 
     def select(self, indices):
+        """The rows at ``indices`` (a sequence of ints), in that order, as a new ``LabelledData``."""
         return LabelledData(texts=[self.texts[i] for i in indices], labels=[self.labels[i] for i in indices],
                             pairs=None if self.pairs is None else [self.pairs[i] for i in indices],
                             task=self.task, label_names=self.label_names)
@@ -55,8 +56,11 @@ def _infer_task(raw_labels):
 
 
 def _check_labels(raw_labels, spec):
-    """DamagedFile for a label that reads as NaN or an infinity (a missing value, or an overflow,
-    written as a number): as a target it makes every loss NaN, as a class name it invents a class."""
+    """DamagedFile for a label that reads as NaN or an infinity.
+
+    Such a label is a missing value, or an overflow, written as a number: as a target it makes
+    every loss NaN, as a class name it invents a class.
+    """
     for number, value in enumerate(raw_labels, 1):
         try:
             finite = math.isfinite(float(value))
@@ -150,13 +154,27 @@ def _read_hf(spec):
 
 
 def load_labelled(spec=None, text_column="text", label_column="label", pair_column=None, task="auto"):
-    """Read a labelled dataset: (train LabelledData, test LabelledData or None).
+    """Read a labelled dataset.
 
-    spec: CSV, TSV or JSONL file; a Hugging Face dataset name (``name`` or ``name:config``) or
-    ``save_to_disk`` folder (needs ``datasets``); None = the embedded movie-snippet sentiment set.
     Files have one split (test is None: use ``split_train_test``); a dataset's own test (or, for
-    GLUE's hidden test labels, validation) split is returned as test.  task: "auto" picks
-    regression for non-integer labels.
+    GLUE's hidden test labels, validation) split is returned as test.
+
+    Args:
+        spec: CSV, TSV or JSONL file; a Hugging Face dataset name (``name`` or ``name:config``) or
+            ``save_to_disk`` folder (needs ``datasets``); None = the embedded movie-snippet
+            sentiment set.
+        text_column: the column of texts.
+        label_column: the column of labels.
+        pair_column: the column of second texts of a sentence-pair task, or None.
+        task: "classification", "regression", or "auto", which picks regression for non-integer
+            labels.
+
+    Returns:
+        (train LabelledData, test LabelledData or None).
+
+    Raises:
+        UsageError: an unreadable dataset or missing column.
+        DamagedFile: a label that reads as NaN or an infinity.
     """
     if spec is None:
         from .embedded_text import embedded_text
@@ -185,7 +203,16 @@ def load_labelled(spec=None, text_column="text", label_column="label", pair_colu
 
 
 def split_train_test(data: LabelledData, test_fraction: float = 0.2, seed: int = 0):
-    """Fixed seeded split of one table into (train, test); the same seed always gives the same split."""
+    """Fixed seeded split of one table into (train, test); the same seed always gives the same split.
+
+    Args:
+        data: the labelled data.
+        test_fraction: the share of rows in the test split, in (0, 1).
+        seed: seeds the split.
+
+    Returns:
+        (train, test), two ``LabelledData``.
+    """
     if not 0.0 < test_fraction < 1.0:
         raise UsageError(f"the test fraction must be in (0, 1), got {test_fraction}")
     order = seeded_order(len(data), seed)
@@ -198,14 +225,30 @@ def split_train_test(data: LabelledData, test_fraction: float = 0.2, seed: int =
 def subsample(data: LabelledData, fraction: float = 1.0, seed: int = 0, cap: Optional[int] = None):
     """Rows of a seeded sub-sample (``sampling.seeded_prefix``; at least 2 rows).
 
-    cap: use at most this many rows at fraction 1 (the permutation's first ``cap``), so fractions stay
-    fractions of the capped set.
+    Args:
+        data: the labelled data.
+        fraction: the fraction of rows to keep, in (0, 1].
+        seed: seeds the permutation.
+        cap: use at most this many rows at fraction 1 (the permutation's first ``cap``), so
+            fractions stay fractions of the capped set.
+
+    Returns:
+        The sub-sample, a ``LabelledData``.
     """
     return data.select(seeded_prefix(len(data), fraction, seed, minimum=2, cap=cap))
 
 
 def encode(tokenizer, data, seq_len):
-    """Tokenize every row once: a list of {input_ids, attention_mask[, token_type_ids]} lists."""
+    """Tokenize every row once, truncated to ``seq_len`` tokens.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        data: the ``LabelledData`` (texts, and second texts of pairs).
+        seq_len: the most tokens per row.
+
+    Returns:
+        One {input_ids, attention_mask[, token_type_ids]} dict of int lists per row.
+    """
     enc = tokenizer(data.texts, data.pairs, truncation=True, max_length=seq_len)
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
     return [{k: enc[k][i] for k in keys} for i in range(len(data))]
@@ -213,7 +256,19 @@ def encode(tokenizer, data, seq_len):
 
 def labelled_batch(encoded: List[dict], labels: list, indices: List[int], pad_id: int, task: str,
                    device) -> dict:
-    """The rows ``indices`` padded to their longest: a batch dict with ``labels`` (B,)."""
+    """The rows ``indices`` padded to their longest, as a batch.
+
+    Args:
+        encoded: the rows, as ``encode`` returns them.
+        labels: one label per row: class ids, or numbers for regression.
+        indices: the B rows of the batch.
+        pad_id: the token id that pads shorter rows.
+        task: 'classification' (int64 labels) or 'regression' (float32 labels).
+        device: where the batch goes.
+
+    Returns:
+        A batch dict of (B, T) tensors, with ``labels`` (B,).
+    """
     dtype = torch.float32 if task == "regression" else torch.long
     samples = [{**{k: torch.tensor(v, dtype=torch.long) for k, v in encoded[i].items()},
                 "labels": torch.tensor(labels[i], dtype=dtype)} for i in indices]

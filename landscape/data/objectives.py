@@ -31,11 +31,24 @@ def sample_generator(token_ids, seed):
 
 
 def mlm_sample(token_ids, special_mask, tokenizer, seed=0, mask_prob=0.15):
-    """BERT masking of one sequence: 15% of non-special tokens are targets, of which 80% become
-    [MASK], 10% a random token and 10% stay; at least one target when any token is maskable.
+    """BERT masking of one sequence.
 
-    token_ids: (T,) int, already with special tokens; special_mask: (T,) bool.
-    Returns a sample dict of (T,) tensors.
+    ``mask_prob`` (15%) of non-special tokens are targets, of which 80% become [MASK], 10% a random
+    token and 10% stay; at least one target when any token is maskable.
+
+    Args:
+        token_ids: (T,) int token ids, already with special tokens.
+        special_mask: (T,) bool, True at special tokens (never targets).
+        tokenizer: the model's tokenizer (its [MASK] id and vocabulary size).
+        seed: seeds the choice of targets and random tokens.
+        mask_prob: the fraction of non-special tokens that are targets.
+
+    Returns:
+        A sample dict of (T,) tensors: ``input_ids``, ``attention_mask`` and ``labels`` (the
+        original id at targets, -100 elsewhere).
+
+    Raises:
+        UsageError: the tokenizer has no [MASK] token.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     special = torch.as_tensor(special_mask, dtype=torch.bool)
@@ -79,6 +92,16 @@ def span_corruption_sample(token_ids, tokenizer, seed=0, noise_density=0.15, mea
     About ``noise_density`` of the tokens, in spans of mean length ``mean_span``, are replaced in the
     input by sentinels <extra_id_i>; the target lists each sentinel followed by the span it hides,
     then EOS.
+
+    Args:
+        token_ids: the sequence's token ids (no special tokens).
+        tokenizer: a T5-style tokenizer with sentinel tokens.
+        seed: seeds the spans.
+        noise_density: the fraction of tokens hidden.
+        mean_span: the mean span length, in tokens.
+
+    Returns:
+        A sample dict of 1-D tensors: ``input_ids``, ``attention_mask`` and ``labels``.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     length = len(ids)
@@ -160,8 +183,10 @@ def _token_losses(logits, targets):
 
 
 def _logits_at(model, inputs, rows, cols, shift):
-    """Logits only where they are needed: the output projection (the expensive part, a
-    (rows, vocabulary) matrix) runs on the hidden states at positions (rows, cols + shift) alone.
+    """Logits only where they are needed.
+
+    The output projection (the expensive part, a (rows, vocabulary) matrix) runs on the hidden
+    states at positions (rows, cols + shift) alone.
 
     A pre-hook on the output embeddings selects those rows, so the body runs unchanged and the
     full (B, T, V) logits are never formed.  Returns (M, V) logits, or None when the model has no
@@ -224,8 +249,10 @@ def _seq2seq_losses(model, batch):
 
 
 def _classification_losses(model, batch):
-    """Fine-tuned sequence classifiers: one target per sample (its label); regression heads
-    (one output) give the squared error and count no correct predictions."""
+    """Losses of fine-tuned sequence classifiers: one target per sample (its label).
+
+    Regression heads (one output) give the squared error and count no correct predictions.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()  # (B, C)
@@ -239,9 +266,16 @@ def _classification_losses(model, batch):
 def sequence_losses(model, batch, kind=None) -> SequenceLosses:
     """Per-sample target-token cross-entropy sums of ``model`` on ``batch``.
 
-    batch: dict of (B, T) tensors on the model's device with ``labels`` (-100 = ignored).
-    kind: 'mlm' | 'causal' | 'seq2seq' | 'classification'; inferred from the model when None.
     The token-weighted mean loss of a set of batches is sum(loss_sum) / sum(n_tokens).
+
+    Args:
+        model: the model.
+        batch: dict of (B, T) tensors on the model's device with ``labels`` (-100 = ignored).
+        kind: 'mlm' | 'causal' | 'seq2seq' | 'classification'; inferred from the model when None.
+
+    Returns:
+        ``SequenceLosses`` of (B,) tensors: summed cross-entropy (nats), target tokens, correct
+        predictions.
     """
     kind = kind or model_kind(model)
     losses = {"mlm": _mlm_losses, "causal": _causal_losses, "seq2seq": _seq2seq_losses,

@@ -37,9 +37,24 @@ def seeded_order(n: int, seed: int = 0) -> List[int]:
 
 def seeded_prefix(n: int, fraction: Optional[float] = None, seed: int = 0, minimum: int = 1,
                   cap: Optional[int] = None) -> List[int]:
-    """Indices of a seeded sub-sample of ``n`` items: the first round(fraction·m) of a seeded
-    permutation, where m = min(n, cap); at least ``minimum``.  fraction None keeps all m, in
-    permutation order.  Nested: for one seed, a smaller fraction is a prefix of a larger one."""
+    """Indices of a seeded sub-sample of ``n`` items.
+
+    Nested: for one seed, a smaller fraction is a prefix of a larger one.
+
+    Args:
+        n: the number of items.
+        fraction: keep the first round(fraction·m) of a seeded permutation, where m = min(n, cap);
+            None keeps all m, in permutation order.
+        seed: seeds the permutation.
+        minimum: keep at least this many.
+        cap: consider at most this many items (None: all n).
+
+    Returns:
+        The kept indices, in permutation order.
+
+    Raises:
+        UsageError: ``fraction`` is not in (0, 1].
+    """
     check_fraction(fraction)
     order = seeded_order(n, seed)
     if cap is not None:

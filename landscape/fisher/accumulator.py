@@ -53,8 +53,10 @@ class _Unsupported(Exception):
 
 @dataclass
 class _Call:
-    """One call of a hooked module in the current batch: its input and, after backward, the
-    gradient of the loss sum with respect to its output."""
+    """One call of a hooked module in the current batch.
+
+    Holds its input and, after backward, the gradient of the loss sum with respect to its output.
+    """
 
     module_name: str
     x: torch.Tensor  # input (embedding: indices); rows are samples, or target rows (row_sample)
@@ -63,8 +65,11 @@ class _Call:
     remaining: int = 0  # parameters of this call still to process
 
     def samples(self, tensor, batch_size, start, stop):
-        """(stop - start, L, d) per-sample layout of ``tensor`` for samples [start, stop); zero rows
-        where a sample has fewer rows than the longest of the batch (so every chunk has the same L)."""
+        """Per-sample layout (stop - start, L, d) of ``tensor`` for samples [start, stop).
+
+        Rows are zero where a sample has fewer rows than the longest of the batch (so every chunk
+        has the same L).
+        """
         if self.row_sample is None:
             return tensor.reshape(batch_size, -1, tensor.shape[-1])[start:stop]
         lo, hi = torch.searchsorted(self.row_sample, torch.tensor([start, stop], device=self.row_sample.device))
@@ -73,8 +78,11 @@ class _Call:
 
 
 def _pad_rows(rows, row_sample, count, length):
-    """(count, length, d): row i of ``rows`` at sample row_sample[i] (sorted), after that sample's
-    earlier rows; the rest zero."""
+    """Scatter ``rows`` into a (count, length, d) per-sample layout.
+
+    Row i of ``rows`` goes to sample row_sample[i] (sorted), after that sample's earlier rows; the
+    rest is zero.
+    """
     counts = torch.bincount(row_sample, minlength=count)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(len(row_sample), device=rows.device) - starts[row_sample]
@@ -93,8 +101,13 @@ class FisherAccumulator:
     Fisher of nested sub-samples in one pass (``nested_fisher``).  ``add_batch`` does one batched
     forward and backward.  Sums are float32, on the parameters' device; for a sharded model, of
     this rank's rows only: ``sums[name]`` is (S, stop - start, *shape[1:]) for ``rows[name]``.
-    max_chunk_mb: budget for per-sample gradients at a time (None: ``default_chunk_mb``).  A batch
-    whose activations would exceed ``default_pass_mb`` runs in slices of samples.
+    A batch whose activations would exceed ``default_pass_mb`` runs in slices of samples.
+
+    Args:
+        model: the model; every parameter with requires_grad is accumulated.
+        n_groups: the number S of sample groups.
+        kind: objective kind; inferred from the model when None.
+        max_chunk_mb: budget for per-sample gradients at a time, in MB (None: ``default_chunk_mb``).
     """
 
     def __init__(self, model, n_groups=1, kind=None, max_chunk_mb=None):
@@ -163,8 +176,12 @@ class FisherAccumulator:
 
     # -- one batch -------------------------------------------------------------------------
     def add_batch(self, batch, weights=None):
-        """Accumulate one batch.  batch: dict of (B, T) tensors with ``labels``; each row is a
-        sample.  weights: (B, S) membership of each sample in each group (default: all ones)."""
+        """Accumulate one batch.
+
+        Args:
+            batch: dict of (B, T) tensors with ``labels``; each row is a sample.
+            weights: (B, S) membership of each sample in each of the S groups (default: all ones).
+        """
         size = batch["labels"].shape[0]
         if weights is None:
             weights = torch.ones(size, self.n_groups)
@@ -176,8 +193,10 @@ class FisherAccumulator:
         self.counts += weights.sum(0).to("cpu", torch.float64)
 
     def _samples_per_pass(self, batch):
-        """The whole batch, or slices of samples when its activations would exceed the pass budget
-        (per-sample gradients do not depend on which samples share a pass)."""
+        """The whole batch, or slices of samples when its activations would exceed the pass budget.
+
+        Per-sample gradients do not depend on which samples share a pass.
+        """
         if self._costs is None:
             self._costs = activation_bytes(self.model, self.kind, self.hooked)
         return samples_per_pass(batch, self._costs, self.pass_bytes)
@@ -226,8 +245,11 @@ class FisherAccumulator:
 
     @contextlib.contextmanager
     def _frozen_hooked_params(self):
-        """Hooked parameters do not require grad during the pass, so backward computes only
-        activation gradients; their per-sample gradients come from the hooks instead."""
+        """Hooked parameters do not require grad during the pass.
+
+        So backward computes only activation gradients; their per-sample gradients come from the
+        hooks instead.
+        """
         frozen = [self.params[n] for n in self.holders]
         for p in frozen:
             p.requires_grad_(False)
@@ -388,17 +410,33 @@ class FisherAccumulator:
 
     # -- results and state -------------------------------------------------------------------
     def all_reduce(self, group=None):
-        """Sum running sums and counts over the ranks of ``group`` (a torch.distributed process group;
-        None: the default group).  For a sharded model: the ranks holding the same rows."""
+        """Sum running sums and counts over the ranks of ``group``.
+
+        Args:
+            group: a torch.distributed process group (None: the default group).  For a sharded
+                model: the ranks holding the same rows.
+        """
         for tensor in self.sums.values():
             all_reduce_sum(tensor, group)
         device = next(iter(self.sums.values())).device
         self.counts = all_reduce_sum(self.counts.to(device), group).cpu()
 
     def fisher(self, group=0):
-        """{param name: F} of one sample group: running sum / number of samples, divided in place
-        (no second copy of the sums), so the accumulator is finished for that group.  Values are
-        this rank's rows (``rows``) of a sharded model, whole tensors otherwise."""
+        """The diagonal Fisher of one sample group: running sum / number of samples.
+
+        The sums are divided in place (no second copy), so the accumulator is finished for that
+        group.
+
+        Args:
+            group: index of the sample group (a column of ``add_batch``'s weights).
+
+        Returns:
+            {param name: F}, each shaped like its parameter: this rank's rows (``rows``) of a
+            sharded model, whole tensors otherwise.
+
+        Raises:
+            UsageError: no samples reached the group.
+        """
         count = float(self.counts[group])
         if count <= 0:
             raise UsageError("no samples reached the Fisher estimate; give a larger corpus or fraction")
@@ -409,11 +447,20 @@ class FisherAccumulator:
         return {n: s[group] for n, s in self.sums.items()}
 
     def state_tensors(self):
+        """The running state to checkpoint: {"sum/<param name>": (S, ...) sums, "count": (S,) counts}."""
         state = {f"sum/{n}": s for n, s in self.sums.items()}
         state["count"] = self.counts
         return state
 
     def load_state_tensors(self, state):
+        """Restore the running state from a checkpoint written from ``state_tensors``.
+
+        Args:
+            state: {"sum/<param name>": tensor, "count": tensor}, as ``state_tensors`` returns it.
+
+        Raises:
+            UsageError: ``state`` lacks a sum of this model's parameters or the counts.
+        """
         missing = [n for n in self.sums if f"sum/{n}" not in state]
         if missing or "count" not in state:
             raise UsageError("the checkpoint does not match this model; delete it to start over")
@@ -423,8 +470,10 @@ class FisherAccumulator:
 
 
 def _prepare(call, rule, batch_size, start, stop):
-    """Per-sample (x, g) of a call for samples [start, stop), in the model's dtype: x (c, L, d_in),
-    g (c, L, d_out); for an embedding x is the indices (c, L)."""
+    """Per-sample (x, g) of a call for samples [start, stop), in the model's dtype.
+
+    x is (c, L, d_in), g (c, L, d_out); for an embedding x is the indices (c, L).
+    """
     g = call.samples(call.g, batch_size, start, stop)
     if rule.input_is_index:
         return call.x[start:stop], g

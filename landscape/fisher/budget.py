@@ -37,7 +37,8 @@ def activation_bytes(model, kind, hooked) -> tuple:
 
     Per token, each hooked module's input, kept once by the hook and about once more by autograd;
     per target token (the rows language models project onto the vocabulary), the float32 logits,
-    log-probabilities and their gradient."""
+    log-probabilities and their gradient.
+    """
     width = 0
     for module, rule, _ in hooked.values():
         if not rule.input_is_index:
@@ -50,9 +51,17 @@ def activation_bytes(model, kind, hooked) -> tuple:
 
 
 def samples_per_pass(batch: dict, costs: tuple, budget_bytes: int) -> int:
-    """Samples per forward and backward: the whole batch unless its activations would exceed the
-    budget.  batch: (B, T) tensors with ``labels`` (-100 where nothing is predicted; a
-    classifier's labels are (B,)); costs: ``activation_bytes``."""
+    """Samples per forward and backward: the whole batch unless its activations would exceed the budget.
+
+    Args:
+        batch: (B, T) tensors with ``labels`` (-100 where nothing is predicted; a classifier's
+            labels are (B,)).
+        costs: what ``activation_bytes`` returns for the model.
+        budget_bytes: the activation budget of one pass, in bytes.
+
+    Returns:
+        The number of samples per pass, in [1, B].
+    """
     labels = batch["labels"]
     size = labels.shape[0]
     length = max((v.shape[1] for v in batch.values() if torch.is_tensor(v) and v.dim() >= 2), default=1)
@@ -67,8 +76,20 @@ def row_numel(param) -> int:
 
 
 def chunk_and_block(size, rows, row_numel, budget):
-    """(samples per chunk, rows per block) so that chunk x block x row_numel <= budget elements where
-    possible: whole tensors while one sample's gradient fits, else one sample and row blocks."""
+    """Chunking of per-sample gradients: (samples per chunk, rows per block).
+
+    Chosen so that chunk x block x row_numel <= budget elements where possible: whole tensors
+    while one sample's gradient fits, else one sample and row blocks.
+
+    Args:
+        size: samples in the batch.
+        rows: rows of the parameter.
+        row_numel: elements per row.
+        budget: the element budget.
+
+    Returns:
+        (samples per chunk, rows per block).
+    """
     numel = rows * row_numel
     if numel <= budget:
         return max(1, budget // numel), rows

@@ -1,5 +1,7 @@
-"""The Fisher file (contract): safetensors, one float32 tensor per parameter named as in
-``model.named_parameters()``, provenance as string metadata in the header.  Never pickled.
+"""The Fisher file (contract): safetensors, float32, provenance in the header, never pickled.
+
+One float32 tensor per parameter, named as in ``model.named_parameters()``; provenance is string
+metadata in the header.
 
 A Fisher is a mean of squares: every value is finite and non-negative.  A file that breaks that
 (a diverged run, a hand-edited file) is refused on reading, so no mask or schedule is ranked on
@@ -27,12 +29,20 @@ DEFINITION = ("diagonal empirical Fisher F_j = (1/N) sum_n (d l_n / d theta_j)^2
 FORMAT = "landscape-fisher-v1"
 
 def save_fisher(path, fisher, metadata=None):
-    """Write {param name: tensor} as float32 and string metadata to a safetensors file, atomically,
-    one tensor at a time (no second copy of the whole Fisher exists).
+    """Write a Fisher as float32 tensors and string metadata to a safetensors file, atomically.
 
-    Values may be sharded (DTensors, as ``compute_fisher`` returns them for a sharded model): then
-    every rank of one shard group calls this, each tensor is gathered in turn
-    (``sharding.full_tensor``), and only the group's first rank writes.  Returns the path.
+    Tensors are written one at a time (no second copy of the whole Fisher exists).  Values may be
+    sharded (DTensors, as ``compute_fisher`` returns them for a sharded model): then every rank of
+    one shard group calls this, each tensor is gathered in turn (``sharding.full_tensor``), and
+    only the group's first rank writes.
+
+    Args:
+        path: the file to write.
+        fisher: {param name: tensor}, each shaped like its parameter.
+        metadata: header metadata (values written as strings); ``format`` is added if absent.
+
+    Returns:
+        The path, as a ``Path``.
     """
     names = sorted(fisher)  # safetensors' own order for tensors of one dtype
     shapes = {name: tuple(full_shape(fisher[name])) for name in names}
@@ -51,8 +61,10 @@ def save_fisher(path, fisher, metadata=None):
 
 
 def _header(shapes, metadata):
-    """The safetensors header of float32 tensors stored back to back in the order of ``shapes``:
-    8-byte little-endian length, then JSON padded with spaces to a multiple of 8."""
+    """The safetensors header of float32 tensors stored back to back in the order of ``shapes``.
+
+    An 8-byte little-endian length, then JSON padded with spaces to a multiple of 8.
+    """
     entries, offset = {"__metadata__": metadata}, 0
     for name, shape in shapes.items():
         size = 4 * int(torch.Size(shape).numel())
@@ -64,7 +76,18 @@ def _header(shapes, metadata):
 
 
 def load_fisher(path):
-    """Read a Fisher file: returns ({param name: float32 tensor}, {metadata key: str})."""
+    """Read a Fisher file.
+
+    Args:
+        path: the Fisher file (.safetensors).
+
+    Returns:
+        ({param name: float32 tensor shaped like the param}, {metadata key: str}).
+
+    Raises:
+        UsageError: a missing or unreadable file, or one that is not a Fisher file.
+        DamagedFile: a tensor that is not float32, finite and non-negative.
+    """
     path = require_readable_file(path, "Fisher file")
     try:
         from safetensors import safe_open
@@ -84,8 +107,11 @@ def _schema(path) -> Schema:
 
 
 def check_fisher_header(metadata: dict, path) -> None:
-    """DamagedFile unless the header metadata says this is a Fisher file (``format``): a file of
-    model weights has tensors of the same names and shapes, but they are not Fisher scores."""
+    """DamagedFile unless the header metadata says this is a Fisher file (``format``).
+
+    A file of model weights has tensors of the same names and shapes, but they are not Fisher
+    scores.
+    """
     if metadata.get("format") == FORMAT or _written_before_format(metadata):
         return
     found = f"format {metadata['format']!r}" if "format" in metadata else "no format"
@@ -101,7 +127,8 @@ def check_fisher_tensor(name: str, tensor, path="the Fisher") -> None:
     """DamagedFile unless ``tensor`` is float32 (the contract), finite and non-negative.
 
     An integer or half-precision tensor is refused rather than converted: the writer stores
-    float32, so another dtype means the file was made or edited by something else."""
+    float32, so another dtype means the file was made or edited by something else.
+    """
     low = _schema(path).tensor(name, tensor, dtypes=(torch.float32,))
     if low is not None and low < 0:
         _schema(path).fail(f"holds negative values (in '{name}'), which a Fisher (a mean of squares) cannot have")
@@ -120,16 +147,34 @@ def fisher_metadata(path) -> dict:
 
 
 def check_fisher_model(path, metadata: dict, fingerprint: str, model_spec=None) -> None:
-    """UsageError when the Fisher file at ``path`` (its ``metadata``) was computed on a model other
-    than the one whose fingerprint (``identity.model_fingerprint``) is ``fingerprint``.  Files
-    written before fingerprints were recorded pass here; their tensors' names and shapes are still
-    checked against the model where they are used."""
+    """Refuse a Fisher file computed on a model other than the given one.
+
+    Files written before fingerprints were recorded pass here; their tensors' names and shapes are
+    still checked against the model where they are used.
+
+    Args:
+        path: the Fisher file (named in the message).
+        metadata: its header metadata.
+        fingerprint: the model's fingerprint (``identity.model_fingerprint``).
+        model_spec: how the user named the model, for the message.
+
+    Raises:
+        UsageError: the file records another model's fingerprint.
+    """
     check_file_model(path, "Fisher file", metadata.get(MODEL_KEY), fingerprint, model_spec)
 
 
 def check_fisher_values(fisher, path="the Fisher") -> None:
-    """DamagedFile naming the first tensor that is not float32, or has a NaN, an infinity or a
-    negative value."""
+    """Check that every tensor of a Fisher is float32, finite and non-negative.
+
+    Args:
+        fisher: {param name: tensor}.
+        path: the file the tensors came from, named in the message.
+
+    Raises:
+        DamagedFile: naming the first tensor that is not float32, or has a NaN, an infinity or a
+            negative value.
+    """
     for name, tensor in fisher.items():
         check_fisher_tensor(name, tensor, path)
 
@@ -162,8 +207,22 @@ def check_fisher_matches(fisher, model):
 
 
 def provenance(model_source, corpus, fraction, samples, seed, **extra):
-    """Header metadata of a Fisher file (contract: model, corpus, fraction, sample count, seed,
-    definition), plus any extra settings given."""
+    """Header metadata of a Fisher file.
+
+    The contract's keys: model, corpus, fraction, sample count, seed, definition (and format),
+    plus any extra settings given.
+
+    Args:
+        model_source: the model the Fisher was computed on.
+        corpus: the corpus (None: the embedded default).
+        fraction: the fraction of the corpus used (None: all of it).
+        samples: the number of samples averaged.
+        seed: the sampling seed.
+        **extra: further settings, recorded as strings.
+
+    Returns:
+        {key: str} metadata for ``save_fisher``.
+    """
     meta = {"model": model_source, "corpus": corpus if corpus is not None else "embedded default",
             "fraction": "1.0" if fraction is None else str(fraction), "samples": str(samples),
             "seed": str(seed), "definition": DEFINITION, "format": FORMAT}

@@ -108,8 +108,16 @@ def _rms_norm(x, g, role, module, param, out=None, rows=None):
 
 
 def kept_tokens(idx: torch.Tensor, module: nn.Embedding, rows=None) -> torch.Tensor:
-    """Tokens that send a gradient to the table (the padding row receives none), among the table
-    rows [a, b) when ``rows`` is given."""
+    """Tokens that send a gradient to the embedding table (the padding row receives none).
+
+    Args:
+        idx: token indices, any shape.
+        module: the embedding.
+        rows: (a, b): keep only tokens of table rows [a, b) (None: all rows).
+
+    Returns:
+        A bool tensor shaped like ``idx``.
+    """
     keep = torch.ones_like(idx, dtype=torch.bool) if module.padding_idx is None else idx != module.padding_idx
     if rows is not None:
         keep &= (idx >= rows[0]) & (idx < rows[1])

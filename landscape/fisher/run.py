@@ -34,24 +34,42 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
                    model_fingerprint: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of ``model`` on ``batches``.
 
-    batches: iterable of dicts that ``model(**batch)`` accepts, each with ``labels`` (-100 =
-        ignored); each row is one sample.  Under an initialized torch.distributed group, each rank
-        passes its own shard and the result is the Fisher of all ranks' samples together.
-    checkpoint: optional path; running sums are saved there every ``checkpoint_every`` seconds and
-        on Ctrl-C, and a later call with the same path and ``fingerprint`` resumes after the batches
-        already done (so pass the same batches in the same order).  The caller removes the file.
-        The checkpoint also records the model's and the sample's fingerprints (``identity``); a
-        resume whose model or sample changed is refused (UsageError) naming which.
-    model_fingerprint: the model's (``identity.model_fingerprint`` of its checkpoint); default:
-        ``identity.parameters_fingerprint`` of an unsharded model.
-    max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default that scales with
-        the model, ``fisher.budget.default_chunk_mb``).
-    layout: for a model sharded with ``sharding.shard_model``: every rank of a shard group passes
-        the same batches (its group's samples); sums are reduced over ``layout.point_group``.
-    Returns {param name: float32 tensor shaped like the param} for every parameter with
-    requires_grad; a tied parameter appears once under its ``named_parameters()`` name.  For a
-    sharded model the values are DTensors sharded like the parameters (``sharding.full_tensor``
-    gathers one; ``save_fisher`` writes them tensor by tensor).
+    F_j = (1/N) Σ_n (∂ℓ_n/∂θ_j)², ℓ_n the mean target-token cross-entropy of sample n (nats), so
+    values are in nats² per (unit of parameter)².
+
+    Args:
+        model: a transformers LM or classifier (in eval mode for the passes).
+        batches: iterable of dicts that ``model(**batch)`` accepts, each of (B, T) tensors with
+            ``labels`` (-100 = ignored); each row is one sample.  Under an initialized
+            torch.distributed group, each rank passes its own shard and the result is the Fisher
+            of all ranks' samples together.
+        kind: objective kind; inferred from the model when None.
+        progress: a tqdm bar over samples.
+        total: the number of samples, for the bar (counted when ``batches`` has a length).
+        checkpoint: optional path; running sums are saved there every ``checkpoint_every`` seconds
+            and on Ctrl-C, and a later call with the same path and ``fingerprint`` resumes after
+            the batches already done (so pass the same batches in the same order).  The caller
+            removes the file.  The checkpoint also records the model's and the sample's
+            fingerprints (``identity``).
+        checkpoint_every: seconds between checkpoint saves (>= 0).
+        fingerprint: the settings fingerprint a resumed checkpoint must match.
+        max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default that scales
+            with the model, ``fisher.budget.default_chunk_mb``).
+        layout: for a model sharded with ``sharding.shard_model``: every rank of a shard group
+            passes the same batches (its group's samples); sums are reduced over
+            ``layout.point_group``.
+        model_fingerprint: the model's (``identity.model_fingerprint`` of its checkpoint); default:
+            ``identity.parameters_fingerprint`` of an unsharded model.
+
+    Returns:
+        {param name: float32 tensor shaped like the param} for every parameter with requires_grad;
+        a tied parameter appears once under its ``named_parameters()`` name.  For a sharded model
+        the values are DTensors sharded like the parameters (``sharding.full_tensor`` gathers one;
+        ``save_fisher`` writes them tensor by tensor).
+
+    Raises:
+        UsageError: no sample reached the estimate, or a resume whose model or sample changed
+            (naming which).
     """
     # NaN would never be due: the sums would silently go unsaved.
     checkpoint_every = checks.non_negative_float(checkpoint_every, "checkpoint_every")
@@ -73,7 +91,19 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
     """Fisher of the first ``sizes[s]`` samples of ``batches``, for every s, in one pass.
 
     Each sample's squared gradients go into every prefix that contains it; iteration stops after
-    the largest prefix.  Returns a list of {param name: tensor}, one per size, in the given order.
+    the largest prefix.
+
+    Args:
+        model: a transformers LM or classifier.
+        batches: iterable of batch dicts of (B, T) tensors with ``labels``; each row is a sample.
+        sizes: prefix sizes, in samples.
+        kind: objective kind; inferred from the model when None.
+        progress: a tqdm bar over samples.
+        max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default).
+
+    Returns:
+        A list of {param name: float32 tensor shaped like the param}, one per size, in the given
+        order.
     """
     sizes = [int(s) for s in sizes]
     if not sizes or min(sizes) < 1:
@@ -91,8 +121,10 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
 
 
 def _with_identity(fingerprint, model, batches, model_fingerprint):
-    """The settings fingerprint with the model's and the sample's content fingerprints added (the
-    sample's when ``batches`` is a list: a generator could be read only once)."""
+    """The settings fingerprint with the model's and the sample's content fingerprints added.
+
+    The sample's only when ``batches`` is a list: a generator could be read only once.
+    """
     if model_fingerprint is None:
         with contextlib.suppress(UsageError):  # a sharded model without a checkpoint's fingerprint
             model_fingerprint = parameters_fingerprint(model)
@@ -145,8 +177,11 @@ def _accumulate_all(accumulator, batches, membership, progress, total, checkpoin
 
 
 def _agree(due, stopping, shard_group, device):
-    """(save now, stop now), the same on every rank of a shard group: the ranks of a sharded model
-    must run the same batches, so one rank's timer or Ctrl-C decides for all of them."""
+    """(save now, stop now), the same on every rank of a shard group.
+
+    The ranks of a sharded model must run the same batches, so one rank's timer or Ctrl-C decides
+    for all of them.
+    """
     if shard_group is None:
         return due, stopping
     flags = all_reduce_sum(torch.tensor([float(due), float(stopping)], device=device), shard_group)
@@ -155,8 +190,10 @@ def _agree(due, stopping, shard_group, device):
 
 @contextlib.contextmanager
 def _deferred_interrupts(enabled=True):
-    """While checkpointing, Ctrl-C (or SIGTERM, which torchrun sends) takes effect at the next
-    batch boundary, so a checkpoint never holds half a batch.  A second Ctrl-C stops at once."""
+    """Defer Ctrl-C (or SIGTERM, which torchrun sends) to the next batch boundary while checkpointing.
+
+    So a checkpoint never holds half a batch.  A second Ctrl-C stops at once.
+    """
     state = {"requested": False}
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield state
@@ -206,8 +243,11 @@ def _resume(accumulator, path, fingerprint):
 
 
 def _check_checkpoint(path, meta, state, accumulator) -> None:
-    """The checkpoint's schema: integer counts done in its header; running sums of squares and
-    sample counts as float tensors, finite, non-negative, each sum shaped as this run's."""
+    """Check the checkpoint's schema.
+
+    Integer counts done in its header; running sums of squares and sample counts as float tensors,
+    finite, non-negative, each sum shaped as this run's.
+    """
     from ..schema import Schema
 
     schema = Schema("Fisher checkpoint", path, "delete it to start over")

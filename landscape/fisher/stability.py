@@ -1,4 +1,4 @@
-"""How stable is the Fisher estimate under sub-sampling? (paper Table 1)
+"""How stable is the Fisher estimate under sub-sampling (paper Table 1)?
 
 The Fisher is estimated from nested sub-samples of one reference sample, in one pass over the
 reference (``fisher.nested_fisher``): the sub-sample of fraction f is the first max(1, round(f·N))
@@ -47,7 +47,17 @@ def _top_mask(vector, percent):
 
 
 def spearman(a, b, max_elements=SPEARMAN_MAX_ELEMENTS, seed=0):
-    """Spearman rank correlation of two equal-length vectors (average ranks for ties)."""
+    """Spearman rank correlation of two equal-length vectors (average ranks for ties).
+
+    Args:
+        a: the first vector, any 1-D array-like.
+        b: the second, of the same length.
+        max_elements: longer vectors are compared on this many seeded random positions.
+        seed: seeds those positions.
+
+    Returns:
+        The correlation in [-1, 1], a float; NaN when either vector is constant.
+    """
     from scipy.stats import rankdata
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -62,7 +72,19 @@ def spearman(a, b, max_elements=SPEARMAN_MAX_ELEMENTS, seed=0):
 
 
 def compare(fisher, reference, top=DEFAULT_TOP):
-    """Agreement of one Fisher estimate with the reference: {metric: value} (see module doc)."""
+    """Agreement of one Fisher estimate with the reference (metrics: see the module docstring).
+
+    Args:
+        fisher: {param name: tensor}, the estimate.
+        reference: {param name: tensor}, the reference, over the same parameters.
+        top: percentages of the top-Fisher overlap and Jaccard metrics.
+
+    Returns:
+        {metric: value}: topK_overlap, topK_jaccard per K, spearman, rel_l1.
+
+    Raises:
+        UsageError: the two are over different parameters.
+    """
     names = sorted(reference)
     if set(fisher) != set(reference):
         raise UsageError("the two Fisher estimates are over different parameters")
@@ -85,14 +107,32 @@ def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind
     """Table-1 rows: the reference (all samples of ``batches``) and one row per fraction.
 
     Each row: fraction, samples, then the metrics of ``compare``.  One pass over the data.
+
+    Args:
+        model: the model (a transformers LM or classifier).
+        batches: list of batch dicts of (B, T) tensors with ``labels``; each row is a sample.
+        fractions: sub-sample fractions in (0, 1]; fraction f uses the first max(1, round(f·N))
+            of the N samples.
+        top: percentages of the top-Fisher overlap metrics.
+        kind: objective kind; inferred from the model when None.
+        progress: a tqdm bar over batches.
+
+    Returns:
+        A list of dicts, the reference (fraction 1.0) first.
     """
     return stability_and_reference(model, batches, fractions, top, kind, progress)[0]
 
 
 def stability_and_reference(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind=None,
                             progress=False):
-    """``stability`` rows and the reference Fisher they compare with, from the same single pass
-    (so a caller that also needs the Fisher does not compute it twice)."""
+    """``stability`` rows and the reference Fisher they compare with, from the same single pass.
+
+    So a caller that also needs the Fisher does not compute it twice.  Arguments as for
+    ``stability``.
+
+    Returns:
+        (rows, reference Fisher {param name: tensor shaped like the param}).
+    """
     total = sum(int(b["labels"].shape[0]) for b in batches)
     sizes = [total] + [max(1, round(f * total)) for f in fractions]
     estimates = nested_fisher(model, batches, sizes, kind=kind, progress=progress)

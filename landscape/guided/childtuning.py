@@ -1,5 +1,7 @@
-"""ChildTuning-D (Xu et al. 2021, "Raise a Child in Large Language Model"): fine-tune only the
-parameters with the highest *task* Fisher, computed once before training from the training data.
+"""ChildTuning-D (Xu et al. 2021, "Raise a Child in Large Language Model").
+
+Fine-tune only the parameters with the highest *task* Fisher, computed once before training from
+the training data.
 """
 
 import functools
@@ -108,10 +110,17 @@ def _zero_outside(drop, grad):
 def use_childtuning(model, mask):
     """Train only the child network: gradients outside ``mask`` become 0, in place; returns the model.
 
-    mask: {param name: bool tensor shaped like the parameter}, True = trained (``childtuning_mask``).
     Parameters the mask does not name (the new head) keep their whole gradient.  Implemented as a
     gradient hook per named parameter, so it works with any optimizer; see the block comment above
     for what AdamW's moments and weight decay then do.  ``remove_childtuning`` undoes it.
+
+    Args:
+        model: the model.
+        mask: {param name: bool tensor shaped like the parameter}, True = trained
+            (``childtuning_mask``).
+
+    Returns:
+        The model.
 
     Raises:
         UsageError: already on, or a mask entry the model has no parameter for / of another shape.

@@ -8,7 +8,7 @@ header must be the one this sweep writes; a file with other columns or a malform
 is refused with ``SettingsMismatch`` (pass ``overwrite=True`` to start it afresh).  Each row read
 back goes through the caller's ``check`` (the sweep's schema of a run: types, ranges, finite
 values), so a hand-edited cell is one line naming the file, the line and the column.  One sweep at
-a time may write a journal (an exclusive lock on the file).
+a time may write a journal (its ``outputs.claim_output`` lock).
 """
 
 import csv
@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from ..errors import SettingsMismatch, UsageError
+from ..outputs import claim_output
 from ..schema import Schema
 
 __all__ = ["RunJournal", "parse_cell"]
@@ -66,25 +67,21 @@ class RunJournal:
     """
 
     def __init__(self, path, columns, overwrite=False, text_columns=(), check=None):
-        import fcntl
-
         self.path = Path(path)
         self.columns = list(columns)
         self.text_columns = set(text_columns)
         self.check = check  # (row, Schema, "line N") -> None, raising DamagedFile for a damaged row
         self.rows = []
         self.dropped_tail = False
+        # One sweep at a time; a file that is not a table is refused here, a table of other columns
+        # by ``_open`` (which says whose columns they are).
+        self._claim = claim_output(self.path, "table", overwrite)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a+b")
         except OSError as err:
+            self._claim.release()
             raise UsageError(f"cannot write the per-run CSV '{self.path}': {err.strerror or err}") from None
-        try:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._handle.close()
-            raise UsageError(f"'{self.path}' is being written by another sweep; wait for it or choose "
-                             "another --runs-out") from None
         try:
             self._open(overwrite)
         except BaseException:
@@ -139,8 +136,10 @@ class RunJournal:
         return {c: (v or None) if c in self.text_columns else parse_cell(v) for c, v in zip(self.columns, record)}
 
     def close(self):
+        """Close the CSV file and release its claim."""
         if not self._handle.closed:
-            self._handle.close()  # closing releases the lock
+            self._handle.close()
+        self._claim.release()
 
     def __enter__(self):
         return self

@@ -34,7 +34,17 @@ def _f1(y_true, y_pred, n_classes):
 
 
 def compute_metrics(task, y_true, predictions, n_classes=2):
-    """Task metrics: {accuracy, f1, mcc} for class ids, {pearson, spearman} for regression targets."""
+    """Task metrics: {accuracy, f1, mcc} for class ids, {pearson, spearman} for regression targets.
+
+    Args:
+        task: 'classification' or 'regression'.
+        y_true: (n,) true class ids or targets.
+        predictions: (n,) predicted class ids or values.
+        n_classes: the number of classes (for F1).
+
+    Returns:
+        {metric: float}.
+    """
     y_true, predictions = np.asarray(y_true), np.asarray(predictions)
     if task == "classification":
         return {"accuracy": float(np.mean(y_true == predictions)), "f1": _f1(y_true, predictions, n_classes),

@@ -1,5 +1,7 @@
-"""Mixout (Lee et al. 2020): every linear layer of the pretrained body mixes with its pretrained
-weights at rate p in training (expectation preserved), identity in eval mode.
+"""Mixout (Lee et al. 2020): mix each linear layer with its pretrained weights in training.
+
+Every linear layer of the pretrained body mixes with its pretrained weights at rate p in training
+(expectation preserved), identity in eval mode.
 
 ``use_mixout`` applies it in place (a parametrization per weight; dropout set to 0 as in the
 reference) and ``remove_mixout`` gives back plain modules with the trained weights and the original
@@ -56,6 +58,7 @@ class MixoutWeight(nn.Module):
         self.register_buffer("target", target.detach().clone(), persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The mixed weight, shaped like ``weight``: ``weight`` itself in eval mode or with p = 0."""
         if not self.training or self.p == 0.0:
             return weight  # exactly the plain weight: eval mode is the identity
         if self.axis is None:
@@ -67,6 +70,7 @@ class MixoutWeight(nn.Module):
         return target + (weight - target) * (keep / (1.0 - self.p))
 
     def extra_repr(self):
+        """The rate and unit in the module's printed form."""
         return f"p={self.p}, unit={'element' if self.axis is None else 'neuron'}"
 
 

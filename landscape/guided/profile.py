@@ -1,5 +1,6 @@
-"""Views of a Fisher estimate: per parameter element (paper Fig. 3a), per dropout site (Fig. 3b),
-per tensor and per block, as CSV tables and PNG figures.
+"""Views of a Fisher estimate, as CSV tables and PNG figures.
+
+Per parameter element (paper Fig. 3a), per dropout site (Fig. 3b), per tensor and per block.
 
 Site scores follow DESIGN.md: the element-weighted mean Fisher of the parameters whose output the
 site drops (``sites.site_scores``), sites found by module name (``sites.find_sites``).
@@ -14,6 +15,7 @@ import torch
 from ..errors import UsageError
 from ..files import atomic_output, write_csv
 from ..fisher import check_fisher_matches
+from ..outputs import claim_output, figure_metadata
 from .sites import find_sites, site_scores
 
 _BLOCK = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.\d+)\.")
@@ -54,8 +56,19 @@ def block_profile(fisher):
 
 
 def site_profile(model, fisher):
-    """Rows per dropout site, in model order: site, kind, block, elements, score, normalized (score /
-    highest score), rank (1 = lowest score, as in the guided-dropout schedule)."""
+    """Rows per dropout site, in model order.
+
+    Args:
+        model: the model whose dropout sites are profiled.
+        fisher: {param name: tensor shaped like the param}, the Fisher scores.
+
+    Returns:
+        One dict per site: site, kind, block, elements, score, normalized (score / highest score),
+        rank (1 = lowest score, as in the guided-dropout schedule).
+
+    Raises:
+        UsageError: the model has no dropout sites.
+    """
     sites = find_sites(model)
     if not sites:
         raise UsageError("the model has no dropout sites to profile")
@@ -79,7 +92,7 @@ def _save_figure(fig, path):
     import matplotlib.pyplot as plt
 
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png", metadata=figure_metadata(path, "png"))
     plt.close(fig)
     return path
 
@@ -106,8 +119,11 @@ def plot_parameter_profile(quantiles, total, zeros, path, title=""):
 
 
 def spans_decades(values, ratio=20.0):
-    """Whether positive ``values`` are too spread for a linear axis: the smallest is below 1/``ratio``
-    of the largest, so its bar would be a sliver next to the largest one."""
+    """Whether positive ``values`` are too spread for a linear axis.
+
+    True when the smallest is below 1/``ratio`` of the largest, so that its bar would be a sliver
+    next to the largest one.
+    """
     positive = [v for v in values if v > 0]
     return bool(positive) and max(positive) > ratio * min(positive)
 
@@ -155,11 +171,50 @@ _KIND_COLORS = {"embeddings": "#8c564b", "attention": "#1f77b4", "hidden": "#ff7
                 "classifier": "#2ca02c", "other": "#7f7f7f"}
 
 
+# The files of a profile folder: the leading columns of each table; None for a figure.
+PROFILE_FILES = {"parameter_quantiles.csv": ("rank", "fraction", "fisher"),
+                 "tensors.csv": ("name", "block", "elements", "mean"), "blocks.csv": ("block", "elements", "mean"),
+                 "sites.csv": ("site", "kind", "block", "elements"),
+                 "parameters.png": None, "blocks.png": None, "sites.png": None}
+
+
+def claim_profile(out_dir, fisher_path, overwrite=False):
+    """Claim every file of a profile under ``out_dir`` (``outputs.claim_output``).
+
+    Args:
+        out_dir: the profile folder.
+        fisher_path: the Fisher file the profile is drawn from (its figures' stamp).
+        overwrite: replace files that are not a profile's own.
+
+    Returns:
+        The claims as one ExitStack (closing it releases them); none is held when one is refused.
+
+    Raises:
+        OutputRefused: a file already there is not a profile's own (its tables, figures of the same
+            Fisher file) and ``overwrite`` is off.
+    """
+    import contextlib
+    import os
+
+    settings = {"command": "profile", "inputs": [os.path.abspath(fisher_path)]}
+    with contextlib.ExitStack() as claims:
+        for name, columns in PROFILE_FILES.items():
+            claims.enter_context(claim_output(Path(out_dir) / name, "table" if columns else "figure", overwrite,
+                                              columns=columns, settings=None if columns else settings))
+        return claims.pop_all()
+
+
 def write_profile(fisher, model, out_dir, title=""):
     """Write every view under ``out_dir``; returns {what: path}.
 
     parameters.png / parameter_quantiles.csv (sorted element-wise Fisher), sites.png / sites.csv
     (site scores, normalized to the highest), tensors.csv, blocks.png / blocks.csv.
+
+    Args:
+        fisher: {param name: tensor shaped like the param}, the Fisher scores.
+        model: the model they were computed on (its dropout sites and blocks).
+        out_dir: the profile folder.
+        title: a prefix of the figures' titles.
     """
     check_fisher_matches(fisher, model)
     out = Path(out_dir)

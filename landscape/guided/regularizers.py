@@ -36,7 +36,9 @@ def gaussian_sigma(p):
 
 
 def gaussian_noise(x, p, training=True):
-    """x * (1 + sigma * N(0, 1)) with sigma = sqrt(p / (1 - p)) when training; x itself otherwise.
+    """Gaussian dropout: ``x * (1 + sigma * N(0, 1))``, sigma = sqrt(p / (1 - p)), when training.
+
+    Returns ``x`` itself otherwise; the result has x's shape.
 
     Same mean as x and the variance of Bernoulli dropout with rescaling (x^2 * p / (1 - p)).
     """
@@ -57,9 +59,11 @@ class GaussianDropout(nn.Module):
         self.p = float(p)
 
     def forward(self, x):
+        """``gaussian_noise`` of ``x`` (any shape) in training, ``x`` in eval mode."""
         return gaussian_noise(x, self.p, self.training)
 
     def extra_repr(self):
+        """The probability in the module's printed form."""
         return f"p={self.p}"
 
 
@@ -97,10 +101,17 @@ def _register_gaussian_attention():
 def use_gaussian_dropout(model, p=None):
     """Turn every dropout site of ``model`` into Gaussian dropout, in place; returns the model.
 
-    p: one probability for all sites, or None to keep each site's current probability.  Dropout
-    modules are replaced by ``GaussianDropout``; attention probabilities are handled by switching the
-    model to an eager attention function that applies the Gaussian noise (the previous attention
-    implementation is kept in ``model._landscape_previous_attn`` for ``restore_attention``).
+    Dropout modules are replaced by ``GaussianDropout``; attention probabilities are handled by
+    switching the model to an eager attention function that applies the Gaussian noise (the
+    previous attention implementation is kept in ``model._landscape_previous_attn`` for
+    ``restore_attention``).
+
+    Args:
+        model: the model.
+        p: one probability for all sites, in [0, 1), or None to keep each site's current probability.
+
+    Returns:
+        The model.
     """
     modules = dict(model.named_modules())
     for site in find_sites(model):
@@ -146,7 +157,16 @@ def _set_rng_state(state, device):
 
 
 def embedding_noise(embeds, sigma, noise="normal"):
-    """Noise shaped like ``embeds``: N(0, sigma^2) ("normal") or U(-sigma, sigma) ("uniform")."""
+    """Noise shaped like ``embeds``: N(0, sigma^2) ("normal") or U(-sigma, sigma) ("uniform").
+
+    Args:
+        embeds: the embeddings, any shape, e.g. (B, L, H).
+        sigma: the noise scale, in the embeddings' units.
+        noise: "normal" or "uniform".
+
+    Returns:
+        A tensor of ``embeds``' shape, dtype and device.
+    """
     if noise == "normal":
         return torch.randn_like(embeds) * sigma
     if noise == "uniform":
@@ -157,15 +177,26 @@ def embedding_noise(embeds, sigma, noise="normal"):
 def r3f_loss(model, batch, lam=1.0, sigma=1e-5, noise="normal"):
     """R3F objective for a sequence-classification/regression model: (total, task loss, penalty).
 
-    batch: dict with ``input_ids`` (B, L), ``attention_mask``, optional ``token_type_ids``, and
-    ``labels`` (B,).  total = task loss on clean inputs + lam * symmetric KL(f(x) || f(x + noise))
-    over the class distributions (mean squared difference for a one-output regression head), the
-    noise added to the output of the input (token) embedding layer.  Both passes get ``input_ids``
+    total = task loss on clean inputs + lam * symmetric KL(f(x) || f(x + noise)) over the class
+    distributions (mean squared difference for a one-output regression head), the noise added to
+    the output of the input (token) embedding layer.  Both passes get ``input_ids``
     (the noise comes in through a forward hook, not ``inputs_embeds``), so a decoder classifier
     (Llama, GPT-2) still finds each row's last non-pad token to classify from.  The noisy pass
     replays the clean pass's random state, so both see the same dropout masks and the penalty
     measures only the input-noise sensitivity; hence at sigma = 0 (or lam = 0) the total equals the
     plain loss exactly.
+
+    Args:
+        model: a sequence-classification or regression model.
+        batch: dict with ``input_ids`` (B, L), ``attention_mask``, optional ``token_type_ids``, and
+            ``labels`` (B,).
+        lam: the weight of the penalty.
+        sigma: the noise scale (see ``embedding_noise``).
+        noise: "normal" or "uniform".
+
+    Returns:
+        (total, task loss, penalty): scalar tensors; the losses in nats (cross-entropy) or squared
+        label units (regression).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     embedding = model.get_input_embeddings()
@@ -202,8 +233,14 @@ def head_linears(model):
 def add_spectral_norm(model):
     """R4F: spectral normalization on every linear layer of the classification head, in place.
 
-    Returns the list of module names changed.  Call ``remove_spectral_norm`` before saving, so the
-    saved weights are plain tensors under their usual names.
+    Call ``remove_spectral_norm`` before saving, so the saved weights are plain tensors under their
+    usual names.
+
+    Args:
+        model: a classification model.
+
+    Returns:
+        The list of module names changed.
     """
     from torch.nn.utils.parametrizations import spectral_norm
 

@@ -75,6 +75,14 @@ def linear_probabilities(n_sites, p_upper=0.1, p_lower=0.0):
     """Paper eq. 9-10: p_r = p_upper - r * (p_upper - p_lower) / (n - 1) for rank r = 0..n-1.
 
     Rank 0 (lowest Fisher score) gets p_upper, rank n-1 gets p_lower; one site alone gets p_upper.
+
+    Args:
+        n_sites: the number n of sites.
+        p_upper: the probability of rank 0.
+        p_lower: the probability of rank n-1.
+
+    Returns:
+        A list of n probabilities, by rank.
     """
     if n_sites == 1:
         return [p_upper]
@@ -86,6 +94,15 @@ def power_probabilities(n_sites, p_upper=0.1, p_lower=0.0, gamma=2.0):
     """p_r = p_upper - (p_upper - p_lower) * (r / (n - 1)) ** gamma; gamma = 1 is the linear shape.
 
     gamma > 1 keeps most sites near p_upper and drops only the most informative ones towards p_lower.
+
+    Args:
+        n_sites: the number n of sites.
+        p_upper: the probability of rank 0.
+        p_lower: the probability of rank n-1.
+        gamma: the exponent.
+
+    Returns:
+        A list of n probabilities, by rank.
     """
     if n_sites == 1:
         return [p_upper]
@@ -93,7 +110,7 @@ def power_probabilities(n_sites, p_upper=0.1, p_lower=0.0, gamma=2.0):
 
 
 def log_probabilities(sorted_scores, p_upper=0.1, p_lower=0.0):
-    """p = p_upper - (p_upper - p_lower) * u, u = normalized log score in [0, 1].
+    """Probabilities ``p = p_upper - (p_upper - p_lower) * u``, u = normalized log score in [0, 1].
 
     u = (log s - log s_min) / (log s_max - log s_min): probabilities follow the Fisher scores' spread
     (orders of magnitude), not just their order.  Scores <= 0 are clamped to the smallest positive
@@ -125,7 +142,25 @@ def guided_dropout(model, fisher, p_upper=0.1, p_lower=0.0, shape="linear", gamm
     Sites are scored by element-weighted mean Fisher and sorted ascending (ties keep module order);
     ``shape`` maps ranks/scores to probabilities in [p_lower, p_upper].  Sites whose parameters are
     all absent from the Fisher (e.g. a fresh classification head) are listed in ``unscored`` and
-    left out; a site with only some of its parameters in the Fisher is an error (UsageError).
+    left out.
+
+    Args:
+        model: the model whose dropout sites are scheduled.
+        fisher: {param name: tensor shaped like the param}, the diagonal Fisher.
+        p_upper: the probability of the lowest-scored site.
+        p_lower: the probability of the highest-scored site.
+        shape: 'linear' (paper eq. 9-10), 'power' or 'log' (see ``*_probabilities``).
+        gamma: the exponent of the 'power' shape.
+        model_source: the model as named by the user, recorded in the schedule.
+        fisher_source: the Fisher file, recorded in the schedule.
+        model_fingerprint: the model's ``identity.model_fingerprint``, recorded in the schedule.
+
+    Returns:
+        A ``Schedule``: one ``SiteProbability`` per scored site, in rank order.
+
+    Raises:
+        UsageError: a site with only some of its parameters in the Fisher, or settings out of
+            their domains.
     """
     _check_bounds(p_upper, p_lower)
     if shape not in SHAPES:
@@ -146,7 +181,15 @@ def guided_dropout(model, fisher, p_upper=0.1, p_lower=0.0, shape="linear", gamm
 
 
 def uniform(model: nn.Module, p: float) -> Schedule:
-    """Every dropout site of ``model`` at probability ``p`` (standard dropout; p = 0 turns it off)."""
+    """Every dropout site of ``model`` at probability ``p`` (standard dropout; p = 0 turns it off).
+
+    Args:
+        model: the model.
+        p: the dropout probability, in [0, 1).
+
+    Returns:
+        A ``Schedule`` of every site.
+    """
     _check_bounds(p, 0.0)
     entries = [SiteProbability(name=s.name, kind=s.kind, block=s.block, score=float("nan"), rank=i, p=float(p))
                for i, s in enumerate(find_sites(model))]
@@ -164,10 +207,19 @@ def _as_probabilities(schedule):
 def apply(model: nn.Module, schedule: Schedule) -> nn.Module:
     """Set each scheduled site's dropout probability on ``model``, in place; returns the model.
 
-    schedule: a Schedule, a list of SiteProbability, or {module name: p}.  Names are matched to
-    ``model.named_modules()``; a name the model does not have, or a module that is not a dropout
-    site, is refused with UsageError before anything changes.  Sites not in the schedule keep their
+    Names are matched to ``model.named_modules()``.  Sites not in the schedule keep their
     probability.  Takes effect for eager and SDPA attention alike (both read the value set here).
+
+    Args:
+        model: the model.
+        schedule: a Schedule, a list of SiteProbability, or {module name: p}.
+
+    Returns:
+        The model.
+
+    Raises:
+        UsageError: a name the model does not have, or a module that is not a dropout site
+            (before anything changes).
     """
     probs = _as_probabilities(schedule)
     modules = dict(model.named_modules())
@@ -209,7 +261,12 @@ def to_dict(schedule: Schedule):
 
 
 def save_schedule(schedule: Schedule, path):
-    """Write a schedule as JSON, atomically (no partial file on failure)."""
+    """Write a schedule as JSON, atomically (no partial file on failure).
+
+    Args:
+        schedule: the ``Schedule``.
+        path: the JSON file to write.
+    """
     with atomic_output(path) as tmp:
         # Strict JSON: a score that is not a number (a uniform schedule has none) is written as null.
         tmp.write_text(json.dumps(_finite_or_null(to_dict(schedule)), indent=2, allow_nan=False) + "\n")
@@ -231,10 +288,20 @@ def _float_or_nan(value):
 
 
 def load_schedule(path) -> Schedule:
-    """Read a schedule JSON written by ``save_schedule``; UsageError if it is not one.
+    """Read a schedule JSON written by ``save_schedule``.
 
     Schema (``check_schedule``): a 'sites' list of objects, each with a string 'name', a
-    probability 'p' in [0, 1), a finite 'score' or null, an integer 'rank' >= 0 when given."""
+    probability 'p' in [0, 1), a finite 'score' or null, an integer 'rank' >= 0 when given.
+
+    Args:
+        path: the schedule file (.json).
+
+    Returns:
+        The ``Schedule``.
+
+    Raises:
+        UsageError: a missing or unreadable file, or one that is not a schedule.
+    """
     path = require_readable_file(path, "schedule file")
     try:
         data = json.loads(path.read_text())
@@ -286,6 +353,12 @@ def callback(schedule):
     """A ``transformers.TrainerCallback`` that applies ``schedule`` when training begins.
 
     One line for a Trainer user: ``Trainer(..., callbacks=[schedule.callback(s)])``.
+
+    Args:
+        schedule: anything ``apply`` accepts.
+
+    Returns:
+        The callback.
     """
     from transformers import TrainerCallback
 
@@ -301,9 +374,25 @@ def schedule_from_args(model, schedule_path: Optional[str] = None, fisher_path: 
                        p_upper=0.1, p_lower=0.0, shape="linear", model_fingerprint: str = "", model_spec=None):
     """Load a schedule file, or compute one from a Fisher file; None when neither is given.
 
-    model_fingerprint: the ``identity.model_fingerprint`` of the checkpoint ``model`` was built
-    from (``model_spec``); when given, a schedule or Fisher file recorded for another model is
-    refused (UsageError).  Files without a recorded fingerprint are checked by site names only.
+    Files without a recorded fingerprint are checked by site names only.
+
+    Args:
+        model: the model the schedule is for.
+        schedule_path: a schedule file (.json), or None.
+        fisher_path: a Fisher file to compute a schedule from (``guided_dropout``), or None.
+        p_upper: the highest probability of a computed schedule.
+        p_lower: the lowest probability of a computed schedule.
+        shape: the shape of a computed schedule (see ``guided_dropout``).
+        model_fingerprint: the ``identity.model_fingerprint`` of the checkpoint ``model`` was
+            built from; when given, a schedule or Fisher file recorded for another model is
+            refused.
+        model_spec: how the user named the model (``--model``), for messages.
+
+    Returns:
+        The ``Schedule``, or None when neither file is given.
+
+    Raises:
+        UsageError: an unreadable file, or one recorded for another model.
     """
     from ..identity import check_file_model
 

@@ -46,9 +46,18 @@ def bootstrap_interval(d, seed=0, resamples=10000, confidence=0.95):
 
     Draws ``resamples`` resamples of d with replacement from ``numpy.random.default_rng(seed)``
     (reproducible for a seed), takes each one's mean, and returns the (1 - confidence) / 2 and
-    (1 + confidence) / 2 quantiles of those means.  d: 1-D array of n >= 1 differences.  When all
-    differences are equal every resample mean is that value, so the interval is returned as exactly
-    (d[0], d[0]) rather than what rounding in the means would give.
+    (1 + confidence) / 2 quantiles of those means.  When all differences are equal every resample
+    mean is that value, so the interval is returned as exactly (d[0], d[0]) rather than what
+    rounding in the means would give.
+
+    Args:
+        d: 1-D array of n >= 1 differences.
+        seed: seeds the resampling.
+        resamples: the number of resamples.
+        confidence: the interval's coverage, in (0, 1).
+
+    Returns:
+        (low, high), floats in d's units.
     """
     d = np.asarray(d, dtype=float).reshape(-1)
     if d.size == 0:

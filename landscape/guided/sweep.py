@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..data.labelled import subsample
 from ..errors import SettingsMismatch
 from ..files import atomic_output
+from ..outputs import figure_metadata
 from . import schedule as sched
 from .journal import RunJournal
 from .metrics import metrics_for
@@ -54,10 +55,12 @@ def run_columns(task):
 
 
 def check_run_row(task):
-    """The schema of one row of a ``task`` sweep's per-run CSV, as ``RunJournal`` reads it back: a
-    regularizer name, fraction in (0, 1], integer seed and n_train, metrics finite in their range
+    """The schema of one row of a ``task`` sweep's per-run CSV, as ``RunJournal`` reads it back.
+
+    A regularizer name, fraction in (0, 1], integer seed and n_train, metrics finite in their range
     ([0, 1] for accuracy and F1, [-1, 1] for correlations), seconds >= 0, fingerprints present; a
-    diverged run's final_train_loss may be NaN or infinite."""
+    diverged run's final_train_loss may be NaN or infinite.
+    """
     bounded = {"accuracy": 0.0, "f1": 0.0, "mcc": -1.0, "pearson": -1.0, "spearman": -1.0}
 
     def check(row, schema, where):
@@ -83,6 +86,11 @@ def check_run_row(task):
         if row["shuffle_seed"] is not None:
             schema.integer(row["shuffle_seed"], at("shuffle_seed"))
     return check
+
+
+def model_folder(save_models, reg, fraction, seed) -> Path:
+    """Where ``data_paucity`` saves the model of one run under ``save_models``."""
+    return Path(save_models) / f"{reg}_f{fraction:g}_s{seed}"
 
 
 def _digest(value, length=12):
@@ -203,10 +211,31 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
     Restart seeds are ``first_seed .. first_seed + restarts - 1``; all regularizers see the same
     sub-samples, so runs pair by (fraction, seed).
 
-    runs_path: the per-run CSV, used as the journal: runs already in it (same regularizer, fraction
-        and seed, same settings) are not redone, and each new run is appended as soon as it ends.
-        A journal with other settings raises ``SettingsMismatch`` unless ``overwrite`` (start afresh).
-    log: a function taking one line of text (e.g. ``print``) for what the resume found; None: quiet.
+    Args:
+        model_spec: the pretrained model (hub id or folder) to fine-tune.
+        train_data: the training ``LabelledData``, sub-sampled per (fraction, seed).
+        test_data: the test ``LabelledData``.
+        regularizers: keys of ``REGULARIZERS``.
+        fractions: training fractions in (0, 1].
+        restarts: restart seeds per (regularizer, fraction).
+        config: a ``FinetuneConfig`` (None: the defaults).
+        guided: the guided schedule, for the regularizers built from it.
+        save_models: a folder to save each run's model in (``model_folder``), or None.
+        first_seed: the first restart seed.
+        cap: use at most this many training rows at fraction 1 (see ``subsample``).
+        show_progress: a tqdm bar over training steps.
+        runs_path: the per-run CSV, used as the journal: runs already in it (same regularizer,
+            fraction and seed, same settings) are not redone, and each new run is appended as soon
+            as it ends.
+        overwrite: start a journal with other settings afresh instead of refusing it.
+        log: a function taking one line of text (e.g. ``print``) for what the resume found; None:
+            quiet.
+
+    Returns:
+        One dict per run, in plan order.
+
+    Raises:
+        SettingsMismatch: a journal with other settings, without ``overwrite``.
     """
     config = config or FinetuneConfig()
     check_regularizers(regularizers, guided)
@@ -234,7 +263,7 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         with tqdm(total=total, desc="fine-tuning", unit="step", disable=not show_progress) as bar:
             for reg, fraction, seed in todo:
                 subset = subsets[(fraction, seed)]
-                save_dir = None if save_models is None else Path(save_models) / f"{reg}_f{fraction:g}_s{seed}"
+                save_dir = None if save_models is None else model_folder(save_models, reg, fraction, seed)
                 started = time.perf_counter()
                 metrics = finetune_once(model_spec, subset, test_data, reg, seed, config, guided, save_dir, bar)
                 row = {"regularizer": reg, "fraction": fraction, "seed": seed, "n_train": len(subset), **metrics,
@@ -259,8 +288,15 @@ def _empty_comparison():
 
 
 def is_significant(diff_row) -> bool:
-    """A summary row's difference against dropout is significant: p < 0.05 and the 95% bootstrap
-    interval excludes 0 (False for rows without a comparison)."""
+    """Whether a summary row's difference against dropout is significant.
+
+    Args:
+        diff_row: a row of ``summarize_runs``.
+
+    Returns:
+        True when p < 0.05 and the 95% bootstrap interval excludes 0; False for rows without a
+        comparison.
+    """
     p, low, high = diff_row.get("p_value"), diff_row.get("ci_low"), diff_row.get("ci_high")
     if p is None or low is None or high is None or not all(math.isfinite(float(v)) for v in (p, low, high)):
         return False
@@ -268,8 +304,10 @@ def is_significant(diff_row) -> bool:
 
 
 def summarize_runs(rows, metrics, baseline=BASELINE, bootstrap_seed=0):
-    """Per (regularizer, fraction) and metric: runs, mean, quartiles, min, max, and the paired
-    comparison with ``baseline`` (dropout) over the same restart seeds at that fraction.
+    """Summarize a sweep's runs per (regularizer, fraction) and metric.
+
+    Each summary row has runs, mean, quartiles, min, max, and the paired comparison with
+    ``baseline`` (dropout) over the same restart seeds at that fraction.
 
     diff_vs_dropout: mean over seeds of (regularizer - dropout); ci_low / ci_high: its percentile
     bootstrap 95% interval (``bootstrap_seed``, 10000 resamples); p_value: two-sided Wilcoxon
@@ -306,8 +344,20 @@ def summarize_runs(rows, metrics, baseline=BASELINE, bootstrap_seed=0):
 
 
 def plot_paucity(summary, metric, path, title=""):
-    """Figure-4-style plot: metric mean vs training fraction per regularizer, IQR shaded; a cell that
-    differs significantly from dropout (``is_significant``) gets a large star on its point."""
+    """Figure-4-style plot: metric mean vs training fraction per regularizer, IQR shaded.
+
+    A cell that differs significantly from dropout (``is_significant``) gets a large star on its
+    point.
+
+    Args:
+        summary: rows of ``summarize_runs``.
+        metric: the metric to plot.
+        path: the figure file to write (its suffix gives the format; png by default).
+        title: the figure's title.
+
+    Returns:
+        The path, as a ``Path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,7 +388,8 @@ def plot_paucity(summary, metric, path, title=""):
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        fmt = Path(path).suffix.lstrip(".") or "png"
+        fig.savefig(tmp, format=fmt, dpi=120, metadata=figure_metadata(path, fmt))
     plt.close(fig)
     return Path(path)
 
@@ -348,8 +399,18 @@ def _fmt(value, spec):
 
 
 def format_summary(summary, metric):
-    """Text tables of one metric: regularizer x fraction, 'mean [q25, q75]' (with '*' where the
-    difference from dropout is significant), then the paired differences from dropout."""
+    """Text tables of one metric.
+
+    Regularizer x fraction, 'mean [q25, q75]' (with '*' where the difference from dropout is
+    significant), then the paired differences from dropout.
+
+    Args:
+        summary: rows of ``summarize_runs``.
+        metric: the metric to tabulate.
+
+    Returns:
+        The tables as one string.
+    """
     rows = [r for r in summary if r["metric"] == metric]
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     regs = list(dict.fromkeys(r["regularizer"] for r in rows))

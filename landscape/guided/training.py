@@ -44,8 +44,19 @@ DROPOUT_ONLY_REGULARIZERS = ("dropout", "gaussian") + SCHEDULE_REGULARIZERS
 
 
 def check_regularizers(names, guided: "Optional[sched.Schedule]" = None) -> list:
-    """UsageError unless every name is a known regularizer and those built from the guided schedule
-    (guided, dropout-matched, guided-shuffled) have it."""
+    """Check the regularizers of a run.
+
+    Args:
+        names: regularizer names (keys of ``REGULARIZERS``).
+        guided: the guided dropout schedule, needed by those built from it (guided,
+            dropout-matched, guided-shuffled).
+
+    Returns:
+        The names, as a list.
+
+    Raises:
+        UsageError: no name, an unknown name, or a schedule needed but not given.
+    """
     unknown = [r for r in names if r not in REGULARIZERS]
     if unknown or not names:
         raise UsageError(f"unknown regularizer '{(unknown or [''])[0]}'; use any of {', '.join(REGULARIZERS)}")
@@ -59,10 +70,15 @@ def check_regularizers(names, guided: "Optional[sched.Schedule]" = None) -> list
 def run_schedule(name, guided, seed=0) -> "Optional[sched.Schedule]":
     """The dropout schedule regularizer ``name`` trains with for restart ``seed``; None if it has none.
 
-    guided: the guided schedule itself; dropout-matched: ``schedule.matched_uniform(guided)`` (every
-    site of the schedule at its mean p); guided-shuffled: ``schedule.shuffled(guided, seed)`` (its
-    probabilities permuted over its sites; the permutation seed is the restart seed, so every restart
-    gets a new permutation).
+    For 'guided': the guided schedule itself; dropout-matched: ``schedule.matched_uniform(guided)``
+    (every site of the schedule at its mean p); guided-shuffled: ``schedule.shuffled(guided, seed)``
+    (its probabilities permuted over its sites; the permutation seed is the restart seed, so every
+    restart gets a new permutation).
+
+    Args:
+        name: the regularizer.
+        guided: the guided schedule.
+        seed: the restart seed.
     """
     if name not in SCHEDULE_REGULARIZERS:
         return None
@@ -112,7 +128,13 @@ _CONFIG_DOMAINS = {"lr": checks.POSITIVE, "weight_decay": checks.NON_NEGATIVE, "
 # ---------------------------------------------------------------- model and batches
 
 def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
-    """(model, tokenizer) with a fresh sequence-classification/regression head, on ``device``."""
+    """(model, tokenizer) with a fresh sequence-classification/regression head, on ``device``.
+
+    Args:
+        spec: the pretrained model (hub id or folder), or None for the embedded one.
+        data: the ``LabelledData`` whose task and labels size the head.
+        device: where the model goes.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = str(EMBEDDED_MODEL_DIR) if spec is None else str(spec)
@@ -153,6 +175,17 @@ def prepare_regularizer(model, name, config, guided=None, *, seed=0, train_batch
     run's training data, labelled batches) and from then on trains only the
     ``config.childtuning_reserve`` share of the body with the highest Fisher, plus the head.
     ``undo_regularizer`` makes the model plain again.
+
+    Args:
+        model: the classifier to fine-tune.
+        name: a key of ``REGULARIZERS``.
+        config: the ``FinetuneConfig``.
+        guided: the guided schedule, for the regularizers built from it.
+        seed: the restart seed.
+        train_batches: the run's labelled training batches (for "childtuning").
+
+    Returns:
+        The loss function, called as ``loss_fn(model, batch)``.
     """
     check_regularizers([name], guided)
     sched.apply(model, sched.uniform(model, 0.0 if name == "none" else config.dropout))
@@ -175,9 +208,11 @@ def prepare_regularizer(model, name, config, guided=None, *, seed=0, train_batch
 
 
 def undo_regularizer(model):
-    """Make a trained model plain again for evaluation and saving: no ChildTuning gradient hooks, no
-    mixout (its parametrization removed with the trained weights kept, the dropout probabilities from
-    before it restored), standard attention, R4F's spectral norm folded into plain weights.
+    """Make a trained model plain again for evaluation and saving; returns it.
+
+    No ChildTuning gradient hooks, no mixout (its parametrization removed with the trained weights
+    kept, the dropout probabilities from before it restored), standard attention, R4F's spectral
+    norm folded into plain weights.
 
     Mixout goes before the spectral norm: ``remove_spectral_norm`` only touches spectral-norm
     parametrizations, so the order is not load-bearing, but mixout's removal also restores dropout.
@@ -201,7 +236,20 @@ def _linear_warmup_decay(optimizer, total_steps, warmup_fraction):
 
 
 def train(model, loss_fn, encoded, data, config, seed, progress=None):
-    """AdamW with warm-up then linear decay for ``config.epochs`` epochs; returns the last loss."""
+    """AdamW with warm-up then linear decay for ``config.epochs`` epochs.
+
+    Args:
+        model: the model, set up by ``prepare_regularizer``.
+        loss_fn: the loss function ``prepare_regularizer`` returned.
+        encoded: the training rows, as ``labelled.encode`` returns them.
+        data: the training ``LabelledData`` (labels, task).
+        config: the ``FinetuneConfig``.
+        seed: seeds the batch order.
+        progress: a tqdm bar to advance by steps, or None.
+
+    Returns:
+        The last training loss, a float.
+    """
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
                                   weight_decay=config.weight_decay)
@@ -231,7 +279,17 @@ def train(model, loss_fn, encoded, data, config, seed, progress=None):
 
 @torch.no_grad()
 def evaluate_classifier(model, encoded, data, batch_size=64):
-    """Task metrics of ``model`` on ``data`` (eval mode, no dropout)."""
+    """Task metrics of ``model`` on ``data`` (eval mode, no dropout).
+
+    Args:
+        model: the fine-tuned classifier.
+        encoded: the rows, as ``labelled.encode`` returns them.
+        data: the ``LabelledData`` (labels, task).
+        batch_size: rows per forward pass.
+
+    Returns:
+        {metric: float} (see ``metrics.compute_metrics``).
+    """
     model.eval()
     device = next(model.parameters()).device
     outputs = []
@@ -249,10 +307,20 @@ def finetune_once(model_spec, train_data, test_data, regularizer, seed=0, config
                   save_dir=None, progress=None):
     """One fine-tuning run; returns {metric: value} on ``test_data`` (and saves the model if asked).
 
-    guided: the guided schedule, for the regularizers built from it (``SCHEDULE_REGULARIZERS``).
+    Args:
+        model_spec: the pretrained model (hub id or folder) to fine-tune.
+        train_data: the training ``LabelledData``.
+        test_data: the test ``LabelledData``.
+        regularizer: a key of ``REGULARIZERS``.
+        seed: the restart seed (seeds the run's random choices).
+        config: a ``FinetuneConfig`` (None: the defaults).
+        guided: the guided schedule, for the regularizers built from it (``SCHEDULE_REGULARIZERS``).
+        save_dir: write a ``from_pretrained`` folder (model + tokenizer) there; it loads with
+            ``AutoModelForSequenceClassification.from_pretrained``.
+        progress: a tqdm bar to advance by training steps, or None.
 
-    save_dir: write a ``from_pretrained`` folder (model + tokenizer) there; it loads with
-    ``AutoModelForSequenceClassification.from_pretrained``.
+    Returns:
+        {metric: value} on ``test_data``.
     """
     config = config or FinetuneConfig()
     torch.manual_seed(seed)  # the head's initialisation and the dropout masks follow the restart seed

@@ -3,6 +3,7 @@
 import html
 
 from ..files import atomic_output
+from ..outputs import stamp_html
 
 # The figure's div takes the whole window (plotly's default_height="100vh"); the page must then
 # have no margin and no scroll bar, or the plot is cut at the bottom or leaves a white band.
@@ -31,3 +32,4 @@ def write_html(fig, out, title=None):
     text = text.replace("<head>", head, 1)
     with atomic_output(out) as tmp:
         tmp.write_text(text, encoding="utf-8")
+        stamp_html(tmp, out)  # whose output it is: a later run replaces only its own file

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files import atomic_output
+from ..outputs import figure_metadata
 from .html import write_html
 from .surfaces import output_format
 from .text import literal
@@ -43,7 +44,20 @@ def _subtitle(report):
 
 
 def plot_spectrum(path, out, log=False, title=None):
-    """Draw the spectral density of the Hessian report ``path`` to ``out`` (.png, .pdf or .html)."""
+    """Draw the spectral density of the Hessian report ``path`` to ``out``.
+
+    Args:
+        path: the Hessian report (.json) with a spectrum.
+        out: the figure to write (.png, .pdf or .html).
+        log: a log density axis (empty bins become gaps).
+        title: the figure's title (None: one naming the report).
+
+    Returns:
+        The output path, as a ``Path``.
+
+    Raises:
+        UsageError: an unknown output format, or a report without a spectrum.
+    """
     fmt = output_format(out)
     edges, density, eigenvalues, report = read_spectrum(path)
     title = title or f"Hessian spectral density: {Path(path).name}"
@@ -88,7 +102,7 @@ def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, 
     ax.grid(alpha=0.3)
     plt.close(fig)
     with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt))
 
 
 def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out):

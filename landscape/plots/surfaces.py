@@ -19,6 +19,7 @@ import numpy as np
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
+from ..outputs import figure_metadata
 from ..surface.file import read_surface
 from .html import write_html
 from .text import common_model, literal, surface_title
@@ -50,6 +51,12 @@ class Style:
     title: "str | None" = None
 
     def validate(self):
+        """Check and normalize the settings; returns the style itself.
+
+        Raises:
+            UsageError: non-finite or inverted bounds, too many contour levels, a non-positive zmax on
+                a log scale, or an unknown colour map.
+        """
         import matplotlib
 
         self.zmin = checks.optional(checks.finite_float, self.zmin, "zmin")
@@ -74,6 +81,7 @@ class Style:
         return z
 
     def value_label(self, field):
+        """The axis label of values of ``field`` (e.g. 'train_loss'), with 'log10' on a log scale."""
         name = field.replace("_", " ")
         return f"log10 {name}" if self.log else name
 
@@ -120,9 +128,25 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
                  cmap="viridis", levels=20, title=None):
     """Draw one surface file to ``out`` (.html: self-contained plotly; .png/.pdf: matplotlib).
 
-    kind: auto | surface3d | contour | contourf | heatmap (2D) | line (1D).  Values are clipped to
-    [zmin, zmax] and shown as log10 with ``log``.  Returns the output path.  Nothing is written
-    when the input is bad (UsageError) or drawing fails.
+    Nothing is written when the input is bad or drawing fails.
+
+    Args:
+        path: the surface file (.h5).
+        out: the figure to write (.html, .png or .pdf).
+        kind: auto | surface3d | contour | contourf | heatmap (2D) | line (1D).
+        field: the surface field to draw.
+        log: show log10 of the values.
+        zmin: clip values below (in the field's units, before the log); None: no clip.
+        zmax: clip values above; None: no clip.
+        cmap: a matplotlib colour map name.
+        levels: number of contour levels.
+        title: the figure's title (None: a default).
+
+    Returns:
+        The output path.
+
+    Raises:
+        UsageError: a bad input file or setting.
     """
     fmt = output_format(out)
     style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title).validate()
@@ -150,8 +174,26 @@ def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=Fa
     1D: one curve per file on a shared axis.  2D: one panel per file, side by side, sharing the
     colour scale and the z range.  The sharpness summary (``landscape.sharpness``, computed at a
     common ``radius`` / ``fit_radius``) goes into the legend entries / panel titles and into the
-    CSV ``csv`` (default: ``<out name>.sharpness.csv`` next to ``out``; False: no CSV).
-    labels: one per path, or None for the file names.  Returns the summary rows (list of dicts).
+    CSV ``csv``.
+
+    Args:
+        paths: the surface files (.h5), all 1D or all 2D.
+        labels: one per path, or None for the file names.
+        out: the figure to write (.html, .png or .pdf).
+        kind: as for ``plot_surface``.
+        field: the surface field to draw.
+        log: show log10 of the values.
+        zmin: clip values below; None: no clip.
+        zmax: clip values above; None: no clip.
+        cmap: a matplotlib colour map name.
+        levels: number of contour levels.
+        title: the figure's title (None: a default).
+        csv: the sharpness CSV (None: ``<out name>.sharpness.csv`` next to ``out``; False: no CSV).
+        radius: the common sharpness radius (see ``sharpness.summarize_all``).
+        fit_radius: the common curvature fit radius.
+
+    Returns:
+        The summary rows (list of dicts, see ``sharpness.summarize``).
     """
     from ..surface import sharpness
 
@@ -372,4 +414,4 @@ def _wrapped(title, width_inches):
 
 def _save_mpl(fig, out, fmt):
     with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt))

@@ -6,7 +6,7 @@ from ..datahome import EMBEDDED_MODEL_DIR
 
 
 def literal(text):
-    """``text`` as matplotlib must be given it to draw it verbatim, never as mathtext.
+    r"""``text`` as matplotlib must be given it to draw it verbatim, never as mathtext.
 
     Matplotlib parses a string with an even number of unescaped ``$`` as mathtext, so a title, a
     label or a file name such as ``$\\x$`` fails to draw (ValueError) or draws as something else.

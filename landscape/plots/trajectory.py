@@ -29,8 +29,15 @@ from .text import literal
 
 
 def trajectory_points(surface):
-    """(coordinates (n, 2), labels, explained variance) of a surface's trajectory, or None when
-    its direction file is not a trajectory plane or cannot be found unchanged."""
+    """The checkpoints of a surface's trajectory in its plane.
+
+    Args:
+        surface: a ``Surface`` whose direction file may be a trajectory (PCA) plane.
+
+    Returns:
+        (coordinates (n, 2), labels, explained variance), or None when its direction file is not a
+        trajectory plane or cannot be found unchanged.
+    """
     import h5py
 
     settings = surface.settings or {}
@@ -67,9 +74,23 @@ def _text(value):
 
 def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=False, zmin=None, zmax=None,
                          cmap="viridis", levels=20, title=None):
-    """Draw a 2D surface (contour, contourf or heatmap) with its trajectory's checkpoints, labelled,
-    joined in training order; returns the output path, or None (nothing written) when the surface
-    has no trajectory."""
+    """Draw a 2D surface with its trajectory's checkpoints, labelled, joined in training order.
+
+    Args:
+        path: the surface file (.h5).
+        out: the figure to write (.html, .png or .pdf).
+        kind: 'contour', 'contourf' or 'heatmap'.
+        field: the surface field to draw.
+        log: draw log10 of the values.
+        zmin: clip values below (in the field's units, before the log); None: no clip.
+        zmax: clip values above; None: no clip.
+        cmap: a matplotlib colour map name.
+        levels: number of contour levels.
+        title: the figure's title (None: a default).
+
+    Returns:
+        The output path, or None (nothing written) when the surface has no trajectory.
+    """
     fmt = output_format(out)
     style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title).validate()
     surface = read_surface(path, field)

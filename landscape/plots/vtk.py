@@ -1,5 +1,4 @@
-"""A 2D surface as VTK XML PolyData (``.vtp``), for ParaView, as the original loss-landscape code's
-``h52vtp.py`` writes it.
+"""A 2D surface as VTK XML PolyData (``.vtp``) for ParaView, as the original code's ``h52vtp.py``.
 
 Points: one per grid point, (x, y, z) with z the field's value, clipped to ``zmax`` and with
 ``log`` the original's ``ln(value + 0.1)``.  Polys: one quad per grid cell.  Point data:
@@ -57,16 +56,21 @@ def surface_points(path, field="train_loss", log=False, zmax=None):
 
 
 def quads(ny, nx):
-    """Connectivity of the grid's cells: (ny-1)(nx-1) rows of 4 point indices, counter-clockwise
-    seen from +z (x fastest, as the points are ordered), as the original writes them."""
+    """Connectivity of the grid's cells: (ny-1)(nx-1) rows of 4 point indices.
+
+    Counter-clockwise seen from +z (x fastest, as the points are ordered), as the original writes them.
+    """
     iy, ix = np.meshgrid(np.arange(ny - 1), np.arange(nx - 1), indexing="ij")
     k = (iy * nx + ix).ravel()
     return np.stack([k, k + 1, k + nx + 1, k + nx], axis=1)
 
 
 def _array(name, values, kind="Float64", components=1):
-    """One ASCII DataArray; its RangeMin/RangeMax are of the values, or of the tuples' lengths
-    (several components), as VTK defines them."""
+    """One ASCII DataArray.
+
+    Its RangeMin/RangeMax are of the values, or of the tuples' lengths (several components), as VTK
+    defines them.
+    """
     values = np.asarray(values)
     number = (lambda v: repr(float(v))) if kind.startswith("Float") else (lambda v: str(int(v)))
     text = " ".join(number(v) for v in values.ravel())
@@ -80,8 +84,11 @@ def export_vtp(path, out, field="train_loss", log=False, zmax=None):
     """Write the 2D surface ``path`` to ``out`` as VTK XML PolyData (see the module docstring).
 
     Args:
-        path: surface file.  out: the .vtp file, written atomically.
-        field, log, zmax: as ``surface_points``.
+        path: surface file.
+        out: the .vtp file, written atomically.
+        field: the dataset to export (as ``surface_points``).
+        log: z = ln(value + 0.1) (as ``surface_points``).
+        zmax: clip values above this, or None (as ``surface_points``).
 
     Returns:
         {'path', 'points', 'polys'}.

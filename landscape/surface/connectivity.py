@@ -1,5 +1,7 @@
-"""Directions between checkpoints: the straight path from one model to another, and the PCA plane
-of a training trajectory (Li et al. 2018, section 7).
+"""Directions between checkpoints.
+
+The straight path from one model to another, and the PCA plane of a training trajectory (Li et al.
+2018, section 7).
 
 Both give ordinary direction dicts ({param name: float32 tensor}) that ``save_directions`` writes
 and ``surface`` reads like any other.
@@ -24,6 +26,16 @@ def interpolation_direction(model_a: torch.nn.Module, model_b: torch.nn.Module) 
     Keyed by model A's parameters.  A parameter B lacks (a pretraining head, when B is a
     fine-tuned classifier of the same body) gets zero: it stays A's along the path.  Parameters
     with the same name but another shape are refused, as is a B that shares nothing with A.
+
+    Args:
+        model_a: the model at x = 0.
+        model_b: the model at x = 1.
+
+    Returns:
+        {param name: float32 CPU tensor shaped like A's param}.
+
+    Raises:
+        UsageError: a shared name with another shape, or no shared parameter.
     """
     a, b = _float32_params(model_a), _float32_params(model_b)
     shared = [name for name in a if name in b]
@@ -40,12 +52,16 @@ def trajectory_directions(checkpoints: Sequence[Direction]) -> Tuple[List[Direct
                                                                      List[Tuple[float, float]]]:
     """The top-2 PCA plane of a trajectory, relative to its last checkpoint (Li et al. 2018).
 
-    checkpoints: the parameters of each checkpoint in training order ({name: tensor}, the same
-    names and shapes); the last one is the origin of the plane.  The rows θ_i − θ_last (i < last)
-    are centred and decomposed by SVD, as Li et al. do with sklearn's PCA.
+    The rows θ_i − θ_last (i < last) are centred and decomposed by SVD, as Li et al. do with
+    sklearn's PCA.
 
-    Returns (two unit-norm directions, explained variance ratio of each, each checkpoint's
-    coordinates (x, y) = projections of θ_i − θ_last on the two directions; the last is (0, 0)).
+    Args:
+        checkpoints: the parameters of each checkpoint in training order ({name: tensor}, the
+            same names and shapes); the last one is the origin of the plane.
+
+    Returns:
+        (two unit-norm directions, explained variance ratio of each, each checkpoint's coordinates
+        (x, y) = projections of θ_i − θ_last on the two directions; the last is (0, 0)).
     """
     if len(checkpoints) < 4:  # 3 differences from the last, centred, span at most 2 directions
         raise UsageError(f"a trajectory plane needs at least 4 checkpoints, got {len(checkpoints)}")

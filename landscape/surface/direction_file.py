@@ -1,6 +1,8 @@
-"""The direction file (contract): HDF5, group ``xdirection`` (and ``ydirection``), one float32 dataset
-per parameter named as in ``named_parameters()``, the settings as file attributes, and a content
-``fingerprint`` so that surfaces can tell whether a file was regenerated.
+"""The direction file (contract): HDF5, float32 datasets per parameter, settings, a fingerprint.
+
+Group ``xdirection`` (and ``ydirection``) holds one float32 dataset per parameter named as in
+``named_parameters()``; the settings are file attributes, and a content ``fingerprint`` lets
+surfaces tell whether a file was regenerated.
 
 Files are written and read one tensor at a time, so neither side holds a whole-model float32
 copy.  Storage is as small as the values allow while every HDF5 reader still sees plain float32
@@ -39,8 +41,11 @@ def round_to(values: torch.Tensor, precision: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- fingerprint
 class Fingerprint:
-    """Short content hash of directions: names, shapes and float32 values, direction by direction
-    and, inside one, by sorted name; fed one tensor at a time."""
+    """Short content hash of directions, fed one tensor at a time.
+
+    It covers names, shapes and float32 values, direction by direction and, inside one, by sorted
+    name.
+    """
 
     def __init__(self):
         self._digest = hashlib.sha1()
@@ -56,9 +61,11 @@ class Fingerprint:
         self._digest.update(f"{name}{tuple(shape)}".encode())
 
     def update(self, values: np.ndarray) -> None:
+        """More float32 values of the tensor begun with ``begin``, in C order (any shape)."""
         self._digest.update(np.ascontiguousarray(values, dtype=np.float32))  # the buffer itself, no copy
 
     def hexdigest(self) -> str:
+        """The hash so far: 16 hex digits."""
         return self._digest.hexdigest()[:16]
 
 
@@ -138,8 +145,10 @@ class DirectionWriter:
         return False
 
     def _abort(self, kind, err, tb):
-        """Close what is open and let ``atomic_output`` remove the partial file (and turn a failed
-        write into its one-line error)."""
+        """Close what is open and let ``atomic_output`` remove the partial file.
+
+        ``atomic_output`` also turns a failed write into its one-line error.
+        """
         for closing in (getattr(self, "_handle", None), getattr(self, "_stream", None)):
             if closing is not None:
                 try:
@@ -150,6 +159,7 @@ class DirectionWriter:
 
     @property
     def fingerprint(self) -> str:
+        """The content fingerprint of the directions written so far (16 hex digits)."""
         return self._stamp.hexdigest()
 
 
@@ -291,11 +301,14 @@ def _read_group(group, group_name, stamp, non_finite, dtype, device, rows) -> It
 
 
 def _read_tensor(dataset, name, stamp, buffer, dtype, device, span):
-    """(the tensor, or rows [span) of it, in ``dtype`` on ``device``; whether all values are finite),
-    read in blocks of rows through ``buffer``, hashing every value on the way.
+    """Read one tensor (or rows [span) of it) in blocks of rows, hashing every value on the way.
+
+    Returns (the tensor in ``dtype`` on ``device``, whether all values are finite); blocks are
+    read through ``buffer``.
 
     The result is allocated once, in its final dtype and place: no float32 copy of a tensor that
-    is kept in bfloat16, and no temporaries that would leave holes in the heap."""
+    is kept in bfloat16, and no temporaries that would leave holes in the heap.
+    """
     shape = tuple(dataset.shape)
     stamp.begin(name, shape)
     if not shape:  # a 0-dim tensor
@@ -341,8 +354,15 @@ def check_directions_match(directions, model, path="directions"):
 
 
 def check_directions_finite(directions, path="directions"):
-    """UsageError naming the first tensor with a NaN or an infinity: such a direction would make
-    every point of a surface NaN."""
+    """Refuse directions with a NaN or an infinity: they would make every point of a surface NaN.
+
+    Args:
+        directions: list of {param name: tensor}.
+        path: the direction file, named in the message.
+
+    Raises:
+        UsageError: naming the first tensor with a NaN or an infinity.
+    """
     for axis, direction in zip(GROUPS, directions):
         for name, tensor in direction.items():
             if not bool(torch.isfinite(tensor).all()):

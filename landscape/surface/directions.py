@@ -75,8 +75,14 @@ def _gaussian_like(shape, seed, index, name):
 def normalize_filters(direction: torch.Tensor, weight: torch.Tensor, axis: int = 0, eps: float = 1e-10) -> torch.Tensor:
     """Rescale each filter of ``direction`` to the norm of the same filter of ``weight`` (Li et al.).
 
-    direction, weight: tensors of the same shape (ndim >= 2); axis: the filter axis.
-    Returns a new tensor; filter norms of the result equal those of ``weight``.
+    Args:
+        direction: the direction's tensor, same shape as ``weight`` (ndim >= 2).
+        weight: the parameter.
+        axis: the filter axis.
+        eps: added to the direction's filter norms, so a zero filter stays finite.
+
+    Returns:
+        A new tensor shaped like ``weight``; filter norms of the result equal those of ``weight``.
     """
     d = direction.movedim(axis, 0)
     w = weight.movedim(axis, 0)
@@ -96,13 +102,21 @@ def _normalize(direction, weight, norm, axis):
 
 def random_direction(model: torch.nn.Module, seed: int = 0, norm: str = "filter", ignore: str = "biasbn",
                      index: int = 0) -> Direction:
-    """One seeded Gaussian direction for ``model``: {param name: float32 CPU tensor}.
+    """One seeded Gaussian direction for ``model``.
 
-    norm: 'filter' (each filter rescaled to the weight's filter norm; rows of nn.Linear and
-    embeddings, columns of GPT-2 Conv1D), 'layer' (whole tensor to the weight's norm) or 'none'.
-    ignore: 'biasbn' zeroes 1-D tensors (biases, LayerNorm); 'none' perturbs them along the weight
-    itself (its own scale, as in Li et al.'s code) when normalizing, or randomly when norm='none'.
-    index: which direction of a set (0 = x, 1 = y); each (seed, index) pair is independent.
+    Args:
+        model: the model.
+        seed: seeds the direction.
+        norm: 'filter' (each filter rescaled to the weight's filter norm; rows of nn.Linear and
+            embeddings, columns of GPT-2 Conv1D), 'layer' (whole tensor to the weight's norm) or
+            'none'.
+        ignore: 'biasbn' zeroes 1-D tensors (biases, LayerNorm); 'none' perturbs them along the
+            weight itself (its own scale, as in Li et al.'s code) when normalizing, or randomly
+            when norm='none'.
+        index: which direction of a set (0 = x, 1 = y); each (seed, index) pair is independent.
+
+    Returns:
+        {param name: float32 CPU tensor shaped like the param}, in the parameters' units.
     """
     if norm not in NORMS:
         raise UsageError(f"unknown norm '{norm}'; use one of {', '.join(NORMS)}")
@@ -118,7 +132,20 @@ def direction_tensor(name: str, param: torch.nn.Parameter, owner: torch.nn.Modul
     """One tensor of ``random_direction``: float32 on the CPU, shaped like the whole parameter.
 
     A sharded parameter is gathered for it (a collective: every rank of its group calls this in
-    the same order)."""
+    the same order).
+
+    Args:
+        name: the parameter's name.
+        param: the parameter.
+        owner: the module that holds it (its type decides the filter axis).
+        seed: seeds the direction.
+        index: which direction of a set (0 = x, 1 = y).
+        norm: 'filter' | 'layer' | 'none' (see ``random_direction``).
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
+
+    Returns:
+        A float32 CPU tensor shaped like the whole parameter.
+    """
     weight = full_tensor(param).detach().to("cpu", torch.float32)
     if weight.dim() <= 1:
         if ignore == "biasbn":
@@ -136,7 +163,7 @@ def perturbable_names(model: torch.nn.Module, ignore: str = "biasbn") -> List[st
 
 
 def orthogonalize(dx: Direction, dy: Direction) -> Direction:
-    """dy minus its projection on dx (over all tensors at once), rescaled to dy's global norm.
+    """Direction ``dy`` minus its projection on ``dx`` (over all tensors at once), at dy's global norm.
 
     Keeps the support of both (a masked dy stays masked when dx has the same mask).
     """
@@ -173,8 +200,25 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
                     orthogonal: bool = False) -> Tuple[List[Direction], dict]:
     """The directions of one surface: a list of ``dims`` directions, masked after normalization.
 
-    fisher: {name: scores} or None (then subset must be 'all').  The same mask applies to every
-    direction.  Returns (directions, settings) where settings are the attributes to store.
+    The same mask applies to every direction.
+
+    Args:
+        model: the model.
+        dims: 1 or 2 directions.
+        seed: seeds the directions and random masks.
+        norm: 'filter' | 'layer' | 'none' (see ``random_direction``).
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
+        fisher: {name: scores shaped like the param}, or None (then subset must be 'all').
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``).
+        granularity: 'global' | 'tensor' (see ``fisher_mask``).
+        orthogonal: make the second direction orthogonal to the first (see ``orthogonalize``).
+
+    Returns:
+        (directions, settings): a list of {param name: float32 CPU tensor}, and the attributes to
+        store with them.
+
+    Raises:
+        UsageError: settings out of their domains, or a Fisher that does not fit the model.
     """
     _check_request(dims, subset, fisher)
     dirs = [random_direction(model, seed=seed, norm=norm, ignore=ignore, index=i) for i in range(dims)]
@@ -223,7 +267,8 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         model: the model; a sharded (FSDP2) model is gathered one tensor at a time.
         dims: 1 or 2 directions.
         seed: seed of the directions and of random masks.
-        norm: 'filter' | 'layer' | 'none'; ignore: 'biasbn' | 'none' (see ``random_direction``).
+        norm: 'filter' | 'layer' | 'none' (see ``random_direction``).
+        ignore: 'biasbn' | 'none' (see ``random_direction``).
         fisher: Fisher scores for the mask, as {name: tensor} or a Fisher file's path (read one
             tensor at a time), or None for subset 'all'.
         subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``).
@@ -234,7 +279,7 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
             dtype holds exactly these values).
         settings: extra attributes to store (model, Fisher file path, ...); the Fisher file's
             corpus is stored as ``fisher_provenance``.
-        progress: show a progress bar over tensors.
+        progress: show progress bars (stderr): over the Fisher scores while masking, then over tensors.
 
     Returns:
         The attributes written: the settings of ``make_directions``, ``precision``, the extra
@@ -246,7 +291,7 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         scores = ScoreSource(fisher)
         check_fisher_matches(scores.shaped(), model)
         masks = fisher_mask(scores, subset, seed=seed, granularity=granularity,
-                            names=perturbable_names(model, ignore))
+                            names=perturbable_names(model, ignore), progress=progress and rank_and_world()[0] == 0)
     maker = _TensorMaker(model, seed, norm, ignore, masks)
     projection = _orthogonal_projection(maker) if orthogonal and dims == 2 else None
     attrs = dict(_settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, 0),
@@ -291,8 +336,10 @@ class _NoWriter:
 
 
 class _TensorMaker:
-    """One tensor of one direction at a time, as ``make_directions`` makes it (masked after
-    normalization)."""
+    """One tensor of one direction at a time, as ``make_directions`` makes it.
+
+    Tensors are masked after normalization.
+    """
 
     def __init__(self, model, seed, norm, ignore, masks):
         self.params = dict(model.named_parameters())
@@ -308,11 +355,14 @@ class _TensorMaker:
 
 
 def _orthogonal_projection(maker: _TensorMaker):
-    """name -> the second direction's tensor made orthogonal to the first, as ``orthogonalize``
-    does over whole directions (the same sums, in the same order, so the same numbers).
+    """Map a name to the second direction's tensor made orthogonal to the first.
+
+    As ``orthogonalize`` does over whole directions (the same sums, in the same order, so the same
+    numbers).
 
     Tensors are generated again for each pass (the sums, the new norm, the output) instead of
-    being kept: that costs time on the host, and keeping them would cost two whole directions."""
+    being kept: that costs time on the host, and keeping them would cost two whole directions.
+    """
     names = list(maker.params)  # the order orthogonalize sums in: named_parameters()
     dot = xx = yy = 0.0
     for name in names:

@@ -24,9 +24,17 @@ Batch = Dict[str, torch.Tensor]  # a batch dict, or a direction {param name: ten
 
 # ----------------------------------------------------------------------------- grids
 def parse_range(text: str, name: str = "x") -> np.ndarray:
-    """'MIN:MAX:NUM' -> float64 array of NUM evenly spaced values from MIN to MAX (inclusive).
+    """Parse 'MIN:MAX:NUM' into a float64 array of NUM evenly spaced values from MIN to MAX (inclusive).
 
-    name: what the range is for, in messages ('x', 'y').
+    Args:
+        text: the range, 'MIN:MAX:NUM'.
+        name: what the range is for, in messages ('x', 'y').
+
+    Returns:
+        A (NUM,) float64 array.
+
+    Raises:
+        UsageError: a malformed range, or one out of its domain (``checks.grid_range``).
     """
     low, high, num = checks.grid_range(text, f"the {name} range")
     return np.linspace(low, high, num)
@@ -55,7 +63,16 @@ def _check_directions(model, directions):
 
 
 def loss_and_accuracy(model: torch.nn.Module, batches: List[Batch], kind: Optional[str] = None) -> Tuple[float, float]:
-    """Token-weighted mean target cross-entropy (nats) and token accuracy over all batches."""
+    """Token-weighted mean target cross-entropy and token accuracy over all batches.
+
+    Args:
+        model: the model, in eval mode.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        kind: objective kind; inferred from the model when None.
+
+    Returns:
+        (loss in nats per target token, accuracy in [0, 1]).
+    """
     kind = kind or model_kind(model)
     totals = 0.0
     with torch.inference_mode():
@@ -101,9 +118,11 @@ def _evaluate_stacked(model, perturbation, batches, points, kind):
 
 
 def _points_pass(model, perturbation, batch_sets, chunk, kind):
-    """[(loss, acc, ...)] for a chunk of points: the loss and accuracy on each sample of
-    ``batch_sets`` in turn, at the same perturbed weights; one in-place pass per point and sample,
-    or one vmapped pass per sample."""
+    """[(loss, acc, ...)] for a chunk of points.
+
+    The loss and accuracy on each sample of ``batch_sets`` in turn, at the same perturbed weights;
+    one in-place pass per point and sample, or one vmapped pass per sample.
+    """
     if len(chunk) == 1:
         perturbation.set(chunk[0])
         return [tuple(v for batches in batch_sets for v in loss_and_accuracy(model, batches, kind))]
@@ -119,11 +138,23 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
 
     Under torch.distributed each point group (a rank, or the K ranks of a sharded model) evaluates
     its share of every round and all ranks see every result; every rank runs the same number of
-    rounds, so the collective gathers always pair up.  on_results([(index, loss, acc), ...]) is
-    called after each round; with ``eval_batches`` (a held-out sample) each result is
-    (index, loss, acc, held-out loss, held-out acc), both measured at the same perturbed weights.
-    stream: keep the directions in host memory (``InPlacePerturbation``).  The weights are restored
-    afterwards, also on error or Ctrl-C.
+    rounds, so the collective gathers always pair up.  The weights are restored afterwards, also on
+    error or Ctrl-C.
+
+    Args:
+        model: the model, in eval mode.
+        directions: list of 1 or 2 {name: tensor}.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        points: list of (x,) or (x, y) coefficient tuples.
+        todo: indices into ``points`` to evaluate.
+        points_per_pass: points per vmapped pass (see ``evaluate_points``).
+        progress: a tqdm bar over points.
+        on_results: called as ``on_results([(index, loss, acc), ...])`` after each round; with
+            ``eval_batches`` each result is (index, loss, acc, held-out loss, held-out acc), both
+            measured at the same perturbed weights.
+        kind: objective kind; inferred from the model when None.
+        stream: keep the directions in host memory (``InPlacePerturbation``).
+        eval_batches: a held-out sample (batch dicts like ``batches``), or None.
     """
     _check_directions(model, directions)
     kind = kind or model_kind(model)
@@ -156,10 +187,19 @@ def evaluate_points(model: torch.nn.Module, directions: List[Batch], batches: Li
                     stream: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy at each coefficient tuple in ``points``; weights restored afterwards.
 
-    directions: list of 1 or 2 {name: tensor}; points: list of (x,) or (x, y) tuples.
-    points_per_pass > 1 evaluates that many points per vmapped pass (torch.func; for GPUs).
-    on_result(i, loss, acc) is called as each point finishes.  stream: directions stay in host
-    memory (``InPlacePerturbation``).  Returns two float64 arrays (P,).
+    Args:
+        model: the model, in eval mode.
+        directions: list of 1 or 2 {name: tensor}.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        points: list of P (x,) or (x, y) coefficient tuples.
+        kind: objective kind; inferred from the model when None.
+        points_per_pass: > 1 evaluates that many points per vmapped pass (torch.func; for GPUs).
+        progress: a tqdm bar over points.
+        on_result: called as ``on_result(i, loss, acc)`` as each point finishes.
+        stream: directions stay in host memory (``InPlacePerturbation``).
+
+    Returns:
+        (loss, accuracy): two float64 arrays (P,); loss in nats per target token.
     """
     losses = np.full(len(points), np.nan)
     accs = np.full(len(points), np.nan)
@@ -180,11 +220,25 @@ def evaluate(model: torch.nn.Module, directions: List[Batch], batches: List[Batc
              progress: bool = False, return_accuracy: bool = False, stream: bool = False):
     """Loss surface of ``model`` along ``directions`` on a grid; the weights are unchanged after.
 
-    directions: [dx] with ys=None (1D) or [dx, dy] (2D); batches: list of batch dicts on the
-    model's device (with labels).  The directions are held in the model's dtype on its device
-    (float32 for float32 models), or with ``stream`` in float32 in host memory.  Returns numpy
-    float64 (len(xs),) or (len(ys), len(xs)) with Z[iy, ix] = token-weighted mean cross-entropy at
-    base + xs[ix]·dx + ys[iy]·dy; with return_accuracy, (Z, accuracy) of the same shape.
+    The directions are held in the model's dtype on its device (float32 for float32 models), or
+    with ``stream`` in float32 in host memory.
+
+    Args:
+        model: the model, in eval mode.
+        directions: [dx] with ys=None (1D) or [dx, dy] (2D), each {name: tensor}.
+        batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
+        xs: coefficients along dx.
+        ys: coefficients along dy (None: a 1D surface).
+        kind: objective kind; inferred from the model when None.
+        points_per_pass: points per vmapped pass (see ``evaluate_points``).
+        progress: a tqdm bar over points.
+        return_accuracy: also return the token accuracy.
+        stream: keep the directions in host memory.
+
+    Returns:
+        Numpy float64 Z of shape (len(xs),) or (len(ys), len(xs)), Z[iy, ix] = token-weighted mean
+        cross-entropy (nats per target token) at base + xs[ix]·dx + ys[iy]·dy; with
+        return_accuracy, (Z, accuracy) of the same shape.
     """
     if (ys is None) != (len(directions) == 1):
         raise UsageError("give one direction with xs only, or two directions with xs and ys")

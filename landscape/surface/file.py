@@ -13,12 +13,13 @@ Crash safety: every finished point is appended at once to a journal (``S.h5.jour
 records each carry a CRC-32 and end with a newline, so a torn or corrupted record is recognised,
 never misread, and cut off before the next run appends.  The HDF5 file is rewritten to a temporary
 file and atomically renamed into place every few seconds.  A SIGKILL therefore loses only the
-points being computed; rerunning replays the journal.  One run at a time may write a file (a lock
-on the journal).
+points being computed; rerunning replays the journal.  One run at a time may write a file (its
+``outputs.claim_output`` lock).  With ``overwrite`` the new surface is built aside (``.S.h5.new.h5``
+and its journal) and replaces ``S.h5`` only once complete, so an interrupted replacement keeps the
+old file (rerunning with ``overwrite`` resumes the replacement).
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -35,6 +36,7 @@ from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
 from ..identity import MODEL_KEY, refuse_changed_resume, sample_fingerprint
 from ..models import model_kind
+from ..outputs import claim_output
 
 FORMAT = "landscape-surface"
 FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -62,18 +64,28 @@ class Surface:
 
     @property
     def dims(self):
+        """1 for a 1D surface, 2 for a 2D one."""
         return 1 if self.y is None else 2
 
     @property
     def computed_fraction(self):
+        """Fraction of the points computed (those of ``z`` that are not NaN), in [0, 1]."""
         return float(np.isfinite(self.z).mean())
 
 
 def read_surface(path, field="train_loss"):
     """Read ``field`` of a surface HDF5 file as a ``Surface`` (see the module docstring for layouts).
 
-    Raises UsageError for a missing or non-HDF5 file, a missing field, or shapes that fit neither
-    the contract nor the original loss-landscape layout.
+    Args:
+        path: the surface file (.h5).
+        field: the dataset to read, e.g. 'train_loss' or 'train_acc'.
+
+    Returns:
+        A ``Surface``: x (nx,), y (ny,) or None, z (nx,) or (ny, nx) float64, NaN where not computed.
+
+    Raises:
+        UsageError: a missing or non-HDF5 file, a missing field, or shapes that fit neither the
+            contract nor the original loss-landscape layout.
     """
     path = require_readable_file(path, "surface file")
     try:
@@ -203,7 +215,17 @@ def _refuse(path, old, new):
 def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, eval_batches=None):
     """Everything that changes the numbers of a surface; a resumed file must match it exactly.
 
-    eval_batches: the held-out sample of ``test_loss``/``test_acc``, identified like ``batches``.
+    Args:
+        directions_attrs: the direction file's attributes (its fingerprint and settings).
+        batches: the evaluation sample: list of batch dicts with ``labels``.
+        model: the model.
+        xs: coefficients along x.
+        ys: coefficients along y, or None for 1D.
+        settings: extra settings that identify the run.
+        eval_batches: the held-out sample of ``test_loss``/``test_acc``, identified like ``batches``.
+
+    Returns:
+        A JSON-ready dict.
     """
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -241,6 +263,7 @@ def _scalar_attrs(identity):
 
 # ----------------------------------------------------------------------------- the journal
 def journal_path(path) -> Path:
+    """The journal of the surface file ``path``: the same path with ``.journal`` appended."""
     return Path(str(path) + ".journal")
 
 
@@ -268,9 +291,17 @@ def _parse_record(line: bytes, count: int = 2):
 def read_journal(path, identity, *arrays):
     """Apply a journal's intact records to the flat arrays of the surface's fields (loss, acc, ...).
 
-    Returns (whether it has this run's header, byte offset where intact records end).  Reading
-    stops at the first torn or corrupted record: everything after it is cut off by the writer, so a
-    record appended later can never be glued onto a torn one.
+    Reading stops at the first torn or corrupted record: everything after it is cut off by the
+    writer, so a record appended later can never be glued onto a torn one.
+
+    Args:
+        path: the surface file (its journal is ``journal_path(path)``).
+        identity: this run's ``surface_identity``; records under another header are not applied.
+        *arrays: the flat (P,) float64 arrays of the surface's fields in the journal's order (loss,
+            acc[, test loss, test acc]), filled in place.
+
+    Returns:
+        (whether it has this run's header, byte offset where intact records end).
     """
     data = journal_path(path).read_bytes()
     header, newline, rest = data.partition(b"\n")
@@ -298,9 +329,19 @@ def read_journal(path, identity, *arrays):
 
 # ----------------------------------------------------------------------------- writing
 def write_surface(path, xs, ys, loss, acc, attrs, extra=None):
-    """Write a surface file atomically (contract layout, with ``checksums``); attrs: scalars and strings.
+    """Write a surface file atomically (contract layout, with ``checksums``).
 
-    extra: more fields shaped like ``loss``, {name: values} (``test_loss``, ``test_acc``).
+    Args:
+        path: the surface file (.h5).
+        xs: (nx,) coefficients along x.
+        ys: (ny,) coefficients along y, or None for 1D.
+        loss: (nx,) or (ny, nx) float64 losses (nats per target token), NaN where not computed.
+        acc: token accuracies, same shape, in [0, 1].
+        attrs: file attributes: scalars and strings.
+        extra: more fields shaped like ``loss``, {name: values} (``test_loss``, ``test_acc``).
+
+    Raises:
+        UsageError: the file cannot be written (its one-line reason).
     """
     data = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": loss, "train_acc": acc, **(extra or {})}
     data = {name: np.asarray(values, dtype=np.float64) for name, values in data.items() if values is not None}
@@ -367,21 +408,20 @@ class SurfaceFile:
     def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0, fields=TRAIN_FIELDS):
         check_grid_size(xs, ys)
         checks.non_negative_float(flush_seconds, "flush_seconds")  # NaN: the file would never be rewritten
-        self.path, self.xs, self.ys, self.fields = Path(path), xs, ys, tuple(fields)
+        self.target, self.xs, self.ys, self.fields = Path(path), xs, ys, tuple(fields)
+        # Where points go: the target itself, or aside until complete when replacing it.
+        self.path = aside_path(self.target) if overwrite else self.target
         self.identity, self.attrs, self.flush_seconds = identity, attrs, flush_seconds
         self.shape = (len(xs),) if ys is None else (len(ys), len(xs))
-        if self.path.is_dir():
-            raise UsageError(f"'{self.path}' is a folder; give a surface file name")
+        if self.target.is_dir():
+            raise UsageError(f"'{self.target}' is a folder; give a surface file name")
+        self._claim = claim_output(self.target, "surface", overwrite)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.journal = open(journal_path(self.path), "ab+")
         except OSError as err:
+            self._claim.release()
             raise UsageError(f"cannot write '{journal_path(self.path)}': {err.strerror or err}") from None
-        try:
-            fcntl.flock(self.journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.journal.close()
-            raise UsageError(f"another run is writing '{self.path}' right now; wait for it or write another file")
         try:
             self._load(overwrite)
         except BaseException:
@@ -389,27 +429,36 @@ class SurfaceFile:
             self.journal.close()
             if created:  # leave nothing behind for a refused run
                 journal_path(self.path).unlink(missing_ok=True)
+            self._claim.release()
             raise
         self.last_flush = time.monotonic()
 
     def _load(self, overwrite):
-        _clean_partials(self.path)
-        if overwrite:
-            self.path.unlink(missing_ok=True)
-            self.journal.truncate(0)
+        for path in {self.path, self.target}:
+            _clean_partials(path)
         arrays = [np.full(self.shape, np.nan) for _ in self.fields]
-        if self.path.exists():
-            arrays = _read_surface_state(self.path, self.identity, self.shape, self.fields)
+        try:
+            if self.path.exists():
+                arrays = _read_surface_state(self.path, self.identity, self.shape, self.fields)
+            has_header, end = read_journal(self.path, self.identity, *(a.reshape(-1) for a in arrays))
+        except SettingsMismatch:
+            if not overwrite:
+                raise
+            # An earlier replacement with other settings, interrupted: start this one afresh.
+            self.path.unlink(missing_ok=True)
+            arrays = [np.full(self.shape, np.nan) for _ in self.fields]
+            has_header, end = False, 0
         self.data = dict(zip(self.fields, arrays))
-        has_header, end = read_journal(self.path, self.identity, *(a.reshape(-1) for a in arrays))
         self._write_journal(lambda: self._reset_journal(has_header, end))
 
     @property
     def loss(self):
+        """The train_loss array, shaped like the grid."""
         return self.data["train_loss"]
 
     @property
     def acc(self):
+        """The train_acc array, shaped like the grid."""
         return self.data["train_acc"]
 
     def _reset_journal(self, has_header, end):
@@ -435,10 +484,16 @@ class SurfaceFile:
         return np.flatnonzero(pending).tolist()
 
     def record(self, results):
-        """results: (flat index, *values) with one value per field (loss, acc[, test loss, test acc]);
-        journaled at once, HDF5 rewritten by time.
+        """Record finished points: journaled at once, the HDF5 file rewritten every ``flush_seconds``.
 
         A loss that is not finite (the model diverged there) is stored as +inf: computed, never NaN.
+
+        Args:
+            results: (flat index, *values) tuples, one value per field in ``fields`` order
+                (loss, acc[, test loss, test acc]).
+
+        Raises:
+            UsageError: the journal or the file cannot be written (the points are kept).
         """
         results = [(i, *(_diverged_as_inf(v) if name.endswith("_loss") else v for name, v in zip(self.fields, values)))
                    for i, *values in results]
@@ -452,6 +507,11 @@ class SurfaceFile:
             self.flush()
 
     def flush(self):
+        """Rewrite the HDF5 file with every point computed so far.
+
+        Raises:
+            UsageError: the file cannot be written (the journal still holds every point).
+        """
         done = int((~np.isnan(self.loss)).sum())
         attrs = dict(self.attrs, points_done=done, points_total=int(self.loss.size))
         try:
@@ -464,9 +524,14 @@ class SurfaceFile:
         self.last_flush = time.monotonic()
 
     def close(self, complete):
-        """Write the file; when ``complete``, remove the journal.  An incomplete close happens with an
-        error in flight, which says what went wrong: a failed flush then stays quiet (the journal
-        keeps every point)."""
+        """Write the file; when ``complete``, remove the journal.
+
+        An incomplete close happens with an error in flight, which says what went wrong: a failed
+        flush then stays quiet (the journal keeps every point).
+
+        Args:
+            complete: whether every point was computed.
+        """
         try:
             try:
                 self.flush()
@@ -474,10 +539,20 @@ class SurfaceFile:
                 if complete:
                     raise
             if complete:
+                if self.path != self.target:  # the replacement is whole: it takes the target's place
+                    journal_path(self.target).unlink(missing_ok=True)  # the old file's, stale from now on
+                    os.replace(self.path, self.target)
                 journal_path(self.path).unlink(missing_ok=True)
         finally:
             with contextlib.suppress(OSError):  # a full disk again, flushing what a failed write left
                 self.journal.close()
+            self._claim.release()
+
+
+def aside_path(path) -> Path:
+    """Where ``overwrite`` builds the replacement of surface file ``path`` until it is complete."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.new.h5")
 
 
 def _diverged_as_inf(loss: float) -> float:

@@ -42,8 +42,10 @@ def selected_count(percent: float, total: int) -> int:
 
 # ----------------------------------------------------------------------------- keys
 def sortable_keys(values: torch.Tensor) -> torch.Tensor:
-    """float32 values -> int64 keys in [0, 2³²) with the same order (−0.0 and 0.0 equal, as
-    ``torch.kthvalue`` compares them)."""
+    """Map float32 values to int64 keys in [0, 2³²) with the same order.
+
+    −0.0 and 0.0 get equal keys, as ``torch.kthvalue`` compares them.
+    """
     bits = (values.float() + 0.0).view(torch.int32).to(torch.int64)
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
 
@@ -60,7 +62,8 @@ KeyStream = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the keys, 
 def kth_smallest_key(stream: KeyStream, rank: int) -> Tuple[int, int, int]:
     """The ``rank``-th smallest key (1-based) of a stream, by radix selection in two passes.
 
-    Returns (key, number of keys smaller, number of keys equal)."""
+    Returns (key, number of keys smaller, number of keys equal).
+    """
     prefix, below, equal = 0, 0, 0
     digits = 1 << _DIGIT_BITS
     for level, shift in enumerate((_DIGIT_BITS, 0)):
@@ -123,6 +126,7 @@ class ScoreSource:
         return {n: torch.empty(shape, device="meta") for n, shape in self.shapes.items()}
 
     def numel(self, name: str) -> int:
+        """Number of scores (elements) of tensor ``name``."""
         size = 1
         for dim in self.shapes[name]:
             size *= dim
@@ -130,9 +134,12 @@ class ScoreSource:
 
 
 def _score_keys(source: ScoreSource, names: List[str], kind: str, seed: int) -> KeyStream:
-    """A key stream over ``names`` in order: the scores (NaN last for top and bottom alike), or
-    seeded uniform random keys for ``random`` (torch's CPU generator gives the same numbers in
-    blocks as in one call, so the random keys equal those of one ``torch.rand`` over all)."""
+    """A key stream over ``names`` in order.
+
+    The keys are the scores (NaN last for top and bottom alike), or seeded uniform random keys for
+    ``random`` (torch's CPU generator gives the same numbers in blocks as in one call, so the
+    random keys equal those of one ``torch.rand`` over all).
+    """
     if kind == "random":
         total = sum(source.numel(n) for n in names)
 
@@ -152,8 +159,10 @@ def _score_keys(source: ScoreSource, names: List[str], kind: str, seed: int) -> 
 
 
 def _select_streamed(stream: KeyStream, kind: str, count: int, total: int) -> Iterator[torch.Tensor]:
-    """Bool blocks, in stream order, with exactly ``count`` of ``total`` True: the ``count``
-    highest keys for top (lowest for bottom), ties taken by position."""
+    """Bool blocks, in stream order, with exactly ``count`` of ``total`` True.
+
+    True marks the ``count`` highest keys for top (lowest for bottom), ties taken by position.
+    """
     if count >= total:
         for keys in stream():
             yield torch.ones(keys.numel(), dtype=torch.bool)
@@ -171,7 +180,7 @@ def _select_streamed(stream: KeyStream, kind: str, count: int, total: int) -> It
 
 
 def fisher_mask(scores, spec: str, seed: int = 0, granularity: str = "global",
-                 names: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
+                 names: Optional[List[str]] = None, progress: bool = False) -> Dict[str, torch.Tensor]:
     """Element-wise masks from Fisher scores: {param name: bool tensor shaped like the param}.
 
     Args:
@@ -183,6 +192,7 @@ def fisher_mask(scores, spec: str, seed: int = 0, granularity: str = "global",
             selected, ties broken by position in the scores' order); 'tensor' selects K% inside
             each tensor (the paper code's way).
         names: the tensors that may be selected (e.g. the perturbable ones); others get all-False.
+        progress: a progress bar (stderr) over the scores read, all passes together.
 
     Returns:
         {name: bool CPU tensor} for every tensor of ``scores``.  NaN scores are picked by top and
@@ -207,17 +217,43 @@ def fisher_mask(scores, spec: str, seed: int = 0, granularity: str = "global",
     else:
         groups = [[n] for n in chosen]
     generator = torch.Generator().manual_seed(int(seed))
-    for group in groups:
-        total = sum(source.numel(n) for n in group)
-        count = selected_count(percent, total)
-        if granularity == "tensor" and kind == "random":
-            # One generator across tensors, in order, as the per-tensor masks always were.
-            keys = sortable_keys(torch.rand(total, generator=generator))
-            stream = lambda keys=keys: iter([keys])  # noqa: E731
-        else:
-            stream = _score_keys(source, group, kind, seed)
-        _fill(masks, source, group, _select_streamed(stream, "top" if kind == "random" else kind, count, total))
+    bar = _passes_bar(source, groups, percent, progress, f"mask {spec}")
+    with bar:
+        for group in groups:
+            total = sum(source.numel(n) for n in group)
+            count = selected_count(percent, total)
+            if granularity == "tensor" and kind == "random":
+                # One generator across tensors, in order, as the per-tensor masks always were.
+                keys = sortable_keys(torch.rand(total, generator=generator))
+                stream = lambda keys=keys: iter([keys])  # noqa: E731
+            else:
+                stream = _score_keys(source, group, kind, seed)
+            stream = _counted(stream, bar)
+            _fill(masks, source, group, _select_streamed(stream, "top" if kind == "random" else kind, count, total))
     return masks
+
+
+def _passes_bar(source: ScoreSource, groups: List[List[str]], percent: float, show: bool, desc: str):
+    """A tqdm bar over the elements the selection reads.
+
+    3 passes (2 radix + 1 select) per group, 1 where everything is selected.
+    """
+    from tqdm.auto import tqdm
+
+    total = 0
+    for group in groups:
+        size = sum(source.numel(n) for n in group)
+        total += size * (1 if selected_count(percent, size) >= size else 3)
+    return tqdm(total=total, desc=desc, unit="score", unit_scale=True, disable=not show, leave=False)
+
+
+def _counted(stream: KeyStream, bar) -> KeyStream:
+    """``stream``, advancing ``bar`` by the keys of each block it yields."""
+    def counted():
+        for keys in stream():
+            bar.update(keys.numel())
+            yield keys
+    return counted
 
 
 def _fill(masks, source, group, blocks):

@@ -26,8 +26,16 @@ BLOCK_SHARE, MIN_BLOCK, MAX_BLOCK = 256, 1 << 20, 1 << 26
 
 
 def direction_dtype(param_dtype: torch.dtype, stream: bool = False) -> torch.dtype:
-    """The dtype directions are held in for a model of ``param_dtype``: float32 when streamed
-    from the host or for float32 (and float64) models, otherwise the model's own dtype."""
+    """The dtype directions are held in for a model of ``param_dtype``.
+
+    Args:
+        param_dtype: the model's parameter dtype.
+        stream: whether directions are streamed from host memory.
+
+    Returns:
+        float32 when streamed from the host or for float32 (and float64) models, otherwise the
+        model's own dtype.
+    """
     if stream or param_dtype in (torch.float32, torch.float64):
         return torch.float32
     return param_dtype
@@ -79,7 +87,8 @@ class InPlacePerturbation:
     def set(self, coeffs: Sequence[float]) -> None:
         """Weights to (base + Σ_{i≥1} coeffs[i]·d_i) + coeffs[0]·d_0, formed in float32.
 
-        Terms with a zero coefficient are skipped (adding 0·d changes nothing)."""
+        Terms with a zero coefficient are skipped (adding 0·d changes nothing).
+        """
         coeffs = [float(c) for c in coeffs]
         # (base + y·dy) + x·dx: the order in which every surface file so far was formed.
         terms = [(c, i) for i, c in enumerate(coeffs) if c != 0.0 and i > 0]
@@ -120,7 +129,8 @@ class InPlacePerturbation:
     def stacked(self, points: List[Sequence[float]]) -> Dict[str, torch.Tensor]:
         """{param name: (P, *shape)} parameter sets for P coefficient tuples, for a vmapped pass.
 
-        This holds P copies of every perturbed tensor: it trades memory for speed, on GPUs."""
+        This holds P copies of every perturbed tensor: it trades memory for speed, on GPUs.
+        """
         coeffs = torch.tensor(points, dtype=torch.float32)
         out = {}
         for entry in self.entries:
@@ -134,7 +144,7 @@ class InPlacePerturbation:
 
 
 def _sum_into(target, base, parts, terms):
-    """target = (base + c_a·d_a) + c_b·d_b, in the target's dtype, without a temporary."""
+    """Set ``target = (base + c_a·d_a) + c_b·d_b``, in the target's dtype, without a temporary."""
     if not terms:
         target.copy_(base)
         return

@@ -16,9 +16,18 @@ from .perturbation import direction_dtype
 
 
 def load_directions_for(model, dir_file, axes=2, stream=False):
-    """The directions of ``dir_file`` as a surface of ``model`` holds them: in the model's dtype on
-    its device (float32 in host memory with ``stream``), only the rows a sharded rank holds, read
-    one tensor at a time.  Returns (directions, file attributes, the dtype they are held in)."""
+    """The directions of ``dir_file`` as a surface of ``model`` holds them, read one tensor at a time.
+
+    Args:
+        model: the model (a sharded rank reads only the rows it holds).
+        dir_file: the direction file (.h5).
+        axes: the number of directions to read (1 or 2).
+        stream: hold them as float32 in host memory rather than in the model's dtype on its device.
+
+    Returns:
+        (directions: list of {param name: tensor}, file attributes: dict, the dtype they are held
+        in).
+    """
     params = dict(model.named_parameters())
     dtype = direction_dtype(local_tensor(next(iter(params.values()))).dtype, stream)
     device = "cpu" if stream else local_tensor(next(iter(params.values()))).device
@@ -35,18 +44,36 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
                          eval_batches=None):
     """Compute (or resume) a surface file: loss and accuracy at every grid point not yet in ``out``.
 
-    model: in eval mode on its device (or sharded, ``sharding.shard_model``); dir_file: a direction
-    file made for it (a 2-direction file with ys=None gives the 1D surface along x); batches: the
-    fixed evaluation sample.  settings: extra attributes that identify the run (model, corpus,
-    max_samples, ...); a file computed with other settings is refused (``SettingsMismatch``)
-    unless ``overwrite``.  info: attributes stored but not compared (batch size, device).
-    stream: keep the directions in host memory in float32 (see ``InPlacePerturbation``); by
-    default they are held on the model's device in its dtype, and the file records that dtype
-    (``direction_dtype``) when it is not float32.  Under torch.distributed, points are split over
-    ranks (over groups of ranks for a sharded model) and rank 0 writes.  eval_batches: a held-out
-    sample; its loss and accuracy at every point, in the same pass over the grid, become
-    ``test_loss`` and ``test_acc`` (as the original loss-landscape code writes them), and its
-    fingerprint is part of the file's identity.  Returns {'path', 'computed', 'total'}.
+    Under torch.distributed, points are split over ranks (over groups of ranks for a sharded
+    model) and rank 0 writes.
+
+    Args:
+        out: the surface file (.h5) to write or resume.
+        model: in eval mode on its device (or sharded, ``sharding.shard_model``).
+        dir_file: a direction file made for it (a 2-direction file with ys=None gives the 1D
+            surface along x).
+        batches: the fixed evaluation sample: list of batch dicts with ``labels``.
+        xs: coefficients along x.
+        ys: coefficients along y (None: 1D).
+        settings: extra attributes that identify the run (model, corpus, max_samples, ...).
+        overwrite: replace a file computed with other settings instead of refusing it.
+        points_per_pass: points per vmapped pass (see ``evaluate_points``).
+        progress: a tqdm bar over points.
+        flush_seconds: seconds between rewrites of the HDF5 file (the journal records every point).
+        info: attributes stored but not compared (batch size, device).
+        stream: keep the directions in host memory in float32 (see ``InPlacePerturbation``); by
+            default they are held on the model's device in its dtype, and the file records that
+            dtype (``direction_dtype``) when it is not float32.
+        eval_batches: a held-out sample; its loss and accuracy at every point, in the same pass
+            over the grid, become ``test_loss`` and ``test_acc`` (as the original loss-landscape
+            code writes them), and its fingerprint is part of the file's identity.
+
+    Returns:
+        {'path', 'computed', 'total'}: the file and its counts of points.
+
+    Raises:
+        SettingsMismatch: ``out`` was computed with other settings and ``overwrite`` is off.
+        UsageError: the direction file does not fit the model, or the grid is too large.
     """
     check_grid_size(xs, ys)
     directions, dir_attrs, held = load_directions_for(model, dir_file, 1 if ys is None else 2, stream)

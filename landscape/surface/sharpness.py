@@ -50,8 +50,18 @@ def default_fit_radius(surface):
 def summarize(surface, radius=None, fit_radius=None, label=None, field="train_loss"):
     """Sharpness numbers of one surface (a path or a ``Surface``) as a dict with keys ``COLUMNS``.
 
-    radius / fit_radius: in the direction's step units; None = the defaults above.  Numbers that
-    cannot be computed (origin outside the grid, too many NaN points) are NaN, never an error.
+    Numbers that cannot be computed (origin outside the grid, too many NaN points) are NaN, never
+    an error.
+
+    Args:
+        surface: a surface file path or a ``Surface``.
+        radius: the radius of the rise, in the direction's coefficient units (None: ``default_radius``).
+        fit_radius: the radius of the curvature fit, same units (None: ``default_fit_radius``).
+        label: the row's label (None: the file name without its suffix).
+        field: the surface field to read when ``surface`` is a path.
+
+    Returns:
+        {column: value} with keys ``COLUMNS``.
     """
     if not isinstance(surface, Surface):
         surface = read_surface(surface, field)
@@ -75,6 +85,15 @@ def summarize_all(surfaces, labels, radius=None, fit_radius=None):
     """Summaries of several surfaces at a common radius and fit radius so that they compare.
 
     The defaults are the smallest default radius and the largest default fit radius of the set.
+
+    Args:
+        surfaces: surface file paths or ``Surface`` objects.
+        labels: one label per surface.
+        radius: a common radius (None: the default above).
+        fit_radius: a common fit radius (None: the default above).
+
+    Returns:
+        A list of ``summarize`` rows, one per surface.
     """
     if radius is None:
         radius = min(default_radius(s) for s in surfaces)
@@ -124,9 +143,16 @@ def _summary_1d(surface, radius, fit_radius):
 # --------------------------------------------------------------------------------------------
 
 def bilinear(surface, px, py):
-    """Bilinear interpolation of a 2D surface at points (px, py), arrays of the same shape.
+    """Bilinear interpolation of a 2D surface at points (px, py).
 
-    NaN outside the grid or where one of the cell corners with a non-zero weight is NaN.
+    Args:
+        surface: a 2D ``Surface``.
+        px: x coordinates, an array of any shape.
+        py: y coordinates, an array of the same shape.
+
+    Returns:
+        A float64 array of that shape: NaN outside the grid or where one of the cell corners with a
+        non-zero weight is NaN.
     """
     x, y, z = surface.x, surface.y, surface.z
     px, py = np.broadcast_arrays(np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64))
