@@ -84,6 +84,12 @@ def test_incomplete_diverged_1d_and_bad_options_are_one_line(write_surface, tmp_
     capsys.readouterr()
     assert main(["export", "--vtk", str(diverged), "--zmax", "10", "--out", str(tmp_path / "o.png")]) == 2
     assert ".vtp" in capsys.readouterr().err
+    # its own output is replaced; a file it did not write is not, unless --overwrite
+    assert export(diverged, "--zmax", "9")[0] == 0
+    (tmp_path / "o.vtp").write_text("<?xml version='1.0'?><notes/>")
+    code, err = export(diverged, "--zmax", "9")
+    assert code == 2 and "not drawn by landscape" in err and err.count("\n") == 1, err
+    assert export(diverged, "--zmax", "9", "--overwrite")[0] == 0
 
 
 def test_vtk_reads_it_back(write_surface, tmp_path):

@@ -1,7 +1,10 @@
 """export: a surface file in another tool's format (VTK XML PolyData for ParaView)."""
 
+import os
+
 from ..files import check_output_path
 from . import options
+from .common import add_overwrite_arg, claim
 
 
 def register(subparsers):
@@ -20,6 +23,7 @@ def register(subparsers):
     parser.add_argument("--zmax", type=options.POSITIVE, default=None,
                         help="clip values above this before the log, as the original's --zmax; needed when the "
                              "loss diverged (+inf) somewhere (default: no clipping)")
+    add_overwrite_arg(parser)
     parser.set_defaults(func=run_export)
 
 
@@ -27,6 +31,7 @@ def run_export(args):
     from ..plots.vtk import export_vtp
 
     out = check_output_path(args.out, "--out", [".vtp"])
+    claim(args, out, "figure", settings={"command": args.command, "inputs": [os.path.abspath(args.vtk)]})
     result = export_vtp(args.vtk, out, field=args.field, log=args.log, zmax=args.zmax)
     print(f"wrote {result['path']}: {result['points']} points, {result['polys']} quads ({args.field}"
           f"{', ln(value + 0.1)' if args.log else ''}{f', clipped at {args.zmax:g}' if args.zmax is not None else ''})")

@@ -15,6 +15,7 @@ import numpy as np
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
+from ..outputs import figure_metadata
 from ..surface.file import read_surface
 
 LOG_OFFSET = 0.1  # the original's ln(z + 0.1): finite at a loss of 0
@@ -99,8 +100,10 @@ def export_vtp(path, out, field="train_loss", log=False, zmax=None):
     offsets = 4 * np.arange(1, len(cells) + 1)
     empty = ('        <DataArray type="Int64" Name="connectivity" format="ascii"></DataArray>\n'
              '        <DataArray type="Int64" Name="offsets" format="ascii"></DataArray>\n')
+    # The claim's stamp (``outputs``), in a comment: a later run knows the file as its own.
+    stamp = next(iter(figure_metadata(out, "svg").values()))
     parts = [
-        '<?xml version="1.0"?>\n',
+        '<?xml version="1.0"?>\n', f"<!-- {stamp} -->\n",
         '<VTKFile type="PolyData" version="1.0" byte_order="LittleEndian" header_type="UInt64">\n',
         "  <PolyData>\n",
         f'    <Piece NumberOfPoints="{len(z)}" NumberOfVerts="0" NumberOfLines="0" NumberOfStrips="0" '
