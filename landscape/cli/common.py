@@ -93,11 +93,3 @@ def model_id(loaded):
     from ..models import model_id as source
 
     return source(loaded)
-
-
-def floats(text, flag):
-    """'1,0.5,0.1' -> [1.0, 0.5, 0.1]; UsageError naming ``flag`` otherwise."""
-    try:
-        return [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} must be comma-separated numbers like 1,0.5,0.1; got '{text}'") from None

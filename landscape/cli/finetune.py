@@ -59,16 +59,7 @@ def register(subparsers):
     p.add_argument("--warmup", type=options.SHARE, default=0.1, help="warm-up share of all steps")
     p.add_argument("--weight-decay", type=options.NON_NEGATIVE, default=0.0, help="AdamW weight decay")
     p.add_argument("--dropout", type=options.BELOW_ONE, default=0.1, help="standard/Gaussian dropout probability")
-    p.add_argument("--r3f-lambda", type=options.NON_NEGATIVE, default=1.0,
-                   help="r3f/r4f: weight of the symmetric KL between the outputs on clean and on noised embeddings")
-    p.add_argument("--r3f-sigma", type=options.POSITIVE, default=1e-5, help="r3f/r4f: scale of the embedding noise")
-    p.add_argument("--r3f-noise", default="normal", choices=["normal", "uniform"],
-                   help="r3f/r4f: distribution of the embedding noise")
-    p.add_argument("--mixout-p", type=options.BELOW_ONE, default=0.9,
-                   help="mixout: probability of mixing a body weight back to its pretrained value")
-    p.add_argument("--childtuning-reserve", type=options.FRACTION, default=0.3,
-                   help="ChildTuning-D: share of the body's elements that train, those with the highest task "
-                        "Fisher on the run's training subset")
+    _add_regularizer_args(p)
     p.add_argument("--metric", default=None, help="metric to plot: accuracy|f1|mcc (classification, default "
                                                   "accuracy) or pearson|spearman (regression, default pearson)")
     p.add_argument("--save-models", default=None,
@@ -86,6 +77,20 @@ def register(subparsers):
     p.add_argument("--plot", default=None, help="figure (.png/.pdf/.svg; default: <out>.png)")
     p.set_defaults(func=run)
     return p
+
+
+def _add_regularizer_args(p):
+    """The hyper-parameters of the regularizers other than dropout."""
+    p.add_argument("--r3f-lambda", type=options.NON_NEGATIVE, default=1.0,
+                   help="r3f/r4f: weight of the symmetric KL between the outputs on clean and on noised embeddings")
+    p.add_argument("--r3f-sigma", type=options.POSITIVE, default=1e-5, help="r3f/r4f: scale of the embedding noise")
+    p.add_argument("--r3f-noise", default="normal", choices=["normal", "uniform"],
+                   help="r3f/r4f: distribution of the embedding noise")
+    p.add_argument("--mixout-p", type=options.BELOW_ONE, default=0.9,
+                   help="mixout: probability of mixing a body weight back to its pretrained value")
+    p.add_argument("--childtuning-reserve", type=options.FRACTION, default=0.3,
+                   help="ChildTuning-D: share of the body's elements that train, those with the highest task "
+                        "Fisher on the run's training subset")
 
 
 def _by_model(key):
