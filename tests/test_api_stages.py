@@ -128,3 +128,9 @@ def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_
     with pytest.raises(UsageError, match="x range"):
         run_surface(tmp_path / "s.h5", tmp_path / "d.h5", x="1:-1:3")
     assert "--" not in str(refused.value) and not list(tmp_path.iterdir())
+    from landscape.errors import OutputUnwritable
+    from landscape.guided.finetune import run_finetune
+
+    with pytest.raises(OutputUnwritable, match="^plot 'x.txt': use a .png") as unwritable:
+        run_finetune(out=str(tmp_path / "sum.csv"), plot="x.txt")
+    assert unwritable.value.what == "plot" and not list(tmp_path.iterdir())
