@@ -239,3 +239,41 @@ def write_profile(fisher, model, out_dir, title=""):
                                    [kinds[s["kind"]] for s in sites], out / "sites.png",
                                    "site score: element-weighted mean Fisher (normalized)", title, legend=kinds)
     return paths
+
+
+def run_profile(fisher_path, out, model=None, overwrite=False):
+    """The profile stage: read a Fisher file, check it against its model, write every view under ``out``.
+
+    The model only gives shapes and dropout sites, so it is loaded on the CPU in float32, a
+    checkpoint without its pretraining head included.
+
+    Args:
+        fisher_path: a Fisher file written by ``fisher.run_fisher`` (``landscape fisher``).
+        out: the folder to write into (made if missing).
+        model: hub id or ``from_pretrained`` folder the Fisher was computed on; None for the embedded model.
+        overwrite: replace files in ``out`` that a profile did not write.
+
+    Returns:
+        {what: path} of every file written (as ``write_profile``).
+
+    Raises:
+        UsageError: ``out`` is a file, the Fisher file is unreadable or was computed on another
+            model; ``OutputRefused`` for foreign files in ``out`` unless ``overwrite``.
+    """
+    import contextlib
+
+    from ..fisher import check_fisher_model, load_fisher
+    from ..identity import model_fingerprint
+    from ..models import load_model
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out '{out}' is a file; give a folder")
+    with contextlib.ExitStack() as held:
+        held.enter_context(claim_output(out, "folder", overwrite))
+        held.enter_context(claim_profile(out, fisher_path, overwrite))
+        fisher, meta = load_fisher(fisher_path)
+        loaded = load_model(model, device="cpu", dtype="float32", allow_new_head=True)
+        check_fisher_model(fisher_path, meta, model_fingerprint(loaded), model)
+        title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
+        return write_profile(fisher, loaded.model, out, title=title)
