@@ -42,8 +42,9 @@ def register(subparsers):
     p.add_argument("--p-upper", type=float, default=0.1, help="guided schedule from --fisher: upper bound")
     p.add_argument("--p-lower", type=float, default=0.0, help="guided schedule from --fisher: lower bound")
     p.add_argument("--fractions", default="1.0", help="training-set fractions, e.g. 1,0.5,0.25,0.1")
-    p.add_argument("--restarts", type=int, default=5,
-                   help="restart seeds per fraction; a Wilcoxon p < 0.05 needs at least 6")
+    p.add_argument("--restarts", type=int, default=6,
+                   help="restart seeds per fraction (default 6: with n restarts the exact paired Wilcoxon p cannot "
+                        "go below 2/2^n, so 6 is the fewest that can reach p < 0.05)")
     p.add_argument("--seed", type=int, default=0, help="first restart seed")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/test split")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test share when the dataset has one split")
