@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
+from ..defaults import FINETUNE_EMBEDDED, FINETUNE_LORA_LR, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import floats
@@ -70,8 +70,15 @@ def register(subparsers):
                         "Fisher on the run's training subset")
     p.add_argument("--metric", default=None, help="metric to plot: accuracy|f1|mcc (classification, default "
                                                   "accuracy) or pearson|spearman (regression, default pearson)")
+    p.add_argument("--lora", default=None, metavar="SPEC",
+                   help="fine-tune with LoRA (needs peft: pip install 'landscape[lora]') instead of all weights, "
+                        "e.g. r=8,alpha=16,targets=q_proj,v_proj (default targets: PEFT's for the architecture; "
+                        "alpha 2r). Regularizers then set each LoRA module's lora_dropout: none, dropout, gaussian, "
+                        "guided (from --fisher of the base model or a `schedule --lora` file), dropout-matched, "
+                        "guided-shuffled; default lr 5e-4 (default: full fine-tuning)")
     p.add_argument("--save-models", default=None,
-                   help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved)")
+                   help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved; with "
+                        "--lora, PEFT adapter folders)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch; 0 = torch's choice; 1 is much faster on a busy machine")
@@ -111,6 +118,12 @@ def _check(args, regularizers, fractions):
         raise UsageError(f"--mixout-p must be in [0, 1), got {args.mixout_p}")
     if "childtuning" in regularizers and not 0.0 < args.childtuning_reserve <= 1.0:
         raise UsageError(f"--childtuning-reserve must be in (0, 1], got {args.childtuning_reserve}")
+    if args.lora is not None:
+        from ..guided import lora
+
+        lora.require_peft("--lora")
+        lora.parse_lora_spec(args.lora)
+        lora.check_lora_regularizers(regularizers)
 
 
 def _outputs(args):
@@ -130,11 +143,13 @@ def _config(args):
 
     defaults = FINETUNE_EMBEDDED if args.model is None else FINETUNE_PAPER
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
-    config = FinetuneConfig(lr=pick(args.lr, "lr"), batch_size=pick(args.batch_size, "batch_size"),
+    lr = FINETUNE_LORA_LR if args.lora is not None and args.lr is None else pick(args.lr, "lr")
+    config = FinetuneConfig(lr=lr, batch_size=pick(args.batch_size, "batch_size"),
                             seq_len=pick(args.seq_len, "seq_len"), epochs=args.epochs, warmup=args.warmup,
                             weight_decay=args.weight_decay, dropout=args.dropout, r3f_lambda=args.r3f_lambda,
                             r3f_sigma=args.r3f_sigma, r3f_noise=args.r3f_noise, mixout_p=args.mixout_p,
-                            childtuning_reserve=args.childtuning_reserve, device=str(resolve_device(args.device)))
+                            childtuning_reserve=args.childtuning_reserve, device=str(resolve_device(args.device)),
+                            lora=args.lora)
     return config, pick(args.max_train, "max_train"), pick(args.max_test, "max_test")
 
 
@@ -152,12 +167,21 @@ def _probe(args, regularizers, train_data):
         except UsageError as err:
             raise UsageError(f"{err}: give --schedule schedule.json or --fisher F.safetensors") from None
     model, _ = load_classifier(args.model, train_data, "cpu")
-    sites = [s.name for s in find_sites(model)]
+    if args.lora is not None:
+        from ..guided import lora
+
+        model = lora.wrap(model, lora.parse_lora_spec(args.lora), "SEQ_CLS")
+        sites = list(lora.lora_modules(model))
+    else:
+        sites = [s.name for s in find_sites(model)]
     if not needs_schedule:
         return None, sites
     guided = schedule.schedule_from_args(model, schedule_path=args.schedule, fisher_path=args.fisher,
                                          p_upper=args.p_upper, p_lower=args.p_lower)
-    schedule.apply(model, guided)  # refuses a schedule made for another model, in one line
+    if args.lora is not None:
+        lora.lora_probabilities(model, "guided", 0.0, guided)  # refuses a schedule for other LoRA targets
+    else:
+        schedule.apply(model, guided)  # refuses a schedule made for another model, in one line
     return guided, sites
 
 

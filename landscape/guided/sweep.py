@@ -64,7 +64,8 @@ def sweep_settings(model_spec, train_data, test_data, config, cap=None, regulari
     own = {f for fields in _OWN_FIELDS.values() for f in fields}
     shared = {"model": "embedded" if model_spec is None else str(model_spec),
               "train_data": _data_digest(train_data), "test_data": _data_digest(test_data), "max_train": cap,
-              **{k: v for k, v in dataclasses.asdict(config).items() if k not in own and k != "device"}}
+              **{k: v for k, v in dataclasses.asdict(config).items() if k not in own and k != "device"
+                 and not (k == "lora" and v is None)}}  # journals from before --lora keep their fingerprint
     per_reg = {}
     for reg in regularizers:
         mine = {"regularizer": reg, **{f: getattr(config, f) for f in _OWN_FIELDS.get(reg, ())}}

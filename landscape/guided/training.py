@@ -27,6 +27,7 @@ from ..data.objectives import pad_token_id
 from ..datahome import EMBEDDED_MODEL_DIR
 from ..errors import UsageError
 from ..runtime import transformers_silenced
+from . import lora
 from . import regularizers as regs
 from . import schedule as sched
 from .metrics import compute_metrics
@@ -90,6 +91,7 @@ class FinetuneConfig:
     mixout_p: float = 0.9  # mixout's mixing probability (the reference's GLUE setting)
     childtuning_reserve: float = 0.3  # ChildTuning-D: share of the body's elements that train
     device: str = "cpu"
+    lora: Optional[str] = None  # LoRA instead of full fine-tuning: 'r=8,alpha=16,targets=q_proj,v_proj'
 
 
 # ---------------------------------------------------------------- model and batches
@@ -132,9 +134,14 @@ def prepare_regularizer(model, name, config, guided=None, *, seed=0, train_batch
     as the reference does; "childtuning" computes the task Fisher once on ``train_batches`` (the
     run's training data, labelled batches) and from then on trains only the
     ``config.childtuning_reserve`` share of the body with the highest Fisher, plus the head.
-    ``undo_regularizer`` makes the model plain again.
+    ``undo_regularizer`` makes the model plain again.  With ``config.lora`` (``model`` a PeftModel)
+    the regularizer acts on LoRA's ``lora_dropout`` only (``lora.prepare``; the base model's own
+    dropout keeps its configured values), and only those of ``lora.LORA_REGULARIZERS`` are taken.
     """
     check_regularizers([name], guided)
+    if config.lora:
+        lora.prepare(model, name, config.dropout, run_schedule(name, guided, seed))
+        return lambda m, b: m(**b).loss
     sched.apply(model, sched.uniform(model, 0.0 if name == "none" else config.dropout))
     if name in SCHEDULE_REGULARIZERS:
         sched.apply(model, run_schedule(name, guided, seed))
@@ -232,11 +239,15 @@ def finetune_once(model_spec, train_data, test_data, regularizer, seed=0, config
     guided: the guided schedule, for the regularizers built from it (``SCHEDULE_REGULARIZERS``).
 
     save_dir: write a ``from_pretrained`` folder (model + tokenizer) there; it loads with
-    ``AutoModelForSequenceClassification.from_pretrained``.
+    ``AutoModelForSequenceClassification.from_pretrained``.  With ``config.lora`` it is a PEFT
+    adapter folder (the LoRA weights and the new head; ``PeftModel.from_pretrained`` or
+    ``landscape ... --model DIR``).
     """
     config = config or FinetuneConfig()
     torch.manual_seed(seed)  # the head's initialisation and the dropout masks follow the restart seed
     model, tokenizer = load_classifier(model_spec, train_data, config.device)
+    if config.lora:
+        model = lora.wrap(model, lora.parse_lora_spec(config.lora), "SEQ_CLS")
     train_enc = encode(tokenizer, train_data, config.seq_len)
     test_enc = encode(tokenizer, test_data, config.seq_len)
     train_batches = None
