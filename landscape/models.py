@@ -38,6 +38,7 @@ class LoadedModel:
     tokenizer: object
     kind: str  # one of OBJECTIVE_KINDS; "classification" is a fine-tuned sequence classifier or regressor
     source: str  # the hub id or folder given, or the embedded model's folder
+    adapter: Optional[dict] = None  # a PEFT adapter folder's record (``adapters.record``); None for a plain model
 
 
 def parse_dtype(name):
@@ -139,7 +140,8 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
                allow_new_head: bool = False) -> LoadedModel:
     """Load a pretrained LM and its tokenizer, in eval mode, on ``device``.
 
-    spec: hub id, local folder, or None for the embedded default model.
+    spec: hub id, local folder, PEFT adapter folder (``adapters.load_adapter``), or None for the
+        embedded default model.
     allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
         ``BertModel`` such as a sentence-transformers checkpoint has no MLM head); by default such
         a load is refused (``NewHeadRefused``), because transformers would fill them randomly.
@@ -164,6 +166,10 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
         if path.exists():
             if not path.is_dir():
                 raise UsageError(f"model '{spec_str}' is a file; give the folder that holds config.json")
+            from .adapters import is_adapter_folder, load_adapter
+
+            if is_adapter_folder(path):  # a PEFT adapter: its base resolved as PEFT does, the adapter applied
+                return load_adapter(path, device=device, dtype=dtype, allow_new_head=allow_new_head)
             if not (path / "config.json").exists():
                 raise UsageError(f"model folder '{spec_str}' has no config.json; is it a from_pretrained folder?")
             spec_str = str(path)

@@ -41,8 +41,9 @@ def test_spec_parsing_and_refusals():
     assert lora.parse_lora_spec("r=8,alpha=16,targets=q_proj,v_proj") == {"r": 8, "alpha": 16.0,
                                                                          "targets": ["q_proj", "v_proj"]}
     assert lora.parse_lora_spec("r=4") == {"r": 4, "alpha": 8.0, "targets": None}
+    assert lora.parse_lora_spec("layers=2-4+7,targets=q_proj")["layers"] == [2, 3, 4, 7]
     for bad, words in (("r=0", "at least 1"), ("rank=4", "unknown key"), ("r=x", "must be a number"),
-                       ("dropout=0.1", "unknown key")):
+                       ("dropout=0.1", "unknown key"), ("layers=a-b", "block indices")):
         with pytest.raises(UsageError, match=words):
             lora.parse_lora_spec(bad)
     with pytest.raises(UsageError, match="mixout mixes trained body weights"):
@@ -107,6 +108,7 @@ def test_finetune_lora_sweep_saves_adapters_that_peft_loads(toy_tsv, tiny_llama,
 
     from landscape.cli import main
     from landscape.fisher import save_fisher
+    from landscape.models import load_model
 
     save_fisher(tmp_path / "F.safetensors", _fisher(tiny_llama.model), {"model": "tiny"})
     out, saved = tmp_path / "lora.csv", tmp_path / "saved"
@@ -122,8 +124,12 @@ def test_finetune_lora_sweep_saves_adapters_that_peft_loads(toy_tsv, tiny_llama,
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["base_model_name_or_path"] == str(
         tiny_llama_dir)
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_llama_dir), num_labels=2)
-    loaded = peft.PeftModel.from_pretrained(base, str(folder))
+    loaded = peft.PeftModel.from_pretrained(base, str(folder)).eval()
     assert len(lora.lora_modules(loaded)) == 4
+    ours = load_model(str(folder))  # --model takes it: a classifier with the adapter's own head
+    assert ours.kind == "classification" and ours.adapter["base_model"] == str(tiny_llama_dir)
+    ids = torch.tensor([[1, 7, 12, 5]])
+    torch.testing.assert_close(ours.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
     assert main(args + ["--regularizer", "dropout,mixout", "--out", str(tmp_path / "x.csv")]) == 2
     assert "mixout mixes trained body weights" in capsys.readouterr().err
 

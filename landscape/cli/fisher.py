@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from .. import adapters
 from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
 from ..files import check_output_path
@@ -81,7 +82,8 @@ def run_fisher(args):
     samples, pad = _samples(args, loaded)
     meta = provenance(loaded.source, args.corpus, args.fraction, len(samples), args.seed,
                       max_samples=args.max_samples, seq_len=args.seq_len, dtype=args.dtype,
-                      objective=loaded.kind, framing=describe_framing(loaded.tokenizer, args.bos))
+                      objective=loaded.kind, framing=describe_framing(loaded.tokenizer, args.bos),
+                      **adapters.record(loaded))
     if not args.overwrite:
         check_existing_fisher(out, meta)
     device = next(loaded.model.parameters()).device

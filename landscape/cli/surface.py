@@ -2,6 +2,8 @@
 
 import os
 
+from .. import adapters
+from ..adapters import ADAPTER_SUBSET
 from ..errors import UsageError
 from ..files import check_output_path
 from .common import (
@@ -28,10 +30,13 @@ def _register_directions(subparsers):
         description="Seeded Gaussian directions, normalized per filter/layer and optionally masked by "
                     "Fisher scores, written to an HDF5 direction file.")
     parser.add_argument("--model", default=None,
-                        help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
+                        help="Hugging Face model id, local from_pretrained folder or PEFT adapter folder (default: "
+                             "the embedded model)")
     parser.add_argument("--fisher", default=None, help="Fisher file (safetensors) for --subset")
     parser.add_argument("--subset", default=None,
-                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]; default: all)")
+                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]), or adapter: only the "
+                             "parameters of a PEFT adapter --model (its LoRA factors and saved head; no --fisher) "
+                             "(default: all)")
     parser.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
                         help="rank elements over the whole model (global) or inside each tensor (tensor, as the "
                              "paper's code does)")
@@ -66,8 +71,13 @@ def run_directions(args):
     if other_directions(args, out):  # --kind hessian, --to, --trajectory
         return 0
     subset = args.subset or "all"
-    directions.parse_mask_spec(subset)
-    if subset != "all" and not args.fisher:
+    if subset == ADAPTER_SUBSET:
+        if args.fisher:
+            raise UsageError(f"--subset {ADAPTER_SUBSET} selects the adapter's parameters by name: --fisher does not "
+                             "apply")
+    else:
+        directions.parse_mask_spec(subset)
+    if subset not in ("all", ADAPTER_SUBSET) and not args.fisher:
         raise UsageError(f"--subset {subset} needs --fisher F.safetensors")
     _, rank, _ = join_torchrun("cpu")
     layout = shard_layout(args.shard_size)
@@ -75,7 +85,7 @@ def run_directions(args):
     loaded = load_model(args.model, device="cpu", dtype=args.dtype,
                         allow_new_head=args.allow_new_head or not args.fisher)
     shard_model(loaded.model, layout)
-    settings = {"model": model_id(loaded), "fisher": str(args.fisher or "")}
+    settings = {"model": model_id(loaded), "fisher": str(args.fisher or ""), **adapters.record(loaded)}
     if not args.overwrite:
         directions.check_existing_directions(out, dict(
             settings, seed=args.seed, norm=args.norm, ignore=args.ignore, subset=subset, dims=args.dims,
@@ -150,7 +160,7 @@ def run_surface(args):
     settings = {"model": model_id(loaded), "corpus": str(args.corpus or "embedded"),
                 "fraction": args.fraction, "max_samples": args.max_samples, "seq_len": args.seq_len,
                 "corpus_seed": args.seed, "precision": str(args.dtype).lower(),
-                "framing": describe_framing(loaded.tokenizer, args.bos)}
+                "framing": describe_framing(loaded.tokenizer, args.bos), **adapters.record(loaded)}
     info = {"batch_size": args.batch_size, "device": str(next(loaded.model.parameters()).device),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "points_per_pass": args.points_per_pass,
             "shard_size": args.shard_size}

@@ -14,6 +14,7 @@ UsageError naming the extra.
 """
 
 import re
+import warnings
 from typing import Optional
 
 from torch import nn
@@ -168,15 +169,17 @@ def current_probabilities(model) -> dict:
 
 # ---------------------------------------------------------------------------- --lora r=8,alpha=16,...
 
-_SPEC_KEYS = {"r": int, "alpha": float, "targets": str, "dropout": float}
+_SPEC_KEYS = {"r": int, "alpha": float, "targets": str, "layers": str}
 
 
 def parse_lora_spec(text: str) -> dict:
     """'r=8,alpha=16,targets=q_proj,v_proj' -> {'r': 8, 'alpha': 16.0, 'targets': ['q_proj', 'v_proj']}.
 
     Keys: r (rank, default 8), alpha (default 2 r), targets (module names, comma- or
-    plus-separated; default PEFT's for the architecture).  A bare word after ``targets=`` continues
-    the target list.  UsageError for an unknown key or a bad value.
+    plus-separated; default PEFT's for the architecture), layers (block indices to adapt, e.g.
+    ``18-29`` or ``0+5``; default all: adapting only the top blocks also spares the backward pass
+    through the others).  A bare word after ``targets=`` continues the target list.  UsageError for
+    an unknown key or a bad value.
     """
     out, key = {"r": 8, "alpha": None, "targets": None}, None
     for token in [t.strip() for t in str(text).split(",") if t.strip()]:
@@ -186,8 +189,12 @@ def parse_lora_spec(text: str) -> dict:
             value = token
         else:
             raise UsageError(f"--lora: '{token}' is not key=value; use e.g. r=8,alpha=16,targets=q_proj,v_proj")
-        if key not in _SPEC_KEYS or key == "dropout":
-            raise UsageError(f"--lora: unknown key '{key}'; use r, alpha and targets (the regularizer sets dropout)")
+        if key not in _SPEC_KEYS:
+            raise UsageError(f"--lora: unknown key '{key}'; use r, alpha, targets and layers (the regularizer sets "
+                             "dropout)")
+        if key == "layers":
+            out["layers"] = _layer_list(value)
+            continue
         if key == "targets":
             out["targets"] = (out["targets"] if "=" not in token else []) + [v for v in re.split(r"\+", value) if v]
             continue
@@ -202,6 +209,20 @@ def parse_lora_spec(text: str) -> dict:
     return out
 
 
+def _layer_list(text):
+    """'18-29' -> [18, ..., 29]; '0+5' -> [0, 5]."""
+    layers = []
+    try:
+        for part in text.split("+"):
+            low, _, high = part.partition("-")
+            layers.extend(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UsageError(f"--lora: layers must be block indices like 18-29 or 0+5, got '{text}'") from None
+    if not layers or min(layers) < 0:
+        raise UsageError(f"--lora: layers must be block indices like 18-29 or 0+5, got '{text}'")
+    return layers
+
+
 def wrap(model, spec: dict, task_type: str, dropout: float = 0.0):
     """``peft.get_peft_model`` of ``model`` with LoRA of ``spec`` (from ``parse_lora_spec``).
 
@@ -210,9 +231,12 @@ def wrap(model, spec: dict, task_type: str, dropout: float = 0.0):
     """
     peft = require_peft("--lora")
     config = peft.LoraConfig(task_type=task_type, r=spec["r"], lora_alpha=spec["alpha"],
-                             target_modules=spec["targets"], lora_dropout=float(dropout))
+                             target_modules=spec["targets"], lora_dropout=float(dropout),
+                             layers_to_transform=spec.get("layers"))
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # transformers' deprecation note on a name PEFT still calls
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return peft.get_peft_model(model, config)
     except ValueError as err:  # PEFT's word for targets it cannot find or cannot infer
         raise UsageError(f"--lora: {str(err).splitlines()[0]}") from None
 

@@ -1,0 +1,113 @@
+"""PEFT adapter folders as --model: every stage on the adapted model, --subset adapter, --to from the
+base to the adapter, what files record, and the one line without peft."""
+
+import json
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from landscape.cli import main
+from landscape.errors import UsageError
+from landscape.models import load_model
+
+peft = pytest.importorskip("peft", reason="peft is the optional extra landscape[lora]")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SAMPLE = ("--max-samples", 4, "--seq-len", 16, "--batch-size", 4)
+
+
+def cli(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_llama_dir, tmp_path_factory):
+    """A causal-LM LoRA adapter of the tiny Llama (q_proj, v_proj, rank 2) with nonzero B factors."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
+                                                      target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    path = tmp_path_factory.mktemp("adapter") / "lora"
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_an_adapter_folder_loads_on_its_base_with_the_adapter_applied(adapter_dir, tiny_llama_dir):
+    loaded = load_model(str(adapter_dir))
+    assert loaded.kind == "causal" and loaded.source == str(adapter_dir.resolve())
+    assert loaded.adapter["base_model"] == str(tiny_llama_dir) and len(loaded.adapter["adapter_config_sha256"]) == 64
+    assert all(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
+    base = load_model(str(tiny_llama_dir))
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    expected = peft.PeftModel.from_pretrained(base.model, str(adapter_dir)).eval()(input_ids=ids).logits
+    plain = load_model(str(tiny_llama_dir)).model(input_ids=ids).logits
+    got = loaded.model(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_without_peft_an_adapter_folder_is_one_line_naming_the_extra(adapter_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(UsageError, match=r"landscape\[lora\]"):
+        load_model(str(adapter_dir))
+    assert cli("fisher", "--model", adapter_dir, "--out", "never.safetensors") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "landscape[lora]" in err[0]
+
+
+def test_every_stage_runs_on_an_adapter_and_files_record_it(adapter_dir, tiny_corpus_file, tmp_path):
+    from landscape.fisher import load_fisher
+    from landscape.surface.direction_file import load_directions
+    from landscape.surface.file import read_surface
+
+    fisher, meta = load_fisher(cli_ok("fisher", "--model", adapter_dir, "--corpus", tiny_corpus_file, *SAMPLE,
+                                      "--quiet", "--out", tmp_path / "F.safetensors"))
+    assert meta["adapter"] == str(adapter_dir.resolve()) and meta["base_model"] and meta["adapter_config_sha256"]
+    lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert fisher[lora_a].sum() > 0 and "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in fisher
+    # --subset adapter: only the LoRA factors move (the adapter has no saved head; 1-D tensors ignored)
+    dirs, attrs = load_directions(cli_ok("directions", "--model", adapter_dir, "--subset", "adapter",
+                                         "--out", tmp_path / "D.h5"))
+    moved = {n for n, t in dirs[0].items() if t.any()}
+    assert moved and all(".lora_" in n for n in moved) and lora_a in moved
+    assert attrs["subset"] == "adapter" and attrs["adapter"] == str(adapter_dir.resolve())
+    assert attrs["n_selected"] == sum(dirs[0][n].numel() for n in dirs[0] if ".lora_" in n)
+    surface = cli_ok("surface", "--model", adapter_dir, "--directions", tmp_path / "D.h5", "--corpus",
+                     tiny_corpus_file, *SAMPLE, "--x", "-1:1:3", "--y", "-1:1:3", "--out", tmp_path / "S.h5")
+    loss = read_surface(surface).z
+    assert np.isfinite(loss).all() and loss.shape == (3, 3)
+    with h5py.File(surface, "r") as handle:
+        assert handle.attrs["adapter"] == str(adapter_dir.resolve())
+    report = json.loads(cli_ok("hessian", "--model", adapter_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--top", 1,
+                               "--quiet", "--out", tmp_path / "H.json").read_text())
+    assert np.isfinite(report["eigenvalues"][0])
+    assert json.dumps(report).count(str(adapter_dir.resolve())) >= 1
+
+
+def cli_ok(*args):
+    assert cli(*args) == 0
+    return args[-1]
+
+
+def test_directions_to_an_adapter_are_its_merged_update(adapter_dir, tiny_llama_dir, tmp_path, capsys):
+    from landscape.surface.direction_file import load_directions
+
+    cli_ok("directions", "--model", tiny_llama_dir, "--to", adapter_dir, "--out", tmp_path / "T.h5")
+    dirs, attrs = load_directions(tmp_path / "T.h5")
+    adapted = load_model(str(adapter_dir)).model
+    layer = adapted.base_model.model.model.layers[1].self_attn.v_proj
+    update = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+    torch.testing.assert_close(dirs[0]["model.layers.1.self_attn.v_proj.weight"], update, atol=1e-6, rtol=1e-5)
+    assert not dirs[0]["model.layers.1.mlp.up_proj.weight"].any()  # not adapted: no move
+    assert attrs["to_adapter"] == str(adapter_dir.resolve()) and attrs["model"] == str(tiny_llama_dir)
+    assert cli("directions", "--model", adapter_dir, "--to", tiny_llama_dir, "--out", tmp_path / "R.h5") == 2
+    assert "give the plain model (the base) as --model" in capsys.readouterr().err
+    assert cli("directions", "--model", tiny_llama_dir, "--subset", "adapter", "--out", tmp_path / "N.h5") == 2
+    assert "needs a PEFT adapter" in capsys.readouterr().err
