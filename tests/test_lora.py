@@ -140,3 +140,20 @@ def test_without_peft_the_lora_option_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     with pytest.raises(UsageError, match=r"landscape\[lora\]"):
         lora.require_peft("--lora")
+
+
+def test_schedule_lora_from_the_base_or_an_adapter_names_the_base_modules(tiny_llama, tiny_llama_dir, tmp_path):
+    from landscape.cli import main
+    from landscape.fisher import save_fisher
+
+    save_fisher(tmp_path / "F.safetensors", _fisher(tiny_llama.model), {"model": "tiny"})
+    assert main(["schedule", str(tmp_path / "F.safetensors"), "--model", str(tiny_llama_dir), "--lora",
+                 "r=4,targets=q_proj,v_proj", "--out", str(tmp_path / "s.json")]) == 0
+    written = sched.load_schedule(tmp_path / "s.json")
+    assert {s.kind for s in written.sites} == {"lora"} and len(written.sites) == 4
+    assert min(written.sites, key=lambda s: s.rank).name == "model.layers.0.self_attn.q_proj"
+    adapter = lora.wrap(tiny_llama.model, lora.parse_lora_spec("r=1,targets=q_proj,v_proj"), "CAUSAL_LM")
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    assert main(["schedule", str(tmp_path / "F.safetensors"), "--model", str(tmp_path / "adapter"), "--lora",
+                 "--out", str(tmp_path / "a.json")]) == 0
+    assert sched.load_schedule(tmp_path / "a.json").probabilities() == written.probabilities()
