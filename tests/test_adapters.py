@@ -111,3 +111,35 @@ def test_directions_to_an_adapter_are_its_merged_update(adapter_dir, tiny_llama_
     assert "give the plain model (the base) as --model" in capsys.readouterr().err
     assert cli("directions", "--model", tiny_llama_dir, "--subset", "adapter", "--out", tmp_path / "N.h5") == 2
     assert "needs a PEFT adapter" in capsys.readouterr().err
+
+
+def test_smollm2_adapter_loads_and_its_guided_lora_schedule_serves_another_rank(tmp_path):
+    """On the real SmolLM2-135M-Instruct (skipped where it is not built): a LoRA adapter folder loads
+    through --model's loader with the adapter applied, and a schedule made on rank 8 sets rank 2."""
+    from real_checkpoints import SMOLLM2, real_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from landscape.guided import lora
+    from landscape.guided import schedule as sched
+
+    folder = real_checkpoint(SMOLLM2)
+    spec = lora.parse_lora_spec("r=8,alpha=16,targets=q_proj,v_proj,layers=28-29")
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(str(folder)), spec, "CAUSAL_LM")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    loaded = load_model(str(tmp_path / "adapter"))
+    ids = loaded.tokenizer("A quiet, moving film.", return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(loaded.model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert loaded.adapter["base_model"] == str(folder) and loaded.kind == "causal"
+    fisher = {lora.base_parameter_name(n): torch.full_like(p, 1.0 + i) for i, (n, p) in
+              enumerate(model.named_parameters()) if ".lora_" not in n}
+    schedule = lora.lora_schedule(loaded.model, fisher)
+    assert [s.name for s in sorted(schedule.sites, key=lambda s: s.rank)] == [
+        "model.layers.28.self_attn.q_proj", "model.layers.28.self_attn.v_proj",
+        "model.layers.29.self_attn.q_proj", "model.layers.29.self_attn.v_proj"]
+    other = lora.wrap(AutoModelForCausalLM.from_pretrained(str(folder)),
+                      dict(spec, r=2, alpha=4.0), "CAUSAL_LM")
+    sched.apply(other, schedule)
+    assert lora.current_probabilities(other) == pytest.approx(schedule.probabilities())
