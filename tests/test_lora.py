@@ -157,3 +157,22 @@ def test_schedule_lora_from_the_base_or_an_adapter_names_the_base_modules(tiny_l
     assert main(["schedule", str(tmp_path / "F.safetensors"), "--model", str(tmp_path / "adapter"), "--lora",
                  "--out", str(tmp_path / "a.json")]) == 0
     assert sched.load_schedule(tmp_path / "a.json").probabilities() == written.probabilities()
+
+
+def test_each_lora_regularizer_sets_the_lora_dropout_it_names(tiny_llama, lora_llama):
+    from landscape.guided import training as ft
+    from landscape.guided.regularizers import GaussianDropout
+
+    guided = lora.lora_schedule(lora_llama, _fisher(tiny_llama.model), p_upper=0.3, p_lower=0.0)
+    config = ft.FinetuneConfig(dropout=0.15, lora="r=2")
+    expected = {"none": {s: 0.0 for s in guided.probabilities()}, "dropout": {s: 0.15 for s in guided.probabilities()},
+                "guided": guided.probabilities(), "dropout-matched": sched.matched_uniform(guided).probabilities(),
+                "guided-shuffled": sched.shuffled(guided, 3).probabilities()}
+    for name, probs in expected.items():
+        ft.prepare_regularizer(lora_llama, name, config, guided, seed=3)
+        assert lora.current_probabilities(lora_llama) == pytest.approx(probs), name
+    ft.prepare_regularizer(lora_llama, "gaussian", config, guided, seed=3)
+    slots = [m.lora_dropout["default"] for m in lora.lora_modules(lora_llama).values()]
+    assert all(isinstance(s, GaussianDropout) and s.p == 0.15 for s in slots)
+    with pytest.raises(UsageError, match="ChildTuning masks"):
+        ft.prepare_regularizer(lora_llama, "childtuning", config, guided)
