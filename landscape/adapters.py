@@ -85,7 +85,11 @@ def _head_rows(folder) -> dict:
 
 
 def _classifier_base(base_spec, folder):
-    """A base model as a sequence classifier whose new head the adapter's saved head replaces."""
+    """A base model as a sequence classifier whose new head the adapter's saved head replaces.
+
+    The number of labels is read from the adapter: the output layer is the new weight with
+    ``num_labels`` rows in a default (2-label) classifier, and the adapter's copy says how many rows
+    it really has."""
     from transformers import AutoModelForSequenceClassification
 
     from . import models
@@ -93,19 +97,26 @@ def _classifier_base(base_spec, folder):
 
     rows = _head_rows(folder)
     loaded = models.load_model(base_spec, device="cpu", dtype="float32", allow_new_head=True)  # checks, tokenizer
-    source = loaded.source
-    heads = [n for n in rows if n.endswith(".weight")]
-    if not heads:
+
+    def build(**kwargs):
+        with transformers_silenced():
+            return AutoModelForSequenceClassification.from_pretrained(loaded.source, output_loading_info=True,
+                                                                      **kwargs)
+
+    model, info = build()
+    shapes = dict(model.named_parameters())
+    new = models.new_parameters(info)
+    outputs = [n for n in new if n.endswith(".weight") and n in rows and shapes[n].shape[0] == model.num_labels]
+    if not outputs:
         raise UsageError(f"adapter '{folder}' is a sequence-classification adapter without its head's weights; "
                          "its head would be random")
-    with transformers_silenced():
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=rows[heads[0]], output_loading_info=True)
+    if rows[outputs[0]] != model.num_labels:
+        model, info = build(num_labels=rows[outputs[0]])
     missing = [n for n in models.new_parameters(info) if n not in rows]
     if missing:
         raise UsageError(f"adapter '{folder}' does not hold '{missing[0]}', which its base lacks too; "
                          "that weight would be random")
-    return models.LoadedModel(model=model, tokenizer=loaded.tokenizer, kind="classification", source=source)
+    return models.LoadedModel(model=model, tokenizer=loaded.tokenizer, kind="classification", source=loaded.source)
 
 
 def load_adapter(folder, device="cpu", dtype="float32", allow_new_head: bool = False):

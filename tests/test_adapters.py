@@ -143,3 +143,35 @@ def test_smollm2_adapter_loads_and_its_guided_lora_schedule_serves_another_rank(
                       dict(spec, r=2, alpha=4.0), "CAUSAL_LM")
     sched.apply(other, schedule)
     assert lora.current_probabilities(other) == pytest.approx(schedule.probabilities())
+
+
+def test_the_embedded_base_is_found_by_name_and_a_moved_install(tmp_path, tiny_llama_dir):
+    from landscape.adapters import resolve_base
+    from landscape.datahome import EMBEDDED_MODEL_DIR
+
+    assert resolve_base({"base_model_name_or_path": str(EMBEDDED_MODEL_DIR)}, tmp_path) is None
+    assert resolve_base({"base_model_name_or_path": "/old/site-packages/landscape/data/model"}, tmp_path) is None
+    assert resolve_base({"base_model_name_or_path": "embedded"}, tmp_path) is None
+    assert resolve_base({"base_model_name_or_path": str(tiny_llama_dir)}, tmp_path) == str(tiny_llama_dir)
+    assert resolve_base({"base_model_name_or_path": "org/some-model"}, tmp_path) == "org/some-model"
+    with pytest.raises(UsageError, match="does not say its base model"):
+        resolve_base({}, tmp_path)
+
+
+def test_a_bert_lora_classifier_saves_its_new_pooler_and_head_and_loads_back(tiny_bert_dir, tmp_path):
+    """A masked-LM checkpoint has no pooler: the classifier's pooler is new, so it trains and is saved
+    with the adapter; --model DIR then rebuilds exactly the trained classifier."""
+    from conftest import write_toy_tsv
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_toy_tsv(tmp_path / "toy.tsv", rows=20)
+    assert cli("finetune", "--model", tiny_bert_dir, "--dataset", data, "--lora", "r=2,targets=query,value",
+               "--regularizer", "dropout", "--restarts", 1, "--epochs", 1, "--batch-size", 8, "--seq-len", 16,
+               "--device", "cpu", "--save-models", tmp_path / "saved", "--out", tmp_path / "r.csv") == 0
+    folder = tmp_path / "saved" / "dropout_f1_s0"
+    ours = load_model(str(folder))
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    ids = torch.tensor([[2, 17, 30, 3]])
+    torch.testing.assert_close(ours.model(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    assert any("pooler" in n for n in json.loads((folder / "adapter_config.json").read_text())["modules_to_save"])

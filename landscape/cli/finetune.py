@@ -170,7 +170,7 @@ def _probe(args, regularizers, train_data):
     if args.lora is not None:
         from ..guided import lora
 
-        model = lora.wrap(model, lora.parse_lora_spec(args.lora), "SEQ_CLS")
+        model = lora.wrap_classifier(model, args.lora)
         sites = list(lora.lora_modules(model))
     else:
         sites = [s.name for s in find_sites(model)]

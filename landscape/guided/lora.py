@@ -223,16 +223,29 @@ def _layer_list(text):
     return layers
 
 
-def wrap(model, spec: dict, task_type: str, dropout: float = 0.0):
+def wrap_classifier(model, spec: str):
+    """A classifier from ``training.load_classifier`` with LoRA of ``spec`` (a ``--lora`` string).
+
+    Every module the checkpoint lacked (the new head, and e.g. a BERT pooler that a masked-LM
+    checkpoint does not hold) trains fully and is saved with the adapter (PEFT's
+    ``modules_to_save``): left frozen at its random initialisation, it would be neither trained nor
+    reproducible from the adapter.
+    """
+    new = sorted({n.rpartition(".")[0] for n in getattr(model, "landscape_new_parameters", [])})
+    return wrap(model, parse_lora_spec(spec), "SEQ_CLS", modules_to_save=new or None)
+
+
+def wrap(model, spec: dict, task_type: str, dropout: float = 0.0, modules_to_save=None):
     """``peft.get_peft_model`` of ``model`` with LoRA of ``spec`` (from ``parse_lora_spec``).
 
     task_type: PEFT's task type ("SEQ_CLS" keeps the new classification head trainable and saved
-    with the adapter; "CAUSAL_LM", ...).  UsageError when a target names no module of the model.
+    with the adapter; "CAUSAL_LM", ...).  modules_to_save: more modules that train fully and are
+    saved with the adapter.  UsageError when a target names no module of the model.
     """
     peft = require_peft("--lora")
     config = peft.LoraConfig(task_type=task_type, r=spec["r"], lora_alpha=spec["alpha"],
                              target_modules=spec["targets"], lora_dropout=float(dropout),
-                             layers_to_transform=spec.get("layers"))
+                             layers_to_transform=spec.get("layers"), modules_to_save=modules_to_save)
     try:
         with warnings.catch_warnings():  # transformers' deprecation note on a name PEFT still calls
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

@@ -26,6 +26,7 @@ from ..data.labelled import LabelledData, encode, labelled_batch
 from ..data.objectives import pad_token_id
 from ..datahome import EMBEDDED_MODEL_DIR
 from ..errors import UsageError
+from ..models import new_parameters
 from ..runtime import transformers_silenced
 from . import lora
 from . import regularizers as regs
@@ -107,11 +108,13 @@ def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
         # The "newly initialized head" report is expected here: the head is new by design.
         with transformers_silenced():
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
-                                                                       problem_type=problem)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, problem_type=problem, output_loading_info=True)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise UsageError(f"cannot load model '{source}' for sequence classification: {reason}") from None
+    # What the checkpoint lacked (the head, a BERT pooler): LoRA must train and save these too.
+    model.landscape_new_parameters = new_parameters(info)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id(tokenizer)
     if data.task == "classification":
@@ -247,7 +250,7 @@ def finetune_once(model_spec, train_data, test_data, regularizer, seed=0, config
     torch.manual_seed(seed)  # the head's initialisation and the dropout masks follow the restart seed
     model, tokenizer = load_classifier(model_spec, train_data, config.device)
     if config.lora:
-        model = lora.wrap(model, lora.parse_lora_spec(config.lora), "SEQ_CLS")
+        model = lora.wrap_classifier(model, config.lora)
     train_enc = encode(tokenizer, train_data, config.seq_len)
     test_enc = encode(tokenizer, test_data, config.seq_len)
     train_batches = None
