@@ -222,7 +222,7 @@ def run(args):
         print(f"note: this model has no dropout sites, so {', '.join(idle)} train exactly like 'none'")
     print(f"{train_data.task}: {min(len(train_data), max_train or len(train_data))} training rows at fraction 1, "
           f"{len(test_data)} test rows; lr {config.lr}, batch {config.batch_size}, seq len {config.seq_len}, "
-          f"{config.epochs} epochs, device {config.device}")
+          f"{config.epochs} epochs, device {config.device}" + (f", LoRA {config.lora}" if config.lora else ""))
     started = time.perf_counter()
     rows = sweep.data_paucity(args.model, train_data, test_data, regularizers, fractions, args.restarts, config,
                               guided, args.save_models, args.seed, max_train, runs_path=runs_out,
