@@ -175,3 +175,13 @@ def test_a_bert_lora_classifier_saves_its_new_pooler_and_head_and_loads_back(tin
     ids = torch.tensor([[2, 17, 30, 3]])
     torch.testing.assert_close(ours.model(input_ids=ids).logits, theirs(input_ids=ids).logits)
     assert any("pooler" in n for n in json.loads((folder / "adapter_config.json").read_text())["modules_to_save"])
+
+
+def test_a_three_class_lora_adapter_loads_with_three_labels(tiny_llama_dir, tmp_path):
+    rows = ["text\tlabel"] + [f"{w} film number {i}\t{w}" for i in range(8) for w in ("good", "bad", "odd")]
+    (tmp_path / "three.tsv").write_text("\n".join(rows) + "\n")
+    assert cli("finetune", "--model", tiny_llama_dir, "--dataset", tmp_path / "three.tsv", "--lora", "r=2",
+               "--regularizer", "none", "--restarts", 1, "--epochs", 1, "--batch-size", 8, "--seq-len", 16,
+               "--device", "cpu", "--save-models", tmp_path / "saved", "--out", tmp_path / "r.csv") == 0
+    loaded = load_model(str(tmp_path / "saved" / "none_f1_s0"))
+    assert loaded.kind == "classification" and loaded.model(input_ids=torch.tensor([[1, 4, 6]])).logits.shape == (1, 3)
