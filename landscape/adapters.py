@@ -134,6 +134,9 @@ def load_adapter(folder, device="cpu", dtype="float32", allow_new_head: bool = F
     from . import models
 
     folder = Path(str(folder)).expanduser().resolve()
+    if not (folder / "adapter_model.safetensors").is_file():  # never unpickle an adapter_model.bin
+        raise UsageError(f"adapter '{folder}' has no adapter_model.safetensors; landscape reads adapter weights "
+                         "from safetensors only (convert a pickled adapter_model.bin in a trusted environment)")
     config, digest = read_config(folder)
     base_spec = resolve_base(config, folder)
     if str(config.get("task_type", "")) == "SEQ_CLS":

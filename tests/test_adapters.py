@@ -156,6 +156,10 @@ def test_the_embedded_base_is_found_by_name_and_a_moved_install(tmp_path, tiny_l
     assert resolve_base({"base_model_name_or_path": "org/some-model"}, tmp_path) == "org/some-model"
     with pytest.raises(UsageError, match="does not say its base model"):
         resolve_base({}, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(UsageError, match="safetensors only"):
+        load_model(str(tmp_path))
 
 
 def test_a_bert_lora_classifier_saves_its_new_pooler_and_head_and_loads_back(tiny_bert_dir, tmp_path):
