@@ -6,6 +6,7 @@ import math
 import warnings
 from pathlib import Path
 
+from .. import adapters
 from ..errors import UsageError
 from ..files import check_output_path
 from . import options
@@ -152,7 +153,7 @@ def run_hessian(args):
     sample = {"model": model_id(loaded), "corpus": str(args.corpus or "embedded"), "fraction": args.fraction,
               "max_samples": args.max_samples, "seq_len": args.seq_len, "corpus_seed": args.seed,
               "framing": describe_framing(loaded.tokenizer, args.bos), "precision": str(args.dtype).lower(),
-              MODEL_KEY: weights}
+              MODEL_KEY: weights, **adapters.record(loaded)}
     masking = _mask_settings(args, fisher_meta, subset, args.seed)
     settings = dict(sample, **masking, batch_size=args.batch_size, seed=args.seed, top=args.top, tol=args.tol,
                     max_iter=args.max_iter, trace=args.trace, spectrum=args.spectrum,
@@ -275,13 +276,19 @@ def _interpolation(args, out):
 
     model_a = load_model(args.model, device="cpu", dtype="float32", allow_new_head=args.allow_new_head)
     model_b = load_model(args.to, device="cpu", dtype="float32", allow_new_head=args.allow_new_head)
-    direction = interpolation_direction(model_a.model, model_b.model)
+    if model_a.adapter and not model_b.adapter:
+        raise UsageError("--model is a PEFT adapter and --to a plain model: give the plain model (the base) as "
+                         "--model and the adapter as --to; the direction is then in the base's parameters")
+    # base -> adapter: the adapter's merged weights (base names); adapter -> adapter: their own parameters
+    plain_b = adapters.merged_model(model_b) if not model_a.adapter else model_b.model
+    direction = interpolation_direction(model_a.model, plain_b)
     distance = math.sqrt(sum(float(t.double().pow(2).sum()) for t in direction.values()))
     settings = {"kind": "interpolation", "model": model_id(model_a), MODEL_KEY: model_fingerprint(model_a),
                 "to": model_id(model_b), "to_fingerprint": model_fingerprint(model_b), "norm": "none",
                 "ignore": "none", "subset": "all", "dims": 1, "distance": distance,
                 "n_selected": sum(int((t != 0).sum()) for t in direction.values()),
-                "n_parameters": sum(p.numel() for p in model_a.model.parameters())}
+                "n_parameters": sum(p.numel() for p in model_a.model.parameters()), **adapters.record(model_a),
+                **{f"to_{k}": v for k, v in adapters.record(model_b).items()}}
     _save(out, [direction], settings, args.overwrite)
     print(f"wrote {out}: 1 direction from {model_a.source} (x = 0) to {model_b.source} (x = 1), "
           f"|θ_B − θ_A| = {distance:.4g}")
@@ -350,7 +357,8 @@ def _hessian_directions(args, out):
     mask = subset_mask(loaded.model, fisher, subset, seed=args.seed, ignore=args.ignore,
                        granularity=args.mask_granularity)
     settings = dict(_mask_settings(args, fisher_meta, subset, args.seed), kind="hessian", norm="unit",
-                    model=model_id(loaded), model_fingerprint=weights, corpus=str(args.corpus or "embedded"),
+                    model=model_id(loaded), model_fingerprint=weights, **adapters.record(loaded),
+                    corpus=str(args.corpus or "embedded"),
                     max_samples=max_samples,
                     seq_len=seq_len, corpus_seed=seed, framing=describe_framing(loaded.tokenizer, bos),
                     sample_fingerprint=sample_fingerprint(batches), seed=args.seed, tol=tol,

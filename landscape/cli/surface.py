@@ -1,5 +1,7 @@
 """directions, surface."""
 
+from .. import adapters
+from ..adapters import ADAPTER_SUBSET
 from ..errors import UsageError
 from ..files import check_output_path
 from . import options
@@ -28,10 +30,13 @@ def _register_directions(subparsers):
         description="Seeded Gaussian directions, normalized per filter/layer and optionally masked by "
                     "Fisher scores, written to an HDF5 direction file.")
     parser.add_argument("--model", default=None,
-                        help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
+                        help="Hugging Face model id, local from_pretrained folder or PEFT adapter folder (default: "
+                             "the embedded model)")
     parser.add_argument("--fisher", default=None, help="Fisher file (safetensors) for --subset")
     parser.add_argument("--subset", default=None,
-                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]; default: all)")
+                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]), or adapter: only the "
+                             "parameters of a PEFT adapter --model (its LoRA factors and saved head; no --fisher) "
+                             "(default: all)")
     parser.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
                         help="rank elements over the whole model (global) or inside each tensor (tensor, as the "
                              "paper's code does)")
@@ -70,8 +75,13 @@ def run_directions(args):
     if other_directions(args, out):  # --kind hessian, --to, --trajectory
         return 0
     subset = args.subset or "all"
-    directions.parse_mask_spec(subset)
-    if subset != "all" and not args.fisher:
+    if subset == ADAPTER_SUBSET:
+        if args.fisher:
+            raise UsageError(f"--subset {ADAPTER_SUBSET} selects the adapter's parameters by name: --fisher does not "
+                             "apply")
+    else:
+        directions.parse_mask_spec(subset)
+    if subset not in ("all", ADAPTER_SUBSET) and not args.fisher:
         raise UsageError(f"--subset {subset} needs --fisher F.safetensors")
     _, rank, _ = join_torchrun("cpu")
     layout = shard_layout(args.shard_size)
@@ -82,7 +92,8 @@ def run_directions(args):
     if args.fisher:
         check_fisher_model(args.fisher, fisher_metadata(args.fisher), weights, args.model)
     shard_model(loaded.model, layout)
-    settings = {"model": model_id(loaded), "fisher": str(args.fisher or ""), MODEL_KEY: weights}
+    settings = {"model": model_id(loaded), "fisher": str(args.fisher or ""), MODEL_KEY: weights,
+                **adapters.record(loaded)}
     if not args.overwrite:
         directions.check_existing_directions(out, dict(
             settings, seed=args.seed, norm=args.norm, ignore=args.ignore, subset=subset, dims=args.dims,

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import ADAPTER_SUBSET, adapter_mask
 from ..errors import UsageError
 from ..fisher.file import check_fisher_matches
 from ..runtime import rank_and_world
@@ -223,7 +224,11 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
     _check_request(dims, subset, fisher)
     dirs = [random_direction(model, seed=seed, norm=norm, ignore=ignore, index=i) for i in range(dims)]
     n_selected = sum(int((t != 0).sum()) for t in dirs[0].values())
-    if fisher is not None:
+    if subset == ADAPTER_SUBSET:
+        mask = adapter_mask(model, perturbable_names(model, ignore))
+        dirs = [apply_mask(d, mask) for d in dirs]
+        n_selected = sum(int(m.sum()) for m in mask.values())
+    elif fisher is not None:
         check_fisher_matches(fisher, model)
         mask = fisher_mask(fisher, subset, seed=seed, granularity=granularity,
                            names=perturbable_names(model, ignore))
@@ -244,6 +249,10 @@ def _settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, 
 def _check_request(dims, subset, fisher, precision="float32"):
     if dims not in (1, 2):
         raise UsageError(f"dims must be 1 or 2, got {dims}")
+    if subset == ADAPTER_SUBSET:  # the adapter's own parameters: a mask by name, no Fisher
+        if fisher is not None:
+            raise UsageError(f"subset '{ADAPTER_SUBSET}' selects by name and takes no Fisher scores")
+        subset = "all"
     parse_mask_spec(subset)
     if fisher is None and subset != "all":
         raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
@@ -271,7 +280,8 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         ignore: 'biasbn' | 'none' (see ``random_direction``).
         fisher: Fisher scores for the mask, as {name: tensor} or a Fisher file's path (read one
             tensor at a time), or None for subset 'all'.
-        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``).
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``), or 'adapter':
+            only the parameters of a PEFT adapter model's adapter (``adapters.adapter_mask``).
         granularity: 'global' | 'tensor' (see ``fisher_mask``).
         orthogonal: make the second direction orthogonal to the first (see ``orthogonalize``).
         precision: 'float32', or 'bfloat16' / 'float16' to round the values to the model's dtype
@@ -287,7 +297,9 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
     """
     _check_request(dims, subset, fisher, precision)
     masks = None
-    if fisher is not None:
+    if subset == ADAPTER_SUBSET:
+        masks = adapter_mask(model, perturbable_names(model, ignore))
+    elif fisher is not None:
         scores = ScoreSource(fisher)
         check_fisher_matches(scores.shaped(), model)
         masks = fisher_mask(scores, subset, seed=seed, granularity=granularity,
