@@ -25,7 +25,7 @@ from .sites import find_sites, float_dropout_attr, site_scores
 
 __all__ = ["FORMAT", "SHAPES", "SiteProbability", "Schedule", "linear_probabilities", "power_probabilities",
            "log_probabilities", "guided_dropout", "uniform", "apply", "current_probabilities", "to_dict",
-           "save_schedule", "load_schedule", "format_table", "callback", "matched_uniform",
+           "save_schedule", "load_schedule", "format_table", "matched_uniform",
            "shuffled", "mean_p", "assignment_hash"]
 
 FORMAT = "landscape-schedule/1"
@@ -354,27 +354,6 @@ def format_table(schedule: Schedule):
     for s in sorted(schedule.sites, key=lambda s: s.rank):
         lines.append(f"{s.rank:>4}  {s.name:<{width}}  {s.kind:<10}  {s.score:>11.4e}  {s.p:>6.4f}")
     return "\n".join(lines)
-
-
-def callback(schedule):
-    """A ``transformers.TrainerCallback`` that applies ``schedule`` when training begins.
-
-    One line for a Trainer user: ``Trainer(..., callbacks=[schedule.callback(s)])``.
-
-    Args:
-        schedule: anything ``apply`` accepts.
-
-    Returns:
-        The callback.
-    """
-    from transformers import TrainerCallback
-
-    class GuidedDropoutCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None:
-                apply(model, schedule)
-
-    return GuidedDropoutCallback()
 
 
 # ================================================================================================
