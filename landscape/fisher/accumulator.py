@@ -17,6 +17,10 @@ model's size (``budget.default_chunk_mb``), so the sums (4 bytes per parameter) 
 Under a sharded model (``landscape.sharding``: FSDP2, parameters as row-sharded DTensors) every
 rank of a shard group runs the same batch and keeps sums only for its own rows of each parameter
 (``local_rows``): the activations and output gradients the hooks see are whole on every rank.
+
+Size: about 490 lines, over 100 of them docstrings.  The hooks, the chunking and the sharded rows
+share one accumulator's state (its sums, budget and capture buffers); split across modules, each
+part would reach into another's private state.
 """
 
 import contextlib
