@@ -42,6 +42,19 @@ class LoadedModel:
     source: str  # the hub id or folder given, or the embedded model's folder
 
 
+def model_id(loaded: LoadedModel) -> str:
+    """A model's source as files store it: a folder's absolute path, or the hub id.
+
+    Args:
+        loaded: the loaded model.
+
+    Returns:
+        The resolved folder path for a local model, else ``loaded.source`` unchanged.
+    """
+    path = Path(loaded.source)
+    return str(path.resolve()) if path.is_dir() else loaded.source
+
+
 def parse_dtype(name):
     """'float32' | 'bfloat16' | 'float16' (or fp32/bf16/fp16) -> torch.dtype."""
     try:

@@ -104,11 +104,10 @@ def load_model_from_args(args, device=None, allow_new_head=None, layout=None):
 
 
 def model_id(loaded):
-    """A model's source as stored in files: a folder's absolute path, or the hub id."""
-    from pathlib import Path
+    """A model's source as stored in files (``models.model_id``)."""
+    from ..models import model_id as library_model_id
 
-    path = Path(loaded.source)
-    return str(path.resolve()) if path.is_dir() else loaded.source
+    return library_model_id(loaded)
 
 
 def floats(text, flag):
