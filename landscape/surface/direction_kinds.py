@@ -69,9 +69,7 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
     from . import directions
 
     subset = subset or "all"
-    directions.parse_mask_spec(subset)
-    if subset != "all" and fisher is None:
-        raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
+    directions._check_request(dims, subset, fisher, precision, seed, norm, ignore)  # before anything is loaded
     with claim_output(out, "directions", overwrite=overwrite):
         join_torchrun("cpu")
         layout = shard_layout(shard_size)
