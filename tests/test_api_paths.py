@@ -51,10 +51,13 @@ def assert_same_h5(a, b):
 
 @pytest.fixture(scope="module")
 def fisher_file(tiny_gpt2_dir, tiny_corpus_file, tmp_path_factory):
-    path = tmp_path_factory.mktemp("fisher") / "F.safetensors"
-    assert cli("fisher", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--out", path,
-               "--quiet") == 0
-    return path
+    """A Fisher file of the tiny GPT-2, made in Python (the command line reads it like its own)."""
+    from landscape.corpus import load_batches
+    from landscape.fisher import compute_fisher, save_fisher
+
+    loaded = load_model(str(tiny_gpt2_dir))
+    scores = compute_fisher(loaded.model, load_batches(loaded, str(tiny_corpus_file), **SAMPLE_KW))
+    return save_fisher(tmp_path_factory.mktemp("fisher") / "F.safetensors", scores)
 
 
 @pytest.fixture(scope="module")
