@@ -21,7 +21,7 @@ from pathlib import Path
 from ..curvature.stage import eigen_directions
 from ..errors import UsageError
 from ..identity import MODEL_KEY, model_fingerprint
-from ..models import model_id
+from ..models import LoadedModel, model_id
 from ..outputs import claim_output
 from .paths import ModelSpec, loaded_model, write_interpolation, write_trajectory
 
@@ -76,7 +76,8 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
         loaded = loaded_model(model, allow_new_head or fisher is None, device="cpu", dtype=precision)
         weights = model_fingerprint(loaded)  # of the checkpoint's files, unchanged by sharding
         if fisher is not None:
-            check_fisher_model(fisher, fisher_metadata(fisher), weights, model)
+            check_fisher_model(fisher, fisher_metadata(fisher), weights,
+                               loaded.source if isinstance(model, LoadedModel) else model)
         shard_model(loaded.model, layout)
         settings = {"model": model_id(loaded), "fisher": str(fisher or ""), MODEL_KEY: weights}
         if not overwrite:
@@ -106,8 +107,9 @@ def make(kind: str = "random", out=None, model: ModelSpec = None, **options) -> 
         kind: 'random' | 'hessian' | 'interpolation' | 'trajectory' (see the module docstring).
         out: the direction file (.h5) to write (required).
         model: hub id, ``from_pretrained`` folder, None (the embedded model) or a
-            ``models.LoadedModel``; for 'interpolation' model A, for 'trajectory' the plane's
-            origin (the last checkpoint; None: it is taken to be).
+            ``models.LoadedModel`` whose weights are those of its source's files (they identify
+            it); for 'interpolation' model A, for 'trajectory' the plane's origin (the last
+            checkpoint; None: it is taken to be).
         **options: the options of the kind's writer: ``write_random`` (dims, seed, norm, ignore,
             fisher, subset, ...), ``curvature.eigen_directions`` (dims, fisher, subset, corpus,
             max_samples, tol, ...), ``paths.write_interpolation`` (to), ``paths.write_trajectory``

@@ -30,6 +30,9 @@ ModelSpec = Union[None, str, Path, LoadedModel]
 def loaded_model(spec: ModelSpec, allow_new_head: bool = False, **load) -> LoadedModel:
     """``spec`` itself when it is a loaded model, else ``models.load_model(spec, ...)``.
 
+    A loaded model is identified by its source's checkpoint files (``identity.model_fingerprint``),
+    so pass one whose weights are still those files.
+
     Args:
         spec: a ``models.LoadedModel``, a hub id, a ``from_pretrained`` folder, or None (embedded).
         allow_new_head: accept a checkpoint without its pretraining head.
