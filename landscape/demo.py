@@ -15,13 +15,14 @@ from typing import Callable, List
 
 import torch
 
-from . import fisher
 from .data.corpus import load_batches
 from .defaults import DemoSettings
-from .fisher import stability as stability_stage
+from .fisher import run_stability
+from .fisher.stability import format_table as stability_table
 from .guided import profile as profile_stage
 from .guided import schedule
-from .identity import MODEL_KEY, model_fingerprint, sample_fingerprint
+from .guided.schedule_stage import run_schedule
+from .identity import MODEL_KEY, model_fingerprint
 from .models import LoadedModel, load_model
 from .outputs import claim_output
 from .plots import surfaces as plots
@@ -56,10 +57,10 @@ class DemoRun:
                 "figures": self.out / "figures", "directions": self.out / "directions",
                 "surfaces": self.out / "surfaces"}
 
-    @cached_property
-    def scores(self):
-        """The demo's Fisher scores, {param name: tensor}, read from its Fisher file once."""
-        return fisher.load_fisher(self.paths["fisher"])[0]
+    @property
+    def device(self):
+        """Where the demo's model lives; the stages that load their own model load it there."""
+        return next(self.loaded.model.parameters()).device
 
     @cached_property
     def eval_batches(self):
@@ -92,21 +93,14 @@ class DemoRun:
 def _fisher_and_stability(run: DemoRun):
     # The stability reference is the Fisher of all samples: one pass gives both.
     cfg, paths = run.cfg, run.paths
-    batches = load_batches(run.loaded, max_samples=cfg.fisher_samples, seq_len=cfg.seq_len,
-                           batch_size=cfg.batch_size, seed=cfg.seed)
-    table, scores = stability_stage.stability_and_reference(run.loaded.model, batches,
-                                                            fractions=cfg.stability_fractions, progress=True)
-    n = sum(b["labels"].shape[0] for b in batches)
-    fisher.save_fisher(paths["fisher"], scores,
-                       fisher.provenance(run.loaded.source, None, None, n, cfg.seed, seq_len=cfg.seq_len,
-                                         model_fingerprint=model_fingerprint(run.loaded),
-                                         sample_fingerprint=sample_fingerprint(batches)))
-    stability_stage.write_csv(table, paths["stability"])
-    print(stability_stage.format_table(table))
+    result = run_stability(paths["stability"], fractions=cfg.stability_fractions,
+                           max_samples=cfg.fisher_samples, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                           seed=cfg.seed, device=run.device, fisher_out=paths["fisher"], overwrite=run.overwrite)
+    print(stability_table(result.rows))
 
 
 def _profile(run: DemoRun):
-    profile_stage.write_profile(run.scores, run.loaded.model, run.paths["profile"], title="embedded model")
+    profile_stage.run_profile(run.paths["fisher"], run.paths["profile"], overwrite=run.overwrite)
 
 
 def _directions(run: DemoRun):
@@ -158,10 +152,8 @@ def _figures_stage(run: DemoRun):
 
 
 def _schedule(run: DemoRun):
-    s = schedule.guided_dropout(run.loaded.model, run.scores, p_upper=0.1, p_lower=0.0,
-                                model_source=run.loaded.source, fisher_source=str(run.paths["fisher"]),
-                                model_fingerprint=model_fingerprint(run.loaded))
-    schedule.save_schedule(s, run.paths["schedule"])
+    s = run_schedule(run.paths["fisher"], run.paths["schedule"], p_upper=0.1, p_lower=0.0, overwrite=run.overwrite,
+                     loaded=run.loaded)
     print(schedule.format_table(s))
 
 

@@ -50,3 +50,17 @@ class OutputBusy(UsageError):
     def __init__(self, path, reason):
         super().__init__(f"{reason}; wait for it to finish or write elsewhere")
         self.path, self.reason = path, reason
+
+
+class OutputUnwritable(UsageError):
+    """An output that could not be written at the end, refused before any work.
+
+    A folder, a wrong suffix or an unwritable place is refused before any work
+    (``files.check_output_path``).  ``what`` names the output as the caller did (a parameter such as
+    ``out``), ``path`` is it, and ``detail`` the rest of the message, so the command line can name
+    its own flag instead.
+    """
+
+    def __init__(self, what, path, detail):
+        super().__init__(f"{what} '{path}'{detail}")
+        self.what, self.path, self.detail = what, path, detail

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from .errors import UsageError
+from .errors import OutputUnwritable, UsageError
 
 
 @contextlib.contextmanager
@@ -128,20 +128,20 @@ def check_output_path(path, what: str = "output", suffixes: Optional[Sequence[st
     path = Path(path)
     if suffixes is not None and path.suffix.lower() not in suffixes:
         names = ", ".join(suffixes[:-1]) + (" or " if len(suffixes) > 1 else "") + suffixes[-1]
-        raise UsageError(f"{what} '{path}': use a {names} file name")
+        raise OutputUnwritable(what, path, f": use a {names} file name")
     if path.is_dir():
-        raise UsageError(f"{what} '{path}' is a folder; give a file name")
+        raise OutputUnwritable(what, path, " is a folder; give a file name")
     parent = path.parent if str(path.parent) else Path(".")
     existing = parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"{what} '{path}': '{existing}' is a file, not a folder")
+        raise OutputUnwritable(what, path, f": '{existing}' is a file, not a folder")
     reason = _probe_folder(existing)
     if reason is not None:
-        raise UsageError(f"{what} '{path}' cannot be written: '{existing}' refuses new files ({reason})")
+        raise OutputUnwritable(what, path, f" cannot be written: '{existing}' refuses new files ({reason})")
     if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{what} '{path}' is not writable (check its permissions)")
+        raise OutputUnwritable(what, path, " is not writable (check its permissions)")
     return path
 
 

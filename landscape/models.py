@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
-from .runtime import resolve_device, transformers_silenced
+from .runtime import apply_precision, resolve_device, storage_dtype, transformers_silenced
 
 OBJECTIVE_KINDS = ("mlm", "causal", "seq2seq", "classification")
 
@@ -40,19 +40,6 @@ class LoadedModel:
     tokenizer: object
     kind: str  # one of OBJECTIVE_KINDS; "classification" is a fine-tuned sequence classifier or regressor
     source: str  # the hub id or folder given, or the embedded model's folder
-
-
-def model_id(loaded: LoadedModel) -> str:
-    """A model's source as files store it: a folder's absolute path, or the hub id.
-
-    Args:
-        loaded: the loaded model.
-
-    Returns:
-        The resolved folder path for a local model, else ``loaded.source`` unchanged.
-    """
-    path = Path(loaded.source)
-    return str(path.resolve()) if path.is_dir() else loaded.source
 
 
 def parse_dtype(name):
@@ -165,27 +152,57 @@ def _weight_bytes(spec: str) -> float:
                if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
 
 
-def load_model(spec: Optional[str] = None, device="cpu", dtype="float32",
-               allow_new_head: bool = False) -> LoadedModel:
+def load_model(spec: Optional[str] = None, device="cpu", dtype="float32", allow_new_head: bool = False,
+               layout=None) -> LoadedModel:
     """Load a pretrained LM and its tokenizer, in eval mode, on ``device``.
 
     Weights are read from safetensors (or with ``weights_only``), never unpickled.
 
     Args:
         spec: hub id, local folder, or None for the embedded default model.
-        device: the device to load onto (e.g. 'cpu', 'cuda').
-        dtype: 'float32' | 'bfloat16' | 'float16' (see ``parse_dtype``).
+        device: "auto", "cpu", "cuda", "cuda:N" or a torch.device.
+        dtype: the storage dtype ("float32", "bfloat16", "float16", or a torch.dtype); "tf32" loads
+            float32 weights and lets CUDA matmuls compute in TF32 (``runtime.apply_precision``).
         allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
-            ``BertModel`` such as a sentence-transformers checkpoint has no MLM head).
+            ``BertModel`` such as a sentence-transformers checkpoint has no MLM head); by default
+            such a load is refused, because transformers would fill them randomly.
+        layout: a ``sharding.ShardLayout`` (from ``sharding.shard_layout`` under torchrun); when it
+            shards, the model is loaded on the CPU and sharded onto the device block by block
+            (``sharding.shard_model``), so the device never holds all of it.
 
     Returns:
-        A ``LoadedModel`` (model, tokenizer, objective kind, source).
+        a LoadedModel (model in eval mode, tokenizer, objective kind, source).
 
     Raises:
-        NewHeadRefused: such a checkpoint without ``allow_new_head`` (transformers would fill the
-            missing weights randomly).
-        UsageError: the model cannot be found or loaded, or its files are damaged.
+        UsageError: a missing or unreadable model, an unknown dtype; ``NewHeadRefused`` for a
+            checkpoint without its head unless ``allow_new_head``.
     """
+    if isinstance(dtype, str):
+        apply_precision(dtype)
+        dtype = storage_dtype(dtype)
+    if layout is None or not layout.sharded:
+        return _load(spec, device, dtype, allow_new_head)
+    from .sharding import shard_model
+
+    loaded = _load(spec, "cpu", dtype, allow_new_head)
+    shard_model(loaded.model, layout)
+    return loaded
+
+
+def model_id(loaded: LoadedModel) -> str:
+    """A model's source as files record it: a folder's absolute path, or the hub id.
+
+    Args:
+        loaded: a LoadedModel.
+
+    Returns:
+        the resolved folder path when ``loaded.source`` is a folder, else the source as given.
+    """
+    path = Path(loaded.source)
+    return str(path.resolve()) if path.is_dir() else loaded.source
+
+
+def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForMaskedLM,

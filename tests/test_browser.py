@@ -86,3 +86,22 @@ def test_compare_1d_html_renders(write_surface, tmp_path):
     screenshot(html, png, tmp_path / "profile")
     fraction, _ = coloured_fraction(png, left=0.6)  # the legend (with coloured samples) is on the right
     assert fraction > 0.003, f"only {fraction:.3%} coloured pixels in the plot area: no curves drawn"
+
+
+def test_html_fills_the_browser_window(surface_html, tmp_path):
+    # The plot is as large as the window (not a fixed 620 px high box), measured in the page.
+    probe = ("<script>setTimeout(function () { var g = document.getElementsByClassName('plotly-graph-div')[0];"
+             " document.body.setAttribute('data-size', [g._fullLayout.width, g._fullLayout.height,"
+             " window.innerWidth, window.innerHeight].join(' ')); }, 1500);</script></body>")
+    page = tmp_path / "probe.html"
+    page.write_text(surface_html.read_text().replace("</body>", probe, 1))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+             f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+             "--virtual-time-budget=5000", "--dump-dom"]
+    dom = subprocess.run([CHROMIUM, *flags, page.resolve().as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    found = re.search(r'data-size="(\d+) (\d+) (\d+) (\d+)"', dom)
+    assert found, "the page did not report its size"
+    width, height, window_width, window_height = map(int, found.groups())
+    assert (width, height) == (window_width, window_height) and height > 400
+    assert "<title>bowl" not in dom and re.search(r"<title>train loss[^<]*</title>", dom)

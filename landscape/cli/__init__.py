@@ -8,7 +8,7 @@ import re
 import sys
 
 from .. import __version__
-from ..errors import NewHeadRefused, OutputBusy, OutputRefused, SettingsMismatch, UsageError
+from ..errors import NewHeadRefused, OutputBusy, OutputRefused, OutputUnwritable, SettingsMismatch, UsageError
 from .commands import register_all
 
 
@@ -60,6 +60,8 @@ def _message(err: UsageError, args) -> str:
     """The library's message, plus what to do on the command line where that is a flag."""
     if isinstance(err, OutputRefused):
         return f"{err.reason}; choose another {_flag_of(args, err.path)} or pass --overwrite"
+    if isinstance(err, OutputUnwritable) and not str(err.what).startswith("-"):  # a library name: the flag's
+        return f"{_flag_of(args, err.path, _OUTPUT_FLAGS.get(err.what, '--out'))} '{err.path}'{err.detail}"
     if isinstance(err, OutputBusy):
         return f"{err.reason}; wait for it to finish or choose another {_flag_of(args, err.path)}"
     if isinstance(err, SettingsMismatch) and hasattr(args, "overwrite"):
@@ -69,12 +71,16 @@ def _message(err: UsageError, args) -> str:
     return str(err)
 
 
-def _flag_of(args, path) -> str:
-    """The option that named ``path`` (--out, --csv, --vectors, ...), else --out."""
+# A stage's output parameters whose flag is not --out (a default path derived from --out is named so).
+_OUTPUT_FLAGS = {"runs_out": "--runs-out", "plot": "--plot"}
+
+
+def _flag_of(args, path, default="--out") -> str:
+    """The option that named ``path`` (--out, --csv, --vectors, ...), else ``default``."""
     for name, value in vars(args).items():
         if isinstance(value, str) and value and str(path) in (value, value.rstrip("/")):
             return f"--{name.replace('_', '-')}"
-    return "--out"
+    return default
 
 
 def main(argv=None):

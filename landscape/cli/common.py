@@ -75,44 +75,21 @@ def claim(args, path, kind, **options):
 
 
 def load_model_from_args(args, device=None, allow_new_head=None, layout=None):
-    """The model of ``--model`` on ``--device`` (or ``device``), in the storage dtype of ``--dtype``;
-    a checkpoint without its pretraining head is refused unless ``--allow-new-head``.
-
-    layout: a ``sharding.ShardLayout``; when it shards, the model is loaded on the CPU and sharded
-    onto the device block by block (``sharding.shard_model``), so the device never holds all of it.
-    A ``--corpus`` that names a hub dataset the hub cannot provide is refused first, before the
-    model is loaded for nothing."""
-    from ..data.hf_datasets import check_hub_name, is_hub_name
+    """``models.load_model`` of ``--model``, ``--device`` (or ``device``), ``--dtype`` and
+    ``--allow-new-head`` (or ``allow_new_head``), with ``layout``; a ``--corpus`` that names a hub
+    dataset the hub cannot provide is refused first, before the model is loaded for nothing."""
+    from ..data.hf_datasets import check_reachable
     from ..models import load_model
-    from ..runtime import apply_precision, storage_dtype
 
-    corpus = getattr(args, "corpus", None)
-    if corpus is not None and is_hub_name(corpus):
-        check_hub_name(corpus)
-
-    apply_precision(args.dtype)
+    check_reachable(getattr(args, "corpus", None))
     if allow_new_head is None:
         allow_new_head = getattr(args, "allow_new_head", False)
-    if layout is None or not layout.sharded:
-        return load_model(args.model, device=device or args.device, dtype=storage_dtype(args.dtype),
-                          allow_new_head=allow_new_head)
-    from ..sharding import shard_model
-
-    loaded = load_model(args.model, device="cpu", dtype=storage_dtype(args.dtype), allow_new_head=allow_new_head)
-    shard_model(loaded.model, layout)
-    return loaded
+    return load_model(args.model, device=device or args.device, dtype=args.dtype, allow_new_head=allow_new_head,
+                      layout=layout)
 
 
 def model_id(loaded):
-    """A model's source as stored in files (``models.model_id``)."""
-    from ..models import model_id as library_model_id
+    """``models.model_id``: a model's source as stored in files."""
+    from ..models import model_id as source
 
-    return library_model_id(loaded)
-
-
-def floats(text, flag):
-    """'1,0.5,0.1' -> [1.0, 0.5, 0.1]; UsageError naming ``flag`` otherwise."""
-    try:
-        return [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} must be comma-separated numbers like 1,0.5,0.1; got '{text}'") from None
+    return source(loaded)

@@ -1,12 +1,8 @@
 """``landscape finetune``: fine-tune with guided dropout against the regularizers it replaces."""
 
-from pathlib import Path
-
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
-from ..errors import UsageError
-from ..files import check_output_path
 from . import options
-from .common import add_threads_arg, claim, floats
+from .common import add_threads_arg
 
 
 def register(subparsers):
@@ -63,16 +59,7 @@ def register(subparsers):
     p.add_argument("--warmup", type=options.SHARE, default=0.1, help="warm-up share of all steps")
     p.add_argument("--weight-decay", type=options.NON_NEGATIVE, default=0.0, help="AdamW weight decay")
     p.add_argument("--dropout", type=options.BELOW_ONE, default=0.1, help="standard/Gaussian dropout probability")
-    p.add_argument("--r3f-lambda", type=options.NON_NEGATIVE, default=1.0,
-                   help="r3f/r4f: weight of the symmetric KL between the outputs on clean and on noised embeddings")
-    p.add_argument("--r3f-sigma", type=options.POSITIVE, default=1e-5, help="r3f/r4f: scale of the embedding noise")
-    p.add_argument("--r3f-noise", default="normal", choices=["normal", "uniform"],
-                   help="r3f/r4f: distribution of the embedding noise")
-    p.add_argument("--mixout-p", type=options.BELOW_ONE, default=0.9,
-                   help="mixout: probability of mixing a body weight back to its pretrained value")
-    p.add_argument("--childtuning-reserve", type=options.FRACTION, default=0.3,
-                   help="ChildTuning-D: share of the body's elements that train, those with the highest task "
-                        "Fisher on the run's training subset")
+    _add_regularizer_args(p)
     p.add_argument("--metric", default=None, help="metric to plot: accuracy|f1|mcc (classification, default "
                                                   "accuracy) or pearson|spearman (regression, default pearson)")
     p.add_argument("--save-models", default=None,
@@ -92,6 +79,20 @@ def register(subparsers):
     return p
 
 
+def _add_regularizer_args(p):
+    """The hyper-parameters of the regularizers other than dropout."""
+    p.add_argument("--r3f-lambda", type=options.NON_NEGATIVE, default=1.0,
+                   help="r3f/r4f: weight of the symmetric KL between the outputs on clean and on noised embeddings")
+    p.add_argument("--r3f-sigma", type=options.POSITIVE, default=1e-5, help="r3f/r4f: scale of the embedding noise")
+    p.add_argument("--r3f-noise", default="normal", choices=["normal", "uniform"],
+                   help="r3f/r4f: distribution of the embedding noise")
+    p.add_argument("--mixout-p", type=options.BELOW_ONE, default=0.9,
+                   help="mixout: probability of mixing a body weight back to its pretrained value")
+    p.add_argument("--childtuning-reserve", type=options.FRACTION, default=0.3,
+                   help="ChildTuning-D: share of the body's elements that train, those with the highest task "
+                        "Fisher on the run's training subset")
+
+
 def _by_model(key):
     """'(default: E on the embedded model, P with --model)' for a setting that depends on the model."""
     paper = FINETUNE_PAPER[key]
@@ -99,128 +100,15 @@ def _by_model(key):
             f"{'all' if paper is None else paper} with --model, as in the paper)")
 
 
-def _check(args, regularizers, fractions):
-    from ..guided.training import REGULARIZERS
-
-    unknown = [r for r in regularizers if r not in REGULARIZERS]
-    if unknown or not regularizers:
-        raise UsageError(f"unknown regularizer '{(unknown or [''])[0]}'; use any of {', '.join(REGULARIZERS)}")
-    if not fractions or any(not 0 < f <= 1 for f in fractions):
-        raise UsageError(f"--fractions must be in (0, 1]; got {args.fractions}")
-    if args.restarts < 1 or args.epochs < 1:
-        raise UsageError("--restarts and --epochs must be at least 1")
-    if "mixout" in regularizers and not 0.0 <= args.mixout_p < 1.0:
-        raise UsageError(f"--mixout-p must be in [0, 1), got {args.mixout_p}")
-    if "childtuning" in regularizers and not 0.0 < args.childtuning_reserve <= 1.0:
-        raise UsageError(f"--childtuning-reserve must be in (0, 1], got {args.childtuning_reserve}")
-
-
-def _outputs(args):
-    """(summary CSV, per-run CSV, figure), each checked writable before anything trains."""
-    out = Path(args.out)
-    runs_out = Path(args.runs_out) if args.runs_out else out.with_name(out.stem + "_runs.csv")
-    plot_out = Path(args.plot) if args.plot else out.with_suffix(".png")
-    check_output_path(out, "--out", [".csv"])
-    check_output_path(runs_out, "--runs-out", [".csv"])
-    check_output_path(plot_out, "--plot", [".png", ".pdf", ".svg"])
-    claim(args, runs_out, "table", columns=("regularizer", "fraction", "seed", "n_train"))
-    claim(args, out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
-    claim(args, plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
-    if args.save_models:
-        from ..guided.sweep import model_folder
-        from ..outputs import check_saved_models
-
-        claim(args, args.save_models, "folder")
-        regs = [r.strip() for r in args.regularizer.split(",") if r.strip()]
-        check_saved_models([model_folder(args.save_models, reg, fraction, seed) for reg in regs
-                            for fraction in floats(args.fractions, "--fractions")
-                            for seed in range(args.seed, args.seed + args.restarts)], args.overwrite)
-    return out, runs_out, plot_out
-
-
-def _config(args):
-    from ..guided.training import FinetuneConfig
-    from ..runtime import resolve_device
-
-    defaults = FINETUNE_EMBEDDED if args.model is None else FINETUNE_PAPER
-    pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
-    config = FinetuneConfig(lr=pick(args.lr, "lr"), batch_size=pick(args.batch_size, "batch_size"),
-                            seq_len=pick(args.seq_len, "seq_len"), epochs=args.epochs, warmup=args.warmup,
-                            weight_decay=args.weight_decay, dropout=args.dropout, r3f_lambda=args.r3f_lambda,
-                            r3f_sigma=args.r3f_sigma, r3f_noise=args.r3f_noise, mixout_p=args.mixout_p,
-                            childtuning_reserve=args.childtuning_reserve, device=str(resolve_device(args.device)))
-    return config, pick(args.max_train, "max_train"), pick(args.max_test, "max_test")
-
-
-def _probe(args, regularizers, train_data):
-    """Load the classifier once before the first run trains: (the guided schedule, from --schedule or
-    --fisher, checked against the model, or None; the model's dropout site names)."""
-    from ..guided import schedule
-    from ..guided.sites import find_sites
-    from ..guided.training import SCHEDULE_REGULARIZERS, check_regularizers, load_classifier
-
-    needs_schedule = [r for r in regularizers if r in SCHEDULE_REGULARIZERS]
-    if needs_schedule and not (args.schedule or args.fisher):
-        try:
-            check_regularizers(regularizers, None)
-        except UsageError as err:
-            raise UsageError(f"{err}: give --schedule schedule.json or --fisher F.safetensors") from None
-    model, _ = load_classifier(args.model, train_data, "cpu")
-    sites = [s.name for s in find_sites(model)]
-    if not needs_schedule:
-        return None, sites
-    from ..identity import source_fingerprint
-
-    guided = schedule.schedule_from_args(model, schedule_path=args.schedule, fisher_path=args.fisher,
-                                         p_upper=args.p_upper, p_lower=args.p_lower,
-                                         model_fingerprint=source_fingerprint(args.model) or "",
-                                         model_spec=args.model)
-    schedule.apply(model, guided)  # refuses a schedule made for another model, in one line
-    return guided, sites
-
-
 def run(args):
-    import time
-
-    from ..data.labelled import load_labelled, split_train_test, subsample
-    from ..files import write_csv
+    from ..errors import UsageError
     from ..guided import sweep
-    from ..guided.metrics import metrics_for
+    from ..guided.finetune import SETTINGS, ScheduleMissing, run_finetune
 
-    regularizers = [r.strip() for r in args.regularizer.split(",") if r.strip()]
-    fractions = floats(args.fractions, "--fractions")
-    _check(args, regularizers, fractions)
-    out, runs_out, plot_out = _outputs(args)
-    config, max_train, max_test = _config(args)
-    train_data, test_data = load_labelled(args.dataset, args.text_column, args.label_column, args.pair_column,
-                                          args.task)
-    if train_data.skipped:
-        print(f"skipped {train_data.skipped} row(s) without a text or a label")
-    if test_data is None:
-        train_data, test_data = split_train_test(train_data, args.test_fraction, args.split_seed)
-    if max_test is not None and len(test_data) > max_test:
-        test_data = subsample(test_data, 1.0, args.split_seed, cap=max_test)
-    metrics = metrics_for(train_data.task)
-    metric = args.metric or metrics[0]
-    if metric not in metrics:
-        raise UsageError(f"--metric {metric} does not fit a {train_data.task} task; use one of {', '.join(metrics)}")
-    guided, sites = _probe(args, regularizers, train_data)
-    from ..guided.training import DROPOUT_ONLY_REGULARIZERS
-
-    idle = [r for r in regularizers if r in DROPOUT_ONLY_REGULARIZERS]
-    if not sites and idle:
-        print(f"note: this model has no dropout sites, so {', '.join(idle)} train exactly like 'none'")
-    print(f"{train_data.task}: {min(len(train_data), max_train or len(train_data))} training rows at fraction 1, "
-          f"{len(test_data)} test rows; lr {config.lr}, batch {config.batch_size}, seq len {config.seq_len}, "
-          f"{config.epochs} epochs, device {config.device}")
-    started = time.perf_counter()
-    rows = sweep.data_paucity(args.model, train_data, test_data, regularizers, fractions, args.restarts, config,
-                              guided, args.save_models, args.seed, max_train, runs_path=runs_out,
-                              overwrite=args.overwrite, log=print)
-    summary = sweep.summarize_runs(rows, metrics)
-    write_csv(summary, out)
-    sweep.plot_paucity(summary, metric, plot_out, title=f"{Path(args.dataset or 'movie snippets').name}: "
-                                                       f"{args.restarts} restarts")
-    print(sweep.format_summary(summary, metric))
-    print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; wrote {out}, {runs_out}, {plot_out}")
+    try:
+        result = run_finetune(log=print, **{name: getattr(args, name) for name in SETTINGS})
+    except ScheduleMissing as err:
+        raise UsageError(f"{err.reason}: give --schedule schedule.json or --fisher F.safetensors") from None
+    print(sweep.format_summary(result.summary, result.metric))
+    print(f"{len(result.rows)} runs in {result.seconds:.0f} s; wrote {result.out}, {result.runs_out}, {result.plot}")
     return 0

@@ -1,22 +1,8 @@
 """fisher, stability, profile."""
 
-import json
-import sys
-from pathlib import Path
-
 from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
-from ..errors import UsageError
-from ..files import check_output_path
 from . import options
-from .common import (
-    add_corpus_args,
-    add_model_args,
-    add_new_head_arg,
-    add_overwrite_arg,
-    add_shard_args,
-    claim,
-    load_model_from_args,
-)
+from .common import add_corpus_args, add_model_args, add_new_head_arg, add_overwrite_arg, add_shard_args
 
 
 def register(subparsers):
@@ -52,67 +38,23 @@ def _add_run_args(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")
 
 
-def _samples(args, loaded):
-    """All samples of the corpus sub-sample, in seeded document order, and the pad id."""
-    from ..data.corpus import load_samples
-    from ..data.objectives import pad_token_id
-
-    samples = load_samples(loaded, args.corpus, args.fraction, args.max_samples, args.seq_len, args.seed, args.bos)
-    return samples, pad_token_id(loaded.tokenizer)
-
-
-def _check_chunk(max_chunk_mb):
-    if max_chunk_mb is None:
-        return
-    if not max_chunk_mb > 0 or max_chunk_mb == float("inf"):  # also refuses NaN
-        raise UsageError(f"--max-chunk-mb must be a positive number of MB, got {max_chunk_mb}")
+def _sample_options(args):
+    """The corpus and model options every Fisher stage takes, by their library names."""
+    return dict(fraction=args.fraction, max_samples=args.max_samples, seq_len=args.seq_len,
+                batch_size=args.batch_size, seed=args.seed, bos=args.bos, dtype=args.dtype, device=args.device,
+                allow_new_head=args.allow_new_head, max_chunk_mb=args.max_chunk_mb, overwrite=args.overwrite,
+                progress=not args.quiet)
 
 
 def run_fisher(args):
-    from ..data.corpus import batches as make_batches
-    from ..data.corpus import describe_framing
-    from ..fisher import check_existing_fisher, compute_fisher, provenance, save_fisher
-    from ..identity import model_fingerprint, sample_fingerprint
-    from ..runtime import barrier, join_torchrun
-    from ..sharding import shard_layout
+    from ..fisher import run_fisher as fisher_stage
+    from ..runtime import rank_and_world
 
-    out = check_output_path(args.out, "--out", [".safetensors"])
-    claim(args, out, "fisher")
-    _check_chunk(args.max_chunk_mb)
-    args.device, rank, world = join_torchrun(args.device)
-    layout = shard_layout(args.shard_size)
-    loaded = load_model_from_args(args, layout=layout)
-    samples, pad = _samples(args, loaded)
-    weights = model_fingerprint(loaded)  # of the checkpoint's files: the same on every rank, sharded or not
-    meta = provenance(loaded.source, args.corpus, args.fraction, len(samples), args.seed,
-                      max_samples=args.max_samples, seq_len=args.seq_len, dtype=args.dtype,
-                      objective=loaded.kind, framing=describe_framing(loaded.tokenizer, args.bos),
-                      model_fingerprint=weights,
-                      sample_fingerprint=sample_fingerprint(make_batches(samples, args.batch_size, pad)))
-    if not args.overwrite:
-        check_existing_fisher(out, meta)
-    device = next(loaded.model.parameters()).device
-    # Point groups split the samples as ranks do; the ranks of one group run the same ones.
-    mine = samples[layout.group_index::layout.n_groups]
-    shard = make_batches(mine, args.batch_size, pad, device) if mine else []
-    settings = {"model": loaded.source, "corpus": args.corpus, "fraction": args.fraction,
-                "max_samples": args.max_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                "seed": args.seed, "dtype": args.dtype, "bos": args.bos, "rank": rank, "world": world,
-                "shard_size": args.shard_size}
-    checkpoint = out.with_name(out.name + (f".rank{rank}" if world > 1 else "") + ".ckpt")
-    fisher = compute_fisher(loaded.model, shard, kind=loaded.kind, progress=not args.quiet and rank == 0,
-                            checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-                            fingerprint=json.dumps(settings, sort_keys=True), max_chunk_mb=args.max_chunk_mb,
-                            layout=layout, model_fingerprint=weights)
-    if layout.group_index == 0:  # every group holds the same reduced sums; group 0 writes them
-        extra = {"shard_size": args.shard_size} if layout.sharded else {}
-        save_fisher(out, fisher, dict(meta, ranks=world, **extra))
-    if rank == 0:
-        total = sum(t.numel() for t in fisher.values())
-        print(f"wrote {out}: Fisher of {total:,} parameters ({len(fisher)} tensors) from {len(samples)} "
-              f"samples of {args.seq_len} tokens")
-    barrier()
-    checkpoint.unlink(missing_ok=True)
+    result = fisher_stage(args.out, args.model, args.corpus, shard_size=args.shard_size,
+                          checkpoint_every=args.checkpoint_every, **_sample_options(args))
+    if rank_and_world()[0] == 0:
+        print(f"wrote {result.path}: Fisher of {result.parameters:,} parameters ({result.tensors} tensors) from "
+              f"{result.samples} samples of {result.seq_len} tokens")
     return 0
 
 
@@ -136,21 +78,13 @@ def _register_stability(subparsers):
 
 
 def run_stability(args):
-    from ..data.corpus import batches as make_batches
-    from ..fisher.stability import format_table, parse_numbers, stability, write_csv
+    from ..fisher import run_stability as stability_stage
+    from ..fisher.stability import format_table
 
-    out = check_output_path(args.out, "--out", [".csv"])
-    claim(args, out, "table", columns=("fraction", "samples"))
-    _check_chunk(args.max_chunk_mb)
-    fractions = parse_numbers(args.fractions, "--fractions", 0.0, 1.0)
-    top = parse_numbers(args.top, "--top", 0.0, 100.0)
-    loaded = load_model_from_args(args)
-    samples, pad = _samples(args, loaded)
-    batches = make_batches(samples, args.batch_size, pad, next(loaded.model.parameters()).device)
-    rows = stability(loaded.model, batches, fractions, top, kind=loaded.kind, progress=not args.quiet)
-    write_csv(rows, out)
-    print(format_table(rows))
-    print(f"wrote {out} (reference: {len(samples)} samples)")
+    result = stability_stage(args.out, args.model, args.corpus, fractions=args.fractions, top=args.top,
+                             **_sample_options(args))
+    print(format_table(result.rows))
+    print(f"wrote {result.path} (reference: {result.samples} samples)")
     return 0
 
 
@@ -168,22 +102,8 @@ def _register_profile(subparsers):
 
 
 def run_profile(args):
-    from ..fisher import check_fisher_model, load_fisher
-    from ..guided.profile import claim_profile, write_profile
-    from ..identity import model_fingerprint
-    from ..models import load_model
+    from ..guided.profile import run_profile as profile_stage
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out '{out}' is a file; give a folder")
-    claim(args, out, "folder")
-    claim_profile(out, args.fisher, args.overwrite)
-    fisher, meta = load_fisher(args.fisher)
-    # A profile reads the Fisher file: the model only gives shapes and dropout sites.
-    loaded = load_model(args.model, device="cpu", dtype="float32", allow_new_head=True)
-    check_fisher_model(args.fisher, meta, model_fingerprint(loaded), args.model)
-    title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
-    paths = write_profile(fisher, loaded.model, out, title=title)
-    for what, path in paths.items():
-        print(f"wrote {path}", file=sys.stdout)
+    for path in profile_stage(args.fisher, args.out, model=args.model, overwrite=args.overwrite).values():
+        print(f"wrote {path}")
     return 0

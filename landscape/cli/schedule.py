@@ -1,8 +1,7 @@
 """``landscape schedule``: a guided dropout schedule (JSON) from a Fisher file and a model."""
 
-from ..errors import UsageError
 from . import options
-from .common import add_model_args, add_overwrite_arg, claim, load_model_from_args
+from .common import add_model_args, add_overwrite_arg
 
 
 def register(subparsers):
@@ -25,24 +24,13 @@ def register(subparsers):
 
 
 def run(args):
-    from ..files import check_output_path
-    from ..fisher import check_fisher_model, load_fisher
-    from ..guided import schedule
-    from ..identity import model_fingerprint
+    from ..guided.schedule import format_table
+    from ..guided.schedule_stage import run_schedule
 
-    check_output_path(args.out, "--out", [".json"])
-    claim(args, args.out, "schedule")
-    if not args.gamma > 0:  # also refuses NaN
-        raise UsageError(f"--gamma must be positive, got {args.gamma}")
-    fisher, meta = load_fisher(args.fisher)
-    loaded = load_model_from_args(args, allow_new_head=True)  # the model only gives shapes and sites
-    weights = model_fingerprint(loaded)
-    check_fisher_model(args.fisher, meta, weights, args.model)
-    sched = schedule.guided_dropout(loaded.model, fisher, p_upper=args.p_upper, p_lower=args.p_lower,
-                                    shape=args.shape, gamma=args.gamma, model_source=loaded.source,
-                                    fisher_source=str(args.fisher), model_fingerprint=weights)
-    schedule.save_schedule(sched, args.out)
-    print(schedule.format_table(sched))
+    sched = run_schedule(args.fisher, args.out, args.model, p_upper=args.p_upper, p_lower=args.p_lower,
+                         shape=args.shape, gamma=args.gamma, dtype=args.dtype, device=args.device,
+                         overwrite=args.overwrite)
+    print(format_table(sched))
     if sched.unscored:
         print(f"not scored (no Fisher entries), left unchanged: {', '.join(sched.unscored)}")
     print(f"wrote {args.out}")

@@ -1,7 +1,5 @@
 """surface."""
 
-import os
-
 from ..errors import UsageError
 from ..files import check_output_path
 from . import options
@@ -12,7 +10,6 @@ from .common import (
     add_overwrite_arg,
     add_shard_args,
     claim,
-    load_model_from_args,
     model_id,
 )
 
@@ -34,6 +31,11 @@ def _register_surface(subparsers):
     add_model_args(parser)
     add_new_head_arg(parser)
     add_corpus_args(parser, max_samples_default=64)
+    parser.add_argument("--eval-corpus", default=None,
+                        help="a held-out corpus (the forms --corpus takes), sampled with the same --fraction, "
+                             "--max-samples, --seq-len, --seed and --bos: its loss and token accuracy at every point "
+                             "are written as test_loss and test_acc, in the same pass over the grid (default: "
+                             "train_loss and train_acc only)")
     parser.add_argument("--directions", required=True, help="direction file from `landscape directions`")
     parser.add_argument("--x", type=options.RANGE, default="-1:1:21", help="MIN:MAX:NUM along the first direction")
     parser.add_argument("--y", type=options.RANGE, default=None,
@@ -55,48 +57,16 @@ def _register_surface(subparsers):
 
 
 def run_surface(args):
-    from ..data.corpus import describe_framing, load_batches
-    from ..identity import MODEL_KEY, model_fingerprint
-    from ..runtime import join_torchrun
-    from ..sharding import shard_layout
-    from ..surface import compute_surface_file, directions, parse_range
-    from ..surface.file import check_grid_size
+    from ..runtime import rank_and_world
+    from ..surface import run_surface as surface_stage
 
-    out = check_output_path(args.out, "--out", H5_SUFFIXES)
-    claim(args, out, "surface")
-    xs = _grid(args.x, "x")
-    ys = _grid(args.y, "y") if args.y else None
-    if args.one_d and ys is not None:
-        raise UsageError("--one-d and --y contradict each other; drop one")
-    if args.points_per_pass < 1:
-        raise UsageError(f"--points-per-pass must be at least 1, got {args.points_per_pass}")
-    if not args.one_d and ys is None and directions.count_directions(args.directions) == 2:
-        ys = parse_range("-1:1:21")
-    check_grid_size(xs, ys)  # before anything heavy is loaded
-    device, _, _ = join_torchrun(args.device)
-    layout = shard_layout(args.shard_size)
-    loaded = load_model_from_args(args, device=device, layout=layout)
-    batches = load_batches(loaded, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
-                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, bos=args.bos)
-    settings = {"model": model_id(loaded), "corpus": str(args.corpus or "embedded"),
-                "fraction": args.fraction, "max_samples": args.max_samples, "seq_len": args.seq_len,
-                "corpus_seed": args.seed, "precision": str(args.dtype).lower(),
-                "framing": describe_framing(loaded.tokenizer, args.bos), MODEL_KEY: model_fingerprint(loaded)}
-    info = {"batch_size": args.batch_size, "device": str(next(loaded.model.parameters()).device),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "points_per_pass": args.points_per_pass,
-            "shard_size": args.shard_size}
-    result = compute_surface_file(out, loaded.model, args.directions, batches, xs, ys, settings=settings,
-                                  overwrite=args.overwrite, points_per_pass=args.points_per_pass,
-                                  flush_seconds=args.flush_seconds, info=info, stream=args.stream_directions)
-    if int(os.environ.get("RANK", "0")) == 0:
+    result = surface_stage(args.out, args.directions, args.model, args.corpus, x=args.x, y=args.y, one_d=args.one_d,
+                           fraction=args.fraction, max_samples=args.max_samples, seq_len=args.seq_len,
+                           batch_size=args.batch_size, seed=args.seed, bos=args.bos, dtype=args.dtype,
+                           device=args.device, allow_new_head=args.allow_new_head, shard_size=args.shard_size,
+                           points_per_pass=args.points_per_pass, flush_seconds=args.flush_seconds,
+                           stream_directions=args.stream_directions, eval_corpus=args.eval_corpus,
+                           overwrite=args.overwrite)
+    if rank_and_world()[0] == 0:
         print(f"wrote {result['path']}: {result['computed']} point(s) computed now, {result['total']} in the grid")
     return 0
-
-
-def _grid(text, axis):
-    from ..surface import parse_range
-
-    try:
-        return parse_range(text, axis)
-    except UsageError as err:
-        raise UsageError(f"--{axis}: {err}") from None

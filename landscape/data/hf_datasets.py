@@ -11,6 +11,21 @@ def is_hub_name(spec) -> bool:
     return not (Path(spec).expanduser().exists() or Path(spec).suffix or spec.startswith((".", "/", "~")))
 
 
+def check_reachable(spec) -> None:
+    """Refuse at once a corpus or dataset spec naming a hub dataset the hub cannot provide now.
+
+    A stage calls it before loading its model, which would then be loaded for nothing.
+
+    Args:
+        spec: a corpus or dataset spec, or None (the embedded corpus: always reachable).
+
+    Raises:
+        UsageError: the spec names a hub dataset and the hub cannot provide it.
+    """
+    if spec is not None and is_hub_name(spec):
+        check_hub_name(spec)
+
+
 def check_hub_name(spec) -> None:
     """UsageError at once (no half minute of retries) when the hub cannot provide dataset ``spec`` now."""
     from ..hub import unavailable

@@ -5,7 +5,8 @@ eval mode, exact per-sample gradients, batched.
 
 Modules: ``rules`` (per-layer per-sample gradient rules, registered by module type),
 ``accumulator`` (hooks and running sums), ``run`` (passes over data with checkpoints and ranks),
-``file`` (the safetensors file), ``stability`` (top-k overlap across sub-samples).
+``file`` (the safetensors file), ``stability`` (top-k overlap across sub-samples), ``stage``
+(``run_fisher`` and ``run_stability``: one call each, model and corpus loaded from a spec).
 """
 
 from .accumulator import FisherAccumulator
@@ -22,7 +23,9 @@ from .file import (
            save_fisher,
 )
 from .run import compute_fisher, nested_fisher
+from .stage import FisherResult, StabilityResult, run_fisher, run_stability
 
-__all__ = ["DEFAULT_CHUNK_MB", "DEFINITION", "FisherAccumulator", "check_existing_fisher", "check_fisher_matches",
-           "check_fisher_model", "check_fisher_values", "compute_fisher", "fisher_metadata", "load_fisher",
-           "nested_fisher", "provenance", "save_fisher"]
+__all__ = ["DEFAULT_CHUNK_MB", "DEFINITION", "FisherAccumulator", "FisherResult", "StabilityResult",
+           "check_existing_fisher", "check_fisher_matches", "check_fisher_model", "check_fisher_values",
+           "compute_fisher", "fisher_metadata", "load_fisher", "nested_fisher", "provenance", "run_fisher",
+           "run_stability", "save_fisher"]

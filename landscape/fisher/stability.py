@@ -103,7 +103,8 @@ def compare(fisher, reference, top=DEFAULT_TOP):
     return row
 
 
-def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind=None, progress=False):
+def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind=None, progress=False,
+              max_chunk_mb=None):
     """Table-1 rows: the reference (all samples of ``batches``) and one row per fraction.
 
     Each row: fraction, samples, then the metrics of ``compare``.  One pass over the data.
@@ -116,15 +117,16 @@ def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind
         top: percentages of the top-Fisher overlap metrics.
         kind: objective kind; inferred from the model when None.
         progress: a tqdm bar over batches.
+        max_chunk_mb: memory for per-sample gradients at a time, in MB (``fisher.nested_fisher``).
 
     Returns:
         A list of dicts, the reference (fraction 1.0) first.
     """
-    return stability_and_reference(model, batches, fractions, top, kind, progress)[0]
+    return stability_and_reference(model, batches, fractions, top, kind, progress, max_chunk_mb)[0]
 
 
 def stability_and_reference(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind=None,
-                            progress=False):
+                            progress=False, max_chunk_mb=None):
     """``stability`` rows and the reference Fisher they compare with, from the same single pass.
 
     So a caller that also needs the Fisher does not compute it twice.  Arguments as for
@@ -135,7 +137,7 @@ def stability_and_reference(model, batches, fractions=DEFAULT_FRACTIONS, top=DEF
     """
     total = sum(int(b["labels"].shape[0]) for b in batches)
     sizes = [total] + [max(1, round(f * total)) for f in fractions]
-    estimates = nested_fisher(model, batches, sizes, kind=kind, progress=progress)
+    estimates = nested_fisher(model, batches, sizes, kind=kind, progress=progress, max_chunk_mb=max_chunk_mb)
     reference = estimates[0]
     rows = []
     for fraction, size, estimate in zip([1.0] + list(fractions), sizes, estimates):

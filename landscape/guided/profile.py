@@ -104,6 +104,8 @@ def plot_parameter_profile(quantiles, total, zeros, path, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plots.text import literal
+
     positive = [(q["fraction"] * 100, q["fisher"]) for q in quantiles if q["fisher"] > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot([p[0] for p in positive], [p[1] for p in positive], color="#1f4e79", lw=1.6)
@@ -111,28 +113,58 @@ def plot_parameter_profile(quantiles, total, zeros, path, title=""):
     ax.set_xlabel("parameters, sorted by Fisher (% of all)")
     ax.set_ylabel("empirical Fisher (log scale)")
     note = f"{total:,} parameters" + (f"; {zeros:,} exactly zero (not shown)" if zeros else "")
-    ax.set_title(f"{title}\n{note}" if title else note, fontsize=10)
+    ax.set_title(literal(f"{title}\n{note}" if title else note), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     return _save_figure(fig, path)
 
 
-def plot_bars(labels, values, colors, path, xlabel, title=""):
-    """Horizontal bars, first label on top (Fig. 3b style)."""
+def spans_decades(values, ratio=20.0):
+    """Whether positive ``values`` are too spread for a linear axis.
+
+    True when the smallest is below 1/``ratio`` of the largest, so that its bar would be a sliver
+    next to the largest one.
+    """
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) > ratio * min(positive)
+
+
+def plot_bars(labels, values, colors, path, xlabel, title="", legend=None):
+    """Horizontal bars, first label on top (Fig. 3b style), saved as a PNG at ``path``.
+
+    A log value axis when the values span decades (``spans_decades``), so that small bars stay
+    visible next to the largest.  legend: {name: colour} for bars coloured by a category.
+    """
+    return _save_figure(bars_figure(labels, values, colors, xlabel, title, legend), path)
+
+
+def bars_figure(labels, values, colors, xlabel, title="", legend=None):
+    """The matplotlib figure ``plot_bars`` saves (see there); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7.0, max(2.5, 0.22 * len(labels) + 1.0)))
+    from ..plots.text import literal
+
+    fig, ax = plt.subplots(figsize=(7.0, max(2.5, 0.22 * len(labels) + 1.0)), layout="constrained")
     ax.barh(range(len(labels)), values, color=colors)
+    if spans_decades(values):
+        ax.set_xscale("log")
+        # Bars start a decade edge below the smallest, so that the smallest still has a length.
+        ax.set_xlim(left=10.0 ** np.floor(np.log10(min(v for v in values if v > 0) / 2)))
+        xlabel += " (log scale)"
     ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_yticklabels([literal(label) for label in labels], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="x", alpha=0.3)
-    return _save_figure(fig, path)
+        ax.set_title(literal(title), fontsize=10)
+    if legend:
+        ax.legend(handles=[Patch(color=color, label=name) for name, color in legend.items()], fontsize=7,
+                  title="site kind", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    return fig
 
 
 _KIND_COLORS = {"embeddings": "#8c564b", "attention": "#1f77b4", "hidden": "#ff7f0e",
@@ -202,7 +234,46 @@ def write_profile(fisher, model, out_dir, title=""):
     top_block = max(b["mean"] for b in blocks) or 1.0
     paths["blocks_png"] = plot_bars([b["block"] for b in blocks], [b["mean"] / top_block for b in blocks],
                                     "#1f4e79", out / "blocks.png", "mean Fisher per element (normalized)", title)
+    kinds = {s["kind"]: _KIND_COLORS.get(s["kind"], _KIND_COLORS["other"]) for s in sites}
     paths["sites_png"] = plot_bars([s["site"] for s in sites], [s["normalized"] for s in sites],
-                                   [_KIND_COLORS.get(s["kind"], "#7f7f7f") for s in sites], out / "sites.png",
-                                   "site score: element-weighted mean Fisher (normalized)", title)
+                                   [kinds[s["kind"]] for s in sites], out / "sites.png",
+                                   "site score: element-weighted mean Fisher (normalized)", title, legend=kinds)
     return paths
+
+
+def run_profile(fisher_path, out, model=None, overwrite=False):
+    """The profile stage: read a Fisher file, check it against its model, write every view under ``out``.
+
+    The model only gives shapes and dropout sites, so it is loaded on the CPU in float32, a
+    checkpoint without its pretraining head included.
+
+    Args:
+        fisher_path: a Fisher file written by ``fisher.run_fisher`` (``landscape fisher``).
+        out: the folder to write into (made if missing).
+        model: hub id or ``from_pretrained`` folder the Fisher was computed on; None for the embedded model.
+        overwrite: replace files in ``out`` that a profile did not write.
+
+    Returns:
+        {what: path} of every file written (as ``write_profile``).
+
+    Raises:
+        UsageError: ``out`` is a file, the Fisher file is unreadable or was computed on another
+            model; ``OutputRefused`` for foreign files in ``out`` unless ``overwrite``.
+    """
+    import contextlib
+
+    from ..fisher import check_fisher_model, load_fisher
+    from ..identity import model_fingerprint
+    from ..models import load_model
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out '{out}' is a file; give a folder")
+    with contextlib.ExitStack() as held:
+        held.enter_context(claim_output(out, "folder", overwrite))
+        held.enter_context(claim_profile(out, fisher_path, overwrite))
+        fisher, meta = load_fisher(fisher_path)
+        loaded = load_model(model, device="cpu", dtype="float32", allow_new_head=True)
+        check_fisher_model(fisher_path, meta, model_fingerprint(loaded), model)
+        title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
+        return write_profile(fisher, loaded.model, out, title=title)

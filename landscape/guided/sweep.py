@@ -363,13 +363,15 @@ def plot_paucity(summary, metric, path, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plots.text import literal
+
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     marked = False
     for reg in dict.fromkeys(r["regularizer"] for r in summary):
         rows = sorted((r for r in summary if r["regularizer"] == reg and r["metric"] == metric),
                       key=lambda r: r["fraction"])
         x = [100 * r["fraction"] for r in rows]
-        (line,) = ax.plot(x, [r["mean"] for r in rows], marker="o", label=reg)
+        (line,) = ax.plot(x, [r["mean"] for r in rows], marker="o", label=literal(reg))
         ax.fill_between(x, [r["q25"] for r in rows], [r["q75"] for r in rows], alpha=0.15, color=line.get_color())
         stars = [(100 * r["fraction"], r["mean"]) for r in rows if is_significant(r)]
         if stars:
@@ -381,7 +383,7 @@ def plot_paucity(summary, metric, path, title=""):
                 label=f"vs {BASELINE}: p<{ALPHA:g}, CI excl. 0")
     ax.set_xlabel("training data used (%)")
     ax.set_ylabel(f"test {metric} (mean, IQR shaded)")
-    ax.set_title(title)
+    ax.set_title(literal(title))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -12,8 +12,10 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files import atomic_output
-from ..outputs import figure_metadata, stamp_html
+from ..outputs import figure_metadata
+from .html import write_html
 from .surfaces import output_format
+from .text import literal
 
 
 def read_spectrum(path):
@@ -85,7 +87,7 @@ def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, 
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     x, y = _step(edges, density, log)
-    ax.plot(x, y, color="tab:blue", linewidth=1.2)
+    ax.plot(x, y, color="tab:blue", linewidth=1.2, label="spectral density (SLQ)")
     if not log:
         ax.fill_between(x, 0, y, color="tab:blue", alpha=0.25)
     for i, value in enumerate(eigenvalues):
@@ -94,7 +96,7 @@ def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, 
         ax.set_yscale("log")
     ax.set_xlabel("eigenvalue (nats/token per unit²)")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{title}\n{subtitle}", fontsize=10)
+    ax.set_title(literal(f"{title}\n{subtitle}"), fontsize=10)
     if eigenvalues:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -112,7 +114,5 @@ def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out):
     for value in eigenvalues:
         fig.add_vline(x=value, line_dash="dash", line_color="red")
     fig.update_layout(title=f"{title}<br><sub>{subtitle}</sub>", xaxis_title="eigenvalue (nats/token per unit²)",
-                      yaxis_title=ylabel, yaxis_type="log" if log else "linear", width=900, height=540)
-    with atomic_output(out) as tmp:
-        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, include_mathjax=False)
-        stamp_html(tmp, out)
+                      yaxis_title=ylabel, yaxis_type="log" if log else "linear")
+    write_html(fig, out, title=f"{title} ({subtitle})")

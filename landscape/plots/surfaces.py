@@ -19,8 +19,10 @@ import numpy as np
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
-from ..outputs import figure_metadata, stamp_html
+from ..outputs import figure_metadata
 from ..surface.file import read_surface
+from .html import write_html
+from .text import common_model, literal, surface_title
 
 FORMATS = ("html", "png", "pdf")
 KINDS_2D = ("surface3d", "contour", "contourf", "heatmap")
@@ -115,7 +117,7 @@ def _require_data(surface):
 
 
 def _default_title(surface):
-    return f"{surface.path.name}: {surface.field.replace('_', ' ')}"
+    return surface_title(surface)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
     style.title = style.title or _default_title(surface)
     if fmt == "html":
         fig = _plotly_figure([surface], [None], kind, style, notes=[None])
-        _write_html(fig, out)
+        write_html(fig, out)
     else:
         fig = _mpl_figure([surface], [None], kind, style, notes=[None])
         _save_mpl(fig, out, fmt)
@@ -204,9 +206,10 @@ def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=Fa
         _require_data(surface)
     rows = sharpness.summarize_all(surfaces, labels, radius=radius, fit_radius=fit_radius)
     notes = [sharpness.short_note(row) for row in rows]
-    style.title = style.title or f"{field.replace('_', ' ')}: {', '.join(labels)}"
+    model = common_model(surfaces)
+    style.title = style.title or f"{field.replace('_', ' ')}{f' · {model}' if model else ''}: {', '.join(labels)}"
     if fmt == "html":
-        _write_html(_plotly_figure(surfaces, labels, kind, style, notes), out)
+        write_html(_plotly_figure(surfaces, labels, kind, style, notes), out)
     else:
         _save_mpl(_mpl_figure(surfaces, labels, kind, style, notes), out, fmt)
     if csv is not False:
@@ -291,8 +294,7 @@ def _plotly_figure(surfaces, labels, kind, style, notes):
                                                        coloring="lines" if kind == "contour" else "fill"))
         fig.add_trace(trace, row=1, col=col)
     fig.update_layout(title=style.title, coloraxis=dict(colorscale=_plotly_colorscale(style.cmap), cmin=low,
-                                                        cmax=high, colorbar=dict(title=value_label)),
-                      width=520 * n if n > 1 else None, height=620)
+                                                        cmax=high, colorbar=dict(title=value_label)))
     if kind == "surface3d":
         for i in range(1, n + 1):
             fig.layout[f"scene{'' if i == 1 else i}"].update(
@@ -316,15 +318,8 @@ def _plotly_lines(surfaces, labels, style, notes):
                                  name=_panel_title(label or surface.field.replace("_", " "), note)))
     fig.update_layout(title=style.title, xaxis_title="step along the direction",
                       yaxis_title=surfaces[0].field.replace("_", " "), yaxis_type="log" if style.log else "linear",
-                      width=900, height=560, showlegend=len(surfaces) > 1 or labels[0] is not None)
+                      showlegend=len(surfaces) > 1 or labels[0] is not None)
     return fig
-
-
-def _write_html(fig, out):
-    # include_plotlyjs=True embeds plotly.js, so the page works offline (no CDN).
-    with atomic_output(out) as tmp:
-        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, include_mathjax=False)
-        stamp_html(tmp, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,16 +340,18 @@ def _mpl_figure(surfaces, labels, kind, style, notes):
     norm = Normalize(vmin=low, vmax=high)
     n = len(surfaces)
     subplot_kw = {"projection": "3d"} if kind == "surface3d" else {}
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 1.2, 4.8), subplot_kw=subplot_kw, squeeze=False)
+    # Constrained layout places the figure title above the panel titles, never over them.
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 1.2, 4.8), subplot_kw=subplot_kw, squeeze=False,
+                             layout="constrained")
     mappable = None
     for ax, surface, z, label, note in zip(axes[0], surfaces, values, labels, notes):
         mappable = _mpl_panel(ax, surface, z, kind, style, norm, (low, high))
         if n > 1:
             # Side-by-side panels are narrow: the sharpness note goes on its own line.
-            ax.set_title("\n".join(part for part in (label, note) if part), fontsize=10)
+            ax.set_title(literal("\n".join(part for part in (label, note) if part)), fontsize=10)
     fig.colorbar(mappable, ax=list(axes[0]), shrink=0.8, pad=0.08 if kind == "surface3d" else 0.05,
                  label=style.value_label(surfaces[0].field))
-    fig.suptitle(style.title)
+    fig.suptitle(literal(_wrapped(style.title, 5.2 * n + 1.2)))
     plt.close(fig)  # keep pyplot's registry empty; the Figure object is still saved later
     return fig
 
@@ -366,6 +363,10 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
     if kind == "surface3d":
         mappable = ax.plot_surface(X, Y, masked, cmap=cmap, norm=norm, linewidth=0, antialiased=True)
         ax.set_zlim(*zrange)  # the colour bar names the value; a z label would collide with it
+        from matplotlib.ticker import MaxNLocator
+
+        for axis in (ax.xaxis, ax.yaxis):  # a 3D box's tick labels crowd one another beyond a few
+            axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
     elif kind == "heatmap":
         mappable = ax.pcolormesh(surface.x, surface.y, masked, cmap=cmap, norm=norm, shading="nearest")
     else:
@@ -390,18 +391,25 @@ def _mpl_lines(surfaces, labels, style, notes):
         z = np.clip(surface.z, style.zmin if style.zmin is not None else -np.inf,
                     style.zmax if style.zmax is not None else np.inf)
         ax.plot(surface.x, z, marker="." if len(surface.x) <= 60 else None,
-                label=_panel_title(label or surface.field.replace("_", " "), note))
+                label=literal(_panel_title(label or surface.field.replace("_", " "), note)))
     if style.log:
         ax.set_yscale("log")
     ax.set_xlabel("step along the direction")
     ax.set_ylabel(surfaces[0].field.replace("_", " "))
-    ax.set_title(style.title)
+    ax.set_title(literal(_wrapped(style.title, 7.5)))
     ax.axvline(0.0, color="grey", linewidth=0.6)
     if len(surfaces) > 1 or labels[0] is not None:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     plt.close(fig)
     return fig
+
+
+def _wrapped(title, width_inches):
+    """A title broken into lines that fit a figure ``width_inches`` wide (about 11 characters an inch)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width=max(30, int(11 * width_inches)))) if title else title
 
 
 def _save_mpl(fig, out, fmt):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..surface.file import read_surface
+from .html import write_html
 from .surfaces import (
     Style,
     _default_title,
@@ -21,10 +22,10 @@ from .surfaces import (
     _plotly_figure,
     _require_data,
     _save_mpl,
-    _write_html,
     output_format,
     resolve_kind,
 )
+from .text import literal
 
 
 def trajectory_points(surface):
@@ -111,12 +112,14 @@ def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=Fals
         fig.add_trace(go.Scatter(x=coords[:, 0], y=coords[:, 1], mode="lines+markers+text", text=labels,
                                  textposition="top center", name="checkpoints",
                                  marker=dict(color="red", size=8), line=dict(color="red", width=1)))
-        _write_html(fig, out)
+        write_html(fig, out)
     else:
         fig = _mpl_figure([surface], [None], kind, style, notes=[None])
         ax = fig.axes[0]
-        ax.plot(coords[:, 0], coords[:, 1], "-o", color="red", markersize=4, linewidth=1, zorder=5)
+        ax.plot(coords[:, 0], coords[:, 1], "-o", color="red", markersize=4, linewidth=1, zorder=5,
+                label="checkpoints, in training order")
         for (x, y), label in zip(coords, labels):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="red")
+            ax.annotate(literal(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="red")
+        ax.legend(fontsize=8, loc="upper right")
         _save_mpl(fig, out, fmt)
     return Path(out)

@@ -2,8 +2,10 @@
 
 Modules: ``directions`` (filter-normalized, Fisher-masked directions and their file),
 ``perturbation`` (weights moved in place and restored), ``evaluation`` (the loss at grid points),
-``file`` (the contract's HDF5 file, its journal and writer, the one reader), ``run``
-(``compute_surface_file``), ``sharpness`` (numbers read off a surface).
+``file`` (the contract's HDF5 file, its writer, the one reader), ``journal`` (what a resume must
+match, and the per-point journal), ``run``
+(``compute_surface_file``; ``run_surface``, the stage: model and sample loaded from a spec),
+``sharpness`` (numbers read off a surface).
 
 ``from landscape import surface`` gives the entry points below.
 """
@@ -11,8 +13,8 @@ Modules: ``directions`` (filter-normalized, Fisher-masked directions and their f
 from .evaluation import evaluate, evaluate_points, grid_points, loss_and_accuracy, parse_range
 from .file import FIELDS, Surface, SurfaceFile, journal_path, read_surface, sample_fingerprint, write_surface
 from .perturbation import InPlacePerturbation
-from .run import compute_surface_file
+from .run import compute_surface_file, run_surface
 
 __all__ = ["FIELDS", "InPlacePerturbation", "Surface", "SurfaceFile", "compute_surface_file", "evaluate",
            "evaluate_points", "grid_points", "journal_path", "loss_and_accuracy", "parse_range", "read_surface",
-           "sample_fingerprint", "write_surface"]
+           "run_surface", "sample_fingerprint", "write_surface"]

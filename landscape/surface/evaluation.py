@@ -117,18 +117,23 @@ def _evaluate_stacked(model, perturbation, batches, points, kind):
     return [(float(t[0] / t[1]), float(t[2] / t[1])) for t in totals]
 
 
-def _points_pass(model, perturbation, batches, chunk, kind):
-    """[(loss, acc)] for a chunk of points: one in-place pass per point, or one vmapped pass."""
+def _points_pass(model, perturbation, batch_sets, chunk, kind):
+    """[(loss, acc, ...)] for a chunk of points.
+
+    The loss and accuracy on each sample of ``batch_sets`` in turn, at the same perturbed weights;
+    one in-place pass per point and sample, or one vmapped pass per sample.
+    """
     if len(chunk) == 1:
         perturbation.set(chunk[0])
-        return [loss_and_accuracy(model, batches, kind)]
-    return _evaluate_stacked(model, perturbation, batches, chunk, kind)
+        return [tuple(v for batches in batch_sets for v in loss_and_accuracy(model, batches, kind))]
+    per_sample = [_evaluate_stacked(model, perturbation, batches, chunk, kind) for batches in batch_sets]
+    return [tuple(v for pair in point for v in pair) for point in zip(*per_sample)]
 
 
 def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: List[Batch], points: list,
                     todo: List[int], points_per_pass: int = 1, progress: bool = False,
                     on_results: Optional[Callable[[list], None]] = None, kind: Optional[str] = None,
-                    stream: bool = False) -> None:
+                    stream: bool = False, eval_batches: Optional[List[Batch]] = None) -> None:
     """The one evaluation loop: the points ``todo`` (indices into ``points``), in rounds.
 
     Under torch.distributed each point group (a rank, or the K ranks of a sharded model) evaluates
@@ -144,9 +149,12 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
         todo: indices into ``points`` to evaluate.
         points_per_pass: points per vmapped pass (see ``evaluate_points``).
         progress: a tqdm bar over points.
-        on_results: called as ``on_results([(index, loss, acc), ...])`` after each round.
+        on_results: called as ``on_results([(index, loss, acc), ...])`` after each round; with
+            ``eval_batches`` each result is (index, loss, acc, held-out loss, held-out acc), both
+            measured at the same perturbed weights.
         kind: objective kind; inferred from the model when None.
         stream: keep the directions in host memory (``InPlacePerturbation``).
+        eval_batches: a held-out sample (batch dicts like ``batches``), or None.
     """
     _check_directions(model, directions)
     kind = kind or model_kind(model)
@@ -155,14 +163,15 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
     if step > 1 and any(is_sharded(p) for p in model.parameters()):
         raise UsageError("several points per pass need the whole model on each rank; a sharded model "
                          "evaluates one point per pass")
+    batch_sets = [batches] + ([eval_batches] if eval_batches is not None else [])
     perturbation = InPlacePerturbation(model, directions, stream=stream)
     bar = tqdm(total=len(todo), desc="surface", unit="pt", disable=not progress or rank_and_world()[0] != 0,
                leave=False)
     try:
         for start in range(0, len(todo), step * groups):
             mine = todo[start + group * step: start + (group + 1) * step]
-            results = _points_pass(model, perturbation, batches, [points[i] for i in mine], kind) if mine else []
-            mine_results = [(i, loss, acc) for i, (loss, acc) in zip(mine, results)] if reports else []
+            results = _points_pass(model, perturbation, batch_sets, [points[i] for i in mine], kind) if mine else []
+            mine_results = [(i, *values) for i, values in zip(mine, results)] if reports else []
             gathered = [r for part in gather_all(mine_results) for r in part]
             if on_results is not None:
                 on_results(gathered)

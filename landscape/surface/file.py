@@ -16,7 +16,8 @@ file and atomically renamed into place every few seconds.  A SIGKILL therefore l
 points being computed; rerunning replays the journal.  One run at a time may write a file (its
 ``outputs.claim_output`` lock).  With ``overwrite`` the new surface is built aside (``.S.h5.new.h5``
 and its journal) and replaces ``S.h5`` only once complete, so an interrupted replacement keeps the
-old file (rerunning with ``overwrite`` resumes the replacement).
+old file (rerunning with ``overwrite`` resumes the replacement).  The identity a resume must match
+and the journal's records live in ``surface.journal``.
 """
 
 import contextlib
@@ -34,13 +35,21 @@ import numpy as np
 from .. import checks
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
-from ..identity import MODEL_KEY, refuse_changed_resume, sample_fingerprint
-from ..models import model_kind
+from ..identity import sample_fingerprint  # noqa: F401 (a name of this module before the split)
 from ..outputs import claim_output
+from .journal import (  # noqa: F401 (names of this module before the split, still imported from it)
+    FORMAT,
+    JOURNAL_MAGIC,
+    _record,
+    _refuse,
+    _scalar_attrs,
+    journal_path,
+    read_journal,
+    surface_identity,
+)
 
-FORMAT = "landscape-surface"
 FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")
-JOURNAL_MAGIC = "landscape-surface-journal/2"
+TRAIN_FIELDS, TEST_FIELDS = FIELDS[:2], FIELDS[2:]  # test_*: on the held-out sample of ``--eval-corpus``
 MAX_POINTS = 10_000_000  # 160 MB of float64 loss and accuracy in memory; beyond that, refuse
 
 
@@ -188,133 +197,8 @@ def _plain(value):
 
 
 
-# ----------------------------------------------------------------------------- identity
-def _canonical(identity):
-    return json.loads(json.dumps(identity, sort_keys=True, default=str))
-
-
-def _first_difference(old, new):
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return key, old.get(key), new.get(key)
-    return None
-
-
-def _refuse(path, old, new):
-    refuse_changed_resume(path, old, new)  # the model or sample, by name
-    key, before, now = _first_difference(old, new)
-    detail = "a different grid" if key == "grid" else f"{key}={before!r}, this run has {key}={now!r}"
-    raise SettingsMismatch(f"'{path}' was computed with other settings ({detail})")
-
-
-def surface_identity(directions_attrs, batches, model, xs, ys, settings=None):
-    """Everything that changes the numbers of a surface; a resumed file must match it exactly.
-
-    Args:
-        directions_attrs: the direction file's attributes (its fingerprint and settings).
-        batches: the evaluation sample: list of batch dicts with ``labels``.
-        model: the model.
-        xs: coefficients along x.
-        ys: coefficients along y, or None for 1D.
-        settings: extra settings that identify the run.
-
-    Returns:
-        A JSON-ready dict.
-    """
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-    identity = {
-        "format": FORMAT,
-        "dir_fingerprint": str(directions_attrs.get("fingerprint", "")),
-        "sample_fingerprint": sample_fingerprint(batches),
-        "n_samples": int(sum(b["labels"].shape[0] for b in batches)),
-        "n_target_tokens": n_tokens,
-        "kind": model_kind(model),
-        "dtype": dtype,
-        "grid": {"x": [float(x) for x in xs], "y": None if ys is None else [float(y) for y in ys]},
-    }
-    for key in ("norm", "ignore", "seed", "subset", "mask_seed", "mask_granularity", "orthogonal",
-                "fisher", "model"):
-        if key in directions_attrs:
-            identity[f"dir_{key}"] = directions_attrs[key]
-    identity.update(settings or {})
-    if MODEL_KEY not in identity:  # the Python API's in-memory model; the CLI gives its checkpoint's
-        from ..identity import parameters_fingerprint
-
-        with contextlib.suppress(UsageError):  # a sharded model has no whole parameters to hash here
-            identity[MODEL_KEY] = parameters_fingerprint(model)
-    return _canonical(identity)
-
-
-def _scalar_attrs(identity):
-    return {k: ("" if v is None else v) for k, v in identity.items() if isinstance(v, (str, int, float, bool))
-            or v is None}
-
-
-# ----------------------------------------------------------------------------- the journal
-def journal_path(path) -> Path:
-    """The journal of the surface file ``path``: the same path with ``.journal`` appended."""
-    return Path(str(path) + ".journal")
-
-
-def _record(index: int, loss: float, acc: float) -> bytes:
-    body = f"{index} {float(loss).hex()} {float(acc).hex()}"
-    return f"{body} {zlib.crc32(body.encode()):08x}\n".encode()
-
-
-def _parse_record(line: bytes):
-    """(index, loss, acc) of a whole, intact record line (without its newline), else None."""
-    try:
-        text = line.decode("ascii")
-        body, _, crc = text.rpartition(" ")
-        if int(crc, 16) != zlib.crc32(body.encode()) or len(crc) != 8:
-            return None
-        index, loss, acc = body.split(" ")
-        return int(index), float.fromhex(loss), float.fromhex(acc)
-    except ValueError:  # not ASCII, not hex, wrong field count
-        return None
-
-
-def read_journal(path, identity, loss, acc):
-    """Apply a journal's intact records to the flat loss/acc arrays.
-
-    Reading stops at the first torn or corrupted record: everything after it is cut off by the
-    writer, so a record appended later can never be glued onto a torn one.
-
-    Args:
-        path: the surface file (its journal is ``journal_path(path)``).
-        identity: this run's ``surface_identity``; records under another header are not applied.
-        loss: the flat (P,) float64 loss array, filled in place.
-        acc: the flat (P,) float64 accuracy array, filled in place.
-
-    Returns:
-        (whether it has this run's header, byte offset where intact records end).
-    """
-    data = journal_path(path).read_bytes()
-    header, newline, rest = data.partition(b"\n")
-    if not newline or not header.startswith(JOURNAL_MAGIC.encode() + b" "):
-        return False, 0
-    try:
-        old = json.loads(header[len(JOURNAL_MAGIC) + 1:].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False, 0
-    if not isinstance(old, dict):
-        return False, 0
-    if old != identity:
-        _refuse(path, old, identity)
-    end = len(header) + 1
-    while True:
-        line, newline, after = rest.partition(b"\n")
-        parsed = _parse_record(line) if newline else None
-        if parsed is None or not 0 <= parsed[0] < loss.size:
-            return True, end
-        loss[parsed[0]], acc[parsed[0]] = parsed[1], parsed[2]
-        end += len(line) + 1
-        rest = after
-
-
 # ----------------------------------------------------------------------------- writing
-def write_surface(path, xs, ys, loss, acc, attrs):
+def write_surface(path, xs, ys, loss, acc, attrs, extra=None):
     """Write a surface file atomically (contract layout, with ``checksums``).
 
     Args:
@@ -324,11 +208,12 @@ def write_surface(path, xs, ys, loss, acc, attrs):
         loss: (nx,) or (ny, nx) float64 losses (nats per target token), NaN where not computed.
         acc: token accuracies, same shape, in [0, 1].
         attrs: file attributes: scalars and strings.
+        extra: more fields shaped like ``loss``, {name: values} (``test_loss``, ``test_acc``).
 
     Raises:
         UsageError: the file cannot be written (its one-line reason).
     """
-    data = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": loss, "train_acc": acc}
+    data = {"xcoordinates": xs, "ycoordinates": ys, "train_loss": loss, "train_acc": acc, **(extra or {})}
     data = {name: np.asarray(values, dtype=np.float64) for name, values in data.items() if values is not None}
     with atomic_output(path) as tmp:
         # Through a Python file object: a failed write (full disk) is a clean OSError, where HDF5's
@@ -341,16 +226,16 @@ def write_surface(path, xs, ys, loss, acc, attrs):
             handle.attrs["checksums"] = json.dumps({name: _crc(values) for name, values in data.items()})
 
 
-def _read_surface_state(path, identity, shape):
-    """Loss/acc arrays from an existing surface file with the same settings (else UsageError)."""
+def _read_surface_state(path, identity, shape, fields=TRAIN_FIELDS):
+    """The arrays of ``fields`` from an existing surface file with the same settings (else UsageError)."""
     try:
         with h5py.File(path, "r") as handle:
             stored = handle.attrs.get("identity")
             if stored is None or "train_loss" not in handle:
                 raise SettingsMismatch(f"'{path}' exists but is not a landscape surface file")
-            names = [n for n in ("xcoordinates", "ycoordinates", "train_loss", "train_acc") if n in handle]
+            names = [n for n in ("xcoordinates", "ycoordinates", *fields) if n in handle]
             values = _verified(handle, path, names)
-            loss, acc = values["train_loss"], values["train_acc"]
+            arrays = [values[name] for name in fields]
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise SettingsMismatch(f"'{path}' exists but cannot be read as a surface file "
                                f"({_first_line(err)})") from None
@@ -362,9 +247,9 @@ def _read_surface_state(path, identity, shape):
         raise SettingsMismatch(f"'{path}' has a damaged 'identity' attribute (not JSON)")
     if old != identity:
         _refuse(path, old, identity)
-    if loss.shape != shape:
-        raise SettingsMismatch(f"'{path}' has a {loss.shape} grid, this run {shape}")
-    return loss.astype(np.float64), acc.astype(np.float64)
+    if arrays[0].shape != shape:
+        raise SettingsMismatch(f"'{path}' has a {arrays[0].shape} grid, this run {shape}")
+    return [a.astype(np.float64) for a in arrays]
 
 
 def _clean_partials(path):
@@ -385,13 +270,15 @@ class SurfaceFile:
     """Rank 0's side of a resumable surface file: journal per point, atomic HDF5 every few seconds.
 
     ``missing()`` lists the points still to compute; ``record`` journals finished points at once;
-    ``close(complete)`` writes the file and, when complete, removes the journal.
+    ``close(complete)`` writes the file and, when complete, removes the journal.  fields: the
+    datasets computed at each point, in the order of each result's values (``TRAIN_FIELDS``, or
+    ``FIELDS`` with a held-out sample's ``test_loss`` and ``test_acc``).
     """
 
-    def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0):
+    def __init__(self, path, xs, ys, identity, attrs, overwrite=False, flush_seconds=2.0, fields=TRAIN_FIELDS):
         check_grid_size(xs, ys)
         checks.non_negative_float(flush_seconds, "flush_seconds")  # NaN: the file would never be rewritten
-        self.target, self.xs, self.ys = Path(path), xs, ys
+        self.target, self.xs, self.ys, self.fields = Path(path), xs, ys, tuple(fields)
         # Where points go: the target itself, or aside until complete when replacing it.
         self.path = aside_path(self.target) if overwrite else self.target
         self.identity, self.attrs, self.flush_seconds = identity, attrs, flush_seconds
@@ -419,20 +306,30 @@ class SurfaceFile:
     def _load(self, overwrite):
         for path in {self.path, self.target}:
             _clean_partials(path)
-        self.loss = np.full(self.shape, np.nan)
-        self.acc = np.full(self.shape, np.nan)
+        arrays = [np.full(self.shape, np.nan) for _ in self.fields]
         try:
             if self.path.exists():
-                self.loss, self.acc = _read_surface_state(self.path, self.identity, self.shape)
-            has_header, end = read_journal(self.path, self.identity, self.loss.reshape(-1), self.acc.reshape(-1))
+                arrays = _read_surface_state(self.path, self.identity, self.shape, self.fields)
+            has_header, end = read_journal(self.path, self.identity, *(a.reshape(-1) for a in arrays))
         except SettingsMismatch:
             if not overwrite:
                 raise
             # An earlier replacement with other settings, interrupted: start this one afresh.
             self.path.unlink(missing_ok=True)
-            self.loss[...], self.acc[...] = np.nan, np.nan
+            arrays = [np.full(self.shape, np.nan) for _ in self.fields]
             has_header, end = False, 0
+        self.data = dict(zip(self.fields, arrays))
         self._write_journal(lambda: self._reset_journal(has_header, end))
+
+    @property
+    def loss(self):
+        """The train_loss array, shaped like the grid."""
+        return self.data["train_loss"]
+
+    @property
+    def acc(self):
+        """The train_acc array, shaped like the grid."""
+        return self.data["train_acc"]
 
     def _reset_journal(self, has_header, end):
         # Cut a torn or corrupted tail before anything is appended after it.
@@ -450,8 +347,11 @@ class SurfaceFile:
                              "the points it holds are kept: free space and rerun to resume") from None
 
     def missing(self):
-        """Flat (row-major) indices of points not computed yet."""
-        return np.flatnonzero(np.isnan(self.loss.reshape(-1))).tolist()
+        """Flat (row-major) indices of points not computed yet (in any of the fields)."""
+        pending = np.zeros(self.loss.size, dtype=bool)
+        for values in self.data.values():
+            pending |= np.isnan(values.reshape(-1))
+        return np.flatnonzero(pending).tolist()
 
     def record(self, results):
         """Record finished points: journaled at once, the HDF5 file rewritten every ``flush_seconds``.
@@ -459,17 +359,20 @@ class SurfaceFile:
         A loss that is not finite (the model diverged there) is stored as +inf: computed, never NaN.
 
         Args:
-            results: (flat index, loss, acc) triples.
+            results: (flat index, *values) tuples, one value per field in ``fields`` order
+                (loss, acc[, test loss, test acc]).
 
         Raises:
             UsageError: the journal or the file cannot be written (the points are kept).
         """
-        results = [(i, _diverged_as_inf(loss), acc) for i, loss, acc in results]
+        results = [(i, *(_diverged_as_inf(v) if name.endswith("_loss") else v for name, v in zip(self.fields, values)))
+                   for i, *values in results]
         data = b"".join(_record(*result) for result in results)
         # write + flush puts the records in the OS page cache: they survive a SIGKILL of this process.
         self._write_journal(lambda: (self.journal.write(data), self.journal.flush()))
-        for i, loss, acc in results:
-            self.loss.reshape(-1)[i], self.acc.reshape(-1)[i] = loss, acc
+        for i, *values in results:
+            for name, value in zip(self.fields, values):
+                self.data[name].reshape(-1)[i] = value
         if time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
@@ -482,7 +385,8 @@ class SurfaceFile:
         done = int((~np.isnan(self.loss)).sum())
         attrs = dict(self.attrs, points_done=done, points_total=int(self.loss.size))
         try:
-            write_surface(self.path, self.xs, self.ys, self.loss, self.acc, attrs)
+            write_surface(self.path, self.xs, self.ys, self.loss, self.acc, attrs,
+                          extra={name: self.data[name] for name in self.fields if name not in TRAIN_FIELDS})
         except UsageError as err:  # a full disk, a file-size limit: the journal still holds every point
             raise UsageError(f"{err}; the {done} finished point(s) are kept in the journal "
                              f"'{journal_path(self.path)}' and the last '{self.path.name}' written: "

@@ -1,0 +1,67 @@
+"""The schedule stage as one call.
+
+``run_schedule`` writes a guided dropout schedule (JSON) from a
+Fisher file and its model; ``landscape schedule``, the demo and Python users call it.
+
+Kept apart from ``guided.schedule`` (the schedules themselves, their file and controls), which
+this stage only drives.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+from .. import checks
+from ..files import check_output_path
+from ..outputs import claim_output
+from .schedule import Schedule, guided_dropout, save_schedule
+
+
+def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: float = 0.1, p_lower: float = 0.0,
+                 shape: str = "linear", gamma: float = 2.0, dtype: str = "float32", device="auto",
+                 overwrite: bool = False, loaded=None) -> Schedule:
+    """Score every dropout site of a model by its Fisher and write the guided dropout schedule.
+
+    Sites are sorted by the element-weighted mean Fisher of the parameters they drop, ascending;
+    the lowest-scored site gets ``p_upper``, the highest ``p_lower`` (paper eq. 9-10 for ``shape``
+    "linear").  The model only gives shapes and sites, so a checkpoint without its pretraining head
+    is accepted.
+
+    Args:
+        fisher_path: a Fisher file written by ``fisher.run_fisher``.
+        out: the schedule JSON to write.
+        model: hub id or ``from_pretrained`` folder the Fisher was computed on; None for the embedded model.
+        p_upper: probability of the lowest-scored site, in [0, 1).
+        p_lower: probability of the highest-scored site, in [0, p_upper].
+        shape: "linear" in rank (paper), "log" (normalized log score) or "power" (a power of the rank).
+        gamma: exponent of ``shape`` "power", > 0.
+        dtype: storage dtype of the model ("float32", "tf32", "bfloat16", "float16").
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        overwrite: replace an ``out`` that is not a dropout schedule.
+        loaded: an already loaded ``models.LoadedModel`` of ``model`` to use instead of loading it
+            (the demo's); its fingerprint is still checked against the Fisher file's.
+
+    Returns:
+        the Schedule written (``schedule.format_table`` prints it; ``unscored`` lists sites
+        without Fisher entries, left unchanged).
+
+    Raises:
+        UsageError: a setting out of its domain, a Fisher file of another model; ``OutputRefused``
+            for an ``out`` holding another kind of file unless ``overwrite``.
+    """
+    from ..fisher import check_fisher_model, load_fisher
+    from ..identity import model_fingerprint
+    from ..models import load_model
+
+    out = check_output_path(out, "out", [".json"])
+    checks.positive_float(gamma, "gamma")
+    with claim_output(out, "schedule", overwrite=overwrite):
+        fisher, meta = load_fisher(fisher_path)
+        if loaded is None:
+            loaded = load_model(model, device=device, dtype=dtype, allow_new_head=True)
+        weights = model_fingerprint(loaded)
+        check_fisher_model(fisher_path, meta, weights, model)
+        schedule = guided_dropout(loaded.model, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, gamma=gamma,
+                                  model_source=loaded.source, fisher_source=str(fisher_path),
+                                  model_fingerprint=weights)
+        save_schedule(schedule, Path(out))
+    return schedule

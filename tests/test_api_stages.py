@@ -1,0 +1,136 @@
+"""One command, one call: each stage's Python function writes the same file, with the same numbers
+and provenance, as its subcommand (fisher, stability, profile, schedule, surface, finetune).
+
+Tiny models, in-process (``cli.main``), one torch thread so that numbers compare bit for bit.
+"""
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import write_toy_tsv
+
+from landscape import cli
+from landscape.errors import UsageError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SAMPLE = {"max_samples": 4, "seq_len": 16, "batch_size": 2}
+SAMPLE_FLAGS = ["--max-samples", "4", "--seq-len", "16", "--batch-size", "2"]
+
+
+def _cli(*args):
+    assert cli.main([str(a) for a in args]) == 0
+
+
+@pytest.fixture(scope="module")
+def fisher_file(tiny_bert_dir, tiny_corpus_file, tmp_path_factory):
+    """A Fisher file written by ``landscape fisher``."""
+    out = tmp_path_factory.mktemp("fisher") / "F.safetensors"
+    _cli("fisher", "--model", tiny_bert_dir, "--corpus", tiny_corpus_file, *SAMPLE_FLAGS, "--quiet", "--out", out)
+    return out
+
+
+def test_fisher_call_writes_the_file_of_the_command(fisher_file, tiny_bert_dir, tiny_corpus_file, tmp_path):
+    from landscape.fisher import load_fisher, run_fisher
+
+    result = run_fisher(tmp_path / "F.safetensors", str(tiny_bert_dir), str(tiny_corpus_file), progress=False,
+                        **SAMPLE)
+    (ours, ours_meta), (theirs, theirs_meta) = load_fisher(result.path), load_fisher(fisher_file)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert ours_meta == theirs_meta and ours_meta["model_fingerprint"] and ours_meta["sample_fingerprint"]
+    assert result.samples == 4 and result.tensors == len(ours)
+    assert result.parameters == sum(t.numel() for t in ours.values())
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_stability_call_writes_the_table_of_the_command(tiny_bert_dir, tiny_corpus_file, tmp_path):
+    from landscape.fisher import run_stability
+
+    _cli("stability", "--model", tiny_bert_dir, "--corpus", tiny_corpus_file, *SAMPLE_FLAGS, "--fractions", "0.5",
+         "--top", "10,50", "--quiet", "--out", tmp_path / "cli.csv")
+    result = run_stability(tmp_path / "api.csv", str(tiny_bert_dir), str(tiny_corpus_file), fractions=[0.5],
+                           top=[10, 50], progress=False, **SAMPLE)
+    assert (tmp_path / "api.csv").read_bytes() == (tmp_path / "cli.csv").read_bytes()
+    assert [row["fraction"] for row in result.rows] == [1.0, 0.5] and result.samples == 4
+
+
+def test_profile_call_writes_the_files_of_the_command(fisher_file, tiny_bert_dir, tmp_path):
+    from landscape.guided.profile import PROFILE_FILES, run_profile
+
+    _cli("profile", fisher_file, "--model", tiny_bert_dir, "--out", tmp_path / "cli")
+    paths = run_profile(fisher_file, tmp_path / "api", model=str(tiny_bert_dir))
+    assert {p.name for p in map(type(tmp_path), paths.values())} == set(PROFILE_FILES)
+    for name in PROFILE_FILES:
+        if name.endswith(".csv"):
+            assert (tmp_path / "api" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+
+
+def test_schedule_call_writes_the_json_of_the_command(fisher_file, tiny_bert_dir, tmp_path):
+    from landscape import schedule
+
+    _cli("schedule", fisher_file, "--model", tiny_bert_dir, "--p-upper", "0.2", "--shape", "power", "--gamma", "3",
+         "--out", tmp_path / "cli.json")
+    made = schedule.run_schedule(fisher_file, tmp_path / "api.json", str(tiny_bert_dir), p_upper=0.2, shape="power",
+                                 gamma=3)
+    assert json.loads((tmp_path / "api.json").read_text()) == json.loads((tmp_path / "cli.json").read_text())
+    assert made.model_fingerprint and made.p_upper == 0.2
+
+
+def test_surface_call_writes_the_grid_of_the_command(tiny_bert_dir, tiny_corpus_file, tmp_path):
+    from landscape.surface import run_surface
+
+    directions = tmp_path / "d.h5"
+    _cli("directions", "--model", tiny_bert_dir, "--dims", "2", "--out", directions)
+    grid = ["--x", "-1:1:3", "--y", "-0.5:0.5:2"]
+    _cli("surface", "--model", tiny_bert_dir, "--corpus", tiny_corpus_file, "--directions", directions,
+         *SAMPLE_FLAGS, *grid, "--out", tmp_path / "cli.h5")
+    result = run_surface(tmp_path / "api.h5", directions, str(tiny_bert_dir), str(tiny_corpus_file), x="-1:1:3",
+                         y="-0.5:0.5:2", progress=False, **SAMPLE)
+    assert result["computed"] == result["total"] == 6
+    with h5py.File(tmp_path / "api.h5", "r") as ours, h5py.File(tmp_path / "cli.h5", "r") as theirs:
+        for name in ("xcoordinates", "ycoordinates", "train_loss", "train_acc"):
+            np.testing.assert_array_equal(ours[name][()], theirs[name][()])
+        assert ours.attrs["identity"] == theirs.attrs["identity"]
+        assert json.loads(ours.attrs["identity"])["model_fingerprint"]
+
+
+def test_finetune_call_writes_the_summary_of_the_command(tiny_bert_dir, tmp_path):
+    from landscape.guided.finetune import run_finetune
+
+    data = write_toy_tsv(tmp_path / "toy.tsv", 24)
+    settings = dict(model=str(tiny_bert_dir), dataset=str(data), regularizer="none,dropout", fractions="1",
+                    restarts=1, epochs=1, batch_size=8, seq_len=16, lr=1e-3, device="cpu")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    _cli("finetune", *flags, "--out", tmp_path / "cli.csv")
+    result = run_finetune(out=str(tmp_path / "api.csv"), log=None, **settings)
+
+    def table(path):
+        return list(csv.DictReader(open(path)))
+
+    assert table(tmp_path / "api.csv") == table(tmp_path / "cli.csv") == [
+        {k: str(v) for k, v in row.items()} for row in table(result.out)]
+    assert len(result.rows) == 2 and result.plot.exists() and result.runs_out.name == "api_runs.csv"
+
+
+def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_file, tmp_path):
+    from landscape import schedule
+    from landscape.fisher import run_fisher
+    from landscape.surface import run_surface
+
+    with pytest.raises(UsageError, match="batch_size") as refused:
+        run_fisher(tmp_path / "F.safetensors", str(tiny_bert_dir), batch_size=0)
+    with pytest.raises(UsageError, match="gamma"):
+        schedule.run_schedule(fisher_file, tmp_path / "s.json", str(tiny_bert_dir), gamma=float("nan"))
+    with pytest.raises(UsageError, match="x range"):
+        run_surface(tmp_path / "s.h5", tmp_path / "d.h5", x="1:-1:3")
+    assert "--" not in str(refused.value) and not list(tmp_path.iterdir())
+    from landscape.errors import OutputUnwritable
+    from landscape.guided.finetune import run_finetune
+
+    with pytest.raises(OutputUnwritable, match="^plot 'x.txt': use a .png") as unwritable:
+        run_finetune(out=str(tmp_path / "sum.csv"), plot="x.txt")
+    assert unwritable.value.what == "plot" and not list(tmp_path.iterdir())
