@@ -118,8 +118,11 @@ def test_library_refusals_speak_library_terms(tiny_gpt2_dir, checkpoints, tmp_pa
                         (lambda: directions.make("eigen", tmp_path / "d.h5"), "unknown kind"),
                         (lambda: directions.make("trajectory", tmp_path / "d.h5", checkpoints=checkpoints[:3]),
                          "at least 4"),
-                        (lambda: curvature.run(tmp_path / "h.json", str(tiny_gpt2_dir), top=0), "nothing to compute"),
-                        (lambda: curvature.run(tmp_path / "h.json", str(tiny_gpt2_dir), tol=2.0), "tol")):
+                        (lambda: curvature.run_hessian(tmp_path / "h.json", str(tiny_gpt2_dir), top=0),
+                         "nothing to compute"),
+                        (lambda: curvature.run_hessian(tmp_path / "h.json", str(tiny_gpt2_dir), tol=2.0), "tol"),
+                        (lambda: curvature.run_hessian(tmp_path / "h.txt", str(tiny_gpt2_dir)), r"\.json"),
+                        (lambda: directions.make("random", tmp_path / "d.txt"), r"\.h5")):
         with pytest.raises(UsageError, match=words) as refused:
             call()
         assert "--" not in str(refused.value)
@@ -134,9 +137,10 @@ def reports(tiny_gpt2_dir, tiny_corpus_file, tmp_path_factory):
     assert cli("hessian", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--top", 1, "--trace", 3,
                "--spectrum", 1, "--steps", 5, "--bins", 10, "--device", "cpu", "--vectors", folder / "cv.h5",
                "--out", folder / "c.json", "--quiet") == 0
-    result = curvature.run(folder / "p.json", str(tiny_gpt2_dir), corpus=str(tiny_corpus_file), top=1, trace=3,
-                           spectrum=1, steps=5, bins=10, device="cpu", vectors=folder / "pv.h5", **SAMPLE_KW)
-    assert result["computed"] and result["out"] == folder / "p.json"
+    result = curvature.run_hessian(folder / "p.json", str(tiny_gpt2_dir), corpus=str(tiny_corpus_file), top=1,
+                                   trace=3, spectrum=1, steps=5, bins=10, device="cpu", vectors=folder / "pv.h5",
+                                   **SAMPLE_KW)
+    assert result.computed and result.path == folder / "p.json" and result.vectors == folder / "pv.h5"
     return json.loads((folder / "c.json").read_text()), json.loads((folder / "p.json").read_text()), folder
 
 
@@ -146,9 +150,10 @@ def test_hessian_report(reports, tiny_gpt2_dir, tiny_corpus_file):
     for key in ("settings", "provenance", "loss", "eigenvalues", "eigenpairs", "trace", "spectrum"):
         assert by_cli[key] == by_python[key], key
     assert_same_h5(folder / "cv.h5", folder / "pv.h5")
-    again = curvature.run(folder / "p.json", str(tiny_gpt2_dir), corpus=str(tiny_corpus_file), top=1, trace=3,
-                          spectrum=1, steps=5, bins=10, device="cpu", vectors=folder / "pv.h5", **SAMPLE_KW)
-    assert not again["computed"] and again["report"]["eigenvalues"] == by_python["eigenvalues"]
+    again = curvature.run_hessian(folder / "p.json", str(tiny_gpt2_dir), corpus=str(tiny_corpus_file), top=1,
+                                  trace=3, spectrum=1, steps=5, bins=10, device="cpu", vectors=folder / "pv.h5",
+                                  **SAMPLE_KW)
+    assert not again.computed and again.report["eigenvalues"] == by_python["eigenvalues"]
 
 
 # ----------------------------------------------------------------------------- plot and compare

@@ -1,13 +1,12 @@
 """directions: the command line of ``directions.make`` (random, hessian, interpolation, trajectory)."""
 
 import os
+from pathlib import Path
 
 from ..errors import UsageError
-from ..files import check_output_path
 from . import options
 from .common import add_new_head_arg, add_overwrite_arg, add_shard_args, add_threads_arg
 
-H5_SUFFIXES = (".h5", ".hdf5")
 # Options of --kind hessian's sample; None when left out, so that giving one elsewhere is refused.
 _HESSIAN_ONLY = ("corpus", "max_samples", "seq_len", "batch_size", "sample_seed", "bos", "tol", "device")
 
@@ -106,16 +105,16 @@ def _kind_and_options(args):
     if args.kind == "hessian":
         sample = {name: getattr(args, name) for name in _HESSIAN_ONLY if getattr(args, name) is not None}
         return "hessian", dict(masking, **sample, log=lambda line: print(line, flush=True))
-    return "random", dict(masking, norm=args.norm, orthogonal=args.orthogonalize, precision=args.dtype,
+    return "random", dict(masking, norm=args.norm, orthogonal=args.orthogonalize, dtype=args.dtype,
                           shard_size=args.shard_size)
 
 
 def run_directions(args):
     from ..directions import make
 
-    out = check_output_path(args.out, "--out", H5_SUFFIXES)
     kind, chosen = _kind_and_options(args)
-    attrs = make(kind, out, args.model, **chosen)
+    attrs = make(kind, args.out, args.model, **chosen)
+    out = Path(args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(_summary(kind, out, attrs))
     return 0

@@ -1,11 +1,8 @@
-"""hessian: the command line of ``curvature.run``."""
+"""hessian: the command line of ``curvature.run_hessian``."""
 
 from ..errors import UsageError
-from ..files import check_output_path
 from . import options
 from .common import add_corpus_args, add_model_args, add_new_head_arg, add_overwrite_arg
-
-H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def register(subparsers):
@@ -60,24 +57,22 @@ def _add_mask_args(group, ignore_default="biasbn"):
 
 
 def run_hessian(args):
-    from ..curvature import run
+    from ..curvature import run_hessian
 
-    out = check_output_path(args.out, "--out", [".json"])
-    vectors = check_output_path(args.vectors, "--vectors", H5_SUFFIXES) if args.vectors else None
     if args.subset not in (None, "all") and not args.fisher:
         raise UsageError(f"--subset {args.subset} needs --fisher F.safetensors")
-    result = run(out, args.model, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
+    result = run_hessian(args.out, args.model, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
                  seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, bos=args.bos, device=args.device,
-                 precision=args.dtype, allow_new_head=args.allow_new_head, top=args.top, trace=args.trace,
+                 dtype=args.dtype, allow_new_head=args.allow_new_head, top=args.top, trace=args.trace,
                  spectrum=args.spectrum, steps=args.steps, bins=args.bins, tol=args.tol, max_iter=args.max_iter,
                  fisher=args.fisher, subset=args.subset or "all", granularity=args.mask_granularity,
-                 ignore=args.ignore, cache_mb=args.cache_mb, vectors=vectors, overwrite=args.overwrite,
+                 ignore=args.ignore, cache_mb=args.cache_mb, vectors=args.vectors, overwrite=args.overwrite,
                  progress=not args.quiet, log=lambda line: print(line, flush=True))
-    if result["computed"]:
-        print(f"wrote {out}" + (f" and {vectors}" if vectors else ""))
+    if result.computed:
+        print(f"wrote {result.path}" + (f" and {result.vectors}" if result.vectors else ""))
     else:
-        print(f"{out} is complete with these settings; nothing to do")
-        _print_summary(result["report"])
+        print(f"{result.path} is complete with these settings; nothing to do")
+        _print_summary(result.report)
     return 0
 
 

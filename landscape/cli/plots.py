@@ -1,16 +1,8 @@
 """plot, compare: the command line of ``plots.plot`` and ``plots.compare``."""
 
 from ..errors import UsageError
-from ..files import check_output_path
 from . import options
 from .common import add_overwrite_arg
-
-
-def _check_out(out):
-    """--out must be a figure file that can be written."""
-    from ..plots.surfaces import FORMATS
-
-    check_output_path(out, "--out", [f".{f}" for f in FORMATS])
 
 
 def register(subparsers):
@@ -53,7 +45,6 @@ def _register_plot(subparsers):
 def _run_plot(args):
     from ..plots import plot
 
-    _check_out(args.out)
     drawn = plot(args.surface, args.out, **_style_kwargs(args))
     print(f"wrote {drawn['path']}" + (" (with the trajectory's checkpoints)" if drawn["trajectory"] else ""))
 
@@ -92,8 +83,7 @@ def _run_compare(args):
     from ..plots.surfaces import default_csv_path
     from ..surface.sharpness import format_table
 
-    _check_out(args.out)
-    csv_path = check_output_path(args.csv or default_csv_path(args.out), "--csv", [".csv"])
+    csv_path = args.csv or default_csv_path(args.out)
     reports = [p.strip() for p in args.hessian.split(",")] if args.hessian else None
     rows = compare(args.surfaces, args.out, labels=parse_labels(args.labels), csv=csv_path, hessian=reports,
                    radius=args.radius, fit_radius=args.fit_radius, **_style_kwargs(args))

@@ -1,24 +1,11 @@
 """surface."""
 
-from ..errors import UsageError
-from ..files import check_output_path
 from . import options
-from .common import (
-    add_corpus_args,
-    add_model_args,
-    add_new_head_arg,
-    add_overwrite_arg,
-    add_shard_args,
-    claim,
-    model_id,
-)
+from .common import add_corpus_args, add_model_args, add_new_head_arg, add_overwrite_arg, add_shard_args
 
 
 def register(subparsers):
     _register_surface(subparsers)
-
-
-H5_SUFFIXES = (".h5", ".hdf5")
 
 
 # ----------------------------------------------------------------------------- surface

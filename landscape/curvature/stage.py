@@ -1,7 +1,7 @@
 """The curvature stage as one call each: a Hessian report, or eigenvectors as directions.
 
-``run`` writes a Hessian report (what ``landscape hessian`` does), ``eigen_directions`` writes the
-top eigenvectors as a direction file (the ``hessian`` kind of ``directions.make``).
+``run_hessian`` writes a Hessian report (what ``landscape hessian`` does), ``eigen_directions``
+writes the top eigenvectors as a direction file (the ``hessian`` kind of ``directions.make``).
 
 Both load the model and the sample, restrict the Hessian to a Fisher subset when asked (P·H·P),
 store every setting that changes the numbers with the model's and the sample's fingerprints, claim
@@ -11,6 +11,7 @@ their outputs (``outputs.claim_output``) and refuse an output made with other se
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import UsageError
+from ..files import check_output_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..models import LoadedModel, model_id
 from ..outputs import claim_output
@@ -35,6 +37,22 @@ from .report import (
 )
 
 Log = Optional[Callable[[str], None]]
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
+@dataclass
+class HessianResult:
+    """What ``run_hessian`` wrote.
+
+    ``path`` of the report and ``vectors`` (the eigenvectors' direction file, or None); ``report``:
+    the report as a dict (eigenvalues, trace, spectrum, settings, provenance; see ``report``);
+    ``computed``: False when ``path`` was already complete with these settings (nothing was run).
+    """
+
+    path: Path
+    vectors: Optional[Path]
+    report: dict
+    computed: bool
 
 
 def _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors):
@@ -88,24 +106,18 @@ def _masked(loaded: LoadedModel, model: ModelSpec, fisher, seed, ignore, granula
     return mask, masking, weights
 
 
-def _load(model: ModelSpec, corpus, device, precision, allow_new_head) -> LoadedModel:
-    """The model in the storage dtype of ``precision``.
+def _load(model: ModelSpec, corpus, device, dtype, allow_new_head) -> LoadedModel:
+    from ..data.hf_datasets import check_reachable
 
-    A hub corpus the hub cannot give is refused first, before the model is loaded for nothing.
-    """
-    from ..data.hf_datasets import check_hub_name, is_hub_name
-    from ..runtime import apply_precision, storage_dtype
-
-    if corpus is not None and is_hub_name(corpus):
-        check_hub_name(corpus)
-    apply_precision(precision)
-    return loaded_model(model, allow_new_head, device=device, dtype=storage_dtype(precision))
+    check_reachable(corpus)  # before the model is loaded for nothing
+    return loaded_model(model, allow_new_head, device=device, dtype=dtype)
 
 
-def run(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples=64, seq_len=128, batch_size=16,
-        seed=0, bos="auto", device="auto", precision="float32", allow_new_head=False, top=2, trace=0, spectrum=0,
-        steps=80, bins=200, tol=1e-4, max_iter=500, fisher=None, subset="all", granularity="global",
-        ignore="biasbn", cache_mb=1024.0, vectors=None, overwrite=False, progress=False, log: Log = None) -> dict:
+def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples=64, seq_len=128,
+                batch_size=16, seed=0, bos="auto", device="auto", dtype="float32", allow_new_head=False, top=2,
+                trace=0, spectrum=0, steps=80, bins=200, tol=1e-4, max_iter=500, fisher=None, subset="all",
+                granularity="global", ignore="biasbn", cache_mb=1024.0, vectors=None, overwrite=False,
+                progress=False, log: Log = None) -> HessianResult:
     """Top eigenpairs, trace and spectral density of the loss Hessian, written as a JSON report.
 
     The loss is the one surfaces report (token-weighted mean cross-entropy over the sample, eval
@@ -122,7 +134,7 @@ def run(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples
         seed: seeds the sample, random masks, the Lanczos start vector and the probes.
         bos: 'auto' | 'yes' | 'no': a BOS token first in every sample.
         device: auto | cpu | cuda | cuda:N.
-        precision: float32 | tf32 | bfloat16 | float16.
+        dtype: float32 | tf32 | bfloat16 | float16.
         allow_new_head: accept a checkpoint without its pretraining head.
         top: top eigenpairs (0: none).
         trace: Hutchinson probes for the trace (0: none).
@@ -143,21 +155,24 @@ def run(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples
         log: called with one line per stage (None: silent, warnings stay Python warnings).
 
     Returns:
-        {"report": the report dict (see ``report``), "out": Path, "vectors": Path or None,
-        "computed": False when ``out`` was already complete with these settings}.
+        A ``HessianResult``: the report's path and dict, the vectors' path, whether it was computed.
 
     Raises:
         UsageError: a value outside its domain, nothing to compute, a subset without a Fisher file,
             a Fisher file of another model, or outputs that may not be written (``OutputRefused``,
             ``OutputBusy``, ``SettingsMismatch``).
     """
+    from ..fisher.stage import check_sample_settings
+
+    out = check_output_path(out, "out", [".json"])
+    vectors = check_output_path(vectors, "vectors", H5_SUFFIXES) if vectors is not None else None
     counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
-    out, vectors = Path(out), (Path(vectors) if vectors is not None else None)
+    check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
     say = log or (lambda line: None)
     with claim_output(out, "hessian-report", overwrite=overwrite), \
             (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
-        prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, precision,
+        prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
                             allow_new_head, fisher, subset, granularity, ignore)
         loaded, batches, mask, sample, masking = prepared
         settings = dict(sample, **masking, batch_size=batch_size, seed=seed, top=top, tol=tol, max_iter=max_iter,
@@ -169,7 +184,7 @@ def run(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples
                                n_parameters=n_parameters, source="landscape hessian")
         done = None if overwrite else _finished(out, settings, vectors, vector_settings)
         if done is not None:
-            return {"report": done, "out": out, "vectors": vectors, "computed": False}
+            return HessianResult(out, vectors, done, computed=False)
         say(f"Hessian of {loaded.source} over {n_selected:,} of {n_parameters:,} parameters "
             f"({100.0 * n_selected / max(1, n_parameters):.2f}%, subset {masking['subset']}, ignore {ignore}); "
             f"sample of {sum(b['labels'].shape[0] for b in batches)} sequences x {seq_len} tokens")
@@ -179,22 +194,22 @@ def run(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples
                                 settings=settings, cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
         save_report(out, report)
         remove_checkpoints(out)
-    return {"report": report, "out": out, "vectors": vectors, "computed": True}
+    return HessianResult(out, vectors, report, computed=True)
 
 
-def _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, precision,
+def _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
              allow_new_head, fisher, subset, granularity, ignore):
     """(loaded model, batches, mask, the sample's settings, the mask's settings) of a run."""
     from ..data.corpus import describe_framing, load_batches
 
     scores = _fisher(fisher, subset)  # a bad subset or a missing Fisher file before the model is loaded
-    loaded = _load(model, corpus, device, precision, allow_new_head)
+    loaded = _load(model, corpus, device, dtype, allow_new_head)
     mask, masking, weights = _masked(loaded, model, fisher, seed, ignore, granularity, scores)
     batches = load_batches(loaded, corpus=corpus, fraction=fraction, max_samples=max_samples, seq_len=seq_len,
                            batch_size=batch_size, seed=seed, bos=bos)
     sample = {"model": model_id(loaded), "corpus": str(corpus or "embedded"), "fraction": fraction,
               "max_samples": max_samples, "seq_len": seq_len, "corpus_seed": seed,
-              "framing": describe_framing(loaded.tokenizer, bos), "precision": str(precision).lower(),
+              "framing": describe_framing(loaded.tokenizer, bos), "precision": str(dtype).lower(),
               MODEL_KEY: weights}
     return loaded, batches, mask, sample, masking
 
@@ -225,9 +240,9 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
             loaded in float32.
         dims: 1 or 2 eigenvectors.
         fisher: a Fisher file's path, for ``subset`` (None: no Fisher subset).
-        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all', as for ``run``.
-        granularity: 'global' | 'tensor', as for ``run``.
-        ignore: 'biasbn' | 'none', as for ``run``.
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all', as for ``run_hessian``.
+        granularity: 'global' | 'tensor', as for ``run_hessian``.
+        ignore: 'biasbn' | 'none', as for ``run_hessian``.
         seed: seeds the Lanczos start vector and random masks.
         corpus: the sample's corpus (None: the embedded corpus).
         max_samples: sequences in the sample (the default of ``landscape surface``).
@@ -248,14 +263,16 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
         ``sample_fingerprint``, ``n_selected``, ``n_parameters``, ``fingerprint``.
 
     Raises:
-        UsageError: as ``run``, or dims other than 1 or 2.
+        UsageError: as ``run_hessian``, or dims other than 1 or 2.
     """
     from ..data.corpus import describe_framing, load_batches
+    from ..fisher.stage import check_sample_settings
     from .lanczos import top_eigenpairs
 
     if dims not in (1, 2):
         raise UsageError(f"dims must be 1 or 2, got {dims}")
     tol = checks.OPEN_UNIT.check(tol, "tol")
+    check_sample_settings(None, max_samples, seq_len, batch_size, sample_seed, bos)
     with claim_output(out, "directions", overwrite=overwrite):
         scores = _fisher(fisher, subset)
         loaded = loaded_model(model, allow_new_head, device=device, dtype="float32")

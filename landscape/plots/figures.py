@@ -11,14 +11,15 @@ figure.
 """
 
 import os
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
+from ..files import check_output_path
 from ..outputs import claim_output
-from .surfaces import KINDS_2D, compare_surfaces, default_csv_path, plot_surface
+from .surfaces import FORMATS, KINDS_2D, compare_surfaces, default_csv_path, plot_surface
 
 HESSIAN_COLUMNS = ("top_eigenvalue", "trace", "trace_stderr")
+FIGURE_SUFFIXES = tuple(f".{f}" for f in FORMATS)
 PLOT_KINDS = ("auto", "surface3d", "contour", "contourf", "heatmap", "line", "spectrum")
 
 
@@ -62,6 +63,7 @@ def plot(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=
 
     if kind not in PLOT_KINDS:
         raise UsageError(f"unknown plot kind '{kind}'; use one of {', '.join(PLOT_KINDS)}")
+    out = check_output_path(out, "out", FIGURE_SUFFIXES)
     with _figure_claim(out, "plot", [path], overwrite):
         if kind == "spectrum":
             return {"path": plot_spectrum(path, out, log=log, title=title), "kind": kind, "trajectory": False}
@@ -108,7 +110,8 @@ def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=No
     """
     from ..surface import sharpness
 
-    csv = Path(default_csv_path(out) if csv is None else csv)
+    out = check_output_path(out, "out", FIGURE_SUFFIXES)
+    csv = check_output_path(default_csv_path(out) if csv is None else csv, "csv", (".csv",))
     with _figure_claim(out, "compare", paths, overwrite), \
             claim_output(csv, "table", overwrite=overwrite, columns=sharpness.COLUMNS[:4]):
         reports = _reports(hessian, paths)

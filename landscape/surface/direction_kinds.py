@@ -16,10 +16,10 @@ claims it (``outputs.claim_output``) and refuses a file made with other settings
 """
 
 import inspect
-from pathlib import Path
 
 from ..curvature.stage import eigen_directions
 from ..errors import UsageError
+from ..files import check_output_path
 from ..identity import MODEL_KEY, model_fingerprint
 from ..models import LoadedModel, model_id
 from ..outputs import claim_output
@@ -29,7 +29,7 @@ KINDS = ("random", "hessian", "interpolation", "trajectory")
 
 
 def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter", ignore="biasbn", fisher=None,
-                 subset="all", granularity="global", orthogonal=False, precision="float32", shard_size=1,
+                 subset="all", granularity="global", orthogonal=False, dtype="float32", shard_size=1,
                  allow_new_head=False, overwrite=False, progress=False) -> dict:
     """Write seeded random directions for ``model``, filter-normalized and optionally Fisher-masked.
 
@@ -47,8 +47,8 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
         subset: 'top:K' | 'bottom:K' | 'random:K' (K in percent) | 'all'.
         granularity: 'global' | 'tensor': rank elements over the whole model or inside each tensor.
         orthogonal: make the second direction orthogonal to the first.
-        precision: load the weights in this dtype (float32 | bfloat16 | float16) and round the
-            directions to it.
+        dtype: load the weights in this dtype (float32 | bfloat16 | float16) and round the
+            directions to it (the file's ``precision``).
         shard_size: ranks per FSDP2 group under torchrun (1: no sharding).
         allow_new_head: accept a checkpoint without its pretraining head (always accepted without
             ``fisher``: random directions need only the weights' shapes).
@@ -69,11 +69,11 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
     from . import directions
 
     subset = subset or "all"
-    directions._check_request(dims, subset, fisher, precision, seed, norm, ignore)  # before anything is loaded
+    directions._check_request(dims, subset, fisher, dtype, seed, norm, ignore)  # before anything is loaded
     with claim_output(out, "directions", overwrite=overwrite):
         join_torchrun("cpu")
         layout = shard_layout(shard_size)
-        loaded = loaded_model(model, allow_new_head or fisher is None, device="cpu", dtype=precision)
+        loaded = loaded_model(model, allow_new_head or fisher is None, device="cpu", dtype=dtype)
         weights = model_fingerprint(loaded)  # of the checkpoint's files, unchanged by sharding
         if fisher is not None:
             check_fisher_model(fisher, fisher_metadata(fisher), weights,
@@ -86,7 +86,7 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
                 mask_granularity=granularity, orthogonal=orthogonal))
         return directions.write_directions(
             out, loaded.model, dims=dims, seed=seed, norm=norm, ignore=ignore, fisher=fisher, subset=subset,
-            granularity=granularity, orthogonal=orthogonal, precision=precision, settings=settings,
+            granularity=granularity, orthogonal=orthogonal, precision=dtype, settings=settings,
             progress=progress)
 
 
@@ -126,9 +126,10 @@ def make(kind: str = "random", out=None, model: ModelSpec = None, **options) -> 
         raise UsageError(f"unknown kind of directions '{kind}'; use one of {', '.join(KINDS)}")
     if out is None:
         raise UsageError("give the direction file to write (out=...)")
+    out = check_output_path(out, "out", (".h5", ".hdf5"))
     allowed = _options(kind)
     for name in options:
         if name not in allowed:
             raise UsageError(f"directions of kind '{kind}' take no option '{name}'; they take "
                              f"{', '.join(allowed)}")
-    return _MAKERS[kind](out=Path(out), model=model, **options)
+    return _MAKERS[kind](out=out, model=model, **options)
