@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install landscape and what it needs, then extract the embedded corpus.
 #   bash install.sh         the toolkit
-#   bash install.sh --dev   the toolkit, test dependencies and headless Chromium (for the browser test)
+#   bash install.sh --dev   the toolkit, test dependencies (peft for LoRA included) and headless Chromium (for the browser test)
+#   pip install -e ".[lora]" adds only peft: PEFT adapters as --model, guided LoRA dropout, finetune --lora
 # An existing torch (e.g. a CUDA build on a GPU machine) is kept; only when none is installed does
 # this install torch==2.13.0, which on CPU machines of this project is a local CPU wheel.
 set -euo pipefail

@@ -17,6 +17,8 @@ STABILITY_TOP = (5.0, 1.0, 0.5, 0.25)
 # and a capped training set so a full data-paucity sweep fits in minutes on two CPU cores.
 FINETUNE_EMBEDDED = {"lr": 5e-4, "batch_size": 32, "seq_len": 64, "max_train": 1000, "max_test": 1000}
 FINETUNE_PAPER = {"lr": 2e-5, "batch_size": 8, "seq_len": 128, "max_train": None, "max_test": None}
+# With --lora: LoRA's usual range is 1e-4 to 1e-3 (its B matrices start at zero; few weights train).
+FINETUNE_LORA_LR = 5e-4
 
 
 @dataclass

@@ -40,6 +40,7 @@ class LoadedModel:
     tokenizer: object
     kind: str  # one of OBJECTIVE_KINDS; "classification" is a fine-tuned sequence classifier or regressor
     source: str  # the hub id or folder given, or the embedded model's folder
+    adapter: Optional[dict] = None  # a PEFT adapter folder's record (``adapters.record``); None for a plain model
 
 
 def parse_dtype(name):
@@ -159,7 +160,8 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32", allow_
     Weights are read from safetensors (or with ``weights_only``), never unpickled.
 
     Args:
-        spec: hub id, local folder, or None for the embedded default model.
+        spec: hub id, local folder, PEFT adapter folder (``adapters.load_adapter``), or None for
+            the embedded default model.
         device: "auto", "cpu", "cuda", "cuda:N" or a torch.device.
         dtype: the storage dtype ("float32", "bfloat16", "float16", or a torch.dtype); "tf32" loads
             float32 weights and lets CUDA matmuls compute in TF32 (``runtime.apply_precision``).
@@ -222,6 +224,10 @@ def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
         if path.exists():
             if not path.is_dir():
                 raise UsageError(f"model '{spec_str}' is a file; give the folder that holds config.json")
+            from .adapters import is_adapter_folder, load_adapter
+
+            if is_adapter_folder(path):  # a PEFT adapter: its base resolved as PEFT does, the adapter applied
+                return load_adapter(path, device=device, dtype=dtype, allow_new_head=allow_new_head)
             if not (path / "config.json").exists():
                 raise UsageError(f"model folder '{spec_str}' has no config.json; is it a from_pretrained folder?")
             spec_str = str(path)

@@ -78,3 +78,29 @@ def test_bad_arguments_are_refused():
             paired_comparison([1.0, 2.0], [0.0, 1.0], **kwargs)
     with pytest.raises(UsageError):
         paired_comparison([1.0, 2.0, 3.0], [0.0, 1.0])
+
+
+def test_smallest_p_is_the_exact_wilcoxon_floor_and_six_pairs_are_the_fewest_for_005():
+    from landscape.guided.stats import fewest_pairs, smallest_p
+
+    for n in range(2, 10):  # all differences of one sign: scipy's exact p is the floor
+        assert smallest_p(n) == pytest.approx(wilcoxon(np.arange(1, n + 1) * 0.01).pvalue)
+    assert smallest_p(5) == pytest.approx(0.0625) and smallest_p(6) == pytest.approx(0.03125)
+    assert math.isnan(smallest_p(1)) and fewest_pairs(0.05) == 6 and fewest_pairs(0.01) == 8
+
+
+def test_the_summary_says_whether_each_cell_could_reach_significance():
+    from landscape.cli import build_parser
+    from landscape.guided import sweep
+
+    rows = [{"regularizer": r, "fraction": f, "seed": s, "n_train": 10, "accuracy": 0.5 + 0.01 * s + (r == "guided")}
+            for f, n in ((1.0, 6), (0.5, 3)) for s in range(n) for r in ("dropout", "guided")]
+    summary = sweep.summarize_runs(rows, ["accuracy"])
+    cell = {(r["regularizer"], r["fraction"]): r for r in summary}
+    assert cell[("guided", 1.0)]["min_p"] == pytest.approx(1 / 32) and cell[("guided", 0.5)]["min_p"] == 0.25
+    assert cell[("guided", 1.0)]["significant"] is True and cell[("dropout", 1.0)]["min_p"] is None
+    table = sweep.format_summary(summary, "accuracy")
+    assert "6 pairs: smallest p 0.0312, can reach p < 0.05" in table
+    assert "3 pairs: smallest p 0.25, cannot reach p < 0.05" in table and "at least 6 restarts" in table
+    args = build_parser().parse_args(["finetune", "--out", "x.csv"])
+    assert args.restarts == 6

@@ -25,7 +25,8 @@ def add_model_args(parser):
     add_threads_arg(parser)
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
-                       help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
+                       help="Hugging Face model id, local from_pretrained folder, or PEFT adapter folder (base "
+                            "resolved as PEFT does; needs landscape[lora]) (default: the embedded model)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     group.add_argument("--dtype", default="float32", help="float32 | tf32 | bfloat16 | float16")
 

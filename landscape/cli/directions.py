@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+from ..adapters import ADAPTER_SUBSET, is_adapter_folder
 from ..errors import UsageError
 from . import options
 from .common import add_new_head_arg, add_overwrite_arg, add_shard_args, add_threads_arg
@@ -17,10 +18,13 @@ def register(subparsers):
         description="Seeded Gaussian directions, normalized per filter/layer and optionally masked by "
                     "Fisher scores, written to an HDF5 direction file.")
     parser.add_argument("--model", default=None,
-                        help="Hugging Face model id or local from_pretrained folder (default: the embedded model)")
+                        help="Hugging Face model id, local from_pretrained folder or PEFT adapter folder (default: "
+                             "the embedded model)")
     parser.add_argument("--fisher", default=None, help="Fisher file (safetensors) for --subset")
     parser.add_argument("--subset", default=None,
-                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]; default: all)")
+                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]), or adapter: only the "
+                             "parameters of a PEFT adapter --model (its LoRA factors and saved head; no --fisher) "
+                             "(default: all)")
     parser.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
                         help="rank elements over the whole model (global) or inside each tensor (tensor, as the "
                              "paper's code does)")
@@ -95,10 +99,15 @@ def _kind_and_options(args):
         if args.fisher or args.subset:
             raise UsageError(f"--{path} writes raw parameter differences: --fisher/--subset do not apply")
         if path == "to":
+            if is_adapter_folder(args.model) and not is_adapter_folder(args.to):
+                raise UsageError("--model is a PEFT adapter and --to a plain model: give the plain model (the base) "
+                                 "as --model and the adapter as --to; the direction is then in the base's parameters")
             return "interpolation", dict(common, to=args.to)
         return "trajectory", dict(common, checkpoints=args.trajectory)
     subset = args.subset or "all"
-    if subset != "all" and not args.fisher:
+    if subset == ADAPTER_SUBSET and args.fisher:
+        raise UsageError(f"--subset {ADAPTER_SUBSET} selects the adapter's parameters by name: --fisher does not apply")
+    if subset not in ("all", ADAPTER_SUBSET) and not args.fisher:
         raise UsageError(f"--subset {subset} needs --fisher F.safetensors")
     masking = dict(common, dims=args.dims, seed=args.seed, ignore=args.ignore, fisher=args.fisher, subset=subset,
                    granularity=args.mask_granularity, progress=True)

@@ -40,8 +40,9 @@ def register(subparsers):
     p.add_argument("--p-lower", type=options.BELOW_ONE, default=0.0, help="guided schedule from --fisher: lower bound")
     p.add_argument("--fractions", type=options.FRACTIONS, default="1.0",
                    help="training-set fractions, e.g. 1,0.5,0.25,0.1")
-    p.add_argument("--restarts", type=options.POSITIVE_INT, default=5,
-                   help="restart seeds per fraction; a Wilcoxon p < 0.05 needs at least 6")
+    p.add_argument("--restarts", type=options.POSITIVE_INT, default=6,
+                   help="restart seeds per fraction (6: with n restarts the exact paired Wilcoxon p cannot go "
+                        "below 2/2^n, so 6 is the fewest that can reach p < 0.05)")
     p.add_argument("--seed", type=options.SEED, default=0, help="first restart seed")
     p.add_argument("--split-seed", type=options.SEED, default=0, help="seed of the fixed train/test split")
     p.add_argument("--test-fraction", type=options.OPEN_UNIT, default=0.2,
@@ -62,8 +63,15 @@ def register(subparsers):
     _add_regularizer_args(p)
     p.add_argument("--metric", default=None, help="metric to plot: accuracy|f1|mcc (classification, default "
                                                   "accuracy) or pearson|spearman (regression, default pearson)")
+    p.add_argument("--lora", default=None, metavar="SPEC",
+                   help="fine-tune with LoRA (needs peft: pip install 'landscape[lora]') instead of all weights, "
+                        "e.g. r=8,alpha=16,targets=q_proj,v_proj (default targets: PEFT's for the architecture; "
+                        "alpha 2r). Regularizers then set each LoRA module's lora_dropout: none, dropout, gaussian, "
+                        "guided (from --fisher of the base model or a `schedule --lora` file), dropout-matched, "
+                        "guided-shuffled; default lr 5e-4 (default: full fine-tuning)")
     p.add_argument("--save-models", default=None,
-                   help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved)")
+                   help="save each fine-tuned model under DIR/<reg>_f<frac>_s<seed> (default: not saved; with "
+                        "--lora, PEFT adapter folders)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_threads_arg(p)
     p.add_argument("--out", required=True,

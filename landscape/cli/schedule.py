@@ -17,6 +17,11 @@ def register(subparsers):
     parser.add_argument("--shape", default="linear", choices=["linear", "log", "power"],
                         help="linear in rank (paper), normalized log score, or a power of the rank")
     parser.add_argument("--gamma", type=options.POSITIVE, default=2.0, help="exponent of --shape power")
+    parser.add_argument("--lora", nargs="?", const="", default=None, metavar="SPEC",
+                        help="guided LoRA dropout (needs landscape[lora]): one site per module LoRA adapts, named "
+                             "by the base module and scored by its Fisher, so the schedule serves any rank. The "
+                             "modules: those of a PEFT adapter --model (give --lora alone), or SPEC on the base "
+                             "model, as `finetune --lora`, e.g. targets=q_proj,v_proj (default: dropout sites)")
     parser.add_argument("--out", required=True, help="schedule JSON to write")
     add_overwrite_arg(parser, "replace an --out that is not a dropout schedule (default: refuse)")
     parser.set_defaults(func=run)
@@ -29,7 +34,7 @@ def run(args):
 
     sched = run_schedule(args.fisher, args.out, args.model, p_upper=args.p_upper, p_lower=args.p_lower,
                          shape=args.shape, gamma=args.gamma, dtype=args.dtype, device=args.device,
-                         overwrite=args.overwrite)
+                         lora=args.lora, overwrite=args.overwrite)
     print(format_table(sched))
     if sched.unscored:
         print(f"not scored (no Fisher entries), left unchanged: {', '.join(sched.unscored)}")

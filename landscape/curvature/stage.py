@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .. import checks
+from .. import adapters, checks
 from ..errors import UsageError
 from ..files import check_output_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
@@ -210,7 +210,7 @@ def _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bo
     sample = {"model": model_id(loaded), "corpus": str(corpus or "embedded"), "fraction": fraction,
               "max_samples": max_samples, "seq_len": seq_len, "corpus_seed": seed,
               "framing": describe_framing(loaded.tokenizer, bos), "precision": str(dtype).lower(),
-              MODEL_KEY: weights}
+              MODEL_KEY: weights, **adapters.record(loaded)}
     return loaded, batches, mask, sample, masking
 
 
@@ -280,8 +280,8 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
         batches = load_batches(loaded, corpus=corpus, max_samples=max_samples, seq_len=seq_len,
                                batch_size=batch_size, seed=sample_seed, bos=bos)
         settings = dict(masking, kind="hessian", norm="unit", model=model_id(loaded), model_fingerprint=weights,
-                        corpus=str(corpus or "embedded"), max_samples=max_samples, seq_len=seq_len,
-                        corpus_seed=sample_seed, framing=describe_framing(loaded.tokenizer, bos),
+                        **adapters.record(loaded), corpus=str(corpus or "embedded"), max_samples=max_samples,
+                        seq_len=seq_len, corpus_seed=sample_seed, framing=describe_framing(loaded.tokenizer, bos),
                         sample_fingerprint=sample_fingerprint(batches), seed=seed, tol=tol,
                         n_selected=mask_size(loaded.model, mask),
                         n_parameters=sum(p.numel() for p in loaded.model.parameters()))

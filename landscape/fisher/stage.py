@@ -92,6 +92,7 @@ def _load(model, corpus, dtype, device, allow_new_head, layout=None):
 
 def _provenance(out, loaded, corpus, samples, pad, o, weights):
     """The Fisher file's provenance; an existing ``out`` of other settings is refused unless overwrite."""
+    from .. import adapters
     from ..data.corpus import batches as make_batches
     from ..data.corpus import describe_framing
     from ..identity import sample_fingerprint
@@ -100,7 +101,7 @@ def _provenance(out, loaded, corpus, samples, pad, o, weights):
     meta = provenance(loaded.source, corpus, o["fraction"], len(samples), o["seed"],
                       max_samples=o["max_samples"], seq_len=o["seq_len"], dtype=o["dtype"],
                       objective=loaded.kind, framing=describe_framing(loaded.tokenizer, o["bos"]),
-                      model_fingerprint=weights,
+                      model_fingerprint=weights, **adapters.record(loaded),
                       sample_fingerprint=sample_fingerprint(make_batches(samples, o["batch_size"], pad)))
     if not o["overwrite"]:
         check_existing_fisher(out, meta)

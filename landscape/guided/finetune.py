@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .. import checks
-from ..defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER
+from ..defaults import FINETUNE_EMBEDDED, FINETUNE_LORA_LR, FINETUNE_PAPER
 from ..errors import UsageError
 from ..files import check_output_path
 
@@ -27,6 +27,9 @@ class FinetuneSettings:
     ``regularizer`` and ``fractions`` are comma-separated text or lists; ``lr``, ``batch_size``,
     ``seq_len``, ``max_train`` and ``max_test`` left None take the model's defaults
     (``defaults.FINETUNE_EMBEDDED`` for the embedded model, ``FINETUNE_PAPER`` with a ``model``).
+    ``lora``, a spec such as "r=8,alpha=16,targets=q_proj,v_proj" (needs peft), fine-tunes LoRA
+    adapters instead of all weights; the regularizers then set each LoRA module's ``lora_dropout``
+    (``guided.lora``) and ``lr`` left None is ``defaults.FINETUNE_LORA_LR``.
     """
 
     out: str
@@ -42,7 +45,7 @@ class FinetuneSettings:
     p_upper: float = 0.1
     p_lower: float = 0.0
     fractions: object = "1.0"
-    restarts: int = 5
+    restarts: int = 6
     seed: int = 0
     split_seed: int = 0
     test_fraction: float = 0.2
@@ -66,6 +69,7 @@ class FinetuneSettings:
     runs_out: Optional[str] = None
     overwrite: bool = False
     plot: Optional[str] = None
+    lora: Optional[str] = None
 
 
 SETTINGS = tuple(f.name for f in fields(FinetuneSettings))
@@ -117,6 +121,12 @@ def _check(s, regularizers):
     checks.OPEN_UNIT.check(s.test_fraction, "test_fraction")
     for name in ("max_train", "max_test"):
         checks.optional(checks.positive_int, getattr(s, name), name)
+    if s.lora is not None:
+        from . import lora
+
+        lora.require_peft("LoRA fine-tuning")
+        lora.parse_lora_spec(s.lora)
+        lora.check_lora_regularizers(regularizers)
     return checks.number_list(fractions, "fractions", checks.FRACTION)
 
 
@@ -153,11 +163,13 @@ def _config(s):
 
     defaults = FINETUNE_EMBEDDED if s.model is None else FINETUNE_PAPER
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
-    config = FinetuneConfig(lr=pick(s.lr, "lr"), batch_size=pick(s.batch_size, "batch_size"),
+    lr = FINETUNE_LORA_LR if s.lora is not None and s.lr is None else pick(s.lr, "lr")
+    config = FinetuneConfig(lr=lr, batch_size=pick(s.batch_size, "batch_size"),
                             seq_len=pick(s.seq_len, "seq_len"), epochs=s.epochs, warmup=s.warmup,
                             weight_decay=s.weight_decay, dropout=s.dropout, r3f_lambda=s.r3f_lambda,
                             r3f_sigma=s.r3f_sigma, r3f_noise=s.r3f_noise, mixout_p=s.mixout_p,
-                            childtuning_reserve=s.childtuning_reserve, device=str(resolve_device(s.device)))
+                            childtuning_reserve=s.childtuning_reserve, device=str(resolve_device(s.device)),
+                            lora=s.lora)
     return config, pick(s.max_train, "max_train"), pick(s.max_test, "max_test")
 
 
@@ -178,7 +190,13 @@ def _probe(s, regularizers, train_data):
         except UsageError as err:
             raise ScheduleMissing(str(err)) from None
     model, _ = load_classifier(s.model, train_data, "cpu")
-    sites = [site.name for site in find_sites(model)]
+    if s.lora is not None:
+        from . import lora
+
+        model = lora.wrap_classifier(model, s.lora)
+        sites = list(lora.lora_modules(model))
+    else:
+        sites = [site.name for site in find_sites(model)]
     if not needs_schedule:
         return None, sites
     from ..identity import source_fingerprint
@@ -186,7 +204,10 @@ def _probe(s, regularizers, train_data):
     guided = schedule.schedule_from_args(model, schedule_path=s.schedule, fisher_path=s.fisher,
                                          p_upper=s.p_upper, p_lower=s.p_lower,
                                          model_fingerprint=source_fingerprint(s.model) or "", model_spec=s.model)
-    schedule.apply(model, guided)  # refuses a schedule made for another model, in one line
+    if s.lora is not None:
+        lora.lora_probabilities(model, "guided", 0.0, guided)  # refuses a schedule for other LoRA targets
+    else:
+        schedule.apply(model, guided)  # refuses a schedule made for another model, in one line
     return guided, sites
 
 
@@ -259,7 +280,7 @@ def _sweep(s, regularizers, fractions, paths, log) -> FinetuneResult:
         log(f"note: this model has no dropout sites, so {', '.join(idle)} train exactly like 'none'")
     log(f"{train_data.task}: {min(len(train_data), max_train or len(train_data))} training rows at fraction 1, "
         f"{len(test_data)} test rows; lr {config.lr}, batch {config.batch_size}, seq len {config.seq_len}, "
-        f"{config.epochs} epochs, device {config.device}")
+        f"{config.epochs} epochs, device {config.device}" + (f", LoRA {config.lora}" if config.lora else ""))
     started = time.perf_counter()
     rows = sweep.data_paucity(s.model, train_data, test_data, regularizers, fractions, s.restarts, config,
                               guided, s.save_models, s.seed, max_train, runs_path=runs_out,

@@ -210,6 +210,9 @@ def apply(model: nn.Module, schedule: Schedule) -> nn.Module:
     Names are matched to ``model.named_modules()``.  Sites not in the schedule keep their
     probability.  Takes effect for eager and SDPA attention alike (both read the value set here).
 
+    On a PEFT ``PeftModel``, names of adapted base modules (a LoRA schedule, ``guided.lora``) set
+    that module's ``lora_dropout``; other names may be the PeftModel's or its base model's.
+
     Args:
         model: the model.
         schedule: a Schedule, a list of SiteProbability, or {module name: p}.
@@ -221,8 +224,12 @@ def apply(model: nn.Module, schedule: Schedule) -> nn.Module:
         UsageError: a name the model does not have, or a module that is not a dropout site
             (before anything changes).
     """
-    probs = _as_probabilities(schedule)
+    from . import lora
+
+    lora_probs, probs = lora.split_probabilities(model, _as_probabilities(schedule))
     modules = dict(model.named_modules())
+    if lora.is_peft_model(model):
+        modules.update(model.get_base_model().named_modules())
     missing = [n for n in probs if n not in modules]
     if missing:
         raise UsageError(
@@ -233,6 +240,7 @@ def apply(model: nn.Module, schedule: Schedule) -> nn.Module:
             raise UsageError(f"dropout probability {p} for site '{name}' is outside [0, 1)")
         if not isinstance(modules[name], nn.Dropout) and float_dropout_attr(modules[name]) is None:
             raise UsageError(f"module '{name}' ({type(modules[name]).__name__}) is not a dropout site")
+    lora.set_probabilities(model, lora_probs)  # validates its own p's before changing any
     for name, p in probs.items():
         module = modules[name]
         if isinstance(module, nn.Dropout):
@@ -374,7 +382,8 @@ def schedule_from_args(model, schedule_path: Optional[str] = None, fisher_path: 
                        p_upper=0.1, p_lower=0.0, shape="linear", model_fingerprint: str = "", model_spec=None):
     """Load a schedule file, or compute one from a Fisher file; None when neither is given.
 
-    Files without a recorded fingerprint are checked by site names only.
+    On a PEFT LoRA model the computed schedule is the guided LoRA dropout one
+    (``lora.lora_schedule``).  Files without a recorded fingerprint are checked by site names only.
 
     Args:
         model: the model the schedule is for.
@@ -403,12 +412,14 @@ def schedule_from_args(model, schedule_path: Optional[str] = None, fisher_path: 
         return loaded
     if fisher_path:
         from ..fisher import check_fisher_model, load_fisher
+        from . import lora
 
         fisher, meta = load_fisher(fisher_path)
         if model_fingerprint:
             check_fisher_model(fisher_path, meta, model_fingerprint, model_spec)
-        return guided_dropout(model, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape,
-                              fisher_source=str(fisher_path), model_fingerprint=model_fingerprint)
+        make = lora.lora_schedule if lora.lora_modules(model) else guided_dropout
+        return make(model, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, fisher_source=str(fisher_path),
+                    model_fingerprint=model_fingerprint)
     return None
 
 

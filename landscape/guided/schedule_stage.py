@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import checks
+from ..errors import UsageError
 from ..files import check_output_path
 from ..outputs import claim_output
 from .schedule import Schedule, guided_dropout, save_schedule
@@ -18,7 +19,7 @@ from .schedule import Schedule, guided_dropout, save_schedule
 
 def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: float = 0.1, p_lower: float = 0.0,
                  shape: str = "linear", gamma: float = 2.0, dtype: str = "float32", device="auto",
-                 overwrite: bool = False, loaded=None) -> Schedule:
+                 lora: Optional[str] = None, overwrite: bool = False, loaded=None) -> Schedule:
     """Score every dropout site of a model by its Fisher and write the guided dropout schedule.
 
     Sites are sorted by the element-weighted mean Fisher of the parameters they drop, ascending;
@@ -36,6 +37,10 @@ def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: floa
         gamma: exponent of ``shape`` "power", > 0.
         dtype: storage dtype of the model ("float32", "tf32", "bfloat16", "float16").
         device: "auto", "cpu", "cuda" or "cuda:N".
+        lora: a guided LoRA dropout schedule instead (``guided.lora``, needs peft): one site per
+            module LoRA adapts, named by the base module.  "" takes the LoRA modules of a PEFT
+            adapter ``model``; a spec such as "targets=q_proj,v_proj" wraps the base model with
+            them.  None: the model's dropout sites.
         overwrite: replace an ``out`` that is not a dropout schedule.
         loaded: an already loaded ``models.LoadedModel`` of ``model`` to use instead of loading it
             (the demo's); its fingerprint is still checked against the Fisher file's.
@@ -60,8 +65,25 @@ def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: floa
             loaded = load_model(model, device=device, dtype=dtype, allow_new_head=True)
         weights = model_fingerprint(loaded)
         check_fisher_model(fisher_path, meta, weights, model)
-        schedule = guided_dropout(loaded.model, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, gamma=gamma,
-                                  model_source=loaded.source, fisher_source=str(fisher_path),
-                                  model_fingerprint=weights)
+        make, target = guided_dropout, loaded.model
+        if lora is not None:
+            from . import lora as lora_sites
+
+            make, target = lora_sites.lora_schedule, _lora_model(loaded, lora)
+        schedule = make(target, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, gamma=gamma,
+                        model_source=loaded.source, fisher_source=str(fisher_path), model_fingerprint=weights)
         save_schedule(schedule, Path(out))
     return schedule
+
+
+def _lora_model(loaded, spec: str):
+    """The PeftModel whose LoRA modules are the sites: the adapter itself, or the base wrapped with LoRA of ``spec``."""
+    from . import lora
+
+    lora.require_peft("a LoRA schedule")
+    if lora.is_peft_model(loaded.model):
+        if spec:
+            raise UsageError("the model is a PEFT adapter: its LoRA modules are the sites; give no LoRA spec")
+        return loaded.model
+    task = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS"}.get(loaded.kind)
+    return lora.wrap(loaded.model, lora.parse_lora_spec(spec), task)

@@ -93,6 +93,25 @@ def wilcoxon_p(d):
     return float(wilcoxon(d).pvalue)
 
 
+def smallest_p(n: int) -> float:
+    """The smallest two-sided p an exact Wilcoxon signed-rank test over ``n`` pairs can give: 2 / 2^n.
+
+    It is reached when every difference has the same sign (one of the 2^n equally likely sign
+    patterns under the null, doubled for two sides).  n = 5 gives 0.0625, n = 6 gives 0.03125: six
+    pairs are the fewest with which p < 0.05 is possible at all.  NaN for n < 2 (no test).
+    """
+    n = int(n)
+    return math.nan if n < 2 else min(1.0, 2.0 / 2.0 ** n)
+
+
+def fewest_pairs(alpha: float = 0.05) -> int:
+    """The fewest pairs with which an exact two-sided Wilcoxon test can reach p < ``alpha``."""
+    n = 2
+    while not smallest_p(n) < alpha:
+        n += 1
+    return n
+
+
 def paired_comparison(values: Sequence[float], baseline: Sequence[float], seed: int = 0,
                       resamples: int = 10000, confidence: float = 0.95) -> PairedResult:
     """Compare paired runs: mean difference, bootstrap interval, Wilcoxon p-value.

@@ -35,7 +35,7 @@ from ..outputs import figure_metadata
 from . import schedule as sched
 from .journal import RunJournal
 from .metrics import metrics_for
-from .stats import paired_comparison
+from .stats import fewest_pairs, paired_comparison, smallest_p
 from .training import SCHEDULE_REGULARIZERS, FinetuneConfig, check_regularizers, finetune_once, run_schedule
 
 BASELINE = "dropout"
@@ -109,7 +109,8 @@ def sweep_settings(model_spec, train_data, test_data, config, cap=None, regulari
     shared = {"model": "embedded" if model_spec is None else str(model_spec),
               MODEL_KEY: source_fingerprint(model_spec) or "",
               "train_data": _data_digest(train_data), "test_data": _data_digest(test_data), "max_train": cap,
-              **{k: v for k, v in dataclasses.asdict(config).items() if k not in own and k != "device"}}
+              **{k: v for k, v in dataclasses.asdict(config).items() if k not in own and k != "device"
+                 and not (k == "lora" and v is None)}}  # journals from before --lora keep their fingerprint
     per_reg = {}
     for reg in regularizers:
         mine = {"regularizer": reg, **{f: getattr(config, f) for f in _OWN_FIELDS.get(reg, ())}}
@@ -199,7 +200,7 @@ def _schedule_record(reg, guided, seed):
             "shuffle_seed": seed if reg == "guided-shuffled" else None}
 
 
-def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0,), restarts=5, config=None,
+def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0,), restarts=6, config=None,
                  guided=None, save_models=None, first_seed=0, cap=None, show_progress=True, runs_path=None,
                  overwrite=False, log=None):
     """Fine-tune once per (regularizer, fraction, restart seed); returns one dict per run, in plan order.
@@ -284,7 +285,7 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
 
 def _empty_comparison():
     return {"diff_vs_dropout": None, "ci_low": None, "ci_high": None, "p_value": None, "pairs": None,
-            "significant": None}
+            "min_p": None, "significant": None}
 
 
 def is_significant(diff_row) -> bool:
@@ -311,10 +312,11 @@ def summarize_runs(rows, metrics, baseline=BASELINE, bootstrap_seed=0):
 
     diff_vs_dropout: mean over seeds of (regularizer - dropout); ci_low / ci_high: its percentile
     bootstrap 95% interval (``bootstrap_seed``, 10000 resamples); p_value: two-sided Wilcoxon
-    signed-rank; pairs: the seeds both have; significant: ``is_significant``.  All empty (None) for
-    the baseline itself and when the baseline has no run at that fraction.  With fewer than 2 pairs
-    the interval and p-value are NaN.  Note that an exact Wilcoxon test over n pairs cannot go below
-    2 / 2^n: with 5 restarts the smallest p is 0.0625, so significance needs at least 6.
+    signed-rank; pairs: the seeds both have; min_p: the smallest p those pairs allow
+    (``stats.smallest_p``: 2 / 2^pairs; a cell with min_p >= 0.05 could not have been significant
+    whatever the runs gave); significant: ``is_significant``.  All empty (None) for the baseline
+    itself and when the baseline has no run at that fraction.  With fewer than 2 pairs the interval,
+    p-value and min_p are NaN.
     """
     out = []
     regs = list(dict.fromkeys(r["regularizer"] for r in rows))
@@ -337,7 +339,7 @@ def summarize_runs(rows, metrics, baseline=BASELINE, bootstrap_seed=0):
                     result = paired_comparison([v for _, v in paired], [base[s][metric] for s, _ in paired],
                                                seed=bootstrap_seed)
                     row.update(diff_vs_dropout=result.diff, ci_low=result.ci_low, ci_high=result.ci_high,
-                               p_value=result.p_value, pairs=result.n)
+                               p_value=result.p_value, pairs=result.n, min_p=smallest_p(result.n))
                     row["significant"] = is_significant(row)
                 out.append(row)
     return out
@@ -442,8 +444,25 @@ def format_summary(summary, metric):
                              f"{_fmt(r['ci_high'], '+.3f')}] p={_fmt(r['p_value'], '.3f')}"
                              + ("*" if is_significant(r) else " "))
             lines.append(f"{reg:<{width}}" + "".join(f"{c:>36}" for c in cells))
-        pairs = [r["pairs"] for r in rows if r.get("pairs") is not None]
-        if pairs and 2 <= min(pairs) < 6:
-            lines.append(f"(with {min(pairs)} pair(s) the smallest possible Wilcoxon p is "
-                         f"{2 / 2 ** max(min(pairs), 1):.3g}: use at least 6 restarts to reach p < {ALPHA:g})")
+        lines.extend(_reach_note([r["pairs"] for r in rows if r.get("pairs") is not None]))
     return "\n".join(lines)
+
+
+def reach_words(pairs) -> str:
+    """What ``pairs`` paired restarts allow: e.g. '6 pairs: smallest p 0.0312, can reach p < 0.05'."""
+    if pairs < 2:
+        return f"{pairs} pair: no paired test"
+    floor = smallest_p(pairs)
+    verdict = "can reach" if floor < ALPHA else "cannot reach"
+    return f"{pairs} pairs: smallest p {floor:.3g}, {verdict} p < {ALPHA:g}"
+
+
+def _reach_note(pairs):
+    """The summary's line on the smallest p the restarts allow, and whether it can reach ALPHA."""
+    counts = sorted(set(pairs), reverse=True)
+    if not counts:
+        return []
+    line = "smallest possible Wilcoxon p (exact, 2/2^n) with " + "; ".join(reach_words(n) for n in counts)
+    if min(counts) < fewest_pairs(ALPHA):
+        line += f" (use at least {fewest_pairs(ALPHA)} restarts for p < {ALPHA:g} to be possible)"
+    return [line]

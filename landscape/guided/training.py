@@ -28,8 +28,9 @@ from ..data.labelled import LabelledData, encode, labelled_batch
 from ..data.objectives import pad_token_id
 from ..datahome import EMBEDDED_MODEL_DIR
 from ..errors import UsageError
-from ..models import check_finite_weights, check_tokenizer_files, check_weight_files
+from ..models import check_finite_weights, check_tokenizer_files, check_weight_files, new_parameters
 from ..runtime import transformers_silenced
+from . import lora
 from . import regularizers as regs
 from . import schedule as sched
 from .metrics import compute_metrics
@@ -109,6 +110,7 @@ class FinetuneConfig:
     mixout_p: float = 0.9  # mixout's mixing probability (the reference's GLUE setting)
     childtuning_reserve: float = 0.3  # ChildTuning-D: share of the body's elements that train
     device: str = "cpu"
+    lora: Optional[str] = None  # LoRA instead of full fine-tuning: 'r=8,alpha=16,targets=q_proj,v_proj'
 
     def __post_init__(self):
         # Checked here, so a bad value is refused before a run rather than surfacing as NaN weights.
@@ -145,13 +147,15 @@ def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
         # The "newly initialized head" report is expected here: the head is new by design.
         with transformers_silenced():
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
-                                                                       problem_type=problem)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, problem_type=problem, output_loading_info=True)
     except (OSError, ValueError, SafetensorError) as err:
         reason = str(err).splitlines()[0]
         raise UsageError(f"cannot load model '{source}' for sequence classification: {reason}") from None
     check_tokenizer_files(source, tokenizer)
     check_finite_weights(model, source)
+    # What the checkpoint lacked (the head, a BERT pooler): LoRA must train and save these too.
+    model.landscape_new_parameters = new_parameters(info)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id(tokenizer)
     if data.task == "classification":
@@ -174,7 +178,9 @@ def prepare_regularizer(model, name, config, guided=None, *, seed=0, train_batch
     as the reference does; "childtuning" computes the task Fisher once on ``train_batches`` (the
     run's training data, labelled batches) and from then on trains only the
     ``config.childtuning_reserve`` share of the body with the highest Fisher, plus the head.
-    ``undo_regularizer`` makes the model plain again.
+    ``undo_regularizer`` makes the model plain again.  With ``config.lora`` (``model`` a PeftModel)
+    the regularizer acts on LoRA's ``lora_dropout`` only (``lora.prepare``; the base model's own
+    dropout keeps its configured values), and only those of ``lora.LORA_REGULARIZERS`` are taken.
 
     Args:
         model: the classifier to fine-tune.
@@ -188,6 +194,9 @@ def prepare_regularizer(model, name, config, guided=None, *, seed=0, train_batch
         The loss function, called as ``loss_fn(model, batch)``.
     """
     check_regularizers([name], guided)
+    if config.lora:
+        lora.prepare(model, name, config.dropout, run_schedule(name, guided, seed))
+        return lambda m, b: m(**b).loss
     sched.apply(model, sched.uniform(model, 0.0 if name == "none" else config.dropout))
     if name in SCHEDULE_REGULARIZERS:
         sched.apply(model, run_schedule(name, guided, seed))
@@ -316,7 +325,9 @@ def finetune_once(model_spec, train_data, test_data, regularizer, seed=0, config
         config: a ``FinetuneConfig`` (None: the defaults).
         guided: the guided schedule, for the regularizers built from it (``SCHEDULE_REGULARIZERS``).
         save_dir: write a ``from_pretrained`` folder (model + tokenizer) there; it loads with
-            ``AutoModelForSequenceClassification.from_pretrained``.
+            ``AutoModelForSequenceClassification.from_pretrained``.  With ``config.lora`` it is a
+            PEFT adapter folder (the LoRA weights and the new head; ``PeftModel.from_pretrained`` or
+            ``landscape ... --model DIR``).
         progress: a tqdm bar to advance by training steps, or None.
 
     Returns:
@@ -325,6 +336,8 @@ def finetune_once(model_spec, train_data, test_data, regularizer, seed=0, config
     config = config or FinetuneConfig()
     torch.manual_seed(seed)  # the head's initialisation and the dropout masks follow the restart seed
     model, tokenizer = load_classifier(model_spec, train_data, config.device)
+    if config.lora:
+        model = lora.wrap_classifier(model, config.lora)
     train_enc = encode(tokenizer, train_data, config.seq_len)
     test_enc = encode(tokenizer, test_data, config.seq_len)
     train_batches = None

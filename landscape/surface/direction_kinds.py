@@ -17,6 +17,7 @@ claims it (``outputs.claim_output``) and refuses a file made with other settings
 
 import inspect
 
+from .. import adapters
 from ..curvature.stage import eigen_directions
 from ..errors import UsageError
 from ..files import check_output_path
@@ -44,7 +45,8 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
         norm: 'filter' | 'layer' | 'none' (see ``random_direction``).
         ignore: 'biasbn' | 'none' (see ``random_direction``).
         fisher: a Fisher file's path for ``subset`` (None: no mask).
-        subset: 'top:K' | 'bottom:K' | 'random:K' (K in percent) | 'all'.
+        subset: 'top:K' | 'bottom:K' | 'random:K' (K in percent) | 'all', or 'adapter': only the
+            parameters of a PEFT adapter ``model`` (no ``fisher``).
         granularity: 'global' | 'tensor': rank elements over the whole model or inside each tensor.
         orthogonal: make the second direction orthogonal to the first.
         dtype: load the weights in this dtype (float32 | bfloat16 | float16) and round the
@@ -79,7 +81,8 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
             check_fisher_model(fisher, fisher_metadata(fisher), weights,
                                loaded.source if isinstance(model, LoadedModel) else model)
         shard_model(loaded.model, layout)
-        settings = {"model": model_id(loaded), "fisher": str(fisher or ""), MODEL_KEY: weights}
+        settings = {"model": model_id(loaded), "fisher": str(fisher or ""), MODEL_KEY: weights,
+                    **adapters.record(loaded)}
         if not overwrite:
             directions.check_existing_directions(out, dict(
                 settings, seed=seed, norm=norm, ignore=ignore, subset=subset, dims=dims,

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checks
+from ..adapters import ADAPTER_SUBSET, adapter_mask
 from ..errors import UsageError
 from ..fisher.file import check_fisher_matches
 from ..runtime import rank_and_world
@@ -224,7 +225,11 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
     _check_request(dims, subset, fisher)
     dirs = [random_direction(model, seed=seed, norm=norm, ignore=ignore, index=i) for i in range(dims)]
     n_selected = sum(int((t != 0).sum()) for t in dirs[0].values())
-    if fisher is not None:
+    if subset == ADAPTER_SUBSET:
+        mask = adapter_mask(model, perturbable_names(model, ignore))
+        dirs = [apply_mask(d, mask) for d in dirs]
+        n_selected = sum(int(m.sum()) for m in mask.values())
+    elif fisher is not None:
         check_fisher_matches(fisher, model)
         mask = fisher_mask(fisher, subset, seed=seed, granularity=granularity,
                            names=perturbable_names(model, ignore))
@@ -252,6 +257,10 @@ def _check_request(dims, subset, fisher, precision="float32", seed=0, norm="filt
         raise UsageError(f"unknown norm '{norm}'; use one of {', '.join(NORMS)}")
     if ignore not in IGNORES:
         raise UsageError(f"unknown ignore '{ignore}'; use one of {', '.join(IGNORES)}")
+    if subset == ADAPTER_SUBSET:  # the adapter's own parameters: a mask by name, no Fisher
+        if fisher is not None:
+            raise UsageError(f"subset '{ADAPTER_SUBSET}' selects by name and takes no Fisher scores")
+        subset = "all"
     parse_mask_spec(subset)
     if fisher is None and subset != "all":
         raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
@@ -279,7 +288,8 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         ignore: 'biasbn' | 'none' (see ``random_direction``).
         fisher: Fisher scores for the mask, as {name: tensor} or a Fisher file's path (read one
             tensor at a time), or None for subset 'all'.
-        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``).
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' (see ``fisher_mask``), or 'adapter':
+            only the parameters of a PEFT adapter model's adapter (``adapters.adapter_mask``).
         granularity: 'global' | 'tensor' (see ``fisher_mask``).
         orthogonal: make the second direction orthogonal to the first (see ``orthogonalize``).
         precision: 'float32', or 'bfloat16' / 'float16' to round the values to the model's dtype
@@ -295,7 +305,9 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
     """
     _check_request(dims, subset, fisher, precision, seed, norm, ignore)
     masks = None
-    if fisher is not None:
+    if subset == ADAPTER_SUBSET:
+        masks = adapter_mask(model, perturbable_names(model, ignore))
+    elif fisher is not None:
         scores = ScoreSource(fisher)
         check_fisher_matches(scores.shaped(), model)
         masks = fisher_mask(scores, subset, seed=seed, granularity=granularity,

@@ -17,6 +17,7 @@ from typing import List, Sequence, Union
 import numpy as np
 import torch
 
+from .. import adapters
 from ..errors import UsageError
 from ..identity import MODEL_KEY, model_fingerprint
 from ..models import LoadedModel, load_model, model_id
@@ -91,13 +92,20 @@ def write_interpolation(out, model: ModelSpec = None, to: ModelSpec = None, allo
     with claim_output(out, "directions", overwrite=overwrite):
         model_a = loaded_model(model, allow_new_head, device="cpu", dtype="float32")
         model_b = loaded_model(to, allow_new_head, device="cpu", dtype="float32")
-        direction = interpolation_direction(model_a.model, model_b.model)
+        if model_a.adapter and not model_b.adapter:
+            raise UsageError("the model is a PEFT adapter and the one to go to a plain model: give the plain model "
+                             "(the base) as the model and the adapter as the one to go to; the direction is then "
+                             "in the base's parameters")
+        # base -> adapter: the adapter's merged weights (base names); adapter -> adapter: their own parameters
+        plain_b = adapters.merged_model(model_b) if not model_a.adapter else model_b.model
+        direction = interpolation_direction(model_a.model, plain_b)
         distance = math.sqrt(sum(float(t.double().pow(2).sum()) for t in direction.values()))
         settings = {"kind": "interpolation", "model": model_id(model_a), MODEL_KEY: model_fingerprint(model_a),
                     "to": model_id(model_b), "to_fingerprint": model_fingerprint(model_b), "norm": "none",
                     "ignore": "none", "subset": "all", "dims": 1, "distance": distance,
                     "n_selected": sum(int((t != 0).sum()) for t in direction.values()),
-                    "n_parameters": sum(p.numel() for p in model_a.model.parameters())}
+                    "n_parameters": sum(p.numel() for p in model_a.model.parameters()), **adapters.record(model_a),
+                    **{f"to_{k}": v for k, v in adapters.record(model_b).items()}}
         settings["fingerprint"] = save_checked(out, [direction], settings, overwrite)
     return settings
 

@@ -205,6 +205,7 @@ def _grid_axes(directions, x, y, one_d):
 
 
 def _run_surface(out, dir_file, model, corpus, xs, ys, o):
+    from .. import adapters
     from ..data.corpus import describe_framing, load_batches
     from ..data.hf_datasets import check_reachable
     from ..identity import model_fingerprint
@@ -224,7 +225,8 @@ def _run_surface(out, dir_file, model, corpus, xs, ys, o):
     settings = {"model": model_id(loaded), "corpus": str(corpus or "embedded"),
                 "fraction": o["fraction"], "max_samples": o["max_samples"], "seq_len": o["seq_len"],
                 "corpus_seed": o["seed"], "precision": str(o["dtype"]).lower(),
-                "framing": describe_framing(loaded.tokenizer, o["bos"]), MODEL_KEY: model_fingerprint(loaded)}
+                "framing": describe_framing(loaded.tokenizer, o["bos"]), MODEL_KEY: model_fingerprint(loaded),
+                **adapters.record(loaded)}
     if o["eval_corpus"]:
         settings["eval_corpus"] = str(o["eval_corpus"])
     info = {"batch_size": o["batch_size"], "device": str(next(loaded.model.parameters()).device),

@@ -1,0 +1,201 @@
+"""PEFT adapter folders as models: ``--model DIR`` where DIR holds ``adapter_config.json``.
+
+The base model is resolved as PEFT resolves it, from the adapter config's
+``base_model_name_or_path``: a local folder, a hub id, or the embedded model (an adapter trained
+on it records the embedded model's folder; when that path no longer exists, e.g. after landscape
+moved, ``…/landscape/data/model`` or the name ``embedded`` still mean the embedded model).  The
+adapter is applied with ``peft.PeftModel.from_pretrained``, unmerged, and every parameter is made
+trainable (as ``from_pretrained`` leaves a plain model), so the stages see the adapted model whole:
+the base weights (``…base_layer.weight``), the LoRA factors (``…lora_A.default.weight``) and any
+module PEFT saved with the adapter (a classification head).
+
+A sequence-classification adapter (PEFT task type ``SEQ_CLS``, as ``finetune --lora`` saves) gets
+its base as a classifier whose head shape is read from the adapter's own head weights; a head the
+adapter does not hold is refused, never filled randomly.
+
+Files record ``adapter`` (the folder), ``adapter_config_sha256`` (of its adapter_config.json) and
+``base_model`` (what the base resolved to) beside ``model`` (``record``).
+"""
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from .datahome import EMBEDDED_MODEL_DIR
+from .errors import UsageError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SUBSET = "adapter"  # `directions --subset adapter`: perturb only the adapter's parameters
+
+
+def is_adapter_folder(spec) -> bool:
+    """True when ``spec`` is a folder holding a PEFT ``adapter_config.json``."""
+    if spec is None:
+        return False
+    path = Path(str(spec)).expanduser()
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def read_config(folder) -> tuple:
+    """(the adapter config as a dict, the SHA-256 of its file); UsageError if it is not JSON."""
+    path = Path(folder).expanduser() / ADAPTER_CONFIG
+    raw = path.read_bytes()
+    try:
+        config = json.loads(raw)
+    except ValueError as err:
+        raise UsageError(f"'{path}' is not a PEFT adapter config (JSON): {err}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"'{path}' is not a PEFT adapter config (a JSON object)")
+    return config, hashlib.sha256(raw).hexdigest()
+
+
+def resolve_base(config: dict, folder) -> Optional[str]:
+    """The base model spec for ``models.load_model``: a folder, a hub id, or None (the embedded model)."""
+    name = config.get("base_model_name_or_path")
+    if not name:
+        raise UsageError(f"adapter '{folder}' does not say its base model (no base_model_name_or_path in "
+                         f"{ADAPTER_CONFIG}); load its base and apply it with peft yourself")
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None if path.resolve() == EMBEDDED_MODEL_DIR else str(path)
+    if name == "embedded" or path.parts[-3:] == EMBEDDED_MODEL_DIR.parts[-3:]:
+        return None
+    return name
+
+
+def record(loaded) -> dict:
+    """What files store about an adapter model ({} for a plain one): adapter, config hash, base."""
+    return dict(loaded.adapter or {})
+
+
+def _head_rows(folder) -> dict:
+    """{saved head parameter name (base model's): rows} of the modules saved with the adapter."""
+    from safetensors import safe_open
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"adapter '{folder}' has no adapter_model.safetensors (only safetensors adapters load)")
+    with safe_open(str(weights), "pt") as handle:
+        return {name.removeprefix("base_model.model."): handle.get_slice(name).get_shape()[0]
+                for name in handle.keys() if ".lora_" not in name}
+
+
+def _classifier_base(base_spec, folder):
+    """A base model as a sequence classifier whose new head the adapter's saved head replaces.
+
+    The number of labels is read from the adapter: the output layer is the new weight with
+    ``num_labels`` rows in a default (2-label) classifier, and the adapter's copy says how many rows
+    it really has.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from . import models
+    from .runtime import transformers_silenced
+
+    rows = _head_rows(folder)
+    loaded = models.load_model(base_spec, device="cpu", dtype="float32", allow_new_head=True)  # checks, tokenizer
+
+    def build(**kwargs):
+        with transformers_silenced():
+            return AutoModelForSequenceClassification.from_pretrained(loaded.source, output_loading_info=True,
+                                                                      **kwargs)
+
+    model, info = build()
+    shapes = dict(model.named_parameters())
+    new = models.new_parameters(info)
+    outputs = [n for n in new if n.endswith(".weight") and n in rows and shapes[n].shape[0] == model.num_labels]
+    if not outputs:
+        raise UsageError(f"adapter '{folder}' is a sequence-classification adapter without its head's weights; "
+                         "its head would be random")
+    if rows[outputs[0]] != model.num_labels:
+        model, info = build(num_labels=rows[outputs[0]])
+    missing = [n for n in models.new_parameters(info) if n not in rows]
+    if missing:
+        raise UsageError(f"adapter '{folder}' does not hold '{missing[0]}', which its base lacks too; "
+                         "that weight would be random")
+    return models.LoadedModel(model=model, tokenizer=loaded.tokenizer, kind="classification", source=loaded.source)
+
+
+def load_adapter(folder, device="cpu", dtype="float32", allow_new_head: bool = False):
+    """Load a PEFT adapter folder on its base model.
+
+    Returns a ``models.LoadedModel`` whose model is the ``PeftModel`` (unmerged, in eval mode,
+    every parameter trainable) and whose ``adapter`` records the adapter (see the module docstring).
+
+    Raises:
+        UsageError: peft is not installed (naming the extra), the config is unreadable or names no
+            base, the base cannot be loaded, or the adapter does not fit the base.
+    """
+    from .guided.lora import require_peft
+
+    peft = require_peft(f"the PEFT adapter '{folder}'")
+    from . import models
+
+    folder = Path(str(folder)).expanduser().resolve()
+    if not (folder / "adapter_model.safetensors").is_file():  # never unpickle an adapter_model.bin
+        raise UsageError(f"adapter '{folder}' has no adapter_model.safetensors; landscape reads adapter weights "
+                         "from safetensors only (convert a pickled adapter_model.bin in a trusted environment)")
+    config, digest = read_config(folder)
+    base_spec = resolve_base(config, folder)
+    if str(config.get("task_type", "")) == "SEQ_CLS":
+        base = _classifier_base(base_spec, folder)
+    else:
+        base = models.load_model(base_spec, device="cpu", dtype="float32", allow_new_head=allow_new_head)
+    try:
+        with warnings.catch_warnings():  # transformers' deprecation note on a name PEFT still calls
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = peft.PeftModel.from_pretrained(base.model, str(folder))
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise UsageError(f"cannot apply adapter '{folder}' to its base '{base.source}': "
+                         f"{str(err).splitlines()[0]}") from None
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.to(device=models.resolve_device(device) if isinstance(device, str) else device,
+             dtype=models.parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    model.eval()
+    info = {"adapter": str(folder), "adapter_config_sha256": digest,
+            "base_model": "embedded" if base_spec is None else base.source}
+    return models.LoadedModel(model=model, tokenizer=base.tokenizer, kind=base.kind, source=str(folder),
+                              adapter=info)
+
+
+def adapter_parameter_names(model) -> list:
+    """``named_parameters()`` names of what the adapter trains; empty for a plain model.
+
+    These are the LoRA factors and the modules PEFT saves with it (``modules_to_save``, e.g. a
+    classification head).
+    """
+    return [n for n, _ in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n]
+
+
+def adapter_mask(model, names=None) -> dict:
+    """{name: bool tensor}: True on the adapter's parameters, False elsewhere.
+
+    All True for the adapter's parameters (``adapter_parameter_names``) that are in ``names`` (e.g.
+    the perturbable ones; None: all), all False elsewhere.
+
+    Raises:
+        UsageError: the model has no adapter parameters (a plain model).
+    """
+    import torch
+
+    mine = set(adapter_parameter_names(model))
+    if not mine:
+        raise UsageError("--subset adapter needs a PEFT adapter as --model (a folder with adapter_config.json)")
+    allowed = mine if names is None else mine & set(names)
+    return {n: torch.full(p.shape, n in allowed, dtype=torch.bool) for n, p in model.named_parameters()}
+
+
+def merged_model(loaded):
+    """The model in its base's parameter names.
+
+    A merged copy of an adapter model (W + scale·B·A in every adapted weight), the model itself
+    otherwise.  The copy leaves ``loaded.model`` untouched.
+    """
+    if not loaded.adapter:
+        return loaded.model
+    return copy.deepcopy(loaded.model).merge_and_unload()

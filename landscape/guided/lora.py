@@ -1,0 +1,314 @@
+"""Guided LoRA dropout: one dropout probability per LoRA module, from the Fisher of the module it adapts.
+
+PEFT's LoRA computes ``base(x) + B(A(dropout(x))) * scale`` with one ``lora_dropout`` per adapted
+module.  A LoRA *site* is such a module, named by the base module it adapts
+(``model.layers.3.self_attn.q_proj``, not PEFT's ``base_model.model.…`` path), and scored by the
+element-weighted mean pretraining Fisher of that base module's parameters (its weight, and bias if
+it has one).  Site names and scores do not depend on the LoRA rank, so one schedule serves any rank
+and any adapter over the same targets.  ``schedule.apply`` on a ``PeftModel`` sets these
+probabilities (``set_probabilities``); they act in training mode and are off in eval, like every
+``nn.Dropout``.
+
+``peft`` is the optional extra ``landscape[lora]``; without it, anything that needs it raises one
+UsageError naming the extra.
+"""
+
+import re
+import warnings
+from typing import Optional
+
+from torch import nn
+
+from ..errors import UsageError
+from .sites import DropoutSite
+
+LORA_KIND = "lora"
+INSTALL_HINT = "pip install 'landscape[lora]' (or pip install peft)"
+_PEFT_PREFIX = "base_model.model."
+
+
+def require_peft(what="LoRA"):
+    """The ``peft`` module, or UsageError naming the extra to install."""
+    try:
+        import peft
+    except ImportError:
+        raise UsageError(f"{what} needs the optional package peft: {INSTALL_HINT}") from None
+    return peft
+
+
+def is_peft_model(model) -> bool:
+    """True for a PEFT ``PeftModel`` (anything with PEFT's ``peft_config`` and ``get_base_model``)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def base_parameter_name(name: str) -> str:
+    """A parameter name of a PeftModel as the base model names it.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` ->
+    ``model.layers.0.self_attn.q_proj.weight``; a name without PEFT's prefix is returned as it is.
+    """
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    return name.replace(".base_layer.", ".")
+
+
+def lora_modules(model) -> dict:
+    """{base module name: PEFT LoRA layer} of a PeftModel (empty for any other model)."""
+    if not is_peft_model(model):
+        return {}
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.get_base_model().named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+def lora_sites(model) -> list:
+    """One DropoutSite per LoRA module of a PeftModel, named by the base module it adapts.
+
+    param_names are the base module's parameters as the base model names them (what a Fisher file
+    of the base model holds).  UsageError when the model has no LoRA modules.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise UsageError("the model has no LoRA modules: guided LoRA dropout needs a PEFT LoRA model "
+                         "(an adapter folder, or --lora targets=... on the base model)")
+    sites = []
+    for name, module in modules.items():
+        base = module.get_base_layer()
+        params = [f"{name}.{p}" for p, _ in base.named_parameters(recurse=False)]
+        sites.append(DropoutSite(name=name, kind=LORA_KIND, block=name.rpartition(".")[0], param_names=params))
+    return sites
+
+
+def fisher_by_base_name(fisher: dict) -> dict:
+    """A Fisher {name: tensor} keyed by base-model names.
+
+    Whether it was computed on the base model or on a PeftModel (whose base weights are
+    ``….base_layer.weight``); LoRA's own A/B entries are dropped (they are not the base module's).
+    """
+    return {base_parameter_name(n): t for n, t in fisher.items() if ".lora_" not in n}
+
+
+def lora_schedule(model, fisher, p_upper=0.1, p_lower=0.0, shape="linear", gamma=2.0, model_source="",
+                  fisher_source="", model_fingerprint=""):
+    """Guided LoRA dropout schedule of a PeftModel from a Fisher of its base model (paper eq. 9-10).
+
+    Args:
+        model: a PeftModel with LoRA modules.
+        fisher: {parameter name: diagonal Fisher}, of the base model (or of the PeftModel).
+        p_upper: the probability of the lowest-scored site (as ``schedule.guided_dropout``).
+        p_lower: the probability of the highest-scored site.
+        shape: "linear", "log" or "power" (as ``schedule.guided_dropout``).
+        gamma: the exponent of the "power" shape.
+        model_source: recorded in the schedule.
+        fisher_source: recorded in the schedule.
+        model_fingerprint: the model's ``identity.model_fingerprint``, recorded in the schedule.
+
+    Returns:
+        A ``schedule.Schedule`` whose sites are the adapted base modules (kind "lora").
+
+    Raises:
+        UsageError: no LoRA modules, or a Fisher without an entry for an adapted module.
+    """
+    from . import schedule as sched
+    from .sites import site_scores
+
+    sched._check_bounds(p_upper, p_lower)
+    sites = lora_sites(model)
+    scores = site_scores(sites, fisher_by_base_name(fisher))
+    order = sorted(sites, key=lambda s: scores[s.name])
+    probs = sched._probabilities(shape, [scores[s.name] for s in order], p_upper, p_lower, gamma)
+    entries = [sched.SiteProbability(name=s.name, kind=LORA_KIND, block=s.block, score=scores[s.name], rank=r,
+                                     p=float(p)) for r, (s, p) in enumerate(zip(order, probs))]
+    return sched.Schedule(sites=entries, model=model_source, fisher=fisher_source, shape=shape, p_upper=p_upper,
+                          p_lower=p_lower, model_fingerprint=model_fingerprint)
+
+
+def _dropout_slots(module):
+    """[(ModuleDict, adapter name)] of one LoRA layer's ``lora_dropout`` entries."""
+    return [(module.lora_dropout, key) for key in module.lora_dropout.keys()]
+
+
+def split_probabilities(model, probs: dict):
+    """({LoRA site: p}, {other name: p}) of a {name: p} for a PeftModel; ({}, probs) otherwise."""
+    modules = lora_modules(model)
+    mine = {n: p for n, p in probs.items() if n in modules}
+    return mine, {n: p for n, p in probs.items() if n not in modules}
+
+
+def set_probabilities(model, probs: dict, gaussian: Optional[bool] = None):
+    """Set each named LoRA module's ``lora_dropout`` to probability p, in place.
+
+    PEFT builds ``nn.Identity`` instead of a Dropout when its ``lora_dropout`` is 0; that slot gets
+    an ``nn.Dropout(p)`` here, so a p set later really drops.  gaussian: True puts
+    ``GaussianDropout(p)`` in each slot, False a standard ``nn.Dropout(p)``, None keeps the kind of
+    dropout the slot has.  Every p is checked before anything changes.
+    """
+    from .regularizers import GaussianDropout
+
+    modules = lora_modules(model)
+    for name, p in probs.items():
+        if name not in modules:
+            raise UsageError(f"'{name}' is not a LoRA module of this model")
+        if not 0.0 <= float(p) < 1.0:
+            raise UsageError(f"dropout probability {p} for LoRA site '{name}' is outside [0, 1)")
+    for name, p in probs.items():
+        for slots, key in _dropout_slots(modules[name]):
+            current = slots[key]
+            use_gaussian = isinstance(current, GaussianDropout) if gaussian is None else gaussian
+            if use_gaussian and not isinstance(current, GaussianDropout):
+                slots[key] = GaussianDropout(float(p))
+            elif not use_gaussian and type(current) is not nn.Dropout:
+                slots[key] = nn.Dropout(float(p))
+            else:
+                current.p = float(p)
+    return model
+
+
+def current_probabilities(model) -> dict:
+    """{LoRA site: the dropout probability its (first) adapter uses now}; 0 for PEFT's Identity."""
+    out = {}
+    for name, module in lora_modules(model).items():
+        slots, key = _dropout_slots(module)[0]
+        out[name] = float(getattr(slots[key], "p", 0.0))
+    return out
+
+
+# ---------------------------------------------------------------------------- --lora r=8,alpha=16,...
+
+_SPEC_KEYS = {"r": int, "alpha": float, "targets": str, "layers": str}
+
+
+def parse_lora_spec(text: str) -> dict:
+    """'r=8,alpha=16,targets=q_proj,v_proj' -> {'r': 8, 'alpha': 16.0, 'targets': ['q_proj', 'v_proj']}.
+
+    Keys: r (rank, default 8), alpha (default 2 r), targets (module names, comma- or
+    plus-separated; default PEFT's for the architecture), layers (block indices to adapt, e.g.
+    ``18-29`` or ``0+5``; default all: adapting only the top blocks also spares the backward pass
+    through the others).  A bare word after ``targets=`` continues the target list.  UsageError for
+    an unknown key or a bad value.
+    """
+    out, key = {"r": 8, "alpha": None, "targets": None}, None
+    for token in [t.strip() for t in str(text).split(",") if t.strip()]:
+        if "=" in token:
+            key, _, value = (part.strip() for part in token.partition("="))
+        elif key == "targets":
+            value = token
+        else:
+            raise UsageError(f"--lora: '{token}' is not key=value; use e.g. r=8,alpha=16,targets=q_proj,v_proj")
+        if key not in _SPEC_KEYS:
+            raise UsageError(f"--lora: unknown key '{key}'; use r, alpha, targets and layers (the regularizer sets "
+                             "dropout)")
+        if key == "layers":
+            out["layers"] = _layer_list(value)
+            continue
+        if key == "targets":
+            out["targets"] = (out["targets"] if "=" not in token else []) + [v for v in re.split(r"\+", value) if v]
+            continue
+        try:
+            out[key] = _SPEC_KEYS[key](value)
+        except ValueError:
+            raise UsageError(f"--lora: {key} must be a number, got '{value}'") from None
+    if out["r"] < 1 or (out["alpha"] is not None and not out["alpha"] > 0):
+        raise UsageError(f"--lora: r must be at least 1 and alpha positive; got r={out['r']}, alpha={out['alpha']}")
+    if out["alpha"] is None:
+        out["alpha"] = float(2 * out["r"])
+    return out
+
+
+def _layer_list(text):
+    """'18-29' -> [18, ..., 29]; '0+5' -> [0, 5]."""
+    layers = []
+    try:
+        for part in text.split("+"):
+            low, _, high = part.partition("-")
+            layers.extend(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UsageError(f"--lora: layers must be block indices like 18-29 or 0+5, got '{text}'") from None
+    if not layers or min(layers) < 0:
+        raise UsageError(f"--lora: layers must be block indices like 18-29 or 0+5, got '{text}'")
+    return layers
+
+
+def wrap_classifier(model, spec: str):
+    """A classifier from ``training.load_classifier`` with LoRA of ``spec`` (a ``--lora`` string).
+
+    Every module the checkpoint lacked (the new head, and e.g. a BERT pooler that a masked-LM
+    checkpoint does not hold) trains fully and is saved with the adapter (PEFT's
+    ``modules_to_save``): left frozen at its random initialisation, it would be neither trained nor
+    reproducible from the adapter.
+    """
+    new = sorted({n.rpartition(".")[0] for n in getattr(model, "landscape_new_parameters", [])})
+    return wrap(model, parse_lora_spec(spec), "SEQ_CLS", modules_to_save=new or None)
+
+
+def wrap(model, spec: dict, task_type: str, dropout: float = 0.0, modules_to_save=None):
+    """``peft.get_peft_model`` of ``model`` with LoRA of ``spec`` (from ``parse_lora_spec``).
+
+    task_type: PEFT's task type ("SEQ_CLS" keeps the new classification head trainable and saved
+    with the adapter; "CAUSAL_LM", ...).  modules_to_save: more modules that train fully and are
+    saved with the adapter.  UsageError when a target names no module of the model.
+    """
+    peft = require_peft("--lora")
+    config = peft.LoraConfig(task_type=task_type, r=spec["r"], lora_alpha=spec["alpha"],
+                             target_modules=spec["targets"], lora_dropout=float(dropout),
+                             layers_to_transform=spec.get("layers"), modules_to_save=modules_to_save)
+    try:
+        with warnings.catch_warnings():  # transformers' deprecation note on a name PEFT still calls
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return peft.get_peft_model(model, config)
+    except ValueError as err:  # PEFT's word for targets it cannot find or cannot infer
+        raise UsageError(f"--lora: {str(err).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------- fine-tuning with LoRA
+
+# Regularizers that act on LoRA's dropout: each sets every LoRA module's lora_dropout (the base
+# model's own dropout sites keep their configured values under every one, so only lora_dropout differs).
+LORA_REGULARIZERS = ("none", "dropout", "gaussian", "guided", "dropout-matched", "guided-shuffled")
+_WHY_NOT = {
+    "r3f": "R3F's embedding-noise penalty is implemented for full fine-tuning only",
+    "r4f": "R4F's embedding-noise penalty and spectral-normalized head are implemented for full fine-tuning only",
+    "mixout": "mixout mixes trained body weights with the pretrained ones, and LoRA freezes the body",
+    "childtuning": "ChildTuning masks the gradients of the body's weights, and LoRA freezes the body",
+}
+
+
+def check_lora_regularizers(names) -> None:
+    """UsageError (one line, naming why) for a regularizer that has no meaning under LoRA."""
+    for name in names:
+        if name in _WHY_NOT:
+            raise UsageError(f"--lora does not take the {name} regularizer: {_WHY_NOT[name]}; use any of "
+                             f"{', '.join(LORA_REGULARIZERS)}")
+
+
+def lora_probabilities(model, name: str, dropout: float, schedule=None) -> dict:
+    """{LoRA site: p} that regularizer ``name`` trains with.
+
+    none: 0 everywhere; dropout and gaussian: ``dropout`` everywhere; the schedule regularizers: the
+    p of ``schedule`` (already the run's: guided, matched or shuffled), which must name exactly the
+    model's LoRA sites (a schedule for other targets is refused).
+    """
+    check_lora_regularizers([name])
+    sites = list(lora_modules(model))
+    if schedule is None:
+        return {s: 0.0 if name == "none" else float(dropout) for s in sites}
+    from . import schedule as sched
+
+    probs = sched._as_probabilities(schedule)
+    extra = [n for n in probs if n not in sites]
+    missing = [n for n in sites if n not in probs]
+    if extra or missing:
+        what = f"names '{extra[0]}', which LoRA does not adapt" if extra else f"has no entry for '{missing[0]}'"
+        raise UsageError(f"the guided LoRA schedule {what}: make it for these LoRA targets "
+                         "(landscape schedule --lora, or finetune --fisher)")
+    return probs
+
+
+def prepare(model, name: str, dropout: float, schedule=None):
+    """Set a PeftModel's LoRA dropout for regularizer ``name``, in place; returns the model.
+
+    gaussian: multiplicative Gaussian noise of the same p in every ``lora_dropout`` slot
+    (``regularizers.GaussianDropout``); the others: standard dropout (see ``lora_probabilities``).
+    """
+    return set_probabilities(model, lora_probabilities(model, name, dropout, schedule), gaussian=name == "gaussian")
