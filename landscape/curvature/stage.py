@@ -169,7 +169,6 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
     counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
-    say = log or (lambda line: None)
     with claim_output(out, "hessian-report", overwrite=overwrite), \
             (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
         prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
@@ -185,9 +184,8 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
         done = None if overwrite else _finished(out, settings, vectors, vector_settings)
         if done is not None:
             return HessianResult(out, vectors, done, computed=False)
-        say(f"Hessian of {loaded.source} over {n_selected:,} of {n_parameters:,} parameters "
-            f"({100.0 * n_selected / max(1, n_parameters):.2f}%, subset {masking['subset']}, ignore {ignore}); "
-            f"sample of {sum(b['labels'].shape[0] for b in batches)} sequences x {seq_len} tokens")
+        if log is not None:
+            log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
         report = hessian_report(loaded.model, batches, top=top, trace_samples=trace, spectrum_runs=spectrum,
                                 steps=steps, bins=bins, mask=mask, seed=seed, tol=tol, max_iter=max_iter,
                                 checkpoint=out, vectors=vectors, vector_settings=vector_settings,
@@ -195,6 +193,14 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
         save_report(out, report)
         remove_checkpoints(out)
     return HessianResult(out, vectors, report, computed=True)
+
+
+def _header(loaded, batches, n_selected, n_parameters, masking, seq_len) -> str:
+    """What a run is about to compute, in one line."""
+    return (f"Hessian of {loaded.source} over {n_selected:,} of {n_parameters:,} parameters "
+            f"({100.0 * n_selected / max(1, n_parameters):.2f}%, subset {masking['subset']}, ignore "
+            f"{masking['ignore']}); sample of {sum(b['labels'].shape[0] for b in batches)} sequences x {seq_len} "
+            "tokens")
 
 
 def _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
