@@ -18,6 +18,7 @@ Files record ``adapter`` (the folder), ``adapter_config_sha256`` (of its adapter
 """
 
 import copy
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -26,9 +27,45 @@ from typing import Optional
 
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import UsageError
+from .runtime import resolve_device, transformers_silenced
 
 ADAPTER_CONFIG = "adapter_config.json"
+INSTALL_HINT = "pip install 'landscape[lora]' (or pip install peft)"
 ADAPTER_SUBSET = "adapter"  # `directions --subset adapter`: perturb only the adapter's parameters
+
+
+def require_peft(what="LoRA"):
+    """The ``peft`` module, or UsageError naming the extra to install.
+
+    Args:
+        what: what needs peft, for the message.
+
+    Returns:
+        The imported ``peft`` module.
+
+    Raises:
+        UsageError: peft is not installed.
+    """
+    try:
+        import peft
+    except ImportError:
+        raise UsageError(f"{what} needs the optional package peft: {INSTALL_HINT}") from None
+    return peft
+
+
+def new_parameters(loading_info: dict) -> list:
+    """Parameters transformers had to initialize newly.
+
+    Args:
+        loading_info: what ``from_pretrained(..., output_loading_info=True)`` reports.
+
+    Returns:
+        Names of the keys missing from the checkpoint or of another shape there.
+    """
+    missing = list(loading_info.get("missing_keys") or [])
+    mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry
+                  for entry in loading_info.get("mismatched_keys") or []]
+    return sorted(set(missing) | set(mismatched))
 
 
 def is_adapter_folder(spec) -> bool:
@@ -84,7 +121,7 @@ def _head_rows(folder) -> dict:
                 for name in handle.keys() if ".lora_" not in name}
 
 
-def _classifier_base(base_spec, folder):
+def _classifier_base(base_spec, folder, load_base):
     """A base model as a sequence classifier whose new head the adapter's saved head replaces.
 
     The number of labels is read from the adapter: the output layer is the new weight with
@@ -93,11 +130,8 @@ def _classifier_base(base_spec, folder):
     """
     from transformers import AutoModelForSequenceClassification
 
-    from . import models
-    from .runtime import transformers_silenced
-
     rows = _head_rows(folder)
-    loaded = models.load_model(base_spec, device="cpu", dtype="float32", allow_new_head=True)  # checks, tokenizer
+    loaded = load_base(base_spec, True)  # checks, tokenizer
 
     def build(**kwargs):
         with transformers_silenced():
@@ -106,35 +140,43 @@ def _classifier_base(base_spec, folder):
 
     model, info = build()
     shapes = dict(model.named_parameters())
-    new = models.new_parameters(info)
+    new = new_parameters(info)
     outputs = [n for n in new if n.endswith(".weight") and n in rows and shapes[n].shape[0] == model.num_labels]
     if not outputs:
         raise UsageError(f"adapter '{folder}' is a sequence-classification adapter without its head's weights; "
                          "its head would be random")
     if rows[outputs[0]] != model.num_labels:
         model, info = build(num_labels=rows[outputs[0]])
-    missing = [n for n in models.new_parameters(info) if n not in rows]
+    missing = [n for n in new_parameters(info) if n not in rows]
     if missing:
         raise UsageError(f"adapter '{folder}' does not hold '{missing[0]}', which its base lacks too; "
                          "that weight would be random")
-    return models.LoadedModel(model=model, tokenizer=loaded.tokenizer, kind="classification", source=loaded.source)
+    return dataclasses.replace(loaded, model=model, kind="classification")
 
 
-def load_adapter(folder, device="cpu", dtype="float32", allow_new_head: bool = False):
+def load_adapter(folder, load_base, device="cpu", dtype=None, allow_new_head: bool = False):
     """Load a PEFT adapter folder on its base model.
 
-    Returns a ``models.LoadedModel`` whose model is the ``PeftModel`` (unmerged, in eval mode,
-    every parameter trainable) and whose ``adapter`` records the adapter (see the module docstring).
+    ``models.load_model`` calls it for a folder with ``adapter_config.json``, passing itself as
+    ``load_base`` (so this module does not import ``models``).
+
+    Args:
+        folder: the adapter folder.
+        load_base: ``(spec, allow_new_head) -> models.LoadedModel``: loads the base on the CPU in
+            float32.
+        device: where the adapted model goes ("auto", "cpu", "cuda:N" or a torch.device).
+        dtype: its torch dtype; None keeps float32.
+        allow_new_head: accept a base checkpoint without its pretraining head.
+
+    Returns:
+        A ``models.LoadedModel`` whose model is the ``PeftModel`` (unmerged, in eval mode, every
+        parameter trainable) and whose ``adapter`` records the adapter (see the module docstring).
 
     Raises:
         UsageError: peft is not installed (naming the extra), the config is unreadable or names no
             base, the base cannot be loaded, or the adapter does not fit the base.
     """
-    from .guided.lora import require_peft
-
     peft = require_peft(f"the PEFT adapter '{folder}'")
-    from . import models
-
     folder = Path(str(folder)).expanduser().resolve()
     if not (folder / "adapter_model.safetensors").is_file():  # never unpickle an adapter_model.bin
         raise UsageError(f"adapter '{folder}' has no adapter_model.safetensors; landscape reads adapter weights "
@@ -142,9 +184,9 @@ def load_adapter(folder, device="cpu", dtype="float32", allow_new_head: bool = F
     config, digest = read_config(folder)
     base_spec = resolve_base(config, folder)
     if str(config.get("task_type", "")) == "SEQ_CLS":
-        base = _classifier_base(base_spec, folder)
+        base = _classifier_base(base_spec, folder, load_base)
     else:
-        base = models.load_model(base_spec, device="cpu", dtype="float32", allow_new_head=allow_new_head)
+        base = load_base(base_spec, allow_new_head)
     try:
         with warnings.catch_warnings():  # transformers' deprecation note on a name PEFT still calls
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
@@ -154,13 +196,13 @@ def load_adapter(folder, device="cpu", dtype="float32", allow_new_head: bool = F
                          f"{str(err).splitlines()[0]}") from None
     for param in model.parameters():
         param.requires_grad_(True)
-    model.to(device=models.resolve_device(device) if isinstance(device, str) else device,
-             dtype=models.parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    model.to(device=resolve_device(device) if isinstance(device, str) else device)
+    if dtype is not None:
+        model.to(dtype=dtype)
     model.eval()
     info = {"adapter": str(folder), "adapter_config_sha256": digest,
             "base_model": "embedded" if base_spec is None else base.source}
-    return models.LoadedModel(model=model, tokenizer=base.tokenizer, kind=base.kind, source=str(folder),
-                              adapter=info)
+    return dataclasses.replace(base, model=model, source=str(folder), adapter=info)
 
 
 def adapter_parameter_names(model) -> list:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError
 
+from .adapters import is_adapter_folder, load_adapter, new_parameters
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
 from .runtime import apply_precision, resolve_device, storage_dtype, transformers_silenced
@@ -107,21 +108,6 @@ def _load_config(spec):
         ) from None
 
 
-def new_parameters(loading_info: dict) -> list:
-    """Parameters transformers had to initialize newly.
-
-    Args:
-        loading_info: what ``from_pretrained(..., output_loading_info=True)`` reports.
-
-    Returns:
-        Names of the keys missing from the checkpoint or of another shape there.
-    """
-    missing = list(loading_info.get("missing_keys") or [])
-    mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry
-                  for entry in loading_info.get("mismatched_keys") or []]
-    return sorted(set(missing) | set(mismatched))
-
-
 def _refuse_new_head(spec, kind, new):
     objective = {"mlm": "masked-LM", "causal": "causal-LM", "seq2seq": "seq2seq LM",
                  "classification": "classification"}[kind]
@@ -204,6 +190,11 @@ def model_id(loaded: LoadedModel) -> str:
     return str(path.resolve()) if path.is_dir() else loaded.source
 
 
+def _load_base(spec, allow_new_head: bool) -> LoadedModel:
+    """An adapter's base model, on the CPU in float32 (``adapters.load_adapter`` moves it)."""
+    return load_model(spec, device="cpu", dtype="float32", allow_new_head=allow_new_head)
+
+
 def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
     from transformers import (
         AutoModelForCausalLM,
@@ -224,10 +215,9 @@ def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
         if path.exists():
             if not path.is_dir():
                 raise UsageError(f"model '{spec_str}' is a file; give the folder that holds config.json")
-            from .adapters import is_adapter_folder, load_adapter
-
             if is_adapter_folder(path):  # a PEFT adapter: its base resolved as PEFT does, the adapter applied
-                return load_adapter(path, device=device, dtype=dtype, allow_new_head=allow_new_head)
+                return load_adapter(path, _load_base, device=device, allow_new_head=allow_new_head,
+                                    dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
             if not (path / "config.json").exists():
                 raise UsageError(f"model folder '{spec_str}' has no config.json; is it a from_pretrained folder?")
             spec_str = str(path)

@@ -180,6 +180,7 @@ def _probe(s, regularizers, train_data):
     None; the model's dropout site names).
     """
     from . import schedule
+    from .schedule_stage import schedule_from_args
     from .sites import find_sites
     from .training import SCHEDULE_REGULARIZERS, check_regularizers, load_classifier
 
@@ -201,7 +202,7 @@ def _probe(s, regularizers, train_data):
         return None, sites
     from ..identity import source_fingerprint
 
-    guided = schedule.schedule_from_args(model, schedule_path=s.schedule, fisher_path=s.fisher,
+    guided = schedule_from_args(model, schedule_path=s.schedule, fisher_path=s.fisher,
                                          p_upper=s.p_upper, p_lower=s.p_lower,
                                          model_fingerprint=source_fingerprint(s.model) or "", model_spec=s.model)
     if s.lora is not None:

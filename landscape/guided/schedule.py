@@ -15,7 +15,6 @@ import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from torch import nn
 
@@ -26,7 +25,7 @@ from .sites import find_sites, float_dropout_attr, site_scores
 
 __all__ = ["FORMAT", "SHAPES", "SiteProbability", "Schedule", "linear_probabilities", "power_probabilities",
            "log_probabilities", "guided_dropout", "uniform", "apply", "current_probabilities", "to_dict",
-           "save_schedule", "load_schedule", "format_table", "callback", "schedule_from_args", "matched_uniform",
+           "save_schedule", "load_schedule", "format_table", "matched_uniform",
            "shuffled", "mean_p", "assignment_hash"]
 
 FORMAT = "landscape-schedule/1"
@@ -224,7 +223,7 @@ def apply(model: nn.Module, schedule: Schedule) -> nn.Module:
         UsageError: a name the model does not have, or a module that is not a dropout site
             (before anything changes).
     """
-    from . import lora
+    from . import lora_sites as lora
 
     lora_probs, probs = lora.split_probabilities(model, _as_probabilities(schedule))
     modules = dict(model.named_modules())
@@ -355,72 +354,6 @@ def format_table(schedule: Schedule):
     for s in sorted(schedule.sites, key=lambda s: s.rank):
         lines.append(f"{s.rank:>4}  {s.name:<{width}}  {s.kind:<10}  {s.score:>11.4e}  {s.p:>6.4f}")
     return "\n".join(lines)
-
-
-def callback(schedule):
-    """A ``transformers.TrainerCallback`` that applies ``schedule`` when training begins.
-
-    One line for a Trainer user: ``Trainer(..., callbacks=[schedule.callback(s)])``.
-
-    Args:
-        schedule: anything ``apply`` accepts.
-
-    Returns:
-        The callback.
-    """
-    from transformers import TrainerCallback
-
-    class GuidedDropoutCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None:
-                apply(model, schedule)
-
-    return GuidedDropoutCallback()
-
-
-def schedule_from_args(model, schedule_path: Optional[str] = None, fisher_path: Optional[str] = None,
-                       p_upper=0.1, p_lower=0.0, shape="linear", model_fingerprint: str = "", model_spec=None):
-    """Load a schedule file, or compute one from a Fisher file; None when neither is given.
-
-    On a PEFT LoRA model the computed schedule is the guided LoRA dropout one
-    (``lora.lora_schedule``).  Files without a recorded fingerprint are checked by site names only.
-
-    Args:
-        model: the model the schedule is for.
-        schedule_path: a schedule file (.json), or None.
-        fisher_path: a Fisher file to compute a schedule from (``guided_dropout``), or None.
-        p_upper: the highest probability of a computed schedule.
-        p_lower: the lowest probability of a computed schedule.
-        shape: the shape of a computed schedule (see ``guided_dropout``).
-        model_fingerprint: the ``identity.model_fingerprint`` of the checkpoint ``model`` was
-            built from; when given, a schedule or Fisher file recorded for another model is
-            refused.
-        model_spec: how the user named the model (``--model``), for messages.
-
-    Returns:
-        The ``Schedule``, or None when neither file is given.
-
-    Raises:
-        UsageError: an unreadable file, or one recorded for another model.
-    """
-    from ..identity import check_file_model
-
-    if schedule_path:
-        loaded = load_schedule(schedule_path)
-        if model_fingerprint:
-            check_file_model(schedule_path, "schedule", loaded.model_fingerprint, model_fingerprint, model_spec)
-        return loaded
-    if fisher_path:
-        from ..fisher import check_fisher_model, load_fisher
-        from . import lora
-
-        fisher, meta = load_fisher(fisher_path)
-        if model_fingerprint:
-            check_fisher_model(fisher_path, meta, model_fingerprint, model_spec)
-        make = lora.lora_schedule if lora.lora_modules(model) else guided_dropout
-        return make(model, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, fisher_source=str(fisher_path),
-                    model_fingerprint=model_fingerprint)
-    return None
 
 
 # ================================================================================================

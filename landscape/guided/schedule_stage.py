@@ -14,7 +14,7 @@ from .. import checks
 from ..errors import UsageError
 from ..files import check_output_path
 from ..outputs import claim_output
-from .schedule import Schedule, guided_dropout, save_schedule
+from .schedule import Schedule, guided_dropout, load_schedule, save_schedule
 
 
 def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: float = 0.1, p_lower: float = 0.0,
@@ -67,9 +67,9 @@ def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: floa
         check_fisher_model(fisher_path, meta, weights, model)
         make, target = guided_dropout, loaded.model
         if lora is not None:
-            from . import lora as lora_sites
+            from . import lora as lora_module
 
-            make, target = lora_sites.lora_schedule, _lora_model(loaded, lora)
+            make, target = lora_module.lora_schedule, _lora_model(loaded, lora)
         schedule = make(target, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, gamma=gamma,
                         model_source=loaded.source, fisher_source=str(fisher_path), model_fingerprint=weights)
         save_schedule(schedule, Path(out))
@@ -87,3 +87,48 @@ def _lora_model(loaded, spec: str):
         return loaded.model
     task = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS"}.get(loaded.kind)
     return lora.wrap(loaded.model, lora.parse_lora_spec(spec), task)
+
+
+def schedule_from_args(model, schedule_path: Optional[str] = None, fisher_path: Optional[str] = None,
+                       p_upper=0.1, p_lower=0.0, shape="linear", model_fingerprint: str = "", model_spec=None):
+    """Load a schedule file, or compute one from a Fisher file; None when neither is given.
+
+    On a PEFT LoRA model the computed schedule is the guided LoRA dropout one
+    (``lora.lora_schedule``).  Files without a recorded fingerprint are checked by site names only.
+
+    Args:
+        model: the model the schedule is for.
+        schedule_path: a schedule file (.json), or None.
+        fisher_path: a Fisher file to compute a schedule from (``guided_dropout``), or None.
+        p_upper: the highest probability of a computed schedule.
+        p_lower: the lowest probability of a computed schedule.
+        shape: the shape of a computed schedule (see ``guided_dropout``).
+        model_fingerprint: the ``identity.model_fingerprint`` of the checkpoint ``model`` was
+            built from; when given, a schedule or Fisher file recorded for another model is
+            refused.
+        model_spec: how the user named the model (``--model``), for messages.
+
+    Returns:
+        The ``Schedule``, or None when neither file is given.
+
+    Raises:
+        UsageError: an unreadable file, or one recorded for another model.
+    """
+    from ..identity import check_file_model
+
+    if schedule_path:
+        loaded = load_schedule(schedule_path)
+        if model_fingerprint:
+            check_file_model(schedule_path, "schedule", loaded.model_fingerprint, model_fingerprint, model_spec)
+        return loaded
+    if fisher_path:
+        from ..fisher import check_fisher_model, load_fisher
+        from . import lora
+
+        fisher, meta = load_fisher(fisher_path)
+        if model_fingerprint:
+            check_fisher_model(fisher_path, meta, model_fingerprint, model_spec)
+        make = lora.lora_schedule if lora.lora_modules(model) else guided_dropout
+        return make(model, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, fisher_source=str(fisher_path),
+                    model_fingerprint=model_fingerprint)
+    return None
