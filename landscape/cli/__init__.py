@@ -72,7 +72,7 @@ def _message(err: UsageError, args) -> str:
 
 
 # A stage's output parameters whose flag is not --out (a default path derived from --out is named so).
-_OUTPUT_FLAGS = {"runs_out": "--runs-out", "plot": "--plot"}
+_OUTPUT_FLAGS = {"runs_out": "--runs-out", "plot": "--plot", "csv": "--csv", "vectors": "--vectors"}
 
 
 def _flag_of(args, path, default="--out") -> str:

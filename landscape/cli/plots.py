@@ -1,21 +1,8 @@
-"""plot, compare: figures of surface files, and sharpness numbers next to them."""
-
-import os
+"""plot, compare: the command line of ``plots.plot`` and ``plots.compare``."""
 
 from ..errors import UsageError
-from ..files import check_output_path
 from . import options
-from .common import add_overwrite_arg, claim
-from .hessian import compare_columns, compare_reports, plot_other
-
-
-def _check_out(args, inputs):
-    """Check --out and claim it for a figure of ``inputs`` (their absolute paths are its settings)."""
-    from ..plots.surfaces import FORMATS
-
-    check_output_path(args.out, "--out", [f".{f}" for f in FORMATS])
-    claim(args, args.out, "figure", settings={"command": args.command,
-                                              "inputs": [os.path.abspath(p) for p in inputs]})
+from .common import add_overwrite_arg
 
 
 def register(subparsers):
@@ -42,7 +29,7 @@ def _add_style_args(parser, kinds_help):
 
 def _style_kwargs(args):
     return dict(kind=args.kind, field=args.field, log=args.log, zmin=args.zmin, zmax=args.zmax,
-                cmap=args.cmap, levels=args.levels, title=args.title)
+                cmap=args.cmap, levels=args.levels, title=args.title, overwrite=args.overwrite)
 
 
 def _register_plot(subparsers):
@@ -56,13 +43,10 @@ def _register_plot(subparsers):
 
 
 def _run_plot(args):
-    from ..plots.surfaces import plot_surface
+    from ..plots import plot
 
-    _check_out(args, [args.surface])
-    if plot_other(args):  # spectrum; contours with a trajectory's checkpoints
-        return
-    out = plot_surface(args.surface, args.out, **_style_kwargs(args))
-    print(f"wrote {out}")
+    drawn = plot(args.surface, args.out, **_style_kwargs(args))
+    print(f"wrote {drawn['path']}" + (" (with the trajectory's checkpoints)" if drawn["trajectory"] else ""))
 
 
 def _register_compare(subparsers):
@@ -94,18 +78,16 @@ def parse_labels(text):
 
 
 def _run_compare(args):
-    from ..plots import surfaces as render
-    from ..surface import sharpness
+    from ..plots import compare
+    from ..plots.figures import format_curvature
+    from ..plots.surfaces import default_csv_path
+    from ..surface.sharpness import format_table
 
-    _check_out(args, args.surfaces)
-    csv_path = args.csv or render.default_csv_path(args.out)
-    if csv_path:
-        check_output_path(csv_path, "--csv", [".csv"])
-        claim(args, csv_path, "table", columns=sharpness.COLUMNS[:4])
-    reports = compare_reports(args)
-    rows = render.compare_surfaces(args.surfaces, parse_labels(args.labels), args.out, csv=csv_path,
-                                   radius=args.radius, fit_radius=args.fit_radius, **_style_kwargs(args))
-    print(sharpness.format_table(rows))
+    csv_path = args.csv or default_csv_path(args.out)
+    reports = [p.strip() for p in args.hessian.split(",")] if args.hessian else None
+    rows = compare(args.surfaces, args.out, labels=parse_labels(args.labels), csv=csv_path, hessian=reports,
+                   radius=args.radius, fit_radius=args.fit_radius, **_style_kwargs(args))
+    print(format_table(rows))
     if reports:
-        compare_columns(rows, reports, csv_path)
+        print(format_curvature(rows))
     print(f"wrote {args.out} and {csv_path}")

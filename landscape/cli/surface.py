@@ -1,116 +1,11 @@
-"""directions, surface."""
+"""surface."""
 
-from .. import adapters
-from ..adapters import ADAPTER_SUBSET
-from ..errors import UsageError
-from ..files import check_output_path
 from . import options
-from .common import (
-    add_corpus_args,
-    add_model_args,
-    add_new_head_arg,
-    add_overwrite_arg,
-    add_shard_args,
-    add_threads_arg,
-    claim,
-    model_id,
-)
-from .hessian import add_directions_args, other_directions
+from .common import add_corpus_args, add_model_args, add_new_head_arg, add_overwrite_arg, add_shard_args
 
 
 def register(subparsers):
-    _register_directions(subparsers)
     _register_surface(subparsers)
-
-
-# ----------------------------------------------------------------------------- directions
-def _register_directions(subparsers):
-    parser = subparsers.add_parser(
-        "directions", help="filter-normalized, Fisher-masked random directions",
-        description="Seeded Gaussian directions, normalized per filter/layer and optionally masked by "
-                    "Fisher scores, written to an HDF5 direction file.")
-    parser.add_argument("--model", default=None,
-                        help="Hugging Face model id, local from_pretrained folder or PEFT adapter folder (default: "
-                             "the embedded model)")
-    parser.add_argument("--fisher", default=None, help="Fisher file (safetensors) for --subset")
-    parser.add_argument("--subset", default=None,
-                        help="top:K | bottom:K | random:K | all (K in percent, (0, 100]), or adapter: only the "
-                             "parameters of a PEFT adapter --model (its LoRA factors and saved head; no --fisher) "
-                             "(default: all)")
-    parser.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
-                        help="rank elements over the whole model (global) or inside each tensor (tensor, as the "
-                             "paper's code does)")
-    parser.add_argument("--norm", choices=("filter", "layer", "none"), default="filter",
-                        help="rescale each filter (output unit) or each whole tensor of a direction to the norm of "
-                             "the same part of the weights (Li et al.), or leave the Gaussian as drawn")
-    parser.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn",
-                        help="biasbn: 1-D tensors (biases, LayerNorm) are not perturbed; none: every tensor is")
-    parser.add_argument("--seed", type=options.SEED, default=0, help="seed of the directions and of random masks")
-    parser.add_argument("--dims", type=int, choices=(1, 2), default=2,
-                        help="number of directions: 1 for a 1D curve, 2 for a 2D surface")
-    parser.add_argument("--orthogonalize", action="store_true",
-                        help="make the second direction orthogonal to the first (default: two independent draws)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="load the weights in this dtype and round the directions to it: a bfloat16 model's "
-                             "surface then holds exactly these values, and the file is about half the size")
-    parser.add_argument("--out", required=True, help="direction file to write (.h5)")
-    add_shard_args(parser)
-    add_new_head_arg(parser)
-    add_overwrite_arg(parser)
-    add_directions_args(parser)
-    add_threads_arg(parser)
-    parser.set_defaults(func=run_directions)
-
-
-def run_directions(args):
-    from ..fisher import check_fisher_model, fisher_metadata
-    from ..identity import MODEL_KEY, model_fingerprint
-    from ..models import load_model
-    from ..runtime import join_torchrun
-    from ..sharding import shard_layout, shard_model
-    from ..surface import directions
-
-    out = check_output_path(args.out, "--out", H5_SUFFIXES)
-    claim(args, out, "directions")
-    if other_directions(args, out):  # --kind hessian, --to, --trajectory
-        return 0
-    subset = args.subset or "all"
-    if subset == ADAPTER_SUBSET:
-        if args.fisher:
-            raise UsageError(f"--subset {ADAPTER_SUBSET} selects the adapter's parameters by name: --fisher does not "
-                             "apply")
-    else:
-        directions.parse_mask_spec(subset)
-    if subset not in ("all", ADAPTER_SUBSET) and not args.fisher:
-        raise UsageError(f"--subset {subset} needs --fisher F.safetensors")
-    _, rank, _ = join_torchrun("cpu")
-    layout = shard_layout(args.shard_size)
-    # Random directions need only the weights' shapes; masking them by a Fisher measures the head.
-    loaded = load_model(args.model, device="cpu", dtype=args.dtype,
-                        allow_new_head=args.allow_new_head or not args.fisher)
-    weights = model_fingerprint(loaded)  # of the checkpoint's files, unchanged by sharding
-    if args.fisher:
-        check_fisher_model(args.fisher, fisher_metadata(args.fisher), weights, args.model)
-    shard_model(loaded.model, layout)
-    settings = {"model": model_id(loaded), "fisher": str(args.fisher or ""), MODEL_KEY: weights,
-                **adapters.record(loaded)}
-    if not args.overwrite:
-        directions.check_existing_directions(out, dict(
-            settings, seed=args.seed, norm=args.norm, ignore=args.ignore, subset=subset, dims=args.dims,
-            mask_granularity=args.mask_granularity, orthogonal=args.orthogonalize))
-    attrs = directions.write_directions(
-        out, loaded.model, dims=args.dims, seed=args.seed, norm=args.norm, ignore=args.ignore,
-        fisher=args.fisher, subset=subset, granularity=args.mask_granularity, orthogonal=args.orthogonalize,
-        precision=args.dtype, settings=settings, progress=True)
-    if rank == 0:
-        share = 100.0 * attrs["n_selected"] / max(1, attrs["n_parameters"])
-        print(f"wrote {out}: {args.dims} direction(s), norm={args.norm}, subset={subset}, "
-              f"{attrs['n_selected']:,} of {attrs['n_parameters']:,} parameters perturbed ({share:.2f}%), "
-              f"{out.stat().st_size / 2**20:.1f} MiB")
-    return 0
-
-
-H5_SUFFIXES = (".h5", ".hdf5")
 
 
 # ----------------------------------------------------------------------------- surface

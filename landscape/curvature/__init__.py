@@ -25,7 +25,8 @@ probes/runs, appended and fsynced as each finishes, so a killed run resumes wher
 
 The subpackage: ``operator`` (the product, the model state, the attention fallback), ``lanczos``
 (top eigenpairs and SLQ runs), ``estimators`` (trace, spectrum), ``checkpoint`` (the journal),
-``report`` (one run as files: a subset's mask, the JSON report, the eigenvectors as a direction file).
+``report`` (one run as files: a subset's mask, the JSON report, the eigenvectors as a direction file),
+``stage`` (the stage as one call: ``run_hessian`` writes a report, ``eigen_directions`` a direction file).
 """
 
 from .checkpoint import JOURNAL_FORMAT
@@ -33,7 +34,8 @@ from .estimators import Spectrum, spectrum, trace
 from .lanczos import LanczosInfo, top_eigenpairs
 from .operator import DEFAULT_CACHE_BYTES, HessianOperator
 from .report import hessian_report, load_report, save_eigenvectors, save_report, subset_mask
+from .stage import HessianResult, eigen_directions, run_hessian
 
-__all__ = ["DEFAULT_CACHE_BYTES", "JOURNAL_FORMAT", "HessianOperator", "LanczosInfo", "Spectrum",
-           "hessian_report", "load_report", "save_eigenvectors", "save_report", "spectrum", "subset_mask",
-           "top_eigenpairs", "trace"]
+__all__ = ["DEFAULT_CACHE_BYTES", "JOURNAL_FORMAT", "HessianOperator", "HessianResult", "LanczosInfo",
+           "Spectrum", "eigen_directions", "hessian_report", "load_report", "run_hessian", "save_eigenvectors",
+           "save_report", "spectrum", "subset_mask", "top_eigenpairs", "trace"]

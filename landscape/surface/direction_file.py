@@ -184,6 +184,8 @@ def check_existing_directions(path, settings) -> None:
     """SettingsMismatch when ``path`` holds directions made with settings other than ``settings``.
 
     A missing file passes; so does one with the same settings (they are seeded: the same file).
+    Only scalar settings (text, numbers, None) are compared: arrays (eigenvalues, a trajectory's
+    coordinates) are results, not settings.
     """
     path = Path(path)
     if not path.exists():
@@ -194,6 +196,8 @@ def check_existing_directions(path, settings) -> None:
     except OSError:
         raise SettingsMismatch(f"'{path}' exists but is not a direction file") from None
     for key in sorted(set(settings) & set(old)):
+        if settings[key] is not None and not isinstance(settings[key], (str, int, float)):
+            continue
         now = "" if settings[key] is None else settings[key]
         if old[key] != now:
             raise SettingsMismatch(f"'{path}' holds directions made with other settings "

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..adapters import ADAPTER_SUBSET, adapter_mask
 from ..errors import UsageError
 from ..fisher.file import check_fisher_matches
@@ -246,9 +247,16 @@ def _settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, 
             "n_selected": int(n_selected), "n_parameters": int(sum(p.numel() for p in model.parameters()))}
 
 
-def _check_request(dims, subset, fisher, precision="float32"):
+def _check_request(dims, subset, fisher, precision="float32", seed=0, norm="filter", ignore="biasbn"):
     if dims not in (1, 2):
         raise UsageError(f"dims must be 1 or 2, got {dims}")
+    checks.seed(seed)
+    # write_directions makes tensors one by one (not through random_direction, which checks these):
+    # an unknown norm would otherwise leave the Gaussian unnormalized, silently.
+    if norm not in NORMS:
+        raise UsageError(f"unknown norm '{norm}'; use one of {', '.join(NORMS)}")
+    if ignore not in IGNORES:
+        raise UsageError(f"unknown ignore '{ignore}'; use one of {', '.join(IGNORES)}")
     if subset == ADAPTER_SUBSET:  # the adapter's own parameters: a mask by name, no Fisher
         if fisher is not None:
             raise UsageError(f"subset '{ADAPTER_SUBSET}' selects by name and takes no Fisher scores")
@@ -295,7 +303,7 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         The attributes written: the settings of ``make_directions``, ``precision``, the extra
         settings and the ``fingerprint``.
     """
-    _check_request(dims, subset, fisher, precision)
+    _check_request(dims, subset, fisher, precision, seed, norm, ignore)
     masks = None
     if subset == ADAPTER_SUBSET:
         masks = adapter_mask(model, perturbable_names(model, ignore))

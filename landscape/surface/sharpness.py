@@ -221,9 +221,18 @@ def short_note(row):
     return f"rise@{row['radius']:.2g}={row['rise']:.3g}, curv={row['curvature']:.3g}"
 
 
-def write_csv(rows, path):
-    """Write summaries (dicts with keys ``COLUMNS``) as CSV; NaN is written as an empty cell."""
-    return write_rows([{k: _cell(row[k]) for k in COLUMNS} for row in rows], path, COLUMNS)
+def write_csv(rows, path, columns=COLUMNS):
+    """Write summaries as CSV; NaN is written as an empty cell.
+
+    Args:
+        rows: dicts with (at least) the keys ``columns``.
+        path: the CSV file.
+        columns: the columns, in order (default ``COLUMNS``).
+
+    Returns:
+        The path, as a ``Path``.
+    """
+    return write_rows([{k: _cell(row[k]) for k in columns} for row in rows], path, columns)
 
 
 def _cell(value):

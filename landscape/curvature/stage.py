@@ -1,0 +1,304 @@
+"""The curvature stage as one call each: a Hessian report, or eigenvectors as directions.
+
+``run_hessian`` writes a Hessian report (what ``landscape hessian`` does), ``eigen_directions``
+writes the top eigenvectors as a direction file (the ``hessian`` kind of ``directions.make``).
+
+Both load the model and the sample, restrict the Hessian to a Fisher subset when asked (P·H·P),
+store every setting that changes the numbers with the model's and the sample's fingerprints, claim
+their outputs (``outputs.claim_output``) and refuse an output made with other settings unless
+``overwrite``.  Errors are ``UsageError`` in the library's terms.
+"""
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .. import adapters, checks
+from ..errors import UsageError
+from ..files import check_output_path
+from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
+from ..models import LoadedModel, model_id
+from ..outputs import claim_output
+from ..surface.direction_file import check_existing_directions
+from ..surface.paths import ModelSpec, loaded_model
+from .report import (
+    check_existing_report,
+    direction_fingerprint,
+    hessian_report,
+    mask_size,
+    remove_checkpoints,
+    save_eigenvectors,
+    save_report,
+    subset_mask,
+)
+
+Log = Optional[Callable[[str], None]]
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
+@dataclass
+class HessianResult:
+    """What ``run_hessian`` wrote.
+
+    ``path`` of the report and ``vectors`` (the eigenvectors' direction file, or None); ``report``:
+    the report as a dict (eigenvalues, trace, spectrum, settings, provenance; see ``report``);
+    ``computed``: False when ``path`` was already complete with these settings (nothing was run).
+    """
+
+    path: Path
+    vectors: Optional[Path]
+    report: dict
+    computed: bool
+
+
+def _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors):
+    """The run's numbers, checked against their domains (``checks``), as ints and floats."""
+    top = checks.int_in(0, checks.EIGENPAIRS_MAX).check(top, "the number of eigenpairs")
+    trace = checks.non_negative_int(trace, "the number of trace probes")
+    spectrum = checks.non_negative_int(spectrum, "the number of spectrum runs")
+    steps = checks.int_in(1, checks.LANCZOS_STEPS_MAX).check(steps, "the Lanczos steps")
+    bins = checks.int_in(1, checks.BINS_MAX).check(bins, "the number of bins")
+    tol = checks.OPEN_UNIT.check(tol, "tol")
+    max_iter = checks.positive_int(max_iter, "max_iter")
+    cache_mb = checks.non_negative_float(cache_mb, "cache_mb")
+    if not (top or trace or spectrum):
+        raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
+    if vectors is not None and top < 1:
+        raise UsageError("eigenvectors need at least one eigenpair")
+    if top and max_iter < top:
+        raise UsageError(f"max_iter ({max_iter}) must be at least the number of eigenpairs ({top})")
+    return top, trace, spectrum, steps, bins, tol, max_iter, cache_mb
+
+
+def _fisher(fisher, subset):
+    """(Fisher scores or None, the file's metadata, the subset) for a subset of the Hessian."""
+    from ..fisher import load_fisher
+    from ..surface.directions import parse_mask_spec
+
+    subset = subset or "all"
+    parse_mask_spec(subset)
+    if fisher is not None:
+        return (*load_fisher(fisher), subset)
+    if subset != "all":
+        raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
+    return None, {}, subset
+
+
+def _masked(loaded: LoadedModel, model: ModelSpec, fisher, seed, ignore, granularity, fisher_scores):
+    """(the operator's mask, the masking settings, the model's fingerprint).
+
+    A Fisher file computed on another model is refused first.  fisher_scores: what ``_fisher`` gave.
+    """
+    from ..fisher import check_fisher_model
+
+    scores, meta, subset = fisher_scores
+    weights = model_fingerprint(loaded)
+    if fisher is not None:
+        check_fisher_model(fisher, meta, weights, loaded.source if isinstance(model, LoadedModel) else model)
+    mask = subset_mask(loaded.model, scores, subset, seed=seed, ignore=ignore, granularity=granularity)
+    masking = {"fisher": str(Path(fisher).resolve()) if fisher is not None else "",
+               "fisher_provenance": str(meta.get("corpus", "")), "subset": subset, "mask_seed": int(seed),
+               "mask_granularity": granularity, "ignore": ignore}
+    return mask, masking, weights
+
+
+def _load(model: ModelSpec, corpus, device, dtype, allow_new_head) -> LoadedModel:
+    from ..data.hf_datasets import check_reachable
+
+    check_reachable(corpus)  # before the model is loaded for nothing
+    return loaded_model(model, allow_new_head, device=device, dtype=dtype)
+
+
+def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples=64, seq_len=128,
+                batch_size=16, seed=0, bos="auto", device="auto", dtype="float32", allow_new_head=False, top=2,
+                trace=0, spectrum=0, steps=80, bins=200, tol=1e-4, max_iter=500, fisher=None, subset="all",
+                granularity="global", ignore="biasbn", cache_mb=1024.0, vectors=None, overwrite=False,
+                progress=False, log: Log = None) -> HessianResult:
+    """Top eigenpairs, trace and spectral density of the loss Hessian, written as a JSON report.
+
+    The loss is the one surfaces report (token-weighted mean cross-entropy over the sample, eval
+    mode).  Long runs keep journals next to ``out`` (``OUT.top.ckpt``, ...); the same call resumes.
+
+    Args:
+        out: the report (.json) to write.
+        model: hub id, ``from_pretrained`` folder, None (the embedded model) or a ``LoadedModel``.
+        corpus: text file, JSONL, HF dataset or None (the embedded corpus), as ``corpus.load_batches``.
+        fraction: seeded document-level fraction of the corpus in (0, 1] (None: all of it).
+        max_samples: at most this many packed sequences.
+        seq_len: tokens per sequence.
+        batch_size: sequences per forward pass (does not change the numbers beyond rounding).
+        seed: seeds the sample, random masks, the Lanczos start vector and the probes.
+        bos: 'auto' | 'yes' | 'no': a BOS token first in every sample.
+        device: auto | cpu | cuda | cuda:N.
+        dtype: float32 | tf32 | bfloat16 | float16.
+        allow_new_head: accept a checkpoint without its pretraining head.
+        top: top eigenpairs (0: none).
+        trace: Hutchinson probes for the trace (0: none).
+        spectrum: stochastic Lanczos quadrature runs for the density (0: none).
+        steps: Lanczos steps per spectrum run.
+        bins: histogram bins of the density.
+        tol: eigenpairs converge when |Hv − λv| <= tol·|λ|, tol in (0, 1).
+        max_iter: at most this many Hessian-vector products for the eigenpairs (>= top).
+        fisher: a Fisher file's path, for ``subset`` (None: no Fisher subset).
+        subset: 'top:K' | 'bottom:K' | 'random:K' (K in percent) | 'all': the Hessian restricted to
+            those elements (P·H·P; see ``report.subset_mask``).
+        granularity: 'global' | 'tensor': rank elements over the whole model or inside each tensor.
+        ignore: 'biasbn' (1-D tensors are not coordinates) | 'none' (every trainable element).
+        cache_mb: memory for the cached first-order graphs, in MB (0: recompute).
+        vectors: also write the top-1/top-2 eigenvectors to this direction file (.h5).
+        overwrite: replace outputs made with other settings (or holding something else).
+        progress: progress bars on stderr.
+        log: called with one line per stage (None: silent, warnings stay Python warnings).
+
+    Returns:
+        A ``HessianResult``: the report's path and dict, the vectors' path, whether it was computed.
+
+    Raises:
+        UsageError: a value outside its domain, nothing to compute, a subset without a Fisher file,
+            a Fisher file of another model, or outputs that may not be written (``OutputRefused``,
+            ``OutputBusy``, ``SettingsMismatch``).
+    """
+    from ..fisher.stage import check_sample_settings
+
+    out = check_output_path(out, "out", [".json"])
+    vectors = check_output_path(vectors, "vectors", H5_SUFFIXES) if vectors is not None else None
+    counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
+    top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
+    check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
+    with claim_output(out, "hessian-report", overwrite=overwrite), \
+            (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
+        prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
+                            allow_new_head, fisher, subset, granularity, ignore)
+        loaded, batches, mask, sample, masking = prepared
+        settings = dict(sample, **masking, batch_size=batch_size, seed=seed, top=top, tol=tol, max_iter=max_iter,
+                        trace=trace, spectrum=spectrum, steps=steps if spectrum else None,
+                        bins=bins if spectrum else None, vectors=str(vectors) if vectors else "")
+        n_selected = mask_size(loaded.model, mask)
+        n_parameters = sum(p.numel() for p in loaded.model.parameters())
+        vector_settings = dict(sample, **masking, seed=seed, tol=tol, n_selected=n_selected,
+                               n_parameters=n_parameters, source="landscape hessian")
+        done = None if overwrite else _finished(out, settings, vectors, vector_settings)
+        if done is not None:
+            return HessianResult(out, vectors, done, computed=False)
+        if log is not None:
+            log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
+        report = hessian_report(loaded.model, batches, top=top, trace_samples=trace, spectrum_runs=spectrum,
+                                steps=steps, bins=bins, mask=mask, seed=seed, tol=tol, max_iter=max_iter,
+                                checkpoint=out, vectors=vectors, vector_settings=vector_settings,
+                                settings=settings, cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
+        save_report(out, report)
+        remove_checkpoints(out)
+    return HessianResult(out, vectors, report, computed=True)
+
+
+def _header(loaded, batches, n_selected, n_parameters, masking, seq_len) -> str:
+    """What a run is about to compute, in one line."""
+    return (f"Hessian of {loaded.source} over {n_selected:,} of {n_parameters:,} parameters "
+            f"({100.0 * n_selected / max(1, n_parameters):.2f}%, subset {masking['subset']}, ignore "
+            f"{masking['ignore']}); sample of {sum(b['labels'].shape[0] for b in batches)} sequences x {seq_len} "
+            "tokens")
+
+
+def _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
+             allow_new_head, fisher, subset, granularity, ignore):
+    """(loaded model, batches, mask, the sample's settings, the mask's settings) of a run."""
+    from ..data.corpus import describe_framing, load_batches
+
+    scores = _fisher(fisher, subset)  # a bad subset or a missing Fisher file before the model is loaded
+    loaded = _load(model, corpus, device, dtype, allow_new_head)
+    mask, masking, weights = _masked(loaded, model, fisher, seed, ignore, granularity, scores)
+    batches = load_batches(loaded, corpus=corpus, fraction=fraction, max_samples=max_samples, seq_len=seq_len,
+                           batch_size=batch_size, seed=seed, bos=bos)
+    sample = {"model": model_id(loaded), "corpus": str(corpus or "embedded"), "fraction": fraction,
+              "max_samples": max_samples, "seq_len": seq_len, "corpus_seed": seed,
+              "framing": describe_framing(loaded.tokenizer, bos), "precision": str(dtype).lower(),
+              MODEL_KEY: weights, **adapters.record(loaded)}
+    return loaded, batches, mask, sample, masking
+
+
+def _finished(out, settings, vectors, vector_settings) -> Optional[dict]:
+    """The report at ``out`` when it is complete with these settings (and its vectors unchanged).
+
+    None when the run is to be made; SettingsMismatch when ``out`` or ``vectors`` hold other settings.
+    """
+    done = check_existing_report(out, settings)
+    if done is not None and (vectors is None or (done.get("vectors") or {}).get("fingerprint")
+                             == direction_fingerprint(vectors)):
+        return done
+    if vectors is not None:
+        check_existing_directions(vectors, dict(vector_settings, kind="hessian", norm="unit"))
+    return None
+
+
+def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subset="all", granularity="global",
+                     ignore="biasbn", seed=0, corpus=None, max_samples=64, seq_len=128, batch_size=16, sample_seed=0,
+                     bos="auto", tol=1e-4, device="auto", allow_new_head=False, overwrite=False, progress=False,
+                     log: Log = None) -> dict:
+    """Write the top-1 (``dims=1``) or top-2 Hessian eigenvectors as a direction file (unit norm).
+
+    Args:
+        out: the direction file (.h5) to write.
+        model: hub id, ``from_pretrained`` folder, None (the embedded model) or a ``LoadedModel``;
+            loaded in float32.
+        dims: 1 or 2 eigenvectors.
+        fisher: a Fisher file's path, for ``subset`` (None: no Fisher subset).
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all', as for ``run_hessian``.
+        granularity: 'global' | 'tensor', as for ``run_hessian``.
+        ignore: 'biasbn' | 'none', as for ``run_hessian``.
+        seed: seeds the Lanczos start vector and random masks.
+        corpus: the sample's corpus (None: the embedded corpus).
+        max_samples: sequences in the sample (the default of ``landscape surface``).
+        seq_len: tokens per sequence.
+        batch_size: sequences per forward pass.
+        sample_seed: seed of the sample, as ``surface``'s.
+        bos: 'auto' | 'yes' | 'no'.
+        tol: eigenpairs converge when |Hv − λv| <= tol·|λ|.
+        device: auto | cpu | cuda | cuda:N.
+        allow_new_head: accept a checkpoint without its pretraining head.
+        overwrite: replace an output made with other settings (or holding something else).
+        progress: a progress bar on stderr.
+        log: called with each warning as a line 'note: ...' (None: they stay Python warnings).
+
+    Returns:
+        The attributes written: ``kind='hessian'``, ``eigenvalues`` (dims,) descending in
+        nats/token per unit², the mask and sample settings with ``model_fingerprint`` and
+        ``sample_fingerprint``, ``n_selected``, ``n_parameters``, ``fingerprint``.
+
+    Raises:
+        UsageError: as ``run_hessian``, or dims other than 1 or 2.
+    """
+    from ..data.corpus import describe_framing, load_batches
+    from ..fisher.stage import check_sample_settings
+    from .lanczos import top_eigenpairs
+
+    if dims not in (1, 2):
+        raise UsageError(f"dims must be 1 or 2, got {dims}")
+    tol = checks.OPEN_UNIT.check(tol, "tol")
+    check_sample_settings(None, max_samples, seq_len, batch_size, sample_seed, bos)
+    with claim_output(out, "directions", overwrite=overwrite):
+        scores = _fisher(fisher, subset)
+        loaded = loaded_model(model, allow_new_head, device=device, dtype="float32")
+        mask, masking, weights = _masked(loaded, model, fisher, seed, ignore, granularity, scores)
+        batches = load_batches(loaded, corpus=corpus, max_samples=max_samples, seq_len=seq_len,
+                               batch_size=batch_size, seed=sample_seed, bos=bos)
+        settings = dict(masking, kind="hessian", norm="unit", model=model_id(loaded), model_fingerprint=weights,
+                        **adapters.record(loaded), corpus=str(corpus or "embedded"), max_samples=max_samples,
+                        seq_len=seq_len, corpus_seed=sample_seed, framing=describe_framing(loaded.tokenizer, bos),
+                        sample_fingerprint=sample_fingerprint(batches), seed=seed, tol=tol,
+                        n_selected=mask_size(loaded.model, mask),
+                        n_parameters=sum(p.numel() for p in loaded.model.parameters()))
+        if not overwrite:
+            check_existing_directions(out, settings)
+        with warnings.catch_warnings():  # the attention fallback and non-convergence, one line each
+            if log is not None:
+                warnings.simplefilter("always")
+                warnings.showwarning = lambda message, *rest, **kw: log(f"note: {message}")
+            values, vectors = top_eigenpairs(loaded.model, batches, k=dims, mask=mask, seed=seed, tol=tol,
+                                             progress=progress)
+        fingerprint = save_eigenvectors(out, vectors, values, settings)
+    return dict(settings, kind="hessian", eigenvalues=np.asarray([float(v) for v in values]), norm="unit",
+                dims=len(vectors[:2]), orthogonal=True, fingerprint=fingerprint)
