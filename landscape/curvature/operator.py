@@ -3,6 +3,10 @@
 ``HessianOperator`` acts on the flat coordinates of a ``_Space`` (the kept elements of the
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
+
+Size: about 460 lines, 90 of them docstrings.  The coordinate space, the model state and the
+operator are used together only (an operator owns one space and one state), so they stay in one
+module a reader finds by the name of what it computes.
 """
 
 from __future__ import annotations

@@ -225,27 +225,37 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
                 f"({report['eigenpairs']['products']} products, largest relative residual "
                 f"{max(report['eigenpairs']['residuals']):.1e})")
         if trace_samples:
-            start = time.perf_counter()
-            mean, stderr = estimate_trace(model, batches, samples=int(trace_samples),
-                                          checkpoint=paths.get("trace"), **common)
-            report["trace"] = {"mean": mean, "stderr": stderr, "samples": int(trace_samples),
-                               "probe": "rademacher", "per_coordinate": mean / op.dim}
-            report["seconds"]["trace"] = round(time.perf_counter() - start, 3)
-            say(f"trace: {mean:.6g} ± {stderr:.2g} (standard error, {trace_samples} probes)")
+            _add_trace(report, model, batches, op, int(trace_samples), common, paths.get("trace"), say)
         if spectrum_runs:
-            start = time.perf_counter()
-            density = estimate_spectrum(model, batches, runs=int(spectrum_runs), steps=int(steps), bins=int(bins),
-                                        checkpoint=paths.get("spectrum"), **common)
-            report["spectrum"] = dict(density.to_dict(), runs=int(spectrum_runs), steps=int(steps),
-                                      bins=int(bins), ritz_mean=density.ritz_mean)
-            report["seconds"]["spectrum"] = round(time.perf_counter() - start, 3)
-            say(f"spectrum: {spectrum_runs} runs x {steps} steps, Ritz values in "
-                f"[{min(min(n) for n in density.nodes):.4g}, {max(max(n) for n in density.nodes):.4g}]")
+            _add_spectrum(report, model, batches, (int(spectrum_runs), int(steps), int(bins)), common,
+                          paths.get("spectrum"), say)
     if log is None:
         for text in fallback[:1] + report["warnings"]:
             warnings.warn(text, stacklevel=2)
     report["provenance"]["attention_fallback"] = fallback[0] if fallback else ""
     return report
+
+
+def _add_trace(report, model, batches, op, samples, common, journal_path, say):
+    """The Hutchinson trace (mean ± standard error) into ``report``, with its seconds."""
+    start = time.perf_counter()
+    mean, stderr = estimate_trace(model, batches, samples=samples, checkpoint=journal_path, **common)
+    report["trace"] = {"mean": mean, "stderr": stderr, "samples": samples, "probe": "rademacher",
+                       "per_coordinate": mean / op.dim}
+    report["seconds"]["trace"] = round(time.perf_counter() - start, 3)
+    say(f"trace: {mean:.6g} ± {stderr:.2g} (standard error, {samples} probes)")
+
+
+def _add_spectrum(report, model, batches, sizes, common, journal_path, say):
+    """The SLQ spectral density into ``report``, with its seconds; sizes = (runs, steps, bins)."""
+    runs, steps, bins = sizes
+    start = time.perf_counter()
+    density = estimate_spectrum(model, batches, runs=runs, steps=steps, bins=bins, checkpoint=journal_path,
+                                **common)
+    report["spectrum"] = dict(density.to_dict(), runs=runs, steps=steps, bins=bins, ritz_mean=density.ritz_mean)
+    report["seconds"]["spectrum"] = round(time.perf_counter() - start, 3)
+    say(f"spectrum: {runs} runs x {steps} steps, Ritz values in "
+        f"[{min(min(n) for n in density.nodes):.4g}, {max(max(n) for n in density.nodes):.4g}]")
 
 
 def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, vector_settings):
