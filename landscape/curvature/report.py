@@ -187,12 +187,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
     Raises:
         UsageError: nothing to compute, negative counts, or eigenvectors asked without eigenpairs.
     """
-    if int(top) < 0 or int(trace_samples) < 0 or int(spectrum_runs) < 0:
-        raise UsageError("the numbers of eigenpairs, trace probes and spectrum runs must be 0 or more")
-    if not (top or trace_samples or spectrum_runs):
-        raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
-    if vectors is not None and int(top) < 1:
-        raise UsageError("eigenvectors need at least one eigenpair")
+    _check_counts(top, trace_samples, spectrum_runs, vectors)
     say = log or (lambda line: None)
     paths = checkpoint_paths(checkpoint) if checkpoint is not None else {}
     op = HessianOperator(model, batches, mask, cache_bytes=0)  # identity and sizes only: no product here
@@ -234,6 +229,15 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
             warnings.warn(text, stacklevel=2)
     report["provenance"]["attention_fallback"] = fallback[0] if fallback else ""
     return report
+
+
+def _check_counts(top, trace_samples, spectrum_runs, vectors):
+    if int(top) < 0 or int(trace_samples) < 0 or int(spectrum_runs) < 0:
+        raise UsageError("the numbers of eigenpairs, trace probes and spectrum runs must be 0 or more")
+    if not (top or trace_samples or spectrum_runs):
+        raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
+    if vectors is not None and int(top) < 1:
+        raise UsageError("eigenvectors need at least one eigenpair")
 
 
 def _add_trace(report, model, batches, op, samples, common, journal_path, say):
