@@ -334,8 +334,20 @@ def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[st
     if what is not None:
         key = MODEL_KEY if what == "the model" else SAMPLE_KEY
         tail = f", or {remedy}" if remedy else ""
-        raise error(f"cannot resume '{path}': {what} changed since it was written ({_DETAIL[what]}; {key} "
+        detail = _DETAIL[what] if what == "the model" else _sample_detail(stored, current)
+        raise error(f"cannot resume '{path}': {what} changed since it was written ({detail}; {key} "
                     f"{stored[key]} then, {current[key]} now); rerun with the same {what[4:]}{tail}")
+
+
+# Settings that draw the sample: when one differs, it is the likely reason the tokens did.
+_SAMPLE_SETTINGS = ("corpus", "fraction", "max_samples", "seq_len", "corpus_seed", "framing", "bos")
+
+
+def _sample_detail(stored: Dict, current: Dict) -> str:
+    for key in _SAMPLE_SETTINGS:
+        if key in stored and key in current and stored[key] != current[key]:
+            return f"{_DETAIL['the sample']}; {key} was {stored[key]!r}, now {current[key]!r}"
+    return _DETAIL["the sample"]
 
 
 def check_file_model(path, what: str, recorded: Optional[str], fingerprint: str, model_spec=None) -> None:
