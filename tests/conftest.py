@@ -12,6 +12,10 @@ import pytest
 # The suite never reaches the Hugging Face hub; say so before transformers reads it, so that a
 # test asking for a hub id fails at once instead of waiting on network timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread unless the runner says otherwise: `--threads auto` picks fewer threads on a busy machine,
+# and float sums in another order differ in the last bits, so a test comparing a file made now with
+# one made earlier (bit for bit) must not depend on how busy the machine was in between.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 TEXT = """The river runs through the old town and under seven stone bridges.
