@@ -73,24 +73,3 @@ def claim(args, path, kind, **options):
     from ..outputs import claim_output
 
     return claim_output(path, kind, overwrite=getattr(args, "overwrite", False), **options)
-
-
-def load_model_from_args(args, device=None, allow_new_head=None, layout=None):
-    """``models.load_model`` of ``--model``, ``--device`` (or ``device``), ``--dtype`` and
-    ``--allow-new-head`` (or ``allow_new_head``), with ``layout``; a ``--corpus`` that names a hub
-    dataset the hub cannot provide is refused first, before the model is loaded for nothing."""
-    from ..data.hf_datasets import check_reachable
-    from ..models import load_model
-
-    check_reachable(getattr(args, "corpus", None))
-    if allow_new_head is None:
-        allow_new_head = getattr(args, "allow_new_head", False)
-    return load_model(args.model, device=device or args.device, dtype=args.dtype, allow_new_head=allow_new_head,
-                      layout=layout)
-
-
-def model_id(loaded):
-    """``models.model_id``: a model's source as stored in files."""
-    from ..models import model_id as source
-
-    return source(loaded)
