@@ -65,11 +65,3 @@ def add_new_head_arg(parser):
 def add_overwrite_arg(parser, help="replace an --out computed with other settings, or holding another kind of "
                                     "file (default: refuse)"):
     parser.add_argument("--overwrite", action="store_true", help=help)
-
-
-def claim(args, path, kind, **options):
-    """``outputs.claim_output`` for a command's output, with its ``--overwrite``; the claim is held
-    until the command ends (``cli.main`` releases it)."""
-    from ..outputs import claim_output
-
-    return claim_output(path, kind, overwrite=getattr(args, "overwrite", False), **options)

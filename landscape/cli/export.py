@@ -1,10 +1,9 @@
 """export: a surface file in another tool's format (VTK XML PolyData for ParaView)."""
 
-import os
 
 from ..files import check_output_path
 from . import options
-from .common import add_overwrite_arg, claim
+from .common import add_overwrite_arg
 
 
 def register(subparsers):
@@ -31,8 +30,7 @@ def run_export(args):
     from ..plots.vtk import export_vtp
 
     out = check_output_path(args.out, "--out", [".vtp"])
-    claim(args, out, "figure", settings={"command": args.command, "inputs": [os.path.abspath(args.vtk)]})
-    result = export_vtp(args.vtk, out, field=args.field, log=args.log, zmax=args.zmax)
+    result = export_vtp(args.vtk, out, field=args.field, log=args.log, zmax=args.zmax, overwrite=args.overwrite)
     print(f"wrote {result['path']}: {result['points']} points, {result['polys']} quads ({args.field}"
           f"{', ln(value + 0.1)' if args.log else ''}{f', clipped at {args.zmax:g}' if args.zmax is not None else ''})")
     return 0

@@ -8,6 +8,7 @@ the numbers are the file's numbers.  The original assumes a square grid; any ny 
 here.  Its ``--interp`` (a cubic resampling) is left out: it draws values that were never measured.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
-from ..outputs import figure_metadata
+from ..outputs import claim_output, figure_metadata
 from ..surface.file import read_surface
 
 LOG_OFFSET = 0.1  # the original's ln(z + 0.1): finite at a loss of 0
@@ -81,7 +82,7 @@ def _array(name, values, kind="Float64", components=1):
             f"          {text}\n        </DataArray>\n")
 
 
-def export_vtp(path, out, field="train_loss", log=False, zmax=None):
+def export_vtp(path, out, field="train_loss", log=False, zmax=None, overwrite=False):
     """Write the 2D surface ``path`` to ``out`` as VTK XML PolyData (see the module docstring).
 
     Args:
@@ -90,10 +91,21 @@ def export_vtp(path, out, field="train_loss", log=False, zmax=None):
         field: the dataset to export (as ``surface_points``).
         log: z = ln(value + 0.1) (as ``surface_points``).
         zmax: clip values above this, or None (as ``surface_points``).
+        overwrite: replace an ``out`` that export did not write from this surface.
 
     Returns:
         {'path', 'points', 'polys'}.
+
+    Raises:
+        UsageError: a bad surface or setting; ``OutputRefused`` for an ``out`` export did not
+            write unless ``overwrite``; ``OutputBusy`` when another process writes it.
     """
+    settings = {"command": "export", "inputs": [os.path.abspath(path)]}
+    with claim_output(out, "figure", overwrite=overwrite, settings=settings):
+        return _write_vtp(path, out, field, log, zmax)
+
+
+def _write_vtp(path, out, field, log, zmax):
     x, y, z, raw, (ny, nx) = surface_points(path, field, log, zmax)
     cells = quads(ny, nx)
     cell_z = z[cells].mean(axis=1)
