@@ -274,3 +274,33 @@ def write_surface(tmp_path):
         return path
 
     return write
+
+
+# ----------------------------------------------------------------------------- the command line in tests
+def cli_in_process(capfd, *args):
+    """The command line in this process: (exit code, stdout, stderr) as the file descriptors saw them."""
+    from landscape.cli import main
+
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # argparse
+        code = stop.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def shown_lines(err):
+    """The non-empty lines of ``err`` as a terminal shows them (a progress bar's last state after \\r)."""
+    return [part.rsplit("\r", 1)[-1] for part in err.split("\n") if part.rsplit("\r", 1)[-1].strip()]
+
+
+def one_line(code, err, *words):
+    """Exit 2, no traceback, one line on stderr that holds every one of ``words``; returns that line."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = shown_lines(err)
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]

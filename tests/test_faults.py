@@ -25,6 +25,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEXT
+from conftest import cli_in_process as _cli
+from conftest import one_line as _one_line
+from conftest import shown_lines as _shown_lines
 
 from landscape import directions as D
 from landscape import surface as S
@@ -60,34 +63,6 @@ def _decoded(done):
 def _run(*args, env=None, preexec_fn=None, timeout=300, wrapper=()):
     return _decoded(subprocess.run([*wrapper, *_cmd(*args)], cwd=ROOT, env=env or _env(), capture_output=True,
                                    timeout=timeout, preexec_fn=preexec_fn))
-
-
-def _cli(capfd, *args):
-    """The command line in this process: (exit code, stdout, stderr) as the file descriptors saw them."""
-    from landscape.cli import main
-
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:  # argparse
-        code = stop.code
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
-def _shown_lines(err):
-    return [part.rsplit("\r", 1)[-1] for part in err.split("\n") if part.rsplit("\r", 1)[-1].strip()]
-
-
-def _one_line(code, err, *words):
-    """Exit 2, no traceback, one line on stderr that holds every one of ``words``."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = _shown_lines(err)
-    assert len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def _records(out):

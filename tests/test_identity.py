@@ -13,33 +13,14 @@ import shutil
 import h5py
 import pytest
 import torch
+from conftest import cli_in_process as _cli
+from conftest import one_line as _one_line
 from conftest import write_toy_tsv
 from safetensors.torch import load_file
 
 from landscape import identity
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def _cli(capfd, *args):
-    from landscape.cli import main
-
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
-def _one_line(code, err, *words):
-    assert code == 2, err
-    lines = [part.rsplit("\r", 1)[-1] for part in err.split("\n") if part.rsplit("\r", 1)[-1].strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import cli_in_process as _cli
+from conftest import one_line as _one_line
 from safetensors.torch import save_file
 
 from landscape import outputs
@@ -35,26 +37,6 @@ def _env():
 
 def _cmd(*args):
     return [sys.executable, "-m", "landscape.cli", *map(str, args)]
-
-
-def _cli(capfd, *args):
-    from landscape.cli import main
-
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
-def _one_line(code, err, *words):
-    lines = [part.rsplit("\r", 1)[-1] for part in err.split("\n") if part.rsplit("\r", 1)[-1].strip()]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def _surface(path, fmt="landscape-surface", nx=5, ny=4):

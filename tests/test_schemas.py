@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE
+from conftest import NEGATIVE, POSITIVE, cli_in_process
+from conftest import one_line as _one_line
 from safetensors.torch import load_file, save_file
 
 from landscape.errors import UsageError
@@ -26,24 +27,8 @@ SAMPLE = ("--max-samples", 4, "--seq-len", 16, "--batch-size", 4)
 
 def _cli(capfd, *args):
     """(exit code, stderr) of the command line run in this process."""
-    from landscape.cli import main
-
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:  # argparse
-        code = stop.code
-    return code, capfd.readouterr().err
-
-
-def _one_line(code, err, *words):
-    """Exit 2, no traceback, one non-empty line on stderr holding every one of ``words``."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [part.rsplit("\r", 1)[-1] for part in err.split("\n") if part.rsplit("\r", 1)[-1].strip()]
-    assert len(lines) == 1, err
-    assert all(word in lines[0] for word in words), lines[0]
-    return lines[0]
+    code, _, err = cli_in_process(capfd, *args)
+    return code, err
 
 
 def _model_copy(source, folder, edit=None):
@@ -143,7 +128,6 @@ def test_an_integer_or_foreign_fisher_is_refused_by_directions(tiny_bert, tiny_b
     good = save_fisher(tmp_path / "F.safetensors", {n: torch.rand_like(p) for n, p in params.items()})
     assert _cli(capfd, "directions", "--model", tiny_bert_dir, "--fisher", good, "--subset", "top:5",
                 "--out", tmp_path / "d.h5")[0] == 0
-
 
 
 def test_a_fisher_file_from_before_the_format_key_still_reads(tiny_bert, tmp_path):
