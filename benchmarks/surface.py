@@ -187,7 +187,7 @@ def main_model(args):
             point = points[r % len(points)]
             _, t_plain = _plain_forward(model, batches)
             start = time.perf_counter()
-            _points_pass(model, perturbation, batches, [point], kind)
+            _points_pass(model, perturbation, [batches], [point], kind)
             t_ours = time.perf_counter() - start
             perturbation.restore()
             plain.append(t_plain)

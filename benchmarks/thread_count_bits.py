@@ -6,12 +6,17 @@ prints the largest relative difference and how many points differ:
     python benchmarks/thread_count_bits.py
 """
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from landscape import directions, surface
-from landscape.corpus import load_batches
-from landscape.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from landscape import directions, surface  # noqa: E402 (the repository first, as the other benchmarks)
+from landscape.corpus import load_batches  # noqa: E402
+from landscape.models import load_model  # noqa: E402
 
 
 def main():

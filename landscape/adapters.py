@@ -227,7 +227,7 @@ def adapter_mask(model, names=None) -> dict:
 
     mine = set(adapter_parameter_names(model))
     if not mine:
-        raise UsageError("--subset adapter needs a PEFT adapter as --model (a folder with adapter_config.json)")
+        raise UsageError("the adapter subset needs a PEFT adapter as the model (a folder with adapter_config.json)")
     allowed = mine if names is None else mine & set(names)
     return {n: torch.full(p.shape, n in allowed, dtype=torch.bool) for n, p in model.named_parameters()}
 

@@ -134,6 +134,14 @@ def test_finetune_lora_sweep_saves_adapters_that_peft_loads(toy_tsv, tiny_llama,
     assert "mixout mixes trained body weights" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec, words", [("r=x", "r must be a number"), ("rank=4", "unknown key 'rank'"),
+                                         ("r=0", "r must be at least 1"), ("layers=a-b", "layers must be block")])
+def test_a_bad_lora_spec_is_refused_in_the_library_s_own_terms(spec, words):
+    with pytest.raises(UsageError, match=f"^LoRA spec: {words}") as refused:
+        lora.parse_lora_spec(spec)
+    assert "--" not in str(refused.value)  # flags are the command line's words, not the library's
+
+
 def test_without_peft_the_lora_option_names_the_extra(monkeypatch):
     import sys
 

@@ -64,7 +64,7 @@ def test_unsharded_layout_and_tensors_are_plain():
 API_WORKER = """
 import torch
 from landscape import sharding
-from landscape.runtime import join_torchrun, leave_torchrun
+from landscape.runtime import end_torchrun_process, join_torchrun, leave_torchrun
 
 join_torchrun("cpu")
 layout = sharding.shard_layout(2)
@@ -90,6 +90,7 @@ assert torch.equal(model(x), last_bias[None])
 assert all(sharding.is_sharded(p) for p in model.parameters())  # resharded after the forward
 print("ok")
 leave_torchrun()
+end_torchrun_process(0)  # gloo can abort at interpreter shutdown (see its docstring)
 """
 
 
@@ -125,7 +126,7 @@ from landscape import sharding
 from landscape.corpus import load_batches
 from landscape.fisher import compute_fisher
 from landscape.models import load_model
-from landscape.runtime import join_torchrun, leave_torchrun
+from landscape.runtime import end_torchrun_process, join_torchrun, leave_torchrun
 
 join_torchrun("cpu")
 layout = sharding.shard_layout(2)
@@ -153,6 +154,7 @@ for name, value in expected.items():
     assert torch.equal(sharding.local_tensor(resumed[name]), sharding.local_tensor(value)), name
 print("ok")
 leave_torchrun()
+end_torchrun_process(0)  # gloo can abort at interpreter shutdown (see its docstring)
 """
 
 

@@ -93,16 +93,26 @@ def main(argv=None):
         except UsageError as err:
             print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
             return 2
-    from ..runtime import apply_threads, barrier, leave_torchrun, quiet_transformers
+    from ..runtime import apply_threads, barrier, end_torchrun_process, leave_torchrun, quiet_transformers
 
     quiet_transformers()
+    try:
+        code = _run(args, apply_threads, barrier)
+    finally:
+        release_all()  # the locks of this command's outputs
+        in_group = leave_torchrun()
+    if in_group:
+        end_torchrun_process(code)
+    return code
+
+
+def _run(args, apply_threads, barrier) -> int:
+    """The subcommand's exit code: 0, 2 for a library error (one line), 130 for Ctrl-C."""
     try:
         if getattr(args, "threads", None) is not None:
             apply_threads(args.threads)
         result = args.func(args)
-        # Ranks leave together: one that tears its group down while rank 0 still writes the output
-        # can abort rank 0 (seen with gloo: "terminate called without an active exception").
-        barrier()
+        barrier()  # ranks leave together, once rank 0 has written the output
     except UsageError as err:
         print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
         return 2
@@ -110,9 +120,6 @@ def main(argv=None):
         print(f"landscape {args.command}: interrupted; finished work is kept, rerun to resume",
               file=sys.stderr)
         return 130
-    finally:
-        release_all()  # the locks of this command's outputs
-        leave_torchrun()
     return int(result or 0)
 
 

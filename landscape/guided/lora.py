@@ -85,9 +85,9 @@ def parse_lora_spec(text: str) -> dict:
         elif key == "targets":
             value = token
         else:
-            raise UsageError(f"--lora: '{token}' is not key=value; use e.g. r=8,alpha=16,targets=q_proj,v_proj")
+            raise UsageError(f"LoRA spec: '{token}' is not key=value; use e.g. r=8,alpha=16,targets=q_proj,v_proj")
         if key not in _SPEC_KEYS:
-            raise UsageError(f"--lora: unknown key '{key}'; use r, alpha, targets and layers (the regularizer sets "
+            raise UsageError(f"LoRA spec: unknown key '{key}'; use r, alpha, targets and layers (the regularizer sets "
                              "dropout)")
         if key == "layers":
             out["layers"] = _layer_list(value)
@@ -98,9 +98,9 @@ def parse_lora_spec(text: str) -> dict:
         try:
             out[key] = _SPEC_KEYS[key](value)
         except ValueError:
-            raise UsageError(f"--lora: {key} must be a number, got '{value}'") from None
+            raise UsageError(f"LoRA spec: {key} must be a number, got '{value}'") from None
     if out["r"] < 1 or (out["alpha"] is not None and not out["alpha"] > 0):
-        raise UsageError(f"--lora: r must be at least 1 and alpha positive; got r={out['r']}, alpha={out['alpha']}")
+        raise UsageError(f"LoRA spec: r must be at least 1 and alpha positive; got r={out['r']}, alpha={out['alpha']}")
     if out["alpha"] is None:
         out["alpha"] = float(2 * out["r"])
     return out
@@ -114,9 +114,9 @@ def _layer_list(text):
             low, _, high = part.partition("-")
             layers.extend(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise UsageError(f"--lora: layers must be block indices like 18-29 or 0+5, got '{text}'") from None
+        raise UsageError(f"LoRA spec: layers must be block indices like 18-29 or 0+5, got '{text}'") from None
     if not layers or min(layers) < 0:
-        raise UsageError(f"--lora: layers must be block indices like 18-29 or 0+5, got '{text}'")
+        raise UsageError(f"LoRA spec: layers must be block indices like 18-29 or 0+5, got '{text}'")
     return layers
 
 
@@ -139,7 +139,7 @@ def wrap(model, spec: dict, task_type: str, dropout: float = 0.0, modules_to_sav
     with the adapter; "CAUSAL_LM", ...).  modules_to_save: more modules that train fully and are
     saved with the adapter.  UsageError when a target names no module of the model.
     """
-    peft = require_peft("--lora")
+    peft = require_peft("LoRA")
     config = peft.LoraConfig(task_type=task_type, r=spec["r"], lora_alpha=spec["alpha"],
                              target_modules=spec["targets"], lora_dropout=float(dropout),
                              layers_to_transform=spec.get("layers"), modules_to_save=modules_to_save)
@@ -148,7 +148,7 @@ def wrap(model, spec: dict, task_type: str, dropout: float = 0.0, modules_to_sav
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             return peft.get_peft_model(model, config)
     except ValueError as err:  # PEFT's word for targets it cannot find or cannot infer
-        raise UsageError(f"--lora: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"LoRA spec: {str(err).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------- fine-tuning with LoRA
@@ -168,7 +168,7 @@ def check_lora_regularizers(names) -> None:
     """UsageError (one line, naming why) for a regularizer that has no meaning under LoRA."""
     for name in names:
         if name in _WHY_NOT:
-            raise UsageError(f"--lora does not take the {name} regularizer: {_WHY_NOT[name]}; use any of "
+            raise UsageError(f"LoRA fine-tuning does not take the {name} regularizer: {_WHY_NOT[name]}; use any of "
                              f"{', '.join(LORA_REGULARIZERS)}")
 
 
