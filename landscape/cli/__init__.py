@@ -93,11 +93,11 @@ def main(argv=None):
         except UsageError as err:
             print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
             return 2
-    from ..runtime import apply_threads, barrier, end_torchrun_process, leave_torchrun, quiet_transformers
+    from ..runtime import end_torchrun_process, leave_torchrun, quiet_transformers
 
     quiet_transformers()
     try:
-        code = _run(args, apply_threads, barrier)
+        code = _run(args)
     finally:
         release_all()  # the locks of this command's outputs
         in_group = leave_torchrun()
@@ -106,8 +106,10 @@ def main(argv=None):
     return code
 
 
-def _run(args, apply_threads, barrier) -> int:
+def _run(args) -> int:
     """The subcommand's exit code: 0, 2 for a library error (one line), 130 for Ctrl-C."""
+    from ..runtime import apply_threads, barrier
+
     try:
         if getattr(args, "threads", None) is not None:
             apply_threads(args.threads)
