@@ -31,7 +31,7 @@ from .runtime import resolve_device, transformers_silenced
 
 ADAPTER_CONFIG = "adapter_config.json"
 INSTALL_HINT = "pip install 'landscape[lora]' (or pip install peft)"
-ADAPTER_SUBSET = "adapter"  # `directions --subset adapter`: perturb only the adapter's parameters
+ADAPTER_SUBSET = "adapter"  # `--subset adapter` (directions, hessian): only the adapter's parameters
 
 
 def require_peft(what="LoRA"):
@@ -212,6 +212,17 @@ def adapter_parameter_names(model) -> list:
     classification head).
     """
     return [n for n, _ in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n]
+
+
+def check_adapter_subset(fisher) -> None:
+    """UsageError when Fisher scores come with the adapter subset, which selects by name.
+
+    Args:
+        fisher: the Fisher scores or file given with the subset (None: none, as it should be).
+    """
+    if fisher is not None:
+        raise UsageError(f"subset '{ADAPTER_SUBSET}' selects the adapter's parameters by name and takes no "
+                         "Fisher scores")
 
 
 def adapter_mask(model, names=None) -> dict:

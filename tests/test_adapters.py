@@ -96,6 +96,66 @@ def cli_ok(*args):
     return args[-1]
 
 
+def test_hessian_over_the_adapter_is_the_dense_hessian_of_its_factors(adapter_dir, tiny_corpus_file, tmp_path):
+    """``hessian --subset adapter``: the curvature of the low-rank subspace where fine-tuning moved.
+    Its top eigenvalue is that of the dense Hessian of the loss in the LoRA factors alone (built
+    here from one double backward per coordinate, in float64)."""
+    from landscape.corpus import load_batches
+    from landscape.curvature.operator import _use_eager_attention
+    from landscape.data.objectives import sequence_losses
+
+    report = json.loads(cli_ok("hessian", "--model", adapter_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--subset",
+                               "adapter", "--top", 1, "--tol", 1e-6, "--quiet", "--out", tmp_path / "H.json")
+                        .read_text())
+    loaded = load_model(str(adapter_dir))
+    model = loaded.model.double().eval()
+    _use_eager_attention(model)  # sdpa has no double backward
+    batches = load_batches(loaded, corpus=tiny_corpus_file, max_samples=4, seq_len=16, batch_size=4)
+    factors = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert report["settings"]["subset"] == "adapter" and sum(p.numel() for p in factors) == 448
+    parts = [sequence_losses(model, b, loaded.kind) for b in batches]
+    loss = sum(s.loss_sum.sum() for s in parts) / sum(s.n_tokens.sum() for s in parts)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, factors, create_graph=True)])
+    rows = [torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, factors, retain_graph=True)]) for g in grad]
+    dense = torch.stack(rows)
+    top = float(torch.linalg.eigvalsh((dense + dense.T) / 2).abs().max())
+    assert report["eigenvalues"][0] == pytest.approx(top, rel=1e-4)
+    assert cli("hessian", "--model", adapter_dir, "--subset", "adapter", "--fisher", tmp_path / "H.json",
+               "--out", tmp_path / "H2.json") == 2
+
+
+def test_two_ranks_sharding_an_adapter_give_the_single_process_fisher_and_surface(adapter_dir, tiny_corpus_file,
+                                                                                   tmp_path):
+    """FSDP2 shards the adapted model (base and LoRA factors) as it shards a plain one: the same
+    Fisher and the same surface over the adapter's subspace as one process."""
+    import os
+    import subprocess
+
+    from landscape.fisher import load_fisher
+    from landscape.surface.file import read_surface
+
+    def both(command, *args):
+        suffix = ".safetensors" if command == "fisher" else ".h5"
+        single = cli_ok(command, *args, "--out", tmp_path / f"one_{command}{suffix}")
+        sharded = tmp_path / f"two_{command}{suffix}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        done = subprocess.run([*launcher, "-m", "landscape.cli", command, *map(str, args), "--shard-size", "2",
+                               "--out", str(sharded)], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr
+        return single, sharded
+
+    common = ("--model", adapter_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--device", "cpu")
+    one, two = both("fisher", *common, "--quiet")
+    (single, meta), (sharded, sharded_meta) = load_fisher(one), load_fisher(two)
+    assert sharded_meta["adapter"] == meta["adapter"] and sharded_meta["shard_size"] == "2"
+    for name, value in single.items():
+        torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-12)
+    cli_ok("directions", "--model", adapter_dir, "--subset", "adapter", "--out", tmp_path / "D.h5")
+    one, two = both("surface", *common, "--directions", tmp_path / "D.h5", "--x", "-1:1:3", "--y", "-1:1:3")
+    np.testing.assert_allclose(read_surface(two).z, read_surface(one).z, rtol=1e-6)
+
+
 def test_directions_to_an_adapter_are_its_merged_update(adapter_dir, tiny_llama_dir, tmp_path, capsys):
     from landscape.surface.direction_file import load_directions
 

@@ -48,7 +48,8 @@ def _add_mask_args(group, ignore_default="biasbn"):
     group.add_argument("--fisher", default=None, help="Fisher file (safetensors) for --subset")
     group.add_argument("--subset", default=None,
                        help="top:K | bottom:K | random:K | all: the Hessian restricted to those parameters "
-                            "(P·H·P; K in percent of the perturbable elements; default: all)")
+                            "(P·H·P; K in percent of the perturbable elements; default: all); adapter: only "
+                            "the parameters of a PEFT adapter --model (no --fisher)")
     group.add_argument("--mask-granularity", choices=("global", "tensor"), default="global",
                        help="rank elements over the whole model (global) or inside each tensor (tensor)")
     group.add_argument("--ignore", choices=("biasbn", "none"), default=ignore_default,
@@ -59,7 +60,7 @@ def _add_mask_args(group, ignore_default="biasbn"):
 def run_hessian(args):
     from ..curvature import run_hessian
 
-    if args.subset not in (None, "all") and not args.fisher:
+    if args.subset not in (None, "all", "adapter") and not args.fisher:
         raise UsageError(f"--subset {args.subset} needs --fisher F.safetensors")
     result = run_hessian(args.out, args.model, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
                  seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, bos=args.bos, device=args.device,

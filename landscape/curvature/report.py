@@ -56,12 +56,13 @@ def subset_mask(model: torch.nn.Module, fisher: Optional[dict] = None, subset: s
     ``ignore='none'``, the elements of tensors with more than one dimension (no biases, no
     LayerNorm) with ``ignore='biasbn'``.  ``subset`` 'top:K' / 'bottom:K' / 'random:K' keeps K% of
     them by ``fisher`` score (``directions.fisher_mask``, seeded by ``seed`` for random); 'all'
-    keeps every one and needs no Fisher scores.
+    keeps every one and needs no Fisher scores; 'adapter' keeps those of a PEFT adapter model's
+    adapter (``adapters.adapter_mask``), by name.
 
     Args:
         model: the model.
         fisher: {param name: scores shaped like the param}, or None for subset 'all'.
-        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all'.
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' | 'adapter'.
         seed: seeds a random subset.
         ignore: 'biasbn' | 'none' (see ``random_direction``).
         granularity: 'global' | 'tensor' (see ``fisher_mask``).
@@ -70,13 +71,17 @@ def subset_mask(model: torch.nn.Module, fisher: Optional[dict] = None, subset: s
         {param name: bool tensor shaped like the param}, or None when the mask keeps every
         trainable element.
     """
+    from ..adapters import ADAPTER_SUBSET, adapter_mask, check_adapter_subset
     from ..fisher.file import check_fisher_matches
     from ..surface.directions import IGNORES, fisher_mask, parse_mask_spec, perturbable_names
 
-    parse_mask_spec(subset)
     if ignore not in IGNORES:
         raise UsageError(f"unknown ignore '{ignore}'; use one of {', '.join(IGNORES)}")
     names = perturbable_names(model, ignore)
+    if subset == ADAPTER_SUBSET:  # the low-rank subspace where fine-tuning moved: by name, no Fisher
+        check_adapter_subset(fisher)
+        return adapter_mask(model, names)
+    parse_mask_spec(subset)
     if fisher is None:
         if subset != "all":
             raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")

@@ -80,6 +80,9 @@ def _fisher(fisher, subset):
     from ..surface.directions import parse_mask_spec
 
     subset = subset or "all"
+    if subset == adapters.ADAPTER_SUBSET:  # by name, on the loaded adapter
+        adapters.check_adapter_subset(fisher)
+        return None, {}, subset
     parse_mask_spec(subset)
     if fisher is not None:
         return (*load_fisher(fisher), subset)
@@ -144,8 +147,8 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
         tol: eigenpairs converge when |Hv − λv| <= tol·|λ|, tol in (0, 1).
         max_iter: at most this many Hessian-vector products for the eigenpairs (>= top).
         fisher: a Fisher file's path, for ``subset`` (None: no Fisher subset).
-        subset: 'top:K' | 'bottom:K' | 'random:K' (K in percent) | 'all': the Hessian restricted to
-            those elements (P·H·P; see ``report.subset_mask``).
+        subset: 'top:K' | 'bottom:K' | 'random:K' (K in percent) | 'all' | 'adapter' (a PEFT
+            adapter's own parameters): the Hessian restricted to them (P·H·P; ``report.subset_mask``).
         granularity: 'global' | 'tensor': rank elements over the whole model or inside each tensor.
         ignore: 'biasbn' (1-D tensors are not coordinates) | 'none' (every trainable element).
         cache_mb: memory for the cached first-order graphs, in MB (0: recompute).
@@ -246,7 +249,7 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
             loaded in float32.
         dims: 1 or 2 eigenvectors.
         fisher: a Fisher file's path, for ``subset`` (None: no Fisher subset).
-        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all', as for ``run_hessian``.
+        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' | 'adapter', as for ``run_hessian``.
         granularity: 'global' | 'tensor', as for ``run_hessian``.
         ignore: 'biasbn' | 'none', as for ``run_hessian``.
         seed: seeds the Lanczos start vector and random masks.

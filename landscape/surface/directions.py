@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checks
-from ..adapters import ADAPTER_SUBSET, adapter_mask
+from ..adapters import ADAPTER_SUBSET, adapter_mask, check_adapter_subset
 from ..errors import UsageError
 from ..fisher.file import check_fisher_matches
 from ..runtime import rank_and_world
@@ -258,8 +258,7 @@ def _check_request(dims, subset, fisher, precision="float32", seed=0, norm="filt
     if ignore not in IGNORES:
         raise UsageError(f"unknown ignore '{ignore}'; use one of {', '.join(IGNORES)}")
     if subset == ADAPTER_SUBSET:  # the adapter's own parameters: a mask by name, no Fisher
-        if fisher is not None:
-            raise UsageError(f"subset '{ADAPTER_SUBSET}' selects by name and takes no Fisher scores")
+        check_adapter_subset(fisher)
         subset = "all"
     parse_mask_spec(subset)
     if fisher is None and subset != "all":
