@@ -304,3 +304,16 @@ def one_line(code, err, *words):
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
+
+
+def ctrl_c_as_in_a_terminal():
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: SIGINT at its default action.
+
+    A test run started in the background by a non-interactive shell (``pytest ... &``) ignores
+    SIGINT, children inherit that, and Python then installs no KeyboardInterrupt: the child would
+    run to the end and exit 0.  Ctrl-C from a terminal is what these tests mean.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT
+from conftest import TEXT, ctrl_c_as_in_a_terminal
 from conftest import cli_in_process as _cli
 from conftest import one_line as _one_line
 from conftest import shown_lines as _shown_lines
@@ -541,7 +541,8 @@ def test_resume_with_another_batch_size_after_ctrl_c_while_a_second_run_is_refus
                                                                                    tmp_path):
     out = tmp_path / "s.h5"
     first = subprocess.Popen(_cmd(*_surface_args(tiny_bert_dir, dir_file, tiny_corpus_file, out, batch=5)),
-                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         _wait_records(first, out, 3)
         first.send_signal(signal.SIGSTOP)  # frozen while it holds the file

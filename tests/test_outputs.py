@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_in_process as _cli
+from conftest import ctrl_c_as_in_a_terminal
 from conftest import one_line as _one_line
 from safetensors.torch import save_file
 
@@ -223,7 +224,8 @@ def test_surface_overwrite_keeps_the_old_file_until_the_new_one_is_complete(tiny
     assert _cli(capfd, *common, "--x", "-1:1:3", "--y", "-1:1:3")[0] == 0
     old = out.read_bytes()
     new = [*common, "--x", "-1:1:10", "--y", "-1:1:6", "--overwrite"]
-    proc = subprocess.Popen(_cmd(*new), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(*new), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     aside = surface_file.aside_path(out)
     deadline = time.time() + 120
     while _records(aside) < 5 and proc.poll() is None and time.time() < deadline:
