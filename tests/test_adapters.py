@@ -3,6 +3,7 @@ base to the adapter, what files record, and the one line without peft."""
 
 import json
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -141,7 +142,9 @@ def test_two_ranks_sharding_an_adapter_give_the_single_process_fisher_and_surfac
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
         done = subprocess.run([*launcher, "-m", "landscape.cli", command, *map(str, args), "--shard-size", "2",
                                "--out", str(sharded)], capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+                                  filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                os.environ.get("PYTHONPATH")]))))
         assert done.returncode == 0, done.stderr
         return single, sharded
 
