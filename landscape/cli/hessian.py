@@ -1,5 +1,6 @@
 """hessian: the command line of ``curvature.run_hessian``."""
 
+from ..adapters import ADAPTER_SUBSET
 from ..errors import UsageError
 from . import options
 from .common import add_corpus_args, add_model_args, add_new_head_arg, add_overwrite_arg
@@ -60,7 +61,7 @@ def _add_mask_args(group, ignore_default="biasbn"):
 def run_hessian(args):
     from ..curvature import run_hessian
 
-    if args.subset not in (None, "all", "adapter") and not args.fisher:
+    if args.subset not in (None, "all", ADAPTER_SUBSET) and not args.fisher:
         raise UsageError(f"--subset {args.subset} needs --fisher F.safetensors")
     result = run_hessian(args.out, args.model, corpus=args.corpus, fraction=args.fraction, max_samples=args.max_samples,
                  seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, bos=args.bos, device=args.device,
