@@ -216,8 +216,10 @@ def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
             if not path.is_dir():
                 raise UsageError(f"model '{spec_str}' is a file; give the folder that holds config.json")
             if is_adapter_folder(path):  # a PEFT adapter: its base resolved as PEFT does, the adapter applied
-                return load_adapter(path, _load_base, device=device, allow_new_head=allow_new_head,
-                                    dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+                loaded = load_adapter(path, _load_base, device=device, allow_new_head=allow_new_head,
+                                      dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+                check_finite_weights(loaded.model, spec_str)  # the base was checked; the adapter's own too
+                return loaded
             if not (path / "config.json").exists():
                 raise UsageError(f"model folder '{spec_str}' has no config.json; is it a from_pretrained folder?")
             spec_str = str(path)

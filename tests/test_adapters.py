@@ -252,3 +252,23 @@ def test_a_three_class_lora_adapter_loads_with_three_labels(tiny_llama_dir, tmp_
                "--device", "cpu", "--save-models", tmp_path / "saved", "--out", tmp_path / "r.csv") == 0
     loaded = load_model(str(tmp_path / "saved" / "none_f1_s0"))
     assert loaded.kind == "classification" and loaded.model(input_ids=torch.tensor([[1, 4, 6]])).logits.shape == (1, 3)
+
+
+def test_an_adapter_with_a_nan_factor_is_refused_in_one_line(adapter_dir, tiny_corpus_file, tmp_path, capsys):
+    """The base's weights are checked when it loads; the adapter's own factors are checked too."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_dir, broken)
+    weights = load_file(broken / "adapter_model.safetensors")
+    next(t for n, t in sorted(weights.items()) if "lora_A" in n)[0, 0] = float("nan")
+    save_file(weights, broken / "adapter_model.safetensors")
+    for command, out in (("fisher", "F.safetensors"), ("hessian", "H.json")):
+        capsys.readouterr()
+        assert cli(command, "--model", broken, "--corpus", tiny_corpus_file, *SAMPLE, "--quiet",
+                   "--out", tmp_path / out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "non-finite weights" in err[0] and "lora_A" in err[0]
+        assert not (tmp_path / out).exists()

@@ -75,6 +75,9 @@ def _extend(op: HessianOperator, basis: torch.Tensor, proj: np.ndarray, start: i
         used += 1
         w, coeffs = _orthogonalize(basis[: j + 1], w)
         column = coeffs.double().cpu().numpy()
+        if not np.isfinite(column).all():  # else eigh fails later with a LinAlgError, far from the cause
+            raise UsageError("a Hessian-vector product is not finite: the loss or its gradient overflows at "
+                             "these weights (try float32, or check the model and the sample)")
         proj[: j + 1, j] = column
         proj[j, : j + 1] = column
         norm_estimate = max(norm_estimate, float(np.abs(column).max()))
