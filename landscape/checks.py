@@ -219,3 +219,64 @@ def number_list(text, name: str, domain: Domain) -> List:
     if problem:
         raise UsageError(f"{name} {problem}")
     return numbers
+
+
+class ListDomain:
+    """Comma-separated numbers (or a sequence of numbers), each in ``item``, at least one.
+
+    ``check`` gives them as a tuple, so a settings object holding them stays hashable and frozen.
+    """
+
+    form = "list"
+
+    def __init__(self, item: Domain):
+        self.item = item
+
+    def describe(self) -> str:
+        """In words, for messages."""
+        return f"comma-separated numbers, each {self.item.describe()}"
+
+    def check(self, value, name: str) -> tuple:
+        """``value`` ('a,b,c' or a sequence) as a tuple of numbers; UsageError naming ``name`` otherwise."""
+        if isinstance(value, str):
+            return tuple(number_list(value, name, self.item))
+        try:
+            items = list(value)
+        except TypeError:
+            raise UsageError(f"{name} must be {self.describe()}, got {_quote(value)}") from None
+        if not items:
+            raise UsageError(f"{name} must be {self.describe()}, got none")
+        return tuple(self.item.check(item, name) for item in items)
+
+
+class AxisDomain:
+    """The coefficients along one axis of a grid: 'MIN:MAX:NUM', or the coefficients themselves.
+
+    ``check`` keeps a range's text (the stage expands it, and files record it as given) and turns
+    a sequence into a tuple of finite floats.
+    """
+
+    form = "range"
+
+    def __init__(self, num_max: int = GRID_NUM_MAX):
+        self.num_max = num_max
+
+    def describe(self) -> str:
+        """In words, for messages."""
+        return "MIN:MAX:NUM, or a sequence of finite coefficients"
+
+    def check(self, value, name: str):
+        """``value`` checked: a valid range's text, or a tuple of at least 2 finite floats."""
+        if isinstance(value, str):
+            grid_range(value, name, self.num_max)
+            return value
+        try:
+            items = [FINITE.check(item, name) for item in value]
+        except TypeError:
+            raise UsageError(f"{name} must be {self.describe()}, got {_quote(value)}") from None
+        if not 2 <= len(items) <= self.num_max:
+            raise UsageError(f"{name} must hold between 2 and {self.num_max} coefficients, got {len(items)}")
+        return tuple(items)
+
+
+AXIS = AxisDomain()

@@ -9,24 +9,23 @@ demo continues where it stopped (surfaces resume point by point).
 import contextlib
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Callable, List
 
 import torch
 
-from .data.corpus import load_batches
 from .defaults import DemoSettings
 from .fisher import run_stability
 from .fisher.stability import format_table as stability_table
 from .guided import profile as profile_stage
 from .guided import schedule
 from .guided.schedule_stage import run_schedule
-from .identity import MODEL_KEY, model_fingerprint
 from .models import LoadedModel, load_model
 from .outputs import claim_output
 from .plots import surfaces as plots
-from .surface import compute_surface_file, directions, parse_range, sharpness
+from .settings import GridSpec, ModelSpec, SampleSpec, StabilitySettings, SurfaceSettings
+from .surface import run_surface, sharpness
+from .surface.direction_kinds import make as make_directions
 
 SURFACES_2D = (("all", "all"), ("top50", "top:50"), ("bottom50", "bottom:50"))
 TOP_K = (80, 50, 20, 5, 1, 0.25)
@@ -45,6 +44,7 @@ class DemoRun:
     cfg: DemoSettings
     loaded: LoadedModel
     overwrite: bool = False
+    threads: str = "auto"
     specs_2d: list = field(default_factory=lambda: list(SURFACES_2D))
     specs_1d: list = field(default_factory=lambda: [(_label(f"top:{k}"), f"top:{k}") for k in TOP_K]
                            + [(_label(f"random:{k}"), f"random:{k}") for k in TOP_K])
@@ -58,16 +58,13 @@ class DemoRun:
                 "surfaces": self.out / "surfaces"}
 
     @property
-    def device(self):
-        """Where the demo's model lives; the stages that load their own model load it there."""
-        return next(self.loaded.model.parameters()).device
+    def model_spec(self) -> ModelSpec:
+        """The spec of the demo's model (the embedded one, already loaded), for every stage's settings."""
+        return ModelSpec(device=str(next(self.loaded.model.parameters()).device), threads=self.threads)
 
-    @cached_property
-    def eval_batches(self):
-        """The evaluation batches of the surfaces (seed + 1: other samples than the Fisher's)."""
-        cfg = self.cfg
-        return load_batches(self.loaded, max_samples=cfg.eval_samples, seq_len=cfg.seq_len,
-                            batch_size=cfg.batch_size, seed=cfg.seed + 1)
+    def sample(self, max_samples: int, seed: int) -> SampleSpec:
+        """A sample of the embedded corpus at the demo's sequence length and batch size."""
+        return SampleSpec(max_samples=max_samples, seq_len=self.cfg.seq_len, batch_size=self.cfg.batch_size, seed=seed)
 
     def direction_file(self, name, spec, dims):
         """The direction file of one surface, written unless it exists (or ``overwrite``).
@@ -82,10 +79,9 @@ class DemoRun:
         """
         path = self.paths["directions"] / f"{name}_{dims}d.h5"
         if not path.exists() or self.overwrite:
-            directions.write_directions(path, self.loaded.model, dims=dims, seed=self.cfg.seed,
-                                        fisher=None if spec == "all" else self.paths["fisher"], subset=spec,
-                                        settings={"model": self.loaded.source, "fisher": str(self.paths["fisher"]),
-                                                  MODEL_KEY: model_fingerprint(self.loaded)})
+            make_directions("random", out=path, model=self.loaded, dims=dims, seed=self.cfg.seed,
+                            fisher=None if spec == "all" else self.paths["fisher"], subset=spec,
+                            overwrite=self.overwrite)
         return path
 
 
@@ -93,9 +89,10 @@ class DemoRun:
 def _fisher_and_stability(run: DemoRun):
     # The stability reference is the Fisher of all samples: one pass gives both.
     cfg, paths = run.cfg, run.paths
-    result = run_stability(paths["stability"], fractions=cfg.stability_fractions,
-                           max_samples=cfg.fisher_samples, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                           seed=cfg.seed, device=run.device, fisher_out=paths["fisher"], overwrite=run.overwrite)
+    settings = StabilitySettings(run.model_spec, run.sample(cfg.fisher_samples, cfg.seed),
+                                 fractions=cfg.stability_fractions)
+    result = run_stability(settings, out=paths["stability"], model=run.loaded, fisher_out=paths["fisher"],
+                           overwrite=run.overwrite)
     print(stability_table(result.rows))
 
 
@@ -136,15 +133,16 @@ def _claim_outputs(run: DemoRun, overwrite: bool, held: contextlib.ExitStack):
 
 def _surfaces(run: DemoRun, dims: int):
     specs = run.specs_2d if dims == 2 else run.specs_1d
-    grid = parse_range(run.cfg.grid_2d if dims == 2 else run.cfg.grid_1d)
-    settings = {"model": run.loaded.source, "corpus": "embedded default", "max_samples": run.cfg.eval_samples,
-                "seed": run.cfg.seed + 1, "seq_len": run.cfg.seq_len, MODEL_KEY: model_fingerprint(run.loaded)}
+    axis = run.cfg.grid_2d if dims == 2 else run.cfg.grid_1d
+    grid = GridSpec(x=axis, y=axis) if dims == 2 else GridSpec(x=axis, one_d=True)
+    # Seed + 1: the surfaces are evaluated on other samples than the Fisher's.
+    sample = run.sample(run.cfg.eval_samples, run.cfg.seed + 1)
     for name, spec in specs:
-        result = compute_surface_file(run.paths["surfaces"] / f"{name}_{dims}d.h5", run.loaded.model,
-                                      run.direction_file(name, spec, dims), run.eval_batches, grid,
-                                      grid if dims == 2 else None, settings=settings, overwrite=run.overwrite,
-                                      points_per_pass=run.cfg.points_per_pass, progress=True)
-        print(f"  {name}_{dims}d.h5: {result['computed']} new points of {result['total']}", flush=True)
+        settings = SurfaceSettings(run.direction_file(name, spec, dims), run.model_spec, sample, grid,
+                                   points_per_pass=run.cfg.points_per_pass)
+        result = run_surface(settings, out=run.paths["surfaces"] / f"{name}_{dims}d.h5", model=run.loaded,
+                             overwrite=run.overwrite)
+        print(f"  {name}_{dims}d.h5: {result.computed} new points of {result.total}", flush=True)
 
 
 def _figures_stage(run: DemoRun):
@@ -187,7 +185,7 @@ STAGES = (
 )
 
 
-def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=False):
+def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=False, threads="auto"):
     """Run every stage into ``out_dir``; returns {name: path} of the main results.
 
     Files of a finished stage are kept (rerunning continues an interrupted demo); a file there that
@@ -198,13 +196,18 @@ def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=Fa
         settings: a ``DemoSettings`` (None: the defaults).
         device: where the model runs (e.g. 'cpu', 'cuda').
         overwrite: recompute every stage and replace what is there.
+        threads: CPU threads of every stage (``settings.ModelSpec.threads``).
 
     Raises:
         OutputRefused: a file there that the demo did not write, without ``overwrite``.
     """
+    from .runtime import apply_threads
+
     cfg = settings or DemoSettings()
     torch.manual_seed(cfg.seed)
-    run = DemoRun(out=Path(out_dir), cfg=cfg, loaded=load_model(None, device=device), overwrite=overwrite)
+    # 'auto' is resolved once, so that every stage runs with the same count (each stage applies it).
+    run = DemoRun(out=Path(out_dir), cfg=cfg, loaded=load_model(None, device=device), overwrite=overwrite,
+                  threads=str(apply_threads(threads)))
     with contextlib.ExitStack() as held:
         _claim_outputs(run, overwrite, held)
         _run_stages(run)

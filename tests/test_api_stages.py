@@ -15,6 +15,14 @@ from conftest import write_toy_tsv
 
 from landscape import cli
 from landscape.errors import UsageError
+from landscape.settings import (
+    FisherSettings,
+    GridSpec,
+    ModelSpec,
+    SampleSpec,
+    StabilitySettings,
+    SurfaceSettings,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,12 +45,13 @@ def fisher_file(tiny_bert_dir, tiny_corpus_file, tmp_path_factory):
 def test_fisher_call_writes_the_file_of_the_command(fisher_file, tiny_bert_dir, tiny_corpus_file, tmp_path):
     from landscape.fisher import load_fisher, run_fisher
 
-    result = run_fisher(tmp_path / "F.safetensors", str(tiny_bert_dir), str(tiny_corpus_file), progress=False,
-                        **SAMPLE)
+    settings = FisherSettings(model=ModelSpec(str(tiny_bert_dir)), sample=SampleSpec(str(tiny_corpus_file), **SAMPLE))
+    result = run_fisher(settings, out=tmp_path / "F.safetensors", progress=False)
     (ours, ours_meta), (theirs, theirs_meta) = load_fisher(result.path), load_fisher(fisher_file)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert ours_meta == theirs_meta and ours_meta["model_fingerprint"] and ours_meta["sample_fingerprint"]
-    assert result.samples == 4 and result.tensors == len(ours)
+    assert result.samples == result.computed == result.total == 4 and result.tensors == len(ours)
+    assert result.settings == settings and result.fingerprints["model_fingerprint"] == ours_meta["model_fingerprint"]
     assert result.parameters == sum(t.numel() for t in ours.values())
     assert not list(tmp_path.glob("*.ckpt"))
 
@@ -52,8 +61,9 @@ def test_stability_call_writes_the_table_of_the_command(tiny_bert_dir, tiny_corp
 
     _cli("stability", "--model", tiny_bert_dir, "--corpus", tiny_corpus_file, *SAMPLE_FLAGS, "--fractions", "0.5",
          "--top", "10,50", "--quiet", "--out", tmp_path / "cli.csv")
-    result = run_stability(tmp_path / "api.csv", str(tiny_bert_dir), str(tiny_corpus_file), fractions=[0.5],
-                           top=[10, 50], progress=False, **SAMPLE)
+    settings = StabilitySettings(ModelSpec(str(tiny_bert_dir)), SampleSpec(str(tiny_corpus_file), **SAMPLE),
+                                 fractions=[0.5], top="10,50")
+    result = run_stability(settings, out=tmp_path / "api.csv", progress=False)
     assert (tmp_path / "api.csv").read_bytes() == (tmp_path / "cli.csv").read_bytes()
     assert [row["fraction"] for row in result.rows] == [1.0, 0.5] and result.samples == 4
 
@@ -88,9 +98,10 @@ def test_surface_call_writes_the_grid_of_the_command(tiny_bert_dir, tiny_corpus_
     grid = ["--x", "-1:1:3", "--y", "-0.5:0.5:2"]
     _cli("surface", "--model", tiny_bert_dir, "--corpus", tiny_corpus_file, "--directions", directions,
          *SAMPLE_FLAGS, *grid, "--out", tmp_path / "cli.h5")
-    result = run_surface(tmp_path / "api.h5", directions, str(tiny_bert_dir), str(tiny_corpus_file), x="-1:1:3",
-                         y="-0.5:0.5:2", progress=False, **SAMPLE)
-    assert result["computed"] == result["total"] == 6
+    settings = SurfaceSettings(directions, ModelSpec(str(tiny_bert_dir)), SampleSpec(str(tiny_corpus_file), **SAMPLE),
+                               GridSpec(x="-1:1:3", y="-0.5:0.5:2"))
+    result = run_surface(settings, out=tmp_path / "api.h5", progress=False)
+    assert result.computed == result.total == 6
     with h5py.File(tmp_path / "api.h5", "r") as ours, h5py.File(tmp_path / "cli.h5", "r") as theirs:
         for name in ("xcoordinates", "ycoordinates", "train_loss", "train_acc"):
             np.testing.assert_array_equal(ours[name][()], theirs[name][()])
@@ -122,11 +133,12 @@ def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_
     from landscape.surface import run_surface
 
     with pytest.raises(UsageError, match="batch_size") as refused:
-        run_fisher(tmp_path / "F.safetensors", str(tiny_bert_dir), batch_size=0)
+        run_fisher(FisherSettings(ModelSpec(str(tiny_bert_dir)), SampleSpec(batch_size=0)),
+                   out=tmp_path / "F.safetensors")
     with pytest.raises(UsageError, match="gamma"):
         schedule.run_schedule(fisher_file, tmp_path / "s.json", str(tiny_bert_dir), gamma=float("nan"))
-    with pytest.raises(UsageError, match="x range"):
-        run_surface(tmp_path / "s.h5", tmp_path / "d.h5", x="1:-1:3")
+    with pytest.raises(UsageError, match="^x must have MIN smaller than MAX"):
+        run_surface(SurfaceSettings(tmp_path / "d.h5", grid=GridSpec(x="1:-1:3")), out=tmp_path / "s.h5")
     assert "--" not in str(refused.value) and not list(tmp_path.iterdir())
     from landscape.errors import OutputUnwritable
     from landscape.guided.finetune import run_finetune

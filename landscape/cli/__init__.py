@@ -111,7 +111,8 @@ def _run(args) -> int:
     from ..runtime import apply_threads, barrier
 
     try:
-        if getattr(args, "threads", None) is not None:
+        # A stage whose settings hold the threads (``ModelSpec.threads``) applies them itself, as the demo does.
+        if getattr(args, "threads", None) is not None and not getattr(args, "applies_threads", False):
             apply_threads(args.threads)
         result = args.func(args)
         barrier()  # ranks leave together, once rank 0 has written the output

@@ -1,24 +1,15 @@
 """Argument groups that several subcommands share, and their translation to API calls."""
 
-import argparse
 
-from ..errors import UsageError
-from ..runtime import THREADS_HELP, parse_threads
+from ..runtime import THREADS_HELP
 from . import options
-
-
-def _threads(text):
-    try:
-        return parse_threads(text)
-    except UsageError as err:
-        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
 
 def add_threads_arg(parser):
     """``--threads`` (default auto) of every command that runs a model; ``cli.main`` applies it after
     parsing (``runtime.apply_threads``), so that no torch is imported to parse the arguments."""
     group = parser.add_argument_group("CPU threads")
-    group.add_argument("--threads", type=_threads, default="auto", metavar="auto|N", help=THREADS_HELP)
+    group.add_argument("--threads", type=options.THREADS, default="auto", metavar="auto|N", help=THREADS_HELP)
 
 
 def add_model_args(parser):

@@ -27,7 +27,7 @@ def register(subparsers):
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute every stage, replacing files in --out that the demo did not write "
                              "(default: keep finished stages, refuse foreign files)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, applies_threads=True)
 
 
 def run(args):
@@ -36,7 +36,8 @@ def run(args):
 
     settings = DemoSettings(fisher_samples=args.fisher_samples, eval_samples=args.eval_samples,
                             grid_2d=args.grid_2d, grid_1d=args.grid_1d, points_per_pass=args.points_per_pass)
-    paths = run_demo(args.out, settings, device=resolve_device(args.device), overwrite=args.overwrite)
+    paths = run_demo(args.out, settings, device=resolve_device(args.device), overwrite=args.overwrite,
+                     threads=args.threads)
     print(f"\nall results are under {args.out}/:")
     for name in ("figures", "profile", "stability", "schedule", "fisher"):
         print(f"  {name:<10} {paths[name]}")

@@ -9,8 +9,9 @@ option must refuse.  Standard library only, like the parsers.
 
 import argparse
 
-from .. import checks
+from .. import checks, settings
 from ..checks import Domain
+from ..errors import UsageError
 
 
 class Number:
@@ -85,4 +86,18 @@ CONTOUR_LEVELS = Number(checks.CONTOUR_LEVELS)
 EIGENPAIRS = Number(checks.int_in(0, checks.EIGENPAIRS_MAX))
 LANCZOS_STEPS = Number(checks.int_in(1, checks.LANCZOS_STEPS_MAX))
 BINS = Number(checks.int_in(1, checks.BINS_MAX))
-THREADS = Number(checks.int_in(0, checks.THREADS_MAX))
+
+
+class Threads:
+    """argparse ``type=`` of ``--threads``: 'auto' or a count (``settings.THREADS``, the stages' own check)."""
+
+    __name__ = "threads"
+
+    def __call__(self, text):
+        try:
+            return settings.THREADS.check(text, "threads")
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)[len("threads "):]) from None
+
+
+THREADS = Threads()

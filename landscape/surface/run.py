@@ -1,6 +1,7 @@
 """Computing a surface file: the evaluation loop writing through a resumable ``SurfaceFile``."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,11 @@ import torch
 
 from ..errors import UsageError
 from ..identity import MODEL_KEY, check_file_model
+from ..inputs import sample_batches, stage_model, stage_threads
+from ..models import LoadedModel
+from ..results import StageResult
 from ..runtime import broadcast_from_rank0, rank_and_world
+from ..settings import DEFAULT_GRID, GridSpec, SurfaceSettings
 from ..sharding import is_sharded, local_rows, local_tensor
 from .directions import load_directions
 from .evaluation import evaluate_rounds, grid_points
@@ -117,71 +122,44 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     return {"path": Path(out), "computed": len(todo), "total": len(points)}
 
 
-def run_surface(out, directions, model: Optional[str] = None, corpus: Optional[str] = None, *,
-                x="-1:1:21", y=None, one_d: bool = False, fraction: Optional[float] = None,
-                max_samples: Optional[int] = 64, seq_len: int = 128, batch_size: int = 16, seed: int = 0,
-                bos: str = "auto", dtype: str = "float32", device="auto", allow_new_head: bool = False,
-                shard_size: int = 1, points_per_pass: int = 1, flush_seconds: float = 2.0,
-                stream_directions: bool = False, eval_corpus: Optional[str] = None, overwrite: bool = False,
-                progress: bool = True) -> dict:
+@dataclass
+class SurfaceResult(StageResult):
+    """What ``run_surface`` wrote: ``computed`` grid points now, ``total`` in the grid."""
+
+
+def run_surface(settings: SurfaceSettings, *, out, model: Optional[LoadedModel] = None, overwrite: bool = False,
+                progress: bool = True) -> SurfaceResult:
     """The surface stage: the loss and token accuracy on a 1D or 2D grid along a direction file.
 
     Loads the model and the evaluation sample, then computes (or resumes) every point of the grid.
-
     Rerunning the same call resumes; under torchrun the grid is split over the ranks (over groups
-    of ``shard_size`` ranks holding one FSDP2-sharded copy of the model) and rank 0 writes.
+    of ``settings.model.shard_size`` ranks holding one FSDP2-sharded copy of the model) and rank 0
+    writes.
 
     Args:
+        settings: the direction file, the model, the evaluation sample and the grid
+            (``SurfaceSettings(directions=...)``; a 2-direction file with no ``y`` range gets
+            ``settings.DEFAULT_GRID`` along y unless ``one_d``).
         out: the surface file to write or resume (.h5).
-        directions: a direction file made for ``model`` (``directions.write_directions``).
-        model: hub id or ``from_pretrained`` folder; None for the embedded model.
-        corpus: the evaluation corpus (as for ``fisher.run_fisher``); None for the embedded corpus.
-        x: "MIN:MAX:NUM" (or the coefficients, a 1-D sequence) along the first direction.
-        y: the same along the second direction; None: "-1:1:21" for a 2-direction file unless ``one_d``.
-        one_d: only the first direction of a 2-direction file.
-        fraction: seeded document-level fraction of the corpus, in (0, 1]; None: all of it.
-        max_samples: at most this many packed sequences; None: all.
-        seq_len: tokens per packed sequence.
-        batch_size: packed sequences per forward pass (not part of the surface's identity).
-        seed: seed of the sub-sample (recorded as ``corpus_seed``).
-        bos: "auto", "yes" or "no": a BOS token first in every sample.
-        dtype: "float32", "tf32", "bfloat16" or "float16".
-        device: "auto", "cpu", "cuda" or "cuda:N".
-        allow_new_head: accept a checkpoint without its pretraining head.
-        shard_size: ranks per sharded copy of the model under torchrun; 1 = no sharding.
-        points_per_pass: grid points per vmapped forward pass.
-        flush_seconds: seconds between rewrites of the HDF5 file (every point is journaled at once).
-        stream_directions: hold the directions in host memory in float32 (``InPlacePerturbation``).
-        eval_corpus: a held-out corpus: its loss and accuracy at every point (``test_loss``,
-            ``test_acc``) in the same pass, on a sample drawn with the same settings; None: none.
+        model: a ``models.LoadedModel`` already in memory (None: load ``settings.model``).
         overwrite: replace a file computed with other settings, or holding another kind of file.
         progress: a progress bar on stderr.
 
     Returns:
-        {'path': Path, 'computed': points computed now, 'total': points in the grid}.
+        a SurfaceResult.
 
     Raises:
-        UsageError: a setting out of its domain, contradicting ``one_d`` and ``y``, a direction
-            file of another model; ``SettingsMismatch`` or ``OutputRefused`` for an existing ``out``
-            unless ``overwrite``; ``OutputBusy`` when another process writes it.
+        UsageError: a direction file of another model, a loaded model the settings do not
+            describe; ``SettingsMismatch`` or ``OutputRefused`` for an existing ``out`` unless
+            ``overwrite``; ``OutputBusy`` when another process writes it.
     """
-    from .. import checks
     from ..files import check_output_path
-    from ..fisher.stage import check_sample_settings
     from ..outputs import claim_output
 
     out = check_output_path(out, "out", (".h5", ".hdf5"))
-    check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
-    checks.positive_int(points_per_pass, "points_per_pass")
-    checks.non_negative_float(flush_seconds, "flush_seconds")
-    checks.positive_int(shard_size, "shard_size")
-    with claim_output(out, "surface", overwrite=overwrite):
-        xs, ys = _grid_axes(directions, x, y, one_d)  # before anything heavy is loaded
-        return _run_surface(out, directions, model, corpus, xs, ys, dict(
-            fraction=fraction, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size, seed=seed, bos=bos,
-            dtype=dtype, device=device, allow_new_head=allow_new_head, shard_size=shard_size,
-            points_per_pass=points_per_pass, flush_seconds=flush_seconds, stream=stream_directions,
-            eval_corpus=eval_corpus, overwrite=overwrite, progress=progress))
+    with claim_output(out, "surface", overwrite=overwrite), stage_threads(settings.model):
+        xs, ys = _grid_axes(settings.directions, settings.grid)  # before anything heavy is loaded
+        return _run_surface(out, settings, model, xs, ys, overwrite, progress)
 
 
 def _axis(values, name):
@@ -190,48 +168,45 @@ def _axis(values, name):
     return parse_range(values, name) if isinstance(values, str) else np.asarray(values, dtype=np.float64)
 
 
-def _grid_axes(directions, x, y, one_d):
+def _grid_axes(directions, grid: GridSpec):
     """(xs, ys) of the grid: ys None for a 1D surface; checked for size before anything is loaded."""
     from .direction_file import count_directions
 
-    xs = _axis(x, "x")
-    ys = None if y is None else _axis(y, "y")
-    if one_d and ys is not None:
-        raise UsageError("one_d and y contradict each other; drop one")
-    if not one_d and ys is None and count_directions(directions) == 2:
-        ys = _axis("-1:1:21", "y")
+    xs = _axis(grid.x, "x")
+    ys = None if grid.y is None else _axis(grid.y, "y")
+    if not grid.one_d and ys is None and count_directions(directions) == 2:
+        ys = _axis(DEFAULT_GRID, "y")
     check_grid_size(xs, ys)
     return xs, ys
 
 
-def _run_surface(out, dir_file, model, corpus, xs, ys, o):
+def _run_surface(out, settings: SurfaceSettings, model, xs, ys, overwrite, progress):
     from .. import adapters
-    from ..data.corpus import describe_framing, load_batches
-    from ..data.hf_datasets import check_reachable
+    from ..data.corpus import describe_framing
     from ..identity import model_fingerprint
-    from ..models import load_model, model_id
+    from ..models import model_id
     from ..runtime import join_torchrun
     from ..sharding import shard_layout
 
-    device, _, world = join_torchrun(o["device"])
-    layout = shard_layout(o["shard_size"])
-    check_reachable(corpus)
-    check_reachable(o["eval_corpus"])  # before the model is loaded for nothing
-    loaded = load_model(model, device=device, dtype=o["dtype"], allow_new_head=o["allow_new_head"], layout=layout)
-    sampling = dict(fraction=o["fraction"], max_samples=o["max_samples"], seq_len=o["seq_len"],
-                    batch_size=o["batch_size"], seed=o["seed"], bos=o["bos"])
-    batches = load_batches(loaded, corpus=corpus, **sampling)
-    eval_batches = load_batches(loaded, corpus=o["eval_corpus"], **sampling) if o["eval_corpus"] else None
-    settings = {"model": model_id(loaded), "corpus": str(corpus or "embedded"),
-                "fraction": o["fraction"], "max_samples": o["max_samples"], "seq_len": o["seq_len"],
-                "corpus_seed": o["seed"], "precision": str(o["dtype"]).lower(),
-                "framing": describe_framing(loaded.tokenizer, o["bos"]), MODEL_KEY: model_fingerprint(loaded),
+    spec, sample = settings.model, settings.sample
+    device, _, world = join_torchrun(spec.device)
+    layout = shard_layout(spec.shard_size)
+    loaded = stage_model(spec, model, layout, device, corpora=[sample.corpus, settings.eval_corpus])
+    batches = sample_batches(loaded, sample)
+    eval_batches = sample_batches(loaded, sample, corpus=settings.eval_corpus) if settings.eval_corpus else None
+    # The surface file's own spellings (``corpus_seed``, ``precision``): files written before resume.
+    identity = {"model": model_id(loaded), "corpus": str(sample.corpus or "embedded"),
+                "fraction": sample.fraction, "max_samples": sample.max_samples, "seq_len": sample.seq_len,
+                "corpus_seed": sample.seed, "precision": spec.dtype,
+                "framing": describe_framing(loaded.tokenizer, sample.bos), MODEL_KEY: model_fingerprint(loaded),
                 **adapters.record(loaded)}
-    if o["eval_corpus"]:
-        settings["eval_corpus"] = str(o["eval_corpus"])
-    info = {"batch_size": o["batch_size"], "device": str(next(loaded.model.parameters()).device),
-            "world_size": world, "points_per_pass": o["points_per_pass"], "shard_size": o["shard_size"]}
-    return compute_surface_file(out, loaded.model, dir_file, batches, xs, ys, settings=settings,
-                                overwrite=o["overwrite"], points_per_pass=o["points_per_pass"],
-                                flush_seconds=o["flush_seconds"], info=info, stream=o["stream"],
-                                progress=o["progress"], eval_batches=eval_batches)
+    if settings.eval_corpus:
+        identity["eval_corpus"] = str(settings.eval_corpus)
+    info = {"batch_size": sample.batch_size, "device": str(next(loaded.model.parameters()).device),
+            "world_size": world, "points_per_pass": settings.points_per_pass, "shard_size": spec.shard_size}
+    counts = compute_surface_file(out, loaded.model, settings.directions, batches, xs, ys, settings=identity,
+                                  overwrite=overwrite, points_per_pass=settings.points_per_pass,
+                                  flush_seconds=settings.flush_seconds, info=info,
+                                  stream=settings.stream_directions, progress=progress, eval_batches=eval_batches)
+    return SurfaceResult(path=counts["path"], settings=settings, computed=counts["computed"], total=counts["total"],
+                         fingerprints={MODEL_KEY: identity[MODEL_KEY]})

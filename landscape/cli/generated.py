@@ -1,0 +1,110 @@
+"""Command-line options generated from a stage's settings dataclass (``landscape.settings``).
+
+Each ``setting()`` field becomes one option: its flag, help, default, domain (as an argparse type
+from ``cli/options.py``) and choices come from the field, so a new setting is one field and no
+keyword list is copied here.  A nested spec (``ModelSpec``, ``SampleSpec``, ``GridSpec``) becomes an
+argument group of its fields; ``settings_from_args`` builds the settings object back from the
+parsed namespace.  Standard library only, like the parsers.
+"""
+
+import argparse
+from dataclasses import MISSING, fields
+from typing import Any, Dict, Type
+
+from .. import checks
+from ..settings import THREADS, Settings
+from . import options
+
+_GROUP_TITLES = {"model": "model", "sample": "corpus", "grid": "grid"}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: Type[Settings]) -> None:
+    """One option per field of ``cls`` (a nested spec's fields in a group of their own)."""
+    defaults = _defaults(cls)
+    for spec in fields(cls):
+        nested = defaults.get(spec.name)
+        if isinstance(nested, Settings):
+            group = parser.add_argument_group(_GROUP_TITLES.get(spec.name, spec.name))
+            for inner in fields(nested):
+                _add(group, inner, getattr(nested, inner.name))
+        else:
+            _add(parser, spec, defaults.get(spec.name, MISSING))
+
+
+def settings_from_args(cls: Type[Settings], args: argparse.Namespace) -> Settings:
+    """The ``cls`` settings that the parsed options ``args`` say (the inverse of ``add_settings_arguments``)."""
+    values: Dict[str, Any] = {}
+    defaults = _defaults(cls)
+    for spec in fields(cls):
+        nested = defaults.get(spec.name)
+        if isinstance(nested, Settings):
+            values[spec.name] = type(nested)(**{f.name: getattr(args, f.name) for f in fields(nested)})
+        else:
+            values[spec.name] = getattr(args, spec.name)
+    return cls(**values)
+
+
+def _defaults(cls) -> Dict[str, Any]:
+    """Each field's default value (a nested spec's default object), MISSING for a required field."""
+    out = {}
+    for spec in fields(cls):
+        if spec.default_factory is not MISSING:
+            out[spec.name] = spec.default_factory()
+        else:
+            out[spec.name] = spec.default
+    return out
+
+
+def _add(parser, spec, default) -> None:
+    meta = spec.metadata
+    flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
+    names = [flag, *meta.get("aliases", ())]
+    text = meta["help"] + (f" (default: {meta['unset']})" if default is None and meta.get("unset") else "")
+    kwargs: Dict[str, Any] = dict(dest=spec.name, help=text)
+    kwargs["metavar"] = meta.get("metavar") or flag.lstrip("-").replace("-", "_").upper()
+    if default is MISSING:
+        kwargs["required"] = True
+    elif isinstance(default, bool):
+        kwargs.pop("metavar")
+        parser.add_argument(*names, action="store_true", **kwargs)
+        return
+    else:
+        kwargs["default"] = _shown(default)
+    argument_type = meta.get("convert") or _type_of(meta.get("domain"))
+    if argument_type is not None:
+        kwargs["type"] = argument_type
+    if meta.get("choices") is not None:
+        kwargs["choices"] = meta["choices"]
+        kwargs.pop("metavar", None)  # argparse lists the choices itself
+    parser.add_argument(*names, **kwargs)
+
+
+def _shown(default):
+    """A default as the option's text would give it (a tuple of numbers as 'a,b,c')."""
+    if isinstance(default, tuple):
+        return ",".join(f"{value:g}" for value in default)
+    return default
+
+
+def _type_of(domain):
+    """The argparse type that refuses what ``domain`` refuses, while parsing (None: a plain string)."""
+    if domain is None:
+        return None
+    if domain is THREADS:
+        return options.THREADS
+    if isinstance(domain, checks.ListDomain):
+        return options.NumberList(domain.item)
+    if isinstance(domain, checks.AxisDomain):
+        return options.Range(domain.num_max)
+    return options.Number(domain)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, out_help: str, *, overwrite_help: str = None,
+                         quiet: bool = True) -> None:
+    """``--out`` (required), ``--overwrite`` and ``--quiet``: what every stage's output takes beside its settings."""
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help=overwrite_help or "replace an --out computed with other settings, or holding another "
+                                               "kind of file (default: refuse)")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")

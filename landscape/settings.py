@@ -1,0 +1,331 @@
+"""The settings of the stages, as frozen dataclasses: each default, help text and domain in one place.
+
+A stage takes one settings object (``FisherSettings``, ``SurfaceSettings``, ...) built from the
+specs it shares with the others: ``ModelSpec`` (which model, on what, in what precision),
+``SampleSpec`` (which packed sequences of which corpus) and ``GridSpec`` (the coefficients of a
+surface).  Every field is declared with ``setting()``: its default, its help text, its domain
+(``checks.Domain``, a list or a range of them) or its choices, and whether it changes the numbers
+(``identity``).  Validation happens once, when the object is made, and refuses in the library's
+terms (``UsageError`` naming the field); the command line's parsers are generated from the same
+fields (``cli/generated.py``), so an option, its default and its refusal cannot drift from the API.
+
+``to_dict`` / ``from_dict`` round-trip a settings object through plain JSON-able values (the form
+the files store), and ``identity()`` gives the fields that change the numbers, flattened, one
+spelling per fact.  Standard library only: the parsers need these, and ``landscape --help`` must
+not pay for torch.
+"""
+
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+from . import checks
+from .defaults import STABILITY_FRACTIONS, STABILITY_TOP
+from .errors import UsageError
+from .runtime import PRECISIONS, THREADS_HELP, parse_threads
+
+BOS_CHOICES = ("auto", "yes", "no")
+PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def precision_name(text: Any) -> str:
+    """A precision's name as settings hold it: lower case, short forms (bf16, ...) spelled out."""
+    name = str(text).strip().lower()
+    return PRECISION_ALIASES.get(name, name)
+DEFAULT_GRID = "-1:1:21"  # the coefficients along an axis that is asked for without a range
+
+
+def setting(default: Any = MISSING, *, help: str, domain: Any = None, choices: Optional[Sequence] = None,
+            flag: Optional[str] = None, aliases: Sequence[str] = (), metavar: Optional[str] = None,
+            identity: bool = True, key: Optional[str] = None, unset: Optional[str] = None,
+            convert: Any = None, factory: Any = None) -> Any:
+    """A settings field: ``dataclasses.field`` with what the parser and the validation need.
+
+    Args:
+        default: the value when the setting is left out (MISSING: required).
+        help: one sentence for ``--help`` and the docs; the default is appended by the parser.
+        domain: a ``checks.Domain`` (or ``checks.ListDomain`` / ``checks.RangeDomain``) the value
+            must lie in; None: no numeric domain.
+        choices: the allowed values of a word setting.
+        flag: the command-line option (default ``--`` + the name with dashes).
+        aliases: older spellings of the option, still accepted.
+        metavar: how ``--help`` names the value.
+        identity: whether the setting changes the numbers (part of the stage's identity).
+        key: the setting's name in identities and files, where it differs from the field's.
+        unset: what leaving out an optional setting means, for ``--help`` where its default is None.
+        convert: a function applied to a given value before its check (e.g. spelling out aliases).
+        factory: a callable giving the default (for nested specs).
+    """
+    metadata = dict(help=help, domain=domain, choices=None if choices is None else tuple(choices), flag=flag,
+                    aliases=tuple(aliases), metavar=metavar, identity=identity, key=key, unset=unset,
+                    convert=convert)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Settings:
+    """What every settings dataclass shares: validation on creation, dict round trip, identity.
+
+    Subclasses are frozen dataclasses whose fields are ``setting()``s; a field whose value is
+    itself a ``Settings`` (a spec) is validated by its own class.
+    """
+
+    def __post_init__(self):
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Settings):
+                continue
+            checked = _check(spec, value)
+            if checked is not value:
+                object.__setattr__(self, spec.name, checked)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields (a subclass's); the fields are each already in their domains."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The settings as plain values (nested specs as dicts, tuples as lists), for JSON."""
+        return {spec.name: _plain(getattr(self, spec.name)) for spec in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]):
+        """The settings from ``to_dict``'s form; keys this version does not know are ignored.
+
+        A file written by a newer version may hold settings this one lacks: they are left out
+        rather than refused, as PEFT's configs load.  Each value is validated as on creation.
+        """
+        known = {spec.name: spec for spec in fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            if name not in known:
+                continue
+            nested = _spec_class(known[name])
+            kwargs[name] = nested.from_dict(value) if nested is not None and isinstance(value, dict) else value
+        return cls(**kwargs)
+
+    def identity(self) -> Dict[str, Any]:
+        """The settings that change the numbers, flattened (a spec's fields inline), as plain values."""
+        out = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Settings):
+                out.update(value.identity())
+            elif spec.metadata.get("identity", True):
+                out[spec.metadata.get("key") or spec.name] = _plain(value)
+        return out
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (validated again); a nested spec's fields may be given by name."""
+        import dataclasses
+
+        own = {spec.name for spec in fields(self)}
+        nested = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Settings):
+                mine = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in fields(value)} and
+                        k not in own}
+                if mine:
+                    nested[spec.name] = value.replace(**mine)
+        unknown = set(changes) - own
+        if unknown:
+            raise UsageError(f"{type(self).__name__} has no setting {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes, **nested)
+
+
+def _spec_class(spec) -> Optional[type]:
+    """The ``Settings`` class of a nested-spec field, or None for a plain one."""
+    if spec.default_factory is not MISSING:
+        made = spec.default_factory()
+        if isinstance(made, Settings):
+            return type(made)
+    return None
+
+
+def _check(spec, value):
+    """``value`` converted to the field's domain or choices; UsageError naming the field otherwise."""
+    meta = spec.metadata
+    if value is None and spec.default is None:
+        return value  # an optional setting left out
+    if meta.get("convert") is not None:
+        value = meta["convert"](value)
+    domain, choices = meta.get("domain"), meta.get("choices")
+    if domain is not None:
+        return domain.check(value, spec.name)
+    if choices is not None:
+        text = str(value).lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise UsageError(f"{spec.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return text
+    if isinstance(spec.default, bool) and not isinstance(value, bool):
+        raise UsageError(f"{spec.name} must be True or False, got {value!r}")
+    return value
+
+
+def _plain(value):
+    if isinstance(value, Settings):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class _Threads:
+    """The thread setting's domain: 'auto' or a count (``runtime.parse_threads``)."""
+
+    def check(self, value, name):
+        try:
+            text = parse_threads(value)
+        except UsageError:
+            text = None
+        if text is None or (text != "auto" and int(text) > checks.THREADS_MAX):
+            raise UsageError(f"{name} must be {self.describe()}, got '{value}'")
+        return text
+
+    def describe(self):
+        return f"auto or an integer in [0, {checks.THREADS_MAX}]"
+
+
+THREADS = _Threads()
+
+
+# ----------------------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class ModelSpec(Settings):
+    """Which model a stage runs, on what, and in what precision."""
+
+    source: Optional[str] = setting(
+        None, flag="--model", key="model",
+        help="Hugging Face model id, local from_pretrained folder, or PEFT adapter folder (base resolved as PEFT "
+             "does; needs landscape[lora]) (default: the embedded model)")
+    dtype: str = setting("float32", choices=PRECISIONS, convert=precision_name,
+                         help="precision of the weights and the computation (tf32: float32 weights, TF32 matmuls)")
+    device: str = setting("auto", identity=False, help="auto | cpu | cuda | cuda:N")
+    allow_new_head: bool = setting(
+        False, help="accept a checkpoint without its pretraining head (transformers then initializes it "
+                    "randomly: the numbers measure that random head)")
+    shard_size: int = setting(
+        1, domain=checks.POSITIVE_INT, identity=False,
+        help="under torchrun, shard the model over groups of this many ranks with FSDP2 (each rank holds 1/K of "
+             "it); the world / K groups split the work; 1 = no sharding")
+    threads: str = setting("auto", domain=THREADS, identity=False, metavar="auto|N", help=THREADS_HELP)
+
+    def __post_init__(self):
+        if self.source is not None and not isinstance(self.source, str):
+            object.__setattr__(self, "source", str(self.source))  # a Path
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class SampleSpec(Settings):
+    """Which packed sequences of which corpus a stage evaluates its loss on."""
+
+    corpus: Optional[str] = setting(
+        None, help="text file, JSONL file, HF dataset name or save_to_disk folder (default: the embedded corpus)")
+    fraction: Optional[float] = setting(
+        None, domain=checks.FRACTION,
+        help="seeded document-level fraction of the corpus to use, in (0, 1] (default: all of it)")
+    max_samples: Optional[int] = setting(None, domain=checks.POSITIVE_INT, unset="all that the corpus gives",
+                                         help="at most this many packed sequences")
+    seq_len: int = setting(128, domain=checks.SEQ_LEN, help="tokens per packed sequence")
+    batch_size: int = setting(16, domain=checks.POSITIVE_INT, identity=False,
+                              help="packed sequences per forward pass")
+    seed: int = setting(0, domain=checks.SEED, help="seed for sub-sampling and masking")
+    bos: str = setting("auto", choices=BOS_CHOICES,
+                       help="BOS token first in every sample: auto = as the model's tokenizer frames a text, "
+                            "yes = always, no = never")
+
+    def __post_init__(self):
+        if self.corpus is not None and not isinstance(self.corpus, str):
+            object.__setattr__(self, "corpus", str(self.corpus))  # a Path
+        super().__post_init__()
+
+    def sampling(self) -> Dict[str, Any]:
+        """The keyword arguments of ``data.corpus.load_batches`` (all but the corpus)."""
+        return dict(fraction=self.fraction, max_samples=self.max_samples, seq_len=self.seq_len,
+                    batch_size=self.batch_size, seed=self.seed, bos=self.bos)
+
+
+Axis = Union[str, Tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class GridSpec(Settings):
+    """The coefficients of a surface: a 1D line along x, or a 2D grid along x and y."""
+
+    x: Axis = setting(DEFAULT_GRID, domain=checks.AXIS, help="MIN:MAX:NUM along the first direction")
+    y: Optional[Axis] = setting(None, domain=checks.AXIS,
+                                help=f"MIN:MAX:NUM along the second direction (default: {DEFAULT_GRID} for a "
+                                     "2-direction file)")
+    one_d: bool = setting(False, help="only the x direction of a 2-direction file (default: both directions)")
+
+    def validate(self):
+        """Refuse ``one_d`` together with a ``y`` range."""
+        if self.one_d and self.y is not None:
+            raise UsageError("one_d and y contradict each other; drop one")
+
+
+def _sample_with(**defaults):
+    return lambda: SampleSpec(**defaults)
+
+
+# ------------------------------------------------------------------------------------ stages
+@dataclass(frozen=True)
+class FisherSettings(Settings):
+    """``run_fisher``: the diagonal empirical Fisher of a model on a sample."""
+
+    model: ModelSpec = setting(help="the model", factory=ModelSpec)
+    sample: SampleSpec = setting(help="the sample (default: every sequence the corpus gives)", factory=SampleSpec)
+    checkpoint_every: float = setting(60.0, domain=checks.NON_NEGATIVE, identity=False,
+                                      help="seconds between checkpoints of the running sums")
+    max_chunk_mb: Optional[float] = setting(
+        None, domain=checks.POSITIVE, identity=False,
+        help="memory for per-sample gradients at a time, in MB (default: 256, lowered to a quarter byte per model "
+             "parameter for models under 1B parameters, at least 64)")
+
+
+@dataclass(frozen=True)
+class StabilitySettings(Settings):
+    """``run_stability``: the Fisher of nested sub-samples against the reference (paper Table 1)."""
+
+    model: ModelSpec = setting(help="the model", factory=ModelSpec)
+    sample: SampleSpec = setting(help="the reference sample", factory=SampleSpec)
+    fractions: Tuple[float, ...] = setting(STABILITY_FRACTIONS, domain=checks.ListDomain(checks.FRACTION),
+                                           help="comma-separated fractions of the reference sample")
+    top: Tuple[float, ...] = setting(STABILITY_TOP, domain=checks.ListDomain(checks.PERCENT),
+                                     help="comma-separated top-k percentages")
+    max_chunk_mb: Optional[float] = FisherSettings.__dataclass_fields__["max_chunk_mb"]
+
+
+@dataclass(frozen=True)
+class SurfaceSettings(Settings):
+    """``run_surface``: loss and token accuracy on a grid along the directions of a direction file."""
+
+    directions: str = setting(help="direction file from `landscape directions`")
+    model: ModelSpec = setting(help="the model", factory=ModelSpec)
+    sample: SampleSpec = setting(help="the evaluation sample", factory=_sample_with(max_samples=64))
+    grid: GridSpec = setting(help="the grid", factory=GridSpec)
+    eval_corpus: Optional[str] = setting(
+        None, help="a held-out corpus (the forms --corpus takes), sampled with the same --fraction, --max-samples, "
+                   "--seq-len, --seed and --bos: its loss and token accuracy at every point are written as "
+                   "test_loss and test_acc, in the same pass over the grid (default: train_loss and train_acc only)")
+    points_per_pass: int = setting(1, domain=checks.POSITIVE_INT, identity=False,
+                                   help="grid points per vmapped forward pass; more helps on a GPU")
+    flush_seconds: float = setting(2.0, domain=checks.NON_NEGATIVE, identity=False,
+                                   help="seconds between rewrites of the HDF5 file; every point is journaled at once")
+    stream_directions: bool = setting(
+        False, help="keep the directions in host memory in float32 and copy them to the device at each point: "
+                    "beside the model the device holds only a copy of its perturbed weights (default: the "
+                    "directions are held on the device in the model's dtype)")
+
+    def __post_init__(self):
+        for name in ("directions", "eval_corpus"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, str(value))  # a Path
+        super().__post_init__()
+
+
+def is_settings(value: Any) -> bool:
+    """Whether ``value`` is a settings object (an instance of a ``Settings`` dataclass)."""
+    return isinstance(value, Settings) and is_dataclass(value)
