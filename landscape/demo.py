@@ -23,7 +23,15 @@ from .guided.schedule_stage import run_schedule
 from .models import LoadedModel, load_model
 from .outputs import claim_output
 from .plots import surfaces as plots
-from .settings import GridSpec, ModelSpec, SampleSpec, StabilitySettings, SurfaceSettings
+from .settings import (
+    GridSpec,
+    ModelSpec,
+    ProfileSettings,
+    SampleSpec,
+    ScheduleSettings,
+    StabilitySettings,
+    SurfaceSettings,
+)
 from .surface import run_surface, sharpness
 from .surface.direction_kinds import make as make_directions
 
@@ -97,7 +105,8 @@ def _fisher_and_stability(run: DemoRun):
 
 
 def _profile(run: DemoRun):
-    profile_stage.run_profile(run.paths["fisher"], run.paths["profile"], overwrite=run.overwrite)
+    settings = ProfileSettings(run.paths["fisher"], run.model_spec)
+    profile_stage.run_profile(settings, out=run.paths["profile"], model=run.loaded, overwrite=run.overwrite)
 
 
 def _directions(run: DemoRun):
@@ -150,9 +159,9 @@ def _figures_stage(run: DemoRun):
 
 
 def _schedule(run: DemoRun):
-    s = run_schedule(run.paths["fisher"], run.paths["schedule"], p_upper=0.1, p_lower=0.0, overwrite=run.overwrite,
-                     loaded=run.loaded)
-    print(schedule.format_table(s))
+    settings = ScheduleSettings(run.paths["fisher"], run.model_spec, p_upper=0.1, p_lower=0.0)
+    made = run_schedule(settings, out=run.paths["schedule"], model=run.loaded, overwrite=run.overwrite)
+    print(schedule.format_table(made.schedule))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ DEFAULT_GRID = "-1:1:21"  # the coefficients along an axis that is asked for wit
 def setting(default: Any = MISSING, *, help: str, domain: Any = None, choices: Optional[Sequence] = None,
             flag: Optional[str] = None, aliases: Sequence[str] = (), metavar: Optional[str] = None,
             identity: bool = True, key: Optional[str] = None, unset: Optional[str] = None,
-            convert: Any = None, factory: Any = None) -> Any:
+            convert: Any = None, positional: bool = False, bare: Any = MISSING, exclude: Sequence[str] = (),
+            factory: Any = None) -> Any:
     """A settings field: ``dataclasses.field`` with what the parser and the validation need.
 
     Args:
@@ -53,11 +54,15 @@ def setting(default: Any = MISSING, *, help: str, domain: Any = None, choices: O
         key: the setting's name in identities and files, where it differs from the field's.
         unset: what leaving out an optional setting means, for ``--help`` where its default is None.
         convert: a function applied to a given value before its check (e.g. spelling out aliases).
+        positional: the command line takes it as a positional argument rather than an option.
+        bare: the value of the option given without one (``--lora`` alone); MISSING: a value is required.
+        exclude: for a nested spec, its fields this stage's command line does not offer (they keep
+            the spec's defaults, which the stage may override, e.g. a schedule always accepts a new head).
         factory: a callable giving the default (for nested specs).
     """
     metadata = dict(help=help, domain=domain, choices=None if choices is None else tuple(choices), flag=flag,
                     aliases=tuple(aliases), metavar=metavar, identity=identity, key=key, unset=unset,
-                    convert=convert)
+                    convert=convert, positional=positional, bare=bare, exclude=tuple(exclude))
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -323,6 +328,52 @@ class SurfaceSettings(Settings):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, str(value))  # a Path
+        super().__post_init__()
+
+
+SCHEDULE_SHAPES = ("linear", "log", "power")
+
+
+@dataclass(frozen=True)
+class ScheduleSettings(Settings):
+    """``run_schedule``: a guided dropout schedule from a Fisher file and its model (paper eq. 9-10)."""
+
+    fisher: str = setting(positional=True, help="Fisher file (safetensors) written by `landscape fisher`")
+    # The model only gives shapes and sites: a checkpoint without its pretraining head is always accepted.
+    model: ModelSpec = setting(help="the model", factory=ModelSpec, exclude=("allow_new_head", "shard_size"))
+    p_upper: float = setting(0.1, domain=checks.BELOW_ONE, help="probability of the lowest-scored site")
+    p_lower: float = setting(0.0, domain=checks.BELOW_ONE, help="probability of the highest-scored site")
+    shape: str = setting("linear", choices=SCHEDULE_SHAPES,
+                         help="linear in rank (paper), normalized log score, or a power of the rank")
+    gamma: float = setting(2.0, domain=checks.POSITIVE, help="exponent of --shape power")
+    lora: Optional[str] = setting(
+        None, bare="", metavar="SPEC",
+        help="guided LoRA dropout (needs landscape[lora]): one site per module LoRA adapts, named by the base module "
+             "and scored by its Fisher, so the schedule serves any rank. The modules: those of a PEFT adapter --model "
+             "(give --lora alone), or SPEC on the base model, as `finetune --lora`, e.g. targets=q_proj,v_proj "
+             "(default: dropout sites)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "fisher", str(self.fisher))  # a Path
+        super().__post_init__()
+
+    def validate(self):
+        """Refuse ``p_lower`` above ``p_upper``."""
+        if self.p_lower > self.p_upper:
+            raise UsageError(f"p_lower ({self.p_lower:g}) must not exceed p_upper ({self.p_upper:g})")
+
+
+@dataclass(frozen=True)
+class ProfileSettings(Settings):
+    """``run_profile``: the Fisher per parameter, per dropout site, per tensor and per block."""
+
+    fisher: str = setting(positional=True, help="a Fisher file written by `landscape fisher`")
+    # Only shapes and sites are read from the model: the CPU is enough, and a new head is accepted.
+    model: ModelSpec = setting(help="the model", factory=lambda: ModelSpec(device="cpu"),
+                               exclude=("allow_new_head", "shard_size"))
+
+    def __post_init__(self):
+        object.__setattr__(self, "fisher", str(self.fisher))  # a Path
         super().__post_init__()
 
 

@@ -19,7 +19,9 @@ from landscape.settings import (
     FisherSettings,
     GridSpec,
     ModelSpec,
+    ProfileSettings,
     SampleSpec,
+    ScheduleSettings,
     StabilitySettings,
     SurfaceSettings,
 )
@@ -72,8 +74,8 @@ def test_profile_call_writes_the_files_of_the_command(fisher_file, tiny_bert_dir
     from landscape.guided.profile import PROFILE_FILES, run_profile
 
     _cli("profile", fisher_file, "--model", tiny_bert_dir, "--out", tmp_path / "cli")
-    paths = run_profile(fisher_file, tmp_path / "api", model=str(tiny_bert_dir))
-    assert {p.name for p in map(type(tmp_path), paths.values())} == set(PROFILE_FILES)
+    result = run_profile(ProfileSettings(fisher_file, ModelSpec(str(tiny_bert_dir))), out=tmp_path / "api")
+    assert {p.name for p in map(type(tmp_path), result.files.values())} == set(PROFILE_FILES)
     for name in PROFILE_FILES:
         if name.endswith(".csv"):
             assert (tmp_path / "api" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
@@ -84,10 +86,10 @@ def test_schedule_call_writes_the_json_of_the_command(fisher_file, tiny_bert_dir
 
     _cli("schedule", fisher_file, "--model", tiny_bert_dir, "--p-upper", "0.2", "--shape", "power", "--gamma", "3",
          "--out", tmp_path / "cli.json")
-    made = schedule.run_schedule(fisher_file, tmp_path / "api.json", str(tiny_bert_dir), p_upper=0.2, shape="power",
-                                 gamma=3)
+    settings = ScheduleSettings(fisher_file, ModelSpec(str(tiny_bert_dir)), p_upper=0.2, shape="power", gamma=3)
+    made = schedule.run_schedule(settings, out=tmp_path / "api.json")
     assert json.loads((tmp_path / "api.json").read_text()) == json.loads((tmp_path / "cli.json").read_text())
-    assert made.model_fingerprint and made.p_upper == 0.2
+    assert made.schedule.model_fingerprint and made.schedule.p_upper == 0.2 and made.settings == settings
 
 
 def test_surface_call_writes_the_grid_of_the_command(tiny_bert_dir, tiny_corpus_file, tmp_path):
@@ -136,7 +138,8 @@ def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_
         run_fisher(FisherSettings(ModelSpec(str(tiny_bert_dir)), SampleSpec(batch_size=0)),
                    out=tmp_path / "F.safetensors")
     with pytest.raises(UsageError, match="gamma"):
-        schedule.run_schedule(fisher_file, tmp_path / "s.json", str(tiny_bert_dir), gamma=float("nan"))
+        schedule.run_schedule(ScheduleSettings(fisher_file, ModelSpec(str(tiny_bert_dir)), gamma=float("nan")),
+                              out=tmp_path / "s.json")
     with pytest.raises(UsageError, match="^x must have MIN smaller than MAX"):
         run_surface(SurfaceSettings(tmp_path / "d.h5", grid=GridSpec(x="1:-1:3")), out=tmp_path / "s.h5")
     assert "--" not in str(refused.value) and not list(tmp_path.iterdir())

@@ -1,7 +1,7 @@
 """fisher, stability, profile."""
 
-from ..settings import FisherSettings, StabilitySettings
-from .common import add_model_args, add_overwrite_arg
+from ..settings import FisherSettings, ProfileSettings, StabilitySettings
+from .common import add_overwrite_arg
 from .generated import add_output_arguments, add_settings_arguments, settings_from_args
 
 
@@ -65,16 +65,16 @@ def _register_profile(subparsers):
         "profile", help="parameter-wise and site-wise Fisher figures and CSV",
         description="Sorted parameter-wise Fisher (log scale), dropout-site scores (element-weighted mean "
                     "Fisher of the parameters each site drops), per-tensor and per-block tables.")
-    parser.add_argument("fisher", help="a Fisher file written by `landscape fisher`")
-    add_model_args(parser)
+    add_settings_arguments(parser, ProfileSettings)
     parser.add_argument("--out", required=True, help="output folder")
     add_overwrite_arg(parser, "replace files in --out that the profile did not write (default: refuse)")
-    parser.set_defaults(func=run_profile)
+    parser.set_defaults(func=run_profile, applies_threads=True)
 
 
 def run_profile(args):
     from ..guided.profile import run_profile as profile_stage
 
-    for path in profile_stage(args.fisher, args.out, model=args.model, overwrite=args.overwrite).values():
+    result = profile_stage(settings_from_args(ProfileSettings, args), out=args.out, overwrite=args.overwrite)
+    for path in result.files.values():
         print(f"wrote {path}")
     return 0

@@ -26,7 +26,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: Type[Settings])
         if isinstance(nested, Settings):
             group = parser.add_argument_group(_GROUP_TITLES.get(spec.name, spec.name))
             for inner in fields(nested):
-                _add(group, inner, getattr(nested, inner.name))
+                if inner.name not in spec.metadata.get("exclude", ()):
+                    _add(group, inner, getattr(nested, inner.name))
         else:
             _add(parser, spec, defaults.get(spec.name, MISSING))
 
@@ -38,7 +39,8 @@ def settings_from_args(cls: Type[Settings], args: argparse.Namespace) -> Setting
     for spec in fields(cls):
         nested = defaults.get(spec.name)
         if isinstance(nested, Settings):
-            values[spec.name] = type(nested)(**{f.name: getattr(args, f.name) for f in fields(nested)})
+            given = {f.name: getattr(args, f.name) for f in fields(nested) if hasattr(args, f.name)}
+            values[spec.name] = nested.replace(**given)
         else:
             values[spec.name] = getattr(args, spec.name)
     return cls(**values)
@@ -58,10 +60,15 @@ def _defaults(cls) -> Dict[str, Any]:
 def _add(parser, spec, default) -> None:
     meta = spec.metadata
     flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
-    names = [flag, *meta.get("aliases", ())]
     text = meta["help"] + (f" (default: {meta['unset']})" if default is None and meta.get("unset") else "")
+    if meta.get("positional"):
+        parser.add_argument(spec.name, help=text)
+        return
+    names = [flag, *meta.get("aliases", ())]
     kwargs: Dict[str, Any] = dict(dest=spec.name, help=text)
     kwargs["metavar"] = meta.get("metavar") or flag.lstrip("-").replace("-", "_").upper()
+    if meta.get("bare", MISSING) is not MISSING:
+        kwargs.update(nargs="?", const=meta["bare"])
     if default is MISSING:
         kwargs["required"] = True
     elif isinstance(default, bool):

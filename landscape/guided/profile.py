@@ -7,7 +7,9 @@ site drops (``sites.site_scores``), sites found by module name (``sites.find_sit
 """
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -15,7 +17,11 @@ import torch
 from ..errors import UsageError
 from ..files import atomic_output, write_csv
 from ..fisher import check_fisher_matches
+from ..inputs import stage_model, stage_threads
+from ..models import LoadedModel
 from ..outputs import claim_output, figure_metadata
+from ..results import StageResult
+from ..settings import ProfileSettings
 from .sites import find_sites, site_scores
 
 _BLOCK = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.\d+)\.")
@@ -241,20 +247,28 @@ def write_profile(fisher, model, out_dir, title=""):
     return paths
 
 
-def run_profile(fisher_path, out, model=None, overwrite=False):
+@dataclass
+class ProfileResult(StageResult):
+    """What ``run_profile`` wrote: ``files``, {what: path} of every table and figure (``path``: the folder)."""
+
+    files: Dict[str, Path]
+
+
+def run_profile(settings: ProfileSettings, *, out, model: Optional[LoadedModel] = None,
+                overwrite: bool = False) -> ProfileResult:
     """The profile stage: read a Fisher file, check it against its model, write every view under ``out``.
 
-    The model only gives shapes and dropout sites, so it is loaded on the CPU in float32, a
-    checkpoint without its pretraining head included.
+    The model only gives shapes and dropout sites, so a checkpoint without its pretraining head is
+    accepted (and the CPU, the spec's default device, is enough).
 
     Args:
-        fisher_path: a Fisher file written by ``fisher.run_fisher`` (``landscape fisher``).
+        settings: the Fisher file and the model it was computed on (``ProfileSettings(fisher=...)``).
         out: the folder to write into (made if missing).
-        model: hub id or ``from_pretrained`` folder the Fisher was computed on; None for the embedded model.
+        model: a ``models.LoadedModel`` already in memory (None: load ``settings.model``).
         overwrite: replace files in ``out`` that a profile did not write.
 
     Returns:
-        {what: path} of every file written (as ``write_profile``).
+        a ProfileResult.
 
     Raises:
         UsageError: ``out`` is a file, the Fisher file is unreadable or was computed on another
@@ -264,16 +278,19 @@ def run_profile(fisher_path, out, model=None, overwrite=False):
 
     from ..fisher import check_fisher_model, load_fisher
     from ..identity import model_fingerprint
-    from ..models import load_model
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"out '{out}' is a file; give a folder")
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(out, "folder", overwrite))
-        held.enter_context(claim_profile(out, fisher_path, overwrite))
-        fisher, meta = load_fisher(fisher_path)
-        loaded = load_model(model, device="cpu", dtype="float32", allow_new_head=True)
-        check_fisher_model(fisher_path, meta, model_fingerprint(loaded), model)
+        held.enter_context(claim_profile(out, settings.fisher, overwrite))
+        held.enter_context(stage_threads(settings.model))
+        fisher, meta = load_fisher(settings.fisher)
+        loaded = stage_model(settings.model.replace(allow_new_head=True), model)
+        weights = model_fingerprint(loaded)
+        check_fisher_model(settings.fisher, meta, weights, settings.model.source)
         title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
-        return write_profile(fisher, loaded.model, out, title=title)
+        files = write_profile(fisher, loaded.model, out, title=title)
+    return ProfileResult(path=out, settings=settings, computed=len(files), total=len(files),
+                         fingerprints={"model_fingerprint": weights}, files=files)

@@ -7,19 +7,29 @@ Kept apart from ``guided.schedule`` (the schedules themselves, their file and co
 this stage only drives.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .. import checks
 from ..errors import UsageError
 from ..files import check_output_path
+from ..inputs import stage_model, stage_threads
+from ..models import LoadedModel
 from ..outputs import claim_output
+from ..results import StageResult
+from ..settings import ScheduleSettings
 from .schedule import Schedule, guided_dropout, load_schedule, save_schedule
 
 
-def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: float = 0.1, p_lower: float = 0.0,
-                 shape: str = "linear", gamma: float = 2.0, dtype: str = "float32", device="auto",
-                 lora: Optional[str] = None, overwrite: bool = False, loaded=None) -> Schedule:
+@dataclass
+class ScheduleResult(StageResult):
+    """What ``run_schedule`` wrote: ``schedule``, the ``Schedule`` (``computed`` and ``total``: its sites)."""
+
+    schedule: Schedule
+
+
+def run_schedule(settings: ScheduleSettings, *, out, model: Optional[LoadedModel] = None,
+                 overwrite: bool = False) -> ScheduleResult:
     """Score every dropout site of a model by its Fisher and write the guided dropout schedule.
 
     Sites are sorted by the element-weighted mean Fisher of the parameters they drop, ascending;
@@ -28,52 +38,44 @@ def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: floa
     is accepted.
 
     Args:
-        fisher_path: a Fisher file written by ``fisher.run_fisher``.
+        settings: the Fisher file, the model it was computed on and the schedule's shape
+            (``ScheduleSettings(fisher=...)``; ``lora``: a guided LoRA dropout schedule instead,
+            ``guided.lora``, needs peft: "" takes the LoRA modules of a PEFT adapter model, a spec
+            such as "targets=q_proj,v_proj" wraps the base model with them).
         out: the schedule JSON to write.
-        model: hub id or ``from_pretrained`` folder the Fisher was computed on; None for the embedded model.
-        p_upper: probability of the lowest-scored site, in [0, 1).
-        p_lower: probability of the highest-scored site, in [0, p_upper].
-        shape: "linear" in rank (paper), "log" (normalized log score) or "power" (a power of the rank).
-        gamma: exponent of ``shape`` "power", > 0.
-        dtype: storage dtype of the model ("float32", "tf32", "bfloat16", "float16").
-        device: "auto", "cpu", "cuda" or "cuda:N".
-        lora: a guided LoRA dropout schedule instead (``guided.lora``, needs peft): one site per
-            module LoRA adapts, named by the base module.  "" takes the LoRA modules of a PEFT
-            adapter ``model``; a spec such as "targets=q_proj,v_proj" wraps the base model with
-            them.  None: the model's dropout sites.
+        model: a ``models.LoadedModel`` already in memory (None: load ``settings.model``); its
+            fingerprint is still checked against the Fisher file's.
         overwrite: replace an ``out`` that is not a dropout schedule.
-        loaded: an already loaded ``models.LoadedModel`` of ``model`` to use instead of loading it
-            (the demo's); its fingerprint is still checked against the Fisher file's.
 
     Returns:
-        the Schedule written (``schedule.format_table`` prints it; ``unscored`` lists sites
-        without Fisher entries, left unchanged).
+        a ScheduleResult; ``schedule.format_table(result.schedule)`` prints it, and
+        ``result.schedule.unscored`` lists sites without Fisher entries, left unchanged.
 
     Raises:
-        UsageError: a setting out of its domain, a Fisher file of another model; ``OutputRefused``
-            for an ``out`` holding another kind of file unless ``overwrite``.
+        UsageError: a Fisher file of another model, a loaded model the settings do not describe;
+            ``OutputRefused`` for an ``out`` holding another kind of file unless ``overwrite``.
     """
     from ..fisher import check_fisher_model, load_fisher
     from ..identity import model_fingerprint
-    from ..models import load_model
 
     out = check_output_path(out, "out", [".json"])
-    checks.positive_float(gamma, "gamma")
-    with claim_output(out, "schedule", overwrite=overwrite):
+    fisher_path = settings.fisher
+    with claim_output(out, "schedule", overwrite=overwrite), stage_threads(settings.model):
         fisher, meta = load_fisher(fisher_path)
-        if loaded is None:
-            loaded = load_model(model, device=device, dtype=dtype, allow_new_head=True)
+        loaded = stage_model(settings.model.replace(allow_new_head=True), model)
         weights = model_fingerprint(loaded)
-        check_fisher_model(fisher_path, meta, weights, model)
+        check_fisher_model(fisher_path, meta, weights, settings.model.source)
         make, target = guided_dropout, loaded.model
-        if lora is not None:
+        if settings.lora is not None:
             from . import lora as lora_module
 
-            make, target = lora_module.lora_schedule, _lora_model(loaded, lora)
-        schedule = make(target, fisher, p_upper=p_upper, p_lower=p_lower, shape=shape, gamma=gamma,
-                        model_source=loaded.source, fisher_source=str(fisher_path), model_fingerprint=weights)
+            make, target = lora_module.lora_schedule, _lora_model(loaded, settings.lora)
+        schedule = make(target, fisher, p_upper=settings.p_upper, p_lower=settings.p_lower, shape=settings.shape,
+                        gamma=settings.gamma, model_source=loaded.source, fisher_source=str(fisher_path),
+                        model_fingerprint=weights)
         save_schedule(schedule, Path(out))
-    return schedule
+    return ScheduleResult(path=out, settings=settings, computed=len(schedule.sites), total=len(schedule.sites),
+                          fingerprints={"model_fingerprint": weights}, schedule=schedule)
 
 
 def _lora_model(loaded, spec: str):
