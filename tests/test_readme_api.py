@@ -32,7 +32,7 @@ def api_blocks():
 
 def test_the_python_api_section_shows_every_stage():
     code = "\n".join(api_blocks())
-    for call in ("run_fisher", "run_stability", "run_profile", "run_schedule", "write_directions", "run_surface",
+    for call in ("run_fisher", "run_stability", "run_profile", "run_schedule", "run_surface",
                  "run_finetune", "run_hessian", "directions.make", "plots.plot", "plots.compare", "compute_fisher",
                  "evaluate", "guided_dropout"):
         assert call in code, f"the README's Python API does not show {call}"
@@ -44,3 +44,14 @@ def test_every_python_api_block_runs_as_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", RUNNER, *blocks], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_api_document_runs_as_written(tmp_path):
+    """docs/api.md's blocks: the settings round trip and the scripted pipeline on one loaded model."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert len(blocks) == 2
+    done = subprocess.run([sys.executable, "-c", RUNNER, *blocks], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"F.safetensors", "schedule.json", "top5.h5", "top5_s.h5", "profile"} <= {p.name for p in tmp_path.iterdir()}

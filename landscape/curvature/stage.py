@@ -23,6 +23,7 @@ from ..files import check_output_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..models import LoadedModel, model_id
 from ..outputs import claim_output
+from ..settings import SampleSpec
 from ..surface.direction_file import check_existing_directions
 from ..surface.paths import ModelSpec, loaded_model
 from .report import (
@@ -165,13 +166,11 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
             a Fisher file of another model, or outputs that may not be written (``OutputRefused``,
             ``OutputBusy``, ``SettingsMismatch``).
     """
-    from ..fisher.stage import check_sample_settings
-
     out = check_output_path(out, "out", [".json"])
     vectors = check_output_path(vectors, "vectors", H5_SUFFIXES) if vectors is not None else None
     counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
-    check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
+    SampleSpec(corpus, fraction, max_samples, seq_len, batch_size, seed, bos)  # refuses a setting out of its domain
     with claim_output(out, "hessian-report", overwrite=overwrite), \
             (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
         prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
@@ -275,13 +274,12 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
         UsageError: as ``run_hessian``, or dims other than 1 or 2.
     """
     from ..data.corpus import describe_framing, load_batches
-    from ..fisher.stage import check_sample_settings
     from .lanczos import top_eigenpairs
 
     if dims not in (1, 2):
         raise UsageError(f"dims must be 1 or 2, got {dims}")
     tol = checks.OPEN_UNIT.check(tol, "tol")
-    check_sample_settings(None, max_samples, seq_len, batch_size, sample_seed, bos)
+    SampleSpec(corpus, None, max_samples, seq_len, batch_size, sample_seed, bos)  # refuses a setting out of its domain
     with claim_output(out, "directions", overwrite=overwrite):
         scores = _fisher(fisher, subset)
         loaded = loaded_model(model, allow_new_head, device=device, dtype="float32")

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..files import require_readable_file
 from ..models import LoadedModel
+from ..settings import BOS_CHOICES
 from .hf_datasets import open_hf_dataset
 from .labelled import encode, labelled_batch, load_labelled
 from .objectives import causal_sample, mlm_sample, pad_batch, pad_token_id, span_corruption_sample
@@ -97,9 +98,6 @@ def subsample_documents(docs: List[str], fraction: Optional[float] = None, seed:
         The kept documents, in the permutation's order.
     """
     return [docs[i] for i in seeded_prefix(len(docs), fraction, seed)]
-
-
-BOS_CHOICES = ("auto", "yes", "no")
 
 
 def _special_frame(tokenizer):
