@@ -1,12 +1,12 @@
 """landscape: Fisher information, loss landscapes and guided dropout for pretrained language models.
 
-The pipeline stages are submodules; import them explicitly, e.g. ``from landscape import fisher``.
-``models``, ``corpus``, ``fisher``, ``directions``, ``surface``, ``schedule``, ``regularizers`` are
-the entry points of DESIGN.md.  The code is laid out by concern (imports flow one way, from the
-command line down to the core):
+The public namespace (``landscape.__all__``) holds the stage calls, their settings classes and the
+readers of the files they write (docs/api.md); the stage packages hold the rest.  The code is laid
+out by concern (imports flow one way, from the command line down to the core):
 
 * core: ``errors``, ``files``, ``runtime`` (distribution, logging, precision), ``datahome``, ``hub`` (is
-  a hub name worth asking for), ``defaults`` (shared with ``--help``, so stdlib only), ``models``
+  a hub name worth asking for), ``defaults`` and ``settings`` (shared with ``--help``, so stdlib only),
+  ``models``, ``inputs`` (a stage's model and sample), ``results``
 * ``data/``: objectives, corpora, labelled sets, sub-sampling, the embedded texts and model
 * ``fisher/``: per-layer rules, the accumulator, runs, the file, stability
 * ``surface/``: directions, perturbation, evaluation, the file and its journal, sharpness
@@ -16,4 +16,60 @@ command line down to the core):
 * ``cli/``: the ``landscape`` command line; ``demo``: the whole pipeline as declared stages
 """
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# The public namespace: name -> (module, attribute or None for the module itself).  Imported on
+# first use (PEP 562), so that `import landscape` and `landscape --help` stay free of torch.
+_PUBLIC = {
+    # stage calls, one per command (docs/api.md)
+    "run_fisher": ("landscape.fisher.stage", "run_fisher"),
+    "run_stability": ("landscape.fisher.stage", "run_stability"),
+    "run_profile": ("landscape.guided.profile", "run_profile"),
+    "run_schedule": ("landscape.guided.schedule_stage", "run_schedule"),
+    "run_surface": ("landscape.surface.run", "run_surface"),
+    "make_directions": ("landscape.surface.direction_kinds", "make"),
+    "run_hessian": ("landscape.curvature.stage", "run_hessian"),
+    "run_finetune": ("landscape.guided.finetune", "run_finetune"),
+    "plot": ("landscape.plots.figures", "plot"),
+    "compare": ("landscape.plots.figures", "compare"),
+    "run_demo": ("landscape.demo", "run_demo"),
+    # settings and results
+    "ModelSpec": ("landscape.settings", "ModelSpec"),
+    "SampleSpec": ("landscape.settings", "SampleSpec"),
+    "GridSpec": ("landscape.settings", "GridSpec"),
+    "FisherSettings": ("landscape.settings", "FisherSettings"),
+    "StabilitySettings": ("landscape.settings", "StabilitySettings"),
+    "ProfileSettings": ("landscape.settings", "ProfileSettings"),
+    "ScheduleSettings": ("landscape.settings", "ScheduleSettings"),
+    "SurfaceSettings": ("landscape.settings", "SurfaceSettings"),
+    "StageResult": ("landscape.results", "StageResult"),
+    "UsageError": ("landscape.errors", "UsageError"),
+    # readers of the files the stages write, and the inputs they read
+    "load_model": ("landscape.models", "load_model"),
+    "load_batches": ("landscape.data.corpus", "load_batches"),
+    "load_fisher": ("landscape.fisher.file", "load_fisher"),
+    "load_directions": ("landscape.surface.direction_file", "load_directions"),
+    "read_surface": ("landscape.surface.file", "read_surface"),
+    "load_report": ("landscape.curvature.report", "load_report"),
+    "load_schedule": ("landscape.guided.schedule", "load_schedule"),
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module 'landscape' has no attribute '{name}'") from None
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

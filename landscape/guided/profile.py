@@ -2,7 +2,7 @@
 
 Per parameter element (paper Fig. 3a), per dropout site (Fig. 3b), per tensor and per block.
 
-Site scores follow DESIGN.md: the element-weighted mean Fisher of the parameters whose output the
+Site scores follow docs/fisher.md: the element-weighted mean Fisher of the parameters whose output the
 site drops (``sites.site_scores``), sites found by module name (``sites.find_sites``).
 """
 

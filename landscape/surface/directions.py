@@ -400,5 +400,5 @@ def _orthogonal_projection(maker: _TensorMaker):
     return lambda name: (projected(name) * scale).float()
 
 
-# Directions between checkpoints live in ``connectivity``; users reach them from here (DESIGN.md).
+# Directions between checkpoints live in ``connectivity``; users reach them from here.
 from .connectivity import interpolation_direction, trajectory_directions  # noqa: E402
