@@ -1,0 +1,141 @@
+"""Settings objects: one home per default, help text and domain, shared by the parsers and the stages.
+
+The parsers of the commands that take a settings class are generated from its fields, so every
+field is an option with the field's default and help, and the option and the API argument refuse
+the same values with the same words.  A stage accepts a model already loaded and refuses one its
+settings contradict; it applies its thread setting and leaves torch's thread count as it found it.
+"""
+
+import argparse
+from dataclasses import MISSING, fields
+
+import pytest
+import torch
+
+import landscape
+from landscape import settings as S
+from landscape.cli import build_parser
+from landscape.cli.generated import settings_from_args
+from landscape.errors import UsageError
+
+COMMANDS = {"fisher": S.FisherSettings, "stability": S.StabilitySettings, "surface": S.SurfaceSettings,
+            "schedule": S.ScheduleSettings, "profile": S.ProfileSettings}
+
+
+def _subparser(command):
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _leaves(cls):
+    """(field, default) of every setting the command line offers, nested specs flattened."""
+    for spec in fields(cls):
+        if spec.default_factory is not MISSING and isinstance(spec.default_factory(), S.Settings):
+            nested = spec.default_factory()
+            for inner in fields(nested):
+                if inner.name not in spec.metadata["exclude"]:
+                    yield inner, getattr(nested, inner.name)
+        else:
+            yield spec, spec.default
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_field_is_an_option_with_its_default_and_help(command):
+    actions = {a.dest: a for a in _subparser(command)._actions}
+    for spec, default in _leaves(COMMANDS[command]):
+        action = actions[spec.name]
+        assert action.help.startswith(spec.metadata["help"]), spec.name
+        if default is MISSING:
+            assert action.required or not action.option_strings, spec.name
+        elif isinstance(default, tuple):
+            assert action.default == ",".join(f"{v:g}" for v in default), spec.name
+        else:
+            assert action.default == default, (command, spec.name, action.default, default)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_parsed_defaults_give_the_settings_defaults(command, tmp_path):
+    cls = COMMANDS[command]
+    inputs = [str(tmp_path / "in")] if command in ("schedule", "profile") else []
+    required = ["--directions", str(tmp_path / "d.h5")] if command == "surface" else []
+    args = build_parser().parse_args([command, *inputs, *required, "--out", str(tmp_path / "out")])
+    made = settings_from_args(cls, args)
+    expected = cls(*inputs) if inputs else cls(str(tmp_path / "d.h5")) if required else cls()
+    if command == "profile":  # its spec's own default device
+        assert made.model.device == "cpu"
+    assert made == expected
+
+
+def test_the_api_refuses_what_the_option_refuses_with_the_same_words(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fisher", "--seq-len", "4", "--out", "F.safetensors"])
+    option_line = capsys.readouterr().err.strip()
+    with pytest.raises(UsageError) as refused:
+        S.SampleSpec(seq_len=4)
+    words = str(refused.value).split(" ", 1)[1]  # after the name: "must be an integer in [8, ...], got 4"
+    assert words.replace("got 4", "got '4'") in option_line, (option_line, words)
+
+
+def test_settings_round_trip_compare_and_name_their_identity():
+    made = S.SurfaceSettings("d.h5", S.ModelSpec(dtype="BF16"), S.SampleSpec(max_samples=8, batch_size=3),
+                             S.GridSpec(x=[-1, 0, 1]))
+    assert made.model.dtype == "bfloat16" and made.grid.x == (-1.0, 0.0, 1.0)
+    assert S.SurfaceSettings.from_dict(made.to_dict()) == made
+    identity = made.identity()
+    assert identity["model"] is None and identity["dtype"] == "bfloat16" and identity["max_samples"] == 8
+    assert "batch_size" not in identity and "threads" not in identity  # they do not change the numbers
+    assert made.replace(seq_len=64, x="-1:1:3").sample.seq_len == 64
+    with pytest.raises(UsageError, match="no setting"):
+        made.replace(nonsense=1)
+    with pytest.raises(UsageError, match="one_d and y contradict"):
+        S.GridSpec(y="-1:1:3", one_d=True)
+    with pytest.raises(UsageError, match="p_lower"):
+        S.ScheduleSettings("F.safetensors", p_upper=0.1, p_lower=0.5)
+    assert S.FisherSettings.from_dict({**S.FisherSettings().to_dict(), "from_a_newer_version": 1}) == S.FisherSettings()
+
+
+def test_the_public_namespace_lists_the_stage_calls_and_settings():
+    for name in ("run_fisher", "run_surface", "run_schedule", "run_profile", "run_stability", "FisherSettings",
+                 "SurfaceSettings", "ModelSpec", "SampleSpec", "load_fisher", "read_surface", "load_schedule"):
+        assert name in landscape.__all__ and getattr(landscape, name) is not None, name
+
+
+def test_a_loaded_model_is_used_and_one_the_settings_contradict_is_refused(tiny_bert, tiny_bert_dir, tmp_path):
+    sample = S.SampleSpec(max_samples=2, seq_len=16, batch_size=2)
+    bf16 = S.FisherSettings(S.ModelSpec(dtype="bfloat16"), sample)
+    with pytest.raises(UsageError, match="dtype bfloat16 but the loaded model holds float32"):
+        landscape.run_fisher(bf16, out=tmp_path / "F.safetensors", model=tiny_bert, progress=False)
+    other = S.FisherSettings(S.ModelSpec(str(tmp_path / "elsewhere")), sample)
+    with pytest.raises(UsageError, match="the loaded model is"):
+        landscape.run_fisher(other, out=tmp_path / "F.safetensors", model=tiny_bert, progress=False)
+    assert not list(tmp_path.iterdir())
+    loaded = landscape.run_fisher(S.FisherSettings(sample=sample), out=tmp_path / "a.safetensors", model=tiny_bert,
+                                  progress=False)
+    from_disk = landscape.run_fisher(S.FisherSettings(S.ModelSpec(str(tiny_bert_dir)), sample),
+                                     out=tmp_path / "b.safetensors", progress=False)
+    ours, theirs = landscape.load_fisher(loaded.path)[0], landscape.load_fisher(from_disk.path)[0]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.fingerprints == from_disk.fingerprints
+
+
+def test_a_stage_applies_its_threads_and_restores_the_count(tiny_bert, tmp_path, monkeypatch):
+    seen = []
+    from landscape.fisher import run as fisher_run
+
+    original = fisher_run.compute_fisher
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fisher_run, "compute_fisher", spy)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # an explicit count is not capped
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = S.FisherSettings(S.ModelSpec(threads="2"), S.SampleSpec(max_samples=2, seq_len=16))
+        landscape.run_fisher(settings, out=tmp_path / "F.safetensors", model=tiny_bert, progress=False)
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
