@@ -377,6 +377,55 @@ class ProfileSettings(Settings):
         super().__post_init__()
 
 
+MASK_GRANULARITIES = ("global", "tensor")
+IGNORES = ("biasbn", "none")
+
+
+@dataclass(frozen=True)
+class HessianSettings(Settings):
+    """``run_hessian``: top eigenpairs, trace and spectral density of the loss Hessian (or of P·H·P)."""
+
+    # Hessian-vector products need all of the model on one device: it is not sharded (docs/scale.md).
+    model: ModelSpec = setting(help="the model", factory=ModelSpec, exclude=("shard_size",))
+    sample: SampleSpec = setting(help="the sample", factory=_sample_with(max_samples=64))
+    top: int = setting(2, domain=checks.int_in(0, checks.EIGENPAIRS_MAX), help="top eigenpairs; 0 = none")
+    trace: int = setting(0, domain=checks.NON_NEGATIVE_INT, metavar="N",
+                         help="Hutchinson probes for the trace, e.g. 100; 0 = no trace")
+    spectrum: int = setting(0, domain=checks.NON_NEGATIVE_INT, metavar="RUNS",
+                            help="stochastic Lanczos quadrature runs for the density, e.g. 10; 0 = none")
+    steps: int = setting(80, domain=checks.int_in(1, checks.LANCZOS_STEPS_MAX), help="Lanczos steps per spectrum run")
+    bins: int = setting(200, domain=checks.int_in(1, checks.BINS_MAX), help="histogram bins of the density")
+    tol: float = setting(1e-4, domain=checks.OPEN_UNIT, help="eigenpairs converge when |Hv - λv| <= tol·|λ|")
+    max_iter: int = setting(500, domain=checks.POSITIVE_INT,
+                            help="at most this many Hessian-vector products for the eigenpairs")
+    fisher: Optional[str] = setting(None, help="Fisher file (safetensors) for --subset")
+    subset: str = setting(
+        "all", help="top:K | bottom:K | random:K | all: the Hessian restricted to those parameters (P·H·P; K in "
+                    "percent of the perturbable elements); adapter: only the parameters of a PEFT adapter --model "
+                    "(no --fisher)")
+    granularity: str = setting("global", choices=MASK_GRANULARITIES, flag="--mask-granularity",
+                               help="rank elements over the whole model (global) or inside each tensor (tensor)")
+    ignore: str = setting("biasbn", choices=IGNORES,
+                          help="biasbn: 1-D tensors (biases, LayerNorm) are not coordinates, as directions do not "
+                               "perturb them; none: every trainable element (the full Hessian)")
+    cache_mb: float = setting(1024.0, domain=checks.NON_NEGATIVE, identity=False,
+                              help="memory for the cached first-order graphs, in MB; 0 = recompute")
+
+    def __post_init__(self):
+        if self.fisher is not None:
+            object.__setattr__(self, "fisher", str(self.fisher))  # a Path
+        if self.subset is None:
+            object.__setattr__(self, "subset", "all")
+        super().__post_init__()
+
+    def validate(self):
+        """Refuse a run with nothing to compute, or fewer products than eigenpairs."""
+        if not (self.top or self.trace or self.spectrum):
+            raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
+        if self.top and self.max_iter < self.top:
+            raise UsageError(f"max_iter ({self.max_iter}) must be at least the number of eigenpairs ({self.top})")
+
+
 def is_settings(value: Any) -> bool:
     """Whether ``value`` is a settings object (an instance of a ``Settings`` dataclass)."""
     return isinstance(value, Settings) and is_dataclass(value)
