@@ -65,7 +65,7 @@ def test_without_peft_an_adapter_folder_is_one_line_naming_the_extra(adapter_dir
 
 def test_every_stage_runs_on_an_adapter_and_files_record_it(adapter_dir, tiny_corpus_file, tmp_path):
     from landscape.fisher import load_fisher
-    from landscape.surface.direction_file import load_directions
+    from landscape.direction_file import load_directions
     from landscape.surface.file import read_surface
 
     fisher, meta = load_fisher(cli_ok("fisher", "--model", adapter_dir, "--corpus", tiny_corpus_file, *SAMPLE,
@@ -160,7 +160,7 @@ def test_two_ranks_sharding_an_adapter_give_the_single_process_fisher_and_surfac
 
 
 def test_directions_to_an_adapter_are_its_merged_update(adapter_dir, tiny_llama_dir, tmp_path, capsys):
-    from landscape.surface.direction_file import load_directions
+    from landscape.direction_file import load_directions
 
     cli_ok("directions", "--model", tiny_llama_dir, "--to", adapter_dir, "--out", tmp_path / "T.h5")
     dirs, attrs = load_directions(tmp_path / "T.h5")

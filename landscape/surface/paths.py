@@ -12,39 +12,18 @@ unless ``overwrite``.  They are the ``interpolation`` and ``trajectory`` kinds o
 
 import math
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Sequence
 
 import numpy as np
 import torch
 
 from .. import adapters
+from ..direction_file import check_existing_directions, save_directions
 from ..errors import UsageError
 from ..identity import MODEL_KEY, model_fingerprint
-from ..models import LoadedModel, load_model, model_id
+from ..models import LoadedModel, ModelSpec, loaded_model, model_id  # noqa: F401 (names of this module)
 from ..outputs import claim_output
 from .connectivity import interpolation_direction, model_parameters, trajectory_directions
-from .direction_file import check_existing_directions, save_directions
-
-ModelSpec = Union[None, str, Path, LoadedModel]
-
-
-def loaded_model(spec: ModelSpec, allow_new_head: bool = False, **load) -> LoadedModel:
-    """``spec`` itself when it is a loaded model, else ``models.load_model(spec, ...)``.
-
-    A loaded model is identified by its source's checkpoint files (``identity.model_fingerprint``),
-    so pass one whose weights are still those files.
-
-    Args:
-        spec: a ``models.LoadedModel``, a hub id, a ``from_pretrained`` folder, or None (embedded).
-        allow_new_head: accept a checkpoint without its pretraining head.
-        **load: ``device`` and ``dtype`` for ``load_model``.
-
-    Returns:
-        The loaded model.
-    """
-    if isinstance(spec, LoadedModel):
-        return spec
-    return load_model(None if spec is None else str(spec), allow_new_head=allow_new_head, **load)
 
 
 def save_checked(out, directions: List[dict], settings: dict, overwrite: bool = False) -> str:

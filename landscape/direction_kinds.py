@@ -13,18 +13,23 @@ kind               the directions                                               
 Each writes the direction file with every setting that made it and the model's fingerprint,
 claims it (``outputs.claim_output``) and refuses a file made with other settings unless
 ``overwrite``; ``surface`` reads all of them alike.  ``landscape directions`` is this call.
+
+This module sits above ``surface`` and ``curvature``, the one place that combines them: both
+stages are peers (neither imports the other), and the direction file they both write, the model
+loading and the subsets they both take live below them (``direction_file``, ``models``,
+``fisher.subsets``).
 """
 
 import inspect
 
-from .. import adapters
-from ..curvature.stage import eigen_directions
-from ..errors import UsageError
-from ..files import check_output_path
-from ..identity import MODEL_KEY, model_fingerprint
-from ..models import LoadedModel, model_id
-from ..outputs import claim_output
-from .paths import ModelSpec, loaded_model, write_interpolation, write_trajectory
+from . import adapters
+from .curvature.stage import eigen_directions
+from .errors import UsageError
+from .files import check_output_path
+from .identity import MODEL_KEY, model_fingerprint
+from .models import LoadedModel, ModelSpec, loaded_model, model_id
+from .outputs import claim_output
+from .surface.paths import write_interpolation, write_trajectory
 
 KINDS = ("random", "hessian", "interpolation", "trajectory")
 
@@ -65,10 +70,10 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
         UsageError: bad settings, a subset without a Fisher file, a Fisher file of another model,
             or an output that may not be written.
     """
-    from ..fisher import check_fisher_model, fisher_metadata
-    from ..runtime import join_torchrun
-    from ..sharding import shard_layout, shard_model
-    from . import directions
+    from .fisher import check_fisher_model, fisher_metadata
+    from .runtime import join_torchrun
+    from .sharding import shard_layout, shard_model
+    from .surface import directions
 
     subset = subset or "all"
     directions._check_request(dims, subset, fisher, dtype, seed, norm, ignore)  # before anything is loaded
