@@ -33,13 +33,16 @@ def _rademacher(dim: int, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1).to(device)
 
 
-def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool = False) -> torch.Tensor:
-    """A unit vector: normalized Rademacher or Gaussian."""
+def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool = False,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A unit vector: normalized Rademacher or Gaussian, drawn in float32 (the same draws for every dtype)."""
     if rademacher:
         v = _rademacher(dim, generator, device)
     else:
         v = torch.randn(dim, generator=generator, dtype=torch.float32).to(device)
-    return v / v.norm()
+    v = v / v.norm()
+    # Normalized again in a wider dtype: float32's unit norm is 1 only to ~1e-7 there.
+    return v if dtype == torch.float32 else (lambda w: w / w.norm())(v.to(dtype))
 
 
 def _basis(rows: int, op: _Products) -> torch.Tensor:
@@ -92,7 +95,7 @@ def _extend(op: _Products, basis: torch.Tensor, proj: np.ndarray, start: int, st
         if j + 1 >= op.dim:  # the whole space is spanned: Ritz pairs are exact
             break
         if beta <= 1e-6 * norm_estimate:  # invariant subspace: continue from a fresh direction
-            w, _ = _orthogonalize(basis[: j + 1], _random_unit(op.dim, generator, op.device).to(op.dtype))
+            w, _ = _orthogonalize(basis[: j + 1], _random_unit(op.dim, generator, op.device, dtype=op.dtype))
             basis[j + 1] = w / w.norm()
             beta = 0.0
         else:
@@ -113,7 +116,7 @@ def _lanczos_top(op: _Products, k: int, seed: int, tol: float, max_iter: int, nc
     m = min(dim, max(ncv or 2 * k + 10, 20 if ncv is None else k + 2))  # room for k pairs and growth
     generator = _generator(seed, 1)
     basis = _basis(m + 1, op)
-    basis[0] = _random_unit(dim, generator, op.device)
+    basis[0] = _random_unit(dim, generator, op.device, dtype=op.dtype)
     proj = np.zeros((m, m))
     start, products, norm_estimate = 0, 0, 0.0
     while True:
