@@ -42,11 +42,11 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
     """
     if int(samples) < 1:
         raise UsageError(f"the trace needs at least 1 probe, got {samples}")
-    op = _Products(A, None, progress)
+    op = _Products(A, progress)
     journal = _Journal(checkpoint, _identity(op, "trace", seed, probe="rademacher"), _check_probe) if checkpoint \
         else None
     done = {i: float.fromhex(r["value"]) for i, r in (journal.records.items() if journal else ()) if i < samples}
-    op.bar.reset(total=int(samples) - len(done))
+    op.total = int(samples) - len(done)
     with op:
         for i in range(int(samples)):
             if i in done:
@@ -160,13 +160,13 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
     """
     if int(runs) < 1 or int(steps) < 1 or int(bins) < 1:
         raise UsageError(f"the spectrum needs runs, steps and bins of at least 1, got {runs}, {steps}, {bins}")
-    op = _Products(A, None, progress)
+    op = _Products(A, progress)
     steps = min(int(steps), op.dim)
     journal = _Journal(checkpoint, _identity(op, "spectrum", seed, steps=steps, reorthogonalize=bool(reorthogonalize)),
                        _check_run) if checkpoint else None
     done = {i: (np.array(r["nodes"]), np.array(r["weights"]))
             for i, r in (journal.records.items() if journal else ()) if i < runs}
-    op.bar.reset(total=(int(runs) - len(done)) * steps)
+    op.total = (int(runs) - len(done)) * steps
     with op:
         for r in range(int(runs)):
             if r in done:

@@ -199,11 +199,12 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
         raise UsageError(f"the number of eigenpairs must be at least 1, got {k}")
     if not 0 < float(tol) < 1:
         raise UsageError(f"the eigenpair tolerance must be in (0, 1), got {tol}")
-    op = _Products(A, int(max_iter) + int(k), progress)  # + one check per returned vector
+    op = _Products(A, progress)
     if k > op.dim:
         raise UsageError(f"asked for {k} eigenpairs of an operator with only {op.dim} coordinates")
     if int(max_iter) < k:
         raise UsageError(f"max_iter ({max_iter}) must be at least the number of eigenpairs ({k})")
+    op.total = int(max_iter) + int(k)  # + one check per returned vector
     with op:
         values, vectors, info = _lanczos_top(op, int(k), seed, float(tol), int(max_iter), ncv)
     if not info.converged:

@@ -224,19 +224,22 @@ def _exit(A, exc):
 class _Products:
     """An operator as the estimators drive it.
 
-    Its context held around every product, each product's size checked, counted and ticked on a
-    progress bar, results in the working dtype (float64 for a float64 operator, float32 otherwise).
+    Its context held around every product (``with``), each product's size checked, counted and
+    ticked on a progress bar (over ``total`` products, set before the block), results in the
+    working dtype (float64 for a float64 operator, float32 otherwise).
     """
 
-    def __init__(self, A, total: Optional[int] = None, progress: bool = False):
+    def __init__(self, A, progress: bool = False):
         self.op = as_operator(A)
         self.dim = int(self.op.shape[0])
         self.device = torch.device(self.op.device)
         self.dtype = torch.float64 if self.op.dtype == torch.float64 else torch.float32
         self.products = 0
+        self.total: Optional[int] = None
+        self.progress = progress
         # An operator may name its products (the Hessian's are "Hessian-vector products").
         self.label = getattr(self.op, "progress_label", "matrix-vector products")
-        self.bar = tqdm(total=total, desc=self.label, unit="Hv", disable=not progress, leave=False)
+        self.bar = None
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """A·v for a (dim,) vector of the working dtype on the operator's device."""
@@ -244,14 +247,20 @@ class _Products:
         if not torch.is_tensor(out) or out.shape != (self.dim,):
             raise UsageError(f"the operator's product has shape {tuple(getattr(out, 'shape', ()))}, not ({self.dim},)")
         self.products += 1
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
         return out.to(self.dtype)
 
     def identity(self) -> dict:
         return _identity_of(self.op)
 
     def __enter__(self) -> "_Products":
-        _enter(self.op)
+        self.bar = tqdm(total=self.total, desc=self.label, unit="Hv", disable=not self.progress, leave=False)
+        try:
+            _enter(self.op)
+        except BaseException:
+            self.bar.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> bool:

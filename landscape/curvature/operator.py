@@ -226,7 +226,9 @@ def _needs_cast(t: torch.Tensor) -> bool:
 class HessianOperator:
     """Exact Hessian-vector products of the token-weighted mean cross-entropy over ``batches``.
 
-    ``matvec(v)`` returns H·v for a flat float32 vector over the operator's coordinates: the
+    A linear operator (``linear``'s convention: ``H @ v``, ``shape``, ``dtype`` float32,
+    ``device``) that every estimator takes.  ``H @ v`` = ``matvec(v)`` returns H·v for a flat
+    float32 vector over the operator's coordinates: the
     elements of the parameters with ``requires_grad`` (in ``named_parameters()`` order) that the
     mask keeps (all when ``mask`` is None), so H here is P·H·P restricted to those coordinates.
     Units: nats per target token per (unit of parameter)^2.

@@ -35,6 +35,8 @@ import torch
 from .. import __version__
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
+from ..fisher.subsets import perturbable_names
+from ..fisher.subsets import subset_mask as fisher_subset_mask
 from ..schema import Schema
 from .checkpoint import _identity, _Journal
 from .estimators import spectrum as estimate_spectrum
@@ -52,27 +54,16 @@ def subset_mask(model: torch.nn.Module, fisher=None, subset: str = "all", seed: 
                 ignore: str = "biasbn", granularity: str = "global") -> Optional[dict]:
     """The mask of the Hessian restricted to a subset of parameters (P·H·P), or None for all of them.
 
-    The coordinates are the perturbable elements, as for directions: every trainable element with
-    ``ignore='none'``, the elements of tensors with more than one dimension (no biases, no
-    LayerNorm) with ``ignore='biasbn'``; the subset is ``fisher.subsets.subset_mask``'s ('top:K' /
-    'bottom:K' / 'random:K' of them by Fisher score, 'all', or 'adapter').
-
-    Args:
-        model: the model.
-        fisher: {param name: scores shaped like the param} or a Fisher file's path, or None for
-            subset 'all' or 'adapter'.
-        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' | 'adapter'.
-        seed: seeds a random subset.
-        ignore: 'biasbn' | 'none' (see ``random_direction``).
-        granularity: 'global' | 'tensor' (see ``fisher_mask``).
+    The coordinates are the perturbable elements, as for directions (``ignore``: 'biasbn' leaves
+    out 1-D tensors, 'none' keeps every trainable element), restricted to the subset of
+    ``fisher.subsets.subset_mask`` ('top:K' / 'bottom:K' / 'random:K' by Fisher score, seeded by
+    ``seed``; 'all'; 'adapter'), which refuses what it cannot make.  ``fisher``: scores (a dict or
+    a Fisher file's path) or None; ``granularity``: 'global' | 'tensor' (``fisher_mask``).
 
     Returns:
         {param name: bool tensor shaped like the param}, or None when the mask keeps every
         trainable element.
     """
-    from ..fisher.subsets import perturbable_names
-    from ..fisher.subsets import subset_mask as fisher_subset_mask
-
     mask = fisher_subset_mask(model, fisher, subset, seed=seed, ignore=ignore, granularity=granularity)
     if mask is not None or ignore == "none":
         return mask
@@ -150,6 +141,9 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
                    cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
                    log: Optional[Callable[[str], None]] = None) -> dict:
     """Top eigenpairs, trace and spectrum of the loss Hessian (P·H·P with ``mask``), as a report dict.
+
+    One ``HessianOperator`` serves every estimator, so the sample's first-order graphs are built
+    once (while they fit ``cache_bytes``) and the attention fallback happens once.
 
     Args:
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.

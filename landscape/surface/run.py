@@ -192,7 +192,7 @@ def _axis(values, name):
 
 def _grid_axes(directions, x, y, one_d):
     """(xs, ys) of the grid: ys None for a 1D surface; checked for size before anything is loaded."""
-    from .direction_file import count_directions
+    from ..direction_file import count_directions
 
     xs = _axis(x, "x")
     ys = None if y is None else _axis(y, "y")
