@@ -130,8 +130,8 @@ def main(argv=None):
     if args.top:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            (values, _, info), t_top = timed(lambda: curvature.top_eigenpairs(model, batches, k=1, return_info=True),
-                                             device)
+            hessian = curvature.HessianOperator(model, batches, kind=kind)
+            (values, _, info), t_top = timed(lambda: curvature.top_eigenpairs(hessian, k=1, return_info=True), device)
         print(f"top eigenvalue {values[0]:.6g} in {t_top:.1f} s: {info.products} products "
               f"({t_top / info.products:.3f} s each), relative residual {info.residuals[0]:.1e} "
               f"(tol {info.tol:g}), converged {info.converged}")

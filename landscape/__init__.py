@@ -6,11 +6,14 @@ out by concern (imports flow one way, from the command line down to the core):
 
 * core: ``errors``, ``files``, ``runtime`` (distribution, logging, precision), ``datahome``, ``hub`` (is
   a hub name worth asking for), ``defaults`` and ``settings`` (shared with ``--help``, so stdlib only),
-  ``models``, ``inputs`` (a stage's model and sample), ``results``
+  ``models``, ``inputs`` (a stage's model and sample), ``results``, ``direction_file``
 * ``data/``: objectives, corpora, labelled sets, sub-sampling, the embedded texts and model
-* ``fisher/``: per-layer rules, the accumulator, runs, the file, stability
+* ``fisher/``: per-layer rules, the accumulator, runs, the file, stability, masks and subsets
 * ``surface/``: directions, perturbation, evaluation, the file and its journal, sharpness
-* ``curvature/``: Hessian-vector products, Lanczos eigenpairs, trace and spectrum, their checkpoints
+* ``curvature/``: linear operators (the Hessian's, the diagonal Fisher's), Lanczos eigenpairs,
+  trace and spectrum on any of them, their checkpoints; a peer of ``surface`` (neither imports
+  the other: ``direction_kinds`` above them combines both)
+* ``testing/``: dense references for the tests
 * ``plots/``: figures of surfaces
 * ``guided/``: dropout sites, profiles, schedules, regularizers, fine-tuning and sweeps
 * ``cli/``: the ``landscape`` command line; ``demo``: the whole pipeline as declared stages
@@ -30,7 +33,7 @@ _PUBLIC = {
     "run_profile": ("landscape.guided.profile", "run_profile"),
     "run_schedule": ("landscape.guided.schedule_stage", "run_schedule"),
     "run_surface": ("landscape.surface.run", "run_surface"),
-    "make_directions": ("landscape.surface.direction_kinds", "make"),
+    "make_directions": ("landscape.direction_kinds", "make"),
     "run_hessian": ("landscape.curvature.stage", "run_hessian"),
     "run_finetune": ("landscape.guided.finetune", "run_finetune"),
     "plot": ("landscape.plots.figures", "plot"),
@@ -51,7 +54,7 @@ _PUBLIC = {
     "load_model": ("landscape.models", "load_model"),
     "load_batches": ("landscape.data.corpus", "load_batches"),
     "load_fisher": ("landscape.fisher.file", "load_fisher"),
-    "load_directions": ("landscape.surface.direction_file", "load_directions"),
+    "load_directions": ("landscape.direction_file", "load_directions"),
     "read_surface": ("landscape.surface.file", "read_surface"),
     "load_report": ("landscape.curvature.report", "load_report"),
     "load_schedule": ("landscape.guided.schedule", "load_schedule"),

@@ -15,6 +15,7 @@ from typing import Callable, List
 import torch
 
 from .defaults import DemoSettings
+from .direction_kinds import make as make_directions
 from .fisher import run_stability
 from .fisher.stability import format_table as stability_table
 from .guided import profile as profile_stage
@@ -33,7 +34,6 @@ from .settings import (
     SurfaceSettings,
 )
 from .surface import run_surface, sharpness
-from .surface.direction_kinds import make as make_directions
 
 SURFACES_2D = (("all", "all"), ("top50", "top:50"), ("bottom50", "bottom:50"))
 TOP_K = (80, 50, 20, 5, 1, 0.25)

@@ -11,7 +11,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -175,6 +175,29 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32", allow_
     loaded = _load(spec, "cpu", dtype, allow_new_head)
     shard_model(loaded.model, layout)
     return loaded
+
+
+# What the stages take as a model: a hub id or folder, None for the embedded model, or a loaded one.
+ModelSource = Union[None, str, Path, LoadedModel]
+
+
+def loaded_model(spec: ModelSource, allow_new_head: bool = False, **load) -> LoadedModel:
+    """``spec`` itself when it is a loaded model, else ``load_model(spec, ...)``.
+
+    A loaded model is identified by its source's checkpoint files (``identity.model_fingerprint``),
+    so pass one whose weights are still those files.
+
+    Args:
+        spec: a ``LoadedModel``, a hub id, a ``from_pretrained`` folder, or None (embedded).
+        allow_new_head: accept a checkpoint without its pretraining head.
+        **load: ``device`` and ``dtype`` for ``load_model``.
+
+    Returns:
+        The loaded model.
+    """
+    if isinstance(spec, LoadedModel):
+        return spec
+    return load_model(None if spec is None else str(spec), allow_new_head=allow_new_head, **load)
 
 
 def model_id(loaded: LoadedModel) -> str:

@@ -1,6 +1,6 @@
 """The checks every file a stage reads goes through: one schema per file kind, one line when it fails.
 
-Each file kind's reader (``fisher.file``, ``surface.direction_file``, ``surface.file``,
+Each file kind's reader (``fisher.file``, ``direction_file``, ``surface.file``,
 ``guided.schedule``, ``guided.journal``, ``curvature.report``, ``curvature.checkpoint``,
 ``data.labelled``, model weights in ``models``) states its schema with these helpers: the keys and
 datasets it requires, their types, dtypes and shapes, that values are finite (and in range), and

@@ -64,8 +64,8 @@ def test_without_peft_an_adapter_folder_is_one_line_naming_the_extra(adapter_dir
 
 
 def test_every_stage_runs_on_an_adapter_and_files_record_it(adapter_dir, tiny_corpus_file, tmp_path):
+    from landscape.direction_file import load_directions
     from landscape.fisher import load_fisher
-    from landscape.surface.direction_file import load_directions
     from landscape.surface.file import read_surface
 
     fisher, meta = load_fisher(cli_ok("fisher", "--model", adapter_dir, "--corpus", tiny_corpus_file, *SAMPLE,
@@ -104,6 +104,7 @@ def test_hessian_over_the_adapter_is_the_dense_hessian_of_its_factors(adapter_di
     from landscape.corpus import load_batches
     from landscape.curvature.operator import _use_eager_attention
     from landscape.data.objectives import sequence_losses
+    from landscape.testing.dense import dense_hessian_of
 
     report = json.loads(cli_ok("hessian", "--model", adapter_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--subset",
                                "adapter", "--top", 1, "--tol", 1e-6, "--quiet", "--out", tmp_path / "H.json")
@@ -116,10 +117,7 @@ def test_hessian_over_the_adapter_is_the_dense_hessian_of_its_factors(adapter_di
     assert report["settings"]["subset"] == "adapter" and sum(p.numel() for p in factors) == 448
     parts = [sequence_losses(model, b, loaded.kind) for b in batches]
     loss = sum(s.loss_sum.sum() for s in parts) / sum(s.n_tokens.sum() for s in parts)
-    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, factors, create_graph=True)])
-    rows = [torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, factors, retain_graph=True)]) for g in grad]
-    dense = torch.stack(rows)
-    top = float(torch.linalg.eigvalsh((dense + dense.T) / 2).abs().max())
+    top = float(torch.linalg.eigvalsh(dense_hessian_of(loss, factors)).abs().max())
     assert report["eigenvalues"][0] == pytest.approx(top, rel=1e-4)
     assert cli("hessian", "--model", adapter_dir, "--subset", "adapter", "--fisher", tmp_path / "H.json",
                "--out", tmp_path / "H2.json") == 2
@@ -160,7 +158,7 @@ def test_two_ranks_sharding_an_adapter_give_the_single_process_fisher_and_surfac
 
 
 def test_directions_to_an_adapter_are_its_merged_update(adapter_dir, tiny_llama_dir, tmp_path, capsys):
-    from landscape.surface.direction_file import load_directions
+    from landscape.direction_file import load_directions
 
     cli_ok("directions", "--model", tiny_llama_dir, "--to", adapter_dir, "--out", tmp_path / "T.h5")
     dirs, attrs = load_directions(tmp_path / "T.h5")

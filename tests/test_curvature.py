@@ -1,14 +1,14 @@
 """Hessian curvature: exact products, Lanczos eigenpairs, Hutchinson trace, SLQ density, checkpoints.
 
 The reference is the dense Hessian of a ~1k-parameter GPT-2, computed independently in float64
-(``torch.func.hessian`` of a hand-written token-weighted cross-entropy).
+(``landscape.testing.dense``: forward-over-reverse products of a hand-written token-weighted
+cross-entropy), and plain symmetric matrices of known spectrum: the estimators take any operator.
 """
 
 import copy
 import json
 import math
 import warnings
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,10 +17,9 @@ import torch
 from landscape import curvature as C
 from landscape.corpus import load_batches
 from landscape.curvature.operator import _attention_configs
-from landscape.data import objectives
-from landscape.data.objectives import sequence_losses
 from landscape.directions import check_directions_match, load_directions, save_directions
 from landscape.errors import UsageError
+from landscape.testing.dense import dense_hessian, finite_difference_hvp, masked_submatrix, symmetric_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -55,50 +54,11 @@ def _tiny_batches():
     return out
 
 
-def _dense_hessian(model, batches):
-    """(H float64 (n, n), names): Hessian of Σ token CE / Σ tokens over the trainable parameters.
-
-    Forward-over-reverse (``jvp`` of ``grad``) on every unit vector, vmapped: a method independent
-    of the operator's double backward.  Not ``torch.func.hessian``: in torch 2.13 its
-    reverse-over-reverse half gets LayerNorm weights wrong when the LayerNorm input also depends
-    on the parameters (``jacrev(jacrev(f))`` disagrees with finite differences there).
-    """
-    from torch.func import functional_call, grad, jvp, vmap
-
-    ref = copy.deepcopy(model).double().eval()
-    ref.set_attn_implementation("eager")
-    names = [n for n, p in ref.named_parameters() if p.requires_grad]
-    shapes = [ref.get_parameter(n).shape for n in names]
-    flat = torch.cat([ref.get_parameter(n).detach().reshape(-1) for n in names])
-
-    def loss(theta):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = theta[offset: offset + shape.numel()].view(shape)
-            offset += shape.numel()
-        total, count = 0.0, 0
-        for b in batches:
-            logits = functional_call(ref, params, (), {"input_ids": b["input_ids"],
-                                                       "attention_mask": b["attention_mask"]}).logits
-            targets = b["labels"][:, 1:]
-            keep = targets != -100
-            total = total + torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="sum")
-            count += int(keep.sum())
-        return total / count
-
-    def column(e):
-        return jvp(grad(loss), (flat,), (e,))[1]
-
-    eye = torch.eye(flat.numel(), dtype=flat.dtype)
-    H = torch.cat([vmap(column)(chunk) for chunk in eye.split(384)])
-    return ((H + H.T) / 2).detach(), names
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """(model, batches, dense H, flat index of each parameter name)."""
     model, batches = _tiny_gpt2(), _tiny_batches()
-    H, names = _dense_hessian(model, batches)
+    H, names = dense_hessian(model, batches)
     offsets, start = {}, 0
     for name in names:
         size = model.get_parameter(name).numel()
@@ -119,8 +79,7 @@ def _tiny_mask(model, seed=0):
 
 
 def _dense_projected(H, mask, offsets):
-    keep = torch.cat([mask[n].reshape(-1) for n in offsets])
-    return H[keep][:, keep], keep
+    return masked_submatrix(H, mask, list(offsets))
 
 
 # ----------------------------------------------------------------------------- the operator
@@ -196,7 +155,9 @@ def test_top_eigenpairs_match_dense(tiny, masked, ncv):
     exact = torch.linalg.eigvalsh(dense).flip(0)[:3].numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vals, vecs, info = C.top_eigenpairs(model, batches, k=3, mask=mask, seed=0, ncv=ncv, return_info=True)
+        op = C.HessianOperator(model, batches, mask)
+        vals, rows, info = C.top_eigenpairs(op, k=3, seed=0, ncv=ncv, return_info=True)
+    vecs = [op.to_dict(v) for v in rows]
     assert info.converged and info.products < 200 and (ncv is None or info.products > ncv)
     assert np.all(np.diff(vals) <= 0)
     np.testing.assert_allclose(vals, exact, rtol=1e-4)
@@ -217,7 +178,9 @@ def test_eigenvectors_are_direction_files(tiny, tmp_path):
     model, batches, _, _ = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vals, vecs = C.top_eigenpairs(model, batches, k=2, seed=1)
+        op = C.HessianOperator(model, batches)
+        vals, rows = C.top_eigenpairs(op, k=2, seed=1)
+    vecs = [op.to_dict(v) for v in rows]
     save_directions(tmp_path / "v.h5", vecs, {"kind": "hessian"})
     loaded, _ = load_directions(tmp_path / "v.h5", model)
     check_directions_match(loaded, model)
@@ -226,10 +189,11 @@ def test_eigenvectors_are_direction_files(tiny, tmp_path):
 
 def test_eigenpair_arguments_are_checked(tiny):
     model, batches, _, _ = tiny
+    op = C.HessianOperator(model, batches)
     with pytest.raises(UsageError, match="at least 1"):
-        C.top_eigenpairs(model, batches, k=0)
+        C.top_eigenpairs(op, k=0)
     with pytest.raises(UsageError, match="only"):
-        C.top_eigenpairs(model, batches, k=5000)
+        C.top_eigenpairs(op, k=5000)
 
 
 # ----------------------------------------------------------------------------- trace and spectrum
@@ -237,9 +201,9 @@ def test_hutchinson_trace_within_four_standard_errors(tiny):
     model, batches, H, offsets = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mean, stderr = C.trace(model, batches, samples=60, seed=0)
+        mean, stderr = C.trace(C.HessianOperator(model, batches), samples=60, seed=0)
         mask = _tiny_mask(model)
-        mean_p, stderr_p = C.trace(model, batches, mask=mask, samples=60, seed=0)
+        mean_p, stderr_p = C.trace(C.HessianOperator(model, batches, mask), samples=60, seed=0)
     assert stderr > 0 and abs(mean - float(H.trace())) <= 4 * stderr
     HP, _ = _dense_projected(H, mask, offsets)
     assert stderr_p > 0 and abs(mean_p - float(HP.trace())) <= 4 * stderr_p
@@ -250,7 +214,7 @@ def test_slq_density_integrates_to_one_with_the_trace_as_mean(tiny):
     runs = 6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        spec = C.spectrum(model, batches, runs=runs, steps=25, bins=80, seed=0)
+        spec = C.spectrum(C.HessianOperator(model, batches), runs=runs, steps=25, bins=80, seed=0)
     widths = np.diff(spec.edges)
     assert spec.density.shape == spec.centers.shape == (80,) and spec.edges.shape == (81,)
     assert np.all(spec.density >= 0) and abs(np.sum(spec.density * widths) - 1) < 1e-9
@@ -327,8 +291,8 @@ def test_weights_mode_attention_and_dtype_restored(tiny):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        C.top_eigenpairs(model, batches, k=1, max_iter=30)
-        C.trace(model, batches, samples=2)
+        C.top_eigenpairs(C.HessianOperator(model, batches), k=1, max_iter=30)
+        C.trace(C.HessianOperator(model, batches), samples=2)
     assert [m.training for m in model.modules()] == modes
     assert model.config._attn_implementation == "sdpa"
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -338,40 +302,8 @@ def test_weights_mode_attention_and_dtype_restored(tiny):
     raw = {n: p.detach().clone() for n, p in half.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        C.trace(half, batches, samples=2)
+        C.trace(C.HessianOperator(half, batches), samples=2)
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, raw[n]) for n, p in half.named_parameters())
-
-
-def _float64_token_losses(logits, targets):
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
-
-
-def _fd_hvp(model, batches, v):
-    """(g(θ+εv) − g(θ−εv)) / 2ε in float64, the gradient of the same loss (sequence_losses).
-
-    In float64 (sequence_losses' cross-entropy too); T5's RMSNorm still squares in float32, whose
-    rounding error divided by ε is what limits ε from below.
-    """
-    ref = copy.deepcopy(model).double().eval()
-    params = [p for p in ref.parameters() if p.requires_grad]
-    eps = 2e-3
-
-    def grad_at(sign):
-        with torch.no_grad():
-            for p, d in zip(params, v):
-                p.add_(sign * eps * d.double())
-        total, tokens = 0.0, 0.0
-        for b in batches:
-            s = sequence_losses(ref, b)
-            total, tokens = total + s.loss_sum.sum(), tokens + float(s.n_tokens.sum())
-        grads = torch.autograd.grad(total / tokens, params, allow_unused=True)
-        with torch.no_grad():
-            for p, d in zip(params, v):
-                p.sub_(sign * eps * d.double())
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
-
-    with mock.patch.object(objectives, "_token_losses", _float64_token_losses):
-        return (grad_at(1) - grad_at(-1)) / (2 * eps)
 
 
 def _tiny_llama():
@@ -413,7 +345,7 @@ def test_products_match_finite_differences_on_every_architecture(which, request,
     if attention == "sdpa" and hv.device.type == "cpu":  # CPU SDPA has no double backward: fallback
         assert any("eager" in m for m in messages), messages
     assert model.config._attn_implementation == attention
-    want = _fd_hvp(model, batches, op.space.unflatten(v))
+    want = finite_difference_hvp(model, batches, op.space.unflatten(v))
     error = float(torch.linalg.norm(hv - want) / torch.linalg.norm(want))
     assert error <= 2e-3, f"relative error {error:.2e} against finite differences"
 
@@ -441,45 +373,47 @@ def _kill_after(monkeypatch, products):
 def test_trace_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     model, batches, _, _ = tiny
     warnings.simplefilter("ignore")
-    whole = C.trace(model, batches, samples=8, seed=3)
+    op = C.HessianOperator(model, batches)
+    whole = C.trace(op, samples=8, seed=3)
     path = tmp_path / "trace.jsonl"
     undo = _kill_after(monkeypatch, 5)
     with pytest.raises(_Killed):
-        C.trace(model, batches, samples=8, seed=3, checkpoint=path)
+        C.trace(op, samples=8, seed=3, checkpoint=path)
     undo()
     with open(path, "a") as handle:
         handle.write('{"i": 6, "val')  # a record cut short by the kill
     assert len(path.read_text().splitlines()) == 7  # header, 5 probes, the partial line
     undo = _kill_after(monkeypatch, 3)  # only the 3 missing probes may be computed
-    resumed = C.trace(model, batches, samples=8, seed=3, checkpoint=path)
+    resumed = C.trace(op, samples=8, seed=3, checkpoint=path)
     undo()
     np.testing.assert_allclose(resumed, whole, rtol=1e-6)
     assert len(path.read_text().splitlines()) == 9
     with pytest.raises(UsageError, match="other settings") as err:
-        C.trace(model, batches, samples=8, seed=4, checkpoint=path)
+        C.trace(op, samples=8, seed=4, checkpoint=path)
     assert "\n" not in str(err.value) and "seed" in str(err.value)
     (tmp_path / "junk").write_text("not json\n")
     with pytest.raises(UsageError, match="not a Hessian checkpoint"):
-        C.trace(model, batches, samples=2, checkpoint=tmp_path / "junk")
+        C.trace(op, samples=2, checkpoint=tmp_path / "junk")
 
 
 def test_spectrum_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     model, batches, _, _ = tiny
     warnings.simplefilter("ignore")
-    whole = C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2)
+    op = C.HessianOperator(model, batches)
+    whole = C.spectrum(op, runs=3, steps=6, bins=20, seed=2)
     path = tmp_path / "slq.jsonl"
     undo = _kill_after(monkeypatch, 9)  # run 0 finished, run 1 half way
     with pytest.raises(_Killed):
-        C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2, checkpoint=path)
+        C.spectrum(op, runs=3, steps=6, bins=20, seed=2, checkpoint=path)
     undo()
     records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
     assert [r["i"] for r in records] == [0]
-    resumed = C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2, checkpoint=path)
+    resumed = C.spectrum(op, runs=3, steps=6, bins=20, seed=2, checkpoint=path)
     for a, b in zip(whole.nodes + whole.weights, resumed.nodes + resumed.weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(whole.density, resumed.density, rtol=1e-4)
     with pytest.raises(UsageError, match="steps"):
-        C.spectrum(model, batches, runs=3, steps=7, seed=2, checkpoint=path)
+        C.spectrum(op, runs=3, steps=7, seed=2, checkpoint=path)
 
 
 def test_kernels_without_visible_backward_switch_to_eager_up_front(tiny):
@@ -494,3 +428,120 @@ def test_kernels_without_visible_backward_switch_to_eager_up_front(tiny):
     assert model.config._attn_implementation == "flash_attention_2"
     want = H @ v.double()
     assert torch.linalg.norm(hv.double() - want) <= 1e-5 * torch.linalg.norm(want)
+
+
+# ----------------------------------------------------------------------------- any operator
+KNOWN = [5.0, 3.0, 2.5, 1.0, 0.5, 0.25, 0.0, -0.5, -1.0, -2.0, -3.0, -4.0]  # λ₁ = 5, trace 1.75
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_estimators_on_a_plain_symmetric_matrix_of_known_spectrum(dtype):
+    A = symmetric_matrix(KNOWN, seed=4, dtype=dtype)
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    vals, vecs, info = C.top_eigenpairs(A, k=3, seed=0, tol=tol, return_info=True)
+    assert info.converged and vecs.shape == (3, len(KNOWN)) and vecs.dtype == dtype
+    np.testing.assert_allclose(vals, KNOWN[:3], rtol=10 * tol)
+    exact = torch.linalg.eigh(A.double())[1].flip(1)[:, :3].T
+    for v, e in zip(vecs.double(), exact):
+        assert abs(abs(float(v @ e)) - 1) < 10 * tol
+        assert v[v.abs().argmax()] > 0  # the sign convention
+    # Hutchinson: unbiased, within 4 standard errors; exact (stderr 0) on a diagonal, since z_i² = 1.
+    mean, stderr = C.trace(A, samples=200, seed=1)
+    assert abs(mean - sum(KNOWN)) <= 4 * stderr
+    assert C.trace(torch.diag(torch.tensor(KNOWN, dtype=dtype)), samples=3) == (pytest.approx(sum(KNOWN)), 0.0)
+    # SLQ with as many steps as the dimension: the Ritz values are the eigenvalues, each run's
+    # weights are the squared components of its start vector in the eigenbasis.
+    spec = C.spectrum(A, runs=2, steps=len(KNOWN), bins=50, seed=0)
+    for nodes, weights in zip(spec.nodes, spec.weights):
+        np.testing.assert_allclose(np.sort(nodes), sorted(KNOWN), atol=1e-4 if dtype == torch.float32 else 1e-9)
+        assert abs(weights.sum() - 1) < 1e-6
+    assert spec.dim == len(KNOWN) and spec.ritz_mean == pytest.approx(sum(KNOWN) / len(KNOWN), abs=0.5)
+
+
+def test_any_object_with_the_interface_is_an_operator_and_a_model_is_not(tiny):
+    model, batches, _, _ = tiny
+    A = symmetric_matrix(KNOWN, seed=2)
+
+    class Mine:  # the bare interface: @, shape, dtype, device
+        shape, dtype, device = A.shape, A.dtype, A.device
+
+        def __matmul__(self, v):
+            return A @ v
+
+    assert np.allclose(C.top_eigenpairs(Mine(), k=2, tol=1e-8)[0], C.top_eigenpairs(A, k=2, tol=1e-8)[0])
+    with pytest.raises(UsageError, match="not a linear operator") as err:
+        C.trace(model, samples=2)
+    assert "\n" not in str(err.value) and "HessianOperator" in str(err.value)
+    with pytest.raises(UsageError, match="square"):
+        C.spectrum(torch.zeros(3, 4))
+    with pytest.raises(UsageError, match="identity"):
+        C.trace(Mine(), samples=2, checkpoint="never-written.ckpt")
+
+
+def test_submatrix_operator_is_the_principal_submatrix(tiny):
+    model, batches, H, offsets = tiny
+    A = symmetric_matrix(KNOWN, seed=3)
+    index = torch.tensor([0, 2, 3, 7, 11])
+    sub = C.SubmatrixOperator(A, index)
+    np.testing.assert_allclose(C.top_eigenpairs(sub, k=2, tol=1e-10)[0],
+                               torch.linalg.eigvalsh(A[index][:, index]).flip(0)[:2].numpy(), rtol=1e-8)
+    assert C.trace(sub, samples=4)[0] != pytest.approx(float(A[index][:, index].trace()))  # a real estimate
+    # The Hessian of a mask is the submatrix of the whole Hessian on the mask's coordinates.
+    mask = _tiny_mask(model)
+    keep = torch.cat([mask[n].reshape(-1) for n in offsets])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole, masked = C.HessianOperator(model, batches), C.HessianOperator(model, batches, mask)
+        v = torch.randn(masked.dim, generator=torch.Generator().manual_seed(7))
+        assert torch.allclose(C.SubmatrixOperator(whole, keep) @ v, masked @ v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="distinct index"):
+        C.SubmatrixOperator(A, torch.tensor([1, 1]))
+
+
+def test_the_diagonal_fisher_is_an_operator_on_the_hessians_coordinates(tiny):
+    model, batches, _, offsets = tiny
+    gen = torch.Generator().manual_seed(8)
+    fisher = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+    mask = _tiny_mask(model)
+    F = C.fisher_operator(fisher, model, mask)
+    kept = torch.cat([fisher[n][mask[n]].reshape(-1) for n in offsets])
+    assert F.shape == (C.HessianOperator(model, batches, mask).dim,) * 2 == (kept.numel(),) * 2
+    assert C.trace(F, samples=2) == (pytest.approx(float(kept.double().sum()), rel=1e-6), 0.0)
+    assert C.top_eigenpairs(F, k=1, tol=1e-6)[0][0] == pytest.approx(float(kept.max()), rel=1e-5)
+    with pytest.raises(UsageError, match="Fisher"):
+        C.fisher_operator({k: v for k, v in fisher.items() if "wpe" not in k}, model)
+
+
+def test_one_report_builds_one_operator_and_its_graphs_once(tiny, monkeypatch, tmp_path):
+    """top, trace and spectrum of one report share one operator: the first-order graphs of the
+    sample are built once (the cache holds them), and the numbers are each estimator's own."""
+    from landscape.curvature import operator
+
+    model, batches, _, _ = tiny
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("eager")  # no fallback: a failed first product would rebuild them
+    built, real = [], operator.HessianOperator._gradient
+    monkeypatch.setattr(operator.HessianOperator, "_gradient", lambda self, b: built.append(id(self)) or real(self, b))
+    report = C.hessian_report(model, batches, top=1, trace_samples=5, spectrum_runs=2, steps=4, bins=10, seed=3,
+                              max_iter=60)
+    assert len(built) == len(batches) and len(set(built)) == 1
+    op = C.HessianOperator(model, batches)
+    assert report["trace"]["mean"] == C.trace(op, samples=5, seed=3)[0]
+    assert report["eigenvalues"] == [float(v) for v in C.top_eigenpairs(op, k=1, seed=3, max_iter=60)[0]]
+    assert report["spectrum"]["nodes"] == [n.tolist() for n in C.spectrum(op, runs=2, steps=4, bins=10, seed=3).nodes]
+
+
+def test_a_subset_needing_fisher_scores_is_refused_in_one_place():
+    from pathlib import Path
+
+    from landscape.fisher.subsets import check_subset
+
+    with pytest.raises(UsageError, match="needs Fisher scores"):
+        check_subset("top:5", None)
+    with pytest.raises(UsageError, match="takes no Fisher"):
+        check_subset("adapter", {"w": torch.ones(1)})
+    check_subset("all", None)
+    package = Path(C.__file__).resolve().parents[1]
+    saying = [p.relative_to(package).as_posix() for p in package.rglob("*.py")
+              if "needs Fisher scores" in p.read_text()]
+    assert saying == ["fisher/subsets.py"], saying

@@ -11,8 +11,8 @@ from landscape import surface as S
 from landscape.data.corpus import load_batches
 from landscape.errors import UsageError
 from landscape.fisher import save_fisher
+from landscape.fisher.masks import kth_smallest_key, sortable_keys
 from landscape.models import load_model
-from landscape.surface.masks import kth_smallest_key, sortable_keys
 
 
 @pytest.fixture(scope="module")

@@ -227,15 +227,16 @@ def test_a_trace_journal_of_garbage_or_with_a_damaged_record_is_one_line(tiny_be
     # A journal of this run whose record is edited: NaN, or a number where a hex string belongs.
     batches = load_batches(tiny_bert, tiny_corpus_file, max_samples=2, seq_len=16, batch_size=2)
     journal = tmp_path / "t.ckpt"
-    clean = curvature.trace(tiny_bert.model, batches, samples=2, checkpoint=journal)
+    hessian = curvature.HessianOperator(tiny_bert.model, batches)
+    clean = curvature.trace(hessian, samples=2, checkpoint=journal)
     header, first, second = journal.read_text().splitlines()
-    assert curvature.trace(tiny_bert.model, batches, samples=2, checkpoint=journal) == clean  # resumed
+    assert curvature.trace(hessian, samples=2, checkpoint=journal) == clean  # resumed
     for record, words in (({"i": 0, "value": "nan"}, "line 2: value' is NaN"),
                           ({"i": 0, "value": 1.5}, "line 2: value' is a float"),
                           ({"value": "0x1p0"}, "no 'line 2.i'")):
         journal.write_text("\n".join([header, json.dumps(record), second]) + "\n")
         with pytest.raises(UsageError, match="damaged") as refused:
-            curvature.trace(tiny_bert.model, batches, samples=2, checkpoint=journal)
+            curvature.trace(hessian, samples=2, checkpoint=journal)
         assert str(journal) in str(refused.value) and words in str(refused.value)
 
 

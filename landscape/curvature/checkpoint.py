@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import UsageError
-from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, refuse_changed_resume, sample_fingerprint
+from ..identity import refuse_changed_resume
 from ..schema import Schema
-from .operator import HessianOperator
 
 JOURNAL_FORMAT = "landscape-hessian-journal"
 
@@ -78,12 +77,10 @@ class _Journal:
             os.fsync(handle.fileno())
 
 
-def _identity(op: HessianOperator, method: str, seed: int, **settings) -> dict:
+def _identity(op, method: str, seed: int, **settings) -> dict:
     """Everything that changes a finished probe's or run's numbers (not how many there are).
 
-    The model's weights and the sample's tokens by content (``identity``), the coordinates, the
-    seed.
+    The operator's ``identity()`` (for the Hessian: the weights and the sample by content, the
+    coordinates, the objective), the method, the seed and the method's settings.
     """
-    return {"method": method, "model": type(op.model).__name__, MODEL_KEY: parameters_fingerprint(op.model),
-            SAMPLE_KEY: sample_fingerprint(op.batches), "coordinates": op.space.fingerprint(), "dim": op.dim,
-            "objective": op.kind, "seed": int(seed), **settings}
+    return {"method": method, **op.identity(), "seed": int(seed), **settings}

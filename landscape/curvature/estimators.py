@@ -1,10 +1,15 @@
-"""Estimators built on Hessian-vector products: Hutchinson's trace and the SLQ spectral density."""
+"""Estimators built on matrix-vector products: Hutchinson's trace and the SLQ spectral density.
+
+Both take any symmetric operator (``linear``'s convention: ``A @ v``, ``shape``, ``dtype``,
+``device``): the loss Hessian (``HessianOperator``), the diagonal Fisher (``fisher_operator``), a
+submatrix of either, or a plain square tensor.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,52 +17,44 @@ import torch
 from ..errors import UsageError
 from .checkpoint import _identity, _Journal
 from .lanczos import _generator, _lanczos_run, _rademacher, _random_unit
-from .operator import DEFAULT_CACHE_BYTES, HessianOperator, _bar
+from .linear import _Products
 
 
 # ----------------------------------------------------------------------------- trace
-def trace(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None, samples: int = 100,
-          seed: int = 0, *, kind: Optional[str] = None, progress: bool = False, checkpoint=None,
-          cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[float, float]:
-    """Hutchinson estimate of the Hessian trace (of P·H·P with a mask): mean and standard error.
+def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, checkpoint=None) -> tuple[float, float]:
+    """Hutchinson estimate of a symmetric operator's trace: mean and standard error.
 
-    Probe i is a Rademacher vector z_i drawn from (seed, i) alone; tr(H) ≈ mean_i z_iᵀ·H·z_i.
+    Probe i is a Rademacher vector z_i drawn from (seed, i) alone; tr(A) ≈ mean_i z_iᵀ·A·z_i.
 
     Args:
-        model: a transformers LM (masked, causal, seq2seq or classifier), any device.
-        batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
-        mask: {param name: bool tensor shaped like the param}; None keeps every element.
-        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
-        cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
-        samples: number of probes (one Hessian-vector product each).
+        A: the operator (``linear``), e.g. ``HessianOperator(model, batches, mask)`` (the trace of
+            P·H·P with a mask), or a square tensor.
+        samples: number of probes (one product each).
         seed: seeds the probes.
         progress: a tqdm bar over products.
         checkpoint: path of a journal of finished probes; a rerun with the same settings skips
-            them (more samples extend it); one written with other settings is refused.
+            them (more samples extend it); one written with other settings, or for another
+            operator (its ``identity()``, which a checkpoint needs), is refused.
 
     Returns:
-        (mean, standard error of the mean) in nats/token per unit², floats; the standard error is
-        NaN for a single probe.
+        (mean, standard error of the mean) in A's units, floats; the standard error is NaN for a
+        single probe.
     """
     if int(samples) < 1:
         raise UsageError(f"the trace needs at least 1 probe, got {samples}")
-    op = HessianOperator(model, batches, mask, kind, cache_bytes)
-    identity = _identity(op, "trace", seed, probe="rademacher")
-    journal = _Journal(checkpoint, identity, _check_probe) if checkpoint else None
+    op = _Products(A, progress)
+    journal = _Journal(checkpoint, _identity(op, "trace", seed, probe="rademacher"), _check_probe) if checkpoint \
+        else None
     done = {i: float.fromhex(r["value"]) for i, r in (journal.records.items() if journal else ()) if i < samples}
-    op.bar = _bar(int(samples) - len(done), progress)
-    try:
-        with op:
-            for i in range(int(samples)):
-                if i in done:
-                    continue
-                z = _rademacher(op.dim, _generator(seed, 2, i), op.device)
-                done[i] = float(torch.dot(z.double(), op.matvec(z).double()))
-                if journal:
-                    journal.add(i, value=done[i].hex())
-    finally:
-        op.bar.close()
-        op.clear()
+    op.total = int(samples) - len(done)
+    with op:
+        for i in range(int(samples)):
+            if i in done:
+                continue
+            z = _rademacher(op.dim, _generator(seed, 2, i), op.device).to(op.dtype)
+            done[i] = float(torch.dot(z.double(), op.matvec(z).double()))
+            if journal:
+                journal.add(i, value=done[i].hex())
     values = np.array([done[i] for i in range(int(samples))])
     stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return float(values.mean()), stderr
@@ -136,11 +133,9 @@ def _broaden(nodes: list, weights: list, bins: int, sigma: Optional[float]):
     return edges, (edges[1:] + edges[:-1]) / 2, per_bin / np.diff(edges), sigma
 
 
-def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None, runs: int = 10,
-             steps: int = 80, bins: int = 200, seed: int = 0, *, sigma: Optional[float] = None,
-             reorthogonalize: bool = True, kind: Optional[str] = None, progress: bool = False, checkpoint=None,
-             cache_bytes: int = DEFAULT_CACHE_BYTES) -> Spectrum:
-    """Spectral density of the Hessian (of P·H·P on the kept coordinates) by stochastic Lanczos quadrature.
+def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0, *, sigma: Optional[float] = None,
+             reorthogonalize: bool = True, progress: bool = False, checkpoint=None) -> Spectrum:
+    """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
     Each run is a Lanczos process of ``steps`` products from a normalized Rademacher vector drawn
     from (seed, run); its Ritz values and weights are a Gauss quadrature of that vector's spectral
@@ -148,17 +143,14 @@ def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dic
     each node broadened by a Gaussian of width ``sigma``.
 
     Args:
-        model: a transformers LM (masked, causal, seq2seq or classifier), any device.
-        batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
-        mask: {param name: bool tensor shaped like the param}; None keeps every element.
-        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
-        cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
+        A: the operator (``linear``), e.g. ``HessianOperator(model, batches, mask)`` (the spectrum
+            of H restricted to the kept coordinates), or a square tensor.
         runs: independent Lanczos runs (each ``steps`` products).
         steps: Lanczos steps per run (at most the dimension).
         bins: histogram bins over [min node − 5σ, max node + 5σ].
         seed: seeds the start vectors.
         sigma: broadening, eigenvalue units; default one bin width of the Ritz-value range.
-        reorthogonalize: full reorthogonalization (steps·dim float32 of memory); without it, the
+        reorthogonalize: full reorthogonalization (steps·dim of memory); without it, the
             three-term recurrence (ghost copies of outliers may take some weight).
         progress: a tqdm bar over products.
         checkpoint: path of a journal of finished runs (as for ``trace``).
@@ -168,24 +160,21 @@ def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dic
     """
     if int(runs) < 1 or int(steps) < 1 or int(bins) < 1:
         raise UsageError(f"the spectrum needs runs, steps and bins of at least 1, got {runs}, {steps}, {bins}")
-    op = HessianOperator(model, batches, mask, kind, cache_bytes)
-    identity = _identity(op, "spectrum", seed, steps=min(int(steps), op.dim), reorthogonalize=bool(reorthogonalize))
-    journal = _Journal(checkpoint, identity, _check_run) if checkpoint else None
+    op = _Products(A, progress)
+    steps = min(int(steps), op.dim)
+    journal = _Journal(checkpoint, _identity(op, "spectrum", seed, steps=steps, reorthogonalize=bool(reorthogonalize)),
+                       _check_run) if checkpoint else None
     done = {i: (np.array(r["nodes"]), np.array(r["weights"]))
             for i, r in (journal.records.items() if journal else ()) if i < runs}
-    op.bar = _bar((int(runs) - len(done)) * min(int(steps), op.dim), progress)
-    try:
-        with op:
-            for r in range(int(runs)):
-                if r in done:
-                    continue
-                start = _random_unit(op.dim, _generator(seed, 3, r), op.device, rademacher=True)
-                done[r] = _lanczos_run(op, start, int(steps), reorthogonalize)
-                if journal:
-                    journal.add(r, nodes=done[r][0].tolist(), weights=done[r][1].tolist())
-    finally:
-        op.bar.close()
-        op.clear()
+    op.total = (int(runs) - len(done)) * steps
+    with op:
+        for r in range(int(runs)):
+            if r in done:
+                continue
+            start = _random_unit(op.dim, _generator(seed, 3, r), op.device, rademacher=True, dtype=op.dtype)
+            done[r] = _lanczos_run(op, start, steps, reorthogonalize)
+            if journal:
+                journal.add(r, nodes=done[r][0].tolist(), weights=done[r][1].tolist())
     nodes = [done[r][0] for r in range(int(runs))]
     weights = [done[r][1] for r in range(int(runs))]
     edges, centers, density, width = _broaden(nodes, weights, int(bins), sigma)

@@ -1,6 +1,8 @@
 """Lanczos: top eigenpairs, stochastic Lanczos quadrature runs, and their seeded start vectors.
 
 The top eigenpairs use thick restart and full reorthogonalization; the quadrature runs are plain.
+Both run on any operator (``linear``: ``A @ v``, ``shape``, ``dtype``, ``device``), driven through
+``linear._Products``; their Krylov bases are the one large allocation here (``_basis``).
 """
 
 from __future__ import annotations
@@ -8,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..errors import UsageError
-from .operator import DEFAULT_CACHE_BYTES, HessianOperator, _bar
+from .linear import _Products
 
 
 # ----------------------------------------------------------------------------- Lanczos
@@ -31,13 +33,21 @@ def _rademacher(dim: int, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1).to(device)
 
 
-def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool = False) -> torch.Tensor:
-    """A unit vector: normalized Rademacher or Gaussian."""
+def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool = False,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A unit vector: normalized Rademacher or Gaussian, drawn in float32 (the same draws for every dtype)."""
     if rademacher:
         v = _rademacher(dim, generator, device)
     else:
         v = torch.randn(dim, generator=generator, dtype=torch.float32).to(device)
-    return v / v.norm()
+    v = v / v.norm()
+    # Normalized again in a wider dtype: float32's unit norm is 1 only to ~1e-7 there.
+    return v if dtype == torch.float32 else (lambda w: w / w.norm())(v.to(dtype))
+
+
+def _basis(rows: int, op: _Products) -> torch.Tensor:
+    """Room for ``rows`` Krylov vectors of ``op`` (rows x dim, the working dtype, on its device)."""
+    return torch.zeros(rows, op.dim, dtype=op.dtype, device=op.device)
 
 
 def _generator(seed: int, salt: int, index: int = 0) -> torch.Generator:
@@ -62,7 +72,7 @@ class LanczosInfo:
     estimated: list = None
 
 
-def _extend(op: HessianOperator, basis: torch.Tensor, proj: np.ndarray, start: int, stop: int,
+def _extend(op: _Products, basis: torch.Tensor, proj: np.ndarray, start: int, stop: int,
             budget: int, generator: torch.Generator, norm_estimate: float):
     """Krylov steps start..stop-1 with full reorthogonalization.
 
@@ -85,7 +95,7 @@ def _extend(op: HessianOperator, basis: torch.Tensor, proj: np.ndarray, start: i
         if j + 1 >= op.dim:  # the whole space is spanned: Ritz pairs are exact
             break
         if beta <= 1e-6 * norm_estimate:  # invariant subspace: continue from a fresh direction
-            w, _ = _orthogonalize(basis[: j + 1], _random_unit(op.dim, generator, op.device))
+            w, _ = _orthogonalize(basis[: j + 1], _random_unit(op.dim, generator, op.device, dtype=op.dtype))
             basis[j + 1] = w / w.norm()
             beta = 0.0
         else:
@@ -95,18 +105,18 @@ def _extend(op: HessianOperator, basis: torch.Tensor, proj: np.ndarray, start: i
     return j, beta, used
 
 
-def _lanczos_top(op: HessianOperator, k: int, seed: int, tol: float, max_iter: int, ncv: Optional[int]):
+def _lanczos_top(op: _Products, k: int, seed: int, tol: float, max_iter: int, ncv: Optional[int]):
     """Thick-restart Lanczos (Wu & Simon 2000) for the k largest algebraic eigenpairs.
 
-    Returns (eigenvalues (k,) float64 descending, eigenvectors (k, dim) float32 unit rows, LanczosInfo).
+    Returns (eigenvalues (k,) float64 descending, eigenvectors (k, dim) unit rows, LanczosInfo).
     Convergence: every wanted Ritz pair has ‖H·u − θ·u‖ ≤ tol·|θ| (the residual is β·|y_m|, exact
     for the Krylov–Schur relation H·V = V·T + f·e_mᵀ that full reorthogonalization maintains).
     """
     dim = op.dim
     m = min(dim, max(ncv or 2 * k + 10, 20 if ncv is None else k + 2))  # room for k pairs and growth
     generator = _generator(seed, 1)
-    basis = torch.zeros(m + 1, dim, dtype=torch.float32, device=op.device)
-    basis[0] = _random_unit(dim, generator, op.device)
+    basis = _basis(m + 1, op)
+    basis[0] = _random_unit(dim, generator, op.device, dtype=op.dtype)
     proj = np.zeros((m, m))
     start, products, norm_estimate = 0, 0, 0.0
     while True:
@@ -124,14 +134,14 @@ def _lanczos_top(op: HessianOperator, k: int, seed: int, tol: float, max_iter: i
             break
         # Restart: keep the best Ritz vectors (more than k, which speeds convergence) and the residual.
         keep = min(size - 1, k + (m - k) // 2)
-        ritz = torch.from_numpy(np.ascontiguousarray(y[:, :keep].T)).float().to(op.device) @ basis[:size]
+        ritz = torch.from_numpy(np.ascontiguousarray(y[:, :keep].T)).to(op.device, op.dtype) @ basis[:size]
         residual = basis[size].clone()
         basis[:keep] = ritz
         basis[keep] = residual
         proj = np.zeros((m, m))
         proj[np.arange(keep), np.arange(keep)] = theta[:keep]
         start = keep
-    coeffs = torch.from_numpy(np.ascontiguousarray(y[:, :wanted].T)).float().to(op.device)
+    coeffs = torch.from_numpy(np.ascontiguousarray(y[:, :wanted].T)).to(op.device, op.dtype)
     vectors = coeffs @ basis[:size]
     vectors /= vectors.norm(dim=1, keepdim=True)
     measured = _measured_residuals(op, theta[:wanted], vectors)
@@ -140,7 +150,7 @@ def _lanczos_top(op: HessianOperator, k: int, seed: int, tol: float, max_iter: i
     return theta[:wanted].copy(), vectors, info
 
 
-def _measured_residuals(op: HessianOperator, values, vectors: torch.Tensor) -> list:
+def _measured_residuals(op: _Products, values, vectors: torch.Tensor) -> list:
     """Measure ‖H·v − λ·v‖/|λ| of each returned (λ, v), by one product each.
 
     The Krylov estimate β·|y_m| assumes exact arithmetic and can be 100 times smaller than what the
@@ -158,62 +168,53 @@ def _fix_sign(v: torch.Tensor) -> torch.Tensor:
     return v if v[v.abs().argmax()] >= 0 else -v
 
 
-def top_eigenpairs(model: torch.nn.Module, batches: Iterable[dict], k: int = 2, mask: Optional[dict] = None,
-                   seed: int = 0, *, tol: float = 1e-4, max_iter: int = 500, ncv: Optional[int] = None,
-                   kind: Optional[str] = None, progress: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                   return_info: bool = False):
-    """The k largest (most positive) eigenvalues of the loss Hessian and their eigenvectors.
+def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter: int = 500,
+                   ncv: Optional[int] = None, progress: bool = False, return_info: bool = False):
+    """The k largest (most positive) eigenvalues of a symmetric operator and their eigenvectors.
 
     Thick-restart Lanczos with full reorthogonalization from a seeded Gaussian start vector.
 
     Args:
-        model: a transformers LM (masked, causal, seq2seq or classifier), any device.
-        batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
-        mask: {param name: bool tensor shaped like the param}; None keeps every element.
-        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
-        cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
+        A: a symmetric operator (``linear``'s convention: ``A @ v``, ``shape``, ``dtype``,
+            ``device``), e.g. ``HessianOperator(model, batches, mask)``, or a square tensor.
         k: how many eigenpairs.
         seed: seeds the start vector.
-        tol: stop when every wanted pair has ‖H·v − λ·v‖ ≤ tol·|λ|.
-        max_iter: at most this many Hessian-vector products for Lanczos (a warning says if tol was
-            not reached), plus one per returned pair to measure its residual.
+        tol: stop when every wanted pair has ‖A·v − λ·v‖ ≤ tol·|λ|.
+        max_iter: at most this many products for Lanczos (a warning says if tol was not reached),
+            plus one per returned pair to measure its residual.
         ncv: Krylov basis size before a restart (default max(2k+10, 20), at least k+2); memory
-            ncv·dim float32.
+            ncv·dim of the working dtype (float32, float64 for a float64 operator).
         progress: a tqdm bar over products.
         return_info: also return a ``LanczosInfo`` (products, relative residuals measured with one
             extra product per returned vector, converged: Lanczos stopped on tol and every
             measured residual is within it).
 
     Returns:
-        (eigenvalues, eigenvectors): numpy float64 (k,) descending, nats/token per unit²; and k
-        {param name: CPU float32 tensor shaped like the param}, unit norm over all elements
-        together, zero outside the mask and on frozen parameters (ready for ``save_directions``).
+        (eigenvalues, eigenvectors): numpy float64 (k,) descending, in A's units; and a (k, dim)
+        tensor of unit rows on A's device, each with its largest-magnitude element positive.  For
+        the Hessian, ``H.to_dict(row)`` gives the direction dict ``directions.save_directions``
+        writes (zero outside the mask and on frozen parameters).
     """
     if int(k) < 1:
         raise UsageError(f"the number of eigenpairs must be at least 1, got {k}")
     if not 0 < float(tol) < 1:
         raise UsageError(f"the eigenpair tolerance must be in (0, 1), got {tol}")
-    op = HessianOperator(model, batches, mask, kind, cache_bytes)
+    op = _Products(A, progress)
     if k > op.dim:
-        raise UsageError(f"asked for {k} eigenpairs of a Hessian with only {op.dim} coordinates")
+        raise UsageError(f"asked for {k} eigenpairs of an operator with only {op.dim} coordinates")
     if int(max_iter) < k:
         raise UsageError(f"max_iter ({max_iter}) must be at least the number of eigenpairs ({k})")
-    op.bar = _bar(int(max_iter) + int(k), progress)  # + one check per returned vector
-    try:
-        with op:
-            values, vectors, info = _lanczos_top(op, int(k), seed, float(tol), int(max_iter), ncv)
-    finally:
-        op.bar.close()
-        op.clear()
+    op.total = int(max_iter) + int(k)  # + one check per returned vector
+    with op:
+        values, vectors, info = _lanczos_top(op, int(k), seed, float(tol), int(max_iter), ncv)
     if not info.converged:
-        warnings.warn(f"top_eigenpairs: not converged after {info.products} Hessian-vector products (largest "
-                      f"relative residual {max(info.residuals):.2g}, tolerance {tol:g}); raise max_iter or tol",
-                      stacklevel=2)
-    vecs = [op.to_dict(_fix_sign(v)) for v in vectors]
-    return (values, vecs, info) if return_info else (values, vecs)
+        warnings.warn(f"top_eigenpairs: not converged after {info.products} {op.label} (largest relative residual "
+                      f"{max(info.residuals):.2g}, tolerance {tol:g}); raise max_iter or tol", stacklevel=2)
+    vectors = torch.stack([_fix_sign(v) for v in vectors])
+    return (values, vectors, info) if return_info else (values, vectors)
 
 
-def _lanczos_run(op: HessianOperator, start: torch.Tensor, steps: int, reorthogonalize: bool):
+def _lanczos_run(op: _Products, start: torch.Tensor, steps: int, reorthogonalize: bool):
     """One Lanczos run of up to ``steps`` products from a unit start vector: (Ritz values, weights).
 
     The weights are the squared first components of the tridiagonal matrix's eigenvectors: the
@@ -221,7 +222,7 @@ def _lanczos_run(op: HessianOperator, start: torch.Tensor, steps: int, reorthogo
     """
     steps = min(steps, op.dim)
     if reorthogonalize:
-        basis = torch.zeros(steps, op.dim, dtype=torch.float32, device=op.device)
+        basis = _basis(steps, op)
     alphas, betas = [], []
     v, previous, beta = start, None, 0.0
     for j in range(steps):

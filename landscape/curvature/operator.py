@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 460 lines, 90 of them docstrings.  The coordinate space, the model state and the
+Size: about 480 lines, 100 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
+from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, sample_fingerprint
 from ..models import model_kind
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
@@ -226,7 +226,9 @@ def _needs_cast(t: torch.Tensor) -> bool:
 class HessianOperator:
     """Exact Hessian-vector products of the token-weighted mean cross-entropy over ``batches``.
 
-    ``matvec(v)`` returns H·v for a flat float32 vector over the operator's coordinates: the
+    A linear operator (``linear``'s convention: ``H @ v``, ``shape``, ``dtype`` float32,
+    ``device``) that every estimator takes.  ``H @ v`` = ``matvec(v)`` returns H·v for a flat
+    float32 vector over the operator's coordinates: the
     elements of the parameters with ``requires_grad`` (in ``named_parameters()`` order) that the
     mask keeps (all when ``mask`` is None), so H here is P·H·P restricted to those coordinates.
     Units: nats per target token per (unit of parameter)^2.
@@ -266,11 +268,13 @@ class HessianOperator:
         mask: {param name: bool tensor shaped like the param}; None keeps every element.
         kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
         cache_bytes: budget for the cached first-order graphs; 0 recomputes them every product.
-        progress: a tqdm bar over products (the functions below pass their own).
     """
 
+    dtype = torch.float32  # of the products, whatever the model's (see "Model state")
+    progress_label = "Hessian-vector products"  # the estimators' progress bars
+
     def __init__(self, model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None,
-                 kind: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False):
+                 kind: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.model = model
         self.kind = kind or model_kind(model)
         self.batches = [_usable_batch(b) for b in batches]
@@ -278,7 +282,6 @@ class HessianOperator:
             raise UsageError("the Hessian needs at least one batch of samples")
         self.space = _Space(model, mask)
         self.cache_bytes = int(cache_bytes)
-        self.bar = _bar(None, progress)
         self.products = 0
         self._state: Optional[_ModelState] = None
         self._depth = 0
@@ -298,9 +301,27 @@ class HessianOperator:
         return self.space.names
 
     @property
+    def shape(self) -> tuple:
+        """(dim, dim): the operator's size (``linear``'s convention)."""
+        return (self.space.dim, self.space.dim)
+
+    @property
     def device(self) -> torch.device:
         """The device of the coordinates (the model's)."""
         return self.space.device
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` = ``H.matvec(v)``: the operator interface the estimators take (``linear``)."""
+        return self.matvec(v)
+
+    def identity(self) -> dict:
+        """What fixes the operator's entries, for checkpoints.
+
+        The weights and the sample by content, the coordinates, the objective.
+        """
+        return {"model": type(self.model).__name__, MODEL_KEY: parameters_fingerprint(self.model),
+                SAMPLE_KEY: sample_fingerprint(self.batches), "coordinates": self.space.fingerprint(),
+                "dim": self.dim, "objective": self.kind}
 
     def to_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Flat (dim,) vector -> {name: CPU float32 tensor} over every model parameter (zeros elsewhere)."""
@@ -338,7 +359,6 @@ class HessianOperator:
                 self._reset_cache()
                 raise
         self.products += 1
-        self.bar.update(1)
         return out
 
     def clear(self):
@@ -451,11 +471,6 @@ class HessianOperator:
         dot = torch.stack(terms).sum()
         hv = torch.autograd.grad(dot, self.space.params, retain_graph=retain, allow_unused=True)
         return self.space.flatten(hv)
-
-
-def _bar(total: Optional[int], progress: bool):
-    """A tqdm bar ticking once per Hessian-vector product."""
-    return tqdm(total=total, desc="Hessian-vector products", unit="Hv", disable=not progress, leave=False)
 
 
 def _usable_batch(batch: dict) -> dict:

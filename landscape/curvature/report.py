@@ -35,6 +35,8 @@ import torch
 from .. import __version__
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, require_readable_file
+from ..fisher.subsets import perturbable_names
+from ..fisher.subsets import subset_mask as fisher_subset_mask
 from ..schema import Schema
 from .checkpoint import _identity, _Journal
 from .estimators import spectrum as estimate_spectrum
@@ -48,49 +50,25 @@ DIRECTION_KIND = "hessian"
 
 
 # ----------------------------------------------------------------------------- the operator's mask
-def subset_mask(model: torch.nn.Module, fisher: Optional[dict] = None, subset: str = "all", seed: int = 0,
+def subset_mask(model: torch.nn.Module, fisher=None, subset: str = "all", seed: int = 0,
                 ignore: str = "biasbn", granularity: str = "global") -> Optional[dict]:
     """The mask of the Hessian restricted to a subset of parameters (P·H·P), or None for all of them.
 
-    The coordinates are the perturbable elements, as for directions: every trainable element with
-    ``ignore='none'``, the elements of tensors with more than one dimension (no biases, no
-    LayerNorm) with ``ignore='biasbn'``.  ``subset`` 'top:K' / 'bottom:K' / 'random:K' keeps K% of
-    them by ``fisher`` score (``directions.fisher_mask``, seeded by ``seed`` for random); 'all'
-    keeps every one and needs no Fisher scores; 'adapter' keeps those of a PEFT adapter model's
-    adapter (``adapters.adapter_mask``), by name.
-
-    Args:
-        model: the model.
-        fisher: {param name: scores shaped like the param}, or None for subset 'all'.
-        subset: 'top:K' | 'bottom:K' | 'random:K' | 'all' | 'adapter'.
-        seed: seeds a random subset.
-        ignore: 'biasbn' | 'none' (see ``random_direction``).
-        granularity: 'global' | 'tensor' (see ``fisher_mask``).
+    The coordinates are the perturbable elements, as for directions (``ignore``: 'biasbn' leaves
+    out 1-D tensors, 'none' keeps every trainable element), restricted to the subset of
+    ``fisher.subsets.subset_mask`` ('top:K' / 'bottom:K' / 'random:K' by Fisher score, seeded by
+    ``seed``; 'all'; 'adapter'), which refuses what it cannot make.  ``fisher``: scores (a dict or
+    a Fisher file's path) or None; ``granularity``: 'global' | 'tensor' (``fisher_mask``).
 
     Returns:
         {param name: bool tensor shaped like the param}, or None when the mask keeps every
         trainable element.
     """
-    from ..adapters import ADAPTER_SUBSET, adapter_mask, check_adapter_subset
-    from ..fisher.file import check_fisher_matches
-    from ..surface.directions import IGNORES, fisher_mask, parse_mask_spec, perturbable_names
-
-    if ignore not in IGNORES:
-        raise UsageError(f"unknown ignore '{ignore}'; use one of {', '.join(IGNORES)}")
-    names = perturbable_names(model, ignore)
-    if subset == ADAPTER_SUBSET:  # the low-rank subspace where fine-tuning moved: by name, no Fisher
-        check_adapter_subset(fisher)
-        return adapter_mask(model, names)
-    parse_mask_spec(subset)
-    if fisher is None:
-        if subset != "all":
-            raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
-        if ignore == "none":
-            return None
-        keep = set(names)
-        return {n: torch.full(tuple(p.shape), n in keep, dtype=torch.bool) for n, p in model.named_parameters()}
-    check_fisher_matches(fisher, model)
-    return fisher_mask(fisher, subset, seed=seed, granularity=granularity, names=names)
+    mask = fisher_subset_mask(model, fisher, subset, seed=seed, ignore=ignore, granularity=granularity)
+    if mask is not None or ignore == "none":
+        return mask
+    keep = set(perturbable_names(model, ignore))  # 'all' without scores: every perturbable element
+    return {n: torch.full(tuple(p.shape), n in keep, dtype=torch.bool) for n, p in model.named_parameters()}
 
 
 def mask_size(model: torch.nn.Module, mask: Optional[dict]) -> int:
@@ -119,7 +97,7 @@ def save_eigenvectors(path, vectors: list, values, settings: Optional[dict] = No
     Returns:
         The file's content fingerprint.
     """
-    from ..surface.directions import save_directions
+    from ..direction_file import save_directions
 
     vectors = list(vectors)[:2]
     values = [float(v) for v in list(values)[: len(vectors)]]
@@ -164,6 +142,9 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
                    log: Optional[Callable[[str], None]] = None) -> dict:
     """Top eigenpairs, trace and spectrum of the loss Hessian (P·H·P with ``mask``), as a report dict.
 
+    One ``HessianOperator`` serves every estimator, so the sample's first-order graphs are built
+    once (while they fit ``cache_bytes``) and the attention fallback happens once.
+
     Args:
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
         batches: list of batch dicts (B, T) on the model's device, with ``labels`` (the loss is the
@@ -195,15 +176,16 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
     _check_counts(top, trace_samples, spectrum_runs, vectors)
     say = log or (lambda line: None)
     paths = checkpoint_paths(checkpoint) if checkpoint is not None else {}
-    op = HessianOperator(model, batches, mask, cache_bytes=0)  # identity and sizes only: no product here
+    # One operator for every stage: one cache of first-order graphs, one attention fallback.
+    op = HessianOperator(model, batches, mask, cache_bytes=cache_bytes)
     report = {"format": FORMAT, "settings": dict(settings or {}), "provenance": _provenance(model, op),
               "loss": _loss(model, op), "eigenvalues": None, "eigenpairs": None, "trace": None, "spectrum": None,
               "vectors": None, "warnings": [], "seconds": {}}
-    common = dict(mask=mask, seed=seed, progress=progress, cache_bytes=cache_bytes)
+    common = dict(seed=seed, progress=progress)
     fallback = []
 
     def show(message, category, filename, lineno, file=None, line=None):
-        # Said at once, and once: each stage's operator would repeat the attention fallback.
+        # Said at once, and once, however many stages the fallback is reported to.
         text = str(message)
         if "attention" in text:
             if not fallback:
@@ -216,24 +198,37 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show
-        if top:
-            start = time.perf_counter()
-            report.update(_top(model, batches, op, int(top), common, float(tol), int(max_iter),
-                               paths.get("top"), vectors, vector_settings))
-            report["seconds"]["eigenpairs"] = round(time.perf_counter() - start, 3)
-            say(f"top eigenvalues: {', '.join(f'{v:.6g}' for v in report['eigenvalues'])} "
-                f"({report['eigenpairs']['products']} products, largest relative residual "
-                f"{max(report['eigenpairs']['residuals']):.1e})")
-        if trace_samples:
-            _add_trace(report, model, batches, op, int(trace_samples), common, paths.get("trace"), say)
-        if spectrum_runs:
-            _add_spectrum(report, model, batches, (int(spectrum_runs), int(steps), int(bins)), common,
-                          paths.get("spectrum"), say)
+        try:
+            with op:
+                _stages(report, op, (int(top), int(trace_samples), int(spectrum_runs), int(steps), int(bins)),
+                        common, (float(tol), int(max_iter)), paths, (vectors, vector_settings), say)
+        finally:
+            op.clear()
     if log is None:
         for text in fallback[:1] + report["warnings"]:
             warnings.warn(text, stacklevel=2)
     report["provenance"]["attention_fallback"] = fallback[0] if fallback else ""
     return report
+
+
+def _stages(report, op, counts, common, tolerance, paths, vectors, say):
+    """The eigenpairs, trace and spectrum into ``report``, all on ``op``.
+
+    counts = (top, trace samples, spectrum runs, steps, bins); tolerance = (tol, max_iter);
+    vectors = (path or None, its attributes).
+    """
+    top, trace_samples, spectrum_runs, steps, bins = counts
+    if top:
+        start = time.perf_counter()
+        report.update(_top(op, top, common, *tolerance, paths.get("top"), *vectors))
+        report["seconds"]["eigenpairs"] = round(time.perf_counter() - start, 3)
+        say(f"top eigenvalues: {', '.join(f'{v:.6g}' for v in report['eigenvalues'])} "
+            f"({report['eigenpairs']['products']} products, largest relative residual "
+            f"{max(report['eigenpairs']['residuals']):.1e})")
+    if trace_samples:
+        _add_trace(report, op, trace_samples, common, paths.get("trace"), say)
+    if spectrum_runs:
+        _add_spectrum(report, op, (spectrum_runs, steps, bins), common, paths.get("spectrum"), say)
 
 
 def _check_counts(top, trace_samples, spectrum_runs, vectors):
@@ -245,29 +240,28 @@ def _check_counts(top, trace_samples, spectrum_runs, vectors):
         raise UsageError("eigenvectors need at least one eigenpair")
 
 
-def _add_trace(report, model, batches, op, samples, common, journal_path, say):
+def _add_trace(report, op, samples, common, journal_path, say):
     """The Hutchinson trace (mean ± standard error) into ``report``, with its seconds."""
     start = time.perf_counter()
-    mean, stderr = estimate_trace(model, batches, samples=samples, checkpoint=journal_path, **common)
+    mean, stderr = estimate_trace(op, samples=samples, checkpoint=journal_path, **common)
     report["trace"] = {"mean": mean, "stderr": stderr, "samples": samples, "probe": "rademacher",
                        "per_coordinate": mean / op.dim}
     report["seconds"]["trace"] = round(time.perf_counter() - start, 3)
     say(f"trace: {mean:.6g} ± {stderr:.2g} (standard error, {samples} probes)")
 
 
-def _add_spectrum(report, model, batches, sizes, common, journal_path, say):
+def _add_spectrum(report, op, sizes, common, journal_path, say):
     """The SLQ spectral density into ``report``, with its seconds; sizes = (runs, steps, bins)."""
     runs, steps, bins = sizes
     start = time.perf_counter()
-    density = estimate_spectrum(model, batches, runs=runs, steps=steps, bins=bins, checkpoint=journal_path,
-                                **common)
+    density = estimate_spectrum(op, runs=runs, steps=steps, bins=bins, checkpoint=journal_path, **common)
     report["spectrum"] = dict(density.to_dict(), runs=runs, steps=steps, bins=bins, ritz_mean=density.ritz_mean)
     report["seconds"]["spectrum"] = round(time.perf_counter() - start, 3)
     say(f"spectrum: {runs} runs x {steps} steps, Ritz values in "
         f"[{min(min(n) for n in density.nodes):.4g}, {max(max(n) for n in density.nodes):.4g}]")
 
 
-def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, vector_settings):
+def _top(op, k, common, tol, max_iter, journal_path, vectors, vector_settings):
     identity = _identity(op, "top", common["seed"], k=k, tol=tol, max_iter=max_iter, residuals="measured")
     journal = _Journal(journal_path, identity, _top_record(k)) if journal_path is not None else None
     record = journal.records.get(0) if journal else None
@@ -278,12 +272,12 @@ def _top(model, batches, op, k, common, tol, max_iter, journal_path, vectors, ve
         values, info = record["values"], record["info"]
         fingerprint = record.get("fingerprint")
     else:
-        values, vecs, lanczos = top_eigenpairs(model, batches, k=k, tol=tol, max_iter=max_iter,
-                                               return_info=True, **common)
+        values, vecs, lanczos = top_eigenpairs(op, k=k, tol=tol, max_iter=max_iter, return_info=True, **common)
         values = [float(v) for v in values]
         info = {"products": lanczos.products, "residuals": lanczos.residuals, "converged": lanczos.converged,
                 "estimated_residuals": lanczos.estimated}
-        fingerprint = save_eigenvectors(vectors, vecs, values, vector_settings) if want_file else None
+        fingerprint = save_eigenvectors(vectors, [op.to_dict(v) for v in vecs[:2]], values, vector_settings) \
+            if want_file else None
         if journal:
             journal.add(0, values=values, info=info, fingerprint=fingerprint)
     out = {"eigenvalues": values, "eigenpairs": dict(info, k=k, tol=tol, max_iter=max_iter)}

@@ -18,14 +18,13 @@ from typing import Callable, Optional
 import numpy as np
 
 from .. import adapters, checks
+from ..direction_file import check_existing_directions
 from ..errors import UsageError
 from ..files import check_output_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
-from ..models import LoadedModel, model_id
+from ..models import LoadedModel, ModelSource, loaded_model, model_id
 from ..outputs import claim_output
 from ..settings import SampleSpec
-from ..surface.direction_file import check_existing_directions
-from ..surface.paths import ModelSpec, loaded_model
 from .report import (
     check_existing_report,
     direction_fingerprint,
@@ -75,24 +74,23 @@ def _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, ve
     return top, trace, spectrum, steps, bins, tol, max_iter, cache_mb
 
 
-def _fisher(fisher, subset):
-    """(Fisher scores or None, the file's metadata, the subset) for a subset of the Hessian."""
+def _fisher(fisher, subset, ignore):
+    """(Fisher scores or None, the file's metadata, the subset) for a subset of the Hessian.
+
+    A subset the Fisher file does not allow is refused (``fisher.subsets.check_subset``) before
+    the file is read.
+    """
     from ..fisher import load_fisher
-    from ..surface.directions import parse_mask_spec
+    from ..fisher.subsets import check_subset
 
     subset = subset or "all"
-    if subset == adapters.ADAPTER_SUBSET:  # by name, on the loaded adapter
-        adapters.check_adapter_subset(fisher)
-        return None, {}, subset
-    parse_mask_spec(subset)
+    check_subset(subset, fisher, ignore)
     if fisher is not None:
         return (*load_fisher(fisher), subset)
-    if subset != "all":
-        raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
     return None, {}, subset
 
 
-def _masked(loaded: LoadedModel, model: ModelSpec, fisher, seed, ignore, granularity, fisher_scores):
+def _masked(loaded: LoadedModel, model: ModelSource, fisher, seed, ignore, granularity, fisher_scores):
     """(the operator's mask, the masking settings, the model's fingerprint).
 
     A Fisher file computed on another model is refused first.  fisher_scores: what ``_fisher`` gave.
@@ -110,14 +108,14 @@ def _masked(loaded: LoadedModel, model: ModelSpec, fisher, seed, ignore, granula
     return mask, masking, weights
 
 
-def _load(model: ModelSpec, corpus, device, dtype, allow_new_head) -> LoadedModel:
+def _load(model: ModelSource, corpus, device, dtype, allow_new_head) -> LoadedModel:
     from ..data.hf_datasets import check_reachable
 
     check_reachable(corpus)  # before the model is loaded for nothing
     return loaded_model(model, allow_new_head, device=device, dtype=dtype)
 
 
-def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max_samples=64, seq_len=128,
+def run_hessian(out, model: ModelSource = None, *, corpus=None, fraction=None, max_samples=64, seq_len=128,
                 batch_size=16, seed=0, bos="auto", device="auto", dtype="float32", allow_new_head=False, top=2,
                 trace=0, spectrum=0, steps=80, bins=200, tol=1e-4, max_iter=500, fisher=None, subset="all",
                 granularity="global", ignore="biasbn", cache_mb=1024.0, vectors=None, overwrite=False,
@@ -210,7 +208,7 @@ def _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bo
     """(loaded model, batches, mask, the sample's settings, the mask's settings) of a run."""
     from ..data.corpus import describe_framing, load_batches
 
-    scores = _fisher(fisher, subset)  # a bad subset or a missing Fisher file before the model is loaded
+    scores = _fisher(fisher, subset, ignore)  # a bad subset or a missing Fisher file before the model is loaded
     loaded = _load(model, corpus, device, dtype, allow_new_head)
     mask, masking, weights = _masked(loaded, model, fisher, seed, ignore, granularity, scores)
     batches = load_batches(loaded, corpus=corpus, fraction=fraction, max_samples=max_samples, seq_len=seq_len,
@@ -236,7 +234,7 @@ def _finished(out, settings, vectors, vector_settings) -> Optional[dict]:
     return None
 
 
-def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subset="all", granularity="global",
+def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, subset="all", granularity="global",
                      ignore="biasbn", seed=0, corpus=None, max_samples=64, seq_len=128, batch_size=16, sample_seed=0,
                      bos="auto", tol=1e-4, device="auto", allow_new_head=False, overwrite=False, progress=False,
                      log: Log = None) -> dict:
@@ -275,13 +273,14 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
     """
     from ..data.corpus import describe_framing, load_batches
     from .lanczos import top_eigenpairs
+    from .operator import HessianOperator
 
     if dims not in (1, 2):
         raise UsageError(f"dims must be 1 or 2, got {dims}")
     tol = checks.OPEN_UNIT.check(tol, "tol")
     SampleSpec(corpus, None, max_samples, seq_len, batch_size, sample_seed, bos)  # refuses a setting out of its domain
     with claim_output(out, "directions", overwrite=overwrite):
-        scores = _fisher(fisher, subset)
+        scores = _fisher(fisher, subset, ignore)
         loaded = loaded_model(model, allow_new_head, device=device, dtype="float32")
         mask, masking, weights = _masked(loaded, model, fisher, seed, ignore, granularity, scores)
         batches = load_batches(loaded, corpus=corpus, max_samples=max_samples, seq_len=seq_len,
@@ -298,8 +297,8 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
             if log is not None:
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda message, *rest, **kw: log(f"note: {message}")
-            values, vectors = top_eigenpairs(loaded.model, batches, k=dims, mask=mask, seed=seed, tol=tol,
-                                             progress=progress)
-        fingerprint = save_eigenvectors(out, vectors, values, settings)
+            hessian = HessianOperator(loaded.model, batches, mask)
+            values, vectors = top_eigenpairs(hessian, k=dims, seed=seed, tol=tol, progress=progress)
+        fingerprint = save_eigenvectors(out, [hessian.to_dict(v) for v in vectors], values, settings)
     return dict(settings, kind="hessian", eigenvalues=np.asarray([float(v) for v in values]), norm="unit",
                 dims=len(vectors[:2]), orthogonal=True, fingerprint=fingerprint)

@@ -6,7 +6,8 @@ seeded by its name, so a direction can be made one tensor at a time: ``write_dir
 a whole surface's directions into their file that way, holding one tensor (and the masks) at a
 time; ``make_directions`` returns them as dicts for Python users.
 
-Masks live in ``masks``, the file in ``direction_file``; their public names are re-exported here.
+Masks live in ``fisher.masks``, subsets in ``fisher.subsets``, the file in ``direction_file``; their
+public names are re-exported here.
 """
 
 import zlib
@@ -16,12 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checks
-from ..adapters import ADAPTER_SUBSET, adapter_mask, check_adapter_subset
-from ..errors import UsageError
-from ..fisher.file import check_fisher_matches
-from ..runtime import rank_and_world
-from ..sharding import full_tensor
-from .direction_file import (
+from ..direction_file import (
     FORMAT,
     GROUPS,
     PRECISIONS,
@@ -35,7 +31,11 @@ from .direction_file import (
     round_to,
     save_directions,
 )
-from .masks import MASK_KINDS, ScoreSource, fisher_mask, parse_mask_spec
+from ..errors import UsageError
+from ..fisher.masks import MASK_KINDS, ScoreSource, fisher_mask, parse_mask_spec
+from ..fisher.subsets import IGNORES, check_subset, perturbable_names, subset_mask
+from ..runtime import rank_and_world
+from ..sharding import full_tensor
 
 __all__ = ["NORMS", "IGNORES", "MASK_KINDS", "GROUPS", "FORMAT", "PRECISIONS", "normalize_filters",
            "random_direction", "perturbable_names", "orthogonalize", "parse_mask_spec", "fisher_mask", "apply_mask",
@@ -47,7 +47,6 @@ __all__ = ["NORMS", "IGNORES", "MASK_KINDS", "GROUPS", "FORMAT", "PRECISIONS", "
 Direction = Dict[str, torch.Tensor]
 
 NORMS = ("filter", "layer", "none")
-IGNORES = ("biasbn", "none")
 
 
 # ----------------------------------------------------------------------------- directions
@@ -159,11 +158,6 @@ def direction_tensor(name: str, param: torch.nn.Parameter, owner: torch.nn.Modul
     return _normalize(d, weight, norm, _filter_axis(owner))
 
 
-def perturbable_names(model: torch.nn.Module, ignore: str = "biasbn") -> List[str]:
-    """Names of the parameters a direction with this ``ignore`` setting can move."""
-    return [name for name, p in model.named_parameters() if ignore == "none" or p.dim() > 1]
-
-
 def orthogonalize(dx: Direction, dy: Direction) -> Direction:
     """Direction ``dy`` minus its projection on ``dx`` (over all tensors at once), at dy's global norm.
 
@@ -225,14 +219,8 @@ def make_directions(model: torch.nn.Module, dims: int = 2, seed: int = 0, norm: 
     _check_request(dims, subset, fisher)
     dirs = [random_direction(model, seed=seed, norm=norm, ignore=ignore, index=i) for i in range(dims)]
     n_selected = sum(int((t != 0).sum()) for t in dirs[0].values())
-    if subset == ADAPTER_SUBSET:
-        mask = adapter_mask(model, perturbable_names(model, ignore))
-        dirs = [apply_mask(d, mask) for d in dirs]
-        n_selected = sum(int(m.sum()) for m in mask.values())
-    elif fisher is not None:
-        check_fisher_matches(fisher, model)
-        mask = fisher_mask(fisher, subset, seed=seed, granularity=granularity,
-                           names=perturbable_names(model, ignore))
+    mask = subset_mask(model, fisher, subset, seed=seed, ignore=ignore, granularity=granularity)
+    if mask is not None:
         dirs = [apply_mask(d, mask) for d in dirs]
         n_selected = sum(int(m.sum()) for m in mask.values())
     if orthogonal and dims == 2:
@@ -255,14 +243,7 @@ def _check_request(dims, subset, fisher, precision="float32", seed=0, norm="filt
     # an unknown norm would otherwise leave the Gaussian unnormalized, silently.
     if norm not in NORMS:
         raise UsageError(f"unknown norm '{norm}'; use one of {', '.join(NORMS)}")
-    if ignore not in IGNORES:
-        raise UsageError(f"unknown ignore '{ignore}'; use one of {', '.join(IGNORES)}")
-    if subset == ADAPTER_SUBSET:  # the adapter's own parameters: a mask by name, no Fisher
-        check_adapter_subset(fisher)
-        subset = "all"
-    parse_mask_spec(subset)
-    if fisher is None and subset != "all":
-        raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
+    check_subset(subset, fisher, ignore)
     if precision not in PRECISIONS:
         raise UsageError(f"unknown direction precision '{precision}'; use one of {', '.join(PRECISIONS)}")
 
@@ -303,14 +284,9 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         settings and the ``fingerprint``.
     """
     _check_request(dims, subset, fisher, precision, seed, norm, ignore)
-    masks = None
-    if subset == ADAPTER_SUBSET:
-        masks = adapter_mask(model, perturbable_names(model, ignore))
-    elif fisher is not None:
-        scores = ScoreSource(fisher)
-        check_fisher_matches(scores.shaped(), model)
-        masks = fisher_mask(scores, subset, seed=seed, granularity=granularity,
-                            names=perturbable_names(model, ignore), progress=progress and rank_and_world()[0] == 0)
+    scores = ScoreSource(fisher) if fisher is not None else None  # read once: masks and provenance
+    masks = subset_mask(model, scores, subset, seed=seed, ignore=ignore, granularity=granularity,
+                        progress=progress and rank_and_world()[0] == 0)
     maker = _TensorMaker(model, seed, norm, ignore, masks)
     projection = _orthogonal_projection(maker) if orthogonal and dims == 2 else None
     attrs = dict(_settings(model, dims, seed, norm, ignore, subset, granularity, orthogonal, 0),

@@ -12,39 +12,18 @@ unless ``overwrite``.  They are the ``interpolation`` and ``trajectory`` kinds o
 
 import math
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Sequence
 
 import numpy as np
 import torch
 
 from .. import adapters
+from ..direction_file import check_existing_directions, save_directions
 from ..errors import UsageError
 from ..identity import MODEL_KEY, model_fingerprint
-from ..models import LoadedModel, load_model, model_id
+from ..models import LoadedModel, ModelSource, loaded_model, model_id  # noqa: F401 (names of this module)
 from ..outputs import claim_output
 from .connectivity import interpolation_direction, model_parameters, trajectory_directions
-from .direction_file import check_existing_directions, save_directions
-
-ModelSpec = Union[None, str, Path, LoadedModel]
-
-
-def loaded_model(spec: ModelSpec, allow_new_head: bool = False, **load) -> LoadedModel:
-    """``spec`` itself when it is a loaded model, else ``models.load_model(spec, ...)``.
-
-    A loaded model is identified by its source's checkpoint files (``identity.model_fingerprint``),
-    so pass one whose weights are still those files.
-
-    Args:
-        spec: a ``models.LoadedModel``, a hub id, a ``from_pretrained`` folder, or None (embedded).
-        allow_new_head: accept a checkpoint without its pretraining head.
-        **load: ``device`` and ``dtype`` for ``load_model``.
-
-    Returns:
-        The loaded model.
-    """
-    if isinstance(spec, LoadedModel):
-        return spec
-    return load_model(None if spec is None else str(spec), allow_new_head=allow_new_head, **load)
 
 
 def save_checked(out, directions: List[dict], settings: dict, overwrite: bool = False) -> str:
@@ -67,7 +46,7 @@ def save_checked(out, directions: List[dict], settings: dict, overwrite: bool = 
     return save_directions(out, directions, settings)
 
 
-def write_interpolation(out, model: ModelSpec = None, to: ModelSpec = None, allow_new_head: bool = False,
+def write_interpolation(out, model: ModelSource = None, to: ModelSource = None, allow_new_head: bool = False,
                         overwrite: bool = False) -> dict:
     """Write the one direction θ_B − θ_A from ``model`` (A, at x = 0) to ``to`` (B, at x = 1).
 
@@ -110,7 +89,7 @@ def write_interpolation(out, model: ModelSpec = None, to: ModelSpec = None, allo
     return settings
 
 
-def write_trajectory(out, checkpoints: Sequence[ModelSpec], model: ModelSpec = None, allow_new_head: bool = False,
+def write_trajectory(out, checkpoints: Sequence[ModelSource], model: ModelSource = None, allow_new_head: bool = False,
                      overwrite: bool = False) -> dict:
     """Write the top-2 PCA plane of a trajectory, centred on its last checkpoint.
 
@@ -157,11 +136,11 @@ def write_trajectory(out, checkpoints: Sequence[ModelSpec], model: ModelSpec = N
     return settings
 
 
-def _name(spec: ModelSpec) -> str:
+def _name(spec: ModelSource) -> str:
     return spec.source if isinstance(spec, LoadedModel) else str(spec)
 
 
-def _label(checkpoint: ModelSpec) -> str:
+def _label(checkpoint: ModelSource) -> str:
     """A checkpoint's name in figures: its folder's name (or the hub id)."""
     return Path(_name(checkpoint)).name or _name(checkpoint)
 

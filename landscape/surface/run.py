@@ -170,7 +170,7 @@ def _axis(values, name):
 
 def _grid_axes(directions, grid: GridSpec):
     """(xs, ys) of the grid: ys None for a 1D surface; checked for size before anything is loaded."""
-    from .direction_file import count_directions
+    from ..direction_file import count_directions
 
     xs = _axis(grid.x, "x")
     ys = None if grid.y is None else _axis(grid.y, "y")

@@ -19,9 +19,9 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, require_readable_file
-from ..models import check_tensors_match
+from .errors import SettingsMismatch, UsageError
+from .files import atomic_output, require_readable_file
+from .models import check_tensors_match
 
 GROUPS = ("xdirection", "ydirection")
 FORMAT = "landscape-directions"

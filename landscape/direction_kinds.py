@@ -13,23 +13,28 @@ kind               the directions                                               
 Each writes the direction file with every setting that made it and the model's fingerprint,
 claims it (``outputs.claim_output``) and refuses a file made with other settings unless
 ``overwrite``; ``surface`` reads all of them alike.  ``landscape directions`` is this call.
+
+This module sits above ``surface`` and ``curvature``, the one place that combines them: both
+stages are peers (neither imports the other), and the direction file they both write, the model
+loading and the subsets they both take live below them (``direction_file``, ``models``,
+``fisher.subsets``).
 """
 
 import inspect
 
-from .. import adapters
-from ..curvature.stage import eigen_directions
-from ..errors import UsageError
-from ..files import check_output_path
-from ..identity import MODEL_KEY, model_fingerprint
-from ..models import LoadedModel, model_id
-from ..outputs import claim_output
-from .paths import ModelSpec, loaded_model, write_interpolation, write_trajectory
+from . import adapters
+from .curvature.stage import eigen_directions
+from .errors import UsageError
+from .files import check_output_path
+from .identity import MODEL_KEY, model_fingerprint
+from .models import LoadedModel, ModelSource, loaded_model, model_id
+from .outputs import claim_output
+from .surface.paths import write_interpolation, write_trajectory
 
 KINDS = ("random", "hessian", "interpolation", "trajectory")
 
 
-def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter", ignore="biasbn", fisher=None,
+def write_random(out, model: ModelSource = None, *, dims=2, seed=0, norm="filter", ignore="biasbn", fisher=None,
                  subset="all", granularity="global", orthogonal=False, dtype="float32", shard_size=1,
                  allow_new_head=False, overwrite=False, progress=False) -> dict:
     """Write seeded random directions for ``model``, filter-normalized and optionally Fisher-masked.
@@ -65,10 +70,10 @@ def write_random(out, model: ModelSpec = None, *, dims=2, seed=0, norm="filter",
         UsageError: bad settings, a subset without a Fisher file, a Fisher file of another model,
             or an output that may not be written.
     """
-    from ..fisher import check_fisher_model, fisher_metadata
-    from ..runtime import join_torchrun
-    from ..sharding import shard_layout, shard_model
-    from . import directions
+    from .fisher import check_fisher_model, fisher_metadata
+    from .runtime import join_torchrun
+    from .sharding import shard_layout, shard_model
+    from .surface import directions
 
     subset = subset or "all"
     directions._check_request(dims, subset, fisher, dtype, seed, norm, ignore)  # before anything is loaded
@@ -103,7 +108,7 @@ def _options(kind):
             if name not in ("out", "model") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def make(kind: str = "random", out=None, model: ModelSpec = None, **options) -> dict:
+def make(kind: str = "random", out=None, model: ModelSource = None, **options) -> dict:
     """Write a direction file of ``kind`` for ``model``; the one entry point of every kind.
 
     Args:

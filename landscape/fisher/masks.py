@@ -104,7 +104,7 @@ class ScoreSource:
                 self.names = list(handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys())
                 self.shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in self.names}
                 self.metadata = dict(handle.metadata() or {})
-            from ..fisher.file import check_fisher_header
+            from .file import check_fisher_header
 
             check_fisher_header(self.metadata, self._path)
 
@@ -114,7 +114,7 @@ class ScoreSource:
             return self._dict[name].detach().reshape(self.shapes[name]).float().cpu()
         from safetensors import safe_open
 
-        from ..fisher.file import check_fisher_tensor
+        from .file import check_fisher_tensor
 
         with safe_open(self._path, framework="pt") as handle:
             values = handle.get_tensor(name)
