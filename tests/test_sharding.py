@@ -1,13 +1,11 @@
 """FSDP2 sharding (landscape.sharding) and the Fisher of a sharded model, on CPU with gloo, 2 ranks."""
 
-import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import _save_llama
+from conftest import _save_llama, landscape_cmd, subprocess_env, torchrun_cmd
 from test_fisher import assert_same_fisher, small_batches
 
 from landscape import sharding
@@ -18,15 +16,8 @@ from landscape.models import load_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _torchrun(*args, timeout=120):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(torchrun_cmd(*args), capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +165,10 @@ def test_shard_size_that_does_not_divide_the_ranks_is_refused(tiny_gpt2_dir, tmp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ranks = [subprocess.Popen([sys.executable, "-m", "landscape.cli", "fisher", "--model", str(tiny_gpt2_dir),
-                               "--device", "cpu", "--shard-size", "3", "--out", str(tmp_path / "F.safetensors")],
-                              env=dict(_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+    ranks = [subprocess.Popen(landscape_cmd("fisher", "--model", tiny_gpt2_dir, "--device", "cpu", "--shard-size", 3,
+                                            "--out", tmp_path / "F.safetensors"),
+                              env=subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for rank in ranks:
         _, err = rank.communicate(timeout=120)
