@@ -301,8 +301,22 @@ def subprocess_env(**changes):
     return env
 
 
+_RUNNING = {}  # the test being set up or run, for torchrun_cmd
+
+
+def pytest_runtest_setup(item):
+    _RUNNING["item"] = item
+
+
 def torchrun_cmd(*args, ranks=2):
-    """``torchrun --standalone --nproc-per-node RANKS ARGS`` (a script, or ``-m module ...``) as a command list."""
+    """``torchrun --standalone --nproc-per-node RANKS ARGS`` (a script, or ``-m module ...``) as a command list.
+
+    Only for a test marked ``distributed``: the fast tier (README) leaves those out, so a test
+    that starts torchrun without the mark would slow every fast run down.
+    """
+    item = _RUNNING.get("item")
+    if item is not None and item.get_closest_marker("distributed") is None:
+        raise AssertionError(f"{item.nodeid} starts torchrun: mark it @pytest.mark.distributed")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
             *map(str, args)]
 

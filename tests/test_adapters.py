@@ -125,6 +125,7 @@ def test_hessian_over_the_adapter_is_the_dense_hessian_of_its_factors(adapter_di
                "--out", tmp_path / "H2.json") == 2
 
 
+@pytest.mark.distributed
 def test_two_ranks_sharding_an_adapter_give_the_single_process_fisher_and_surface(adapter_dir, tiny_corpus_file,
                                                                                    tmp_path):
     """FSDP2 shards the adapted model (base and LoRA factors) as it shards a plain one: the same

@@ -132,6 +132,7 @@ def test_cli_fisher_bad_input_is_one_line_and_no_output(tiny_bert_dir, tmp_path,
     assert cli.main(["fisher", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "F.bin")]) == 2
 
 
+@pytest.mark.distributed
 def test_torchrun_two_gloo_ranks_equal_single_process(tiny_gpt2, tiny_gpt2_dir, tiny_corpus_file, tmp_path):
     out = tmp_path / "F2.safetensors"
     cmd = landscape_cmd("fisher", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, "--max-samples", "7",

@@ -15,6 +15,7 @@ from landscape import surface as S
 
 GRID = ("--x=-1:1:4", "--y=-1:1:3")
 SAMPLE = ("--max-samples", "4", "--seq-len", "16", "--batch-size", "2")
+pytestmark = pytest.mark.distributed  # every test here starts torchrun
 
 
 def _run(*args, ranks=1):

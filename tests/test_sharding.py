@@ -85,6 +85,7 @@ end_torchrun_process(0)  # gloo can abort at interpreter shutdown (see its docst
 """
 
 
+@pytest.mark.distributed
 def test_local_rows_and_full_tensor_on_two_ranks(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(API_WORKER))
@@ -93,6 +94,7 @@ def test_local_rows_and_full_tensor_on_two_ranks(tmp_path):
     assert result.stdout.count("ok") == 2  # one per rank (their lines may interleave)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_llama_tied"])
 def test_sharded_fisher_equals_single_process(name, request, tiny_corpus_file, tmp_path):
     model_dir = request.getfixturevalue(name + "_dir")
@@ -149,6 +151,7 @@ end_torchrun_process(0)  # gloo can abort at interpreter shutdown (see its docst
 """
 
 
+@pytest.mark.distributed
 def test_interrupted_sharded_run_resumes_from_per_rank_checkpoints(tiny_llama_dir, tiny_corpus_file, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(RESUME_WORKER))
@@ -158,6 +161,7 @@ def test_interrupted_sharded_run_resumes_from_per_rank_checkpoints(tiny_llama_di
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["F.rank0.ckpt", "F.rank1.ckpt"]
 
 
+@pytest.mark.distributed
 def test_shard_size_that_does_not_divide_the_ranks_is_refused(tiny_gpt2_dir, tmp_path):
     """Each of the 2 ranks (started as torchrun starts them) says so in one line and exits 2."""
     import socket

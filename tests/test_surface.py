@@ -225,6 +225,7 @@ def test_cli_refuses_other_settings_and_bad_input(tiny_bert_dir, tiny_gpt2, tiny
     assert out.read_bytes() == before
 
 
+@pytest.mark.distributed
 def test_torchrun_two_ranks_gives_the_same_file(tiny_bert, tiny_bert_dir, tiny_corpus_file, bert_batches,
                                                 dir_file, tmp_path):
     out = tmp_path / "ddp.h5"
