@@ -6,6 +6,8 @@ Fixtures give both ``from_pretrained`` folders (to test loading) and loaded mode
 import json
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -277,6 +279,54 @@ def write_surface(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the command line in tests
+ROOT = Path(__file__).resolve().parents[1]  # the checkout under test
+
+
+def subprocess_env(**changes):
+    """The environment of a process a test starts: this checkout first on its path, one thread, offline.
+
+    One thread as in this process (``one_thread``), so files compare bit for bit; the checkout
+    first, so the child imports the code under test and not whichever landscape is installed.
+
+    Args:
+        changes: variables to set (a str) or to remove (None).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+_RUNNING = {}  # the test being set up or run, for torchrun_cmd
+
+
+def pytest_runtest_setup(item):
+    _RUNNING["item"] = item
+
+
+def torchrun_cmd(*args, ranks=2):
+    """``torchrun --standalone --nproc-per-node RANKS ARGS`` (a script, or ``-m module ...``) as a command list.
+
+    Only for a test marked ``distributed``: the fast tier (README) leaves those out, so a test
+    that starts torchrun without the mark would slow every fast run down.
+    """
+    item = _RUNNING.get("item")
+    if item is not None and item.get_closest_marker("distributed") is None:
+        raise AssertionError(f"{item.nodeid} starts torchrun: mark it @pytest.mark.distributed")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            *map(str, args)]
+
+
+def landscape_cmd(*args, ranks=1):
+    """``landscape ARGS`` as a command list: one process, or ``ranks`` processes under torchrun."""
+    cli = ["-m", "landscape.cli", *map(str, args)]
+    return [sys.executable, *cli] if ranks == 1 else torchrun_cmd(*cli, ranks=ranks)
+
+
 def cli_in_process(capfd, *args):
     """The command line in this process: (exit code, stdout, stderr) as the file descriptors saw them."""
     from landscape.cli import main

@@ -3,12 +3,12 @@ base to the adapter, what files record, and the one line without peft."""
 
 import json
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import landscape_cmd, subprocess_env
 
 from landscape.cli import main
 from landscape.errors import UsageError
@@ -123,11 +123,11 @@ def test_hessian_over_the_adapter_is_the_dense_hessian_of_its_factors(adapter_di
                "--out", tmp_path / "H2.json") == 2
 
 
+@pytest.mark.distributed
 def test_two_ranks_sharding_an_adapter_give_the_single_process_fisher_and_surface(adapter_dir, tiny_corpus_file,
                                                                                    tmp_path):
     """FSDP2 shards the adapted model (base and LoRA factors) as it shards a plain one: the same
     Fisher and the same surface over the adapter's subspace as one process."""
-    import os
     import subprocess
 
     from landscape.fisher import load_fisher
@@ -137,12 +137,8 @@ def test_two_ranks_sharding_an_adapter_give_the_single_process_fisher_and_surfac
         suffix = ".safetensors" if command == "fisher" else ".h5"
         single = cli_ok(command, *args, "--out", tmp_path / f"one_{command}{suffix}")
         sharded = tmp_path / f"two_{command}{suffix}"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        done = subprocess.run([*launcher, "-m", "landscape.cli", command, *map(str, args), "--shard-size", "2",
-                               "--out", str(sharded)], capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-                                  filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                os.environ.get("PYTHONPATH")]))))
+        done = subprocess.run(landscape_cmd(command, *args, "--shard-size", "2", "--out", sharded, ranks=2),
+                              capture_output=True, text=True, timeout=300, env=subprocess_env())
         assert done.returncode == 0, done.stderr
         return single, sharded
 

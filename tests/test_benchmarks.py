@@ -5,12 +5,12 @@ They are scripts outside the package, so a change of a library signature breaks 
 end to end and prints its comparison.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--samples", "2", "--seq-len", "8", "--batch-size", "2"]
@@ -26,6 +26,6 @@ def test_benchmark_runs_and_prints_its_comparison(script, args, printed, tiny_gp
     corpus = [] if script == "fisher.py" else ["--corpus", str(tiny_corpus_file)]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--model", str(tiny_gpt2_dir),
                              *corpus, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert printed in result.stdout

@@ -2,17 +2,15 @@
 statistics against dropout, and sweeps that resume from their per-run CSV after a kill."""
 
 import csv
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_toy_tsv
+from conftest import landscape_cmd, subprocess_env, write_toy_tsv
 
 from landscape.data import labelled as ft_data
 from landscape.errors import SettingsMismatch
@@ -237,8 +235,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_bert_dir, toy
             "dropout,guided-shuffled", "--schedule", str(schedule_file), "--fractions", "1", "--epochs", "3",
             "--batch-size", "8", "--seq-len", "16", "--lr", "1e-3", "--threads", "1", "--device", "cpu",
             "--restarts", "8", "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "landscape.cli", *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen(landscape_cmd(*args), cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

@@ -24,34 +24,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, ctrl_c_as_in_a_terminal
+from conftest import ROOT, TEXT, ctrl_c_as_in_a_terminal
 from conftest import cli_in_process as _cli
+from conftest import landscape_cmd as _cmd
 from conftest import one_line as _one_line
 from conftest import shown_lines as _shown_lines
+from conftest import subprocess_env as _env
 
 from landscape import directions as D
 from landscape import surface as S
 from landscape.surface import file as surface_file
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, first on every subprocess's path
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def _env(**changes):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-def _cmd(*args):
-    return [sys.executable, "-m", "landscape.cli", *map(str, args)]
 
 
 def _decoded(done):

@@ -1,12 +1,11 @@
 """Exact diagonal empirical Fisher: equals a per-sample loop, resumes, shards over ranks."""
 
 import copy
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import landscape_cmd, subprocess_env
 
 from landscape import cli
 from landscape.corpus import load_batches
@@ -107,12 +106,6 @@ def test_interrupted_run_resumes_without_redoing_batches(tiny_bert, tiny_corpus_
         compute_fisher(tiny_bert.model, batches, checkpoint=checkpoint, fingerprint="run-2")
 
 
-def _cli_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    return env
-
-
 def test_cli_fisher_writes_file_with_provenance(tiny_bert, tiny_bert_dir, tiny_corpus_file, tmp_path, capsys):
     out = tmp_path / "F.safetensors"
     code = cli.main(["fisher", "--model", str(tiny_bert_dir), "--corpus", str(tiny_corpus_file),
@@ -139,13 +132,12 @@ def test_cli_fisher_bad_input_is_one_line_and_no_output(tiny_bert_dir, tmp_path,
     assert cli.main(["fisher", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "F.bin")]) == 2
 
 
+@pytest.mark.distributed
 def test_torchrun_two_gloo_ranks_equal_single_process(tiny_gpt2, tiny_gpt2_dir, tiny_corpus_file, tmp_path):
     out = tmp_path / "F2.safetensors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "landscape.cli", "fisher", "--model", str(tiny_gpt2_dir), "--corpus", str(tiny_corpus_file),
-           "--max-samples", "7", "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--quiet",
-           "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_cli_env())
+    cmd = landscape_cmd("fisher", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, "--max-samples", "7",
+                        "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--quiet", "--out", out, ranks=2)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=subprocess_env())
     assert result.returncode == 0, result.stderr  # whole: a rank's own error comes first
     fisher, meta = load_fisher(out)
     assert meta["ranks"] == "2" and meta["samples"] == "7"

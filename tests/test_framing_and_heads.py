@@ -1,10 +1,10 @@
 """Samples framed as the tokenizer frames a text, and checkpoints whose objective head is missing."""
 
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import landscape_cmd, subprocess_env
 
 from landscape import surface
 from landscape.corpus import describe_framing, load_batches
@@ -51,8 +51,7 @@ def test_a_missing_pretraining_head_is_refused(headless_bert_dir):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "landscape.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True)
+    return subprocess.run(landscape_cmd(*args), cwd=cwd, env=subprocess_env(), capture_output=True, text=True)
 
 
 def test_commands_refuse_a_headless_checkpoint_in_one_line(headless_bert_dir, tiny_corpus_file, tmp_path):

@@ -4,13 +4,13 @@ h5py or matplotlib, and every option says what it does and, where it has one, it
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from landscape.cli import build_parser
 
@@ -48,10 +48,9 @@ def _no_default(value):
 
 @pytest.mark.parametrize("command", [[]] + [[name] for name in SUBCOMMANDS], ids=lambda c: c[0] if c else "landscape")
 def test_help_is_fast_and_imports_nothing_heavy(command):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", PROBE, *command, "--help"], capture_output=True, text=True,
-                            cwd=ROOT, env=env, timeout=60)
+                            cwd=ROOT, env=subprocess_env(), timeout=60)
     seconds = time.perf_counter() - started
     report = json.loads(result.stderr.strip().splitlines()[-1])
     assert report["code"] == 0, result.stderr

@@ -10,13 +10,12 @@ Parse-level refusals are checked in-process; a few of the campaign's cases also 
 
 import argparse
 import math
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import landscape_cmd, subprocess_env
 
 from landscape import checks
 from landscape.cli import build_parser, main
@@ -137,10 +136,9 @@ CAMPAIGN = [
 @pytest.mark.parametrize("argv,option", CAMPAIGN, ids=[" ".join(a) for a, _ in CAMPAIGN])
 def test_campaign_cases_as_processes(argv, option, tmp_path):
     suffix = {"finetune": ".csv", "directions": ".h5", "surface": ".h5"}.get(argv[0], ".png")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "landscape.cli", *argv, "--out", f"out{suffix}"],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    result = subprocess.run(landscape_cmd(*argv, "--out", f"out{suffix}"), capture_output=True, text=True,
+                            cwd=tmp_path, env=subprocess_env(), timeout=60)
     seconds = time.perf_counter() - started
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr

@@ -11,33 +11,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, ctrl_c_as_in_a_terminal
 from conftest import cli_in_process as _cli
-from conftest import ctrl_c_as_in_a_terminal
+from conftest import landscape_cmd as _cmd
 from conftest import one_line as _one_line
+from conftest import subprocess_env as _env
 from safetensors.torch import save_file
 
 from landscape import outputs
 from landscape.errors import OutputBusy, OutputRefused
 from landscape.surface import file as surface_file
 
-ROOT = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-
-
-def _cmd(*args):
-    return [sys.executable, "-m", "landscape.cli", *map(str, args)]
 
 
 def _surface(path, fmt="landscape-surface", nx=5, ny=4):

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import landscape_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +45,8 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
     where, kind = run.stdout.split()
     assert where.startswith(str(target)) and kind == "mlm"
     # A whole stage through the installed console entry point, from that folder.
-    fisher = subprocess.run([sys.executable, "-m", "landscape.cli", "fisher", "--max-samples", "2", "--seq-len", "16",
-                             "--quiet", "--out", "F.safetensors"], cwd=elsewhere, env=env, capture_output=True,
+    fisher = subprocess.run(landscape_cmd("fisher", "--max-samples", "2", "--seq-len", "16", "--quiet", "--out",
+                                          "F.safetensors"), cwd=elsewhere, env=env, capture_output=True,
                             text=True)
     assert fisher.returncode == 0, fisher.stderr
     assert (elsewhere / "F.safetensors").exists()

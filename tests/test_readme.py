@@ -3,14 +3,13 @@ the parser, every repository path is in the repository, and the quick commands r
 README itself, so an edit to it is checked without editing this file."""
 
 import argparse
-import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import landscape_cmd, subprocess_env
 
 from landscape.cli import build_parser
 
@@ -88,18 +87,16 @@ def test_each_repository_path_exists(path):
 @pytest.mark.parametrize("words", [["--help"], ["where"], ["where", "--data-home"], ["demo", "--help"]],
                          ids=" ".join)
 def test_quick_commands_run(words, tmp_path):
-    env = dict(os.environ, LANDSCAPE_DATA=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "landscape.cli", *words], capture_output=True, text=True,
-                          env=env, timeout=60)
+    done = subprocess.run(landscape_cmd(*words), capture_output=True, text=True,
+                          env=subprocess_env(LANDSCAPE_DATA=str(tmp_path)), timeout=60)
     assert done.returncode == 0, done.stderr
     if words[:1] == ["where"]:
         assert str(tmp_path) in done.stdout  # the data home follows LANDSCAPE_DATA
 
 
 def test_where_refuses_an_unbuilt_checkpoint_in_one_line(tmp_path):
-    env = dict(os.environ, LANDSCAPE_DATA=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "landscape.cli", "where", "--checkpoint", "smollm2-135m-instruct"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(landscape_cmd("where", "--checkpoint", "smollm2-135m-instruct"),
+                          capture_output=True, text=True, env=subprocess_env(LANDSCAPE_DATA=str(tmp_path)), timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "data/build_checkpoints.py" in done.stderr
 
@@ -108,7 +105,6 @@ def test_where_prints_a_built_checkpoint(tmp_path):
     folder = tmp_path / "checkpoints" / "tiny"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    env = dict(os.environ, LANDSCAPE_DATA=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "landscape.cli", "where", "--checkpoint", "tiny"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(landscape_cmd("where", "--checkpoint", "tiny"),
+                          capture_output=True, text=True, env=subprocess_env(LANDSCAPE_DATA=str(tmp_path)), timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == str(folder)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNNER = """
@@ -42,7 +44,7 @@ def test_every_python_api_block_runs_as_written(tmp_path):
     blocks = api_blocks()
     assert len(blocks) >= 2
     done = subprocess.run([sys.executable, "-c", RUNNER, *blocks], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          timeout=900, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
 

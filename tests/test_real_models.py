@@ -18,12 +18,12 @@ and docs/surfaces.md (``benchmarks/bf16_agreement.py``).
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import landscape_cmd, subprocess_env
 from real_checkpoints import MINILM, SMOLLM2, real_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +38,9 @@ MAX_GRID_REL_DIFF = 0.06  # |bf16 - float32| / float32 at every point (the corne
 
 def cli(*args, cwd):
     """``landscape ARGS`` on this checkout (not whichever landscape is installed)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    return subprocess.run([sys.executable, "-m", "landscape.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    # Threads as the runner set them (one unless it set more: conftest.py), as before the shared helper.
+    env = subprocess_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"))
+    return subprocess.run(landscape_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def ok(result):

@@ -4,27 +4,18 @@ with gloo: the same files and numbers as one process, and a killed sharded surfa
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from conftest import landscape_cmd as _landscape
+from conftest import subprocess_env as _env
 
 from landscape import surface as S
 
 GRID = ("--x=-1:1:4", "--y=-1:1:3")
 SAMPLE = ("--max-samples", "4", "--seq-len", "16", "--batch-size", "2")
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def _landscape(*args, ranks=1, **popen):
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
-    return [*launcher, "-m", "landscape.cli", *map(str, args)]
+pytestmark = pytest.mark.distributed  # every test here starts torchrun
 
 
 def _run(*args, ranks=1):

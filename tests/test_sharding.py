@@ -1,13 +1,11 @@
 """FSDP2 sharding (landscape.sharding) and the Fisher of a sharded model, on CPU with gloo, 2 ranks."""
 
-import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import _save_llama
+from conftest import _save_llama, landscape_cmd, subprocess_env, torchrun_cmd
 from test_fisher import assert_same_fisher, small_batches
 
 from landscape import sharding
@@ -18,15 +16,8 @@ from landscape.models import load_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _torchrun(*args, timeout=120):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(torchrun_cmd(*args), capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +85,7 @@ end_torchrun_process(0)  # gloo can abort at interpreter shutdown (see its docst
 """
 
 
+@pytest.mark.distributed
 def test_local_rows_and_full_tensor_on_two_ranks(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(API_WORKER))
@@ -102,6 +94,7 @@ def test_local_rows_and_full_tensor_on_two_ranks(tmp_path):
     assert result.stdout.count("ok") == 2  # one per rank (their lines may interleave)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_llama_tied"])
 def test_sharded_fisher_equals_single_process(name, request, tiny_corpus_file, tmp_path):
     model_dir = request.getfixturevalue(name + "_dir")
@@ -158,6 +151,7 @@ end_torchrun_process(0)  # gloo can abort at interpreter shutdown (see its docst
 """
 
 
+@pytest.mark.distributed
 def test_interrupted_sharded_run_resumes_from_per_rank_checkpoints(tiny_llama_dir, tiny_corpus_file, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(RESUME_WORKER))
@@ -167,6 +161,7 @@ def test_interrupted_sharded_run_resumes_from_per_rank_checkpoints(tiny_llama_di
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["F.rank0.ckpt", "F.rank1.ckpt"]
 
 
+@pytest.mark.distributed
 def test_shard_size_that_does_not_divide_the_ranks_is_refused(tiny_gpt2_dir, tmp_path):
     """Each of the 2 ranks (started as torchrun starts them) says so in one line and exits 2."""
     import socket
@@ -174,10 +169,10 @@ def test_shard_size_that_does_not_divide_the_ranks_is_refused(tiny_gpt2_dir, tmp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ranks = [subprocess.Popen([sys.executable, "-m", "landscape.cli", "fisher", "--model", str(tiny_gpt2_dir),
-                               "--device", "cpu", "--shard-size", "3", "--out", str(tmp_path / "F.safetensors")],
-                              env=dict(_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+    ranks = [subprocess.Popen(landscape_cmd("fisher", "--model", tiny_gpt2_dir, "--device", "cpu", "--shard-size", 3,
+                                            "--out", tmp_path / "F.safetensors"),
+                              env=subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for rank in ranks:
         _, err = rank.communicate(timeout=120)

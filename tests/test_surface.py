@@ -1,16 +1,16 @@
 """Loss surfaces: grid evaluation, weight restoration, resumable files, SIGKILL, torchrun."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import landscape_cmd
+from conftest import subprocess_env as _env
 
 from landscape import directions as D
 from landscape import surface as S
@@ -20,10 +20,6 @@ from landscape.errors import UsageError
 from landscape.surface import file as surface_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 @pytest.fixture
@@ -155,7 +151,7 @@ def _load(path):
 
 
 def _surface_cmd(model_dir, dir_file, corpus, out, grid_x, grid_y, *extra):
-    return ["-m", "landscape.cli", "surface", "--model", str(model_dir), "--directions", str(dir_file),
+    return ["surface", "--model", str(model_dir), "--directions", str(dir_file),
             "--corpus", str(corpus), "--max-samples", "12", "--seq-len", "16", "--batch-size", "5",
             "--x", grid_x, "--y", grid_y, "--out", str(out), *extra]
 
@@ -168,8 +164,8 @@ def _journal_records(out):
 def test_sigkill_and_resume_gives_the_same_file(tiny_bert, tiny_bert_dir, tiny_corpus_file, bert_batches,
                                                 dir_file, tmp_path):
     out = tmp_path / "killed.h5"
-    cmd = [sys.executable] + _surface_cmd(tiny_bert_dir, dir_file, tiny_corpus_file, out, "-1:1:12", "-1:1:8",
-                                          "--flush-seconds", "0")
+    cmd = landscape_cmd(*_surface_cmd(tiny_bert_dir, dir_file, tiny_corpus_file, out, "-1:1:12", "-1:1:8",
+                                      "--flush-seconds", "0"))
     for threshold in (10, 40):  # two kills at different moments; each while the HDF5 file is being rewritten
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 90
@@ -207,7 +203,7 @@ def _cli(args, capsys):
 def test_cli_refuses_other_settings_and_bad_input(tiny_bert_dir, tiny_gpt2, tiny_corpus_file, dir_file, tmp_path,
                                                   capsys):
     out = tmp_path / "s.h5"
-    base = _surface_cmd(tiny_bert_dir, dir_file, tiny_corpus_file, out, "-1:1:2", "-1:1:2")[2:]
+    base = _surface_cmd(tiny_bert_dir, dir_file, tiny_corpus_file, out, "-1:1:2", "-1:1:2")
     assert _cli(base, capsys)[0] == 0
     before = out.read_bytes()
     code, err = _cli(base + ["--seed", "3"], capsys)
@@ -229,11 +225,12 @@ def test_cli_refuses_other_settings_and_bad_input(tiny_bert_dir, tiny_gpt2, tiny
     assert out.read_bytes() == before
 
 
+@pytest.mark.distributed
 def test_torchrun_two_ranks_gives_the_same_file(tiny_bert, tiny_bert_dir, tiny_corpus_file, bert_batches,
                                                 dir_file, tmp_path):
     out = tmp_path / "ddp.h5"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += _surface_cmd(tiny_bert_dir, dir_file, tiny_corpus_file, out, "-1:1:5", "-1:1:3", "--device", "cpu")
+    cmd = landscape_cmd(*_surface_cmd(tiny_bert_dir, dir_file, tiny_corpus_file, out, "-1:1:5", "-1:1:3",
+                                      "--device", "cpu"), ranks=2)
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr  # whole: a rank's own error comes first
     assert res.stdout.count("wrote ") == 1  # one writer

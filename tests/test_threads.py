@@ -3,10 +3,10 @@ the processes that keep them busy, and a bad value is one line with exit code 2.
 
 import argparse
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import landscape_cmd, subprocess_env
 
 from landscape import runtime
 from landscape.cli import build_parser
@@ -69,6 +69,6 @@ def test_apply_threads_sets_torch_and_keeps_omp_num_threads_as_a_cap(monkeypatch
 
 
 def test_a_bad_threads_value_is_one_line_and_exit_2():
-    done = subprocess.run([sys.executable, "-m", "landscape.cli", "fisher", "--threads", "many", "--out", "F.st"],
+    done = subprocess.run(landscape_cmd("fisher", "--threads", "many", "--out", "F.st"), env=subprocess_env(),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--threads" in done.stderr
