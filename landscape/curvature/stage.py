@@ -23,6 +23,7 @@ from ..files import check_output_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..models import LoadedModel, model_id
 from ..outputs import claim_output
+from ..runtime import precision_context
 from ..surface.direction_file import check_existing_directions
 from ..surface.paths import ModelSpec, loaded_model
 from .report import (
@@ -173,7 +174,8 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
     with claim_output(out, "hessian-report", overwrite=overwrite), \
-            (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
+            (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()), \
+            precision_context(dtype):
         prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
                             allow_new_head, fisher, subset, granularity, ignore)
         loaded, batches, mask, sample, masking = prepared

@@ -17,6 +17,7 @@ from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
 from ..files import check_output_path
 from ..outputs import claim_output
+from ..runtime import precision_context
 
 BOS_CHOICES = ("auto", "yes", "no")
 
@@ -150,7 +151,7 @@ def run_fisher(out, model: Optional[str] = None, corpus: Optional[str] = None, *
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
     checks.optional(checks.positive_float, max_chunk_mb, "max_chunk_mb")
     checks.positive_int(shard_size, "shard_size")
-    with claim_output(out, "fisher", overwrite=overwrite):
+    with claim_output(out, "fisher", overwrite=overwrite), precision_context(dtype):
         return _run_fisher(out, model, corpus, dict(
             fraction=fraction, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
             bos=bos, dtype=dtype, device=device, allow_new_head=allow_new_head, shard_size=shard_size,
@@ -249,6 +250,7 @@ def run_stability(out, model: Optional[str] = None, corpus: Optional[str] = None
         held.enter_context(claim_output(out, "table", overwrite=overwrite, columns=("fraction", "samples")))
         if fisher_out is not None:
             held.enter_context(claim_output(fisher_out, "fisher", overwrite=overwrite))
+        held.enter_context(precision_context(dtype))
         loaded = _load(model, corpus, dtype, device, allow_new_head)
         rows, samples = _stability(out, fisher_out, loaded, corpus, fractions, top, o, max_chunk_mb, progress)
     return StabilityResult(path=out, rows=rows, samples=samples)

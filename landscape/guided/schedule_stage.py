@@ -14,6 +14,7 @@ from .. import checks
 from ..errors import UsageError
 from ..files import check_output_path
 from ..outputs import claim_output
+from ..runtime import precision_context
 from .schedule import Schedule, guided_dropout, load_schedule, save_schedule
 
 
@@ -59,7 +60,7 @@ def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: floa
 
     out = check_output_path(out, "out", [".json"])
     checks.positive_float(gamma, "gamma")
-    with claim_output(out, "schedule", overwrite=overwrite):
+    with claim_output(out, "schedule", overwrite=overwrite), precision_context(dtype):
         fisher, meta = load_fisher(fisher_path)
         if loaded is None:
             loaded = load_model(model, device=device, dtype=dtype, allow_new_head=True)

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UsageError
 from ..identity import MODEL_KEY, check_file_model
-from ..runtime import broadcast_from_rank0, rank_and_world
+from ..runtime import broadcast_from_rank0, precision_context, rank_and_world
 from ..sharding import is_sharded, local_rows, local_tensor
 from .directions import load_directions
 from .evaluation import evaluate_rounds, grid_points
@@ -175,7 +175,7 @@ def run_surface(out, directions, model: Optional[str] = None, corpus: Optional[s
     checks.positive_int(points_per_pass, "points_per_pass")
     checks.non_negative_float(flush_seconds, "flush_seconds")
     checks.positive_int(shard_size, "shard_size")
-    with claim_output(out, "surface", overwrite=overwrite):
+    with claim_output(out, "surface", overwrite=overwrite), precision_context(dtype):
         xs, ys = _grid_axes(directions, x, y, one_d)  # before anything heavy is loaded
         return _run_surface(out, directions, model, corpus, xs, ys, dict(
             fraction=fraction, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size, seed=seed, bos=bos,
