@@ -173,9 +173,8 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
     counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
-    with claim_output(out, "hessian-report", overwrite=overwrite), \
-            (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()), \
-            precision_context(dtype):
+    with claim_output(out, "hessian-report", overwrite=overwrite), precision_context(dtype), \
+            (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
         prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
                             allow_new_head, fisher, subset, granularity, ignore)
         loaded, batches, mask, sample, masking = prepared
