@@ -56,6 +56,7 @@ class DemoRun:
     specs_2d: list = field(default_factory=lambda: list(SURFACES_2D))
     specs_1d: list = field(default_factory=lambda: [(_label(f"top:{k}"), f"top:{k}") for k in TOP_K]
                            + [(_label(f"random:{k}"), f"random:{k}") for k in TOP_K])
+    figure_claims: dict = field(default_factory=dict)  # {figure file name: its Claim}, stamped into it
 
     @property
     def paths(self):
@@ -121,7 +122,7 @@ def _claim_outputs(run: DemoRun, overwrite: bool, held: contextlib.ExitStack):
     paths = run.paths
 
     def take(path, kind, columns=None):
-        held.enter_context(claim_output(path, kind, overwrite, columns=columns))
+        return held.enter_context(claim_output(path, kind, overwrite, columns=columns))
 
     take(run.out, "folder")
     take(paths["fisher"], "fisher")
@@ -135,7 +136,7 @@ def _claim_outputs(run: DemoRun, overwrite: bool, held: contextlib.ExitStack):
     figures = [f"{kind}_{name}.png" for name, _ in run.specs_2d for kind in ("surface3d", "contour")]
     for name in figures + ["surface3d_all.html", "compare_all_top_bottom.png", "topk_sweep.png",
                            "random_controls.png"]:
-        take(paths["figures"] / name, "figure")
+        run.figure_claims[name] = take(paths["figures"] / name, "figure")
     for name in ("compare_all_top_bottom", "topk_sweep", "random_controls"):
         take(plots.default_csv_path(paths["figures"] / f"{name}.png"), "table", sharpness.COLUMNS[:4])
 
@@ -155,7 +156,7 @@ def _surfaces(run: DemoRun, dims: int):
 
 
 def _figures_stage(run: DemoRun):
-    _figures(run.paths["surfaces"], run.paths["figures"], run.specs_2d, run.specs_1d)
+    _figures(run.paths["surfaces"], run.paths["figures"], run.specs_2d, run.specs_1d, run.figure_claims)
 
 
 def _schedule(run: DemoRun):
@@ -238,20 +239,25 @@ def _run_stages(run: DemoRun):
         print(f"{prefix}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def _figures(surf_dir, fig_dir, specs_2d, specs_1d):
-    """Surface plots, the Figure-1 comparison, the top-k sweep and the random controls, with CSVs."""
+def _figures(surf_dir, fig_dir, specs_2d, specs_1d, claims):
+    """Surface plots, the Figure-1 comparison, the top-k sweep and the random controls, with CSVs.
+
+    ``claims``: {figure file name: its Claim}, whose stamp each figure carries.
+    """
     two_d = [surf_dir / f"{name}_2d.h5" for name, _ in specs_2d]
     labels_2d = ["all parameters", "top 50% by Fisher", "bottom 50% by Fisher"]
     for path, (name, _) in zip(two_d, specs_2d):
-        plots.plot_surface(path, fig_dir / f"surface3d_{name}.png", kind="surface3d")
-        plots.plot_surface(path, fig_dir / f"contour_{name}.png", kind="contour")
-    plots.plot_surface(two_d[0], fig_dir / "surface3d_all.html", kind="surface3d")
-    rows = plots.compare_surfaces(two_d, labels_2d, fig_dir / "compare_all_top_bottom.png", kind="surface3d")
+        for kind in ("surface3d", "contour"):
+            figure = f"{kind}_{name}.png"
+            plots.plot_surface(path, fig_dir / figure, kind=kind, claim=claims[figure])
+    plots.plot_surface(two_d[0], fig_dir / "surface3d_all.html", kind="surface3d", claim=claims["surface3d_all.html"])
+    figure = "compare_all_top_bottom.png"
+    rows = plots.compare_surfaces(two_d, labels_2d, fig_dir / figure, kind="surface3d", claim=claims[figure])
     print(sharpness.format_table(rows))
     top = [(n, s) for n, s in specs_1d if s.startswith("top")]
     rand = [(n, s) for n, s in specs_1d if s.startswith("random")]
     for group, title in ((top, "topk_sweep"), (rand, "random_controls")):
         rows = plots.compare_surfaces([surf_dir / f"{n}_1d.h5" for n, _ in group],
                                        [s.replace(":", " ") + "%" for _, s in group],
-                                       fig_dir / f"{title}.png")
+                                       fig_dir / f"{title}.png", claim=claims[f"{title}.png"])
         print(sharpness.format_table(rows))

@@ -2,8 +2,8 @@
 
 Every stage that runs a model goes through ``stage_model`` and ``sample_batches``, so a loaded
 model is accepted, checked and recorded the same way everywhere, and the CPU thread policy
-(``ModelSpec.threads``) is applied by the stage itself: a Python call runs with the threads the
-command would use.
+(``ModelSpec.threads``) and the matmul precision (``ModelSpec.dtype``) are applied by the stage
+itself for its duration: a Python call runs as the command would.
 """
 
 import contextlib
@@ -15,19 +15,23 @@ from .settings import ModelSpec, SampleSpec
 
 
 @contextlib.contextmanager
-def stage_threads(spec: ModelSpec) -> Iterator[int]:
-    """Run the body with ``spec.threads`` CPU threads (``runtime.apply_threads``), then restore the count.
+def stage_runtime(spec: ModelSpec) -> Iterator[int]:
+    """Run the body as the spec says, then leave the process as it was found.
+
+    ``spec.threads`` CPU threads (``runtime.apply_threads``; torch's count is restored after) and
+    ``spec.dtype``'s matmul precision (``runtime.precision_context``: TF32 on for 'tf32' only).
 
     Yields:
         the intra-op thread count in use.
     """
     import torch
 
-    from .runtime import apply_threads
+    from .runtime import apply_threads, precision_context
 
     before = torch.get_num_threads()
     try:
-        yield apply_threads(spec.threads)
+        with precision_context(spec.dtype):
+            yield apply_threads(spec.threads)
     finally:
         torch.set_num_threads(before)
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from .adapters import is_adapter_folder, load_adapter, new_parameters
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
-from .runtime import apply_precision, resolve_device, storage_dtype, transformers_silenced
+from .runtime import resolve_device, storage_dtype, transformers_silenced
 
 OBJECTIVE_KINDS = ("mlm", "causal", "seq2seq", "classification")
 
@@ -150,7 +150,8 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32", allow_
             the embedded default model.
         device: "auto", "cpu", "cuda", "cuda:N" or a torch.device.
         dtype: the storage dtype ("float32", "bfloat16", "float16", or a torch.dtype); "tf32" loads
-            float32 weights and lets CUDA matmuls compute in TF32 (``runtime.apply_precision``).
+            float32 weights.  Loading switches nothing: matmuls compute in TF32 inside
+            ``runtime.precision_context("tf32")``, which the stages enter around their work.
         allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
             ``BertModel`` such as a sentence-transformers checkpoint has no MLM head); by default
             such a load is refused, because transformers would fill them randomly.
@@ -166,7 +167,6 @@ def load_model(spec: Optional[str] = None, device="cpu", dtype="float32", allow_
             checkpoint without its head unless ``allow_new_head``.
     """
     if isinstance(dtype, str):
-        apply_precision(dtype)
         dtype = storage_dtype(dtype)
     if layout is None or not layout.sharded:
         return _load(spec, device, dtype, allow_new_head)

@@ -17,11 +17,13 @@ any work.  A claim
   was made with the same settings is the stage's own check (``check_existing_*``), except for
   figures, whose stamp carries what they were drawn from (compared here).
 
-Figures carry a stamp (``figure_metadata`` for matplotlib's ``savefig(metadata=...)``,
-``stamp_html`` for plotly pages): ``landscape-output:`` followed by base64 JSON of the claim's
-kind and settings and ``!``, so that any of PNG, PDF, SVG and HTML is read back by one search.
+Figures carry a stamp, which their writers take from the figure's claim (the ``Claim`` that
+``claim_output`` returned, passed to them as ``claim=``): ``claim.figure_metadata(fmt)`` for
+matplotlib's ``savefig(metadata=...)``, ``claim.stamp_html(page)`` for plotly pages.  A stamp is
+``landscape-output:`` followed by base64 JSON of the claim's kind and settings and ``!``, so that
+any of PNG, PDF, SVG and HTML is read back by one search.
 
-Size: about 460 lines, 90 of them docstrings.  Claims, locks and what a file holds are one
+Size: about 500 lines, 100 of them docstrings.  Claims, locks and what a file holds are one
 mechanism: a claim takes the lock and reads the file under it, so they stay in one module.
 """
 
@@ -49,8 +51,15 @@ WORDS = {
 STAMP_TAG = "landscape-output:"
 # Base64 ends with "!": the bytes after a stamp (a PNG chunk's CRC) may look like base64 too.
 _STAMP = re.compile(rb"landscape-output:([A-Za-z0-9_=-]+)!")
-_HELD = {}    # lock path -> [open file, count]: this process's claims
-_STAMPS = {}  # resolved output path -> stamp of the claim, for the figure writers
+# lock path -> [open file, count, folders made]: this process's locks.  Process state, not a claim's:
+# one lock per output however many claims of it this process holds (a command's and then its library
+# writer's), and ``release_all`` drops them all when a command ends, whoever holds the Claim objects.
+_HELD = {}
+# The stamp of a figure drawn outside any claim of this process.
+UNCLAIMED = {"kind": "figure", "settings": None}
+# resolved path -> this process's live figure claims of it, newest last.  Only for callers that name
+# a figure by its path alone (``figure_metadata(out, fmt)``); landscape's writers pass the Claim.
+_BY_PATH = {}
 
 
 @dataclass
@@ -69,17 +78,30 @@ class Held:
 
 # ----------------------------------------------------------------------------- claims
 class Claim:
-    """A held output: ``release()`` (or leaving the ``with`` block) drops the lock."""
+    """A held output: ``release()`` (or leaving the ``with`` block) drops the lock.
 
-    def __init__(self, path, lock_key):
-        self.path, self._key = Path(path), lock_key
+    ``stamp`` is what a figure claimed with ``kind="figure"`` records ({"kind", "settings"}); None
+    for other kinds.  The figure writers embed it: ``figure_metadata``, ``stamp_html``.
+    """
+
+    def __init__(self, path, lock_key, stamp: Optional[dict] = None):
+        self.path, self._key, self.stamp = Path(path), lock_key, stamp
+        if stamp is not None:
+            _BY_PATH.setdefault(_resolved(self.path), []).append(self)
+
+    def figure_metadata(self, fmt: str) -> dict:
+        """The ``savefig(metadata=...)`` argument that stamps this claim's figure (see ``figure_metadata``)."""
+        return _metadata(self.stamp or UNCLAIMED, fmt)
+
+    def stamp_html(self, written) -> None:
+        """Put this claim's stamp into the HTML page ``written`` (see ``stamp_html``)."""
+        _stamp_page(written, self.stamp or UNCLAIMED)
 
     def release(self):
         """Drop the lock (once; later calls do nothing)."""
+        _forget(self)
         if self._key is not None:
             _unlock(self._key)
-            if self._key not in _HELD:  # the last claim of this output in this process
-                _STAMPS.pop(_resolved(self.path), None)
             self._key = None
 
     def __enter__(self):
@@ -121,9 +143,7 @@ def claim_output(path, kind: str, overwrite: bool = False, columns: Optional[Seq
         if key is not None:
             _unlock(key)
         raise
-    if kind == "figure":
-        _STAMPS[_resolved(path)] = {"kind": kind, "settings": settings}
-    return Claim(path, key)
+    return Claim(path, key, {"kind": kind, "settings": settings} if kind == "figure" else None)
 
 
 def check_saved_models(folders, overwrite=False) -> None:
@@ -153,7 +173,7 @@ def release_all():
     for key in reversed(list(_HELD)):
         _HELD[key][1] = 1
         _unlock(key)
-    _STAMPS.clear()
+    _BY_PATH.clear()
 
 
 def _check_kind(path, kind, columns, settings):
@@ -289,36 +309,59 @@ def _encoded(stamp):
     return f"{STAMP_TAG}{text}!"
 
 
-def _stamp_for(out):
-    return _STAMPS.get(_resolved(out)) or {"kind": "figure", "settings": None}
+def _forget(claim):
+    claims = _BY_PATH.get(_resolved(claim.path), [])
+    if claim in claims:
+        claims.remove(claim)
+        if not claims:
+            del _BY_PATH[_resolved(claim.path)]
 
 
-def figure_metadata(out, fmt: str) -> dict:
+def _stamp_of(out, claim) -> dict:
+    """``claim``'s stamp; without one, that of this process's newest figure claim of ``out``, if any."""
+    if claim is not None:
+        return claim.stamp or UNCLAIMED
+    claims = _BY_PATH.get(_resolved(out))
+    return claims[-1].stamp if claims else UNCLAIMED
+
+
+def _metadata(stamp, fmt):
+    field = {"png": "landscape-output", "pdf": "Subject", "svg": "Description"}.get(fmt.lower())
+    return {field: _encoded(stamp)} if field else {}
+
+
+def figure_metadata(out, fmt: str, claim: Optional[Claim] = None) -> dict:
     """The ``savefig(metadata=...)`` argument for a figure written to ``out``.
 
     Args:
-        out: the figure's path (claimed with ``claim_output``).
+        out: the figure's path.
         fmt: its format: png, pdf or svg (others get no stamp).
+        claim: the figure's ``Claim`` (``claim_output(out, "figure", ...)``), as landscape's writers
+            pass it; None: this process's newest claim of ``out``, or none (a stamp without settings).
 
     Returns:
         {field: stamp}: the stamp of its claim, in a field that the format keeps; {} otherwise.
     """
-    field = {"png": "landscape-output", "pdf": "Subject", "svg": "Description"}.get(fmt.lower())
-    return {field: _encoded(_stamp_for(out))} if field else {}
+    return _metadata(_stamp_of(out, claim), fmt)
 
 
-def stamp_html(written, out) -> None:
-    """Put the stamp of ``out``'s claim into an HTML page.
+def stamp_html(written, out, claim: Optional[Claim] = None) -> None:
+    """Put the stamp of a figure's claim into an HTML page.
 
     Args:
         written: the page as written (its temporary file); rewritten in place.
-        out: the output path it will become (claimed with ``claim_output``).
+        out: the output path it will become.
+        claim: its ``Claim``; None: as for ``figure_metadata``.
 
     The stamp goes in a ``<meta name="landscape-output">`` tag at the start of the head.
     """
+    _stamp_page(written, _stamp_of(out, claim))
+
+
+def _stamp_page(written, stamp):
     written = Path(written)
     text = written.read_text(encoding="utf-8")
-    tag = f'<meta name="landscape-output" content="{_encoded(_stamp_for(out))}">'
+    tag = f'<meta name="landscape-output" content="{_encoded(stamp)}">'
     head = text.find("<head>")
     text = text[:head + 6] + tag + text[head + 6:] if head >= 0 else tag + text
     written.write_text(text, encoding="utf-8")

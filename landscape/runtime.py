@@ -179,13 +179,33 @@ def storage_dtype(precision: str) -> str:
     return "float32" if precision == "tf32" else precision
 
 
-def apply_precision(precision: str) -> None:
-    """Allow TF32 matmuls (CUDA) when ``precision`` is 'tf32'; leave torch's default otherwise."""
-    if str(precision).lower() == "tf32":
-        import torch
+@contextlib.contextmanager
+def precision_context(precision) -> Iterator[None]:
+    """Compute in ``precision`` inside the block, and leave torch's switches as they were after it.
 
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    'tf32' lets CUDA matmuls and cuDNN convolutions compute in TF32 on float32 weights
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``); any other
+    precision leaves them as they are.  This is the one place that turns TF32 on: every stage that
+    takes a dtype runs its work inside this block, so a stage never changes how later work in the
+    same process computes.
+
+    Args:
+        precision: a name of ``PRECISIONS`` (or a torch.dtype, which needs nothing here).
+    """
+    if str(precision).lower() != "tf32":
+        yield
+        return
+    import torch
+
+    # The matmul switch is saved as torch's precision name, which also keeps "medium".
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def resolve_device(name="auto"):

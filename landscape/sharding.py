@@ -13,6 +13,7 @@ With K = 1 these are the plain tensors and nothing is sharded.
 """
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, Tuple
 
@@ -76,9 +77,10 @@ def shard_layout(shard_size: int = 1) -> ShardLayout:
     from torch.distributed.device_mesh import init_device_mesh
 
     groups = world // shard_size
-    mesh = init_device_mesh(_mesh_device_type(), (groups, shard_size), mesh_dim_names=MESH_DIMS)
-    return ShardLayout(shard_size, groups, rank // shard_size, rank % shard_size, mesh,
-                       mesh.get_group("shard"), mesh.get_group("points"))
+    with _fsdp_errors():
+        mesh = init_device_mesh(_mesh_device_type(), (groups, shard_size), mesh_dim_names=MESH_DIMS)
+        shard_group, point_group = mesh.get_group("shard"), mesh.get_group("points")
+    return ShardLayout(shard_size, groups, rank // shard_size, rank % shard_size, mesh, shard_group, point_group)
 
 
 def _mesh_device_type() -> str:
@@ -159,18 +161,57 @@ def check_uniform(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _fsdp_errors() -> Iterator[None]:
-    """An FSDP2 feature the backend lacks (gloo on CPU) is a one-line UsageError, not a traceback."""
+    """A failure of the distributed backend itself is a one-line UsageError that keeps its cause.
+
+    Only what torch.distributed raises is translated (FSDP2, the device mesh, a collective the
+    backend lacks, such as a dtype gloo cannot send): an error whose innermost frame is in
+    ``torch.distributed``, or one of its ``DistError`` types.  Anything else (a model's own error,
+    a bad shape in its forward) propagates as what it is, and an out-of-memory error stays a
+    ``torch.OutOfMemoryError`` wherever it was raised: neither is the backend's fault.
+    """
     try:
         yield
     except (RuntimeError, NotImplementedError, ValueError, AssertionError) as err:
-        raise UsageError(f"FSDP2 sharding failed on this backend: {str(err).strip().splitlines()[0]}") from None
+        if isinstance(err, torch.OutOfMemoryError) or not _raised_by_distributed(err):
+            raise
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"FSDP2 sharding failed on this backend: {text}") from err
+
+
+def _raised_by_distributed(err: BaseException) -> bool:
+    """Whether ``err`` comes from torch.distributed: a DistError, or raised in its code.
+
+    The innermost frame of the traceback that is either torch.distributed's or outside torch
+    decides: torch's own plumbing (operator dispatch, autograd functions, ``nn`` layers) is passed
+    over, so a collective raised through ``torch.ops`` counts as torch.distributed's, and an error
+    of a layer called by the model's code counts as the model's.
+    """
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    frames, tb = [], err.__traceback__
+    while tb is not None:
+        frames.append(os.path.abspath(tb.tb_frame.f_code.co_filename))
+        tb = tb.tb_next
+    for name in reversed(frames):
+        if name.startswith(_DISTRIBUTED):
+            return True
+        if not name.startswith(_TORCH):
+            return False
+    return False
+
+
+_TORCH = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
+_DISTRIBUTED = os.path.join(_TORCH, "distributed", "")
 
 
 def collective_errors():
     """Context manager for passes over a sharded model.
 
-    A collective the backend does not support (gloo has no reduce-scatter, so nothing may request
-    parameter gradients) becomes a one-line UsageError.
+    A collective the backend does not support (raised inside torch.distributed, e.g. a dtype gloo
+    cannot send) becomes a one-line UsageError naming its cause; the model's own errors and
+    out-of-memory errors propagate unchanged (``_fsdp_errors``).
     """
     return _fsdp_errors()
 

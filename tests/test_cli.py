@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_in_process, one_line, shown_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ["fisher", "stability", "profile", "directions", "surface", "plot", "compare", "schedule",
@@ -73,3 +74,38 @@ def test_bad_inputs_end_in_one_line_and_leave_no_output(tmp_path, tiny_bert_dir,
 def test_argparse_errors_are_one_line_too():
     _assert_one_line_error(run_cli("surface", "--directions", "d.h5", "--out", "s.h5", "--no-such-flag"),
                            "unrecognized arguments")
+
+
+@pytest.fixture
+def not_a_surface(tmp_path, monkeypatch):
+    """`plot` of a file that is not HDF5: refused in one line, raised `from` h5py's OSError."""
+    monkeypatch.delenv("LANDSCAPE_DEBUG", raising=False)
+    surface = tmp_path / "S.h5"
+    surface.write_bytes(b"not an HDF5 file")
+    return ["plot", surface, "--out", tmp_path / "f.png"]
+
+
+def test_debug_prints_a_refusal_s_traceback_before_its_one_line(not_a_surface, capfd, monkeypatch):
+    code, _, err = cli_in_process(capfd, *not_a_surface)
+    line = one_line(code, err, "landscape plot: error:", "is not an HDF5 file")
+    for argv, env in (["--debug", *not_a_surface], "0"), ([*not_a_surface, "--debug"], ""), (not_a_surface, "1"):
+        monkeypatch.setenv("LANDSCAPE_DEBUG", env)
+        code, _, err = cli_in_process(capfd, *argv)
+        assert code == 2, err
+        lines = shown_lines(err)
+        assert lines[0] == "Traceback (most recent call last):" and lines[-1] == line, err
+        assert "OSError" in err and "landscape.errors.UsageError" in err, err  # and the error it came from
+    monkeypatch.setenv("LANDSCAPE_DEBUG", "0")
+    one_line(*cli_in_process(capfd, *not_a_surface)[::2])
+
+
+def test_a_crash_is_python_s_traceback_with_or_without_debug(not_a_surface, capfd, monkeypatch):
+    import landscape.plots
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(landscape.plots, "plot", crash)
+    for argv in (not_a_surface, ["--debug", *not_a_surface]):
+        with pytest.raises(RuntimeError, match="a bug"):  # uncaught: Python prints it and exits 1
+            cli_in_process(capfd, *argv)

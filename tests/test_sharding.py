@@ -161,6 +161,68 @@ def test_interrupted_sharded_run_resumes_from_per_rank_checkpoints(tiny_llama_di
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["F.rank0.ckpt", "F.rank1.ckpt"]
 
 
+ERRORS_WORKER = """
+import torch
+from torch.distributed.tensor import DTensor, Shard
+from landscape import sharding
+from landscape.errors import UsageError
+from landscape.runtime import end_torchrun_process, join_torchrun, leave_torchrun
+
+join_torchrun("cpu")
+layout = sharding.shard_layout(2)
+
+
+class Failing(torch.nn.Module):
+    def __init__(self, error):
+        super().__init__()
+        self.linear, self.error = torch.nn.Linear(3, 4), error
+
+    def forward(self, x):
+        self.linear(x)  # its rows were gathered: a collective ran first
+        raise self.error
+
+
+for error in (ValueError("a bug in the model's forward"), torch.OutOfMemoryError("out of memory (2.00 GiB)")):
+    model = sharding.shard_model(Failing(error), layout)
+    try:
+        with sharding.collective_errors():  # as compute_fisher runs its pass
+            model(torch.ones(1, 3))
+    except UsageError as err:
+        raise SystemExit(f"reported as the backend's: {err}")
+    except type(error) as err:
+        assert err is error, err
+        print("kept", type(err).__name__)
+# gloo cannot send float8: a genuine failure of the backend, in a collective and in a pass
+rows = DTensor.from_local(torch.zeros(2, 3, dtype=torch.float8_e4m3fn), layout.shard_mesh, [Shard(0)])
+model = torch.nn.Linear(3, 4, bias=False).requires_grad_(False)
+model.weight.data = model.weight.data.to(torch.float8_e4m3fn)
+sharding.shard_model(model, layout)
+for attempt in (lambda: sharding.full_tensor(rows), lambda: model(torch.ones(1, 3))):
+    try:
+        with sharding.collective_errors():
+            attempt()
+    except UsageError as err:
+        assert str(err) == "FSDP2 sharding failed on this backend: Invalid scalar type", err
+        assert isinstance(err.__cause__, RuntimeError), err.__cause__
+        print("backend")
+leave_torchrun()
+end_torchrun_process(0)  # gloo can abort at interpreter shutdown (see its docstring)
+"""
+
+
+@pytest.mark.distributed
+def test_only_the_backend_s_own_failures_are_reported_as_the_backend_s(tmp_path):
+    """A model's error and an out-of-memory error in a sharded pass stay what they are; a collective
+    gloo cannot run (float8) is one UsageError that keeps its cause."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(ERRORS_WORKER))
+    result = _torchrun(script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.split()
+    assert lines.count("ValueError") == 2 and lines.count("OutOfMemoryError") == 2, result.stdout
+    assert lines.count("backend") == 4, result.stdout  # two failures on each rank
+
+
 @pytest.mark.distributed
 def test_shard_size_that_does_not_divide_the_ranks_is_refused(tiny_gpt2_dir, tmp_path):
     """Each of the 2 ranks (started as torchrun starts them) says so in one line and exits 2."""

@@ -1,9 +1,12 @@
 """The ``landscape`` command line: a thin layer over the Python API, one subcommand per stage.
 
-Bad input ends with one line on stderr and exit code 2; no traceback, no partial output.
+Bad input ends with one line on stderr and exit code 2; no traceback, no partial output.  With
+``--debug`` (before or after COMMAND) or ``LANDSCAPE_DEBUG=1`` in the environment, the full traceback
+of a refusal, with the error it came from, is printed before that line; the exit code stays 2.
 """
 
 import argparse
+import os
 import re
 import sys
 
@@ -49,11 +52,19 @@ def build_parser():
         description="Fisher information, loss landscapes and guided dropout for pretrained LMs.",
     )
     parser.add_argument("--version", action="version", version=f"landscape {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser,
                                        help="a pipeline stage; `landscape COMMAND --help` lists its options")
     subparsers.required = True
     register_all(subparsers)
+    for command in subparsers.choices.values():
+        # After COMMAND too.  SUPPRESS: a sub-parser's own default would overwrite `landscape --debug COMMAND`.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
+
+
+_DEBUG_HELP = ("a refusal prints its full traceback (with the error it came from) before its one line; the exit "
+               "code stays 2 (also LANDSCAPE_DEBUG=1)")
 
 
 def _message(err: UsageError, args) -> str:
@@ -83,6 +94,23 @@ def _flag_of(args, path, default="--out") -> str:
     return default
 
 
+def _debugging(args=None) -> bool:
+    """Whether refusals print their traceback: ``--debug``, or LANDSCAPE_DEBUG set (to anything but 0)."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("LANDSCAPE_DEBUG", "0").strip() not in ("", "0")
+
+
+def _refused(err: UsageError, args) -> int:
+    """Print the refusal's one line (after its traceback when debugging); the exit code, 2."""
+    if _debugging(args):
+        import traceback
+
+        # A refusal raised `from None` hides the error it replaced; debugging is when it is wanted.
+        err.__suppress_context__ = False
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
     from ..outputs import release_all
 
@@ -91,8 +119,7 @@ def main(argv=None):
         try:
             return int(args.func(args) or 0)
         except UsageError as err:
-            print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
-            return 2
+            return _refused(err, args)
     from ..runtime import end_torchrun_process, leave_torchrun, quiet_transformers
 
     quiet_transformers()
@@ -117,8 +144,7 @@ def _run(args) -> int:
         result = args.func(args)
         barrier()  # ranks leave together, once rank 0 has written the output
     except UsageError as err:
-        print(f"landscape {args.command}: error: {_message(err, args)}", file=sys.stderr)
-        return 2
+        return _refused(err, args)
     except KeyboardInterrupt:
         print(f"landscape {args.command}: interrupted; finished work is kept, rerun to resume",
               file=sys.stderr)

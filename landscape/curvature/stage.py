@@ -24,6 +24,7 @@ from ..files import check_output_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..models import LoadedModel, ModelSource, loaded_model, model_id
 from ..outputs import claim_output
+from ..runtime import precision_context
 from ..settings import SampleSpec
 from .report import (
     check_existing_report,
@@ -169,7 +170,7 @@ def run_hessian(out, model: ModelSource = None, *, corpus=None, fraction=None, m
     counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
     SampleSpec(corpus, fraction, max_samples, seq_len, batch_size, seed, bos)  # refuses a setting out of its domain
-    with claim_output(out, "hessian-report", overwrite=overwrite), \
+    with claim_output(out, "hessian-report", overwrite=overwrite), precision_context(dtype), \
             (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
         prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
                             allow_new_head, fisher, subset, granularity, ignore)

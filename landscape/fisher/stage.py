@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..files import check_output_path
-from ..inputs import stage_model, stage_threads
+from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
 from ..results import StageResult
@@ -100,7 +100,7 @@ def run_fisher(settings: Optional[FisherSettings] = None, *, out, model: Optiona
     """
     settings = settings or FisherSettings()
     out = check_output_path(out, "out", [".safetensors"])
-    with claim_output(out, "fisher", overwrite=overwrite), stage_threads(settings.model):
+    with claim_output(out, "fisher", overwrite=overwrite), stage_runtime(settings.model):
         return _run_fisher(out, settings, model, overwrite, progress)
 
 
@@ -179,7 +179,7 @@ def run_stability(settings: Optional[StabilitySettings] = None, *, out, model: O
         held.enter_context(claim_output(out, "table", overwrite=overwrite, columns=("fraction", "samples")))
         if fisher_out is not None:
             held.enter_context(claim_output(fisher_out, "fisher", overwrite=overwrite))
-        held.enter_context(stage_threads(settings.model))
+        held.enter_context(stage_runtime(settings.model))
         loaded = stage_model(settings.model, model, corpora=[settings.sample.corpus])
         rows, samples, meta = _stability(out, fisher_out, loaded, settings, overwrite, progress)
     return StabilityResult(path=out, settings=settings, computed=samples, total=samples,

@@ -131,7 +131,7 @@ def _check(s, regularizers):
 
 
 def _outputs(s, regularizers, fractions, held):
-    """(summary CSV, per-run CSV, figure), each checked writable and claimed into ``held`` first."""
+    """(summary CSV, per-run CSV, figure, the figure's claim), each checked writable and claimed into ``held``."""
     from ..outputs import claim_output
 
     out = Path(s.out)
@@ -142,11 +142,11 @@ def _outputs(s, regularizers, fractions, held):
     check_output_path(plot_out, "plot", [".png", ".pdf", ".svg"])
 
     def claim(path, kind, **options):
-        held.enter_context(claim_output(path, kind, overwrite=s.overwrite, **options))
+        return held.enter_context(claim_output(path, kind, overwrite=s.overwrite, **options))
 
     claim(runs_out, "table", columns=("regularizer", "fraction", "seed", "n_train"))
     claim(out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
-    claim(plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
+    figure = claim(plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
     if s.save_models:
         from ..outputs import check_saved_models
         from .sweep import model_folder
@@ -154,7 +154,7 @@ def _outputs(s, regularizers, fractions, held):
         claim(s.save_models, "folder")
         check_saved_models([model_folder(s.save_models, reg, fraction, seed) for reg in regularizers
                             for fraction in fractions for seed in range(s.seed, s.seed + s.restarts)], s.overwrite)
-    return out, runs_out, plot_out
+    return out, runs_out, plot_out, figure
 
 
 def _config(s):
@@ -258,8 +258,7 @@ def run_finetune(settings: Optional[FinetuneSettings] = None, *, log: Optional[C
     regularizers = _listed(s.regularizer)
     fractions = _check(s, regularizers)
     with contextlib.ExitStack() as held:
-        out, runs_out, plot_out = _outputs(s, regularizers, fractions, held)
-        return _sweep(s, regularizers, fractions, (out, runs_out, plot_out), log)
+        return _sweep(s, regularizers, fractions, _outputs(s, regularizers, fractions, held), log)
 
 
 def _sweep(s, regularizers, fractions, paths, log) -> FinetuneResult:
@@ -268,7 +267,7 @@ def _sweep(s, regularizers, fractions, paths, log) -> FinetuneResult:
     from .metrics import metrics_for
     from .training import DROPOUT_ONLY_REGULARIZERS
 
-    out, runs_out, plot_out = paths
+    out, runs_out, plot_out, figure = paths
     config, max_train, max_test = _config(s)
     train_data, test_data = _data(s, max_test, log)
     metrics = metrics_for(train_data.task)
@@ -288,7 +287,7 @@ def _sweep(s, regularizers, fractions, paths, log) -> FinetuneResult:
                               overwrite=s.overwrite, log=log)
     summary = sweep.summarize_runs(rows, metrics)
     write_csv(summary, out)
-    sweep.plot_paucity(summary, metric, plot_out, title=f"{Path(s.dataset or 'movie snippets').name}: "
-                                                       f"{s.restarts} restarts")
+    sweep.plot_paucity(summary, metric, plot_out, claim=figure,
+                       title=f"{Path(s.dataset or 'movie snippets').name}: {s.restarts} restarts")
     return FinetuneResult(rows=rows, summary=summary, metric=metric, out=out, runs_out=runs_out, plot=plot_out,
                           seconds=time.perf_counter() - started)

@@ -83,7 +83,7 @@ def summarize_runs(rows, metrics, baseline=BASELINE, bootstrap_seed=0):
     return out
 
 
-def plot_paucity(summary, metric, path, title=""):
+def plot_paucity(summary, metric, path, title="", claim=None):
     """Figure-4-style plot: metric mean vs training fraction per regularizer, IQR shaded.
 
     A cell that differs significantly from dropout (``is_significant``) gets a large star on its
@@ -94,6 +94,7 @@ def plot_paucity(summary, metric, path, title=""):
         metric: the metric to plot.
         path: the figure file to write (its suffix gives the format; png by default).
         title: the figure's title.
+        claim: the figure's ``outputs.Claim``, whose stamp it carries (None: ``outputs.figure_metadata``'s).
 
     Returns:
         The path, as a ``Path``.
@@ -129,7 +130,7 @@ def plot_paucity(summary, metric, path, title=""):
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fmt = Path(path).suffix.lstrip(".") or "png"
-        fig.savefig(tmp, format=fmt, dpi=120, metadata=figure_metadata(path, fmt))
+        fig.savefig(tmp, format=fmt, dpi=120, metadata=figure_metadata(path, fmt, claim))
     plt.close(fig)
     return Path(path)
 

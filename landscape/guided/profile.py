@@ -6,6 +6,7 @@ Site scores follow docs/fisher.md: the element-weighted mean Fisher of the param
 site drops (``sites.site_scores``), sites found by module name (``sites.find_sites``).
 """
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from ..errors import UsageError
 from ..files import atomic_output, write_csv
 from ..fisher import check_fisher_matches
-from ..inputs import stage_model, stage_threads
+from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output, figure_metadata
 from ..results import StageResult
@@ -94,17 +95,17 @@ def _quantile_rows(sorted_values, points=2000):
     return [{"rank": int(r), "fraction": r / count, "fisher": float(sorted_values[r - 1])} for r in ranks]
 
 
-def _save_figure(fig, path):
+def _save_figure(fig, path, claim=None):
     import matplotlib.pyplot as plt
 
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png", metadata=figure_metadata(path, "png"))
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png", metadata=figure_metadata(path, "png", claim))
     plt.close(fig)
     return path
 
 
-def plot_parameter_profile(quantiles, total, zeros, path, title=""):
-    """Fig. 3a: Fisher of every parameter, sorted, log scale."""
+def plot_parameter_profile(quantiles, total, zeros, path, title="", claim=None):
+    """Fig. 3a: Fisher of every parameter, sorted, log scale; ``claim``: the figure's ``outputs.Claim``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +122,7 @@ def plot_parameter_profile(quantiles, total, zeros, path, title=""):
     note = f"{total:,} parameters" + (f"; {zeros:,} exactly zero (not shown)" if zeros else "")
     ax.set_title(literal(f"{title}\n{note}" if title else note), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    return _save_figure(fig, path)
+    return _save_figure(fig, path, claim)
 
 
 def spans_decades(values, ratio=20.0):
@@ -134,13 +135,14 @@ def spans_decades(values, ratio=20.0):
     return bool(positive) and max(positive) > ratio * min(positive)
 
 
-def plot_bars(labels, values, colors, path, xlabel, title="", legend=None):
+def plot_bars(labels, values, colors, path, xlabel, title="", legend=None, claim=None):
     """Horizontal bars, first label on top (Fig. 3b style), saved as a PNG at ``path``.
 
     A log value axis when the values span decades (``spans_decades``), so that small bars stay
-    visible next to the largest.  legend: {name: colour} for bars coloured by a category.
+    visible next to the largest.  legend: {name: colour} for bars coloured by a category; claim:
+    the figure's ``outputs.Claim``, whose stamp it carries.
     """
-    return _save_figure(bars_figure(labels, values, colors, xlabel, title, legend), path)
+    return _save_figure(bars_figure(labels, values, colors, xlabel, title, legend), path, claim)
 
 
 def bars_figure(labels, values, colors, xlabel, title="", legend=None):
@@ -184,7 +186,15 @@ PROFILE_FILES = {"parameter_quantiles.csv": ("rank", "fraction", "fisher"),
                  "parameters.png": None, "blocks.png": None, "sites.png": None}
 
 
-def claim_profile(out_dir, fisher_path, overwrite=False):
+class ProfileClaims(contextlib.ExitStack):
+    """The claims of a profile's files: closing it releases them; ``figures``: {file name: its Claim}."""
+
+    def __init__(self):
+        super().__init__()
+        self.figures = {}
+
+
+def claim_profile(out_dir, fisher_path, overwrite=False) -> ProfileClaims:
     """Claim every file of a profile under ``out_dir`` (``outputs.claim_output``).
 
     Args:
@@ -193,24 +203,30 @@ def claim_profile(out_dir, fisher_path, overwrite=False):
         overwrite: replace files that are not a profile's own.
 
     Returns:
-        The claims as one ExitStack (closing it releases them); none is held when one is refused.
+        The claims as one ExitStack (closing it releases them; ``write_profile`` takes its
+        ``figures``); none is held when one is refused.
 
     Raises:
         OutputRefused: a file already there is not a profile's own (its tables, figures of the same
             Fisher file) and ``overwrite`` is off.
     """
-    import contextlib
     import os
 
     settings = {"command": "profile", "inputs": [os.path.abspath(fisher_path)]}
-    with contextlib.ExitStack() as claims:
+    figures = {}
+    with ProfileClaims() as claims:
         for name, columns in PROFILE_FILES.items():
-            claims.enter_context(claim_output(Path(out_dir) / name, "table" if columns else "figure", overwrite,
-                                              columns=columns, settings=None if columns else settings))
-        return claims.pop_all()
+            kind = "table" if columns else "figure"
+            claim = claims.enter_context(claim_output(Path(out_dir) / name, kind, overwrite, columns=columns,
+                                                      settings=None if columns else settings))
+            if not columns:
+                figures[name] = claim
+        held = claims.pop_all()
+        held.figures = figures
+        return held
 
 
-def write_profile(fisher, model, out_dir, title=""):
+def write_profile(fisher, model, out_dir, title="", claims=None):
     """Write every view under ``out_dir``; returns {what: path}.
 
     parameters.png / parameter_quantiles.csv (sorted element-wise Fisher), sites.png / sites.csv
@@ -221,6 +237,8 @@ def write_profile(fisher, model, out_dir, title=""):
         model: the model they were computed on (its dropout sites and blocks).
         out_dir: the profile folder.
         title: a prefix of the figures' titles.
+        claims: {file name: Claim} of the figures (``claim_profile(...).figures``), whose stamps they
+            carry; None: ``outputs.figure_metadata``'s.
     """
     check_fisher_matches(fisher, model)
     out = Path(out_dir)
@@ -229,21 +247,24 @@ def write_profile(fisher, model, out_dir, title=""):
     quantiles = _quantile_rows(values)
     sites = site_profile(model, fisher)
     blocks = block_profile(fisher)
+    claims = claims or {}
     paths = {
         "parameter_quantiles": write_csv(quantiles, out / "parameter_quantiles.csv"),
         "parameters_png": plot_parameter_profile(quantiles, len(values), int((values == 0).sum()),
-                                                 out / "parameters.png", title),
+                                                 out / "parameters.png", title, claims.get("parameters.png")),
         "tensors": write_csv(tensor_profile(fisher), out / "tensors.csv"),
         "blocks": write_csv(blocks, out / "blocks.csv"),
         "sites": write_csv(sites, out / "sites.csv"),
     }
     top_block = max(b["mean"] for b in blocks) or 1.0
     paths["blocks_png"] = plot_bars([b["block"] for b in blocks], [b["mean"] / top_block for b in blocks],
-                                    "#1f4e79", out / "blocks.png", "mean Fisher per element (normalized)", title)
+                                    "#1f4e79", out / "blocks.png", "mean Fisher per element (normalized)", title,
+                                    claim=claims.get("blocks.png"))
     kinds = {s["kind"]: _KIND_COLORS.get(s["kind"], _KIND_COLORS["other"]) for s in sites}
     paths["sites_png"] = plot_bars([s["site"] for s in sites], [s["normalized"] for s in sites],
                                    [kinds[s["kind"]] for s in sites], out / "sites.png",
-                                   "site score: element-weighted mean Fisher (normalized)", title, legend=kinds)
+                                   "site score: element-weighted mean Fisher (normalized)", title, legend=kinds,
+                                   claim=claims.get("sites.png"))
     return paths
 
 
@@ -274,8 +295,6 @@ def run_profile(settings: ProfileSettings, *, out, model: Optional[LoadedModel] 
         UsageError: ``out`` is a file, the Fisher file is unreadable or was computed on another
             model; ``OutputRefused`` for foreign files in ``out`` unless ``overwrite``.
     """
-    import contextlib
-
     from ..fisher import check_fisher_model, load_fisher
     from ..identity import model_fingerprint
 
@@ -284,13 +303,13 @@ def run_profile(settings: ProfileSettings, *, out, model: Optional[LoadedModel] 
         raise UsageError(f"out '{out}' is a file; give a folder")
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(out, "folder", overwrite))
-        held.enter_context(claim_profile(out, settings.fisher, overwrite))
-        held.enter_context(stage_threads(settings.model))
+        claims = held.enter_context(claim_profile(out, settings.fisher, overwrite))
+        held.enter_context(stage_runtime(settings.model))
         fisher, meta = load_fisher(settings.fisher)
         loaded = stage_model(settings.model.replace(allow_new_head=True), model)
         weights = model_fingerprint(loaded)
         check_fisher_model(settings.fisher, meta, weights, settings.model.source)
         title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
-        files = write_profile(fisher, loaded.model, out, title=title)
+        files = write_profile(fisher, loaded.model, out, title=title, claims=claims.figures)
     return ProfileResult(path=out, settings=settings, computed=len(files), total=len(files),
                          fingerprints={"model_fingerprint": weights}, files=files)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..errors import UsageError
 from ..files import check_output_path
-from ..inputs import stage_model, stage_threads
+from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
 from ..results import StageResult
@@ -60,7 +60,7 @@ def run_schedule(settings: ScheduleSettings, *, out, model: Optional[LoadedModel
 
     out = check_output_path(out, "out", [".json"])
     fisher_path = settings.fisher
-    with claim_output(out, "schedule", overwrite=overwrite), stage_threads(settings.model):
+    with claim_output(out, "schedule", overwrite=overwrite), stage_runtime(settings.model):
         fisher, meta = load_fisher(fisher_path)
         loaded = stage_model(settings.model.replace(allow_new_head=True), model)
         weights = model_fingerprint(loaded)

@@ -7,7 +7,7 @@ What ``landscape plot`` and ``landscape compare`` do.
 Both claim their outputs (``outputs.claim_output``): a figure of other inputs, or a file that is
 not a figure (or not this table), is refused unless ``overwrite``; a figure of the same inputs is
 redrawn.  The claim's settings (the command and the inputs' absolute paths) are stamped into the
-figure.
+figure: the claim is passed to the writer.
 """
 
 import os
@@ -64,10 +64,11 @@ def plot(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=
     if kind not in PLOT_KINDS:
         raise UsageError(f"unknown plot kind '{kind}'; use one of {', '.join(PLOT_KINDS)}")
     out = check_output_path(out, "out", FIGURE_SUFFIXES)
-    with _figure_claim(out, "plot", [path], overwrite):
+    with _figure_claim(out, "plot", [path], overwrite) as claim:
         if kind == "spectrum":
-            return {"path": plot_spectrum(path, out, log=log, title=title), "kind": kind, "trajectory": False}
-        style = dict(field=field, log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title)
+            return {"path": plot_spectrum(path, out, log=log, title=title, claim=claim), "kind": kind,
+                    "trajectory": False}
+        style = dict(field=field, log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title, claim=claim)
         if kind in KINDS_2D and kind != "surface3d":
             drawn = plot_with_trajectory(path, out, kind=kind, **style)
             if drawn is not None:
@@ -112,12 +113,12 @@ def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=No
 
     out = check_output_path(out, "out", FIGURE_SUFFIXES)
     csv = check_output_path(default_csv_path(out) if csv is None else csv, "csv", (".csv",))
-    with _figure_claim(out, "compare", paths, overwrite), \
+    with _figure_claim(out, "compare", paths, overwrite) as claim, \
             claim_output(csv, "table", overwrite=overwrite, columns=sharpness.COLUMNS[:4]):
         reports = _reports(hessian, paths)
         rows = compare_surfaces(list(paths), None if labels is None else list(labels), out, csv=False,
                                 radius=radius, fit_radius=fit_radius, kind=kind, field=field, log=log, zmin=zmin,
-                                zmax=zmax, cmap=cmap, levels=levels, title=title)
+                                zmax=zmax, cmap=cmap, levels=levels, title=title, claim=claim)
         columns = sharpness.COLUMNS
         if reports is not None:
             from ..curvature.report import report_numbers

@@ -10,7 +10,7 @@ from ..outputs import stamp_html
 _PAGE_STYLE = "<style>html, body { height: 100%; margin: 0; overflow: hidden; }</style>"
 
 
-def write_html(fig, out, title=None):
+def write_html(fig, out, title=None, claim=None):
     """Write ``fig`` to ``out`` as a self-contained page that fills the browser window.
 
     plotly.js is embedded (works offline, no CDN), MathJax is not loaded (user text is shown as
@@ -22,6 +22,7 @@ def write_html(fig, out, title=None):
         fig: a ``plotly.graph_objects.Figure``.
         out: path of the .html file, written atomically.
         title: the page title; None: the figure's title text.
+        claim: the page's ``outputs.Claim``, whose stamp it carries (None: ``outputs.stamp_html``'s).
     """
     fig.update_layout(autosize=True, width=None, height=None)
     page_title = title if title is not None else (fig.layout.title.text or "")
@@ -32,4 +33,4 @@ def write_html(fig, out, title=None):
     text = text.replace("<head>", head, 1)
     with atomic_output(out) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        stamp_html(tmp, out)  # whose output it is: a later run replaces only its own file
+        stamp_html(tmp, out, claim)  # whose output it is: a later run replaces only its own file

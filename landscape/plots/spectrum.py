@@ -43,7 +43,7 @@ def _subtitle(report):
     return ", ".join(parts)
 
 
-def plot_spectrum(path, out, log=False, title=None):
+def plot_spectrum(path, out, log=False, title=None, claim=None):
     """Draw the spectral density of the Hessian report ``path`` to ``out``.
 
     Args:
@@ -51,6 +51,7 @@ def plot_spectrum(path, out, log=False, title=None):
         out: the figure to write (.png, .pdf or .html).
         log: a log density axis (empty bins become gaps).
         title: the figure's title (None: one naming the report).
+        claim: the figure's ``outputs.Claim``, whose stamp it carries (None: ``outputs.figure_metadata``'s).
 
     Returns:
         The output path, as a ``Path``.
@@ -64,9 +65,9 @@ def plot_spectrum(path, out, log=False, title=None):
     subtitle = _subtitle(report)
     ylabel = "density (per unit eigenvalue)"
     if fmt == "html":
-        _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out)
+        _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out, claim)
     else:
-        _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, fmt)
+        _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, fmt, claim)
     return Path(out)
 
 
@@ -79,7 +80,7 @@ def _step(edges, density, log):
     return x, y
 
 
-def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, fmt):
+def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, fmt, claim):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,10 +103,10 @@ def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, 
     ax.grid(alpha=0.3)
     plt.close(fig)
     with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt))
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt, claim))
 
 
-def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out):
+def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out, claim):
     import plotly.graph_objects as go
 
     x, y = _step(edges, density, log)
@@ -115,4 +116,4 @@ def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out):
         fig.add_vline(x=value, line_dash="dash", line_color="red")
     fig.update_layout(title=f"{title}<br><sub>{subtitle}</sub>", xaxis_title="eigenvalue (nats/token per unit²)",
                       yaxis_title=ylabel, yaxis_type="log" if log else "linear")
-    write_html(fig, out, title=f"{title} ({subtitle})")
+    write_html(fig, out, title=f"{title} ({subtitle})", claim=claim)

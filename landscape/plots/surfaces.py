@@ -125,7 +125,7 @@ def _default_title(surface):
 # --------------------------------------------------------------------------------------------
 
 def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=None,
-                 cmap="viridis", levels=20, title=None):
+                 cmap="viridis", levels=20, title=None, claim=None):
     """Draw one surface file to ``out`` (.html: self-contained plotly; .png/.pdf: matplotlib).
 
     Nothing is written when the input is bad or drawing fails.
@@ -141,6 +141,7 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
         cmap: a matplotlib colour map name.
         levels: number of contour levels.
         title: the figure's title (None: a default).
+        claim: the figure's ``outputs.Claim``, whose stamp it carries (None: ``outputs.figure_metadata``'s).
 
     Returns:
         The output path.
@@ -156,10 +157,10 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
     style.title = style.title or _default_title(surface)
     if fmt == "html":
         fig = _plotly_figure([surface], [None], kind, style, notes=[None])
-        write_html(fig, out)
+        write_html(fig, out, claim=claim)
     else:
         fig = _mpl_figure([surface], [None], kind, style, notes=[None])
-        _save_mpl(fig, out, fmt)
+        _save_mpl(fig, out, fmt, claim)
     return Path(out)
 
 
@@ -168,7 +169,7 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
 # --------------------------------------------------------------------------------------------
 
 def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=None,
-                     cmap="viridis", levels=20, title=None, csv=None, radius=None, fit_radius=None):
+                     cmap="viridis", levels=20, title=None, csv=None, radius=None, fit_radius=None, claim=None):
     """Draw several surfaces of the same dimension together to ``out``, with sharpness numbers.
 
     1D: one curve per file on a shared axis.  2D: one panel per file, side by side, sharing the
@@ -191,6 +192,7 @@ def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=Fa
         csv: the sharpness CSV (None: ``<out name>.sharpness.csv`` next to ``out``; False: no CSV).
         radius: the common sharpness radius (see ``sharpness.summarize_all``).
         fit_radius: the common curvature fit radius.
+        claim: as for ``plot_surface``.
 
     Returns:
         The summary rows (list of dicts, see ``sharpness.summarize``).
@@ -209,9 +211,9 @@ def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=Fa
     model = common_model(surfaces)
     style.title = style.title or f"{field.replace('_', ' ')}{f' · {model}' if model else ''}: {', '.join(labels)}"
     if fmt == "html":
-        write_html(_plotly_figure(surfaces, labels, kind, style, notes), out)
+        write_html(_plotly_figure(surfaces, labels, kind, style, notes), out, claim=claim)
     else:
-        _save_mpl(_mpl_figure(surfaces, labels, kind, style, notes), out, fmt)
+        _save_mpl(_mpl_figure(surfaces, labels, kind, style, notes), out, fmt, claim)
     if csv is not False:
         sharpness.write_csv(rows, default_csv_path(out) if csv is None else csv)
     return rows
@@ -412,6 +414,6 @@ def _wrapped(title, width_inches):
     return "\n".join(textwrap.wrap(title, width=max(30, int(11 * width_inches)))) if title else title
 
 
-def _save_mpl(fig, out, fmt):
+def _save_mpl(fig, out, fmt, claim=None):
     with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt))
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt, claim))

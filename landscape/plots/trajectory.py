@@ -73,7 +73,7 @@ def _text(value):
 
 
 def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=False, zmin=None, zmax=None,
-                         cmap="viridis", levels=20, title=None):
+                         cmap="viridis", levels=20, title=None, claim=None):
     """Draw a 2D surface with its trajectory's checkpoints, labelled, joined in training order.
 
     Args:
@@ -87,6 +87,7 @@ def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=Fals
         cmap: a matplotlib colour map name.
         levels: number of contour levels.
         title: the figure's title (None: a default).
+        claim: the figure's ``outputs.Claim`` (as for ``plot_surface``).
 
     Returns:
         The output path, or None (nothing written) when the surface has no trajectory.
@@ -112,7 +113,7 @@ def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=Fals
         fig.add_trace(go.Scatter(x=coords[:, 0], y=coords[:, 1], mode="lines+markers+text", text=labels,
                                  textposition="top center", name="checkpoints",
                                  marker=dict(color="red", size=8), line=dict(color="red", width=1)))
-        write_html(fig, out)
+        write_html(fig, out, claim=claim)
     else:
         fig = _mpl_figure([surface], [None], kind, style, notes=[None])
         ax = fig.axes[0]
@@ -121,5 +122,5 @@ def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=Fals
         for (x, y), label in zip(coords, labels):
             ax.annotate(literal(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="red")
         ax.legend(fontsize=8, loc="upper right")
-        _save_mpl(fig, out, fmt)
+        _save_mpl(fig, out, fmt, claim)
     return Path(out)

@@ -16,7 +16,7 @@ import numpy as np
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
-from ..outputs import claim_output, figure_metadata
+from ..outputs import claim_output
 from ..surface.file import read_surface
 
 LOG_OFFSET = 0.1  # the original's ln(z + 0.1): finite at a loss of 0
@@ -101,11 +101,11 @@ def export_vtp(path, out, field="train_loss", log=False, zmax=None, overwrite=Fa
             write unless ``overwrite``; ``OutputBusy`` when another process writes it.
     """
     settings = {"command": "export", "inputs": [os.path.abspath(path)]}
-    with claim_output(out, "figure", overwrite=overwrite, settings=settings):
-        return _write_vtp(path, out, field, log, zmax)
+    with claim_output(out, "figure", overwrite=overwrite, settings=settings) as claim:
+        return _write_vtp(path, out, field, log, zmax, claim)
 
 
-def _write_vtp(path, out, field, log, zmax):
+def _write_vtp(path, out, field, log, zmax, claim):
     x, y, z, raw, (ny, nx) = surface_points(path, field, log, zmax)
     cells = quads(ny, nx)
     cell_z = z[cells].mean(axis=1)
@@ -113,7 +113,7 @@ def _write_vtp(path, out, field, log, zmax):
     empty = ('        <DataArray type="Int64" Name="connectivity" format="ascii"></DataArray>\n'
              '        <DataArray type="Int64" Name="offsets" format="ascii"></DataArray>\n')
     # The claim's stamp (``outputs``), in a comment: a later run knows the file as its own.
-    stamp = next(iter(figure_metadata(out, "svg").values()))
+    stamp = next(iter(claim.figure_metadata("svg").values()))
     parts = [
         '<?xml version="1.0"?>\n', f"<!-- {stamp} -->\n",
         '<VTKFile type="PolyData" version="1.0" byte_order="LittleEndian" header_type="UInt64">\n',

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UsageError
 from ..identity import MODEL_KEY, check_file_model
-from ..inputs import sample_batches, stage_model, stage_threads
+from ..inputs import sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel
 from ..results import StageResult
 from ..runtime import broadcast_from_rank0, rank_and_world
@@ -157,7 +157,7 @@ def run_surface(settings: SurfaceSettings, *, out, model: Optional[LoadedModel] 
     from ..outputs import claim_output
 
     out = check_output_path(out, "out", (".h5", ".hdf5"))
-    with claim_output(out, "surface", overwrite=overwrite), stage_threads(settings.model):
+    with claim_output(out, "surface", overwrite=overwrite), stage_runtime(settings.model):
         xs, ys = _grid_axes(settings.directions, settings.grid)  # before anything heavy is loaded
         return _run_surface(out, settings, model, xs, ys, overwrite, progress)
 
