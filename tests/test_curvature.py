@@ -498,7 +498,7 @@ def test_submatrix_operator_is_the_principal_submatrix(tiny):
         C.SubmatrixOperator(A, torch.tensor([1, 1]))
 
 
-def test_the_diagonal_fisher_is_an_operator_on_the_hessians_coordinates(tiny):
+def test_the_diagonal_fisher_is_an_operator_on_the_hessians_coordinates(tiny, tmp_path):
     model, batches, _, offsets = tiny
     gen = torch.Generator().manual_seed(8)
     fisher = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
@@ -510,6 +510,10 @@ def test_the_diagonal_fisher_is_an_operator_on_the_hessians_coordinates(tiny):
     assert C.top_eigenpairs(F, k=1, tol=1e-6)[0][0] == pytest.approx(float(kept.max()), rel=1e-5)
     with pytest.raises(UsageError, match="Fisher"):
         C.fisher_operator({k: v for k, v in fisher.items() if "wpe" not in k}, model)
+    from landscape.fisher import save_fisher
+
+    path = save_fisher(tmp_path / "F.safetensors", fisher, {"model": "tiny"})
+    assert torch.equal(C.fisher_operator(path, model, mask).diagonal, F.diagonal)  # from the file alike
 
 
 def test_one_report_builds_one_operator_and_its_graphs_once(tiny, monkeypatch, tmp_path):

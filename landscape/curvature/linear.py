@@ -114,7 +114,7 @@ class DiagonalOperator(LinearOperator):
         return {"operator": "diagonal", "dim": self.shape[0], "values": _digest(self.diagonal)}
 
 
-def fisher_operator(fisher: dict, model: torch.nn.Module, mask: Optional[dict] = None) -> DiagonalOperator:
+def fisher_operator(fisher, model: torch.nn.Module, mask: Optional[dict] = None) -> DiagonalOperator:
     """The diagonal empirical Fisher on the coordinates of ``HessianOperator(model, batches, mask)``.
 
     Coordinate i of one is coordinate i of the other (the kept elements of the trainable
@@ -122,7 +122,7 @@ def fisher_operator(fisher: dict, model: torch.nn.Module, mask: Optional[dict] =
     trace of this operator is the Fisher's sum over the kept elements.
 
     Args:
-        fisher: {param name: scores shaped like the param} (``fisher.load_fisher``'s first value).
+        fisher: {param name: scores shaped like the param}, or a Fisher file's path (read whole).
         model: the model the Fisher was computed on.
         mask: {param name: bool tensor shaped like the param}; None keeps every element.
 
@@ -132,9 +132,11 @@ def fisher_operator(fisher: dict, model: torch.nn.Module, mask: Optional[dict] =
     Raises:
         UsageError: the Fisher does not match the model's trainable parameters, or a bad mask.
     """
-    from ..fisher.file import check_fisher_matches
+    from ..fisher.file import check_fisher_matches, load_fisher
     from .operator import _Space
 
+    if not isinstance(fisher, dict):
+        fisher = load_fisher(fisher)[0]
     check_fisher_matches(fisher, model)
     return DiagonalOperator(_Space(model, mask).from_dict(fisher))
 
