@@ -143,7 +143,7 @@ def _surfaces(run: DemoRun, dims: int):
         result = compute_surface_file(run.paths["surfaces"] / f"{name}_{dims}d.h5", run.loaded.model,
                                       run.direction_file(name, spec, dims), run.eval_batches, grid,
                                       grid if dims == 2 else None, settings=settings, overwrite=run.overwrite,
-                                      points_per_pass=run.cfg.points_per_pass, progress=True)
+                                      points_per_pass=run.cfg.points_per_pass, progress=True, kind=run.loaded.kind)
         print(f"  {name}_{dims}d.h5: {result['computed']} new points of {result['total']}", flush=True)
 
 

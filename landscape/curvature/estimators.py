@@ -17,7 +17,7 @@ from .operator import DEFAULT_CACHE_BYTES, HessianOperator, _bar
 
 # ----------------------------------------------------------------------------- trace
 def trace(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None, samples: int = 100,
-          seed: int = 0, *, kind: Optional[str] = None, progress: bool = False, checkpoint=None,
+          seed: int = 0, *, kind: str, progress: bool = False, checkpoint=None,
           cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[float, float]:
     """Hutchinson estimate of the Hessian trace (of P·H·P with a mask): mean and standard error.
 
@@ -27,7 +27,7 @@ def trace(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] 
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
         batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
         mask: {param name: bool tensor shaped like the param}; None keeps every element.
-        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``) for ``objectives.sequence_losses``.
         cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
         samples: number of probes (one Hessian-vector product each).
         seed: seeds the probes.
@@ -138,7 +138,7 @@ def _broaden(nodes: list, weights: list, bins: int, sigma: Optional[float]):
 
 def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None, runs: int = 10,
              steps: int = 80, bins: int = 200, seed: int = 0, *, sigma: Optional[float] = None,
-             reorthogonalize: bool = True, kind: Optional[str] = None, progress: bool = False, checkpoint=None,
+             reorthogonalize: bool = True, kind: str, progress: bool = False, checkpoint=None,
              cache_bytes: int = DEFAULT_CACHE_BYTES) -> Spectrum:
     """Spectral density of the Hessian (of P·H·P on the kept coordinates) by stochastic Lanczos quadrature.
 
@@ -151,7 +151,7 @@ def spectrum(model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dic
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
         batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
         mask: {param name: bool tensor shaped like the param}; None keeps every element.
-        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``) for ``objectives.sequence_losses``.
         cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
         runs: independent Lanczos runs (each ``steps`` products).
         steps: Lanczos steps per run (at most the dimension).

@@ -160,7 +160,7 @@ def _fix_sign(v: torch.Tensor) -> torch.Tensor:
 
 def top_eigenpairs(model: torch.nn.Module, batches: Iterable[dict], k: int = 2, mask: Optional[dict] = None,
                    seed: int = 0, *, tol: float = 1e-4, max_iter: int = 500, ncv: Optional[int] = None,
-                   kind: Optional[str] = None, progress: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                   kind: str, progress: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES,
                    return_info: bool = False):
     """The k largest (most positive) eigenvalues of the loss Hessian and their eigenvectors.
 
@@ -170,7 +170,7 @@ def top_eigenpairs(model: torch.nn.Module, batches: Iterable[dict], k: int = 2, 
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
         batches: iterable of batch dicts (B, T) on the model's device, with ``labels``.
         mask: {param name: bool tensor shaped like the param}; None keeps every element.
-        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``) for ``objectives.sequence_losses``.
         cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
         k: how many eigenpairs.
         seed: seeds the start vector.

@@ -156,7 +156,7 @@ def remove_checkpoints(prefix) -> None:
         path.unlink(missing_ok=True)
 
 
-def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace_samples: int = 0,
+def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int = 2, trace_samples: int = 0,
                    spectrum_runs: int = 0, steps: int = 80, bins: int = 200, mask: Optional[dict] = None,
                    seed: int = 0, tol: float = 1e-4, max_iter: int = 500, checkpoint=None, vectors=None,
                    vector_settings: Optional[dict] = None, settings: Optional[dict] = None,
@@ -168,6 +168,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
         batches: list of batch dicts (B, T) on the model's device, with ``labels`` (the loss is the
             one surfaces report).
+        kind: the objective (``models.LoadedModel.kind``).
         top: eigenpairs (0: none).
         trace_samples: Hutchinson probes (0: no trace).
         spectrum_runs: SLQ runs of ``steps`` Lanczos steps (0: no spectrum).
@@ -195,11 +196,11 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
     _check_counts(top, trace_samples, spectrum_runs, vectors)
     say = log or (lambda line: None)
     paths = checkpoint_paths(checkpoint) if checkpoint is not None else {}
-    op = HessianOperator(model, batches, mask, cache_bytes=0)  # identity and sizes only: no product here
+    op = HessianOperator(model, batches, mask, kind, cache_bytes=0)  # identity and sizes only: no product here
     report = {"format": FORMAT, "settings": dict(settings or {}), "provenance": _provenance(model, op),
               "loss": _loss(model, op), "eigenvalues": None, "eigenpairs": None, "trace": None, "spectrum": None,
               "vectors": None, "warnings": [], "seconds": {}}
-    common = dict(mask=mask, seed=seed, progress=progress, cache_bytes=cache_bytes)
+    common = dict(mask=mask, seed=seed, kind=kind, progress=progress, cache_bytes=cache_bytes)
     fallback = []
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -259,8 +260,7 @@ def _add_spectrum(report, model, batches, sizes, common, journal_path, say):
     """The SLQ spectral density into ``report``, with its seconds; sizes = (runs, steps, bins)."""
     runs, steps, bins = sizes
     start = time.perf_counter()
-    density = estimate_spectrum(model, batches, runs=runs, steps=steps, bins=bins, checkpoint=journal_path,
-                                **common)
+    density = estimate_spectrum(model, batches, runs=runs, steps=steps, bins=bins, checkpoint=journal_path, **common)
     report["spectrum"] = dict(density.to_dict(), runs=runs, steps=steps, bins=bins, ritz_mean=density.ritz_mean)
     report["seconds"]["spectrum"] = round(time.perf_counter() - start, 3)
     say(f"spectrum: {runs} runs x {steps} steps, Ritz values in "

@@ -189,9 +189,9 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
             return HessianResult(out, vectors, done, computed=False)
         if log is not None:
             log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
-        report = hessian_report(loaded.model, batches, top=top, trace_samples=trace, spectrum_runs=spectrum,
-                                steps=steps, bins=bins, mask=mask, seed=seed, tol=tol, max_iter=max_iter,
-                                checkpoint=out, vectors=vectors, vector_settings=vector_settings,
+        report = hessian_report(loaded.model, batches, kind=loaded.kind, top=top, trace_samples=trace,
+                                spectrum_runs=spectrum, steps=steps, bins=bins, mask=mask, seed=seed, tol=tol,
+                                max_iter=max_iter, checkpoint=out, vectors=vectors, vector_settings=vector_settings,
                                 settings=settings, cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
         save_report(out, report)
         remove_checkpoints(out)
@@ -301,7 +301,7 @@ def eigen_directions(out, model: ModelSpec = None, *, dims=2, fisher=None, subse
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda message, *rest, **kw: log(f"note: {message}")
             values, vectors = top_eigenpairs(loaded.model, batches, k=dims, mask=mask, seed=seed, tol=tol,
-                                             progress=progress)
+                                             kind=loaded.kind, progress=progress)
         fingerprint = save_eigenvectors(out, vectors, values, settings)
     return dict(settings, kind="hessian", eigenvalues=np.asarray([float(v) for v in values]), norm="unit",
                 dims=len(vectors[:2]), orthogonal=True, fingerprint=fingerprint)

@@ -17,7 +17,7 @@ from ..files import require_readable_file
 from ..models import LoadedModel
 from .hf_datasets import open_hf_dataset
 from .labelled import encode, labelled_batch, load_labelled
-from .objectives import causal_sample, mlm_sample, pad_batch, pad_token_id, span_corruption_sample
+from .objectives import causal_sample, check_targets, mlm_sample, pad_batch, pad_token_id, span_corruption_sample
 from .sampling import check_max_samples, seeded_prefix
 
 __all__ = ["pad_token_id", "BOS_CHOICES", "sample_framing", "describe_framing", "load_documents",
@@ -206,7 +206,9 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
         corruption.
 
     Raises:
-        UsageError: the documents produce no sample, or ``max_samples`` is out of its domain.
+        UsageError: the documents produce no sample, or samples without a single target token
+            (``objectives.check_targets``: e.g. masked-LM samples of unknown tokens alone), or
+            ``max_samples`` is out of its domain.
     """
     if seq_len < 8:
         raise UsageError(f"seq-len must be at least 8, got {seq_len}")
@@ -235,6 +237,7 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
             samples.append(causal_sample(prefix + chunk + suffix))
         else:
             samples.append(span_corruption_sample(chunk, tokenizer, seed=seed))
+    check_targets(samples, kind, tokenizer)  # here, so that every stage refuses it before it writes
     return samples
 
 
