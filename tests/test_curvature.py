@@ -128,11 +128,11 @@ def test_products_equal_dense_hessian_with_and_without_cache(tiny):
     model, batches, H, offsets = tiny
     gen = torch.Generator().manual_seed(3)
     with pytest.warns(UserWarning, match="eager"):  # SDPA on CPU has no double backward
-        cached = C.HessianOperator(model, batches)
+        cached = C.HessianOperator(model, batches, kind="causal")
         vs = [torch.randn(cached.dim, generator=gen) for _ in range(3)]
         got = [cached.matvec(v) for v in vs]
     assert cached.dim == H.shape[0] == 1144
-    fresh = C.HessianOperator(model, batches, cache_bytes=0)
+    fresh = C.HessianOperator(model, batches, cache_bytes=0, kind="causal")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         recomputed = fresh.matvec(vs[2])
@@ -147,13 +147,13 @@ def test_cache_follows_weight_changes(tiny):
     model = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = C.HessianOperator(model, batches)
+        op = C.HessianOperator(model, batches, kind="causal")
         v = torch.randn(op.dim, generator=torch.Generator().manual_seed(4))
         op.matvec(v)
         with torch.no_grad():
             model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
         after = op.matvec(v)
-        want = C.HessianOperator(model, batches, cache_bytes=0).matvec(v)
+        want = C.HessianOperator(model, batches, cache_bytes=0, kind="causal").matvec(v)
     assert torch.allclose(after, want, rtol=1e-5, atol=1e-6)
 
 
@@ -163,7 +163,7 @@ def test_mask_restricts_to_projected_hessian(tiny):
     HP, keep = _dense_projected(H, mask, offsets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = C.HessianOperator(model, batches, mask=mask)
+        op = C.HessianOperator(model, batches, mask=mask, kind="causal")
         assert op.dim == int(keep.sum()) and "transformer.ln_f.weight" not in op.names
         v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5))
         hv = op.matvec(v).double()
@@ -178,13 +178,13 @@ def test_bad_masks_are_refused(tiny):
     model, batches, _, _ = tiny
     mask = _tiny_mask(model)
     with pytest.raises(UsageError, match="has no tensor"):
-        C.HessianOperator(model, batches, mask={k: v for k, v in mask.items() if "wpe" not in k})
+        C.HessianOperator(model, batches, mask={k: v for k, v in mask.items() if "wpe" not in k}, kind="causal")
     mask["transformer.wpe.weight"] = mask["transformer.wpe.weight"][:3]
     with pytest.raises(UsageError, match="shape"):
-        C.HessianOperator(model, batches, mask=mask)
+        C.HessianOperator(model, batches, mask=mask, kind="causal")
     with pytest.raises(UsageError, match="no parameter"):
         C.HessianOperator(model, batches, mask={n: torch.zeros(p.shape, dtype=torch.bool)
-                                                for n, p in model.named_parameters()})
+                                                for n, p in model.named_parameters()}, kind="causal")
 
 
 # ----------------------------------------------------------------------------- eigenpairs
@@ -196,7 +196,8 @@ def test_top_eigenpairs_match_dense(tiny, masked, ncv):
     exact = torch.linalg.eigvalsh(dense).flip(0)[:3].numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vals, vecs, info = C.top_eigenpairs(model, batches, k=3, mask=mask, seed=0, ncv=ncv, return_info=True)
+        vals, vecs, info = C.top_eigenpairs(model, batches, k=3, mask=mask, seed=0, ncv=ncv, return_info=True,
+                                            kind="causal")
     assert info.converged and info.products < 200 and (ncv is None or info.products > ncv)
     assert np.all(np.diff(vals) <= 0)
     np.testing.assert_allclose(vals, exact, rtol=1e-4)
@@ -217,7 +218,7 @@ def test_eigenvectors_are_direction_files(tiny, tmp_path):
     model, batches, _, _ = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vals, vecs = C.top_eigenpairs(model, batches, k=2, seed=1)
+        vals, vecs = C.top_eigenpairs(model, batches, k=2, seed=1, kind="causal")
     save_directions(tmp_path / "v.h5", vecs, {"kind": "hessian"})
     loaded, _ = load_directions(tmp_path / "v.h5", model)
     check_directions_match(loaded, model)
@@ -227,9 +228,9 @@ def test_eigenvectors_are_direction_files(tiny, tmp_path):
 def test_eigenpair_arguments_are_checked(tiny):
     model, batches, _, _ = tiny
     with pytest.raises(UsageError, match="at least 1"):
-        C.top_eigenpairs(model, batches, k=0)
+        C.top_eigenpairs(model, batches, k=0, kind="causal")
     with pytest.raises(UsageError, match="only"):
-        C.top_eigenpairs(model, batches, k=5000)
+        C.top_eigenpairs(model, batches, k=5000, kind="causal")
 
 
 # ----------------------------------------------------------------------------- trace and spectrum
@@ -237,9 +238,9 @@ def test_hutchinson_trace_within_four_standard_errors(tiny):
     model, batches, H, offsets = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mean, stderr = C.trace(model, batches, samples=60, seed=0)
+        mean, stderr = C.trace(model, batches, samples=60, seed=0, kind="causal")
         mask = _tiny_mask(model)
-        mean_p, stderr_p = C.trace(model, batches, mask=mask, samples=60, seed=0)
+        mean_p, stderr_p = C.trace(model, batches, mask=mask, samples=60, seed=0, kind="causal")
     assert stderr > 0 and abs(mean - float(H.trace())) <= 4 * stderr
     HP, _ = _dense_projected(H, mask, offsets)
     assert stderr_p > 0 and abs(mean_p - float(HP.trace())) <= 4 * stderr_p
@@ -250,7 +251,7 @@ def test_slq_density_integrates_to_one_with_the_trace_as_mean(tiny):
     runs = 6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        spec = C.spectrum(model, batches, runs=runs, steps=25, bins=80, seed=0)
+        spec = C.spectrum(model, batches, runs=runs, steps=25, bins=80, seed=0, kind="causal")
     widths = np.diff(spec.edges)
     assert spec.density.shape == spec.centers.shape == (80,) and spec.edges.shape == (81,)
     assert np.all(spec.density >= 0) and abs(np.sum(spec.density * widths) - 1) < 1e-9
@@ -277,7 +278,7 @@ def test_reported_numbers_are_what_the_dense_hessian_gives(tiny, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = C.hessian_report(model, batches, top=2, trace_samples=60, spectrum_runs=4, steps=12, bins=80,
-                                  seed=0, vectors=tmp_path / "v.h5")
+                                  seed=0, vectors=tmp_path / "v.h5", kind="causal")
     dim = H.shape[0]
     # Residuals: measured by a product on the returned vector, as the dense H measures them (within
     # the float32 product's own error), not Lanczos' estimate (here 50 to 100 times smaller).
@@ -327,8 +328,8 @@ def test_weights_mode_attention_and_dtype_restored(tiny):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        C.top_eigenpairs(model, batches, k=1, max_iter=30)
-        C.trace(model, batches, samples=2)
+        C.top_eigenpairs(model, batches, k=1, max_iter=30, kind="causal")
+        C.trace(model, batches, samples=2, kind="causal")
     assert [m.training for m in model.modules()] == modes
     assert model.config._attn_implementation == "sdpa"
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -338,7 +339,7 @@ def test_weights_mode_attention_and_dtype_restored(tiny):
     raw = {n: p.detach().clone() for n, p in half.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        C.trace(half, batches, samples=2)
+        C.trace(half, batches, samples=2, kind="causal")
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, raw[n]) for n, p in half.named_parameters())
 
 
@@ -346,7 +347,7 @@ def _float64_token_losses(logits, targets):
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
 
 
-def _fd_hvp(model, batches, v):
+def _fd_hvp(model, batches, v, kind):
     """(g(θ+εv) − g(θ−εv)) / 2ε in float64, the gradient of the same loss (sequence_losses).
 
     In float64 (sequence_losses' cross-entropy too); T5's RMSNorm still squares in float32, whose
@@ -362,7 +363,7 @@ def _fd_hvp(model, batches, v):
                 p.add_(sign * eps * d.double())
         total, tokens = 0.0, 0.0
         for b in batches:
-            s = sequence_losses(ref, b)
+            s = sequence_losses(ref, b, kind)
             total, tokens = total + s.loss_sum.sum(), tokens + float(s.n_tokens.sum())
         grads = torch.autograd.grad(total / tokens, params, allow_unused=True)
         with torch.no_grad():
@@ -390,9 +391,10 @@ def _tiny_llama():
 def test_products_match_finite_differences_on_every_architecture(which, request, tiny_corpus_file):
     if which == "llama":
         model, batches = _tiny_llama()
+        kind = "causal"
     else:
         loaded = request.getfixturevalue(which)
-        model = loaded.model
+        model, kind = loaded.model, loaded.kind
         batches = load_batches(loaded, str(tiny_corpus_file), max_samples=4, seq_len=16, batch_size=2)
         if which == "tiny_t5":
             # T5's ReLU makes the gradient only piecewise smooth: among its ~16k units some sit
@@ -402,7 +404,7 @@ def test_products_match_finite_differences_on_every_architecture(which, request,
                 if hasattr(module, "act") and isinstance(module.act, torch.nn.ReLU):
                     module.act = torch.nn.GELU()
     attention = model.config._attn_implementation
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind=kind)
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(op.dim, generator=gen)
     v /= v.norm()
@@ -413,7 +415,7 @@ def test_products_match_finite_differences_on_every_architecture(which, request,
     if attention == "sdpa" and hv.device.type == "cpu":  # CPU SDPA has no double backward: fallback
         assert any("eager" in m for m in messages), messages
     assert model.config._attn_implementation == attention
-    want = _fd_hvp(model, batches, op.space.unflatten(v))
+    want = _fd_hvp(model, batches, op.space.unflatten(v), kind)
     error = float(torch.linalg.norm(hv - want) / torch.linalg.norm(want))
     assert error <= 2e-3, f"relative error {error:.2e} against finite differences"
 
@@ -441,45 +443,45 @@ def _kill_after(monkeypatch, products):
 def test_trace_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     model, batches, _, _ = tiny
     warnings.simplefilter("ignore")
-    whole = C.trace(model, batches, samples=8, seed=3)
+    whole = C.trace(model, batches, samples=8, seed=3, kind="causal")
     path = tmp_path / "trace.jsonl"
     undo = _kill_after(monkeypatch, 5)
     with pytest.raises(_Killed):
-        C.trace(model, batches, samples=8, seed=3, checkpoint=path)
+        C.trace(model, batches, samples=8, seed=3, checkpoint=path, kind="causal")
     undo()
     with open(path, "a") as handle:
         handle.write('{"i": 6, "val')  # a record cut short by the kill
     assert len(path.read_text().splitlines()) == 7  # header, 5 probes, the partial line
     undo = _kill_after(monkeypatch, 3)  # only the 3 missing probes may be computed
-    resumed = C.trace(model, batches, samples=8, seed=3, checkpoint=path)
+    resumed = C.trace(model, batches, samples=8, seed=3, checkpoint=path, kind="causal")
     undo()
     np.testing.assert_allclose(resumed, whole, rtol=1e-6)
     assert len(path.read_text().splitlines()) == 9
     with pytest.raises(UsageError, match="other settings") as err:
-        C.trace(model, batches, samples=8, seed=4, checkpoint=path)
+        C.trace(model, batches, samples=8, seed=4, checkpoint=path, kind="causal")
     assert "\n" not in str(err.value) and "seed" in str(err.value)
     (tmp_path / "junk").write_text("not json\n")
     with pytest.raises(UsageError, match="not a Hessian checkpoint"):
-        C.trace(model, batches, samples=2, checkpoint=tmp_path / "junk")
+        C.trace(model, batches, samples=2, checkpoint=tmp_path / "junk", kind="causal")
 
 
 def test_spectrum_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     model, batches, _, _ = tiny
     warnings.simplefilter("ignore")
-    whole = C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2)
+    whole = C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2, kind="causal")
     path = tmp_path / "slq.jsonl"
     undo = _kill_after(monkeypatch, 9)  # run 0 finished, run 1 half way
     with pytest.raises(_Killed):
-        C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2, checkpoint=path)
+        C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2, checkpoint=path, kind="causal")
     undo()
     records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
     assert [r["i"] for r in records] == [0]
-    resumed = C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2, checkpoint=path)
+    resumed = C.spectrum(model, batches, runs=3, steps=6, bins=20, seed=2, checkpoint=path, kind="causal")
     for a, b in zip(whole.nodes + whole.weights, resumed.nodes + resumed.weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(whole.density, resumed.density, rtol=1e-4)
     with pytest.raises(UsageError, match="steps"):
-        C.spectrum(model, batches, runs=3, steps=7, seed=2, checkpoint=path)
+        C.spectrum(model, batches, runs=3, steps=7, seed=2, checkpoint=path, kind="causal")
 
 
 def test_kernels_without_visible_backward_switch_to_eager_up_front(tiny):
@@ -487,7 +489,7 @@ def test_kernels_without_visible_backward_switch_to_eager_up_front(tiny):
     model = copy.deepcopy(model)
     for config in _attention_configs(model):
         config._attn_implementation_internal = "flash_attention_2"  # never run: switched before the forward
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind="causal")
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(6))
     with pytest.warns(UserWarning, match="'flash_attention_2' attention may have no second derivative"):
         hv = op.matvec(v)
