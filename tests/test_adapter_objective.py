@@ -117,3 +117,30 @@ def test_an_adapters_fisher_is_that_of_transformers_per_sample_loss(objective, a
             expected[name] += grad.square() / rows
     for name in factors:
         np.testing.assert_allclose(fisher[name].numpy(), expected[name].numpy(), rtol=1e-4, atol=1e-10)
+
+
+def test_a_bare_module_is_never_evaluated_without_its_objective(tiny_bert, tiny_corpus_file):
+    """The functions on a module in memory take the objective with it; none guesses it from the class."""
+    from landscape import curvature, directions, surface
+    from landscape.data.objectives import sequence_losses
+    from landscape.errors import UsageError
+    from landscape.fisher import compute_fisher
+    from landscape.fisher.accumulator import FisherAccumulator
+
+    model = tiny_bert.model
+    batches = load_batches(tiny_bert, str(tiny_corpus_file), max_samples=2, seq_len=16, batch_size=2)
+    refusals = {
+        "sequence_losses": lambda: sequence_losses(model, batches[0], None),
+        "surface.evaluate": lambda: surface.evaluate(model, [directions.random_direction(model, seed=0)], batches,
+                                                     [0.0]),
+        "loss_and_accuracy": lambda: surface.loss_and_accuracy(model, batches, None),
+        "FisherAccumulator": lambda: FisherAccumulator(model),
+        "HessianOperator": lambda: curvature.HessianOperator(model, batches),
+        "a misspelt objective": lambda: surface.loss_and_accuracy(model, batches, "masked"),
+    }
+    for what, call in refusals.items():
+        with pytest.raises(UsageError, match="objective must be one of"):
+            call()
+            pytest.fail(what)
+    with pytest.raises(TypeError, match="kind"):  # a required keyword
+        compute_fisher(model, batches)
