@@ -10,6 +10,7 @@ squared per-sample gradient of transformers' own per-sample loss.
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -95,6 +96,10 @@ def test_an_adapters_hessian_is_that_of_its_base_models_objective(objective, ada
                              "--quiet", "--out", tmp_path / "H.json").read_text())
     assert report["provenance"]["objective"] == objective
     assert report["loss"] == pytest.approx(theirs, rel=1e-5)  # the products' attention may be eager
+    # `directions --kind hessian` runs the same Lanczos on the same objective: the same top eigenvalue
+    with h5py.File(_cli("directions", "--kind", "hessian", "--model", folder, "--corpus", corpus, *SAMPLE, "--dims", 1,
+                        "--tol", 1e-2, "--out", tmp_path / "v.h5"), "r") as handle:
+        assert float(handle.attrs["eigenvalues"][0]) == pytest.approx(report["eigenvalues"][0], rel=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["mlm", "causal", "classification"])
