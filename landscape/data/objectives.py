@@ -309,10 +309,10 @@ def target_tokens(sample: dict, kind: str) -> int:
 def check_targets(samples, kind: str, tokenizer=None) -> None:
     """Refuse a sample with no target token in all of its sequences.
 
-    Every stage would otherwise measure nothing: an all-zero Fisher, NaN losses, a Hessian of
-    zero.  A sample whose *some* sequences (or batches) have no target is accepted: the totals are
-    over the whole sample (a sequence without targets adds nothing to a loss, and a zero gradient
-    to the Fisher while it counts as one of its N samples).
+    Every stage would otherwise measure nothing (an all-zero Fisher, a surface of NaN).  A sample
+    whose *some* sequences (or batches) have no target is accepted: the totals are over the whole
+    sample (a sequence without targets adds nothing to a loss, and a zero gradient to the Fisher
+    while it counts as one of its N samples).
 
     Args:
         samples: the sample's sequences or batches (dicts with ``labels``).
