@@ -48,12 +48,13 @@ def run(model_dir, dtype, dirs, args):
     start = time.perf_counter()
     fisher = compute_fisher(loaded.model, batches, kind=loaded.kind)
     t_fisher = time.perf_counter() - start
-    origin, _ = surface.loss_and_accuracy(loaded.model, batches)
+    origin, _ = surface.loss_and_accuracy(loaded.model, batches, loaded.kind)
     axis = np.linspace(-args.range, args.range, args.grid)
     start = time.perf_counter()
-    grid = surface.evaluate(loaded.model, dirs, batches, axis, axis)
+    grid = surface.evaluate(loaded.model, dirs, batches, axis, axis, kind=loaded.kind)
     t_grid = time.perf_counter() - start
-    streamed = None if dtype == "float32" else surface.evaluate(loaded.model, dirs, batches, axis, axis, stream=True)
+    streamed = None if dtype == "float32" else surface.evaluate(loaded.model, dirs, batches, axis, axis,
+                                                                           kind=loaded.kind, stream=True)
     return loaded, dirs, fisher, (grid, streamed), origin, (t_fisher, t_grid)
 
 

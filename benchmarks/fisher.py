@@ -36,7 +36,7 @@ from landscape.fisher import compute_fisher  # noqa: E402
 
 
 def build(args, device):
-    """(model, batches, description) for the chosen configuration."""
+    """(model, batches, description, objective) for the chosen configuration."""
     from transformers import BertForMaskedLM
 
     if args.model:
@@ -47,7 +47,7 @@ def build(args, device):
         batches = load_batches(loaded, args.corpus, max_samples=args.samples, seq_len=args.seq_len,
                                batch_size=args.batch_size, device=device)
         return loaded.model, batches, (f"{args.model} ({loaded.kind}, {args.dtype}, "
-                                       f"{describe_framing(loaded.tokenizer)})")
+                                       f"{describe_framing(loaded.tokenizer)})"), loaded.kind
     if not args.gpu_config and (DEFAULT_MODEL_DIR / "config.json").exists():
         from landscape.corpus import load_batches
         from landscape.models import load_model
@@ -55,15 +55,15 @@ def build(args, device):
         loaded = load_model(None, device=device)
         batches = load_batches(loaded, max_samples=args.samples, seq_len=args.seq_len,
                                batch_size=args.batch_size, device=device)
-        return loaded.model, batches, f"embedded model {DEFAULT_MODEL_DIR} on the embedded corpus"
+        return loaded.model, batches, f"embedded model {DEFAULT_MODEL_DIR} on the embedded corpus", loaded.kind
     config, what = random_bert_config(args.gpu_config)
     torch.manual_seed(0)
     model = BertForMaskedLM(config).to(device).eval()
     batches = random_mlm_batches(config.vocab_size, args.samples, args.seq_len, args.batch_size, device)
-    return model, batches, what
+    return model, batches, what, "mlm"
 
 
-def loop_fisher(model, batches):
+def loop_fisher(model, batches, kind):
     """(a) The paper's method: batch-size-1 forward/backward, square the gradient, accumulate."""
     params = [p for p in model.parameters() if p.requires_grad]
     sums = [torch.zeros_like(p) for p in params]
@@ -71,7 +71,7 @@ def loop_fisher(model, batches):
         for row in range(batch["labels"].shape[0]):
             sample = {k: v[row: row + 1] for k, v in batch.items()}
             model.zero_grad(set_to_none=True)
-            sequence_losses(model, sample).mean_per_sample().sum().backward()
+            sequence_losses(model, sample, kind).mean_per_sample().sum().backward()
             for total, p in zip(sums, params):
                 if p.grad is not None:
                     total.add_(p.grad.square())
@@ -79,11 +79,11 @@ def loop_fisher(model, batches):
     return sums
 
 
-def plain_backward(model, batches):
+def plain_backward(model, batches, kind):
     """(b) The floor: one ordinary batched forward + backward per batch."""
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        sequence_losses(model, batch).mean_per_sample().sum().backward()
+        sequence_losses(model, batch, kind).mean_per_sample().sum().backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -100,18 +100,18 @@ def timed(fn, device, repeats):
     return best, memory.peak_mb
 
 
-def alternated(args, model, batches, device, n_samples):
+def alternated(args, model, batches, kind, device, n_samples):
     """--model: (b) and (c) alternated, one of each per round; each round's ratio, the best ones."""
     if args.loop_samples:
         loop_batches = [{k: v[: args.loop_samples] for k, v in batches[0].items()}]
-        t_loop, m_loop = timed(lambda: loop_fisher(model, loop_batches), device, 1)
+        t_loop, m_loop = timed(lambda: loop_fisher(model, loop_batches, kind), device, 1)
         print(f"(a) batch-size-1 loop (paper): {t_loop * n_samples / args.loop_samples:.2f} s for {n_samples} "
               f"samples (timed on {args.loop_samples}), peak {m_loop:.0f} MB")
     print(f"{'round':<7}{'(b) fwd+bwd s':>14}{'peak MB':>9}{'(c) fisher s':>14}{'peak MB':>9}{'ratio':>8}")
     floor, fisher, ratios, peaks = [], [], [], []
     for r in range(args.rounds):
-        t_floor, m_floor = timed(lambda: plain_backward(model, batches), device, 1)
-        t_fisher, m_fisher = timed(lambda: compute_fisher(model, batches), device, 1)
+        t_floor, m_floor = timed(lambda: plain_backward(model, batches, kind), device, 1)
+        t_fisher, m_fisher = timed(lambda: compute_fisher(model, batches, kind=kind), device, 1)
         floor.append(t_floor)
         fisher.append(t_fisher)
         ratios.append(t_fisher / t_floor)
@@ -149,24 +149,24 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
 
-    model, batches, what = build(args, device)
+    model, batches, what, kind = build(args, device)
     n_samples = sum(b["labels"].shape[0] for b in batches)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{what}: {n_params / 1e6:.2f}M parameters; {n_samples} samples x {args.seq_len} tokens, "
           f"batch {args.batch_size}, device {device}, torch threads {torch.get_num_threads()}")
-    plain_backward(model, batches[:1])  # warm-up: allocator, kernels, lazy init
-    compute_fisher(model, batches[:1])
+    plain_backward(model, batches[:1], kind)  # warm-up: allocator, kernels, lazy init
+    compute_fisher(model, batches[:1], kind=kind)
     if args.model:
-        return alternated(args, model, batches, device, n_samples)
+        return alternated(args, model, batches, kind, device, n_samples)
 
     loop_batches = batches
     if args.loop_samples:
         loop_batches = [{k: v[: args.loop_samples] for k, v in batches[0].items()}]
     loop_n = sum(b["labels"].shape[0] for b in loop_batches)
-    t_loop, m_loop = timed(lambda: loop_fisher(model, loop_batches), device, 1)
+    t_loop, m_loop = timed(lambda: loop_fisher(model, loop_batches, kind), device, 1)
     t_loop *= n_samples / loop_n
-    t_floor, m_floor = timed(lambda: plain_backward(model, batches), device, args.repeats)
-    t_fisher, m_fisher = timed(lambda: compute_fisher(model, batches), device, args.repeats)
+    t_floor, m_floor = timed(lambda: plain_backward(model, batches, kind), device, args.repeats)
+    t_fisher, m_fisher = timed(lambda: compute_fisher(model, batches, kind=kind), device, args.repeats)
 
     print(f"{'method':<34}{'seconds':>9}{'samples/s':>11}{'peak MB':>10}")
     for name, t, m in (("(a) batch-size-1 loop (paper)", t_loop, m_loop),

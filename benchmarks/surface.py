@@ -38,7 +38,6 @@ from _common import PeakMemory, random_bert_config, random_mlm_batches  # noqa: 
 
 from landscape import directions, surface  # noqa: E402
 from landscape.datahome import EMBEDDED_MODEL_DIR as DEFAULT_MODEL_DIR  # noqa: E402
-from landscape.models import model_kind  # noqa: E402
 
 # Dense peak TFLOP/s (float32 without tf32, tf32, bf16) used for MFU; --peak-tflops overrides.
 PEAKS = {"H100": (67.0, 495.0, 989.0), "H200": (67.0, 495.0, 989.0), "A100": (19.5, 156.0, 312.0)}
@@ -133,11 +132,11 @@ def forward_flops(config, batches):
     return flops
 
 
-def _plain_forward(model, batches):
+def _plain_forward(model, batches, kind):
     """One plain transformers forward with labels over the batches: (token-weighted loss, seconds)."""
     start = time.perf_counter()
     loss, tokens = 0.0, 0
-    causal = model_kind(model) == "causal"
+    causal = kind == "causal"
     with torch.no_grad():
         for batch in batches:
             # transformers' own loss: the mean over the batch's shifted (causal) or masked targets
@@ -170,8 +169,9 @@ def main_model(args):
     print(f"{args.model} ({loaded.kind}, {n_params / 1e6:.1f}M parameters, {args.dtype}); "
           f"{samples} samples x {seq_len} tokens ({describe_framing(loaded.tokenizer)}), batch {batch_size}, "
           f"device {device}, torch threads {torch.get_num_threads()}")
-    ours0, _ = surface.loss_and_accuracy(model, batches)  # warm-up, and the loss at the origin
-    theirs0, _ = _plain_forward(model, batches)
+    kind = loaded.kind
+    ours0, _ = surface.loss_and_accuracy(model, batches, kind)  # warm-up, and the loss at the origin
+    theirs0, _ = _plain_forward(model, batches, kind)
     print(f"loss at the origin: surface {ours0:.6f}, transformers {theirs0:.6f} "
           f"(rel diff {abs(ours0 - theirs0) / abs(theirs0):.1e})")
     # Alternated point by point: one plain forward, then one grid point exactly as surface.evaluate's
@@ -181,11 +181,10 @@ def main_model(args):
     print(f"{'round':<7}{'point':>14}{'plain s':>9}{'surface s':>11}{'ratio':>8}")
     plain, ours, ratios = [], [], []
     perturbation = surface.InPlacePerturbation(model, dirs)
-    kind = model_kind(model)
     try:
         for r in range(args.rounds):
             point = points[r % len(points)]
-            _, t_plain = _plain_forward(model, batches)
+            _, t_plain = _plain_forward(model, batches, kind)
             start = time.perf_counter()
             _points_pass(model, perturbation, [batches], [point], kind)
             t_ours = time.perf_counter() - start
@@ -202,9 +201,9 @@ def main_model(args):
           f"{min(ratios):.3f}  (target <= 1.10)")
     if args.whole_grid:
         start = time.perf_counter()
-        surface.evaluate(model, dirs, batches, xs, ys)
+        surface.evaluate(model, dirs, batches, xs, ys, kind=kind)
         t_grid = (time.perf_counter() - start) / len(points)
-        _, t_plain = _plain_forward(model, batches)
+        _, t_plain = _plain_forward(model, batches, kind)
         print(f"whole surface.evaluate on the {grid}x{grid} grid: {t_grid:.3f} s/point (set-up included), then a "
               f"plain forward {t_plain:.3f} s: ratio {t_grid / t_plain:.3f}")
     return 0
@@ -257,7 +256,7 @@ def main(argv=None):
         print(f"{what}: {n_params / 1e6:.2f}M parameters; {len(points)} grid points; {n_samples} samples x "
               f"{args.seq_len} tokens ({n_tokens} targets), batch {args.batch_size}, device {device}, "
               f"dtype {args.dtype}, torch threads {torch.get_num_threads()}")
-        surface.evaluate(model, dirs, batches[:1], xs[:1], ys[:1])  # warm-up: allocator, kernels, lazy init
+        surface.evaluate(model, dirs, batches[:1], xs[:1], ys[:1], kind="mlm")  # warm-up: allocator, kernels
         plain_way(model, dirs, batches[:1], points[:1])
 
         rows = []
@@ -266,7 +265,7 @@ def main(argv=None):
             rows.append(("(a) reload + full forward (paper)", t_a, m_a))
         z_b, t_b, m_b = timed(lambda: plain_way(model, dirs, batches, points), device, args.repeats)
         rows.append(("(b) in place + plain HF forward", t_b, m_b))
-        z_c, t_c, m_c = timed(lambda: surface.evaluate(model, dirs, batches, xs, ys,
+        z_c, t_c, m_c = timed(lambda: surface.evaluate(model, dirs, batches, xs, ys, kind="mlm",
                                                        points_per_pass=args.points_per_pass).reshape(-1),
                               device, args.repeats)
         rows.append(("(c) surface.evaluate", t_c, m_c))

@@ -27,7 +27,7 @@ def main():
     grids = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        grids[threads] = surface.evaluate(loaded.model, axes, batches, xs, ys)
+        grids[threads] = surface.evaluate(loaded.model, axes, batches, xs, ys, kind=loaded.kind)
     relative = np.abs(grids[1] - grids[2]) / np.abs(grids[1])
     print(f"1 vs 2 threads, {relative.size} points of the embedded model's surface: largest relative "
           f"difference {relative.max():.2e}, {(relative > 0).sum()} point(s) differ")

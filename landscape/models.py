@@ -35,7 +35,11 @@ _DTYPES = {
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode with its tokenizer, objective kind and where it came from."""
+    """A model in eval mode with its tokenizer, objective kind and where it came from.
+
+    ``kind`` is the objective every stage evaluates the model on, decided here once from the
+    checkpoint's config (``kind_from_config``); a PEFT adapter's is its base model's.
+    """
 
     model: torch.nn.Module
     tokenizer: object
@@ -78,15 +82,26 @@ def kind_from_config(config):
     )
 
 
-def model_kind(model):
-    """Objective kind of an already-built model, from its class and config."""
-    if type(model).__name__.endswith("ForSequenceClassification"):
-        return "classification"
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if type(model).__name__.endswith("ForMaskedLM"):
-        return "mlm"
-    return "causal"
+def check_kind(kind) -> str:
+    """``kind`` when it names an objective; UsageError otherwise (None included).
+
+    The objective is decided once, when a model is loaded (``LoadedModel.kind``; a PEFT adapter
+    takes its base model's); it is never guessed from a module's class, which a wrapper such as a
+    ``PeftModel`` hides and a classifier built in memory does not record in its config.
+
+    Args:
+        kind: 'mlm' | 'causal' | 'seq2seq' | 'classification'.
+
+    Returns:
+        ``kind``.
+
+    Raises:
+        UsageError: None or another value.
+    """
+    if kind not in OBJECTIVE_KINDS:
+        raise UsageError(f"the objective must be one of {', '.join(OBJECTIVE_KINDS)} (a loaded model's "
+                         f"'kind'), got {kind!r}")
+    return kind
 
 
 def _looks_like_path(spec):

@@ -56,7 +56,7 @@ def fisher_file(tiny_gpt2_dir, tiny_corpus_file, tmp_path_factory):
     from landscape.fisher import compute_fisher, save_fisher
 
     loaded = load_model(str(tiny_gpt2_dir))
-    scores = compute_fisher(loaded.model, load_batches(loaded, str(tiny_corpus_file), **SAMPLE_KW))
+    scores = compute_fisher(loaded.model, load_batches(loaded, str(tiny_corpus_file), **SAMPLE_KW), kind=loaded.kind)
     return save_fisher(tmp_path_factory.mktemp("fisher") / "F.safetensors", scores)
 
 

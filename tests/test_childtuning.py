@@ -51,7 +51,7 @@ def test_mask_keeps_round_reserve_n_elements_with_the_highest_task_fisher(tiny_b
     model = _classifier(tiny_bert_dir).train()
     mask = regularizers.childtuning_mask(model, _batches(), reserve=reserve)
     assert model.training  # the mode is given back
-    fisher = compute_fisher(model.eval(), _batches())
+    fisher = compute_fisher(model.eval(), _batches(), kind="classification")
     assert set(mask) == {n for n, _ in model.named_parameters()} - HEAD  # the head is not ranked
     n = sum(m.numel() for m in mask.values())
     kept = torch.cat([fisher[k].reshape(-1)[mask[k].reshape(-1)] for k in mask])

@@ -26,7 +26,7 @@ def test_saved_classifier_keeps_its_head_and_its_loss(classifier_dir, labelled_f
     batches = load_batches(loaded, corpus=str(labelled_file), seq_len=32, batch_size=5)
     assert sum(b["labels"].shape[0] for b in batches) == len(TEXT)
     with torch.no_grad():
-        ours = sequence_losses(loaded.model, batches[0])
+        ours = sequence_losses(loaded.model, batches[0], loaded.kind)
         theirs = loaded.model(**batches[0]).loss
     torch.testing.assert_close(ours.loss_sum.mean(), theirs)
     assert torch.equal(ours.n_tokens, torch.ones(5))
@@ -35,11 +35,11 @@ def test_saved_classifier_keeps_its_head_and_its_loss(classifier_dir, labelled_f
 def test_classifier_fisher_and_surface(classifier_dir, labelled_file):
     loaded = load_model(str(classifier_dir))
     batches = load_batches(loaded, corpus=str(labelled_file), seq_len=32, batch_size=4)
-    scores = fisher.compute_fisher(loaded.model, batches)
+    scores = fisher.compute_fisher(loaded.model, batches, kind=loaded.kind)
     assert scores["classifier.weight"].abs().sum() > 0
     d = directions.random_direction(loaded.model, seed=0)
-    z = surface.evaluate(loaded.model, [d], batches, np.array([-0.5, 0.0, 0.5]))
+    z = surface.evaluate(loaded.model, [d], batches, np.array([-0.5, 0.0, 0.5]), kind=loaded.kind)
     with torch.no_grad():
-        parts = [sequence_losses(loaded.model, b) for b in batches]
+        parts = [sequence_losses(loaded.model, b, loaded.kind) for b in batches]
     origin = float(sum(p.loss_sum.sum() for p in parts) / sum(p.n_tokens.sum() for p in parts))
     assert z.shape == (3,) and z[1] == pytest.approx(origin, rel=1e-5)

@@ -18,9 +18,9 @@ def test_interpolation_surface_gives_a_at_0_and_b_at_1(tiny_gpt2, tiny_corpus_fi
             p.add_(0.05 * torch.randn_like(p))
     batches = load_batches(tiny_gpt2, str(tiny_corpus_file), max_samples=4, seq_len=16, batch_size=4)
     d = directions.interpolation_direction(model_a, model_b)
-    z = surface.evaluate(model_a, [d], batches, [0.0, 0.5, 1.0])
-    loss_a, _ = surface.loss_and_accuracy(model_a, batches)
-    loss_b, _ = surface.loss_and_accuracy(model_b, batches)
+    z = surface.evaluate(model_a, [d], batches, [0.0, 0.5, 1.0], kind=tiny_gpt2.kind)
+    loss_a, _ = surface.loss_and_accuracy(model_a, batches, tiny_gpt2.kind)
+    loss_b, _ = surface.loss_and_accuracy(model_b, batches, tiny_gpt2.kind)
     assert z[0] == pytest.approx(loss_a, rel=1e-6)
     assert z[2] == pytest.approx(loss_b, rel=1e-5)
 

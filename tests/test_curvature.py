@@ -87,11 +87,11 @@ def test_products_equal_dense_hessian_with_and_without_cache(tiny):
     model, batches, H, offsets = tiny
     gen = torch.Generator().manual_seed(3)
     with pytest.warns(UserWarning, match="eager"):  # SDPA on CPU has no double backward
-        cached = C.HessianOperator(model, batches)
+        cached = C.HessianOperator(model, batches, kind="causal")
         vs = [torch.randn(cached.dim, generator=gen) for _ in range(3)]
         got = [cached.matvec(v) for v in vs]
     assert cached.dim == H.shape[0] == 1144
-    fresh = C.HessianOperator(model, batches, cache_bytes=0)
+    fresh = C.HessianOperator(model, batches, cache_bytes=0, kind="causal")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         recomputed = fresh.matvec(vs[2])
@@ -106,13 +106,13 @@ def test_cache_follows_weight_changes(tiny):
     model = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = C.HessianOperator(model, batches)
+        op = C.HessianOperator(model, batches, kind="causal")
         v = torch.randn(op.dim, generator=torch.Generator().manual_seed(4))
         op.matvec(v)
         with torch.no_grad():
             model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
         after = op.matvec(v)
-        want = C.HessianOperator(model, batches, cache_bytes=0).matvec(v)
+        want = C.HessianOperator(model, batches, cache_bytes=0, kind="causal").matvec(v)
     assert torch.allclose(after, want, rtol=1e-5, atol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_mask_restricts_to_projected_hessian(tiny):
     HP, keep = _dense_projected(H, mask, offsets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = C.HessianOperator(model, batches, mask=mask)
+        op = C.HessianOperator(model, batches, mask=mask, kind="causal")
         assert op.dim == int(keep.sum()) and "transformer.ln_f.weight" not in op.names
         v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5))
         hv = op.matvec(v).double()
@@ -137,13 +137,13 @@ def test_bad_masks_are_refused(tiny):
     model, batches, _, _ = tiny
     mask = _tiny_mask(model)
     with pytest.raises(UsageError, match="has no tensor"):
-        C.HessianOperator(model, batches, mask={k: v for k, v in mask.items() if "wpe" not in k})
+        C.HessianOperator(model, batches, mask={k: v for k, v in mask.items() if "wpe" not in k}, kind="causal")
     mask["transformer.wpe.weight"] = mask["transformer.wpe.weight"][:3]
     with pytest.raises(UsageError, match="shape"):
-        C.HessianOperator(model, batches, mask=mask)
+        C.HessianOperator(model, batches, mask=mask, kind="causal")
     with pytest.raises(UsageError, match="no parameter"):
         C.HessianOperator(model, batches, mask={n: torch.zeros(p.shape, dtype=torch.bool)
-                                                for n, p in model.named_parameters()})
+                                                for n, p in model.named_parameters()}, kind="causal")
 
 
 # ----------------------------------------------------------------------------- eigenpairs
@@ -155,7 +155,7 @@ def test_top_eigenpairs_match_dense(tiny, masked, ncv):
     exact = torch.linalg.eigvalsh(dense).flip(0)[:3].numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = C.HessianOperator(model, batches, mask)
+        op = C.HessianOperator(model, batches, mask, "causal")
         vals, rows, info = C.top_eigenpairs(op, k=3, seed=0, ncv=ncv, return_info=True)
     vecs = [op.to_dict(v) for v in rows]
     assert info.converged and info.products < 200 and (ncv is None or info.products > ncv)
@@ -178,7 +178,7 @@ def test_eigenvectors_are_direction_files(tiny, tmp_path):
     model, batches, _, _ = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = C.HessianOperator(model, batches)
+        op = C.HessianOperator(model, batches, kind="causal")
         vals, rows = C.top_eigenpairs(op, k=2, seed=1)
     vecs = [op.to_dict(v) for v in rows]
     save_directions(tmp_path / "v.h5", vecs, {"kind": "hessian"})
@@ -189,7 +189,7 @@ def test_eigenvectors_are_direction_files(tiny, tmp_path):
 
 def test_eigenpair_arguments_are_checked(tiny):
     model, batches, _, _ = tiny
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind="causal")
     with pytest.raises(UsageError, match="at least 1"):
         C.top_eigenpairs(op, k=0)
     with pytest.raises(UsageError, match="only"):
@@ -201,9 +201,9 @@ def test_hutchinson_trace_within_four_standard_errors(tiny):
     model, batches, H, offsets = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mean, stderr = C.trace(C.HessianOperator(model, batches), samples=60, seed=0)
+        mean, stderr = C.trace(C.HessianOperator(model, batches, kind="causal"), samples=60, seed=0)
         mask = _tiny_mask(model)
-        mean_p, stderr_p = C.trace(C.HessianOperator(model, batches, mask), samples=60, seed=0)
+        mean_p, stderr_p = C.trace(C.HessianOperator(model, batches, mask, "causal"), samples=60, seed=0)
     assert stderr > 0 and abs(mean - float(H.trace())) <= 4 * stderr
     HP, _ = _dense_projected(H, mask, offsets)
     assert stderr_p > 0 and abs(mean_p - float(HP.trace())) <= 4 * stderr_p
@@ -214,7 +214,7 @@ def test_slq_density_integrates_to_one_with_the_trace_as_mean(tiny):
     runs = 6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        spec = C.spectrum(C.HessianOperator(model, batches), runs=runs, steps=25, bins=80, seed=0)
+        spec = C.spectrum(C.HessianOperator(model, batches, kind="causal"), runs=runs, steps=25, bins=80, seed=0)
     widths = np.diff(spec.edges)
     assert spec.density.shape == spec.centers.shape == (80,) and spec.edges.shape == (81,)
     assert np.all(spec.density >= 0) and abs(np.sum(spec.density * widths) - 1) < 1e-9
@@ -241,7 +241,7 @@ def test_reported_numbers_are_what_the_dense_hessian_gives(tiny, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = C.hessian_report(model, batches, top=2, trace_samples=60, spectrum_runs=4, steps=12, bins=80,
-                                  seed=0, vectors=tmp_path / "v.h5")
+                                  seed=0, vectors=tmp_path / "v.h5", kind="causal")
     dim = H.shape[0]
     # Residuals: measured by a product on the returned vector, as the dense H measures them (within
     # the float32 product's own error), not Lanczos' estimate (here 50 to 100 times smaller).
@@ -291,8 +291,8 @@ def test_weights_mode_attention_and_dtype_restored(tiny):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        C.top_eigenpairs(C.HessianOperator(model, batches), k=1, max_iter=30)
-        C.trace(C.HessianOperator(model, batches), samples=2)
+        C.top_eigenpairs(C.HessianOperator(model, batches, kind="causal"), k=1, max_iter=30)
+        C.trace(C.HessianOperator(model, batches, kind="causal"), samples=2)
     assert [m.training for m in model.modules()] == modes
     assert model.config._attn_implementation == "sdpa"
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -302,7 +302,7 @@ def test_weights_mode_attention_and_dtype_restored(tiny):
     raw = {n: p.detach().clone() for n, p in half.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        C.trace(C.HessianOperator(half, batches), samples=2)
+        C.trace(C.HessianOperator(half, batches, kind="causal"), samples=2)
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, raw[n]) for n, p in half.named_parameters())
 
 
@@ -322,9 +322,10 @@ def _tiny_llama():
 def test_products_match_finite_differences_on_every_architecture(which, request, tiny_corpus_file):
     if which == "llama":
         model, batches = _tiny_llama()
+        kind = "causal"
     else:
         loaded = request.getfixturevalue(which)
-        model = loaded.model
+        model, kind = loaded.model, loaded.kind
         batches = load_batches(loaded, str(tiny_corpus_file), max_samples=4, seq_len=16, batch_size=2)
         if which == "tiny_t5":
             # T5's ReLU makes the gradient only piecewise smooth: among its ~16k units some sit
@@ -334,7 +335,7 @@ def test_products_match_finite_differences_on_every_architecture(which, request,
                 if hasattr(module, "act") and isinstance(module.act, torch.nn.ReLU):
                     module.act = torch.nn.GELU()
     attention = model.config._attn_implementation
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind=kind)
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(op.dim, generator=gen)
     v /= v.norm()
@@ -345,7 +346,7 @@ def test_products_match_finite_differences_on_every_architecture(which, request,
     if attention == "sdpa" and hv.device.type == "cpu":  # CPU SDPA has no double backward: fallback
         assert any("eager" in m for m in messages), messages
     assert model.config._attn_implementation == attention
-    want = finite_difference_hvp(model, batches, op.space.unflatten(v))
+    want = finite_difference_hvp(model, batches, op.space.unflatten(v), kind)
     error = float(torch.linalg.norm(hv - want) / torch.linalg.norm(want))
     assert error <= 2e-3, f"relative error {error:.2e} against finite differences"
 
@@ -373,7 +374,7 @@ def _kill_after(monkeypatch, products):
 def test_trace_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     model, batches, _, _ = tiny
     warnings.simplefilter("ignore")
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind="causal")
     whole = C.trace(op, samples=8, seed=3)
     path = tmp_path / "trace.jsonl"
     undo = _kill_after(monkeypatch, 5)
@@ -399,7 +400,7 @@ def test_trace_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch
 def test_spectrum_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     model, batches, _, _ = tiny
     warnings.simplefilter("ignore")
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind="causal")
     whole = C.spectrum(op, runs=3, steps=6, bins=20, seed=2)
     path = tmp_path / "slq.jsonl"
     undo = _kill_after(monkeypatch, 9)  # run 0 finished, run 1 half way
@@ -421,7 +422,7 @@ def test_kernels_without_visible_backward_switch_to_eager_up_front(tiny):
     model = copy.deepcopy(model)
     for config in _attention_configs(model):
         config._attn_implementation_internal = "flash_attention_2"  # never run: switched before the forward
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind="causal")
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(6))
     with pytest.warns(UserWarning, match="'flash_attention_2' attention may have no second derivative"):
         hv = op.matvec(v)
@@ -491,7 +492,8 @@ def test_submatrix_operator_is_the_principal_submatrix(tiny):
     keep = torch.cat([mask[n].reshape(-1) for n in offsets])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        whole, masked = C.HessianOperator(model, batches), C.HessianOperator(model, batches, mask)
+        whole = C.HessianOperator(model, batches, kind="causal")
+        masked = C.HessianOperator(model, batches, mask, "causal")
         v = torch.randn(masked.dim, generator=torch.Generator().manual_seed(7))
         assert torch.allclose(C.SubmatrixOperator(whole, keep) @ v, masked @ v, rtol=1e-5, atol=1e-6)
     with pytest.raises(UsageError, match="distinct index"):
@@ -505,7 +507,7 @@ def test_the_diagonal_fisher_is_an_operator_on_the_hessians_coordinates(tiny, tm
     mask = _tiny_mask(model)
     F = C.fisher_operator(fisher, model, mask)
     kept = torch.cat([fisher[n][mask[n]].reshape(-1) for n in offsets])
-    assert F.shape == (C.HessianOperator(model, batches, mask).dim,) * 2 == (kept.numel(),) * 2
+    assert F.shape == (C.HessianOperator(model, batches, mask, "causal").dim,) * 2 == (kept.numel(),) * 2
     assert C.trace(F, samples=2) == (pytest.approx(float(kept.double().sum()), rel=1e-6), 0.0)
     assert C.top_eigenpairs(F, k=1, tol=1e-6)[0][0] == pytest.approx(float(kept.max()), rel=1e-5)
     with pytest.raises(UsageError, match="Fisher"):
@@ -529,7 +531,7 @@ def test_one_report_builds_one_operator_and_its_graphs_once(tiny, monkeypatch, t
     report = C.hessian_report(model, batches, top=1, trace_samples=5, spectrum_runs=2, steps=4, bins=10, seed=3,
                               max_iter=60)
     assert len(built) == len(batches) and len(set(built)) == 1
-    op = C.HessianOperator(model, batches)
+    op = C.HessianOperator(model, batches, kind="causal")
     assert report["trace"]["mean"] == C.trace(op, samples=5, seed=3)[0]
     assert report["eigenvalues"] == [float(v) for v in C.top_eigenpairs(op, k=1, seed=3, max_iter=60)[0]]
     assert report["spectrum"]["nodes"] == [n.tolist() for n in C.spectrum(op, runs=2, steps=4, bins=10, seed=3).nodes]

@@ -49,17 +49,18 @@ def _fields(path):
 def test_test_fields_are_the_held_out_surface_at_the_same_points(tiny_bert, samples, dir_file, tmp_path):
     train, held_out = samples
     out = tmp_path / "s.h5"
-    S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False, eval_batches=held_out)
+    S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False, eval_batches=held_out,
+                           kind=tiny_bert.kind)
     data = _fields(out)
     directions = D.load_directions(dir_file)[0]
     for prefix, batches in (("train", train), ("test", held_out)):
-        loss, acc = S.evaluate(tiny_bert.model, directions, batches, XS, YS, return_accuracy=True)
+        loss, acc = S.evaluate(tiny_bert.model, directions, batches, XS, YS, return_accuracy=True, kind=tiny_bert.kind)
         np.testing.assert_array_equal(data[f"{prefix}_loss"], loss)
         np.testing.assert_array_equal(data[f"{prefix}_acc"], acc)
     assert not np.array_equal(data["train_loss"], data["test_loss"])  # another sample, other numbers
     vmapped = tmp_path / "v.h5"
     S.compute_surface_file(vmapped, tiny_bert.model, dir_file, train, XS, YS, progress=False, eval_batches=held_out,
-                           points_per_pass=4)
+                           points_per_pass=4, kind=tiny_bert.kind)
     for name, values in _fields(vmapped).items():
         np.testing.assert_allclose(values, data[name], rtol=1e-5, err_msg=name)
 
@@ -67,32 +68,33 @@ def test_test_fields_are_the_held_out_surface_at_the_same_points(tiny_bert, samp
 def test_test_fields_resume_and_the_held_out_sample_is_part_of_the_identity(tiny_bert, samples, dir_file, tmp_path):
     train, held_out = samples
     out = tmp_path / "s.h5"
-    S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False, eval_batches=held_out)
+    S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False, eval_batches=held_out,
+                           kind=tiny_bert.kind)
     whole = _fields(out)
     with h5py.File(out, "r+") as handle:  # forget two held-out points (an edit drops the checksums)
         handle["test_loss"][0, 1:3] = np.nan
         del handle.attrs["checksums"]
     again = S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False,
-                                   eval_batches=held_out)
+                                   eval_batches=held_out, kind=tiny_bert.kind)
     assert again["computed"] == 2
     for name, values in _fields(out).items():
         np.testing.assert_array_equal(values, whole[name], err_msg=name)
     # the same samples in another order: same counts, another fingerprint
     with pytest.raises(UsageError, match="eval_sample_fingerprint"):
         S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False,
-                               eval_batches=held_out[::-1])
+                               eval_batches=held_out[::-1], kind=tiny_bert.kind)
     with pytest.raises(UsageError, match="held-out sample .* changed"):
         S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False,
-                               eval_batches=held_out[:1])
+                               eval_batches=held_out[:1], kind=tiny_bert.kind)
     with pytest.raises(UsageError, match="other settings"):  # a surface without test fields is another surface
-        S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False)
+        S.compute_surface_file(out, tiny_bert.model, dir_file, train, XS, YS, progress=False, kind=tiny_bert.kind)
 
 
 def test_the_journal_keeps_test_fields_of_an_interrupted_run(tiny_bert, samples, dir_file, tmp_path):
     train, held_out = samples
     out = tmp_path / "s.h5"
     identity = surface_file.surface_identity(D.load_directions(dir_file)[1], train, tiny_bert.model, XS, None,
-                                             eval_batches=held_out)
+                                             eval_batches=held_out, kind=tiny_bert.kind)
     first = surface_file.SurfaceFile(out, XS, None, identity, {}, fields=surface_file.FIELDS, flush_seconds=1e9)
     first.record([(0, 2.5, 0.25, 3.5, 0.125), (2, float("nan"), 0.0, 4.0, 0.5)])
     first.journal.close()  # killed: no flush, no close; the journal alone holds the points

@@ -14,7 +14,7 @@ from landscape.errors import UsageError
 from landscape.fisher import compute_fisher, load_fisher, nested_fisher
 
 
-def loop_fisher(model, batches):
+def loop_fisher(model, batches, kind):
     """Reference: one backward per sample (row of the same padded batch), float64 accumulation."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
@@ -22,7 +22,7 @@ def loop_fisher(model, batches):
     for batch in batches:
         for row in range(batch["labels"].shape[0]):
             sample = {k: v[row: row + 1] for k, v in batch.items()}
-            loss = sequence_losses(model, sample).mean_per_sample()[0]
+            loss = sequence_losses(model, sample, kind).mean_per_sample()[0]
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for name, grad in zip(params, grads):
                 if grad is not None:
@@ -51,40 +51,42 @@ def test_compute_fisher_equals_per_sample_loop(name, request, tiny_corpus_file):
     loaded = request.getfixturevalue(name)
     batches = small_batches(loaded, tiny_corpus_file, batch_size=5, max_samples=None)
     assert any((b["attention_mask"] == 0).any() for b in batches), "want padding inside a batch"
-    fisher = compute_fisher(loaded.model, batches)
-    assert_same_fisher(fisher, loop_fisher(loaded.model, batches))
+    fisher = compute_fisher(loaded.model, batches, kind=loaded.kind)
+    assert_same_fisher(fisher, loop_fisher(loaded.model, batches, loaded.kind))
     for n, p in loaded.model.named_parameters():
         assert fisher[n].shape == p.shape and p.requires_grad  # requires_grad restored
 
 
 def test_tied_weights_appear_once_and_sum_both_uses(tiny_bert, tiny_gpt2, tiny_corpus_file):
-    bert_names = set(compute_fisher(tiny_bert.model, small_batches(tiny_bert, tiny_corpus_file)))
+    bert_names = set(compute_fisher(tiny_bert.model, small_batches(tiny_bert, tiny_corpus_file), kind=tiny_bert.kind))
     assert "bert.embeddings.word_embeddings.weight" in bert_names
     assert "cls.predictions.decoder.weight" not in bert_names
     model = tiny_gpt2.model
     assert model.lm_head.weight is model.transformer.wte.weight
     batches = small_batches(tiny_gpt2, tiny_corpus_file)
-    fisher = compute_fisher(model, batches)
+    fisher = compute_fisher(model, batches, kind=tiny_gpt2.kind)
     assert "lm_head.weight" not in fisher
     # Squaring each use separately (what a tie-unaware method does) gives a different number.
     untied = copy.deepcopy(model)
     untied.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    separate = compute_fisher(untied, batches)
+    separate = compute_fisher(untied, batches, kind=tiny_gpt2.kind)
     squared_separately = separate["transformer.wte.weight"] + separate["lm_head.weight"]
     assert not torch.allclose(fisher["transformer.wte.weight"], squared_separately, rtol=1e-2)
 
 
 def test_nested_fisher_prefixes_match_separate_runs(tiny_gpt2, tiny_corpus_file):
     batches = small_batches(tiny_gpt2, tiny_corpus_file, batch_size=3, max_samples=7)
-    full, first4 = nested_fisher(tiny_gpt2.model, batches, [7, 4])
+    full, first4 = nested_fisher(tiny_gpt2.model, batches, [7, 4], kind=tiny_gpt2.kind)
     prefix = [{k: v[:3] for k, v in batches[0].items()}, {k: v[:1] for k, v in batches[1].items()}]
-    assert_same_fisher(full, {k: v.double() for k, v in compute_fisher(tiny_gpt2.model, batches).items()})
-    assert_same_fisher(first4, {k: v.double() for k, v in compute_fisher(tiny_gpt2.model, prefix).items()})
+    assert_same_fisher(full, {k: v.double() for k, v in compute_fisher(tiny_gpt2.model, batches,
+                                                                       kind=tiny_gpt2.kind).items()})
+    assert_same_fisher(first4, {k: v.double() for k, v in compute_fisher(tiny_gpt2.model, prefix,
+                                                                         kind=tiny_gpt2.kind).items()})
 
 
 def test_interrupted_run_resumes_without_redoing_batches(tiny_bert, tiny_corpus_file, tmp_path):
     batches = small_batches(tiny_bert, tiny_corpus_file, batch_size=2, max_samples=8)
-    expected = compute_fisher(tiny_bert.model, batches)
+    expected = compute_fisher(tiny_bert.model, batches, kind=tiny_bert.kind)
     checkpoint = tmp_path / "F.ckpt"
 
     def interrupted():
@@ -92,18 +94,19 @@ def test_interrupted_run_resumes_without_redoing_batches(tiny_bert, tiny_corpus_
         raise KeyboardInterrupt  # Ctrl-C between batch 2 and 3
 
     with pytest.raises(KeyboardInterrupt):
-        compute_fisher(tiny_bert.model, interrupted(), checkpoint=checkpoint, fingerprint="run-1")
+        compute_fisher(tiny_bert.model, interrupted(), checkpoint=checkpoint, fingerprint="run-1", kind=tiny_bert.kind)
     assert checkpoint.exists()
     forwards = []
     handle = tiny_bert.model.register_forward_hook(lambda *a: forwards.append(1))
     try:
-        resumed = compute_fisher(tiny_bert.model, batches, checkpoint=checkpoint, fingerprint="run-1")
+        resumed = compute_fisher(tiny_bert.model, batches, checkpoint=checkpoint, fingerprint="run-1",
+                                 kind=tiny_bert.kind)
     finally:
         handle.remove()
     assert len(forwards) == len(batches) - 2  # finished batches were not redone
     assert_same_fisher(resumed, {k: v.double() for k, v in expected.items()})
     with pytest.raises(UsageError, match="other settings"):
-        compute_fisher(tiny_bert.model, batches, checkpoint=checkpoint, fingerprint="run-2")
+        compute_fisher(tiny_bert.model, batches, checkpoint=checkpoint, fingerprint="run-2", kind=tiny_bert.kind)
 
 
 def test_cli_fisher_writes_file_with_provenance(tiny_bert, tiny_bert_dir, tiny_corpus_file, tmp_path, capsys):
@@ -117,7 +120,8 @@ def test_cli_fisher_writes_file_with_provenance(tiny_bert, tiny_bert_dir, tiny_c
     assert meta["corpus"] == str(tiny_corpus_file) and meta["seed"] == "0" and "definition" in meta
     assert set(fisher) == {n for n, _ in tiny_bert.model.named_parameters()}
     batches = small_batches(tiny_bert, tiny_corpus_file, batch_size=4, max_samples=6)
-    assert_same_fisher(fisher, {k: v.double() for k, v in compute_fisher(tiny_bert.model, batches).items()},
+    assert_same_fisher(fisher, {k: v.double() for k, v in compute_fisher(tiny_bert.model, batches,
+                                                                         kind=tiny_bert.kind).items()},
                        rtol=1e-5)
     assert not list(tmp_path.glob("*.ckpt"))  # the checkpoint is removed after success
 
@@ -142,7 +146,7 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tiny_gpt2, tiny_gpt2_dir, 
     fisher, meta = load_fisher(out)
     assert meta["ranks"] == "2" and meta["samples"] == "7"
     batches = small_batches(tiny_gpt2, tiny_corpus_file, batch_size=7, max_samples=7)
-    expected = compute_fisher(tiny_gpt2.model, batches)
+    expected = compute_fisher(tiny_gpt2.model, batches, kind=tiny_gpt2.kind)
     assert_same_fisher(fisher, {k: v.double() for k, v in expected.items()})
 
 
@@ -154,8 +158,8 @@ def test_row_blocks_and_sample_slices_equal_whole_tensors(name, request, tiny_co
 
     loaded = request.getfixturevalue(name)
     batches = small_batches(loaded, tiny_corpus_file, batch_size=5, max_samples=None)
-    reference = {k: v.double() for k, v in compute_fisher(loaded.model, batches).items()}
-    accumulator = FisherAccumulator(loaded.model, max_chunk_mb=0.01)  # ~2600 floats: row blocks
+    reference = {k: v.double() for k, v in compute_fisher(loaded.model, batches, kind=loaded.kind).items()}
+    accumulator = FisherAccumulator(loaded.model, max_chunk_mb=0.01, kind=loaded.kind)  # ~2600 floats: row blocks
     accumulator.pass_bytes = 1  # one sample per forward and backward
     assert any(p.numel() > accumulator.chunk_elements for p in accumulator.params.values())
     for batch in batches:

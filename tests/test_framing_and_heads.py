@@ -37,7 +37,7 @@ def test_loss_at_the_origin_is_transformers_own(tiny_llama, tiny_gpt2, tiny_bert
     for loaded in (tiny_llama, tiny_gpt2, tiny_bert):
         batches = load_batches(loaded, str(tiny_corpus_file), max_samples=6, seq_len=16, batch_size=6)
         assert len(batches) == 1
-        ours, _ = surface.loss_and_accuracy(loaded.model, batches)
+        ours, _ = surface.loss_and_accuracy(loaded.model, batches, loaded.kind)
         with torch.no_grad():
             theirs = float(loaded.model(**batches[0]).loss)
         assert ours == pytest.approx(theirs, rel=1e-5), loaded.kind

@@ -174,7 +174,7 @@ def test_to_direction_surface_gives_a_at_0_and_b_at_1(tiny_gpt2_dir, tiny_corpus
     z = read_surface(s_out).z
     for x, folder in ((0, tiny_gpt2_dir), (1, model_b)):
         loaded, batches = _batches(folder, tiny_corpus_file)
-        assert z[x] == pytest.approx(loss_and_accuracy(loaded.model, batches)[0], rel=1e-5)
+        assert z[x] == pytest.approx(loss_and_accuracy(loaded.model, batches, loaded.kind)[0], rel=1e-5)
 
 
 def test_trajectory_plane_attributes_and_contour_with_points(tiny_gpt2_dir, tiny_corpus_file, tmp_path, capsys):

@@ -133,11 +133,11 @@ def test_bfloat16_surface_holds_directions_in_bfloat16_and_says_so(tiny_llama_di
     D.write_directions(tmp_path / "d16.h5", loaded.model, precision="bfloat16")
     xs, ys = [-0.5, 0.0, 0.5], [-0.5, 0.5]
     held = S.compute_surface_file(tmp_path / "held.h5", loaded.model, tmp_path / "d32.h5", batches, xs, ys,
-                                  progress=False)
+                                  progress=False, kind=loaded.kind)
     streamed = S.compute_surface_file(tmp_path / "streamed.h5", loaded.model, tmp_path / "d32.h5", batches, xs, ys,
-                                      progress=False, stream=True)
+                                      progress=False, stream=True, kind=loaded.kind)
     exact16 = S.compute_surface_file(tmp_path / "exact16.h5", loaded.model, tmp_path / "d16.h5", batches, xs, ys,
-                                     progress=False)
+                                     progress=False, kind=loaded.kind)
     surfaces = {r["path"].stem: S.read_surface(r["path"]) for r in (held, streamed, exact16)}
     assert surfaces["held"].settings["direction_dtype"] == "bfloat16"
     assert "direction_dtype" not in surfaces["streamed"].settings  # float32 directions, as before
@@ -145,9 +145,10 @@ def test_bfloat16_surface_holds_directions_in_bfloat16_and_says_so(tiny_llama_di
     dirs32, _ = D.load_directions(tmp_path / "d32.h5")
     dirs16, _ = D.load_directions(tmp_path / "d16.h5")
     np.testing.assert_array_equal(surfaces["streamed"].z, S.evaluate(loaded.model, dirs32, batches, xs, ys,
-                                                                        stream=True))
+                                                                        stream=True, kind=loaded.kind))
     np.testing.assert_array_equal(surfaces["held"].z, surfaces["exact16"].z)
-    np.testing.assert_array_equal(surfaces["held"].z, S.evaluate(loaded.model, dirs16, batches, xs, ys))
+    np.testing.assert_array_equal(surfaces["held"].z, S.evaluate(loaded.model, dirs16, batches, xs, ys,
+                                                                 kind=loaded.kind))
 
 
 

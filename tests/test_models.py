@@ -74,7 +74,7 @@ def test_embedded_model_beats_the_unigram_baseline_on_heldout_text():
     loaded = load_model(None)
     batches = load_batches(loaded, corpus=str(embedded_text('heldout')), max_samples=64, batch_size=16)
     with torch.inference_mode():
-        parts = [sequence_losses(loaded.model, b) for b in batches]
+        parts = [sequence_losses(loaded.model, b, loaded.kind) for b in batches]
     model_ce = float(sum(p.loss_sum.sum() for p in parts) / sum(p.n_tokens.sum() for p in parts))
 
     vocab = len(loaded.tokenizer)

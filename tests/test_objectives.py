@@ -82,7 +82,7 @@ def test_losses_equal_the_models_own(tiny_bert, tiny_gpt2, tiny_t5):
         pad = loaded.tokenizer.pad_token_id
         batch = batches(samples, 5, pad)[0]
         with torch.no_grad():
-            ours = sequence_losses(loaded.model, batch)
+            ours = sequence_losses(loaded.model, batch, loaded.kind)
             theirs = _hf_loss(loaded.model, batch)
         mean = ours.loss_sum.sum() / ours.n_tokens.sum()
         torch.testing.assert_close(mean, theirs, rtol=1e-5, atol=1e-6, msg=loaded.kind)
@@ -95,6 +95,6 @@ def test_mlm_projection_runs_only_on_masked_positions(tiny_bert):
     handle = tiny_bert.model.get_output_embeddings().register_forward_hook(
         lambda module, args, out: seen.append(out.shape))
     with torch.no_grad():
-        sequence_losses(tiny_bert.model, batch)
+        sequence_losses(tiny_bert.model, batch, tiny_bert.kind)
     handle.remove()
     assert seen == [torch.Size([int((batch["labels"] != IGNORE_INDEX).sum()), len(tiny_bert.tokenizer)])]

@@ -198,11 +198,12 @@ def test_the_api_refuses_instead_of_falling_back(tiny_bert, tiny_corpus_file, wr
     model = tiny_bert.model
     batches = corpus.load_batches(tiny_bert, str(tiny_corpus_file), max_samples=2, seq_len=16, batch_size=2)
     with pytest.raises(UsageError, match="points_per_pass"):  # once silently taken as 1
-        surface.evaluate(model, [directions.random_direction(model, seed=0)], batches, [0.0, 1.0], points_per_pass=0)
+        surface.evaluate(model, [directions.random_direction(model, seed=0)], batches, [0.0, 1.0], points_per_pass=0,
+                         kind=tiny_bert.kind)
     with pytest.raises(UsageError, match="checkpoint_every"):  # NaN would never be due
-        fisher.compute_fisher(model, batches, checkpoint=tmp_path / "c", checkpoint_every=math.nan)
+        fisher.compute_fisher(model, batches, checkpoint=tmp_path / "c", checkpoint_every=math.nan, kind=tiny_bert.kind)
     with pytest.raises(UsageError, match="max_chunk_mb"):  # 0 was one element per chunk
-        FisherAccumulator(model, max_chunk_mb=0)
+        FisherAccumulator(model, max_chunk_mb=0, kind=tiny_bert.kind)
     with pytest.raises(UsageError, match="flush_seconds"):
         SurfaceFile(tmp_path / "s.h5", np.linspace(-1, 1, 3), None, {}, {}, flush_seconds=math.nan)
     bowl = read_surface(write_surface("bowl.h5", lambda x: x**2))

@@ -87,7 +87,7 @@ def float32_run(smollm2):
 
     loaded, batches = _in_process(smollm2, "float32")
     dirs, _ = directions.make_directions(loaded.model, dims=2, seed=0)
-    z = surface.evaluate(loaded.model, dirs, batches, AXIS, AXIS)
+    z = surface.evaluate(loaded.model, dirs, batches, AXIS, AXIS, kind=loaded.kind)
     return loaded, batches, dirs, z
 
 
@@ -160,16 +160,16 @@ def test_smollm2_bfloat16_agrees_with_float32_and_accumulates_in_float32(float32
     # One sample of 32 tokens: bf16 matmuls are several times slower than float32 on most CPUs.
     f32_loaded, f32_batches, dirs, _ = float32_run
     one = [{k: v[:1] for k, v in f32_batches[0].items()}]
-    f32 = compute_fisher(f32_loaded.model, one)
-    z32 = surface.evaluate(f32_loaded.model, dirs, one, AXIS, AXIS)
+    f32 = compute_fisher(f32_loaded.model, one, kind=f32_loaded.kind)
+    z32 = surface.evaluate(f32_loaded.model, dirs, one, AXIS, AXIS, kind=f32_loaded.kind)
     loaded, batches = bfloat16_run
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     assert torch.equal(batches[0]["input_ids"][:1], one[0]["input_ids"])
-    fbf = compute_fisher(loaded.model, one)
+    fbf = compute_fisher(loaded.model, one, kind=loaded.kind)
     assert {t.dtype for t in fbf.values()} == {torch.float32}  # the sums are float32 whatever the model
     a, b = fisher_mask(f32, "top:1"), fisher_mask(fbf, "top:1")
     overlap = sum(int((a[n] & b[n]).sum()) for n in a) / sum(int(m.sum()) for m in a.values())
-    zbf = surface.evaluate(loaded.model, dirs, one, AXIS, AXIS)
+    zbf = surface.evaluate(loaded.model, dirs, one, AXIS, AXIS, kind=loaded.kind)
     diff = np.abs(zbf - z32)
     print(f"bf16 vs float32: top-1% overlap {overlap:.4f}; loss at the origin {z32[1, 1]:.4f} vs {zbf[1, 1]:.4f}; "
           f"grid {z32.min():.2f}..{z32.max():.2f}, max |diff| {diff.max():.4f}, max relative "

@@ -150,8 +150,10 @@ def test_a_damaged_fisher_checkpoint_is_refused_on_resume(tiny_bert, tiny_corpus
 
     batches = load_batches(tiny_bert, tiny_corpus_file, max_samples=4, seq_len=16, batch_size=2)
     path = tmp_path / "F.ckpt"
-    clean = compute_fisher(tiny_bert.model, batches, checkpoint=path, checkpoint_every=0.0, fingerprint="x")
-    resumed = compute_fisher(tiny_bert.model, batches, checkpoint=path, fingerprint="x")  # every batch done
+    clean = compute_fisher(tiny_bert.model, batches, checkpoint=path, checkpoint_every=0.0, fingerprint="x",
+                           kind=tiny_bert.kind)
+    resumed = compute_fisher(tiny_bert.model, batches, checkpoint=path, fingerprint="x",
+                             kind=tiny_bert.kind)  # every batch done
     assert all(torch.equal(clean[n], resumed[n]) for n in clean)
     state = load_file(str(path))
     with safe_open(str(path), framework="pt") as handle:
@@ -165,7 +167,7 @@ def test_a_damaged_fisher_checkpoint_is_refused_on_resume(tiny_bert, tiny_corpus
         edit(tensors, header)
         save_file(tensors, str(path), metadata=header)
         with pytest.raises(UsageError, match=f"Fisher checkpoint .*{words}.*delete it to start over"):
-            compute_fisher(tiny_bert.model, batches, checkpoint=path, fingerprint="x")
+            compute_fisher(tiny_bert.model, batches, checkpoint=path, fingerprint="x", kind=tiny_bert.kind)
 
 
 # ============================================================================= Hessian reports and journals
@@ -227,7 +229,7 @@ def test_a_trace_journal_of_garbage_or_with_a_damaged_record_is_one_line(tiny_be
     # A journal of this run whose record is edited: NaN, or a number where a hex string belongs.
     batches = load_batches(tiny_bert, tiny_corpus_file, max_samples=2, seq_len=16, batch_size=2)
     journal = tmp_path / "t.ckpt"
-    hessian = curvature.HessianOperator(tiny_bert.model, batches)
+    hessian = curvature.HessianOperator(tiny_bert.model, batches, kind=tiny_bert.kind)
     clean = curvature.trace(hessian, samples=2, checkpoint=journal)
     header, first, second = journal.read_text().splitlines()
     assert curvature.trace(hessian, samples=2, checkpoint=journal) == clean  # resumed

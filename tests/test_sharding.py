@@ -108,7 +108,8 @@ def test_sharded_fisher_equals_single_process(name, request, tiny_corpus_file, t
     loaded = load_model(str(model_dir))
     if name == "tiny_llama_tied":
         assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
-    expected = compute_fisher(loaded.model, small_batches(loaded, tiny_corpus_file, batch_size=7, max_samples=7))
+    expected = compute_fisher(loaded.model, small_batches(loaded, tiny_corpus_file, batch_size=7, max_samples=7),
+                              kind=loaded.kind)
     assert_same_fisher(fisher, {k: v.double() for k, v in expected.items()}, rtol=1e-6)
 
 
@@ -127,19 +128,19 @@ loaded = load_model(sys.argv[1])
 sharding.shard_model(loaded.model, layout)
 batches = load_batches(loaded, sys.argv[2], max_samples=8, seq_len=16, batch_size=2)
 checkpoint = f"{sys.argv[3]}/F.rank{layout.shard_rank}.ckpt"
-expected = compute_fisher(loaded.model, batches, layout=layout)
+expected = compute_fisher(loaded.model, batches, layout=layout, kind=loaded.kind)
 
 def interrupted():
     yield from batches[:2]
     raise KeyboardInterrupt
 
 try:
-    compute_fisher(loaded.model, interrupted(), checkpoint=checkpoint, layout=layout)
+    compute_fisher(loaded.model, interrupted(), checkpoint=checkpoint, layout=layout, kind=loaded.kind)
 except KeyboardInterrupt:
     pass
 forwards = []
 handle = loaded.model.register_forward_hook(lambda *a: forwards.append(1))
-resumed = compute_fisher(loaded.model, batches, checkpoint=checkpoint, layout=layout)
+resumed = compute_fisher(loaded.model, batches, checkpoint=checkpoint, layout=layout, kind=loaded.kind)
 handle.remove()
 assert len(forwards) == len(batches) - 2, forwards
 for name, value in expected.items():

@@ -41,7 +41,7 @@ def test_stability_rows_one_pass(tiny_bert, tiny_corpus_file):
     forwards = []
     handle = tiny_bert.model.register_forward_hook(lambda *a: forwards.append(1))
     try:
-        rows = stability(tiny_bert.model, batches, fractions=(0.5, 0.1), top=(5, 1))
+        rows = stability(tiny_bert.model, batches, fractions=(0.5, 0.1), top=(5, 1), kind=tiny_bert.kind)
     finally:
         handle.remove()
     assert len(forwards) == len(batches)  # one pass over the reference sample

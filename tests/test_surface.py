@@ -37,7 +37,7 @@ def dir_file(tiny_bert, tmp_path):
 
 def _reference_loss(model, batches):
     with torch.inference_mode():
-        parts = [sequence_losses(model, b) for b in batches]
+        parts = [sequence_losses(model, b, "mlm") for b in batches]
     return float(sum(p.loss_sum.sum() for p in parts) / sum(p.n_tokens.sum() for p in parts))
 
 
@@ -45,7 +45,7 @@ def test_evaluate_equals_per_point_loop_on_non_square_grid(tiny_bert, bert_batch
     model = tiny_bert.model
     dx, dy = (D.random_direction(model, seed=1, index=i) for i in range(2))
     xs, ys = np.array([-1.0, -0.25, 0.0, 0.5]), np.array([-0.5, 1.0])
-    Z, A = S.evaluate(model, [dx, dy], bert_batches, xs, ys, return_accuracy=True)
+    Z, A = S.evaluate(model, [dx, dy], bert_batches, xs, ys, return_accuracy=True, kind=tiny_bert.kind)
     assert Z.shape == A.shape == (2, 4)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     for iy, y in enumerate(ys):
@@ -59,7 +59,7 @@ def test_evaluate_equals_per_point_loop_on_non_square_grid(tiny_bert, bert_batch
             param.copy_(base[name])
     assert Z[0, 2] != Z[1, 2]  # rows are y, not x
     assert np.all((A >= 0) & (A <= 1))
-    line = S.evaluate(model, [dx], bert_batches, xs)
+    line = S.evaluate(model, [dx], bert_batches, xs, kind=tiny_bert.kind)
     assert line.shape == (4,)
     assert line[2] == pytest.approx(_reference_loss(model, bert_batches), rel=1e-6)
 
@@ -69,22 +69,22 @@ def test_weights_bit_identical_after_evaluate_and_after_an_error(tiny_gpt2, tiny
     batches = load_batches(tiny_gpt2, str(tiny_corpus_file), max_samples=6, seq_len=16, batch_size=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dirs = [D.random_direction(model, seed=s, ignore="none") for s in (0, 1)]
-    S.evaluate(model, dirs, batches, [-0.3, 0.7, 2.0], [0.1, -1.0])
+    S.evaluate(model, dirs, batches, [-0.3, 0.7, 2.0], [0.1, -1.0], kind=tiny_gpt2.kind)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
     def boom(*_):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        S.evaluate_points(model, dirs, batches, [(0.5, 0.5), (1.0, 1.0)], on_result=boom)
+        S.evaluate_points(model, dirs, batches, [(0.5, 0.5), (1.0, 1.0)], on_result=boom, kind=tiny_gpt2.kind)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's CPU attention fallback
 def test_vmapped_points_per_pass_matches_in_place(tiny_bert, bert_batches):
     dirs = [D.random_direction(tiny_bert.model, seed=2, index=i) for i in range(2)]
-    one = S.evaluate(tiny_bert.model, dirs, bert_batches, [-1, 0, 1], [0, 1])
-    many = S.evaluate(tiny_bert.model, dirs, bert_batches, [-1, 0, 1], [0, 1], points_per_pass=4)
+    one = S.evaluate(tiny_bert.model, dirs, bert_batches, [-1, 0, 1], [0, 1], kind=tiny_bert.kind)
+    many = S.evaluate(tiny_bert.model, dirs, bert_batches, [-1, 0, 1], [0, 1], points_per_pass=4, kind=tiny_bert.kind)
     np.testing.assert_allclose(many, one, rtol=1e-5)
 
 
@@ -101,7 +101,8 @@ def test_default_grid_contains_origin():
 def test_surface_file_resume_and_refusal(tiny_bert, bert_batches, dir_file, tmp_path):
     out = tmp_path / "s.h5"
     xs, ys = S.parse_range("-1:1:3"), S.parse_range("-0.5:0.5:2")
-    first = S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, xs, ys, progress=False)
+    first = S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, xs, ys, progress=False,
+                                   kind=tiny_bert.kind)
     assert first["computed"] == 6
     data = _load(out)
     assert data["train_loss"].shape == data["train_acc"].shape == (2, 3)
@@ -114,16 +115,18 @@ def test_surface_file_resume_and_refusal(tiny_bert, bert_batches, dir_file, tmp_
     with h5py.File(out, "r+") as handle:
         handle["train_loss"][1, 0:2] = np.nan
         del handle.attrs["checksums"]
-    again = S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, xs, ys, progress=False)
+    again = S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, xs, ys, progress=False,
+                                   kind=tiny_bert.kind)
     assert again["computed"] == 2
     np.testing.assert_array_equal(_load(out)["train_loss"], data["train_loss"])
     with pytest.raises(UsageError, match="the sample changed"):
-        S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches[:1], xs, ys, progress=False)
+        S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches[:1], xs, ys, progress=False,
+                               kind=tiny_bert.kind)
     with pytest.raises(UsageError, match="grid"):
         S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, S.parse_range("-1:1:4"), ys,
-                               progress=False)
+                               progress=False, kind=tiny_bert.kind)
     replaced = S.compute_surface_file(out, tiny_bert.model, dir_file, bert_batches, S.parse_range("-1:1:4"), None,
-                                      overwrite=True, progress=False)
+                                      overwrite=True, progress=False, kind=tiny_bert.kind)
     assert replaced["computed"] == 4 and _load(out)["train_loss"].shape == (4,)
     assert "ycoordinates" not in _load(out)
 
@@ -131,7 +134,8 @@ def test_surface_file_resume_and_refusal(tiny_bert, bert_batches, dir_file, tmp_
 def test_journal_replay_ignores_a_cut_last_record(tiny_bert, bert_batches, dir_file, tmp_path):
     out = tmp_path / "s.h5"
     xs = S.parse_range("-1:1:5")
-    identity = surface_file.surface_identity(D.load_directions(dir_file)[1], bert_batches, tiny_bert.model, xs, None)
+    identity = surface_file.surface_identity(D.load_directions(dir_file)[1], bert_batches, tiny_bert.model, xs, None,
+                                             kind=tiny_bert.kind)
     loss, acc = np.full(5, np.nan), np.full(5, np.nan)
     header = f"{surface_file.JOURNAL_MAGIC} {json.dumps(identity, sort_keys=True)}\n".encode()
     whole = surface_file._record(1, 2.5, 0.25)
@@ -182,7 +186,7 @@ def test_sigkill_and_resume_gives_the_same_file(tiny_bert, tiny_bert_dir, tiny_c
     computed_now = int(resumed.stdout.split("wrote ")[1].split(": ")[1].split(" ")[0])
     assert computed_now <= 96 - 40
     ref = S.evaluate(tiny_bert.model, D.load_directions(dir_file)[0], bert_batches,
-                     S.parse_range("-1:1:12"), S.parse_range("-1:1:8"), return_accuracy=True)
+                     S.parse_range("-1:1:12"), S.parse_range("-1:1:8"), return_accuracy=True, kind=tiny_bert.kind)
     data = _load(out)
     np.testing.assert_array_equal(data["train_loss"], ref[0])
     np.testing.assert_array_equal(data["train_acc"], ref[1])
@@ -237,6 +241,6 @@ def test_torchrun_two_ranks_gives_the_same_file(tiny_bert, tiny_bert_dir, tiny_c
     data = _load(out)
     assert data["attrs"]["world_size"] == 2
     ref = S.evaluate(tiny_bert.model, D.load_directions(dir_file)[0], bert_batches,
-                     S.parse_range("-1:1:5"), S.parse_range("-1:1:3"), return_accuracy=True)
+                     S.parse_range("-1:1:5"), S.parse_range("-1:1:3"), return_accuracy=True, kind=tiny_bert.kind)
     np.testing.assert_array_equal(data["train_loss"], ref[0])
     np.testing.assert_array_equal(data["train_acc"], ref[1])

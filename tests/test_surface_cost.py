@@ -27,7 +27,7 @@ def test_causal_projection_runs_only_on_target_rows(name, request, tiny_corpus_f
     seen = []
     handle = loaded.model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape))
     with torch.no_grad():
-        ours = sequence_losses(loaded.model, batch)
+        ours = sequence_losses(loaded.model, batch, loaded.kind)
         theirs = loaded.model(**batch)
     handle.remove()
     assert seen[0] == torch.Size([targets, loaded.model.config.vocab_size])
@@ -44,14 +44,14 @@ def test_causal_fisher_matches_a_per_sample_loop(name, request, tiny_corpus_file
     loaded = request.getfixturevalue(name)
     model = loaded.model
     batch = _ragged_batch(loaded, tiny_corpus_file)
-    fisher = compute_fisher(model, [batch])
+    fisher = compute_fisher(model, [batch], kind=loaded.kind)
     params = dict(model.named_parameters())
     expected = {n: torch.zeros_like(p) for n, p in params.items()}
     for row in range(batch["labels"].shape[0]):
         length = int(batch["attention_mask"][row].sum())
         sample = {k: v[row: row + 1, :length] for k, v in batch.items()}
         model.zero_grad(set_to_none=True)
-        sequence_losses(model, sample).mean_per_sample().sum().backward()
+        sequence_losses(model, sample, loaded.kind).mean_per_sample().sum().backward()
         for n, p in params.items():
             if p.grad is not None:
                 expected[n] += p.grad.square() / batch["labels"].shape[0]
@@ -97,9 +97,10 @@ def test_surface_values_do_not_depend_on_the_points_visited(tiny_gpt2, tiny_corp
     batches = load_batches(tiny_gpt2, str(tiny_corpus_file), max_samples=4, seq_len=16, batch_size=2)
     dirs, _ = directions.make_directions(tiny_gpt2.model, dims=2, seed=0)
     xs, ys = [-1.0, 0.0, 0.5], [-0.5, 0.0, 1.0]
-    grid = surface.evaluate(tiny_gpt2.model, dirs, batches, xs, ys)
+    grid = surface.evaluate(tiny_gpt2.model, dirs, batches, xs, ys, kind=tiny_gpt2.kind)
     for iy, y in enumerate(ys):
         for ix, x in enumerate(xs):
-            alone = surface.evaluate(tiny_gpt2.model, dirs, batches, [x, x + 1.0], [y, y + 1.0])[0, 0]
+            alone = surface.evaluate(tiny_gpt2.model, dirs, batches, [x, x + 1.0], [y, y + 1.0],
+                                     kind=tiny_gpt2.kind)[0, 0]
             assert alone == grid[iy, ix]
-    assert grid[1, 1] == surface.loss_and_accuracy(tiny_gpt2.model, batches)[0]
+    assert grid[1, 1] == surface.loss_and_accuracy(tiny_gpt2.model, batches, tiny_gpt2.kind)[0]

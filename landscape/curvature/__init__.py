@@ -6,7 +6,7 @@ cross-entropy over every target token of every batch,
     L(θ) = Σ_b loss_sum_b(θ) / Σ_b n_tokens_b          (nats per target token)
 
 with the model in eval mode (no dropout).  Its Hessian is a linear operator,
-``HessianOperator(model, batches, mask)``: ``H @ v`` is one exact Hessian-vector product, batched
+``HessianOperator(model, batches, mask, kind)``: ``H @ v`` is one exact Hessian-vector product, batched
 over the samples of each batch, on flat vectors (``linear`` has the convention).  The estimators
 take any such operator (the Hessian, the diagonal Fisher of ``fisher_operator``, a
 ``SubmatrixOperator`` of either, a plain symmetric tensor):

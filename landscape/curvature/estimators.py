@@ -27,7 +27,7 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
     Probe i is a Rademacher vector z_i drawn from (seed, i) alone; tr(A) ≈ mean_i z_iᵀ·A·z_i.
 
     Args:
-        A: the operator (``linear``), e.g. ``HessianOperator(model, batches, mask)`` (the trace of
+        A: the operator (``linear``), e.g. ``HessianOperator(model, batches, mask, kind)`` (the trace of
             P·H·P with a mask), or a square tensor.
         samples: number of probes (one product each).
         seed: seeds the probes.
@@ -143,7 +143,7 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
     each node broadened by a Gaussian of width ``sigma``.
 
     Args:
-        A: the operator (``linear``), e.g. ``HessianOperator(model, batches, mask)`` (the spectrum
+        A: the operator (``linear``), e.g. ``HessianOperator(model, batches, mask, kind)`` (the spectrum
             of H restricted to the kept coordinates), or a square tensor.
         runs: independent Lanczos runs (each ``steps`` products).
         steps: Lanczos steps per run (at most the dimension).

@@ -176,7 +176,7 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
 
     Args:
         A: a symmetric operator (``linear``'s convention: ``A @ v``, ``shape``, ``dtype``,
-            ``device``), e.g. ``HessianOperator(model, batches, mask)``, or a square tensor.
+            ``device``), e.g. ``HessianOperator(model, batches, mask, kind)``, or a square tensor.
         k: how many eigenpairs.
         seed: seeds the start vector.
         tol: stop when every wanted pair has ‖A·v − λ·v‖ ≤ tol·|λ|.

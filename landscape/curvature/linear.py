@@ -115,7 +115,7 @@ class DiagonalOperator(LinearOperator):
 
 
 def fisher_operator(fisher, model: torch.nn.Module, mask: Optional[dict] = None) -> DiagonalOperator:
-    """The diagonal empirical Fisher on the coordinates of ``HessianOperator(model, batches, mask)``.
+    """The diagonal empirical Fisher on the coordinates of ``HessianOperator(model, batches, mask, kind)``.
 
     Coordinate i of one is coordinate i of the other (the kept elements of the trainable
     parameters, in ``named_parameters()`` order), so the estimators compare them directly: e.g. the
@@ -145,7 +145,7 @@ class SubmatrixOperator(LinearOperator):
     """The principal submatrix A[index][:, index] of an operator (as curvlinops' ``SubmatrixLinearOperator``).
 
     Each product is one product of ``A`` (zeros off ``index``).  For the Hessian of a parameter
-    subset, ``HessianOperator(model, batches, mask)`` is the same submatrix made without the
+    subset, ``HessianOperator(model, batches, mask, kind)`` is the same submatrix made without the
     masked-out coordinates' work.
 
     Args:
@@ -192,14 +192,14 @@ def as_operator(A):
     ``device`` (square) is taken as it is.
 
     Raises:
-        UsageError: ``A`` is neither (e.g. a model: build ``HessianOperator(model, batches)``).
+        UsageError: ``A`` is neither (e.g. a model: build ``HessianOperator(model, batches, kind=...)``).
     """
     if torch.is_tensor(A):
         return MatrixOperator(A)
     missing = [name for name in ("shape", "dtype", "device", "__matmul__") if not hasattr(A, name)]
     if missing:
         raise UsageError(f"a {type(A).__name__} is not a linear operator (it has no {', '.join(missing)}); pass "
-                         "a square matrix or an operator, e.g. HessianOperator(model, batches)")
+                         "a square matrix or an operator, e.g. HessianOperator(model, batches, kind=...)")
     shape = tuple(A.shape)
     if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
         raise UsageError(f"the estimators need a square operator, got shape {shape}")

@@ -21,7 +21,7 @@ import torch
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
 from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, sample_fingerprint
-from ..models import model_kind
+from ..models import check_kind
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
 # HessianOperator): enough for the embedded model at 16 x 128 tokens (~0.25 GiB) with room.
@@ -266,7 +266,7 @@ class HessianOperator:
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
         batches: iterable of batch dicts (B, T) on the model's device, with ``labels``; kept as a list.
         mask: {param name: bool tensor shaped like the param}; None keeps every element.
-        kind: objective kind for ``objectives.sequence_losses``; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``) for ``objectives.sequence_losses``.
         cache_bytes: budget for the cached first-order graphs; 0 recomputes them every product.
     """
 
@@ -276,7 +276,7 @@ class HessianOperator:
     def __init__(self, model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None,
                  kind: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.model = model
-        self.kind = kind or model_kind(model)
+        self.kind = check_kind(kind)
         self.batches = [_usable_batch(b) for b in batches]
         if not self.batches:
             raise UsageError("the Hessian needs at least one batch of samples")

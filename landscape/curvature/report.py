@@ -134,7 +134,7 @@ def remove_checkpoints(prefix) -> None:
         path.unlink(missing_ok=True)
 
 
-def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace_samples: int = 0,
+def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int = 2, trace_samples: int = 0,
                    spectrum_runs: int = 0, steps: int = 80, bins: int = 200, mask: Optional[dict] = None,
                    seed: int = 0, tol: float = 1e-4, max_iter: int = 500, checkpoint=None, vectors=None,
                    vector_settings: Optional[dict] = None, settings: Optional[dict] = None,
@@ -149,6 +149,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
         batches: list of batch dicts (B, T) on the model's device, with ``labels`` (the loss is the
             one surfaces report).
+        kind: the objective (``models.LoadedModel.kind``).
         top: eigenpairs (0: none).
         trace_samples: Hutchinson probes (0: no trace).
         spectrum_runs: SLQ runs of ``steps`` Lanczos steps (0: no spectrum).
@@ -177,7 +178,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, top: int = 2, trace
     say = log or (lambda line: None)
     paths = checkpoint_paths(checkpoint) if checkpoint is not None else {}
     # One operator for every stage: one cache of first-order graphs, one attention fallback.
-    op = HessianOperator(model, batches, mask, cache_bytes=cache_bytes)
+    op = HessianOperator(model, batches, mask, kind, cache_bytes=cache_bytes)
     report = {"format": FORMAT, "settings": dict(settings or {}), "provenance": _provenance(model, op),
               "loss": _loss(model, op), "eigenvalues": None, "eigenpairs": None, "trace": None, "spectrum": None,
               "vectors": None, "warnings": [], "seconds": {}}

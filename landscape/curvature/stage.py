@@ -187,9 +187,9 @@ def run_hessian(out, model: ModelSource = None, *, corpus=None, fraction=None, m
             return HessianResult(out, vectors, done, computed=False)
         if log is not None:
             log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
-        report = hessian_report(loaded.model, batches, top=top, trace_samples=trace, spectrum_runs=spectrum,
-                                steps=steps, bins=bins, mask=mask, seed=seed, tol=tol, max_iter=max_iter,
-                                checkpoint=out, vectors=vectors, vector_settings=vector_settings,
+        report = hessian_report(loaded.model, batches, kind=loaded.kind, top=top, trace_samples=trace,
+                                spectrum_runs=spectrum, steps=steps, bins=bins, mask=mask, seed=seed, tol=tol,
+                                max_iter=max_iter, checkpoint=out, vectors=vectors, vector_settings=vector_settings,
                                 settings=settings, cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
         save_report(out, report)
         remove_checkpoints(out)
@@ -298,7 +298,7 @@ def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, sub
             if log is not None:
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda message, *rest, **kw: log(f"note: {message}")
-            hessian = HessianOperator(loaded.model, batches, mask)
+            hessian = HessianOperator(loaded.model, batches, mask, loaded.kind)
             values, vectors = top_eigenpairs(hessian, k=dims, seed=seed, tol=tol, progress=progress)
         fingerprint = save_eigenvectors(out, [hessian.to_dict(v) for v in vectors], values, settings)
     return dict(settings, kind="hessian", eigenvalues=np.asarray([float(v) for v in values]), norm="unit",

@@ -17,8 +17,8 @@ from ..files import require_readable_file
 from ..models import LoadedModel
 from ..settings import BOS_CHOICES
 from .hf_datasets import open_hf_dataset
-from .labelled import encode, labelled_batch, load_labelled
-from .objectives import causal_sample, mlm_sample, pad_batch, pad_token_id, span_corruption_sample
+from .labelled import encode, labelled_rows, load_labelled
+from .objectives import causal_sample, check_targets, mlm_sample, pad_batch, pad_token_id, span_corruption_sample
 from .sampling import check_max_samples, seeded_prefix
 
 __all__ = ["pad_token_id", "BOS_CHOICES", "sample_framing", "describe_framing", "load_documents",
@@ -204,8 +204,12 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
         corruption.
 
     Raises:
-        UsageError: the documents produce no sample, or ``max_samples`` is out of its domain.
+        UsageError: the documents produce no sample, or samples without a single target token
+            (``objectives.check_targets``: e.g. masked-LM samples of unknown tokens alone), or
+            ``max_samples`` is out of its domain.
     """
+    if kind not in ("mlm", "causal", "seq2seq"):
+        raise UsageError(f"documents make samples of a language model's objective, not of '{kind}'")
     if seq_len < 8:
         raise UsageError(f"seq-len must be at least 8, got {seq_len}")
     prefix, suffix = sample_framing(tokenizer, bos)
@@ -233,18 +237,17 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
             samples.append(causal_sample(prefix + chunk + suffix))
         else:
             samples.append(span_corruption_sample(chunk, tokenizer, seed=seed))
+    check_targets(samples, kind, tokenizer)  # here, so that every stage refuses it before it writes
     return samples
 
 
-def _labelled_batches(loaded, corpus, fraction, max_samples, seq_len, batch_size, seed, device):
+def _labelled_samples(loaded, corpus, fraction, max_samples, seq_len, seed):
+    """A classifier's sample: the seeded rows of a labelled dataset, one sample (and one target) each."""
+    check_max_samples(max_samples)
+    check_seq_len(loaded.model, seq_len)
     data, _ = load_labelled(corpus)
     data = data.select(seeded_prefix(len(data), fraction, seed)[:max_samples])
-    encoded = encode(loaded.tokenizer, data, seq_len)
-    device = device or next(loaded.model.parameters()).device
-    pad = pad_token_id(loaded.tokenizer)
-    return [labelled_batch(encoded, data.labels, list(range(start, min(start + batch_size, len(data)))),
-                           pad, data.task, device)
-            for start in range(0, len(data), batch_size)]
+    return labelled_rows(encode(loaded.tokenizer, data, seq_len), data.labels, range(len(data)), data.task)
 
 
 def check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
@@ -286,7 +289,8 @@ def load_samples(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
                  bos: str = "auto") -> List[Dict[str, torch.Tensor]]:
     """Documents → seeded sub-sample → samples of the model's objective, as a list.
 
-    For a language model; a caller that shards samples over processes needs them before batching.
+    A caller that shards samples over processes needs them before batching.  For a fine-tuned
+    classifier (kind 'classification') the corpus is a labelled dataset and each sample is one row.
 
     Args:
         loaded: the model and tokenizer (``models.LoadedModel``).
@@ -301,8 +305,11 @@ def load_samples(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
         A list of sample dicts of 1-D tensors with ``labels`` (see ``make_samples``).
 
     Raises:
-        UsageError: an unreadable corpus, or ``seq_len`` longer than the model's positions.
+        UsageError: an unreadable corpus, ``seq_len`` longer than the model's positions, or a
+            sample without a target token (``objectives.check_targets``).
     """
+    if loaded.kind == "classification":
+        return _labelled_samples(loaded, corpus, fraction, max_samples, seq_len, seed)
     docs = subsample_documents(load_documents(corpus), fraction, seed)
     check_seq_len(loaded.model, seq_len)
     return make_samples(loaded.tokenizer, loaded.kind, docs, seq_len, max_samples, seed, bos)
@@ -332,12 +339,10 @@ def load_batches(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
         A list of batch dicts of (B, T) tensors with ``labels`` (a classifier's labels are (B,)).
 
     Raises:
-        UsageError: an unreadable corpus, or settings out of their domains.
+        UsageError: an unreadable corpus, settings out of their domains, or a sample without a
+            target token (``objectives.check_targets``).
     """
     check_max_samples(max_samples)
-    if loaded.kind == "classification":
-        check_seq_len(loaded.model, seq_len)
-        return _labelled_batches(loaded, corpus, fraction, max_samples, seq_len, batch_size, seed, device)
     samples = load_samples(loaded, corpus, fraction, max_samples, seq_len, seed, bos)
     device = device or next(loaded.model.parameters()).device
     return batches(samples, batch_size, pad_token_id(loaded.tokenizer), device)

@@ -269,7 +269,18 @@ def labelled_batch(encoded: List[dict], labels: list, indices: List[int], pad_id
     Returns:
         A batch dict of (B, T) tensors, with ``labels`` (B,).
     """
+    return {k: v.to(device) for k, v in pad_batch(labelled_rows(encoded, labels, indices, task), pad_id).items()}
+
+
+def labelled_rows(encoded: List[dict], labels: list, indices, task: str) -> List[dict]:
+    """The rows ``indices`` as sample dicts: 1-D token tensors and a 0-D ``labels`` (``objectives.pad_batch``).
+
+    Args:
+        encoded: the rows, as ``encode`` returns them.
+        labels: one label per row: class ids, or numbers for regression.
+        indices: the rows wanted.
+        task: 'classification' (int64 labels) or 'regression' (float32 labels).
+    """
     dtype = torch.float32 if task == "regression" else torch.long
-    samples = [{**{k: torch.tensor(v, dtype=torch.long) for k, v in encoded[i].items()},
-                "labels": torch.tensor(labels[i], dtype=dtype)} for i in indices]
-    return {k: v.to(device) for k, v in pad_batch(samples, pad_id).items()}
+    return [{**{k: torch.tensor(v, dtype=torch.long) for k, v in encoded[i].items()},
+             "labels": torch.tensor(labels[i], dtype=dtype)} for i in indices]

@@ -5,9 +5,15 @@ Every objective turns a token sequence into one *sample*: a dict of 1-D tensors 
 are masked or corrupted) is seeded by the sample's own tokens, so the same text always gets the
 same targets, whatever batch or process it lands in.
 
-``sequence_losses(model, batch)`` gives per-sample sums of target-token cross-entropy, the number
-of target tokens and the number predicted correctly; every stage (Fisher, surfaces, fine-tuning
-evaluation) measures loss through it.
+``sequence_losses(model, batch, kind)`` gives per-sample sums of target-token cross-entropy, the
+number of target tokens and the number predicted correctly; every stage (Fisher, surfaces,
+fine-tuning evaluation) measures loss through it, with the objective ``kind`` the model was loaded
+with (``models.LoadedModel.kind``).
+
+A *target token* is a label other than -100 that the objective scores: every such label of a
+masked-LM or seq2seq sample, every one after the first position of a causal-LM sample (position t
+predicts t+1), and the one label of a classifier's row.  ``check_targets`` refuses a sample (the
+whole set of sequences a stage evaluates) with no target token.
 """
 
 import zlib
@@ -17,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from ..models import model_kind
+from ..models import check_kind
 
 IGNORE_INDEX = -100
 
@@ -263,7 +269,7 @@ def _classification_losses(model, batch):
     return SequenceLosses(loss, ones, (logits.argmax(-1) == labels).to(logits.dtype))
 
 
-def sequence_losses(model, batch, kind=None) -> SequenceLosses:
+def sequence_losses(model, batch, kind: str) -> SequenceLosses:
     """Per-sample target-token cross-entropy sums of ``model`` on ``batch``.
 
     The token-weighted mean loss of a set of batches is sum(loss_sum) / sum(n_tokens).
@@ -271,13 +277,57 @@ def sequence_losses(model, batch, kind=None) -> SequenceLosses:
     Args:
         model: the model.
         batch: dict of (B, T) tensors on the model's device with ``labels`` (-100 = ignored).
-        kind: 'mlm' | 'causal' | 'seq2seq' | 'classification'; inferred from the model when None.
+        kind: 'mlm' | 'causal' | 'seq2seq' | 'classification': the objective the model was loaded
+            with (``models.LoadedModel.kind``); never guessed from the model's class.
 
     Returns:
         ``SequenceLosses`` of (B,) tensors: summed cross-entropy (nats), target tokens, correct
         predictions.
+
+    Raises:
+        UsageError: ``kind`` is not an objective.
     """
-    kind = kind or model_kind(model)
     losses = {"mlm": _mlm_losses, "causal": _causal_losses, "seq2seq": _seq2seq_losses,
               "classification": _classification_losses}
-    return losses[kind](model, batch)
+    return losses[check_kind(kind)](model, batch)
+
+
+def target_tokens(sample: dict, kind: str) -> int:
+    """The number of target tokens of one sample or batch dict under the objective ``kind``.
+
+    Targets are the labels other than -100, less each causal-LM sequence's first position (nothing
+    precedes it to predict it from); a classifier's row is one target.
+    """
+    labels = sample["labels"]
+    if check_kind(kind) == "classification":
+        return int(labels.numel())
+    if kind == "causal":
+        labels = labels[..., 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def check_targets(samples, kind: str, tokenizer=None) -> None:
+    """Refuse a sample with no target token in all of its sequences.
+
+    Every stage would otherwise measure nothing (an all-zero Fisher, a surface of NaN).  A sample
+    whose *some* sequences (or batches) have no target is accepted: the totals are over the whole
+    sample (a sequence without targets adds nothing to a loss, and a zero gradient to the Fisher
+    while it counts as one of its N samples).
+
+    Args:
+        samples: the sample's sequences or batches (dicts with ``labels``).
+        kind: the objective (``models.LoadedModel.kind``).
+        tokenizer: the model's tokenizer, to name its unknown token in the message (or None).
+
+    Raises:
+        UsageError: no target token in any of them.
+    """
+    if any(target_tokens(sample, kind) for sample in samples):
+        return
+    count = sum(int(s["labels"].shape[0]) if s["labels"].dim() > 1 else 1 for s in samples)
+    unknown = getattr(tokenizer, "unk_token", None) or "the unknown token"
+    why = (f"every token is {unknown} or another special token, which the masked-LM objective never predicts "
+           "(text outside the tokenizer's vocabulary, or words too long to split)"
+           if kind == "mlm" else f"the {kind} objective finds no token to predict")
+    raise UsageError(f"the sample has no target token: in its {count} sequence{'s' if count != 1 else ''} {why}; "
+                     "use a corpus in the model's language and vocabulary")

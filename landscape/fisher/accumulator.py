@@ -31,7 +31,7 @@ import torch
 from .. import checks
 from ..data.objectives import IGNORE_INDEX, sequence_losses
 from ..errors import UsageError
-from ..models import model_kind
+from ..models import check_kind
 from ..runtime import all_reduce_sum
 from ..sharding import is_sharded, local_rows
 from .budget import (
@@ -110,13 +110,13 @@ class FisherAccumulator:
     Args:
         model: the model; every parameter with requires_grad is accumulated.
         n_groups: the number S of sample groups.
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``); required.
         max_chunk_mb: budget for per-sample gradients at a time, in MB (None: ``default_chunk_mb``).
     """
 
     def __init__(self, model, n_groups=1, kind=None, max_chunk_mb=None):
         self.model = model
-        self.kind = kind or model_kind(model)
+        self.kind = check_kind(kind)
         self.n_groups = n_groups
         if max_chunk_mb is None:
             max_chunk_mb = default_chunk_mb(model)

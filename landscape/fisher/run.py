@@ -27,7 +27,7 @@ from ..sharding import ShardLayout, collective_errors, sharded_like
 from .accumulator import FisherAccumulator
 
 
-def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], *, kind: Optional[str] = None,
+def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], *, kind: str,
                    progress: bool = False, total: Optional[int] = None, checkpoint=None,
                    checkpoint_every: float = 60.0, fingerprint: str = "",
                    max_chunk_mb: Optional[float] = None, layout: Optional[ShardLayout] = None,
@@ -43,7 +43,8 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
             ``labels`` (-100 = ignored); each row is one sample.  Under an initialized
             torch.distributed group, each rank passes its own shard and the result is the Fisher
             of all ranks' samples together.
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``; 'mlm' | 'causal' | 'seq2seq' |
+            'classification').
         progress: a tqdm bar over samples.
         total: the number of samples, for the bar (counted when ``batches`` has a length).
         checkpoint: optional path; running sums are saved there every ``checkpoint_every`` seconds
@@ -86,7 +87,7 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
 
 
 def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], sizes: Sequence[int], *,
-                  kind: Optional[str] = None, progress: bool = False,
+                  kind: str, progress: bool = False,
                   max_chunk_mb: Optional[float] = None) -> List[Dict[str, torch.Tensor]]:
     """Fisher of the first ``sizes[s]`` samples of ``batches``, for every s, in one pass.
 
@@ -97,7 +98,8 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
         model: a transformers LM or classifier.
         batches: iterable of batch dicts of (B, T) tensors with ``labels``; each row is a sample.
         sizes: prefix sizes, in samples.
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``; 'mlm' | 'causal' | 'seq2seq' |
+            'classification').
         progress: a tqdm bar over samples.
         max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default).
 

@@ -115,7 +115,7 @@ def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind
         fractions: sub-sample fractions in (0, 1]; fraction f uses the first max(1, round(f·N))
             of the N samples.
         top: percentages of the top-Fisher overlap metrics.
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``); required.
         progress: a tqdm bar over batches.
         max_chunk_mb: memory for per-sample gradients at a time, in MB (``fisher.nested_fisher``).
 

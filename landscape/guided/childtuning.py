@@ -97,7 +97,7 @@ def childtuning_mask(model, batches, reserve=0.3):
     was_training = model.training
     model.eval()
     try:
-        fisher = compute_fisher(model, batches)  # kind from the model: "classification" for a classifier
+        fisher = compute_fisher(model, batches, kind="classification")  # the classifier's (or regressor's) task loss
     finally:
         model.train(was_training)
     return top_fraction_mask({n: fisher[n] for n in body}, reserve)

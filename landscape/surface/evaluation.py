@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .. import checks
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
-from ..models import model_kind
+from ..models import check_kind
 from ..runtime import gather_all, rank_and_world
 from ..sharding import is_sharded, local_tensor, point_groups
 from .perturbation import InPlacePerturbation
@@ -62,18 +62,18 @@ def _check_directions(model, directions):
                                  f"parameter {want}; was it made for another model?")
 
 
-def loss_and_accuracy(model: torch.nn.Module, batches: List[Batch], kind: Optional[str] = None) -> Tuple[float, float]:
+def loss_and_accuracy(model: torch.nn.Module, batches: List[Batch], kind: str) -> Tuple[float, float]:
     """Token-weighted mean target cross-entropy and token accuracy over all batches.
 
     Args:
         model: the model, in eval mode.
         batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``).
 
     Returns:
         (loss in nats per target token, accuracy in [0, 1]).
     """
-    kind = kind or model_kind(model)
+    check_kind(kind)
     totals = 0.0
     with torch.inference_mode():
         for batch in batches:
@@ -152,12 +152,12 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
         on_results: called as ``on_results([(index, loss, acc), ...])`` after each round; with
             ``eval_batches`` each result is (index, loss, acc, held-out loss, held-out acc), both
             measured at the same perturbed weights.
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``); required.
         stream: keep the directions in host memory (``InPlacePerturbation``).
         eval_batches: a held-out sample (batch dicts like ``batches``), or None.
     """
+    check_kind(kind)
     _check_directions(model, directions)
-    kind = kind or model_kind(model)
     group, groups, reports = point_groups(model)
     step = checks.positive_int(points_per_pass, "points_per_pass")  # 0 is refused, not taken as 1
     if step > 1 and any(is_sharded(p) for p in model.parameters()):
@@ -192,7 +192,7 @@ def evaluate_points(model: torch.nn.Module, directions: List[Batch], batches: Li
         directions: list of 1 or 2 {name: tensor}.
         batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
         points: list of P (x,) or (x, y) coefficient tuples.
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``); required.
         points_per_pass: > 1 evaluates that many points per vmapped pass (torch.func; for GPUs).
         progress: a tqdm bar over points.
         on_result: called as ``on_result(i, loss, acc)`` as each point finishes.
@@ -229,7 +229,7 @@ def evaluate(model: torch.nn.Module, directions: List[Batch], batches: List[Batc
         batches: list of batch dicts of (B, T) tensors with ``labels``, on the model's device.
         xs: coefficients along dx.
         ys: coefficients along dy (None: a 1D surface).
-        kind: objective kind; inferred from the model when None.
+        kind: the objective (``models.LoadedModel.kind``); required.
         points_per_pass: points per vmapped pass (see ``evaluate_points``).
         progress: a tqdm bar over points.
         return_accuracy: also return the token accuracy.

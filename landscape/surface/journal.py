@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import SettingsMismatch, UsageError
 from ..identity import MODEL_KEY, refuse_changed_resume, sample_fingerprint
-from ..models import model_kind
+from ..models import check_kind
 
 FORMAT = "landscape-surface"
 JOURNAL_MAGIC = "landscape-surface-journal/2"
@@ -44,7 +44,7 @@ def _refuse(path, old, new):
     raise SettingsMismatch(f"'{path}' was computed with other settings ({detail})")
 
 
-def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, eval_batches=None):
+def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, eval_batches=None, *, kind: str):
     """Everything that changes the numbers of a surface; a resumed file must match it exactly.
 
     Args:
@@ -55,6 +55,7 @@ def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, ev
         ys: coefficients along y, or None for 1D.
         settings: extra settings that identify the run.
         eval_batches: the held-out sample of ``test_loss``/``test_acc``, identified like ``batches``.
+        kind: the objective the surface evaluates (``models.LoadedModel.kind``).
 
     Returns:
         A JSON-ready dict.
@@ -67,7 +68,7 @@ def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, ev
         "sample_fingerprint": sample_fingerprint(batches),
         "n_samples": int(sum(b["labels"].shape[0] for b in batches)),
         "n_target_tokens": n_tokens,
-        "kind": model_kind(model),
+        "kind": check_kind(kind),
         "dtype": dtype,
         "grid": {"x": [float(x) for x in xs], "y": None if ys is None else [float(y) for y in ys]},
     }

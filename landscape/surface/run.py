@@ -49,7 +49,7 @@ def load_directions_for(model, dir_file, axes=2, stream=False):
 
 def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=None, overwrite=False,
                          points_per_pass=1, progress=True, flush_seconds=2.0, info=None, stream=False,
-                         eval_batches=None):
+                         eval_batches=None, *, kind: str):
     """Compute (or resume) a surface file: loss and accuracy at every grid point not yet in ``out``.
 
     Under torch.distributed, points are split over ranks (over groups of ranks for a sharded
@@ -75,6 +75,8 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
         eval_batches: a held-out sample; its loss and accuracy at every point, in the same pass
             over the grid, become ``test_loss`` and ``test_acc`` (as the original loss-landscape
             code writes them), and its fingerprint is part of the file's identity.
+        kind: the objective the losses are measured with (``models.LoadedModel.kind``; a PEFT
+            adapter's is its base model's).
 
     Returns:
         {'path', 'computed', 'total'}: the file and its counts of points.
@@ -89,7 +91,7 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
         raise UsageError(f"'{dir_file}' holds one direction; a 2D surface needs a file with two")
     if held != torch.float32:  # the directions are rounded to it: part of what the numbers are
         settings = dict(settings or {}, direction_dtype=str(held).replace("torch.", ""))
-    identity = surface_identity(dir_attrs, batches, model, xs, ys, settings, eval_batches)
+    identity = surface_identity(dir_attrs, batches, model, xs, ys, settings, eval_batches, kind=kind)
     if MODEL_KEY in identity and (overwrite or not (Path(out).exists() or journal_path(out).exists())):
         # A fresh start refuses a direction file made for another model; a resume compares the whole
         # identity (the model's fingerprint and the direction file's) with the start's, naming what changed.
@@ -113,7 +115,7 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     complete = False
     try:
         evaluate_rounds(model, directions, batches, points, todo, points_per_pass, progress,
-                        surface_file.record if surface_file is not None else None, stream=stream,
+                        surface_file.record if surface_file is not None else None, kind, stream=stream,
                         eval_batches=eval_batches)
         complete = True
     finally:
@@ -207,6 +209,7 @@ def _run_surface(out, settings: SurfaceSettings, model, xs, ys, overwrite, progr
     counts = compute_surface_file(out, loaded.model, settings.directions, batches, xs, ys, settings=identity,
                                   overwrite=overwrite, points_per_pass=settings.points_per_pass,
                                   flush_seconds=settings.flush_seconds, info=info,
-                                  stream=settings.stream_directions, progress=progress, eval_batches=eval_batches)
+                                  stream=settings.stream_directions, progress=progress, eval_batches=eval_batches,
+                                  kind=loaded.kind)
     return SurfaceResult(path=counts["path"], settings=settings, computed=counts["computed"], total=counts["total"],
                          fingerprints={MODEL_KEY: identity[MODEL_KEY]})

@@ -82,7 +82,7 @@ def _float64_token_losses(logits, targets):
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
 
 
-def finite_difference_hvp(model: torch.nn.Module, batches: Sequence[dict], v: Sequence[torch.Tensor],
+def finite_difference_hvp(model: torch.nn.Module, batches: Sequence[dict], v: Sequence[torch.Tensor], kind: str,
                           eps: float = 2e-3) -> torch.Tensor:
     """(g(θ+εv) − g(θ−εv)) / 2ε in float64: g the gradient of ``sequence_losses``' token-weighted mean.
 
@@ -93,6 +93,7 @@ def finite_difference_hvp(model: torch.nn.Module, batches: Sequence[dict], v: Se
         model: the model (copied; its weights are untouched).
         batches: batch dicts with ``labels``.
         v: one tensor per trainable parameter, in ``parameters()`` order.
+        kind: the objective (``models.LoadedModel.kind``).
         eps: the step.
 
     Returns:
@@ -107,7 +108,7 @@ def finite_difference_hvp(model: torch.nn.Module, batches: Sequence[dict], v: Se
                 p.add_(sign * eps * d.double())
         total, tokens = 0.0, 0.0
         for b in batches:
-            s = sequence_losses(ref, b)
+            s = sequence_losses(ref, b, kind)
             total, tokens = total + s.loss_sum.sum(), tokens + float(s.n_tokens.sum())
         grads = torch.autograd.grad(total / tokens, params, allow_unused=True)
         with torch.no_grad():
