@@ -528,8 +528,8 @@ def test_one_report_builds_one_operator_and_its_graphs_once(tiny, monkeypatch, t
     model.set_attn_implementation("eager")  # no fallback: a failed first product would rebuild them
     built, real = [], operator.HessianOperator._gradient
     monkeypatch.setattr(operator.HessianOperator, "_gradient", lambda self, b: built.append(id(self)) or real(self, b))
-    report = C.hessian_report(model, batches, top=1, trace_samples=5, spectrum_runs=2, steps=4, bins=10, seed=3,
-                              max_iter=60)
+    report = C.hessian_report(model, batches, kind="causal", top=1, trace_samples=5, spectrum_runs=2, steps=4,
+                              bins=10, seed=3, max_iter=60)
     assert len(built) == len(batches) and len(set(built)) == 1
     op = C.HessianOperator(model, batches, kind="causal")
     assert report["trace"]["mean"] == C.trace(op, samples=5, seed=3)[0]
