@@ -3,6 +3,9 @@
 import contextlib
 import csv
 import errno
+import json
+import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -36,6 +39,36 @@ def atomic_output(path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             if tmp.exists():
                 tmp.unlink()
+
+
+def finite_or_null(value):
+    """``value`` with every non-finite number (NaN, +inf, -inf) inside dicts, lists and tuples as None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def json_text(value, **options) -> str:
+    """``value`` as strict JSON text: the one way this package writes JSON.
+
+    Python's ``json.dumps`` writes NaN and Infinity, which strict parsers (JavaScript, jq, Go,
+    Rust's serde) refuse; here a non-finite number becomes ``null`` (docs/file-formats.md names
+    the fields where that can happen) and ``allow_nan=False`` makes any other slip an error rather
+    than a file others cannot read.  Finite values give the same text as ``json.dumps``, so the
+    fingerprints computed from such text do not change.
+
+    Args:
+        value: dicts, lists, strings, numbers, booleans, None.
+        options: ``json.dumps`` options (indent, sort_keys, separators, default, ensure_ascii).
+
+    Returns:
+        The JSON text.
+    """
+    return json.dumps(finite_or_null(value), allow_nan=False, **options)
 
 
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)|\[Errno (\d+)\]")

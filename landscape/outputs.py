@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import OutputBusy, OutputRefused, UsageError
+from .files import json_text
 
 # Words for what a file holds, by kind (the kinds that stages claim, and those only recognized).
 WORDS = {
@@ -167,7 +168,7 @@ def _check_kind(path, kind, columns, settings):
                                   f"({_listed(columns)})")
     if kind == "figure" and settings is not None and held.stamp and held.stamp.get("settings") is not None:
         old = held.stamp["settings"]
-        new = json.loads(json.dumps(settings, default=str))
+        new = json.loads(json_text(settings, default=str))
         if old != new:
             key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise OutputRefused(path, f"'{path}' holds another figure drawn by landscape "
@@ -285,7 +286,7 @@ def _unlock(key):
 
 # ----------------------------------------------------------------------------- figure stamps
 def _encoded(stamp):
-    text = base64.urlsafe_b64encode(json.dumps(stamp, sort_keys=True, default=str).encode()).decode()
+    text = base64.urlsafe_b64encode(json_text(stamp, sort_keys=True, default=str).encode()).decode()
     return f"{STAMP_TAG}{text}!"
 
 

@@ -7,7 +7,6 @@ Each loads its model from a spec, reads the corpus, claims its output (``outputs
 computes and writes the file with its settings and provenance, and returns a plain result.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -15,7 +14,7 @@ from typing import List, Optional, Sequence
 from .. import checks
 from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_output_path, json_text
 from ..outputs import claim_output
 
 BOS_CHOICES = ("auto", "yes", "no")
@@ -181,7 +180,7 @@ def _run_fisher(out, model, corpus, o) -> FisherResult:
     checkpoint = out.with_name(out.name + (f".rank{rank}" if world > 1 else "") + ".ckpt")
     fisher = compute_fisher(loaded.model, shard, kind=loaded.kind, progress=o["progress"] and rank == 0,
                             checkpoint=checkpoint, checkpoint_every=o["checkpoint_every"],
-                            fingerprint=json.dumps(settings, sort_keys=True), max_chunk_mb=o["max_chunk_mb"],
+                            fingerprint=json_text(settings, sort_keys=True), max_chunk_mb=o["max_chunk_mb"],
                             layout=layout, model_fingerprint=weights)
     if layout.group_index == 0:  # every group holds the same reduced sums; group 0 writes them
         meta = dict(meta, ranks=world, **({"shard_size": o["shard_size"]} if layout.sharded else {}))

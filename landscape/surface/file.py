@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, require_readable_file
+from ..files import atomic_output, json_text, require_readable_file
 from ..identity import sample_fingerprint  # noqa: F401 (a name of this module before the split)
 from ..outputs import claim_output
 from .journal import (  # noqa: F401 (names of this module before the split, still imported from it)
@@ -223,7 +223,7 @@ def write_surface(path, xs, ys, loss, acc, attrs, extra=None):
                 handle.create_dataset(name, data=values)
             for key, value in attrs.items():
                 handle.attrs[key] = value
-            handle.attrs["checksums"] = json.dumps({name: _crc(values) for name, values in data.items()})
+            handle.attrs["checksums"] = json_text({name: _crc(values) for name, values in data.items()})
 
 
 def _read_surface_state(path, identity, shape, fields=TRAIN_FIELDS):
@@ -336,7 +336,7 @@ class SurfaceFile:
         self.journal.truncate(end if has_header else 0)
         self.journal.seek(0, os.SEEK_END)
         if not has_header:
-            self.journal.write(f"{JOURNAL_MAGIC} {json.dumps(self.identity, sort_keys=True)}\n".encode())
+            self.journal.write(f"{JOURNAL_MAGIC} {json_text(self.identity, sort_keys=True)}\n".encode())
         self.journal.flush()
 
     def _write_journal(self, action):

@@ -1,6 +1,5 @@
 """Computing a surface file: the evaluation loop writing through a resumable ``SurfaceFile``."""
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -8,6 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..files import json_text
 from ..identity import MODEL_KEY, check_file_model
 from ..runtime import broadcast_from_rank0, rank_and_world
 from ..sharding import is_sharded, local_rows, local_tensor
@@ -90,7 +90,7 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
         # identity (the model's fingerprint and the direction file's) with the start's, naming what changed.
         check_file_model(dir_file, "direction file", dir_attrs.get(MODEL_KEY), identity[MODEL_KEY],
                          identity.get("model"))
-    attrs = dict(_scalar_attrs(identity), identity=json.dumps(identity, sort_keys=True),
+    attrs = dict(_scalar_attrs(identity), identity=json_text(identity, sort_keys=True),
                  dir_file=str(dir_file), **{k: v for k, v in (info or {}).items() if v is not None})
     rank, _ = rank_and_world()
     surface_file, todo = None, None
