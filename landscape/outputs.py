@@ -8,9 +8,10 @@ any work.  A claim
 * takes the output's lock: a sidecar ``.NAME.lock`` next to it, locked with ``flock`` and holding
   the writer's pid and command line.  A second run on the same output is refused in one line naming
   that process; the kernel drops the lock of a killed run, so its left-over sidecar blocks nothing
-  (the next run takes it over and removes it when it ends).  Claims are re-entrant inside one
-  process (a CLI command claims its outputs, then a library writer claims them again), and under
-  torchrun only rank 0 locks (the other ranks are the same run).
+  (the next run takes it over and removes it when it ends), nor do the partial files killed writers
+  left in the output's folder (removed by the claim: ``partials``, only those whose writer is dead).
+  Claims are re-entrant inside one process (a CLI command claims its outputs, then a library writer
+  claims them again), and under torchrun only rank 0 locks (the other ranks are the same run).
 * refuses, unless ``overwrite=True``, an existing file that is not this stage's kind: what it
   holds is recognized from its content (HDF5 attributes, safetensors metadata, a JSON ``format``,
   a figure's embedded stamp, a CSV's header), never from its name.  Whether a file of the right kind
@@ -38,6 +39,7 @@ from typing import Optional, Sequence
 
 from .errors import OutputBusy, OutputRefused, UsageError
 from .files import json_text
+from .partials import remove_dead_partials
 
 # Words for what a file holds, by kind (the kinds that stages claim, and those only recognized).
 WORDS = {
@@ -216,6 +218,7 @@ def _lock(path):
     handle.write(f"{os.getpid()} {_command()}\n".encode())
     handle.flush()
     _HELD[key] = [handle, 1, made]
+    remove_dead_partials(side.parent, own_locks=set(_HELD))  # what killed writers left in this folder
     return key
 
 
