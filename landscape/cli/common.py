@@ -2,16 +2,25 @@
 
 import argparse
 
+from .. import checks
 from ..errors import UsageError
 from ..runtime import THREADS_HELP, parse_threads
 from . import options
 
 
-def _threads(text):
-    try:
-        return parse_threads(text)
-    except UsageError as err:
-        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+class _Threads:
+    """argparse ``type=`` of ``--threads``: auto, or a count in ``domain`` (read by the option tests)."""
+
+    form, domain, __name__ = "number", checks.int_in(0, checks.THREADS_MAX), "auto|N"
+
+    def __call__(self, text):
+        try:
+            return parse_threads(text)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+
+_threads = _Threads()
 
 
 def add_threads_arg(parser):

@@ -32,7 +32,7 @@ def _register_fisher(subparsers):
 
 
 def _add_run_args(parser):
-    parser.add_argument("--max-chunk-mb", type=options.POSITIVE, default=None,
+    parser.add_argument("--max-chunk-mb", type=options.CHUNK_MB, default=None,
                         help="memory for per-sample gradients at a time, in MB (default: 256, lowered to a "
                              "quarter byte per model parameter for models under 1B parameters, at least 64)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")

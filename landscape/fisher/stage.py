@@ -147,7 +147,7 @@ def run_fisher(out, model: Optional[str] = None, corpus: Optional[str] = None, *
     """
     out = check_output_path(out, "out", [".safetensors"])
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
-    checks.optional(checks.positive_float, max_chunk_mb, "max_chunk_mb")
+    checks.optional(checks.CHUNK_MB.check, max_chunk_mb, "max_chunk_mb")
     checks.positive_int(shard_size, "shard_size")
     with claim_output(out, "fisher", overwrite=overwrite):
         return _run_fisher(out, model, corpus, dict(
@@ -241,7 +241,7 @@ def run_stability(out, model: Optional[str] = None, corpus: Optional[str] = None
     fractions = parse_numbers(_text(fractions), "fractions", 0.0, 1.0)
     top = parse_numbers(_text(top), "top", 0.0, 100.0)
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
-    checks.optional(checks.positive_float, max_chunk_mb, "max_chunk_mb")
+    checks.optional(checks.CHUNK_MB.check, max_chunk_mb, "max_chunk_mb")
     o = dict(fraction=fraction, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size, seed=seed, bos=bos,
              dtype=dtype, overwrite=overwrite)
     with contextlib.ExitStack() as held:

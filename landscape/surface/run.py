@@ -187,7 +187,11 @@ def run_surface(out, directions, model: Optional[str] = None, corpus: Optional[s
 def _axis(values, name):
     from .evaluation import parse_range
 
-    return parse_range(values, name) if isinstance(values, str) else np.asarray(values, dtype=np.float64)
+    if isinstance(values, str):
+        return parse_range(values, name)
+    from .. import checks
+
+    return np.asarray(checks.coordinates(values, f"the {name} coordinates"), dtype=np.float64)
 
 
 def _grid_axes(directions, x, y, one_d):
@@ -216,7 +220,8 @@ def _run_surface(out, dir_file, model, corpus, xs, ys, o):
     device, _, world = join_torchrun(o["device"])
     layout = shard_layout(o["shard_size"])
     check_reachable(corpus)
-    check_reachable(o["eval_corpus"])  # before the model is loaded for nothing
+    if o["eval_corpus"] is not None:  # None: no held-out sample (not the embedded corpus)
+        check_reachable(o["eval_corpus"])  # before the model is loaded for nothing
     loaded = load_model(model, device=device, dtype=o["dtype"], allow_new_head=o["allow_new_head"], layout=layout)
     sampling = dict(fraction=o["fraction"], max_samples=o["max_samples"], seq_len=o["seq_len"],
                     batch_size=o["batch_size"], seed=o["seed"], bos=o["bos"])
