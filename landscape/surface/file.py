@@ -233,6 +233,10 @@ def _read_surface_state(path, identity, shape, fields=TRAIN_FIELDS):
             stored = handle.attrs.get("identity")
             if stored is None or "train_loss" not in handle:
                 raise SettingsMismatch(f"'{path}' exists but is not a landscape surface file")
+            held_out = [n for n in fields if n not in TRAIN_FIELDS and n not in handle]
+            if held_out:  # a resume that adds a held-out corpus: say so, not that the file is unreadable
+                raise SettingsMismatch(f"'{path}' holds a surface computed without a held-out corpus (no "
+                                       f"'{held_out[0]}'), and this run evaluates one")
             names = [n for n in ("xcoordinates", "ycoordinates", *fields) if n in handle]
             values = _verified(handle, path, names)
             arrays = [values[name] for name in fields]

@@ -1,5 +1,6 @@
 """Computing a surface file: the evaluation loop writing through a resumable ``SurfaceFile``."""
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -171,6 +172,7 @@ def run_surface(out, directions, model: Optional[str] = None, corpus: Optional[s
     from ..outputs import claim_output
 
     out = check_output_path(out, "out", (".h5", ".hdf5"))
+    _check_distinct(out, directions)
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
     checks.positive_int(points_per_pass, "points_per_pass")
     checks.non_negative_float(flush_seconds, "flush_seconds")
@@ -182,6 +184,20 @@ def run_surface(out, directions, model: Optional[str] = None, corpus: Optional[s
             dtype=dtype, device=device, allow_new_head=allow_new_head, shard_size=shard_size,
             points_per_pass=points_per_pass, flush_seconds=flush_seconds, stream=stream_directions,
             eval_corpus=eval_corpus, overwrite=overwrite, progress=progress))
+
+
+def _check_distinct(out, directions) -> None:
+    """UsageError when ``out`` is the direction file itself: the surface would replace what it reads.
+
+    Even with ``overwrite``: the claim would otherwise refuse it as "a direction file, not a loss
+    surface", which reads as if ``directions`` were wrong.
+    """
+    same = Path(os.path.abspath(out)) == Path(os.path.abspath(directions))
+    if not same and Path(out).exists() and Path(directions).exists():
+        same = os.path.samefile(out, directions)  # a link, or another spelling of the same file
+    if same:
+        raise UsageError(f"out and directions name the same file '{out}': the surface would replace the directions "
+                         "it is computed from; write the surface to another file")
 
 
 def _axis(values, name):
