@@ -22,7 +22,7 @@ Figures carry a stamp (``figure_metadata`` for matplotlib's ``savefig(metadata=.
 ``stamp_html`` for plotly pages): ``landscape-output:`` followed by base64 JSON of the claim's
 kind and settings and ``!``, so that any of PNG, PDF, SVG and HTML is read back by one search.
 
-Size: about 460 lines, 90 of them docstrings.  Claims, locks and what a file holds are one
+Size: about 475 lines, 95 of them docstrings.  Claims, locks and what a file holds are one
 mechanism: a claim takes the lock and reads the file under it, so they stay in one module.
 """
 
@@ -33,6 +33,7 @@ import json
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -235,13 +236,18 @@ def _acquire(side, path):
     A lock file removed by its last holder between our open and our flock is not the one at
     ``side`` any more: then try again on the new one.
     """
-    for _ in range(100):
+    for attempt in range(100):
         handle = open(side, "a+b")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(handle)
             handle.close()
+            # A holder that wrote no pid yet: a claim being taken, or another run's cleanup looking
+            # whether the lock is held (``partials``), which lets go at once: look again briefly.
+            if holder == _UNNAMED and attempt < 20:
+                time.sleep(0.01)
+                continue
             raise OutputBusy(path, f"another run is writing '{path}' ({holder})") from None
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(side).st_ino
@@ -253,12 +259,15 @@ def _acquire(side, path):
     raise UsageError(f"cannot lock '{path}': its lock file '{side}' keeps changing")
 
 
+_UNNAMED = "a process that has not said who it is yet"
+
+
 def _holder(handle):
     handle.seek(0)
     text = handle.read(4096).decode("utf-8", "replace").strip()
     pid, _, command = text.partition(" ")
     if not pid.isdigit():
-        return "a process that has not said who it is yet"
+        return _UNNAMED
     return f"pid {pid}" + (f": {command}" if command else "")
 
 

@@ -13,7 +13,8 @@ Whether the writer is dead (``writer_alive``): a partial is removed only when bo
   after the writer's last write is another process.  The start time comes from /proc (Linux);
   where it cannot be read, a live pid keeps its partial.
 * no other process holds the lock of an output whose name starts the partial's (``.NAME.lock``,
-  or ``.F.safetensors.lock`` for the Fisher checkpoint ``F.safetensors.ckpt``).  Every writer of a
+  ``.F.safetensors.lock`` for the Fisher checkpoint ``F.safetensors.ckpt``, ``.s.h5.lock`` for the
+  aside file ``.s.h5.new.h5`` of a surface being replaced).  Every writer of a
   partial holds such a lock (under torchrun, rank 0 writes and locks), so this keeps the partial of
   a writer on another machine sharing the folder, whose pid means nothing here.
 
@@ -55,7 +56,7 @@ def remove_dead_partials(folder, own_locks: Collection[str] = ()) -> List[Path]:
         found = _PARTIAL.match(name)
         if found is None:
             continue
-        partial, target = folder / name, found["target"]
+        partial, target = folder / name, found["target"].lstrip(".")  # a hidden aside file: '.s.h5.new.h5'
         if writer_alive(int(found["pid"]), partial):
             continue
         if any(target.startswith(owner) and str(lock) not in own_locks and _held(lock) for owner, lock in locks):
@@ -115,7 +116,11 @@ def _boot_time() -> Optional[float]:
 
 
 def _held(lock: Path) -> bool:
-    """Whether another open file holds ``lock`` with flock (False when it is gone)."""
+    """Whether another open file holds ``lock`` with flock (False when it is gone).
+
+    Looking takes the lock shared for an instant: a claim of that output meeting it then sees a
+    holder without a pid and looks again (``outputs._acquire``), so it is never refused for it.
+    """
     try:
         handle = open(lock, "rb")
     except OSError:

@@ -91,6 +91,24 @@ def test_only_partials_of_dead_writers_are_removed_by_a_claim(tmp_path):
     assert sorted(remove_dead_partials(tmp_path)) == sorted(kept[2:] + [kept[0]])
 
 
+def test_a_claim_is_not_refused_for_a_cleanup_looking_at_its_lock(tmp_path):
+    import fcntl
+    import threading
+
+    out = tmp_path / "x.h5"
+    side = outputs.lock_path(out)
+    side.write_bytes(b"")
+    look = open(side, "rb")  # what partials._held does in another run, for an instant
+    fcntl.flock(look.fileno(), fcntl.LOCK_SH)
+    letting_go = threading.Timer(0.05, look.close)
+    letting_go.start()
+    try:
+        with outputs.claim_output(out, "directions"):
+            assert side.read_text().startswith(f"{os.getpid()} ")
+    finally:
+        letting_go.join()
+
+
 # ----------------------------------------------------------------------------- real kills, then a rerun
 def _kill_while_partial(args, folder, limit=240):
     """Run ``args``; the moment its partial file exists, SIGKILL it there. Returns the partial."""
