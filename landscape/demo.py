@@ -17,6 +17,7 @@ import torch
 
 from .data.corpus import load_batches
 from .defaults import DemoSettings
+from .files import check_output_folder
 from .fisher import run_stability
 from .fisher.stability import format_table as stability_table
 from .guided import profile as profile_stage
@@ -202,6 +203,7 @@ def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=Fa
     Raises:
         OutputRefused: a file there that the demo did not write, without ``overwrite``.
     """
+    check_output_folder(out_dir, "out_dir")  # a file, or a path inside one, before the model loads
     cfg = settings or DemoSettings()
     torch.manual_seed(cfg.seed)
     run = DemoRun(out=Path(out_dir), cfg=cfg, loaded=load_model(None, device=device), overwrite=overwrite)

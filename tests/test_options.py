@@ -284,9 +284,15 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     with pytest.raises(UsageError, match="afile' is a file, not a folder"):
         data_home()
     monkeypatch.delenv("LANDSCAPE_DATA")
-    for folder in ("afile", "afile/sub"):
-        with pytest.raises(UsageError, match="save_models '.*' is a file, not a folder|'.*afile' is a file"):
-            run_finetune(out=str(tmp_path / "r.csv"), dataset=str(tiny_corpus_file), save_models=str(tmp_path / folder))
+    from landscape.demo import run_demo
+    from landscape.guided.profile import run_profile
+
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        for call in (lambda: run_finetune(out=str(tmp_path / "r.csv"), dataset=str(tiny_corpus_file),
+                                          save_models=str(folder)),
+                     lambda: run_profile(tmp_path / "F.safetensors", folder), lambda: run_demo(folder)):
+            with pytest.raises(UsageError, match=r"'.*afile' is a file, not a folder"):
+                call()
     # coordinates whose products with a direction's values overflow the weights
     model = tiny_bert.model
     batches = corpus.load_batches(tiny_bert, str(tiny_corpus_file), max_samples=2, seq_len=16, batch_size=2)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import atomic_output, write_csv
+from ..files import atomic_output, check_output_folder, write_csv
 from ..fisher import check_fisher_matches
 from ..outputs import claim_output, figure_metadata
 from .sites import find_sites, site_scores
@@ -266,9 +266,7 @@ def run_profile(fisher_path, out, model=None, overwrite=False):
     from ..identity import model_fingerprint
     from ..models import load_model
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"out '{out}' is a file; give a folder")
+    out = check_output_folder(out, "out")  # a file, or a path inside one, before any work
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(out, "folder", overwrite))
         held.enter_context(claim_profile(out, fisher_path, overwrite))
