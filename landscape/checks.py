@@ -38,6 +38,7 @@ EPOCHS_MAX = 10_000  # fine-tuning epochs
 # Memory sizes in MB (a chunk of the Fisher's sums, the Hessian's cache): 1 TiB is beyond any one
 # tensor or machine; 1e308 MB overflowed to inf bytes and crashed the conversion to an integer.
 MEGABYTES_MAX = 2**20
+LORA_RANK_MAX = 65_536  # a LoRA rank: wider than any layer of today's models, where more adapts nothing
 # Contour levels of a figure: drawing time grows linearly, about 0.02 s a level on a 51 x 51 grid
 # (500 levels: 12 s on a busy 2-core machine), so 50 million never finish; colours that close cannot be told apart.
 CONTOUR_LEVELS_MAX = 500
@@ -138,6 +139,7 @@ RESTARTS = Domain("int", 1, RESTARTS_MAX)
 EPOCHS = Domain("int", 1, EPOCHS_MAX)
 CHUNK_MB = Domain("float", 0.0, MEGABYTES_MAX, low_open=True)
 CACHE_MB = Domain("float", 0.0, MEGABYTES_MAX)
+LORA_RANK = Domain("int", 1, LORA_RANK_MAX)
 
 
 def int_in(low: int, high: Optional[int] = None) -> Domain:
