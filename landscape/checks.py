@@ -22,7 +22,23 @@ GRID_NUM_MAX = 100_000  # points along one axis of a surface grid (a 2D grid is 
 EIGENPAIRS_MAX = 1000  # top Hessian eigenpairs: Lanczos holds about 2k + 10 vectors of the model's size
 LANCZOS_STEPS_MAX = 10_000  # steps of one Lanczos run, each a vector of the model's size
 BINS_MAX = 1_000_000  # histogram bins of a spectral density (the report holds them all)
-THREADS_MAX = 4096  # CPU threads for torch
+THREADS_MAX = 4096  # CPU threads for torch (a billion made libgomp run out of memory)
+# |MIN| and |MAX| of a grid axis.  Coordinates multiply direction values, which filter
+# normalization makes the size of the weights (< 1e3 in the models seen): 1e6 keeps every product
+# far inside float32 (and bfloat16's) range, where 1e39 overflowed even the Python float -> float32
+# conversion; a wider view of a loss than a million times the weights' own scale shows nothing.
+# ``surface.evaluate`` also checks the products with the actual direction values (float16 models).
+COORD_MAX = 1e6
+# Counts whose every unit costs at least one pass over the model, so a huge value never ends:
+TRACE_PROBES_MAX = 100_000  # Hutchinson probes: the standard error falls as 1/sqrt(N); one product each
+SPECTRUM_RUNS_MAX = 1000  # SLQ runs: each up to LANCZOS_STEPS_MAX products; the report keeps their nodes
+HVP_BUDGET_MAX = 1_000_000  # Hessian-vector products of the top eigenpairs' Lanczos (max_iter)
+RESTARTS_MAX = 1000  # fine-tuning runs per regularizer and fraction (one seed each)
+EPOCHS_MAX = 10_000  # fine-tuning epochs
+# Memory sizes in MB (a chunk of the Fisher's sums, the Hessian's cache): 1 TiB is beyond any one
+# tensor or machine; 1e308 MB overflowed to inf bytes and crashed the conversion to an integer.
+MEGABYTES_MAX = 2**20
+LORA_RANK_MAX = 65_536  # a LoRA rank: wider than any layer of today's models, where more adapts nothing
 # Contour levels of a figure: drawing time grows linearly, about 0.02 s a level on a 51 x 51 grid
 # (500 levels: 12 s on a busy 2-core machine), so 50 million never finish; colours that close cannot be told apart.
 CONTOUR_LEVELS_MAX = 500
@@ -116,6 +132,14 @@ PERCENT = Domain("float", 0.0, 100.0, low_open=True)
 FINITE = Domain("float")
 POSITIVE = Domain("float", 0.0, low_open=True)
 NON_NEGATIVE = Domain("float", 0.0)
+TRACE_PROBES = Domain("int", 0, TRACE_PROBES_MAX)
+SPECTRUM_RUNS = Domain("int", 0, SPECTRUM_RUNS_MAX)
+HVP_BUDGET = Domain("int", 1, HVP_BUDGET_MAX)
+RESTARTS = Domain("int", 1, RESTARTS_MAX)
+EPOCHS = Domain("int", 1, EPOCHS_MAX)
+CHUNK_MB = Domain("float", 0.0, MEGABYTES_MAX, low_open=True)
+CACHE_MB = Domain("float", 0.0, MEGABYTES_MAX)
+LORA_RANK = Domain("int", 1, LORA_RANK_MAX)
 
 
 def int_in(low: int, high: Optional[int] = None) -> Domain:
@@ -179,6 +203,8 @@ def range_problem(text, num_max: int = GRID_NUM_MAX) -> Tuple[Optional[Tuple[flo
         return None, f"must be MIN:MAX:NUM with numbers (e.g. -1:1:21), got '{text}'"
     if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
         return None, f"must have finite MIN and MAX and a finite MAX - MIN, got '{text}'"
+    if max(abs(low), abs(high)) > COORD_MAX:
+        return None, f"must have MIN and MAX in [-{COORD_MAX:g}, {COORD_MAX:g}], got '{text}'"
     if low >= high:
         return None, f"must have MIN smaller than MAX, got '{text}'"
     if not 2 <= num <= num_max:
@@ -187,7 +213,7 @@ def range_problem(text, num_max: int = GRID_NUM_MAX) -> Tuple[Optional[Tuple[flo
 
 
 def grid_range(text, name: str, num_max: int = GRID_NUM_MAX) -> Tuple[float, float, int]:
-    """'MIN:MAX:NUM' -> (MIN, MAX, NUM): finite bounds, MIN < MAX, MAX - MIN finite, 2 <= NUM <= num_max.
+    """'MIN:MAX:NUM' -> (MIN, MAX, NUM): bounds in [-COORD_MAX, COORD_MAX], MIN < MAX, 2 <= NUM <= num_max.
 
     Raises:
         UsageError: naming ``name`` otherwise.
@@ -196,6 +222,19 @@ def grid_range(text, name: str, num_max: int = GRID_NUM_MAX) -> Tuple[float, flo
     if problem:
         raise UsageError(f"{name} {problem}")
     return parsed
+
+
+def coordinates(values, name: str) -> List[float]:
+    """Grid coordinates given as numbers: each finite and in [-COORD_MAX, COORD_MAX].
+
+    Raises:
+        UsageError: naming ``name`` and the first value outside.
+    """
+    values = [float(v) for v in values]
+    bad = next((v for v in values if not (math.isfinite(v) and abs(v) <= COORD_MAX)), None)
+    if bad is not None:
+        raise UsageError(f"{name} must hold finite coordinates in [-{COORD_MAX:g}, {COORD_MAX:g}], got {bad!r}")
+    return values
 
 
 def list_problem(text, domain: Domain) -> Tuple[Optional[List], Optional[str]]:
@@ -271,8 +310,8 @@ class AxisDomain:
             grid_range(value, name, self.num_max)
             return value
         try:
-            items = [FINITE.check(item, name) for item in value]
-        except TypeError:
+            items = coordinates(value, name)
+        except (TypeError, ValueError):
             raise UsageError(f"{name} must be {self.describe()}, got {_quote(value)}") from None
         if not 2 <= len(items) <= self.num_max:
             raise UsageError(f"{name} must hold between 2 and {self.num_max} coefficients, got {len(items)}")

@@ -10,12 +10,24 @@
 import os
 from pathlib import Path
 
+from .errors import OutputUnwritable, UsageError
+from .files import check_folder_path
+
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "data" / "model"
 
 
 def data_home() -> Path:
-    """The folder that holds extracted texts and built checkpoints (read at call time)."""
-    return Path(os.environ.get("LANDSCAPE_DATA") or Path.home() / ".cache" / "landscape").expanduser()
+    """The folder that holds extracted texts and built checkpoints (read at call time).
+
+    Raises:
+        UsageError: it is a file or lies inside one (``LANDSCAPE_DATA`` naming a file), refused
+            here so that every use says so in one line, before any work.
+    """
+    home = Path(os.environ.get("LANDSCAPE_DATA") or Path.home() / ".cache" / "landscape").expanduser()
+    try:
+        return check_folder_path(home, "the data home")
+    except OutputUnwritable as err:  # no command's flag: the message names the variable that moves it
+        raise UsageError(f"{err.what} '{home}'{err.detail.split('; ')[0]}; set LANDSCAPE_DATA to a folder") from None
 
 
 def checkpoints_dir() -> Path:

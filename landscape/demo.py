@@ -16,6 +16,7 @@ import torch
 
 from .defaults import DemoSettings
 from .direction_kinds import make as make_directions
+from .files import check_output_folder
 from .fisher import run_stability
 from .fisher.stability import format_table as stability_table
 from .guided import profile as profile_stage
@@ -213,6 +214,7 @@ def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=Fa
     """
     from .runtime import apply_threads
 
+    check_output_folder(out_dir, "out_dir")  # a file, or a path inside one, before the model loads
     cfg = settings or DemoSettings()
     torch.manual_seed(cfg.seed)
     # 'auto' is resolved once, so that every stage runs with the same count (each stage applies it).

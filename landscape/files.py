@@ -3,6 +3,9 @@
 import contextlib
 import csv
 import errno
+import json
+import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -36,6 +39,36 @@ def atomic_output(path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             if tmp.exists():
                 tmp.unlink()
+
+
+def finite_or_null(value):
+    """``value`` with every non-finite number (NaN, +inf, -inf) inside dicts, lists and tuples as None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def json_text(value, **options) -> str:
+    """``value`` as strict JSON text: the one way this package writes JSON.
+
+    Python's ``json.dumps`` writes NaN and Infinity, which strict parsers (JavaScript, jq, Go,
+    Rust's serde) refuse; here a non-finite number becomes ``null`` (docs/file-formats.md names
+    the fields where that can happen) and ``allow_nan=False`` makes any other slip an error rather
+    than a file others cannot read.  Finite values give the same text as ``json.dumps``, so the
+    fingerprints computed from such text do not change.
+
+    Args:
+        value: dicts, lists, strings, numbers, booleans, None.
+        options: ``json.dumps`` options (indent, sort_keys, separators, default, ensure_ascii).
+
+    Returns:
+        The JSON text.
+    """
+    return json.dumps(finite_or_null(value), allow_nan=False, **options)
 
 
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)|\[Errno (\d+)\]")
@@ -131,17 +164,64 @@ def check_output_path(path, what: str = "output", suffixes: Optional[Sequence[st
         raise OutputUnwritable(what, path, f": use a {names} file name")
     if path.is_dir():
         raise OutputUnwritable(what, path, " is a folder; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputUnwritable(what, path, f": '{existing}' is a file, not a folder")
+    existing = _existing_folder(path.parent if str(path.parent) else Path("."), what, path)
     reason = _probe_folder(existing)
     if reason is not None:
         raise OutputUnwritable(what, path, f" cannot be written: '{existing}' refuses new files ({reason})")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputUnwritable(what, path, " is not writable (check its permissions)")
+    return path
+
+
+def _existing_folder(folder: Path, what: str, path: Path) -> Path:
+    """The first existing folder among ``folder`` and its parents (OutputUnwritable when it is a file)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputUnwritable(what, path, f": '{existing}' is a file, not a folder")
+    return existing
+
+
+def check_folder_path(path, what: str = "folder") -> Path:
+    """Refuse a path meant as a folder that is a file or lies inside one (it could never hold files).
+
+    Args:
+        path: the folder (it may not exist yet).
+        what: what it is, named in messages.
+
+    Returns:
+        The path, as a ``Path``.
+
+    Raises:
+        OutputUnwritable: ``path`` or one of its parents is a file.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputUnwritable(what, path, " is a file, not a folder; give a folder")
+    _existing_folder(path, what, path)
+    return path
+
+
+def check_output_folder(path, what: str = "folder") -> Path:
+    """Refuse, before any work, a folder to write files into that could not take them at the end.
+
+    Args:
+        path: the folder (made when missing).
+        what: what it is, named in messages (a parameter such as ``save_models``).
+
+    Returns:
+        The path, as a ``Path``.
+
+    Raises:
+        OutputUnwritable: ``path`` or one of its parents is a file, or the first existing one
+            refuses new files.
+    """
+    path = check_folder_path(path, what)
+    existing = _existing_folder(path, what, path)
+    reason = _probe_folder(existing)
+    if reason is not None:
+        raise OutputUnwritable(what, path, f" cannot be written: '{existing}' refuses new files ({reason})")
     return path
 
 

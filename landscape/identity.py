@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from .errors import SettingsMismatch, UsageError
+from .files import json_text
 
 MODEL_KEY = "model_fingerprint"
 SAMPLE_KEY = "sample_fingerprint"
@@ -63,7 +64,7 @@ class _Digest:
         self.hash = hashlib.sha256(SCHEME)
 
     def add(self, name: str, code: str, shape, sample: bytes) -> None:
-        self.hash.update(json.dumps([name, code, [int(s) for s in shape]]).encode())
+        self.hash.update(json_text([name, code, [int(s) for s in shape]]).encode())
         self.hash.update(sample)
 
     def hexdigest(self) -> str:
@@ -179,7 +180,7 @@ def _config_bytes(path: Path) -> bytes:
     if not isinstance(config, dict):
         raise UsageError(f"'{path}' is not a model configuration (a JSON object)")
     kept = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-    return b"config:" + json.dumps(kept, sort_keys=True).encode()
+    return b"config:" + json_text(kept, sort_keys=True).encode()
 
 
 def _hub_folder(spec: str) -> Optional[Path]:

@@ -8,9 +8,10 @@ any work.  A claim
 * takes the output's lock: a sidecar ``.NAME.lock`` next to it, locked with ``flock`` and holding
   the writer's pid and command line.  A second run on the same output is refused in one line naming
   that process; the kernel drops the lock of a killed run, so its left-over sidecar blocks nothing
-  (the next run takes it over and removes it when it ends).  Claims are re-entrant inside one
-  process (a CLI command claims its outputs, then a library writer claims them again), and under
-  torchrun only rank 0 locks (the other ranks are the same run).
+  (the next run takes it over and removes it when it ends), nor do the partial files killed writers
+  left in the output's folder (removed by the claim: ``partials``, only those whose writer is dead).
+  Claims are re-entrant inside one process (a CLI command claims its outputs, then a library writer
+  claims them again), and under torchrun only rank 0 locks (the other ranks are the same run).
 * refuses, unless ``overwrite=True``, an existing file that is not this stage's kind: what it
   holds is recognized from its content (HDF5 attributes, safetensors metadata, a JSON ``format``,
   a figure's embedded stamp, a CSV's header), never from its name.  Whether a file of the right kind
@@ -23,7 +24,7 @@ matplotlib's ``savefig(metadata=...)``, ``claim.stamp_html(page)`` for plotly pa
 ``landscape-output:`` followed by base64 JSON of the claim's kind and settings and ``!``, so that
 any of PNG, PDF, SVG and HTML is read back by one search.
 
-Size: about 500 lines, 100 of them docstrings.  Claims, locks and what a file holds are one
+Size: about 515 lines, 100 of them docstrings.  Claims, locks and what a file holds are one
 mechanism: a claim takes the lock and reads the file under it, so they stay in one module.
 """
 
@@ -34,11 +35,14 @@ import json
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import OutputBusy, OutputRefused, UsageError
+from .files import json_text
+from .partials import remove_dead_partials
 
 # Words for what a file holds, by kind (the kinds that stages claim, and those only recognized).
 WORDS = {
@@ -187,7 +191,7 @@ def _check_kind(path, kind, columns, settings):
                                   f"({_listed(columns)})")
     if kind == "figure" and settings is not None and held.stamp and held.stamp.get("settings") is not None:
         old = held.stamp["settings"]
-        new = json.loads(json.dumps(settings, default=str))
+        new = json.loads(json_text(settings, default=str))
         if old != new:
             key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise OutputRefused(path, f"'{path}' holds another figure drawn by landscape "
@@ -235,6 +239,7 @@ def _lock(path):
     handle.write(f"{os.getpid()} {_command()}\n".encode())
     handle.flush()
     _HELD[key] = [handle, 1, made]
+    remove_dead_partials(side.parent, own_locks=set(_HELD))  # what killed writers left in this folder
     return key
 
 
@@ -251,13 +256,18 @@ def _acquire(side, path):
     A lock file removed by its last holder between our open and our flock is not the one at
     ``side`` any more: then try again on the new one.
     """
-    for _ in range(100):
+    for attempt in range(100):
         handle = open(side, "a+b")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(handle)
             handle.close()
+            # A holder that wrote no pid yet: a claim being taken, or another run's cleanup looking
+            # whether the lock is held (``partials``), which lets go at once: look again briefly.
+            if holder == _UNNAMED and attempt < 20:
+                time.sleep(0.01)
+                continue
             raise OutputBusy(path, f"another run is writing '{path}' ({holder})") from None
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(side).st_ino
@@ -269,12 +279,15 @@ def _acquire(side, path):
     raise UsageError(f"cannot lock '{path}': its lock file '{side}' keeps changing")
 
 
+_UNNAMED = "a process that has not said who it is yet"
+
+
 def _holder(handle):
     handle.seek(0)
     text = handle.read(4096).decode("utf-8", "replace").strip()
     pid, _, command = text.partition(" ")
     if not pid.isdigit():
-        return "a process that has not said who it is yet"
+        return _UNNAMED
     return f"pid {pid}" + (f": {command}" if command else "")
 
 
@@ -305,7 +318,7 @@ def _unlock(key):
 
 # ----------------------------------------------------------------------------- figure stamps
 def _encoded(stamp):
-    text = base64.urlsafe_b64encode(json.dumps(stamp, sort_keys=True, default=str).encode()).decode()
+    text = base64.urlsafe_b64encode(json_text(stamp, sort_keys=True, default=str).encode()).decode()
     return f"{STAMP_TAG}{text}!"
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from .checks import THREADS_MAX
 from .errors import UsageError
 
 
@@ -235,16 +236,18 @@ def resolve_device(name="auto"):
 
 # ----------------------------------------------------------------------------- CPU threads
 THREADS_HELP = ("torch CPU threads: auto = the cores this process may use, minus those other processes keep "
-                "busy right now (at least 1, at most OMP_NUM_THREADS when set); N = exactly N; 0 = torch's own "
-                "default (every core, however busy)")
+                "busy right now (at least 1, at most OMP_NUM_THREADS when set); N = exactly N (at most "
+                f"{THREADS_MAX}); 0 = torch's own default (every core, however busy)")
 
 
 def parse_threads(text: str) -> str:
     """'auto', or a count >= 0 as text; UsageError otherwise (the command line's ``--threads``)."""
     value = str(text).strip().lower()
-    if value == "auto" or (value.isdigit() and int(value) >= 0):
+    # A bound: a billion threads made libgomp fail to allocate its stacks, in an abort, not one line.
+    if value == "auto" or (value.isascii() and value.isdigit() and int(value) <= THREADS_MAX):
         return value
-    raise UsageError(f"threads: expected auto or a number of threads (0 = torch's default), got '{text}'")
+    raise UsageError(f"threads: must be auto or a number of threads in [0, {THREADS_MAX}] (0 = torch's default), "
+                     f"got '{text}'")
 
 
 def usable_cores() -> List[int]:

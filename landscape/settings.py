@@ -284,7 +284,7 @@ class FisherSettings(Settings):
     checkpoint_every: float = setting(60.0, domain=checks.NON_NEGATIVE, identity=False,
                                       help="seconds between checkpoints of the running sums")
     max_chunk_mb: Optional[float] = setting(
-        None, domain=checks.POSITIVE, identity=False,
+        None, domain=checks.CHUNK_MB, identity=False,
         help="memory for per-sample gradients at a time, in MB (default: 256, lowered to a quarter byte per model "
              "parameter for models under 1B parameters, at least 64)")
 
@@ -389,14 +389,14 @@ class HessianSettings(Settings):
     model: ModelSpec = setting(help="the model", factory=ModelSpec, exclude=("shard_size",))
     sample: SampleSpec = setting(help="the sample", factory=_sample_with(max_samples=64))
     top: int = setting(2, domain=checks.int_in(0, checks.EIGENPAIRS_MAX), help="top eigenpairs; 0 = none")
-    trace: int = setting(0, domain=checks.NON_NEGATIVE_INT, metavar="N",
+    trace: int = setting(0, domain=checks.TRACE_PROBES, metavar="N",
                          help="Hutchinson probes for the trace, e.g. 100; 0 = no trace")
-    spectrum: int = setting(0, domain=checks.NON_NEGATIVE_INT, metavar="RUNS",
+    spectrum: int = setting(0, domain=checks.SPECTRUM_RUNS, metavar="RUNS",
                             help="stochastic Lanczos quadrature runs for the density, e.g. 10; 0 = none")
     steps: int = setting(80, domain=checks.int_in(1, checks.LANCZOS_STEPS_MAX), help="Lanczos steps per spectrum run")
     bins: int = setting(200, domain=checks.int_in(1, checks.BINS_MAX), help="histogram bins of the density")
     tol: float = setting(1e-4, domain=checks.OPEN_UNIT, help="eigenpairs converge when |Hv - λv| <= tol·|λ|")
-    max_iter: int = setting(500, domain=checks.POSITIVE_INT,
+    max_iter: int = setting(500, domain=checks.HVP_BUDGET,
                             help="at most this many Hessian-vector products for the eigenpairs")
     fisher: Optional[str] = setting(None, help="Fisher file (safetensors) for --subset")
     subset: str = setting(
@@ -408,7 +408,7 @@ class HessianSettings(Settings):
     ignore: str = setting("biasbn", choices=IGNORES,
                           help="biasbn: 1-D tensors (biases, LayerNorm) are not coordinates, as directions do not "
                                "perturb them; none: every trainable element (the full Hessian)")
-    cache_mb: float = setting(1024.0, domain=checks.NON_NEGATIVE, identity=False,
+    cache_mb: float = setting(1024.0, domain=checks.CACHE_MB, identity=False,
                               help="memory for the cached first-order graphs, in MB; 0 = recompute")
 
     def __post_init__(self):

@@ -270,23 +270,30 @@ def test_non_finite_direction_file_is_one_line(tiny_bert, dir_file, small, tmp_p
     assert not (tmp_path / "s.h5").exists() and not S.journal_path(tmp_path / "s.h5").exists()
 
 
-def test_a_diverged_loss_is_inf_computed_once_and_drawn(tiny_bert_dir, dir_file, tiny_corpus_file, tmp_path,
-                                                        capfd):
+def test_a_diverged_loss_is_inf_computed_once_and_drawn(tiny_bert_dir, tiny_corpus_file, tmp_path, capfd):
+    from landscape.models import load_model
+
+    # Coordinates are bounded (±1e6), so the divergence comes from a steep direction: finite float32
+    # weights of 1e28 whose activations overflow, as a model that really diverges does.
+    dirs, settings = D.make_directions(load_model(str(tiny_bert_dir)).model, dims=1, seed=0)
+    steep = tmp_path / "steep.h5"
+    D.save_directions(steep, [{name: values * 1e28 for name, values in dirs[0].items()}], settings)
+
     def args(out, x):
-        return ["surface", "--model", tiny_bert_dir, "--directions", dir_file, "--corpus", tiny_corpus_file,
+        return ["surface", "--model", tiny_bert_dir, "--directions", steep, "--corpus", tiny_corpus_file,
                 "--max-samples", 4, "--seq-len", 16, "--one-d", f"--x={x}", "--out", out]
 
     out = tmp_path / "div.h5"
-    assert _cli(capfd, *args(out, "-1e30:1e30:3"))[0] == 0
+    assert _cli(capfd, *args(out, "-1:1:3"))[0] == 0
     loss, acc = _grids(out)
     assert loss[0] == loss[2] == np.inf and np.isfinite(loss[1]) and not np.isnan(acc).any()
     with h5py.File(out, "r") as handle:
         assert handle.attrs["points_done"] == 3
-    code, stdout, _ = _cli(capfd, *args(out, "-1e30:1e30:3"))
+    code, stdout, _ = _cli(capfd, *args(out, "-1:1:3"))
     assert code == 0 and "0 point(s) computed now" in stdout  # +inf is computed, not missing
     assert _cli(capfd, "plot", out, "--out", tmp_path / "div.png")[0] == 0  # draws the finite point
     everywhere = tmp_path / "all.h5"
-    assert _cli(capfd, *args(everywhere, "1e30:2e30:2"))[0] == 0
+    assert _cli(capfd, *args(everywhere, "0.5:1:2"))[0] == 0
     assert (_grids(everywhere)[0] == np.inf).all()
     code, _, err = _cli(capfd, "plot", everywhere, "--out", tmp_path / "all.png")
     line = _one_line(code, err, "diverged")

@@ -42,7 +42,8 @@ def test_spec_parsing_and_refusals():
                                                                          "targets": ["q_proj", "v_proj"]}
     assert lora.parse_lora_spec("r=4") == {"r": 4, "alpha": 8.0, "targets": None}
     assert lora.parse_lora_spec("layers=2-4+7,targets=q_proj")["layers"] == [2, 3, 4, 7]
-    for bad, words in (("r=0", "at least 1"), ("rank=4", "unknown key"), ("r=x", "must be a number"),
+    for bad, words in (("r=0", "at least 1"), ("r=100000000", "at most 65536"), ("r=8,alpha=inf", "finite"),
+                       ("rank=4", "unknown key"), ("r=x", "must be a number"),
                        ("dropout=0.1", "unknown key"), ("layers=a-b", "block indices")):
         with pytest.raises(UsageError, match=words):
             lora.parse_lora_spec(bad)

@@ -60,7 +60,8 @@ def _bad_values(action):
         bad = [v for v in CANDIDATES if v not in kind.domain]
         valid = next(iter(str(action.default or "").split(",")), "")
         return bad + ([f"{valid},{bad[0]}"] if valid and bad else [])
-    return ["nan:1:3", "-1:inf:3", "-1e308:1e308:3", "1:-1:3", "-1:1:0", "-1:1:-1", "-1:1:nan",
+    return ["nan:1:3", "-1:inf:3", "-1e308:1e308:3", "-1e39:1e39:3", f"-{checks.COORD_MAX * 10:g}:1:3",
+            f"-1:{checks.COORD_MAX * 2:g}:3", "1:-1:3", "-1:1:0", "-1:1:-1", "-1:1:nan",
             f"-1:1:{kind.num_max + 1}", f"-1:1:{10**12}", "-1:1", "0"]
 
 
@@ -91,6 +92,38 @@ def test_every_numeric_option_declares_its_domain(command):
 
 
 NUMERIC = list(_numeric_options())
+
+# Numeric options without an upper bound, and why none is needed: a huge value asks for no more
+# than the largest sensible one (a cap on what the data holds, an interval longer than any run), or
+# it is a value of the method that costs no memory or time (a diverged run is a result).  Any other
+# numeric option needs one: 1e308 or 10**12 would exhaust memory or time, or overflow on the way.
+# ``test_unbounded_options_take_a_huge_value`` runs each of these with one.
+UNBOUNDED = {
+    "--max-samples": "a cap: at most the sequences the corpus gives",
+    "--max-train": "a cap: at most the training rows", "--max-test": "a cap: at most the test rows",
+    "--fisher-samples": "a cap: at most the sequences the corpus gives",
+    "--eval-samples": "a cap: at most the sequences the corpus gives",
+    "--batch-size": "a cap: a batch holds at most every sample",
+    "--points-per-pass": "a cap: a pass holds at most every point of the grid",
+    "--checkpoint-every": "seconds: longer than the run is one checkpoint at the end",
+    "--flush-seconds": "seconds: longer than the run is one write at the end (the journal keeps every point)",
+    "--shard-size": "must divide the number of ranks, refused in one line otherwise",
+    "--zmin": "a figure's clipping bound", "--zmax": "a figure's clipping bound",
+    "--radius": "a radius over the grid: a huge one is the whole grid",
+    "--fit-radius": "a radius over the grid: a huge one is the whole grid",
+    "--gamma": "the power schedule's exponent: a huge one gives every site p_lower but the top one",
+    "--lr": "a value of the method: a diverged run is a result", "--weight-decay": "a value of the method",
+    "--r3f-lambda": "a value of the method", "--r3f-sigma": "a value of the method",
+}
+
+
+def test_every_numeric_option_has_an_upper_bound_or_a_reason_for_none():
+    unbounded = {(command, action.option_strings[0]) for command, action in NUMERIC
+                 if action.choices is None and action.type.domain.high is None}
+    missing = sorted(f"{command} {option}" for command, option in unbounded if option not in UNBOUNDED)
+    assert not missing, f"numeric options without an upper bound (a huge value exhausts memory or time): {missing}"
+    stale = sorted(set(UNBOUNDED) - {option for _, option in unbounded})
+    assert not stale, f"UNBOUNDED names options that have a bound now or no longer exist: {stale}"
 
 
 def test_the_table_is_not_empty():
@@ -130,6 +163,12 @@ CAMPAIGN = [
     (["surface", "--directions", "d.h5", "--x=-1e308:1e308:3"], "--x"),
     (["plot", "a.h5", "--kind", "contour", "--levels", "50000000"], "--levels"),
     (["directions", "--kind", "hessian", "--batch-size", "0"], "--batch-size"),
+    # issue 28: a float overflow traceback leaving s.h5 and its journal; libgomp out of memory
+    (["surface", "--directions", "d.h5", "--x=-1e39:1e39:3"], "--x"),
+    (["fisher", "--threads", "1000000000"], "--threads"),
+    (["fisher", "--max-chunk-mb", "1e308"], "--max-chunk-mb"),
+    (["hessian", "--cache-mb", "1e308"], "--cache-mb"),
+    (["hessian", "--trace", str(10**12)], "--trace"),
 ]
 
 
@@ -210,3 +249,83 @@ def test_the_api_refuses_instead_of_falling_back(tiny_bert, tiny_corpus_file, wr
     with pytest.raises(UsageError, match="radius"):  # NaN compared as no point and wrote a figure
         sharpness.summarize(bowl, radius=math.nan)
     assert list(tmp_path.glob("c*")) == [] and not (tmp_path / "s.h5").exists()
+
+
+# ----------------------------------------------------------------------------- upper bounds and folders (issue 28)
+def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_path, monkeypatch):
+    import torch
+
+    from landscape import corpus, directions, surface
+    from landscape.curvature import run_hessian
+    from landscape.datahome import data_home
+    from landscape.fisher.accumulator import FisherAccumulator
+    from landscape.guided.finetune import run_finetune
+    from landscape.guided.training import FinetuneConfig
+
+    for call, words in ((lambda: surface.parse_range("-1e39:1e39:3"), "MIN and MAX in"),
+                        (lambda: checks.grid_range("-2e6:0:3", "x"), "MIN and MAX in"),
+                        (lambda: FinetuneConfig(epochs=10**9), "epochs"),
+                        (lambda: FisherAccumulator(tiny_bert.model, max_chunk_mb=1e308), "max_chunk_mb"),
+                        (lambda: run_hessian(tmp_path / "H.json", trace=10**12), "trace probes"),
+                        (lambda: run_hessian(tmp_path / "H.json", spectrum=10**6), "spectrum runs"),
+                        (lambda: run_hessian(tmp_path / "H.json", max_iter=10**12), "max_iter"),
+                        (lambda: run_hessian(tmp_path / "H.json", cache_mb=1e308), "cache_mb"),
+                        (lambda: run_finetune(out=str(tmp_path / "r.csv"), restarts=10**9), "restarts")):
+        with pytest.raises(UsageError, match=words):
+            call()
+    # folders: the data home and the folder of saved models, refused before any work
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "afile"))
+    for call in (data_home, lambda: run_hessian(tmp_path / "H.json", model=str(tmp_path / "nowhere"))):
+        with pytest.raises(UsageError, match="the data home '.*afile' is a file, not a folder; set LANDSCAPE_DATA"):
+            call()
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "afile" / "sub"))
+    with pytest.raises(UsageError, match="afile' is a file, not a folder"):
+        data_home()
+    monkeypatch.delenv("LANDSCAPE_DATA")
+    from landscape.demo import run_demo
+    from landscape.guided.profile import run_profile
+
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        for call in (lambda: run_finetune(out=str(tmp_path / "r.csv"), dataset=str(tiny_corpus_file),
+                                          save_models=str(folder)),
+                     lambda: run_profile(tmp_path / "F.safetensors", folder), lambda: run_demo(folder)):
+            with pytest.raises(UsageError, match=r"'.*afile' is a file, not a folder"):
+                call()
+    # coordinates whose products with a direction's values overflow the weights
+    model = tiny_bert.model
+    batches = corpus.load_batches(tiny_bert, str(tiny_corpus_file), max_samples=2, seq_len=16, batch_size=2)
+    huge = {n: torch.full_like(p, 1e33) for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UsageError, match="overflow the model's float32"):
+        surface.evaluate(model, [huge], batches, [0.0, 1e6])
+    with pytest.raises(UsageError, match="coordinates must hold finite coordinates"):
+        surface.run_surface(tmp_path / "s.h5", tmp_path / "d.h5", x=[0.0, 1e39])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert surface.evaluate(model, [directions.random_direction(model, seed=0)], batches, [0.0, 1e6]).shape == (2,)
+    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.json"))
+
+
+def test_unbounded_options_take_a_huge_value(tiny_bert_dir, tiny_corpus_file, tmp_path, capfd):
+    """What ``UNBOUNDED`` says: each of these options given 10**12 or 1e308 runs as with the largest sensible value."""
+    from conftest import cli_in_process as _cli
+
+    big, far = str(10**12), "1e308"
+    sample = ["--model", tiny_bert_dir, "--corpus", tiny_corpus_file, "--seq-len", 16, "--max-samples", big,
+              "--batch-size", big]
+    runs = [["fisher", *sample, "--checkpoint-every", far, "--quiet", "--out", tmp_path / "F.safetensors"],
+            ["directions", "--model", tiny_bert_dir, "--dims", 2, "--out", tmp_path / "d.h5"],
+            ["surface", *sample, "--directions", tmp_path / "d.h5", "--points-per-pass", big, "--flush-seconds", far,
+             "--x", "-1:1:3", "--y", "-1:1:3", "--out", tmp_path / "s.h5"],
+            ["plot", tmp_path / "s.h5", "--kind", "contour", "--zmin", "-" + far, "--zmax", far, "--out",
+             tmp_path / "p.png"],
+            ["compare", tmp_path / "s.h5", "--radius", far, "--fit-radius", far, "--out", tmp_path / "c.png"],
+            ["export", "--vtk", tmp_path / "s.h5", "--zmax", far, "--out", tmp_path / "s.vtp"],
+            ["schedule", tmp_path / "F.safetensors", "--model", tiny_bert_dir, "--shape", "power", "--gamma", far,
+             "--out", tmp_path / "g.json"]]
+    for args in runs:
+        code, _, err = _cli(capfd, *args)
+        assert code == 0, (args[0], err)
+    code, _, err = _cli(capfd, "surface", *sample, "--directions", tmp_path / "d.h5", "--shard-size", big, "--out",
+                        tmp_path / "s2.h5")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

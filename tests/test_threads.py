@@ -35,9 +35,9 @@ def test_threads_values(text, value):
     assert runtime.parse_threads(text) == value
 
 
-@pytest.mark.parametrize("text", ["-1", "x", "1.5", ""])
+@pytest.mark.parametrize("text", ["-1", "x", "1.5", "", "4097", "1000000000", "²"])
 def test_bad_threads_are_refused(text):
-    with pytest.raises(UsageError, match="^threads: expected auto or a number"):  # the library's words, no flag
+    with pytest.raises(UsageError, match="^threads: must be auto or a number"):  # the library's words, no flag
         runtime.parse_threads(text)
 
 

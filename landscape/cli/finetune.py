@@ -40,7 +40,7 @@ def register(subparsers):
     p.add_argument("--p-lower", type=options.BELOW_ONE, default=0.0, help="guided schedule from --fisher: lower bound")
     p.add_argument("--fractions", type=options.FRACTIONS, default="1.0",
                    help="training-set fractions, e.g. 1,0.5,0.25,0.1")
-    p.add_argument("--restarts", type=options.POSITIVE_INT, default=6,
+    p.add_argument("--restarts", type=options.RESTARTS, default=6,
                    help="restart seeds per fraction (6: with n restarts the exact paired Wilcoxon p cannot go "
                         "below 2/2^n, so 6 is the fewest that can reach p < 0.05)")
     p.add_argument("--seed", type=options.SEED, default=0, help="first restart seed")
@@ -56,7 +56,7 @@ def register(subparsers):
                    help=f"examples per step {_by_model('batch_size')}")
     p.add_argument("--seq-len", type=options.SEQ_LEN, default=None,
                    help=f"max tokens per example {_by_model('seq_len')}")
-    p.add_argument("--epochs", type=options.POSITIVE_INT, default=3, help="passes over the training rows")
+    p.add_argument("--epochs", type=options.EPOCHS, default=3, help="passes over the training rows")
     p.add_argument("--warmup", type=options.SHARE, default=0.1, help="warm-up share of all steps")
     p.add_argument("--weight-decay", type=options.NON_NEGATIVE, default=0.0, help="AdamW weight decay")
     p.add_argument("--dropout", type=options.BELOW_ONE, default=0.1, help="standard/Gaussian dropout probability")

@@ -23,18 +23,18 @@ def register(subparsers):
     add_corpus_args(parser, max_samples_default=64)
     group = parser.add_argument_group("what to compute")
     group.add_argument("--top", type=options.EIGENPAIRS, default=2, help="top eigenpairs; 0 = none")
-    group.add_argument("--trace", type=options.NON_NEGATIVE_INT, default=0, metavar="N",
+    group.add_argument("--trace", type=options.TRACE_PROBES, default=0, metavar="N",
                        help="Hutchinson probes for the trace, e.g. 100; 0 = no trace")
-    group.add_argument("--spectrum", type=options.NON_NEGATIVE_INT, default=0, metavar="RUNS",
+    group.add_argument("--spectrum", type=options.SPECTRUM_RUNS, default=0, metavar="RUNS",
                        help="stochastic Lanczos quadrature runs for the density, e.g. 10; 0 = none")
     group.add_argument("--steps", type=options.LANCZOS_STEPS, default=80, help="Lanczos steps per spectrum run")
     group.add_argument("--bins", type=options.BINS, default=200, help="histogram bins of the density")
     group.add_argument("--tol", type=options.OPEN_UNIT, default=1e-4,
                        help="eigenpairs converge when |Hv - λv| <= tol·|λ|")
-    group.add_argument("--max-iter", type=options.POSITIVE_INT, default=500,
+    group.add_argument("--max-iter", type=options.HVP_BUDGET, default=500,
                        help="at most this many Hessian-vector products for the eigenpairs")
     _add_mask_args(group)
-    parser.add_argument("--cache-mb", type=options.NON_NEGATIVE, default=1024.0,
+    parser.add_argument("--cache-mb", type=options.CACHE_MB, default=1024.0,
                         help="memory for the cached first-order graphs, in MB; 0 = recompute")
     parser.add_argument("--out", required=True, help="JSON report to write (.json)")
     parser.add_argument("--vectors", default=None,

@@ -91,7 +91,8 @@ BINS = Number(checks.int_in(1, checks.BINS_MAX))
 class Threads:
     """argparse ``type=`` of ``--threads``: 'auto' or a count (``settings.THREADS``, the stages' own check)."""
 
-    __name__ = "threads"
+    # Read by the option tests like a number's: every value outside is refused (besides 'auto').
+    form, domain, __name__ = "number", checks.int_in(0, checks.THREADS_MAX), "threads"
 
     def __call__(self, text):
         try:
@@ -101,3 +102,11 @@ class Threads:
 
 
 THREADS = Threads()
+
+TRACE_PROBES = Number(checks.TRACE_PROBES)
+SPECTRUM_RUNS = Number(checks.SPECTRUM_RUNS)
+HVP_BUDGET = Number(checks.HVP_BUDGET)
+RESTARTS = Number(checks.RESTARTS)
+EPOCHS = Number(checks.EPOCHS)
+CHUNK_MB = Number(checks.CHUNK_MB)
+CACHE_MB = Number(checks.CACHE_MB)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import UsageError
+from ..files import json_text
 from ..identity import refuse_changed_resume
 from ..schema import Schema
 
@@ -33,7 +34,7 @@ class _Journal:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "w") as handle:
-                handle.write(json.dumps({"format": JOURNAL_FORMAT, **identity}, sort_keys=True) + "\n")
+                handle.write(json_text({"format": JOURNAL_FORMAT, **identity}, sort_keys=True) + "\n")
 
     def _load(self):
         data = self.path.read_bytes()
@@ -46,7 +47,7 @@ class _Journal:
             header = None
         if not isinstance(header, dict) or header.pop("format", None) != JOURNAL_FORMAT:
             schema.fail("is not a Hessian checkpoint (no header line of one)")
-        if header != json.loads(json.dumps(self.identity)):
+        if header != json.loads(json_text(self.identity)):
             refuse_changed_resume(self.path, header, self.identity, "delete it or choose another path", UsageError)
             key = next(k for k in sorted(set(header) | set(self.identity)) if header.get(k) != self.identity.get(k))
             raise UsageError(f"checkpoint '{self.path}' was written with other settings ({key}={header.get(key)!r}, "
@@ -72,7 +73,7 @@ class _Journal:
         record = {"i": int(index), **values}
         self.records[int(index)] = record
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json_text(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -6,18 +6,17 @@ checkpoints, the JSON report, and the eigenvectors as a direction file.
 This is what ``landscape hessian`` and ``landscape directions --kind hessian`` call; everything
 here raises errors in the library's terms (no command-line flags).
 
-The report (JSON, ``FORMAT``): ``settings`` (everything that changes the numbers, as given by the
-caller), ``provenance`` (sample fingerprint, sizes, versions, attention used), ``loss`` at the
-weights, ``eigenvalues`` (descending) with their relative residuals (measured: one more product per
-returned vector; ``estimated_residuals`` are Lanczos' own), ``trace`` {mean, stderr,
-samples}, ``spectrum`` (histogram edges, centers, density and the quadrature nodes/weights),
-``vectors`` (the direction file and its fingerprint), ``seconds`` per stage.  Units: the loss is
-nats per target token; eigenvalues, trace and spectrum are nats/token per (unit of parameter)².
+The report (JSON, ``FORMAT``): ``settings`` (everything that changes the numbers, as given by the caller),
+``provenance`` (sample fingerprint, sizes, versions, attention used), ``loss`` at the weights, ``eigenvalues``
+(descending) with their relative residuals (measured: one more product per returned vector; ``estimated_residuals``
+are Lanczos' own), ``trace`` {mean, stderr (null for one probe: strict JSON has no NaN), samples}, ``spectrum``
+(histogram edges, centers, density and the quadrature nodes/weights), ``vectors`` (the direction file and its
+fingerprint), ``seconds`` per stage. Units: the loss is nats per target token; eigenvalues, trace and spectrum are
+nats/token per (unit of parameter)².
 
-Checkpoints: ``<prefix>.top.ckpt``, ``<prefix>.trace.ckpt``, ``<prefix>.spectrum.ckpt`` (JSON-lines
-journals, see ``checkpoint``), written as units finish and removed by ``remove_checkpoints`` once
-the report is written; a rerun with the same settings resumes from them, one with other settings
-is refused.
+Checkpoints: ``<prefix>.top.ckpt``, ``<prefix>.trace.ckpt``, ``<prefix>.spectrum.ckpt`` (JSON-lines journals, see
+``checkpoint``), written as units finish and removed by ``remove_checkpoints`` once the report is written; a rerun
+with the same settings resumes from them, one with other settings is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import torch
 
 from .. import __version__
 from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, require_readable_file
+from ..files import atomic_output, json_text, require_readable_file
 from ..fisher.subsets import perturbable_names
 from ..fisher.subsets import subset_mask as fisher_subset_mask
 from ..schema import Schema
@@ -336,7 +335,7 @@ def _provenance(model, op: HessianOperator) -> dict:
 def save_report(path, report: dict) -> Path:
     """Write a report as JSON (atomically)."""
     with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+        Path(tmp).write_text(json_text(report, indent=1) + "\n")
     return Path(path)
 
 
@@ -349,6 +348,8 @@ def load_report(path) -> dict:
         raise UsageError(f"'{path}' is not a Hessian report (not JSON); make one with `landscape hessian`") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise UsageError(f"'{path}' is not a Hessian report; make one with `landscape hessian`")
+    if isinstance(report.get("trace"), dict) and report["trace"].get("stderr", 0) is None:
+        report["trace"]["stderr"] = float("nan")  # strict JSON's null for one probe's undefined error
     check_report(report, path)
     return report
 
@@ -427,7 +428,7 @@ def check_existing_report(path, settings: dict) -> Optional[dict]:
         old = load_report(path)
     except UsageError:
         raise SettingsMismatch(f"'{path}' exists but is not a Hessian report") from None
-    now = json.loads(json.dumps(settings))
+    now = json.loads(json_text(settings))
     before = old.get("settings", {})
     for key in sorted(set(now) | set(before)):
         if before.get(key) != now.get(key):
@@ -441,5 +442,4 @@ def report_numbers(report: dict) -> dict:
     values = report.get("eigenvalues") or []
     trace = report.get("trace") or {}
     return {"top_eigenvalue": float(values[0]) if values else float("nan"),
-            "trace": float(trace.get("mean", float("nan"))),
-            "trace_stderr": float(trace.get("stderr", float("nan")))}
+            "trace": float(trace.get("mean", float("nan"))), "trace_stderr": float(trace.get("stderr", float("nan")))}

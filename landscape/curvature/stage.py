@@ -59,13 +59,13 @@ class HessianResult:
 def _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors):
     """The run's numbers, checked against their domains (``checks``), as ints and floats."""
     top = checks.int_in(0, checks.EIGENPAIRS_MAX).check(top, "the number of eigenpairs")
-    trace = checks.non_negative_int(trace, "the number of trace probes")
-    spectrum = checks.non_negative_int(spectrum, "the number of spectrum runs")
+    trace = checks.TRACE_PROBES.check(trace, "the number of trace probes")
+    spectrum = checks.SPECTRUM_RUNS.check(spectrum, "the number of spectrum runs")
     steps = checks.int_in(1, checks.LANCZOS_STEPS_MAX).check(steps, "the Lanczos steps")
     bins = checks.int_in(1, checks.BINS_MAX).check(bins, "the number of bins")
     tol = checks.OPEN_UNIT.check(tol, "tol")
-    max_iter = checks.positive_int(max_iter, "max_iter")
-    cache_mb = checks.non_negative_float(cache_mb, "cache_mb")
+    max_iter = checks.HVP_BUDGET.check(max_iter, "max_iter")
+    cache_mb = checks.CACHE_MB.check(cache_mb, "cache_mb")
     if not (top or trace or spectrum):
         raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
     if vectors is not None and top < 1:

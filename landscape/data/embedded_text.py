@@ -26,7 +26,6 @@ import bz2
 import glob
 import html
 import io
-import json
 import math
 import os
 import random
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from ..datahome import data_home
 from ..errors import UsageError
+from ..files import json_text
 
 GENSIM_SPEC = "gensim==4.4.0"
 VADER_SPEC = "vaderSentiment==3.3.2"
@@ -278,7 +278,7 @@ def build_corpus(wheel: str, out_dir: str, seed: int) -> str:
     for name, docs in splits.items():
         with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
             for d in docs:
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+                f.write(json_text(d, ensure_ascii=False) + "\n")
         words = {s: sum(len(d["text"].split()) for d in docs if d["source"] == s)
                  for s in ("enwiki", "lee")}
         parts.append(f"{name}: {len(docs)} docs, {sum(words.values())} words "

@@ -17,12 +17,18 @@ def check_reachable(spec) -> None:
     A stage calls it before loading its model, which would then be loaded for nothing.
 
     Args:
-        spec: a corpus or dataset spec, or None (the embedded corpus: always reachable).
+        spec: a corpus or dataset spec, or None (the embedded corpus: reachable when the data home
+            is a folder).
 
     Raises:
-        UsageError: the spec names a hub dataset and the hub cannot provide it.
+        UsageError: the spec names a hub dataset and the hub cannot provide it, or the data home of
+            the embedded corpus is a file.
     """
-    if spec is not None and is_hub_name(spec):
+    if spec is None:  # the embedded corpus lives in the data home: refuse a file there now
+        from ..datahome import data_home
+
+        data_home()
+    elif is_hub_name(spec):
         check_hub_name(spec)
 
 

@@ -120,7 +120,7 @@ class FisherAccumulator:
         self.n_groups = n_groups
         if max_chunk_mb is None:
             max_chunk_mb = default_chunk_mb(model)
-        checks.positive_float(max_chunk_mb, "max_chunk_mb")
+        checks.CHUNK_MB.check(max_chunk_mb, "max_chunk_mb")
         self.chunk_elements = max(1, int(max_chunk_mb * 2**20 // 4))
         self.pass_bytes = int(default_pass_mb(model) * 2**20)
         self._costs = None

@@ -9,7 +9,6 @@ NaN.  Its schema (``check_fisher_header``, ``check_fisher_tensor``): the header'
 ``FORMAT``, and every tensor is float32, finite and non-negative.
 """
 
-import json
 import struct
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, require_readable_file
+from ..files import atomic_output, json_text, require_readable_file
 from ..identity import MODEL_KEY, check_file_model
 from ..models import check_tensors_match
 from ..schema import Schema
@@ -70,7 +69,7 @@ def _header(shapes, metadata):
         size = 4 * int(torch.Size(shape).numel())
         entries[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
+    text = json_text(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 

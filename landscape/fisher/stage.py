@@ -7,11 +7,10 @@ Each loads its model from a spec, reads the corpus, claims its output (``outputs
 computes and writes the file with its settings and provenance, and returns a plain result.
 """
 
-import json
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..files import check_output_path
+from ..files import check_output_path, json_text
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
@@ -128,7 +127,7 @@ def _run_fisher(out, settings: FisherSettings, model, overwrite, progress) -> Fi
     checkpoint = out.with_name(out.name + (f".rank{rank}" if world > 1 else "") + ".ckpt")
     fisher = compute_fisher(loaded.model, shard, kind=loaded.kind, progress=progress and rank == 0,
                             checkpoint=checkpoint, checkpoint_every=settings.checkpoint_every,
-                            fingerprint=json.dumps(identity, sort_keys=True), max_chunk_mb=settings.max_chunk_mb,
+                            fingerprint=json_text(identity, sort_keys=True), max_chunk_mb=settings.max_chunk_mb,
                             layout=layout, model_fingerprint=weights)
     if layout.group_index == 0:  # every group holds the same reduced sums; group 0 writes them
         meta = dict(meta, ranks=world, **({"shard_size": settings.model.shard_size} if layout.sharded else {}))

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 from .. import checks
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_LORA_LR, FINETUNE_PAPER
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_output_folder, check_output_path
 
 
 @dataclass
@@ -115,12 +115,16 @@ def _check(s, regularizers):
     if unknown or not regularizers:
         raise UsageError(f"unknown regularizer '{(unknown or [''])[0]}'; use any of {', '.join(REGULARIZERS)}")
     fractions = s.fractions if isinstance(s.fractions, str) else ",".join(repr(float(f)) for f in s.fractions)
-    checks.positive_int(s.restarts, "restarts")
+    checks.RESTARTS.check(s.restarts, "restarts")
     checks.seed(s.seed)
     checks.seed(s.split_seed, "split_seed")
     checks.OPEN_UNIT.check(s.test_fraction, "test_fraction")
     for name in ("max_train", "max_test"):
         checks.optional(checks.positive_int, getattr(s, name), name)
+    if s.dataset is None:  # the embedded sentiment set lives in the data home: refuse a file there now
+        from ..datahome import data_home
+
+        data_home()
     if s.lora is not None:
         from . import lora
 
@@ -151,6 +155,7 @@ def _outputs(s, regularizers, fractions, held):
         from ..outputs import check_saved_models
         from .sweep import model_folder
 
+        check_output_folder(s.save_models, "save_models")  # a file there failed after training
         claim(s.save_models, "folder")
         check_saved_models([model_folder(s.save_models, reg, fraction, seed) for reg in regularizers
                             for fraction in fractions for seed in range(s.seed, s.seed + s.restarts)], s.overwrite)

@@ -16,6 +16,7 @@ UsageError naming the extra.
 import re
 import warnings
 
+from .. import checks
 from ..adapters import INSTALL_HINT, require_peft  # noqa: F401 (names of this module before)
 from ..errors import UsageError
 from .lora_sites import (  # noqa: F401 (names of this module before the split)
@@ -99,8 +100,11 @@ def parse_lora_spec(text: str) -> dict:
             out[key] = _SPEC_KEYS[key](value)
         except ValueError:
             raise UsageError(f"LoRA spec: {key} must be a number, got '{value}'") from None
-    if out["r"] < 1 or (out["alpha"] is not None and not out["alpha"] > 0):
-        raise UsageError(f"LoRA spec: r must be at least 1 and alpha positive; got r={out['r']}, alpha={out['alpha']}")
+    # r above a layer's width adapts nothing more, and r x (width in + out) is allocated per target:
+    # a bound keeps a huge r from exhausting memory; alpha=inf would scale every update to NaN.
+    if out["r"] not in checks.LORA_RANK or (out["alpha"] is not None and out["alpha"] not in checks.POSITIVE):
+        raise UsageError(f"LoRA spec: r must be at least 1 and at most {checks.LORA_RANK_MAX}, and alpha "
+                         f"{checks.POSITIVE.describe()}; got r={out['r']}, alpha={out['alpha']}")
     if out["alpha"] is None:
         out["alpha"] = float(2 * out["r"])
     return out

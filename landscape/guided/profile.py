@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import atomic_output, write_csv
+from ..files import atomic_output, check_output_folder, write_csv
 from ..fisher import check_fisher_matches
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
@@ -298,9 +298,7 @@ def run_profile(settings: ProfileSettings, *, out, model: Optional[LoadedModel] 
     from ..fisher import check_fisher_model, load_fisher
     from ..identity import model_fingerprint
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"out '{out}' is a file; give a folder")
+    out = check_output_folder(out, "out")  # a file, or a path inside one, before any work
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(out, "folder", overwrite))
         claims = held.enter_context(claim_profile(out, settings.fisher, overwrite))

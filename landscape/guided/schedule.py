@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..errors import UsageError
-from ..files import atomic_output, require_readable_file
+from ..files import atomic_output, json_text, require_readable_file
 from ..schema import Schema
 from .sites import find_sites, float_dropout_attr, site_scores
 
@@ -276,18 +276,8 @@ def save_schedule(schedule: Schedule, path):
     """
     with atomic_output(path) as tmp:
         # Strict JSON: a score that is not a number (a uniform schedule has none) is written as null.
-        tmp.write_text(json.dumps(_finite_or_null(to_dict(schedule)), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json_text(to_dict(schedule), indent=2) + "\n")
     return path
-
-
-def _finite_or_null(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_null(v) for v in value]
-    return value
 
 
 def _float_or_nan(value):
@@ -436,4 +426,4 @@ def assignment_hash(schedule: Schedule, length: int = 10) -> str:
     same guided schedule.
     """
     pairs = sorted((s.name, repr(float(s.p))) for s in _sites_of(schedule))
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:length]
+    return hashlib.sha256(json_text(pairs).encode()).hexdigest()[:length]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..data.labelled import subsample
 from ..errors import SettingsMismatch
-from ..files import atomic_output
+from ..files import atomic_output, json_text
 from . import schedule as sched
 from .journal import RunJournal
 from .metrics import metrics_for
@@ -99,7 +99,7 @@ def model_folder(save_models, reg, fraction, seed) -> Path:
 
 
 def _digest(value, length=12):
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    return hashlib.sha256(json_text(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def _data_digest(data):
@@ -139,9 +139,9 @@ def _remember_settings(runs_path, shared, per_reg):
     except (OSError, ValueError):
         known = {}
     for settings in [shared, *per_reg.values()]:
-        known[_digest(settings)] = json.loads(json.dumps(settings, default=str))
+        known[_digest(settings)] = json.loads(json_text(settings, default=str))
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+        tmp.write_text(json_text(known, indent=1, sort_keys=True) + "\n")
 
 
 def _what_changed(runs_path, old_fingerprint, new_settings):
@@ -151,7 +151,7 @@ def _what_changed(runs_path, old_fingerprint, new_settings):
         old = None
     if not isinstance(old, dict):
         return ""
-    new = json.loads(json.dumps(new_settings, default=str))
+    new = json.loads(json_text(new_settings, default=str))
     changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return f" ({'; '.join(changed)})" if changed else ""
 

@@ -121,7 +121,7 @@ class FinetuneConfig:
 
 
 _CONFIG_DOMAINS = {"lr": checks.POSITIVE, "weight_decay": checks.NON_NEGATIVE, "warmup": checks.PROBABILITY,
-                   "epochs": checks.POSITIVE_INT, "batch_size": checks.POSITIVE_INT, "seq_len": checks.SEQ_LEN,
+                   "epochs": checks.EPOCHS, "batch_size": checks.POSITIVE_INT, "seq_len": checks.SEQ_LEN,
                    "eval_batch_size": checks.POSITIVE_INT, "dropout": checks.BELOW_ONE,
                    "r3f_lambda": checks.NON_NEGATIVE, "r3f_sigma": checks.POSITIVE, "mixout_p": checks.BELOW_ONE,
                    "childtuning_reserve": checks.FRACTION}

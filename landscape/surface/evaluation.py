@@ -62,6 +62,32 @@ def _check_directions(model, directions):
                                  f"parameter {want}; was it made for another model?")
 
 
+def _check_reach(model, directions, points) -> None:
+    """Refuse a grid whose coefficients times a direction's values overflow the model's dtype.
+
+    The weight there would be inf: every loss at such points would be stored as diverged although
+    the model never was.  Coordinates are bounded (``checks.COORD_MAX``), which keeps float32 and
+    bfloat16 far from their range; a float16 model (largest value 65504) reaches it much sooner.
+    Under torch.distributed each rank checks its rows, and every rank learns the first problem.
+    """
+    problem = None
+    for axis, direction in enumerate(directions):
+        reach = max((abs(float(point[axis])) for point in points), default=0.0)
+        for name, param in model.named_parameters():
+            values = direction[name]
+            if problem is not None or not reach or not values.numel() or not param.is_floating_point():
+                continue
+            top = float(torch.maximum(values.max(), -values.min()))  # no temporary of the tensor's size
+            limit = torch.finfo(param.dtype).max / 4  # room for the weight and the other direction's term
+            if reach * top > limit:
+                problem = (f"the grid reaches {reach:g} along direction {axis + 1}, whose largest value in '{name}' "
+                           f"is {top:g}: the weights there overflow the model's {str(param.dtype)[6:]} (largest "
+                           f"{torch.finfo(param.dtype).max:g}); use a smaller range")
+    problem = next((p for p in gather_all(problem) if p is not None), None)
+    if problem is not None:
+        raise UsageError(problem)
+
+
 def loss_and_accuracy(model: torch.nn.Module, batches: List[Batch], kind: str) -> Tuple[float, float]:
     """Token-weighted mean target cross-entropy and token accuracy over all batches.
 
@@ -158,6 +184,7 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
     """
     check_kind(kind)
     _check_directions(model, directions)
+    _check_reach(model, directions, [points[i] for i in todo])
     group, groups, reports = point_groups(model)
     step = checks.positive_int(points_per_pass, "points_per_pass")  # 0 is refused, not taken as 1
     if step > 1 and any(is_sharded(p) for p in model.parameters()):

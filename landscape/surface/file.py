@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, require_readable_file
+from ..files import atomic_output, json_text, require_readable_file
 from ..identity import sample_fingerprint  # noqa: F401 (a name of this module before the split)
 from ..outputs import claim_output
 from .journal import (  # noqa: F401 (names of this module before the split, still imported from it)
@@ -223,7 +223,7 @@ def write_surface(path, xs, ys, loss, acc, attrs, extra=None):
                 handle.create_dataset(name, data=values)
             for key, value in attrs.items():
                 handle.attrs[key] = value
-            handle.attrs["checksums"] = json.dumps({name: _crc(values) for name, values in data.items()})
+            handle.attrs["checksums"] = json_text({name: _crc(values) for name, values in data.items()})
 
 
 def _read_surface_state(path, identity, shape, fields=TRAIN_FIELDS):
@@ -233,6 +233,10 @@ def _read_surface_state(path, identity, shape, fields=TRAIN_FIELDS):
             stored = handle.attrs.get("identity")
             if stored is None or "train_loss" not in handle:
                 raise SettingsMismatch(f"'{path}' exists but is not a landscape surface file")
+            held_out = [n for n in fields if n not in TRAIN_FIELDS and n not in handle]
+            if held_out:  # a resume that adds a held-out corpus: say so, not that the file is unreadable
+                raise SettingsMismatch(f"'{path}' holds a surface computed without a held-out corpus (no "
+                                       f"'{held_out[0]}'), and this run evaluates one")
             names = [n for n in ("xcoordinates", "ycoordinates", *fields) if n in handle]
             values = _verified(handle, path, names)
             arrays = [values[name] for name in fields]
@@ -336,7 +340,7 @@ class SurfaceFile:
         self.journal.truncate(end if has_header else 0)
         self.journal.seek(0, os.SEEK_END)
         if not has_header:
-            self.journal.write(f"{JOURNAL_MAGIC} {json.dumps(self.identity, sort_keys=True)}\n".encode())
+            self.journal.write(f"{JOURNAL_MAGIC} {json_text(self.identity, sort_keys=True)}\n".encode())
         self.journal.flush()
 
     def _write_journal(self, action):

@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 from ..errors import SettingsMismatch, UsageError
+from ..files import json_text
 from ..identity import MODEL_KEY, refuse_changed_resume, sample_fingerprint
 from ..models import check_kind
 
@@ -23,7 +24,7 @@ JOURNAL_MAGIC = "landscape-surface-journal/2"
 
 # ----------------------------------------------------------------------------- identity
 def _canonical(identity):
-    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+    return json.loads(json_text(identity, sort_keys=True, default=str))
 
 
 def _first_difference(old, new):

@@ -1,6 +1,6 @@
 """Computing a surface file: the evaluation loop writing through a resumable ``SurfaceFile``."""
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..files import json_text
 from ..identity import MODEL_KEY, check_file_model
 from ..inputs import sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel
@@ -97,7 +98,7 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
         # identity (the model's fingerprint and the direction file's) with the start's, naming what changed.
         check_file_model(dir_file, "direction file", dir_attrs.get(MODEL_KEY), identity[MODEL_KEY],
                          identity.get("model"))
-    attrs = dict(_scalar_attrs(identity), identity=json.dumps(identity, sort_keys=True),
+    attrs = dict(_scalar_attrs(identity), identity=json_text(identity, sort_keys=True),
                  dir_file=str(dir_file), **{k: v for k, v in (info or {}).items() if v is not None})
     rank, _ = rank_and_world()
     surface_file, todo = None, None
@@ -159,15 +160,34 @@ def run_surface(settings: SurfaceSettings, *, out, model: Optional[LoadedModel] 
     from ..outputs import claim_output
 
     out = check_output_path(out, "out", (".h5", ".hdf5"))
+    _check_distinct(out, settings.directions)
     with claim_output(out, "surface", overwrite=overwrite), stage_runtime(settings.model):
         xs, ys = _grid_axes(settings.directions, settings.grid)  # before anything heavy is loaded
         return _run_surface(out, settings, model, xs, ys, overwrite, progress)
 
 
+def _check_distinct(out, directions) -> None:
+    """UsageError when ``out`` is the direction file itself: the surface would replace what it reads.
+
+    Even with ``overwrite``: the claim would otherwise refuse it as "a direction file, not a loss
+    surface", which reads as if ``directions`` were wrong.
+    """
+    same = Path(os.path.abspath(out)) == Path(os.path.abspath(directions))
+    if not same and Path(out).exists() and Path(directions).exists():
+        same = os.path.samefile(out, directions)  # a link, or another spelling of the same file
+    if same:
+        raise UsageError(f"out and directions name the same file '{out}': the surface would replace the directions "
+                         "it is computed from; write the surface to another file")
+
+
 def _axis(values, name):
     from .evaluation import parse_range
 
-    return parse_range(values, name) if isinstance(values, str) else np.asarray(values, dtype=np.float64)
+    if isinstance(values, str):
+        return parse_range(values, name)
+    from .. import checks
+
+    return np.asarray(checks.coordinates(values, f"the {name} coordinates"), dtype=np.float64)
 
 
 def _grid_axes(directions, grid: GridSpec):

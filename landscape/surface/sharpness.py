@@ -159,15 +159,17 @@ def bilinear(surface, px, py):
     inside = (px >= x[0]) & (px <= x[-1]) & (py >= y[0]) & (py <= y[-1])
     ix = np.clip(np.searchsorted(x, px, side="right") - 1, 0, len(x) - 2)
     iy = np.clip(np.searchsorted(y, py, side="right") - 1, 0, len(y) - 2)
-    tx = (px - x[ix]) / (x[ix + 1] - x[ix])
-    ty = (py - y[iy]) / (y[iy + 1] - y[iy])
-    total = np.zeros(px.shape)
-    for dy, wy in ((0, 1 - ty), (1, ty)):
-        for dx, wx in ((0, 1 - tx), (1, tx)):
-            weight = wx * wy
-            corner = z[iy + dy, ix + dx]
-            # A zero-weight NaN corner must not spoil the value (0 * NaN = NaN).
-            total = total + np.where(weight == 0, 0.0, weight * corner)
+    # Points far outside the grid (a radius of 1e308) overflow here; they become NaN below anyway.
+    with np.errstate(over="ignore", invalid="ignore"):
+        tx = (px - x[ix]) / (x[ix + 1] - x[ix])
+        ty = (py - y[iy]) / (y[iy + 1] - y[iy])
+        total = np.zeros(px.shape)
+        for dy, wy in ((0, 1 - ty), (1, ty)):
+            for dx, wx in ((0, 1 - tx), (1, tx)):
+                weight = wx * wy
+                corner = z[iy + dy, ix + dx]
+                # A zero-weight NaN corner must not spoil the value (0 * NaN = NaN).
+                total = total + np.where(weight == 0, 0.0, weight * corner)
     return np.where(inside, total, np.nan)
 
 
