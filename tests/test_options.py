@@ -211,3 +211,50 @@ def test_the_api_refuses_instead_of_falling_back(tiny_bert, tiny_corpus_file, wr
     with pytest.raises(UsageError, match="radius"):  # NaN compared as no point and wrote a figure
         sharpness.summarize(bowl, radius=math.nan)
     assert list(tmp_path.glob("c*")) == [] and not (tmp_path / "s.h5").exists()
+
+
+# ----------------------------------------------------------------------------- repeated list items
+# A list item given twice once trained every run twice with the same seed (`finetune --fractions 1,1`
+# reported 2 pairs, smallest p 0.5, for one restart); lists whose items name runs, rows or series
+# refuse a repeat, LoRA targets and layers (sets of modules) merge it.
+REPEATS = [
+    (["finetune", "--fractions", "1,1.0", "--out", "o.csv"], "argument --fractions: must not repeat a value, got 1"),
+    (["stability", "--fractions", "0.1,0.1", "--out", "o.csv"], "argument --fractions: must not repeat"),
+    (["stability", "--top", "5,1,5", "--out", "o.csv"], "argument --top: must not repeat a value, got 5"),
+    (["finetune", "--regularizer", "none,dropout,none", "--out", "o.csv"], "regularizer 'none' is listed twice"),
+    (["compare", "a.h5", "b.h5", "--labels", "x,x", "--out", "c.png"], "label 'x' is given twice"),
+]
+
+
+@pytest.mark.parametrize("argv,words", REPEATS, ids=[" ".join(a[:3]) for a, _ in REPEATS])
+def test_repeated_list_items_are_one_line_before_anything_loads(argv, words, tmp_path):
+    for name in ("a.h5", "b.h5"):
+        (tmp_path / name).write_bytes(b"")  # never opened: the labels are refused first
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "landscape.cli", *argv], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5"]
+
+
+def test_the_api_refuses_repeated_list_items_and_merges_lora_sets(tmp_path):
+    from landscape.fisher import run_stability
+    from landscape.guided.finetune import run_finetune
+    from landscape.guided.lora import parse_lora_spec
+    from landscape.plots.surfaces import check_labels
+
+    with pytest.raises(UsageError, match="fractions must not repeat a value, got 0.5"):
+        run_finetune(out=tmp_path / "o.csv", fractions=[0.5, 1.0, 0.5], log=None)
+    with pytest.raises(UsageError, match="regularizer 'none' is listed twice"):
+        run_finetune(out=tmp_path / "o.csv", regularizer=["none", "none"], log=None)
+    with pytest.raises(UsageError, match="top must not repeat"):
+        run_stability(tmp_path / "s.csv", top=(1.0, 1.0))
+    with pytest.raises(UsageError, match="label 'a' is given twice"):
+        check_labels(["a", "a"], ["x.h5", "y.h5"])
+    assert check_labels(None, ["p/x.h5", "q/x.h5"]) == ["x", "x"]  # file names: the user did not choose them
+    with pytest.raises(UsageError, match="key 'r' is given twice"):
+        parse_lora_spec("r=8,r=16")
+    spec = parse_lora_spec("targets=q_proj,v_proj,q_proj,layers=0-2+1")
+    assert spec["targets"] == ["q_proj", "v_proj"] and spec["layers"] == [0, 1, 2]
+    assert list(tmp_path.iterdir()) == []

@@ -114,6 +114,9 @@ def _check(s, regularizers):
     unknown = [r for r in regularizers if r not in REGULARIZERS]
     if unknown or not regularizers:
         raise UsageError(f"unknown regularizer '{(unknown or [''])[0]}'; use any of {', '.join(REGULARIZERS)}")
+    repeat = checks.first_repeat(regularizers)
+    if repeat is not None:  # its runs would be trained twice and paired with dropout twice
+        raise UsageError(f"regularizer '{repeat}' is listed twice; list each regularizer once")
     fractions = s.fractions if isinstance(s.fractions, str) else ",".join(repr(float(f)) for f in s.fractions)
     checks.positive_int(s.restarts, "restarts")
     checks.seed(s.seed)
