@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import adapters, checks
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..models import LoadedModel, model_id
 from ..outputs import claim_output
@@ -169,6 +169,7 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
 
     out = check_output_path(out, "out", [".json"])
     vectors = check_output_path(vectors, "vectors", H5_SUFFIXES) if vectors is not None else None
+    check_distinct_paths({"out": out, "vectors": vectors}, {"fisher": fisher, "corpus": corpus, "model": model})
     counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)

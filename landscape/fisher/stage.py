@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 from .. import checks
 from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path
 from ..outputs import claim_output
 
 BOS_CHOICES = ("auto", "yes", "no")
@@ -147,6 +147,7 @@ def run_fisher(out, model: Optional[str] = None, corpus: Optional[str] = None, *
             another process writes it.
     """
     out = check_output_path(out, "out", [".safetensors"])
+    check_distinct_paths({"out": out}, {"corpus": corpus, "model": model})
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
     checks.optional(checks.positive_float, max_chunk_mb, "max_chunk_mb")
     checks.positive_int(shard_size, "shard_size")
@@ -239,6 +240,7 @@ def run_stability(out, model: Optional[str] = None, corpus: Optional[str] = None
 
     out = check_output_path(out, "out", [".csv"])
     fisher_out = None if fisher_out is None else check_output_path(fisher_out, "fisher_out", [".safetensors"])
+    check_distinct_paths({"out": out, "fisher_out": fisher_out}, {"corpus": corpus, "model": model})
     fractions = parse_numbers(_text(fractions), "fractions", 0.0, 1.0)
     top = parse_numbers(_text(top), "top", 0.0, 100.0)
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)

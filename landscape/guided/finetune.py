@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 from .. import checks
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_LORA_LR, FINETUNE_PAPER
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path
 
 
 @dataclass
@@ -143,6 +143,8 @@ def _outputs(s, regularizers, fractions, held):
     check_output_path(out, "out", [".csv"])
     check_output_path(runs_out, "runs_out", [".csv"])
     check_output_path(plot_out, "plot", [".png", ".pdf", ".svg"])
+    check_distinct_paths({"out": out, "runs_out": runs_out, "plot": plot_out, "save_models": s.save_models},
+                         {"dataset": s.dataset, "schedule": s.schedule, "fisher": s.fisher, "model": s.model})
 
     def claim(path, kind, **options):
         held.enter_context(claim_output(path, kind, overwrite=s.overwrite, **options))

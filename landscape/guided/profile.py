@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import atomic_output, write_csv
+from ..files import atomic_output, check_distinct_paths, write_csv
 from ..fisher import check_fisher_matches
 from ..outputs import claim_output, figure_metadata
 from .sites import find_sites, site_scores
@@ -267,6 +267,7 @@ def run_profile(fisher_path, out, model=None, overwrite=False):
     from ..models import load_model
 
     out = Path(out)
+    check_distinct_paths({"out": out}, {"fisher_path": fisher_path, "model": model})
     if out.exists() and not out.is_dir():
         raise UsageError(f"out '{out}' is a file; give a folder")
     with contextlib.ExitStack() as held:

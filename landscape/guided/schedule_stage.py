@@ -12,7 +12,7 @@ from typing import Optional
 
 from .. import checks
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path
 from ..outputs import claim_output
 from .schedule import Schedule, guided_dropout, load_schedule, save_schedule
 
@@ -58,6 +58,7 @@ def run_schedule(fisher_path, out, model: Optional[str] = None, *, p_upper: floa
     from ..models import load_model
 
     out = check_output_path(out, "out", [".json"])
+    check_distinct_paths({"out": out}, {"fisher_path": fisher_path, "model": model})
     checks.positive_float(gamma, "gamma")
     with claim_output(out, "schedule", overwrite=overwrite):
         fisher, meta = load_fisher(fisher_path)

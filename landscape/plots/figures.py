@@ -14,7 +14,7 @@ import os
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path
 from ..outputs import claim_output
 from .surfaces import FORMATS, KINDS_2D, compare_surfaces, default_csv_path, plot_surface
 
@@ -64,6 +64,7 @@ def plot(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=
     if kind not in PLOT_KINDS:
         raise UsageError(f"unknown plot kind '{kind}'; use one of {', '.join(PLOT_KINDS)}")
     out = check_output_path(out, "out", FIGURE_SUFFIXES)
+    check_distinct_paths({"out": out}, {"path": path})
     with _figure_claim(out, "plot", [path], overwrite):
         if kind == "spectrum":
             return {"path": plot_spectrum(path, out, log=log, title=title), "kind": kind, "trajectory": False}
@@ -112,6 +113,7 @@ def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=No
 
     out = check_output_path(out, "out", FIGURE_SUFFIXES)
     csv = check_output_path(default_csv_path(out) if csv is None else csv, "csv", (".csv",))
+    check_distinct_paths({"out": out, "csv": csv}, {"paths": list(paths), "hessian": list(hessian or [])})
     with _figure_claim(out, "compare", paths, overwrite), \
             claim_output(csv, "table", overwrite=overwrite, columns=sharpness.COLUMNS[:4]):
         reports = _reports(hessian, paths)

@@ -20,7 +20,7 @@ import inspect
 from .. import adapters
 from ..curvature.stage import eigen_directions
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path
 from ..identity import MODEL_KEY, model_fingerprint
 from ..models import LoadedModel, model_id
 from ..outputs import claim_output
@@ -130,6 +130,8 @@ def make(kind: str = "random", out=None, model: ModelSpec = None, **options) -> 
     if out is None:
         raise UsageError("give the direction file to write (out=...)")
     out = check_output_path(out, "out", (".h5", ".hdf5"))
+    check_distinct_paths({"out": out}, {"model": model, **{k: options.get(k) for k in ("fisher", "corpus", "to",
+                                                                                      "trajectory")}})
     allowed = _options(kind)
     for name in options:
         if name not in allowed:

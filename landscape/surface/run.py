@@ -166,11 +166,13 @@ def run_surface(out, directions, model: Optional[str] = None, corpus: Optional[s
             unless ``overwrite``; ``OutputBusy`` when another process writes it.
     """
     from .. import checks
-    from ..files import check_output_path
+    from ..files import check_distinct_paths, check_output_path
     from ..fisher.stage import check_sample_settings
     from ..outputs import claim_output
 
     out = check_output_path(out, "out", (".h5", ".hdf5"))
+    check_distinct_paths({"out": out}, {"directions": directions, "corpus": corpus, "eval_corpus": eval_corpus,
+                                        "model": model})
     check_sample_settings(fraction, max_samples, seq_len, batch_size, seed, bos)
     checks.positive_int(points_per_pass, "points_per_pass")
     checks.non_negative_float(flush_seconds, "flush_seconds")
