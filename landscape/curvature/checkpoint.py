@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import UsageError
-from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, refuse_changed_resume, sample_fingerprint
+from ..identity import MODEL_KEY, SAMPLE_KEY, differences, module_fingerprint, refuse_changed_resume, sample_fingerprint
 from ..schema import Schema
 from .operator import HessianOperator
 
@@ -47,9 +47,10 @@ class _Journal:
             header = None
         if not isinstance(header, dict) or header.pop("format", None) != JOURNAL_FORMAT:
             schema.fail("is not a Hessian checkpoint (no header line of one)")
-        if header != json.loads(json.dumps(self.identity)):
+        found = differences(header, self.identity)
+        if found:
             refuse_changed_resume(self.path, header, self.identity, "delete it or choose another path", UsageError)
-            key = next(k for k in sorted(set(header) | set(self.identity)) if header.get(k) != self.identity.get(k))
+            key = found[0]
             raise UsageError(f"checkpoint '{self.path}' was written with other settings ({key}={header.get(key)!r}, "
                              f"this run has {self.identity.get(key)!r}); delete it or choose another path")
         for number, line in enumerate(lines[1:], start=2):
@@ -81,9 +82,10 @@ class _Journal:
 def _identity(op: HessianOperator, method: str, seed: int, **settings) -> dict:
     """Everything that changes a finished probe's or run's numbers (not how many there are).
 
-    The model's weights and the sample's tokens by content (``identity``), the coordinates, the
-    seed.
+    The model by content, as every stage identifies it (``identity.module_fingerprint``: its
+    checkpoint's weights and configuration when it was loaded from one), the sample's tokens, the
+    coordinates, the seed.
     """
-    return {"method": method, "model": type(op.model).__name__, MODEL_KEY: parameters_fingerprint(op.model),
+    return {"method": method, "model": type(op.model).__name__, MODEL_KEY: module_fingerprint(op.model),
             SAMPLE_KEY: sample_fingerprint(op.batches), "coordinates": op.space.fingerprint(), "dim": op.dim,
             "objective": op.kind, "seed": int(seed), **settings}

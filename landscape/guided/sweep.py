@@ -174,11 +174,26 @@ def _refuse_changed_content(runs_path, old_fingerprint, shared):
                                "the same data")
 
 
+def _same_settings(runs_path, old_fingerprint, shared) -> bool:
+    """Whether the settings behind an older hash are this sweep's (``identity.differences``).
+
+    A journal whose runs recorded a version-1 model fingerprint hashes to another value for the same
+    model and settings.
+    """
+    from ..identity import differences
+
+    try:
+        old = json.loads(_settings_file(runs_path).read_text()).get(old_fingerprint)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(old, dict) and not differences(old, json.loads(json.dumps(shared, default=str)))
+
+
 def _check_journal(journal, regularizers, shared, per_reg):
     """SettingsMismatch unless every run in the journal fits this sweep's settings."""
     shared_fp = _digest(shared)
     for row in journal.rows:
-        if row["settings"] != shared_fp:
+        if row["settings"] != shared_fp and not _same_settings(journal.path, row["settings"], shared):
             changed = _what_changed(journal.path, row["settings"], shared)
             _refuse_changed_content(journal.path, row["settings"], shared)
             raise SettingsMismatch(

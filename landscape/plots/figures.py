@@ -149,12 +149,12 @@ def _reports(hessian, surfaces) -> Optional[list]:
 
 def _check_same_model(report_path, report, surface_path) -> None:
     """A Hessian report joined to a surface must be of the surface's model (when both say which)."""
-    from ..identity import MODEL_KEY
+    from ..identity import MODEL_KEY, same_model
     from ..surface.file import read_surface
 
     made_for = str((report.get("settings") or {}).get(MODEL_KEY) or "")
     surface_model = str(read_surface(surface_path).settings.get(MODEL_KEY) or "")
-    if made_for and surface_model and made_for != surface_model:
+    if same_model(made_for, surface_model) is False:  # None: one says nothing, or two fingerprint versions
         raise UsageError(f"Hessian report '{report_path}' is of another model (model fingerprint {made_for}) than "
                          f"surface '{surface_path}' ({surface_model}); give the report of the surface's model")
 
