@@ -206,3 +206,27 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet): only its resolved path could match
         return False
+
+
+def staged_path(path) -> Path:
+    """Where a replacement of ``path`` is built until the whole result it belongs to is complete.
+
+    ``.NAME.new.SUFFIX`` next to it (hidden, same folder: one ``os.replace`` puts it in place).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.new{path.suffix}")
+
+
+def replace_together(pairs: Sequence) -> None:
+    """Move each staged file onto its output, in order: the last step of a result of several files.
+
+    Until this runs every output keeps its old content (a kill before leaves the old result whole,
+    its replacement staged); the renames themselves take microseconds.  A staged file that does not
+    exist is skipped (an optional part).
+
+    Args:
+        pairs: (staged path, output path) pairs.
+    """
+    for staged, final in pairs:
+        if Path(staged).exists():
+            os.replace(staged, final)

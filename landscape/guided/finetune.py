@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 from .. import checks
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_LORA_LR, FINETUNE_PAPER
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path
+from ..files import check_distinct_paths, check_output_path, staged_path
 
 
 @dataclass
@@ -151,7 +151,10 @@ def _outputs(s, regularizers, fractions, held):
 
     claim(runs_out, "table", columns=("regularizer", "fraction", "seed", "n_train"))
     claim(out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
-    claim(plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
+    figure = {"command": "finetune", "inputs": [str(runs_out.resolve())]}
+    claim(plot_out, "figure", settings=figure)
+    # The summary and the figure are drawn aside and move into place with the journal (``_sweep``).
+    held.enter_context(claim_output(staged_path(plot_out), "figure", overwrite=True, settings=figure))
     if s.save_models:
         from ..outputs import check_saved_models
         from .sweep import model_folder
@@ -288,12 +291,18 @@ def _sweep(s, regularizers, fractions, paths, log) -> FinetuneResult:
         f"{len(test_data)} test rows; lr {config.lr}, batch {config.batch_size}, seq len {config.seq_len}, "
         f"{config.epochs} epochs, device {config.device}" + (f", LoRA {config.lora}" if config.lora else ""))
     started = time.perf_counter()
+    result = {}
+
+    def finish(rows):
+        # Drawn aside: with --overwrite the finished sweep's three files stay until all three are new.
+        result["summary"] = sweep.summarize_runs(rows, metrics)
+        write_csv(result["summary"], staged_path(out))
+        sweep.plot_paucity(result["summary"], metric, staged_path(plot_out),
+                           title=f"{Path(s.dataset or 'movie snippets').name}: {s.restarts} restarts")
+        return [(staged_path(out), out), (staged_path(plot_out), plot_out)]
+
     rows = sweep.data_paucity(s.model, train_data, test_data, regularizers, fractions, s.restarts, config,
                               guided, s.save_models, s.seed, max_train, runs_path=runs_out,
-                              overwrite=s.overwrite, log=log)
-    summary = sweep.summarize_runs(rows, metrics)
-    write_csv(summary, out)
-    sweep.plot_paucity(summary, metric, plot_out, title=f"{Path(s.dataset or 'movie snippets').name}: "
-                                                       f"{s.restarts} restarts")
-    return FinetuneResult(rows=rows, summary=summary, metric=metric, out=out, runs_out=runs_out, plot=plot_out,
-                          seconds=time.perf_counter() - started)
+                              overwrite=s.overwrite, log=log, finish=finish)
+    return FinetuneResult(rows=rows, summary=result["summary"], metric=metric, out=out, runs_out=runs_out,
+                          plot=plot_out, seconds=time.perf_counter() - started)
