@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import adapters, checks
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path
+from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..models import LoadedModel, model_id
 from ..outputs import claim_output
@@ -190,11 +190,18 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
             return HessianResult(out, vectors, done, computed=False)
         if log is not None:
             log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
+        # The vectors and the report are written aside and move into place together, so an
+        # interrupted run (with overwrite: a replacement) leaves the finished pair as it was.
+        staged = [(staged_path(vectors), vectors)] if vectors is not None else []
         report = hessian_report(loaded.model, batches, top=top, trace_samples=trace, spectrum_runs=spectrum,
                                 steps=steps, bins=bins, mask=mask, seed=seed, tol=tol, max_iter=max_iter,
-                                checkpoint=out, vectors=vectors, vector_settings=vector_settings,
-                                settings=settings, cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
-        save_report(out, report)
+                                checkpoint=out, vectors=staged[0][0] if staged else None,
+                                vector_settings=vector_settings, settings=settings,
+                                cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
+        if report.get("vectors"):
+            report["vectors"]["path"] = str(vectors)
+        save_report(staged_path(out), report)
+        replace_together([*staged, (staged_path(out), out)])
         remove_checkpoints(out)
     return HessianResult(out, vectors, report, computed=True)
 
