@@ -317,3 +317,55 @@ def test_the_library_names_its_settings_when_two_name_one_file(tmp_path):
         check_distinct_paths({"out": tmp_path / "link" / "x"}, {"fisher": tmp_path / "a" / "x"})
     check_distinct_paths({"out": "a.csv"}, {"corpus": "b.csv", "eval_corpus": "b.csv", "model": object()})
     assert list(tmp_path.glob("*.csv")) == []
+
+
+_KILL_HOOK = '''
+import contextlib, os, signal
+import landscape.files as files
+_real, _count = files.atomic_output, [0]
+@contextlib.contextmanager
+def _killing(path):
+    with _real(path) as tmp:
+        yield tmp
+    _count[0] += 1
+    if _count[0] >= int(os.environ["KILL_AFTER_WRITES"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+files.atomic_output = _killing
+'''
+
+
+@pytest.mark.parametrize("command", ["compare", "profile"])
+def test_a_result_of_several_files_killed_midway_keeps_the_finished_one_whole(command, tiny_bert_dir, tmp_path):
+    # SIGKILL after the first file of the new result is written (a sitecustomize hook kills the
+    # process as its writer returns): every file of the finished result must still be the old one.
+    from landscape.fisher import save_fisher
+    from landscape.models import load_model
+
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_KILL_HOOK)
+    if command == "compare":
+        first = (_surface(tmp_path / "a.h5"), _surface(tmp_path / "b.h5", nx=7))
+        base = ["compare", *first, "--out", tmp_path / "c.png"]
+        again = [*base, "--labels", "one,two", "--overwrite"]
+        files = [tmp_path / "c.png", tmp_path / "c.sharpness.csv"]
+    else:
+        params = dict(load_model(str(tiny_bert_dir)).model.named_parameters())
+        for seed, name in ((0, "F0"), (1, "F1")):
+            torch.manual_seed(seed)
+            save_fisher(tmp_path / f"{name}.safetensors", {n: torch.rand_like(p) for n, p in params.items()}, {})
+        base = ["profile", tmp_path / "F0.safetensors", "--model", tiny_bert_dir, "--out", tmp_path / "prof"]
+        again = ["profile", tmp_path / "F1.safetensors", "--model", tiny_bert_dir, "--out", tmp_path / "prof",
+                 "--overwrite"]
+        files = [tmp_path / "prof" / name for name in ("parameter_quantiles.csv", "parameters.png", "tensors.csv",
+                                                        "blocks.csv", "sites.csv", "blocks.png", "sites.png")]
+    assert subprocess.run(_cmd(*base), env=_env(), capture_output=True).returncode == 0
+    finished = {p: p.read_bytes() for p in files}
+    env = dict(_env(), KILL_AFTER_WRITES="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "hook"), env["PYTHONPATH"]])
+    killed = subprocess.run(_cmd(*again), env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert {p: p.read_bytes() for p in files} == finished
+    done = subprocess.run(_cmd(*again), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert files[0].read_bytes() != finished[files[0]]  # the new result, now in place
+    assert not [p for p in tmp_path.rglob(".*") if ".new" in p.name]

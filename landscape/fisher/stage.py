@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 from .. import checks
 from ..defaults import STABILITY_FRACTIONS, STABILITY_TOP
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path
+from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
 from ..outputs import claim_output
 
 BOS_CHOICES = ("auto", "yes", "no")
@@ -270,9 +270,11 @@ def _stability(out, fisher_out, loaded, corpus, fractions, top, o, max_chunk_mb,
     batches = make_batches(samples, o["batch_size"], pad, next(loaded.model.parameters()).device)
     rows, reference = stability_and_reference(loaded.model, batches, fractions, top, kind=loaded.kind,
                                               progress=progress, max_chunk_mb=max_chunk_mb)
+    # The table and the reference Fisher are one result: written aside, they move into place together.
     if fisher_out is not None:
-        save_fisher(fisher_out, reference, dict(meta, ranks=1))
-    write_csv(rows, out)
+        save_fisher(staged_path(fisher_out), reference, dict(meta, ranks=1))
+    write_csv(rows, staged_path(out))
+    replace_together([(staged_path(out), out)] + ([(staged_path(fisher_out), fisher_out)] if fisher_out else []))
     return rows, len(samples)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import atomic_output, check_distinct_paths, write_csv
+from ..files import atomic_output, check_distinct_paths, replace_together, staged_path, write_csv
 from ..fisher import check_fisher_matches
 from ..outputs import claim_output, figure_metadata
 from .sites import find_sites, site_scores
@@ -201,11 +201,17 @@ def claim_profile(out_dir, fisher_path, overwrite=False):
         for name, columns in PROFILE_FILES.items():
             claims.enter_context(claim_output(Path(out_dir) / name, "table" if columns else "figure", overwrite,
                                               columns=columns, settings=None if columns else settings))
+            if not columns:  # drawn aside first (``write_profile``), with the same stamp
+                claims.enter_context(claim_output(staged_path(Path(out_dir) / name), "figure", True,
+                                                  settings=settings))
         return claims.pop_all()
 
 
 def write_profile(fisher, model, out_dir, title=""):
     """Write every view under ``out_dir``; returns {what: path}.
+
+    Every file is written aside (``files.staged_path``) and all move into place at the end, so an
+    interrupted profile leaves the previous one whole.
 
     parameters.png / parameter_quantiles.csv (sorted element-wise Fisher), sites.png / sites.csv
     (site scores, normalized to the highest), tensors.csv, blocks.png / blocks.csv.
@@ -223,22 +229,23 @@ def write_profile(fisher, model, out_dir, title=""):
     quantiles = _quantile_rows(values)
     sites = site_profile(model, fisher)
     blocks = block_profile(fisher)
-    paths = {
-        "parameter_quantiles": write_csv(quantiles, out / "parameter_quantiles.csv"),
-        "parameters_png": plot_parameter_profile(quantiles, len(values), int((values == 0).sum()),
-                                                 out / "parameters.png", title),
-        "tensors": write_csv(tensor_profile(fisher), out / "tensors.csv"),
-        "blocks": write_csv(blocks, out / "blocks.csv"),
-        "sites": write_csv(sites, out / "sites.csv"),
-    }
+    paths = {"parameter_quantiles": "parameter_quantiles.csv", "parameters_png": "parameters.png",
+             "tensors": "tensors.csv", "blocks": "blocks.csv", "sites": "sites.csv", "blocks_png": "blocks.png",
+             "sites_png": "sites.png"}
+    aside = {what: staged_path(out / name) for what, name in paths.items()}
+    write_csv(quantiles, aside["parameter_quantiles"])
+    plot_parameter_profile(quantiles, len(values), int((values == 0).sum()), aside["parameters_png"], title)
+    write_csv(tensor_profile(fisher), aside["tensors"])
+    write_csv(blocks, aside["blocks"])
+    write_csv(sites, aside["sites"])
     top_block = max(b["mean"] for b in blocks) or 1.0
-    paths["blocks_png"] = plot_bars([b["block"] for b in blocks], [b["mean"] / top_block for b in blocks],
-                                    "#1f4e79", out / "blocks.png", "mean Fisher per element (normalized)", title)
+    plot_bars([b["block"] for b in blocks], [b["mean"] / top_block for b in blocks], "#1f4e79", aside["blocks_png"],
+              "mean Fisher per element (normalized)", title)
     kinds = {s["kind"]: _KIND_COLORS.get(s["kind"], _KIND_COLORS["other"]) for s in sites}
-    paths["sites_png"] = plot_bars([s["site"] for s in sites], [s["normalized"] for s in sites],
-                                   [kinds[s["kind"]] for s in sites], out / "sites.png",
-                                   "site score: element-weighted mean Fisher (normalized)", title, legend=kinds)
-    return paths
+    plot_bars([s["site"] for s in sites], [s["normalized"] for s in sites], [kinds[s["kind"]] for s in sites],
+              aside["sites_png"], "site score: element-weighted mean Fisher (normalized)", title, legend=kinds)
+    replace_together([(aside[what], out / name) for what, name in paths.items()])
+    return {what: out / name for what, name in paths.items()}
 
 
 def run_profile(fisher_path, out, model=None, overwrite=False):

@@ -14,7 +14,7 @@ import os
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path
+from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
 from ..outputs import claim_output
 from .surfaces import FORMATS, KINDS_2D, compare_surfaces, default_csv_path, plot_surface
 
@@ -114,10 +114,11 @@ def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=No
     out = check_output_path(out, "out", FIGURE_SUFFIXES)
     csv = check_output_path(default_csv_path(out) if csv is None else csv, "csv", (".csv",))
     check_distinct_paths({"out": out, "csv": csv}, {"paths": list(paths), "hessian": list(hessian or [])})
-    with _figure_claim(out, "compare", paths, overwrite), \
+    # The figure and its table are one result: drawn aside, they move into place together.
+    with _figure_claim(out, "compare", paths, overwrite), _figure_claim(staged_path(out), "compare", paths, True), \
             claim_output(csv, "table", overwrite=overwrite, columns=sharpness.COLUMNS[:4]):
         reports = _reports(hessian, paths)
-        rows = compare_surfaces(list(paths), None if labels is None else list(labels), out, csv=False,
+        rows = compare_surfaces(list(paths), None if labels is None else list(labels), staged_path(out), csv=False,
                                 radius=radius, fit_radius=fit_radius, kind=kind, field=field, log=log, zmin=zmin,
                                 zmax=zmax, cmap=cmap, levels=levels, title=title)
         columns = sharpness.COLUMNS
@@ -127,7 +128,8 @@ def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=No
             for row, report in zip(rows, reports):
                 row.update(report_numbers(report))
             columns = sharpness.COLUMNS + HESSIAN_COLUMNS
-        sharpness.write_csv(rows, csv, columns)
+        sharpness.write_csv(rows, staged_path(csv), columns)
+        replace_together([(staged_path(csv), csv), (staged_path(out), out)])
     return rows
 
 
