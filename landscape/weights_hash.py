@@ -112,26 +112,32 @@ def _header(handle) -> Tuple[int, dict]:
     return length, json.loads(handle.read(length))
 
 
-def _safetensors_whole(path: Path) -> Iterable[Entry]:
+def _safetensors_whole(path: Path) -> List[Entry]:
+    """Every tensor hashed whole, several at a time (hashlib and ``os.pread`` release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with open(path, "rb") as handle:
         length, header = _header(handle)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         tensors = sorted(((name, e) for name, e in header.items() if name != "__metadata__"),
-                         key=lambda item: int(item[1]["data_offsets"][0]))  # in file order: one sequential read
-        buffer = bytearray(_CHUNK)
-        for name, entry in tensors:
-            start, end = (int(v) for v in entry["data_offsets"])
-            digest, position = hashlib.sha256(), 8 + length + start
-            while position < 8 + length + end:
-                view = memoryview(buffer)[: min(_CHUNK, 8 + length + end - position)]
-                handle.seek(position)
-                got = handle.readinto(view)
-                if not got:
+                         key=lambda item: int(item[1]["data_offsets"][0]))  # in file order: reads move forward
+
+        def digest_of(item):
+            name, entry = item
+            start, end = (8 + length + int(v) for v in entry["data_offsets"])
+            digest = hashlib.sha256()
+            while start < end:
+                chunk = os.pread(handle.fileno(), min(_CHUNK, end - start), start)
+                if not chunk:
                     raise ValueError(f"tensor '{name}' runs past the end of the file")
-                digest.update(view[:got])
-                position += got
-            yield name, str(entry["dtype"]), entry["shape"], digest.digest()
+                digest.update(chunk)
+                start += len(chunk)
+            return name, str(entry["dtype"]), entry["shape"], digest.digest()
+
+        workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(digest_of, tensors))
 
 
 def _load_bin(path: Path) -> dict:
