@@ -190,20 +190,28 @@ def run_hessian(out, model: ModelSpec = None, *, corpus=None, fraction=None, max
             return HessianResult(out, vectors, done, computed=False)
         if log is not None:
             log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
-        # The vectors and the report are written aside and move into place together, so an
-        # interrupted run (with overwrite: a replacement) leaves the finished pair as it was.
-        staged = [(staged_path(vectors), vectors)] if vectors is not None else []
-        report = hessian_report(loaded.model, batches, top=top, trace_samples=trace, spectrum_runs=spectrum,
-                                steps=steps, bins=bins, mask=mask, seed=seed, tol=tol, max_iter=max_iter,
-                                checkpoint=out, vectors=staged[0][0] if staged else None,
-                                vector_settings=vector_settings, settings=settings,
-                                cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
-        if report.get("vectors"):
-            report["vectors"]["path"] = str(vectors)
-        save_report(staged_path(out), report)
-        replace_together([*staged, (staged_path(out), out)])
-        remove_checkpoints(out)
+        report = _write(out, vectors, lambda aside: hessian_report(
+            loaded.model, batches, top=top, trace_samples=trace, spectrum_runs=spectrum, steps=steps, bins=bins,
+            mask=mask, seed=seed, tol=tol, max_iter=max_iter, checkpoint=out, vectors=aside,
+            vector_settings=vector_settings, settings=settings, cache_bytes=int(cache_mb * 2**20),
+            progress=progress, log=log))
     return HessianResult(out, vectors, report, computed=True)
+
+
+def _write(out, vectors, compute) -> dict:
+    """The report ``compute(where the vectors go)`` makes, written with its vectors as one result.
+
+    Both are written aside and move into place together, so an interrupted run (with overwrite: a
+    replacement) leaves the finished pair as it was.
+    """
+    staged = [(staged_path(vectors), vectors)] if vectors is not None else []
+    report = compute(staged[0][0] if staged else None)
+    if report.get("vectors"):
+        report["vectors"]["path"] = str(vectors)
+    save_report(staged_path(out), report)
+    replace_together([*staged, (staged_path(out), out)])
+    remove_checkpoints(out)
+    return report
 
 
 def _header(loaded, batches, n_selected, n_parameters, masking, seq_len) -> str:

@@ -276,12 +276,7 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         done = {}
         if journal is not None:
             _remember_settings(journal_path, shared, per_reg)
-            for row in journal.rows:
-                done.setdefault((row["regularizer"], float(row["fraction"]), int(row["seed"])), row)
-            if log is not None and (journal.rows or journal.dropped_tail):
-                found = sum(key in done for key in plan)
-                log(f"resuming {'the replacement of ' if overwrite else 'from '}{runs_path}: {found} of "
-                    f"{len(plan)} runs already done" + (", a torn last line dropped" if journal.dropped_tail else ""))
+            done = _resumed(journal, plan, f"{'the replacement of ' if overwrite else 'from '}{runs_path}", log)
         todo = [key for key in plan if key not in done]
         subsets = {(f, s): subsample(train_data, f, s, cap) for _, f, s in plan}
         total = sum(_steps(len(subsets[(f, s)]), config) for _, f, s in todo)
@@ -303,11 +298,28 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         if journal is not None:
             journal.close()
     rows = [done[key] for key in plan]
-    pairs = list(finish(rows)) if finish is not None else []
-    if overwrite and runs_path is not None:  # the new sweep is whole: it takes the old one's place
-        pairs = [(journal_path, runs_path), (_settings_file(journal_path), _settings_file(runs_path)), *pairs]
-    replace_together(pairs)
+    _complete(rows, finish, journal_path if overwrite else None, runs_path)
     return rows
+
+
+def _complete(rows, finish, staged_journal, runs_path) -> None:
+    """Write the rest of the result (``finish``) and move the staged files into place together."""
+    pairs = list(finish(rows)) if finish is not None else []
+    if staged_journal is not None and runs_path is not None:  # the new sweep is whole: it replaces the old
+        pairs = [(staged_journal, runs_path), (_settings_file(staged_journal), _settings_file(runs_path)), *pairs]
+    replace_together(pairs)
+
+
+def _resumed(journal, plan, what, log) -> dict:
+    """{(regularizer, fraction, seed): row} of the runs ``journal`` holds, said in one line to ``log``."""
+    done = {}
+    for row in journal.rows:
+        done.setdefault((row["regularizer"], float(row["fraction"]), int(row["seed"])), row)
+    if log is not None and (journal.rows or journal.dropped_tail):
+        found = sum(key in done for key in plan)
+        log(f"resuming {what}: {found} of {len(plan)} runs already done"
+            + (", a torn last line dropped" if journal.dropped_tail else ""))
+    return done
 
 
 def _open_journal(path, task, regularizers, settings, restart):
