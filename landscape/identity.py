@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import struct
+import weakref
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set
 
@@ -201,7 +202,8 @@ def model_fingerprint(loaded) -> str:
         loaded._fingerprint = cached
         model = loaded.model
         if cached.startswith(VERSION_2):  # a version-1 journal may have hashed the module (the Hessian's did)
-            _remember_v1(cached, ("module", id(model), cached), lambda: _parameters_or_none(model))
+            held = weakref.ref(model)  # remembering how must not keep a model alive
+            _remember_v1(cached, ("module", id(model), cached), lambda: _parameters_or_none(held()))
         with contextlib.suppress(AttributeError, TypeError):  # a model object that takes no attributes
             model._landscape_fingerprint = cached
     return cached
@@ -216,6 +218,8 @@ def module_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _parameters_or_none(model) -> Optional[str]:
+    if model is None:  # freed since
+        return None
     try:
         return parameters_fingerprint(model)
     except UsageError:
