@@ -95,11 +95,23 @@ def folder_fingerprint(folder) -> Optional[str]:
         The fingerprint (``v2:`` and 16 hex digits), or None when the folder holds no weight files.
     """
     folder = Path(folder)
+    versions = _file_versions(folder)
     fingerprint = _folder_digest(folder, whole=True)
     if fingerprint is not None:
-        _remember_v1(fingerprint, ("folder", str(folder.resolve()), fingerprint),
-                     lambda: _folder_digest(folder, whole=False))
+        # Taken back to version 1 only while the files are the ones hashed now (else: cannot tell).
+        _remember_v1(fingerprint, ("folder", str(folder.resolve()), fingerprint, versions), lambda: _folder_digest(
+            folder, whole=False) if _file_versions(folder) == versions else None)
     return fingerprint
+
+
+def _file_versions(folder: Path) -> tuple:
+    """(name, size, mtime_ns, ctime_ns, inode) of every file in ``folder``: any write changes it."""
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            found.append((path.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
+    return tuple(found)
 
 
 # Keys a re-save rewrites without changing what the model computes.
