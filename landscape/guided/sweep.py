@@ -151,8 +151,10 @@ def _what_changed(runs_path, old_fingerprint, new_settings):
         old = None
     if not isinstance(old, dict):
         return ""
+    from ..identity import differences
+
     new = json.loads(json.dumps(new_settings, default=str))
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differences(old, new)]
     return f" ({'; '.join(changed)})" if changed else ""
 
 
