@@ -103,8 +103,28 @@ def _store(key: dict, entries: List[Entry]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(record))
         os.replace(tmp, path)  # whole or absent: a reader never sees half a record
+        _prune(path.parent)
     except OSError:  # an unwritable data home only costs the next run another read
         tmp.unlink(missing_ok=True)
+
+
+KEEP_RECORDS = 256  # beyond this many, records of files that no longer exist are removed
+
+
+def _prune(folder: Path) -> None:
+    """Remove the records of weight files that are gone, once there are more than ``KEEP_RECORDS``.
+
+    One record per weight file path (a few KB; temporary folders add up), so the cache stays small.
+    """
+    records = sorted(folder.glob("*.json"))
+    if len(records) <= KEEP_RECORDS:
+        return
+    for record in records:
+        try:
+            if not Path(json.loads(record.read_text())["key"]["path"]).exists():
+                record.unlink()
+        except (OSError, ValueError, KeyError, TypeError):  # damaged: a record nobody can use
+            record.unlink(missing_ok=True)
 
 
 def _header(handle) -> Tuple[int, dict]:

@@ -396,3 +396,20 @@ def test_files_and_journals_of_version_1_fingerprints_keep_reading(fisher_of_tin
         handle.attrs["identity"] = json.dumps(stored, sort_keys=True)
     code, _, err = _cli(capfd, *surface)
     assert code == 0, err
+
+
+def test_the_fingerprint_cache_drops_records_of_files_that_are_gone(model_dir, tmp_path, monkeypatch):
+    # One record per weight file path: temporary folders (a test suite's) would add up for ever.
+    from landscape import weights_hash
+
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr(weights_hash, "KEEP_RECORDS", 2)
+    records = tmp_path / "home" / "fingerprints"
+    for name in ("a", "b"):
+        shutil.copytree(model_dir, tmp_path / name)
+        identity.source_fingerprint(tmp_path / name)
+    shutil.rmtree(tmp_path / "a")
+    identity.source_fingerprint(model_dir)  # a third record: the one of the folder that is gone goes
+    kept = {json.loads(p.read_text())["key"]["path"] for p in records.glob("*.json")}
+    assert kept == {str((tmp_path / "b" / "model.safetensors").resolve()),
+                    str((model_dir / "model.safetensors").resolve())}
