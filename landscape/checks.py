@@ -12,7 +12,7 @@ for torch or numpy.
 
 import math
 import operator
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .errors import UsageError
 
@@ -245,7 +245,25 @@ def list_problem(text, domain: Domain) -> Tuple[Optional[List], Optional[str]]:
     for item in items:
         if item not in domain:
             return None, f"must be comma-separated numbers, each {domain.describe()}, got '{item}' in '{text}'"
-    return [domain.convert(item) for item in items], None
+    numbers = [domain.convert(item) for item in items]
+    repeat = first_repeat(numbers)
+    if repeat is not None:  # '1,1.0' would run or count the same value twice: twin runs, doubled pairs
+        return None, f"must not repeat a value, got {_show(repeat)} twice in '{text}'"
+    return numbers, None
+
+
+def first_repeat(values: Sequence) -> Optional[object]:
+    """The first value of ``values`` that an earlier one equals, or None when they are distinct.
+
+    List settings whose items name runs, rows or series (fractions, percentages, regularizers,
+    labels) refuse a repeat: it would train or count the same thing twice under one name.
+    """
+    seen = []
+    for value in values:
+        if value in seen:
+            return value
+        seen.append(value)
+    return None
 
 
 def number_list(text, name: str, domain: Domain) -> List:
@@ -285,7 +303,11 @@ class ListDomain:
             raise UsageError(f"{name} must be {self.describe()}, got {_quote(value)}") from None
         if not items:
             raise UsageError(f"{name} must be {self.describe()}, got none")
-        return tuple(self.item.check(item, name) for item in items)
+        numbers = tuple(self.item.check(item, name) for item in items)
+        repeat = first_repeat(numbers)
+        if repeat is not None:  # as for a list given as text (``list_problem``)
+            raise UsageError(f"{name} must not repeat a value, got {_show(repeat)} twice")
+        return numbers
 
 
 class AxisDomain:

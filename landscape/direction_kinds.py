@@ -25,7 +25,7 @@ import inspect
 from . import adapters
 from .curvature.stage import eigen_directions
 from .errors import UsageError
-from .files import check_output_path
+from .files import check_distinct_paths, check_output_path
 from .identity import MODEL_KEY, model_fingerprint
 from .models import LoadedModel, ModelSource, loaded_model, model_id
 from .outputs import claim_output
@@ -135,6 +135,8 @@ def make(kind: str = "random", out=None, model: ModelSource = None, **options) -
     if out is None:
         raise UsageError("give the direction file to write (out=...)")
     out = check_output_path(out, "out", (".h5", ".hdf5"))
+    check_distinct_paths({"out": out}, {"model": model, **{k: options.get(k) for k in ("fisher", "corpus", "to",
+                                                                                      "trajectory")}})
     allowed = _options(kind)
     for name in options:
         if name not in allowed:

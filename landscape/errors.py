@@ -64,3 +64,16 @@ class OutputUnwritable(UsageError):
     def __init__(self, what, path, detail):
         super().__init__(f"{what} '{path}'{detail}")
         self.what, self.path, self.detail = what, path, detail
+
+
+class SamePath(UsageError):
+    """Two settings of one call name the same file (``files.check_distinct_paths``).
+
+    ``names`` are the settings as the caller named them (``out``, ``runs_out``), ``paths`` their
+    values, so the command line can name its own flags instead.
+    """
+
+    def __init__(self, names, paths):
+        super().__init__(f"{names[0]} '{paths[0]}' and {names[1]} '{paths[1]}' are the same file; "
+                         "give each its own")
+        self.names, self.paths = tuple(names), tuple(paths)

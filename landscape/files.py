@@ -9,9 +9,9 @@ import numbers
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Dict, Iterable, Iterator, Optional, Sequence
 
-from .errors import OutputUnwritable, UsageError
+from .errors import OutputUnwritable, SamePath, UsageError
 
 
 @contextlib.contextmanager
@@ -246,3 +246,67 @@ def write_csv(rows: Sequence[dict], path, columns: Optional[Iterable[str]] = Non
             writer.writeheader()
             writer.writerows(rows)
     return Path(path)
+
+
+def check_distinct_paths(outputs: Dict[str, object], inputs: Optional[Dict[str, object]] = None) -> None:
+    """Refuse, before any work, an output that another setting of the same call also names.
+
+    An output given as an input too is overwritten while it is read, and two outputs at one path
+    leave one of them (``finetune``'s summary written over its own per-run journal).  Paths are
+    compared resolved (``./a`` and ``a``, a symbolic link and its target) and, where both exist, by
+    ``os.path.samefile`` (hard links).  Inputs are not compared with each other: reading one file
+    twice changes nothing (two surfaces of one model share a Hessian report).
+
+    Args:
+        outputs: {setting name: path}; a value that is not a path (None, a loaded model) is
+            skipped, a list or tuple is one path each.
+        inputs: {setting name: path}, the same way.
+
+    Raises:
+        SamePath: naming both settings.
+    """
+    def entries(named):
+        for name, value in (named or {}).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for path in values:
+                if isinstance(path, (str, os.PathLike)) and str(path) != "":
+                    yield name, Path(path).expanduser()
+
+    outs, ins = list(entries(outputs)), list(entries(inputs))
+    for i, (name, path) in enumerate(outs):
+        for other, other_path in outs[i + 1:] + ins:
+            if _same_file(path, other_path):
+                raise SamePath((name, other), (path, other_path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): only its resolved path could match
+        return False
+
+
+def staged_path(path) -> Path:
+    """Where a replacement of ``path`` is built until the whole result it belongs to is complete.
+
+    ``.NAME.new.SUFFIX`` next to it (hidden, same folder: one ``os.replace`` puts it in place).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.new{path.suffix}")
+
+
+def replace_together(pairs: Sequence) -> None:
+    """Move each staged file onto its output, in order: the last step of a result of several files.
+
+    Until this runs every output keeps its old content (a kill before leaves the old result whole,
+    its replacement staged); the renames themselves take microseconds.  A staged file that does not
+    exist is skipped (an optional part).
+
+    Args:
+        pairs: (staged path, output path) pairs.
+    """
+    for staged, final in pairs:
+        if Path(staged).exists():
+            os.replace(staged, final)

@@ -5,63 +5,50 @@ whose model or sample changed, naming which one; every file a stage reads (Fishe
 schedule, Hessian report) records the fingerprint of the model it was made for, and a stage that
 uses it with another model refuses it.  See docs/identity.md.
 
-Model fingerprint (``model_fingerprint``): a SHA-256 over, for every weight tensor of the
-checkpoint in sorted name order, its name, its stored dtype, its shape and the stored bytes of
-``SAMPLES_PER_TENSOR`` of its elements (64 evenly spaced runs of 64; all of a smaller tensor).  It
-is read from the checkpoint files (safetensors headers and reads of those elements only;
-``pytorch_model.bin`` through ``torch.load(weights_only=True, mmap=True)``), never from the loaded
-model, and covers the folder's ``config.json`` (less the keys a re-save rewrites).  It is the same
-for every ``--dtype``, for a model sharded with FSDP2, for the same weights split
-into other safetensors shards, and for the classifier ``finetune`` builds on a checkpoint.  A
-model that exists only in memory (the Python API) gets ``parameters_fingerprint``, the same hash
-over its parameters.
+Model fingerprint (``model_fingerprint``, version 2, ``v2:`` and 16 hex digits): a SHA-256 over,
+for every weight tensor of the checkpoint in sorted name order, its name, its stored dtype, its
+shape and the SHA-256 of all its stored bytes (``weights_hash``: computed once per file version and
+cached in the data home), and the folder's ``config.json`` (less the keys a re-save rewrites).  It
+is read from the checkpoint files (``pytorch_model.bin`` through ``torch.load(weights_only=True,
+mmap=True)``), never from the loaded model, so it is the same for every ``--dtype``, for a model
+sharded with FSDP2, for the same weights split into other safetensors shards, and for the
+classifier ``finetune`` builds on a checkpoint.  A model that exists only in memory (the Python
+API) gets ``parameters_fingerprint``: the version-1 hash, over 4096 sampled elements per tensor.
+
+Files written before version 2 record version-1 fingerprints (16 bare hex digits, sampled, of the
+files; the Hessian's journals: of the loaded parameters).  They keep reading: ``same_model``
+compares them with this model's version-1 fingerprint, computed when one is met.  Every
+comparison of recorded identities goes through ``differences``.
 
 Sample fingerprint (``sample_fingerprint``): a SHA-1 over the inputs and targets of every sample
 in order, without padding (so the batch size does not change it).
 """
 
+import contextlib
 import hashlib
 import json
-import os
 import struct
+import weakref
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 
 from .errors import SettingsMismatch, UsageError
 from .files import json_text
+from .weights_hash import code_of, file_tensors, sampled_file_tensors, tensor_sample, weight_files
 
 MODEL_KEY = "model_fingerprint"
 SAMPLE_KEY = "sample_fingerprint"
-RUNS, RUN_LENGTH = 64, 64
-SAMPLES_PER_TENSOR = RUNS * RUN_LENGTH  # elements hashed per tensor
-SCHEME = b"landscape-weights/1"
-
-# safetensors' dtype codes; torch tensors from .bin files and parameters are named the same way.
-_TORCH_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
-_ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+SCHEME = b"landscape-weights/1"  # version 1: sampled elements (and models only in memory)
+SCHEME_WHOLE = b"landscape-weights/2"  # version 2: every stored byte
+VERSION_2 = "v2:"  # how a version-2 fingerprint begins; a version-1 one is 16 bare hex digits
 
 
 # ----------------------------------------------------------------------------- the model
-def _runs(count: int) -> List[tuple]:
-    """The hashed elements of a tensor of ``count`` elements, as (first element, length) runs.
-
-    All of a tensor of at most ``SAMPLES_PER_TENSOR`` elements, else ``RUNS`` evenly spaced runs of
-    ``RUN_LENGTH`` consecutive elements.  Runs rather than single elements: a cold read touches at
-    most 2 pages per run (at most ~0.5 MB per tensor), whatever the tensor's size.
-    """
-    if count <= SAMPLES_PER_TENSOR:
-        return [(0, count)] if count else []
-    return [((i * count) // RUNS, RUN_LENGTH) for i in range(RUNS)]
-
-
 class _Digest:
-    def __init__(self):
-        self.hash = hashlib.sha256(SCHEME)
+    def __init__(self, scheme: bytes = SCHEME):
+        self.hash = hashlib.sha256(scheme)
 
     def add(self, name: str, code: str, shape, sample: bytes) -> None:
         self.hash.update(json_text([name, code, [int(s) for s in shape]]).encode())
@@ -71,94 +58,61 @@ class _Digest:
         return self.hash.hexdigest()[:16]
 
 
-def _safetensors_entries(path: Path) -> Iterable:
-    """(name, dtype code, shape, sampled bytes) of every tensor of one safetensors file.
-
-    Read from its header and the sampled runs only (``os.pread`` with readahead off: a few pages a
-    tensor).
-    """
-    with open(path, "rb") as handle:
-        length = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(length))
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            code, shape = str(entry["dtype"]), entry["shape"]
-            size = _ITEM_SIZES.get(code, 1)
-            start, end = (int(v) for v in entry["data_offsets"])
-            base = 8 + length + start
-            sample = b"".join(os.pread(handle.fileno(), count * size, base + first * size)
-                              for first, count in _runs((end - start) // size))
-            yield name, code, shape, sample
-
-
-def _tensor_sample(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().reshape(-1)
-    return b"".join(flat[first:first + count].cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                    for first, count in _runs(flat.numel()))
-
-
-def _bin_entries(path: Path) -> Iterable:
+def _folder_digest(folder: Path, whole: bool) -> Optional[str]:
+    """The fingerprint of version 2 (``whole``: every stored byte) or 1 (sampled) of a folder."""
+    adapter = folder / "adapter_config.json"
+    files = weight_files(folder, adapter.is_file())
+    if not files:
+        return None
+    digest = _Digest(SCHEME_WHOLE if whole else SCHEME)
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        base_fingerprint = (source_fingerprint if whole else _source_fingerprint_v1)(base) if base else ""
+        digest.hash.update(f"base:{base_fingerprint or ''}".encode())
+    digest.hash.update(_config_bytes(folder / "config.json"))
+    entries = []
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # an old (non-zip) serialization cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for name, tensor in state.items():
-        if torch.is_tensor(tensor):
-            yield name, _TORCH_CODES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape), _tensor_sample(tensor)
-
-
-def _weight_files(folder: Path, adapter: bool) -> List[Path]:
-    """The checkpoint files of ``folder`` as transformers (or PEFT, for an ``adapter``) picks them.
-
-    A sharded index's files, else the single file, safetensors before pickled ``.bin``.
-    """
-    names = ["adapter_model.safetensors", "adapter_model.bin"] if adapter else \
-        ["model.safetensors", "pytorch_model.bin"]
-    for name in names:
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            return [folder / file for file in sorted(set(weight_map.values()))]
-        if (folder / name).is_file():
-            return [folder / name]
-    return [] if adapter else sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+        for path in files:
+            entries.extend(file_tensors(path) if whole else sampled_file_tensors(path))
+    except (OSError, ValueError, KeyError, struct.error, RuntimeError) as err:
+        raise UsageError(f"cannot read the weights of '{folder}' to identify them: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    for name, code, shape, data in sorted(entries, key=lambda e: e[0]):
+        digest.add(name, code, shape, data)
+    return (VERSION_2 if whole else "") + digest.hexdigest()
 
 
 def folder_fingerprint(folder) -> Optional[str]:
-    """Fingerprint of the weights stored in a ``from_pretrained`` folder.
+    """Fingerprint (version 2) of the weights stored in a ``from_pretrained`` folder.
 
-    For a PEFT adapter folder: of its adapter weights and its base model's fingerprint.
+    A SHA-256 over every stored byte of every tensor (hashed once per file version, then cached:
+    ``weights_hash``) and the folder's ``config.json``.  For a PEFT adapter folder: of its adapter
+    weights and its base model's fingerprint.
 
     Args:
         folder: a ``from_pretrained`` folder (str or Path).
 
     Returns:
-        The fingerprint (a hex string), or None when the folder holds no weight files.
+        The fingerprint (``v2:`` and 16 hex digits), or None when the folder holds no weight files.
     """
     folder = Path(folder)
-    adapter = folder / "adapter_config.json"
-    files = _weight_files(folder, adapter.is_file())
-    if not files:
-        return None
-    digest = _Digest()
-    if adapter.is_file():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        digest.hash.update(f"base:{source_fingerprint(base) if base else ''}".encode())
-    digest.hash.update(_config_bytes(folder / "config.json"))
-    entries = []
-    try:
-        for path in files:
-            reader = _bin_entries if path.suffix == ".bin" else _safetensors_entries
-            entries.extend(reader(path))
-    except (OSError, ValueError, KeyError, struct.error, RuntimeError) as err:
-        raise UsageError(f"cannot read the weights of '{folder}' to identify them: "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    for name, code, shape, sample in sorted(entries, key=lambda e: e[0]):
-        digest.add(name, code, shape, sample)
-    return digest.hexdigest()
+    versions = _file_versions(folder)
+    fingerprint = _folder_digest(folder, whole=True)
+    if fingerprint is not None:
+        # Taken back to version 1 only while the files are the ones hashed now (else: cannot tell).
+        _remember_v1(fingerprint, ("folder", str(folder.resolve()), fingerprint, versions), lambda: _folder_digest(
+            folder, whole=False) if _file_versions(folder) == versions else None)
+    return fingerprint
+
+
+def _file_versions(folder: Path) -> tuple:
+    """(name, size, mtime_ns, ctime_ns, inode) of every file in ``folder``: any write changes it."""
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            found.append((path.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
+    return tuple(found)
 
 
 # Keys a re-save rewrites without changing what the model computes.
@@ -193,6 +147,13 @@ def _hub_folder(spec: str) -> Optional[Path]:
         return None
 
 
+def _source_folder(spec) -> Optional[Path]:
+    from .datahome import EMBEDDED_MODEL_DIR
+
+    path = Path(str(spec)).expanduser() if spec is not None else EMBEDDED_MODEL_DIR
+    return path if path.is_dir() else _hub_folder(str(spec))
+
+
 def source_fingerprint(spec) -> Optional[str]:
     """Fingerprint of the model a ``--model`` value names.
 
@@ -202,17 +163,17 @@ def source_fingerprint(spec) -> Optional[str]:
     Returns:
         The fingerprint (a hex string), or None when no weight files can be found for it.
     """
-    from .datahome import EMBEDDED_MODEL_DIR
-
-    path = Path(str(spec)).expanduser() if spec is not None else EMBEDDED_MODEL_DIR
-    if path.is_dir():
-        return folder_fingerprint(path)
-    folder = _hub_folder(str(spec))
+    folder = _source_folder(spec)
     return folder_fingerprint(folder) if folder is not None else None
 
 
+def _source_fingerprint_v1(spec) -> Optional[str]:
+    folder = _source_folder(spec)
+    return _folder_digest(folder, whole=False) if folder is not None else None
+
+
 def parameters_fingerprint(model: torch.nn.Module) -> str:
-    """The same hash over a model's parameters and buffers (for a model that exists only in memory).
+    """The sampled hash (version 1) over a model's parameters and buffers, for a model only in memory.
 
     It depends on the dtype the parameters are held in.
 
@@ -220,7 +181,7 @@ def parameters_fingerprint(model: torch.nn.Module) -> str:
         model: the model.
 
     Returns:
-        The fingerprint (a hex string).
+        The fingerprint (16 hex digits).
 
     Raises:
         UsageError: a sharded (FSDP2) model: its ranks hold different parts, so identify it by its
@@ -232,26 +193,102 @@ def parameters_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if is_sharded(tensor):
             raise UsageError("a sharded model is identified by its checkpoint folder, not by its parameters")
-        digest.add(name, _TORCH_CODES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape),
-                   _tensor_sample(tensor))
+        digest.add(name, code_of(tensor), tuple(tensor.shape), tensor_sample(tensor))
     return digest.hexdigest()
 
 
 def model_fingerprint(loaded) -> str:
     """Fingerprint of a ``models.LoadedModel``, computed once per loaded model.
 
+    The loaded module carries it too (``module_fingerprint``), so code that holds only the module
+    (the Hessian's journals) identifies it the same way.
+
     Args:
         loaded: a ``models.LoadedModel``.
 
     Returns:
-        The fingerprint (a hex string) of its checkpoint files (``source_fingerprint``), else of
-        its parameters.
+        The fingerprint of its checkpoint files (``source_fingerprint``), else of its parameters.
     """
     cached = getattr(loaded, "_fingerprint", None)
     if cached is None:
         cached = source_fingerprint(loaded.source) or parameters_fingerprint(loaded.model)
         loaded._fingerprint = cached
+        model = loaded.model
+        if cached.startswith(VERSION_2):  # a version-1 journal may have hashed the module (the Hessian's did)
+            held = weakref.ref(model)  # remembering how must not keep a model alive
+            _remember_v1(cached, ("module", id(model), cached), lambda: _parameters_or_none(held()))
+        with contextlib.suppress(AttributeError, TypeError):  # a model object that takes no attributes
+            model._landscape_fingerprint = cached
     return cached
+
+
+def module_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint of a module: its checkpoint's when loaded from one, else its parameters'.
+
+    ``model_fingerprint`` marks the module it identified; any other is hashed from its parameters.
+    """
+    return getattr(model, "_landscape_fingerprint", None) or parameters_fingerprint(model)
+
+
+def _parameters_or_none(model) -> Optional[str]:
+    if model is None:  # freed since
+        return None
+    try:
+        return parameters_fingerprint(model)
+    except UsageError:
+        return None
+
+
+# Version 1 (sampled) fingerprints of the models this process identified by version 2, computed
+# only when a file that recorded a version-1 fingerprint is met: {version 2: [how to get a v1]}.
+_V1: Dict[str, Dict[object, Callable[[], Optional[str]]]] = {}
+_V1_DONE: Dict[str, Set[str]] = {}
+_V1_TAGS: Set[object] = set()
+
+
+def _remember_v1(fingerprint: str, tag, compute: Callable[[], Optional[str]]) -> None:
+    if tag not in _V1_TAGS:
+        _V1_TAGS.add(tag)
+        _V1.setdefault(fingerprint, {})[tag] = compute
+
+
+def _v1_of(fingerprint: str) -> Set[str]:
+    done = _V1_DONE.setdefault(fingerprint, set())
+    pending = _V1.get(fingerprint, {})
+    while pending:
+        value = pending.pop(next(iter(pending)))()
+        if value:
+            done.add(value)
+    return done
+
+
+def is_version_1(fingerprint) -> bool:
+    """Whether a recorded model fingerprint is of version 1 (sampled; files written before v2)."""
+    text = str(fingerprint or "")
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
+
+
+def same_model(recorded, current) -> Optional[bool]:
+    """Whether a recorded model fingerprint is the current model's; None when it cannot be told.
+
+    A version-1 fingerprint (a file written before version 2) is compared with the version-1
+    fingerprint of the current model, computed then (the sampled hash of its files or of its
+    parameters, as the file's writer did), so old files keep reading.  None: one of them is empty,
+    or a version-1 fingerprint meets a version-2 one that this process cannot take back to version 1
+    (two files compared without a model).
+    """
+    recorded, current = str(recorded or ""), str(current or "")
+    if not recorded or not current:
+        return None
+    if recorded == current:
+        return True
+    if is_version_1(recorded) and current.startswith(VERSION_2):
+        known = _v1_of(current)
+        return recorded in known if known else None
+    if is_version_1(current) and recorded.startswith(VERSION_2):
+        known = _v1_of(recorded)
+        return current in known if known else None
+    return False
 
 
 # ----------------------------------------------------------------------------- the sample
@@ -293,25 +330,47 @@ def _unpadded(row, key, length, width):
 
 
 # ----------------------------------------------------------------------------- checks
-def changed(stored: Dict, current: Dict) -> Optional[str]:
-    """Name what changed between a run's stored and current fingerprints.
+def differences(stored: Dict, current: Dict) -> List[str]:
+    """The fields whose values differ between what a run or file recorded and this run.
+
+    The one comparison of identities (journals, checkpoints, surfaces, sweeps).  Values are
+    compared as JSON (a tuple equals a list); ``model_fingerprint`` with ``same_model``
+    (a version-1 fingerprint is compared with this model's version-1 one); a fingerprint that one
+    side lacks (files written before fingerprints) is no difference.
 
     Args:
-        stored: the metadata a run recorded.
-        current: the metadata of the run resuming it.
+        stored: the identity a run or file recorded.
+        current: this run's.
 
     Returns:
-        'the model' or 'the sample' when ``stored`` and ``current`` both carry that fingerprint and
-        it differs (the model is named first); None otherwise.
+        The differing keys, ``model_fingerprint`` first, then ``sample_fingerprint``, then the
+        others in sorted order.
     """
-    for key, what in ((MODEL_KEY, "the model"), (SAMPLE_KEY, "the sample")):
+    def canonical(value):
+        return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+    found = []
+    for key in sorted(set(stored) | set(current), key=lambda k: (k != MODEL_KEY, k != SAMPLE_KEY, k)):
         before, now = stored.get(key), current.get(key)
-        if before not in (None, "") and now not in (None, "") and str(before) != str(now):
-            return what
-    return None
+        if key == MODEL_KEY:
+            differs = same_model(before, now) is False
+        elif key == SAMPLE_KEY:
+            differs = before not in (None, "") and now not in (None, "") and str(before) != str(now)
+        else:
+            differs = canonical(before) != canonical(now)
+        if differs:
+            found.append(key)
+    return found
 
 
-_DETAIL = {"the model": "its weights are not the ones the run started with",
+def changed(stored: Dict, current: Dict) -> Optional[str]:
+    """'the model' or 'the sample' when that fingerprint differs (``differences``), model first; else None."""
+    found = differences({k: stored.get(k) for k in (MODEL_KEY, SAMPLE_KEY)},
+                        {k: current.get(k) for k in (MODEL_KEY, SAMPLE_KEY)})
+    return {MODEL_KEY: "the model", SAMPLE_KEY: "the sample"}[found[0]] if found else None
+
+
+_DETAIL = {"the model": "its weights or its configuration (config.json) are not the ones the run started with",
            "the sample": "its tokens are not the ones the run started with: an edited corpus, another "
                          "sub-sample or another tokenizer"}
 
@@ -341,7 +400,7 @@ def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[st
 
 
 # Settings that draw the sample: when one differs, it is the likely reason the tokens did.
-_SAMPLE_SETTINGS = ("corpus", "fraction", "max_samples", "seq_len", "corpus_seed", "framing", "bos")
+_SAMPLE_SETTINGS = ("corpus", "fraction", "max_samples", "seq_len", "corpus_seed", "seed", "framing", "bos")
 
 
 def _sample_detail(stored: Dict, current: Dict) -> str:
@@ -355,7 +414,8 @@ def check_file_model(path, what: str, recorded: Optional[str], fingerprint: str,
     """UsageError when a file made for one model (``recorded``) is used with another.
 
     Files written before fingerprints were recorded (``recorded`` empty) pass: their readers keep
-    checking parameter names and shapes only.
+    checking parameter names and shapes only.  A version-1 fingerprint is compared with this
+    model's version-1 one (``same_model``).
 
     Args:
         path: the file, named in the message.
@@ -367,7 +427,7 @@ def check_file_model(path, what: str, recorded: Optional[str], fingerprint: str,
     Raises:
         UsageError: the fingerprints differ.
     """
-    if recorded in (None, "") or str(recorded) == str(fingerprint):
+    if same_model(recorded, fingerprint) is not False:  # the same, or a file without a fingerprint
         return
     model = "the embedded model" if model_spec is None else f"'{model_spec}'"
     raise UsageError(f"{what} '{path}' was made for another model (model fingerprint {recorded}), not for "

@@ -2,6 +2,7 @@
 statistics against dropout, and sweeps that resume from their per-run CSV after a kill."""
 
 import csv
+import io
 import signal
 import subprocess
 import time
@@ -288,6 +289,48 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_bert_dir, toy
 
     assert main(args[:-4] + ["--restarts", "1", "--overwrite", "--out", str(out)]) == 0
     assert len(list(csv.DictReader(open(runs)))) == 2
+
+
+def test_finetune_overwrite_killed_mid_sweep_keeps_the_finished_sweep_whole(tiny_bert_dir, toy_tsv, tmp_path,
+                                                                           capsys):
+    # `finetune --overwrite` killed mid-sweep once had already replaced the finished sweep's journal:
+    # the folder paired the old summary with another sweep's runs.
+    from landscape.cli import main
+
+    out, runs, plot = tmp_path / "res.csv", tmp_path / "res_runs.csv", tmp_path / "res.png"
+    args = ["finetune", "--model", str(tiny_bert_dir), "--dataset", str(toy_tsv), "--regularizer", "none,dropout",
+            "--epochs", "3", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-3", "--threads", "1",
+            "--device", "cpu", "--restarts", "1", "--out", str(out)]
+    assert main(args) == 0
+    finished = {p: p.read_bytes() for p in (out, runs, plot, Path(f"{runs}.settings.json"))}
+    other = [*args[:-4], "--restarts", "6", "--out", str(out), "--overwrite"]
+    other[other.index("--lr") + 1] = "2e-3"
+    staged = tmp_path / ".res_runs.csv.new.csv"
+    proc = subprocess.Popen(landscape_cmd(*other), cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=None),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if staged.exists() and staged.read_bytes().count(b"\n") >= 3:  # header + 2 runs of the new sweep
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the sweep ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert {p: p.read_bytes() for p in finished} == finished  # the finished sweep, whole
+    done = staged.read_bytes().count(b"\n") - 1
+    assert main(other) == 0  # resumes the replacement, then puts all of it in place
+    assert f"resuming the replacement of {runs}: {done} of 12 runs already done" in capsys.readouterr().out
+    table = list(csv.DictReader(open(runs)))
+    assert len(table) == 12 and {r["settings"] for r in table} != {r["settings"] for r in
+                                                                   csv.DictReader(io.StringIO(finished[runs].decode()))}
+    assert {r["pairs"] for r in csv.DictReader(open(out)) if r["regularizer"] == "none"} == {"6"}
+    assert plot.read_bytes() != finished[plot]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 # -------------------------------------------------------------------------------------- Llama-style

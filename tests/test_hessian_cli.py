@@ -151,6 +151,50 @@ def test_interrupted_trace_resumes_to_the_same_value(tiny_gpt2_dir, tiny_corpus_
     assert not journal.exists()
 
 
+def test_a_killed_overwrite_keeps_the_finished_report_and_vectors(tiny_gpt2_dir, tiny_corpus_file, tmp_path):
+    # The report and its eigenvectors are one result: a replacement killed after the new vectors
+    # were written (during the trace) once left the old report beside the new vectors.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from landscape.curvature.report import direction_fingerprint
+
+    out, vectors = tmp_path / "H.json", tmp_path / "V.h5"
+    assert hessian(tiny_gpt2_dir, tiny_corpus_file, out, "--top", 1, "--vectors", vectors) == 0
+    finished = {p: p.read_bytes() for p in (out, vectors)}
+    again = ["hessian", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--out", out, "--quiet",
+             "--top", 1, "--vectors", vectors, "--seed", 1, "--overwrite", "--trace"]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "landscape.cli", *map(str, again), "100000"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    trace = tmp_path / "H.json.trace.ckpt"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if trace.exists() and trace.read_bytes().count(b"\n") >= 3:  # top done, the trace under way
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert (tmp_path / ".V.h5.new.h5").exists()  # the new vectors, aside
+    assert {p: p.read_bytes() for p in finished} == finished
+    assert cli(*again, 4) == 0  # the replacement resumes and moves into place whole
+    report = json.loads(out.read_text())
+    assert report["settings"]["seed"] == 1 and report["vectors"]["path"] == str(vectors)
+    assert report["vectors"]["fingerprint"] == direction_fingerprint(vectors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["H.json", "V.h5"]
+
+
 # ----------------------------------------------------------------------------- paths between checkpoints
 def _perturbed_copy(model_dir, path, seed, scale=0.02):
     loaded = load_model(str(model_dir))

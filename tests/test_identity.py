@@ -248,3 +248,168 @@ def test_files_written_before_fingerprints_are_still_read(fisher_of_tiny, tiny_b
     old = tmp_path / "old.safetensors"
     save_file(load_file(str(fisher_of_tiny)), str(old), metadata=meta)
     assert _cli(capfd, "schedule", old, "--model", tiny_bert_dir, "--out", tmp_path / "s.json")[0] == 0
+
+
+# ----------------------------------------------------------------------------- one identity (issue 28)
+def _change_config(folder, **changes):
+    path = folder / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+def _stopped_hessian(capfd, monkeypatch, args, after):
+    """Run ``hessian`` until ``after`` Hessian-vector products are done, then interrupt it."""
+    from landscape.curvature.operator import HessianOperator
+
+    real, calls = HessianOperator.matvec, []
+
+    def matvec(self, v):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(self, v)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HessianOperator, "matvec", matvec)
+        code, _, err = _cli(capfd, *args)
+    assert code == 130, err
+
+
+def test_a_resume_after_config_json_changed_is_refused_by_every_journal(model_dir, tiny_corpus_file, tmp_path,
+                                                                         capfd, monkeypatch):
+    # A Hessian trace resumed after "hidden_act": "relu" once mixed probes of two models and claimed
+    # the new one: its journals hashed the parameters, which a configuration does not change.
+    sample = ("--corpus", tiny_corpus_file, "--max-samples", 4, "--seq-len", 16, "--device", "cpu")
+    trace = ("hessian", "--model", model_dir, *sample, "--top", 0, "--trace", 6, "--quiet",
+             "--out", tmp_path / "T.json")
+    top = ("hessian", "--model", model_dir, *sample, "--top", 1, "--trace", 6, "--quiet", "--out", tmp_path / "P.json")
+    _stopped_hessian(capfd, monkeypatch, trace, after=3)
+    with monkeypatch.context() as patch:  # stopped once the top pair is journaled, before the trace
+        from landscape.curvature import report
+
+        patch.setattr(report, "_add_trace", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert _cli(capfd, *top)[0] == 130
+    assert (tmp_path / "P.json.top.ckpt").exists() and (tmp_path / "T.json.trace.ckpt").exists()
+    fisher = _fisher_args(model_dir, tiny_corpus_file, tmp_path / "F.safetensors")
+    _stopped_fisher(capfd, monkeypatch, fisher)
+    directions = tmp_path / "D.h5"
+    assert _cli(capfd, "directions", "--model", model_dir, "--dims", 1, "--out", directions)[0] == 0
+    surface = ("surface", "--model", model_dir, "--directions", directions, *sample, "--x", "-1:1:3",
+               "--out", tmp_path / "S.h5")
+    assert _cli(capfd, *surface)[0] == 0
+    journals = {p: p.read_bytes() for p in tmp_path.glob("*.ckpt")}
+
+    _change_config(model_dir, hidden_act="relu")
+    for args, path in ((trace, "T.json.trace.ckpt"), (top, "P.json.top.ckpt"), (fisher, "F.safetensors.ckpt"),
+                       (surface, "S.h5")):
+        _one_line(*_cli(capfd, *args)[::2], "the model changed", "config.json", path)
+    assert {p: p.read_bytes() for p in journals} == journals
+    assert not (tmp_path / "T.json").exists() and not (tmp_path / "F.safetensors").exists()
+
+
+def test_a_fisher_resume_with_other_settings_names_the_setting(model_dir, tiny_corpus_file, tmp_path, capfd,
+                                                                monkeypatch):
+    # The stage's settings sit in one JSON string of the checkpoint; they are compared field by field.
+    args = _fisher_args(model_dir, tiny_corpus_file, tmp_path / "F.safetensors")
+    _stopped_fisher(capfd, monkeypatch, args)
+    batch = [str(a) for a in args]
+    batch[batch.index("--batch-size") + 1] = "4"  # the same tokens, other batches
+    _one_line(*_cli(capfd, *batch)[::2], "other settings (batch_size=2, this run has 4)", "delete it")
+    seq = [str(a) for a in args]
+    seq[seq.index("--seq-len") + 1] = "12"  # other tokens: the sample changed, and the setting that did it
+    _one_line(*_cli(capfd, *seq)[::2], "the sample changed", "seq_len was 16, now 12")
+
+
+def test_the_fingerprint_sees_any_edited_weight_and_is_hashed_once_per_file_version(model_dir, tmp_path,
+                                                                                    monkeypatch):
+    from safetensors.torch import save_file
+
+    from landscape import weights_hash
+
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "home"))
+    first = identity.source_fingerprint(model_dir)
+    assert first.startswith(identity.VERSION_2)
+    assert len(list((tmp_path / "home" / "fingerprints").iterdir())) == 1
+    # Cached: the file is not read again while its version (size, mtime, ctime, inode) is the same.
+    monkeypatch.setattr(weights_hash, "_safetensors_whole", lambda path: pytest.fail("read again"))
+    assert identity.source_fingerprint(model_dir) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "home"))
+    # One element edited outside the 4096 sampled ones of its tensor: version 1 did not see it.
+    weights = load_file(str(model_dir / "model.safetensors"))
+    name = max(weights, key=lambda n: weights[n].numel())
+    assert weights[name].numel() > weights_hash.SAMPLES_PER_TENSOR
+    sampled = {first for first, count in weights_hash._runs(weights[name].numel()) for first in
+               range(first, first + count)}
+    index = next(i for i in range(1, weights[name].numel()) if i not in sampled)
+    before_v1 = identity._source_fingerprint_v1(model_dir)
+    weights[name].view(-1)[index] += 1e-3
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    assert identity._source_fingerprint_v1(model_dir) == before_v1  # what version 1 missed
+    assert identity.source_fingerprint(model_dir) != first
+    # No data home to write: still identified, just not cached.
+    monkeypatch.setenv("LANDSCAPE_DATA", "/proc/no-such-home")
+    assert identity.source_fingerprint(model_dir) == identity.source_fingerprint(model_dir)
+
+
+def test_files_and_journals_of_version_1_fingerprints_keep_reading(fisher_of_tiny, tiny_bert_dir, other_bert_dir,
+                                                                   model_dir, tiny_corpus_file, tmp_path, capfd,
+                                                                   monkeypatch):
+    """Files written before version 2 record the sampled fingerprint (the one kept for this): the
+    same model reads them, another model is still refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from landscape.models import load_model
+
+    v1 = identity._source_fingerprint_v1(tiny_bert_dir)
+    assert identity.is_version_1(v1) and identity.same_model(v1, identity.source_fingerprint(tiny_bert_dir))
+    assert identity.same_model(v1, identity.source_fingerprint(other_bert_dir)) is False
+    with safe_open(str(fisher_of_tiny), framework="pt") as handle:
+        meta = dict(handle.metadata(), **{identity.MODEL_KEY: v1})
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(fisher_of_tiny)), str(old), metadata=meta)
+    assert _cli(capfd, "schedule", old, "--model", tiny_bert_dir, "--out", tmp_path / "s.json")[0] == 0
+    _one_line(*_cli(capfd, "schedule", old, "--model", other_bert_dir, "--out", tmp_path / "t.json")[::2],
+              "another model")
+    # A Hessian trace journal of version 1 held the sampled hash of the loaded parameters: it resumes.
+    sample = ("--corpus", tiny_corpus_file, "--max-samples", 4, "--seq-len", 16, "--device", "cpu")
+    trace = ("hessian", "--model", model_dir, *sample, "--top", 0, "--trace", 4, "--quiet", "--out",
+             tmp_path / "T.json")
+    assert _cli(capfd, *trace[:-1], tmp_path / "whole.json")[0] == 0
+    _stopped_hessian(capfd, monkeypatch, trace, after=2)
+    journal = tmp_path / "T.json.trace.ckpt"
+    lines = journal.read_text().splitlines()
+    header = json.loads(lines[0])
+    header[identity.MODEL_KEY] = identity.parameters_fingerprint(load_model(str(model_dir)).model)
+    journal.write_text("\n".join([json.dumps(header, sort_keys=True), *lines[1:]]) + "\n")
+    assert _cli(capfd, *trace)[0] == 0
+    traces = [json.loads((tmp_path / name).read_text())["trace"] for name in ("T.json", "whole.json")]
+    assert traces[0] == traces[1]
+    # A surface of version 1: a rerun reads it as finished, on the same model.
+    directions, out = tmp_path / "D.h5", tmp_path / "S.h5"
+    assert _cli(capfd, "directions", "--model", model_dir, "--dims", 1, "--out", directions)[0] == 0
+    surface = ("surface", "--model", model_dir, "--directions", directions, *sample, "--x", "-1:1:3", "--out", out)
+    assert _cli(capfd, *surface)[0] == 0
+    with h5py.File(out, "r+") as handle:
+        stored = json.loads(handle.attrs["identity"])
+        stored[identity.MODEL_KEY] = identity._source_fingerprint_v1(model_dir)
+        handle.attrs["identity"] = json.dumps(stored, sort_keys=True)
+    code, _, err = _cli(capfd, *surface)
+    assert code == 0, err
+
+
+def test_the_fingerprint_cache_drops_records_of_files_that_are_gone(model_dir, tmp_path, monkeypatch):
+    # One record per weight file path: temporary folders (a test suite's) would add up for ever.
+    from landscape import weights_hash
+
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr(weights_hash, "KEEP_RECORDS", 2)
+    records = tmp_path / "home" / "fingerprints"
+    for name in ("a", "b"):
+        shutil.copytree(model_dir, tmp_path / name)
+        identity.source_fingerprint(tmp_path / name)
+    shutil.rmtree(tmp_path / "a")
+    identity.source_fingerprint(model_dir)  # a third record: the one of the folder that is gone goes
+    kept = {json.loads(p.read_text())["key"]["path"] for p in records.glob("*.json")}
+    assert kept == {str((tmp_path / "b" / "model.safetensors").resolve()),
+                    str((model_dir / "model.safetensors").resolve())}

@@ -261,22 +261,24 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     from landscape.fisher.accumulator import FisherAccumulator
     from landscape.guided.finetune import run_finetune
     from landscape.guided.training import FinetuneConfig
+    from landscape.settings import GridSpec, HessianSettings, ModelSpec, ProfileSettings
 
     for call, words in ((lambda: surface.parse_range("-1e39:1e39:3"), "MIN and MAX in"),
                         (lambda: checks.grid_range("-2e6:0:3", "x"), "MIN and MAX in"),
                         (lambda: FinetuneConfig(epochs=10**9), "epochs"),
                         (lambda: FisherAccumulator(tiny_bert.model, max_chunk_mb=1e308), "max_chunk_mb"),
-                        (lambda: run_hessian(tmp_path / "H.json", trace=10**12), "trace probes"),
-                        (lambda: run_hessian(tmp_path / "H.json", spectrum=10**6), "spectrum runs"),
-                        (lambda: run_hessian(tmp_path / "H.json", max_iter=10**12), "max_iter"),
-                        (lambda: run_hessian(tmp_path / "H.json", cache_mb=1e308), "cache_mb"),
+                        (lambda: HessianSettings(trace=10**12), "trace"),
+                        (lambda: HessianSettings(spectrum=10**6), "spectrum"),
+                        (lambda: HessianSettings(max_iter=10**12), "max_iter"),
+                        (lambda: HessianSettings(cache_mb=1e308), "cache_mb"),
                         (lambda: run_finetune(out=str(tmp_path / "r.csv"), restarts=10**9), "restarts")):
         with pytest.raises(UsageError, match=words):
             call()
     # folders: the data home and the folder of saved models, refused before any work
     (tmp_path / "afile").write_text("not a folder")
     monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "afile"))
-    for call in (data_home, lambda: run_hessian(tmp_path / "H.json", model=str(tmp_path / "nowhere"))):
+    settings = HessianSettings(ModelSpec(str(tmp_path / "nowhere")))
+    for call in (data_home, lambda: run_hessian(settings, out=tmp_path / "H.json")):
         with pytest.raises(UsageError, match="the data home '.*afile' is a file, not a folder; set LANDSCAPE_DATA"):
             call()
     monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path / "afile" / "sub"))
@@ -289,7 +291,8 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     for folder in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         for call in (lambda: run_finetune(out=str(tmp_path / "r.csv"), dataset=str(tiny_corpus_file),
                                           save_models=str(folder)),
-                     lambda: run_profile(tmp_path / "F.safetensors", folder), lambda: run_demo(folder)):
+                     lambda: run_profile(ProfileSettings(tmp_path / "F.safetensors"), out=folder),
+                     lambda: run_demo(folder)):
             with pytest.raises(UsageError, match=r"'.*afile' is a file, not a folder"):
                 call()
     # coordinates whose products with a direction's values overflow the weights
@@ -299,8 +302,8 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(UsageError, match="overflow the model's float32"):
         surface.evaluate(model, [huge], batches, [0.0, 1e6])
-    with pytest.raises(UsageError, match="coordinates must hold finite coordinates"):
-        surface.run_surface(tmp_path / "s.h5", tmp_path / "d.h5", x=[0.0, 1e39])
+    with pytest.raises(UsageError, match="x must hold finite coordinates"):
+        GridSpec(x=[0.0, 1e39])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert surface.evaluate(model, [directions.random_direction(model, seed=0)], batches, [0.0, 1e6]).shape == (2,)
     assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.json"))
@@ -329,3 +332,51 @@ def test_unbounded_options_take_a_huge_value(tiny_bert_dir, tiny_corpus_file, tm
     code, _, err = _cli(capfd, "surface", *sample, "--directions", tmp_path / "d.h5", "--shard-size", big, "--out",
                         tmp_path / "s2.h5")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------- repeated list items
+# A list item given twice once trained every run twice with the same seed (`finetune --fractions 1,1`
+# reported 2 pairs, smallest p 0.5, for one restart); lists whose items name runs, rows or series
+# refuse a repeat, LoRA targets and layers (sets of modules) merge it.
+REPEATS = [
+    (["finetune", "--fractions", "1,1.0", "--out", "o.csv"], "argument --fractions: must not repeat a value, got 1"),
+    (["stability", "--fractions", "0.1,0.1", "--out", "o.csv"], "argument --fractions: must not repeat"),
+    (["stability", "--top", "5,1,5", "--out", "o.csv"], "argument --top: must not repeat a value, got 5"),
+    (["finetune", "--regularizer", "none,dropout,none", "--out", "o.csv"], "regularizer 'none' is listed twice"),
+    (["compare", "a.h5", "b.h5", "--labels", "x,x", "--out", "c.png"], "label 'x' is given twice"),
+]
+
+
+@pytest.mark.parametrize("argv,words", REPEATS, ids=[" ".join(a[:3]) for a, _ in REPEATS])
+def test_repeated_list_items_are_one_line_before_anything_loads(argv, words, tmp_path):
+    for name in ("a.h5", "b.h5"):
+        (tmp_path / name).write_bytes(b"")  # never opened: the labels are refused first
+    result = subprocess.run(landscape_cmd(*argv), capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(),
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5"]
+
+
+def test_the_api_refuses_repeated_list_items_and_merges_lora_sets(tmp_path):
+    from landscape.guided.finetune import run_finetune
+    from landscape.guided.lora import parse_lora_spec
+    from landscape.plots.surfaces import check_labels
+    from landscape.settings import StabilitySettings
+
+    with pytest.raises(UsageError, match="fractions must not repeat a value, got 0.5"):
+        run_finetune(out=tmp_path / "o.csv", fractions=[0.5, 1.0, 0.5], log=None)
+    with pytest.raises(UsageError, match="regularizer 'none' is listed twice"):
+        run_finetune(out=tmp_path / "o.csv", regularizer=["none", "none"], log=None)
+    with pytest.raises(UsageError, match="top must not repeat"):
+        StabilitySettings(top=(1.0, 1.0))
+    with pytest.raises(UsageError, match="top must not repeat"):
+        StabilitySettings(top="1,1")
+    with pytest.raises(UsageError, match="label 'a' is given twice"):
+        check_labels(["a", "a"], ["x.h5", "y.h5"])
+    assert check_labels(None, ["p/x.h5", "q/x.h5"]) == ["x", "x"]  # file names: the user did not choose them
+    with pytest.raises(UsageError, match="key 'r' is given twice"):
+        parse_lora_spec("r=8,r=16")
+    spec = parse_lora_spec("targets=q_proj,v_proj,q_proj,layers=0-2+1")
+    assert spec["targets"] == ["q_proj", "v_proj"] and spec["layers"] == [0, 1, 2]
+    assert list(tmp_path.iterdir()) == []

@@ -253,3 +253,109 @@ def test_finetune_never_saves_a_model_over_a_folder_of_other_files(tmp_path, cap
     code, _, err = _cli(capfd, *args)
     _one_line(code, err, "dropout_f1_s0' holds a folder of other files, not a saved model", "--overwrite")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["dropout_f1_s0", "models", "notes.txt"]
+
+
+def test_two_options_naming_one_file_are_refused_before_anything_loads(foreign, tmp_path, capfd, monkeypatch):
+    # `finetune --out r.csv --runs-out r.csv` once wrote its summary over its own journal (exit 0).
+    f = foreign
+    monkeypatch.chdir(tmp_path)
+    fisher = tmp_path / "F.safetensors"
+    save_file({"w": torch.ones(3)}, str(fisher), metadata={"format": "landscape-fisher-v1"})
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\ngood,1\nbad,0\n")
+    os.link(data, tmp_path / "hard.csv")
+    cases = [  # every command with two or more path options; each pair passes the suffix checks
+        (("finetune", "--out", "r.csv", "--runs-out", "./r.csv"), "--out 'r.csv' and --runs-out 'r.csv'"),
+        (("finetune", "--dataset", data, "--out", tmp_path / "hard.csv"), "--out", "and --dataset"),
+        (("finetune", "--out", "o.csv", "--save-models", "m", "--model", "m"), "--save-models 'm' and --model 'm'"),
+        (("surface", "--directions", f["surface"], "--out", f["surface"]), "--out", "and --directions"),
+        (("surface", "--directions", "d.h5", "--eval-corpus", "e.h5", "--out", "e.h5"), "and --eval-corpus"),
+        (("fisher", "--corpus", "F.safetensors", "--out", fisher), "--out", "and --corpus"),
+        (("stability", "--corpus", data, "--out", data), "--out", "and --corpus"),
+        (("schedule", "s.json", "--out", "s.json"), "--out 's.json' and fisher 's.json'"),
+        (("profile", "p", "--out", "p"), "--out 'p' and fisher 'p'"),
+        (("directions", "--fisher", "D.h5", "--subset", "top50", "--out", "D.h5"), "--out 'D.h5' and --fisher"),
+        (("directions", "--kind", "hessian", "--corpus", "D.h5", "--out", "D.h5"), "--out 'D.h5' and --corpus"),
+        (("hessian", "--out", "h.json", "--fisher", "h.json", "--subset", "top50"), "--out 'h.json' and --fisher"),
+        (("hessian", "--out", "h.json", "--vectors", "v.h5", "--corpus", "v.h5"), "--vectors 'v.h5' and --corpus"),
+        (("compare", f["surface"], "--out", "c.png", "--csv", "c.csv", "--hessian", "c.csv"),
+         "--csv 'c.csv' and --hessian 'c.csv'"),
+        (("plot", "p.png", "--out", "p.png"), "--out 'p.png' and surface 'p.png'"),
+        (("export", "--vtk", "v.vtp", "--out", "v.vtp"), "--out 'v.vtp' and --vtk 'v.vtp'"),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    contents = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for args, *words in cases:
+        started = time.perf_counter()
+        code, _, err = _cli(capfd, *args)
+        _one_line(code, err, *words, "are the same file; give each its own")
+        assert time.perf_counter() - started < 5, args  # refused before any model or data loads
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert {p: p.read_bytes() for p in contents} == contents
+
+
+def test_the_library_names_its_settings_when_two_name_one_file(tmp_path):
+    from landscape.errors import SamePath
+    from landscape.files import check_distinct_paths
+    from landscape.guided.finetune import run_finetune
+
+    with pytest.raises(SamePath, match=r"^out '.*r.csv' and runs_out '.*r.csv' are the same file"):
+        run_finetune(out=tmp_path / "r.csv", runs_out=tmp_path / "sub" / ".." / "r.csv", log=None)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    with pytest.raises(SamePath, match="out .* and fisher"):
+        check_distinct_paths({"out": tmp_path / "link" / "x"}, {"fisher": tmp_path / "a" / "x"})
+    check_distinct_paths({"out": "a.csv"}, {"corpus": "b.csv", "eval_corpus": "b.csv", "model": object()})
+    assert list(tmp_path.glob("*.csv")) == []
+
+
+_KILL_HOOK = '''
+import contextlib, os, signal
+import landscape.files as files
+_real, _count = files.atomic_output, [0]
+@contextlib.contextmanager
+def _killing(path):
+    with _real(path) as tmp:
+        yield tmp
+    _count[0] += 1
+    if _count[0] >= int(os.environ["KILL_AFTER_WRITES"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+files.atomic_output = _killing
+'''
+
+
+@pytest.mark.parametrize("command", ["compare", "profile"])
+def test_a_result_of_several_files_killed_midway_keeps_the_finished_one_whole(command, tiny_bert_dir, tmp_path):
+    # SIGKILL after the first file of the new result is written (a sitecustomize hook kills the
+    # process as its writer returns): every file of the finished result must still be the old one.
+    from landscape.fisher import save_fisher
+    from landscape.models import load_model
+
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_KILL_HOOK)
+    if command == "compare":
+        first = (_surface(tmp_path / "a.h5"), _surface(tmp_path / "b.h5", nx=7))
+        base = ["compare", *first, "--out", tmp_path / "c.png"]
+        again = [*base, "--labels", "one,two", "--overwrite"]
+        files = [tmp_path / "c.png", tmp_path / "c.sharpness.csv"]
+    else:
+        params = dict(load_model(str(tiny_bert_dir)).model.named_parameters())
+        for seed, name in ((0, "F0"), (1, "F1")):
+            torch.manual_seed(seed)
+            save_fisher(tmp_path / f"{name}.safetensors", {n: torch.rand_like(p) for n, p in params.items()}, {})
+        base = ["profile", tmp_path / "F0.safetensors", "--model", tiny_bert_dir, "--out", tmp_path / "prof"]
+        again = ["profile", tmp_path / "F1.safetensors", "--model", tiny_bert_dir, "--out", tmp_path / "prof",
+                 "--overwrite"]
+        files = [tmp_path / "prof" / name for name in ("parameter_quantiles.csv", "parameters.png", "tensors.csv",
+                                                        "blocks.csv", "sites.csv", "blocks.png", "sites.png")]
+    assert subprocess.run(_cmd(*base), env=_env(), capture_output=True).returncode == 0
+    finished = {p: p.read_bytes() for p in files}
+    env = dict(_env(), KILL_AFTER_WRITES="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "hook"), env["PYTHONPATH"]])
+    killed = subprocess.run(_cmd(*again), env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert {p: p.read_bytes() for p in files} == finished
+    done = subprocess.run(_cmd(*again), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert files[0].read_bytes() != finished[files[0]]  # the new result, now in place
+    assert not [p for p in tmp_path.rglob(".*") if ".new" in p.name]

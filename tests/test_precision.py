@@ -41,6 +41,7 @@ def test_the_context_turns_tf32_on_inside_and_restores_after_an_error(tf32_off):
 def test_a_tf32_stage_computes_in_tf32_and_leaves_the_switches_as_it_found_them(
         tf32_off, tiny_bert_dir, tiny_corpus_file, tmp_path, monkeypatch):
     from landscape.fisher import load_fisher, run, run_fisher
+    from landscape.settings import FisherSettings, ModelSpec, SampleSpec
 
     seen = []
     compute = run.compute_fisher
@@ -51,11 +52,12 @@ def test_a_tf32_stage_computes_in_tf32_and_leaves_the_switches_as_it_found_them(
 
     monkeypatch.setattr(run, "compute_fisher", recording)
     out = tmp_path / "F.safetensors"
-    run_fisher(out, str(tiny_bert_dir), str(tiny_corpus_file), max_samples=2, seq_len=8, batch_size=2,
-               dtype="tf32", device="cpu", progress=False)
+    sample = SampleSpec(str(tiny_corpus_file), max_samples=2, seq_len=8, batch_size=2)
+    run_fisher(FisherSettings(ModelSpec(str(tiny_bert_dir), dtype="tf32", device="cpu"), sample), out=out,
+               progress=False)
     assert seen == [(True, True)]  # the work ran in TF32
     assert _flags() == (False, False)  # and the process is as it was
     assert load_fisher(out)[1]["dtype"] == "tf32"
-    run_fisher(tmp_path / "G.safetensors", str(tiny_bert_dir), str(tiny_corpus_file), max_samples=2, seq_len=8,
-               batch_size=2, dtype="float32", device="cpu", progress=False)
+    run_fisher(FisherSettings(ModelSpec(str(tiny_bert_dir), device="cpu"), sample), out=tmp_path / "G.safetensors",
+               progress=False)
     assert seen[-1] == (False, False)  # a later float32 stage computes in float32

@@ -36,6 +36,7 @@ def _digest(path):
 
 def test_out_and_directions_naming_one_file_are_refused_naming_both(tiny_bert_dir, tiny_corpus_file, dir_file,
                                                                      tmp_path, capfd):
+    from landscape.settings import ModelSpec, SurfaceSettings
     from landscape.surface import run_surface
 
     before = _digest(dir_file)
@@ -44,10 +45,11 @@ def test_out_and_directions_naming_one_file_are_refused_naming_both(tiny_bert_di
         code, _, err = _cli(capfd, "surface", "--model", tiny_bert_dir, "--directions", dir_file, "--corpus",
                             tiny_corpus_file, "--max-samples", 2, "--seq-len", 16, "--x", "-1:1:3", "--y", "-1:1:3",
                             "--out", out, *extra)
-        line = _one_line(code, err, "out and directions name the same file", "write the surface to another file")
+        line = _one_line(code, err, "--out '", "--directions '", "are the same file; give each its own")
         assert "choose another --directions" not in line
-    with pytest.raises(UsageError, match="out and directions name the same file"):
-        run_surface(dir_file, dir_file, model=str(tiny_bert_dir), overwrite=True)
+    settings = SurfaceSettings(dir_file, ModelSpec(str(tiny_bert_dir)))
+    with pytest.raises(UsageError, match="^out '.*' and directions '.*' are the same file"):
+        run_surface(settings, out=dir_file, overwrite=True)
     assert _digest(dir_file) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["X.h5", "link.h5"]
 

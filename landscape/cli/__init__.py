@@ -11,7 +11,7 @@ import re
 import sys
 
 from .. import __version__
-from ..errors import NewHeadRefused, OutputBusy, OutputRefused, OutputUnwritable, SettingsMismatch, UsageError
+from ..errors import NewHeadRefused, OutputBusy, OutputRefused, OutputUnwritable, SamePath, SettingsMismatch, UsageError
 from .commands import register_all
 
 
@@ -77,6 +77,9 @@ def _message(err: UsageError, args) -> str:
         return f"{err.reason}; wait for it to finish or choose another {_flag_of(args, err.path)}"
     if isinstance(err, SettingsMismatch) and hasattr(args, "overwrite"):
         return f"{err}; rerun with --overwrite to replace it, or choose another --out"
+    if isinstance(err, SamePath):
+        (a, b), (path_a, path_b) = (_setting_flag(args, name) for name in err.names), err.paths
+        return f"{a} '{path_a}' and {b} '{path_b}' are the same file; give each its own"
     if isinstance(err, NewHeadRefused) and hasattr(args, "allow_new_head"):
         return f"{err} (--allow-new-head)"
     return str(err)
@@ -84,6 +87,17 @@ def _message(err: UsageError, args) -> str:
 
 # A stage's output parameters whose flag is not --out (a default path derived from --out is named so).
 _OUTPUT_FLAGS = {"runs_out": "--runs-out", "plot": "--plot", "csv": "--csv", "vectors": "--vectors"}
+
+
+# A stage's path settings whose option is not --NAME: positionals (by their name in the usage line)
+# and the library's names for them.
+_SETTING_FLAGS = {("plot", "path"): "surface", ("compare", "paths"): "surfaces", ("export", "path"): "--vtk",
+                  ("schedule", "fisher_path"): "fisher", ("profile", "fisher_path"): "fisher"}
+
+
+def _setting_flag(args, name: str) -> str:
+    """The option of the command line that gives the library setting ``name``."""
+    return _SETTING_FLAGS.get((args.command, name), f"--{name.replace('_', '-')}")
 
 
 def _flag_of(args, path, default="--out") -> str:

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from ..errors import UsageError
 from ..files import json_text
-from ..identity import refuse_changed_resume
+from ..identity import differences, refuse_changed_resume
 from ..schema import Schema
 
 JOURNAL_FORMAT = "landscape-hessian-journal"
@@ -47,9 +47,10 @@ class _Journal:
             header = None
         if not isinstance(header, dict) or header.pop("format", None) != JOURNAL_FORMAT:
             schema.fail("is not a Hessian checkpoint (no header line of one)")
-        if header != json.loads(json_text(self.identity)):
+        found = differences(header, self.identity)
+        if found:
             refuse_changed_resume(self.path, header, self.identity, "delete it or choose another path", UsageError)
-            key = next(k for k in sorted(set(header) | set(self.identity)) if header.get(k) != self.identity.get(k))
+            key = found[0]
             raise UsageError(f"checkpoint '{self.path}' was written with other settings ({key}={header.get(key)!r}, "
                              f"this run has {self.identity.get(key)!r}); delete it or choose another path")
         for number, line in enumerate(lines[1:], start=2):

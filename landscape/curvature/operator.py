@@ -20,7 +20,7 @@ import torch
 
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
-from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, sample_fingerprint
+from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerprint
 from ..models import check_kind
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
@@ -317,9 +317,11 @@ class HessianOperator:
     def identity(self) -> dict:
         """What fixes the operator's entries, for checkpoints.
 
-        The weights and the sample by content, the coordinates, the objective.
+        The model by content, as every stage identifies it (``identity.module_fingerprint``: its
+        checkpoint's weights and configuration when it was loaded from one), the sample's tokens,
+        the coordinates, the objective.
         """
-        return {"model": type(self.model).__name__, MODEL_KEY: parameters_fingerprint(self.model),
+        return {"model": type(self.model).__name__, MODEL_KEY: module_fingerprint(self.model),
                 SAMPLE_KEY: sample_fingerprint(self.batches), "coordinates": self.space.fingerprint(),
                 "dim": self.dim, "objective": self.kind}
 

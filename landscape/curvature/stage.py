@@ -20,7 +20,7 @@ import numpy as np
 from .. import adapters, checks
 from ..direction_file import check_existing_directions
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..models import LoadedModel, ModelSource, loaded_model, model_id
 from ..outputs import claim_output
@@ -167,6 +167,7 @@ def run_hessian(out, model: ModelSource = None, *, corpus=None, fraction=None, m
     """
     out = check_output_path(out, "out", [".json"])
     vectors = check_output_path(vectors, "vectors", H5_SUFFIXES) if vectors is not None else None
+    check_distinct_paths({"out": out, "vectors": vectors}, {"fisher": fisher, "corpus": corpus, "model": model})
     counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
     top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
     SampleSpec(corpus, fraction, max_samples, seq_len, batch_size, seed, bos)  # refuses a setting out of its domain
@@ -187,13 +188,28 @@ def run_hessian(out, model: ModelSource = None, *, corpus=None, fraction=None, m
             return HessianResult(out, vectors, done, computed=False)
         if log is not None:
             log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
-        report = hessian_report(loaded.model, batches, kind=loaded.kind, top=top, trace_samples=trace,
-                                spectrum_runs=spectrum, steps=steps, bins=bins, mask=mask, seed=seed, tol=tol,
-                                max_iter=max_iter, checkpoint=out, vectors=vectors, vector_settings=vector_settings,
-                                settings=settings, cache_bytes=int(cache_mb * 2**20), progress=progress, log=log)
-        save_report(out, report)
-        remove_checkpoints(out)
+        report = _write(out, vectors, lambda aside: hessian_report(
+            loaded.model, batches, kind=loaded.kind, top=top, trace_samples=trace, spectrum_runs=spectrum, steps=steps, bins=bins,
+            mask=mask, seed=seed, tol=tol, max_iter=max_iter, checkpoint=out, vectors=aside,
+            vector_settings=vector_settings, settings=settings, cache_bytes=int(cache_mb * 2**20),
+            progress=progress, log=log))
     return HessianResult(out, vectors, report, computed=True)
+
+
+def _write(out, vectors, compute) -> dict:
+    """The report ``compute(where the vectors go)`` makes, written with its vectors as one result.
+
+    Both are written aside and move into place together, so an interrupted run (with overwrite: a
+    replacement) leaves the finished pair as it was.
+    """
+    staged = [(staged_path(vectors), vectors)] if vectors is not None else []
+    report = compute(staged[0][0] if staged else None)
+    if report.get("vectors"):
+        report["vectors"]["path"] = str(vectors)
+    save_report(staged_path(out), report)
+    replace_together([*staged, (staged_path(out), out)])
+    remove_checkpoints(out)
+    return report
 
 
 def _header(loaded, batches, n_selected, n_parameters, masking, seq_len) -> str:

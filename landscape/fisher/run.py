@@ -7,6 +7,7 @@ target-token cross-entropy of sample (sequence) n, model in eval mode, exact per
 
 import contextlib
 import itertools
+import json
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
-from ..identity import MODEL_KEY, SAMPLE_KEY, parameters_fingerprint, refuse_changed_resume, sample_fingerprint
+from ..identity import MODEL_KEY, SAMPLE_KEY, differences, module_fingerprint, refuse_changed_resume, sample_fingerprint
 from ..runtime import all_reduce_sum
 from ..sharding import ShardLayout, collective_errors, sharded_like
 from .accumulator import FisherAccumulator
@@ -60,7 +61,7 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
             passes the same batches (its group's samples); sums are reduced over
             ``layout.point_group``.
         model_fingerprint: the model's (``identity.model_fingerprint`` of its checkpoint); default:
-            ``identity.parameters_fingerprint`` of an unsharded model.
+            ``identity.module_fingerprint`` of an unsharded model.
 
     Returns:
         {param name: float32 tensor shaped like the param} for every parameter with requires_grad;
@@ -129,7 +130,7 @@ def _with_identity(fingerprint, model, batches, model_fingerprint):
     """
     if model_fingerprint is None:
         with contextlib.suppress(UsageError):  # a sharded model without a checkpoint's fingerprint
-            model_fingerprint = parameters_fingerprint(model)
+            model_fingerprint = module_fingerprint(model)
     ids = {MODEL_KEY: model_fingerprint or "",
            SAMPLE_KEY: sample_fingerprint(batches) if isinstance(batches, (list, tuple)) else ""}
     return {"settings": fingerprint, **ids}
@@ -234,14 +235,29 @@ def _resume(accumulator, path, fingerprint):
     except (SafetensorError, OSError, ValueError):
         raise UsageError(f"checkpoint '{path}' is unreadable; delete it to start over") from None
     ids = fingerprint if isinstance(fingerprint, dict) else {"settings": fingerprint}
-    refuse_changed_resume(path, meta, ids, "delete it to start over", UsageError)  # names the model or sample
+    # The stage's settings are a JSON object inside the "fingerprint" string: compared field by field,
+    # so the refusal names the setting (and, for the sample, the setting that drew other tokens).
+    then = {**_settings_of(meta.get("fingerprint", "")), **meta}
+    now = {**_settings_of(ids["settings"]), **{k: v for k, v in ids.items() if k != "settings"}}
+    refuse_changed_resume(path, then, now, "delete it to start over", UsageError)  # names the model or sample
     if meta.get("fingerprint", "") != ids["settings"]:
-        raise UsageError(f"checkpoint '{path}' was written with other settings; rerun with the same "
+        found = differences(_settings_of(meta.get("fingerprint", "")), _settings_of(ids["settings"]))
+        detail = f" ({found[0]}={then.get(found[0])!r}, this run has {now.get(found[0])!r})" if found else ""
+        raise UsageError(f"checkpoint '{path}' was written with other settings{detail}; rerun with the same "
                          "settings to resume, or delete it to start over")
     _check_checkpoint(path, meta, state, accumulator)
     accumulator.load_state_tensors({k: v.to(accumulator.sums[k[4:]].device) if k.startswith("sum/") else v
                                     for k, v in state.items()})
     return int(meta["batches_done"]), int(meta["samples_done"])
+
+
+def _settings_of(text) -> dict:
+    """The settings a checkpoint's "fingerprint" holds, when it is a JSON object (the stage's); else {}."""
+    try:
+        settings = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def _check_checkpoint(path, meta, state, accumulator) -> None:

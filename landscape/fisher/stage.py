@@ -10,7 +10,7 @@ computes and writes the file with its settings and provenance, and returns a pla
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..files import check_output_path, json_text
+from ..files import check_distinct_paths, check_output_path, json_text, replace_together, staged_path
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
@@ -99,6 +99,7 @@ def run_fisher(settings: Optional[FisherSettings] = None, *, out, model: Optiona
     """
     settings = settings or FisherSettings()
     out = check_output_path(out, "out", [".safetensors"])
+    check_distinct_paths({"out": out}, {"corpus": settings.sample.corpus, "model": settings.model.source})
     with claim_output(out, "fisher", overwrite=overwrite), stage_runtime(settings.model):
         return _run_fisher(out, settings, model, overwrite, progress)
 
@@ -174,6 +175,8 @@ def run_stability(settings: Optional[StabilitySettings] = None, *, out, model: O
     settings = settings or StabilitySettings()
     out = check_output_path(out, "out", [".csv"])
     fisher_out = None if fisher_out is None else check_output_path(fisher_out, "fisher_out", [".safetensors"])
+    check_distinct_paths({"out": out, "fisher_out": fisher_out},
+                         {"corpus": settings.sample.corpus, "model": settings.model.source})
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(out, "table", overwrite=overwrite, columns=("fraction", "samples")))
         if fisher_out is not None:
@@ -200,8 +203,10 @@ def _stability(out, fisher_out, loaded, settings, overwrite, progress):
     rows, reference = stability_and_reference(loaded.model, batches, list(settings.fractions), list(settings.top),
                                               kind=loaded.kind, progress=progress,
                                               max_chunk_mb=settings.max_chunk_mb)
+    # The table and the reference Fisher are one result: written aside, they move into place together.
     if fisher_out is not None:
         meta = dict(meta, ranks=1)
-        save_fisher(fisher_out, reference, meta)
-    write_csv(rows, out)
+        save_fisher(staged_path(fisher_out), reference, meta)
+    write_csv(rows, staged_path(out))
+    replace_together([(staged_path(out), out)] + ([(staged_path(fisher_out), fisher_out)] if fisher_out else []))
     return rows, len(samples), meta

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 from .. import checks
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_LORA_LR, FINETUNE_PAPER
 from ..errors import UsageError
-from ..files import check_output_folder, check_output_path
+from ..files import check_distinct_paths, check_output_folder, check_output_path, staged_path
 
 
 @dataclass
@@ -114,6 +114,9 @@ def _check(s, regularizers):
     unknown = [r for r in regularizers if r not in REGULARIZERS]
     if unknown or not regularizers:
         raise UsageError(f"unknown regularizer '{(unknown or [''])[0]}'; use any of {', '.join(REGULARIZERS)}")
+    repeat = checks.first_repeat(regularizers)
+    if repeat is not None:  # its runs would be trained twice and paired with dropout twice
+        raise UsageError(f"regularizer '{repeat}' is listed twice; list each regularizer once")
     fractions = s.fractions if isinstance(s.fractions, str) else ",".join(repr(float(f)) for f in s.fractions)
     checks.RESTARTS.check(s.restarts, "restarts")
     checks.seed(s.seed)
@@ -144,13 +147,18 @@ def _outputs(s, regularizers, fractions, held):
     check_output_path(out, "out", [".csv"])
     check_output_path(runs_out, "runs_out", [".csv"])
     check_output_path(plot_out, "plot", [".png", ".pdf", ".svg"])
+    check_distinct_paths({"out": out, "runs_out": runs_out, "plot": plot_out, "save_models": s.save_models},
+                         {"dataset": s.dataset, "schedule": s.schedule, "fisher": s.fisher, "model": s.model})
 
     def claim(path, kind, **options):
         return held.enter_context(claim_output(path, kind, overwrite=s.overwrite, **options))
 
     claim(runs_out, "table", columns=("regularizer", "fraction", "seed", "n_train"))
     claim(out, "table", columns=("regularizer", "fraction", "n_train", "metric"))
-    figure = claim(plot_out, "figure", settings={"command": "finetune", "inputs": [str(runs_out.resolve())]})
+    stamp = {"command": "finetune", "inputs": [str(runs_out.resolve())]}
+    claim(plot_out, "figure", settings=stamp)
+    # The summary and the figure are drawn aside and move into place with the journal (``_sweep``).
+    figure = held.enter_context(claim_output(staged_path(plot_out), "figure", overwrite=True, settings=stamp))
     if s.save_models:
         from ..outputs import check_saved_models
         from .sweep import model_folder
@@ -287,12 +295,18 @@ def _sweep(s, regularizers, fractions, paths, log) -> FinetuneResult:
         f"{len(test_data)} test rows; lr {config.lr}, batch {config.batch_size}, seq len {config.seq_len}, "
         f"{config.epochs} epochs, device {config.device}" + (f", LoRA {config.lora}" if config.lora else ""))
     started = time.perf_counter()
+    result = {}
+
+    def finish(rows):
+        # Drawn aside: with --overwrite the finished sweep's three files stay until all three are new.
+        result["summary"] = sweep.summarize_runs(rows, metrics)
+        write_csv(result["summary"], staged_path(out))
+        sweep.plot_paucity(result["summary"], metric, staged_path(plot_out), claim=figure,
+                           title=f"{Path(s.dataset or 'movie snippets').name}: {s.restarts} restarts")
+        return [(staged_path(out), out), (staged_path(plot_out), plot_out)]
+
     rows = sweep.data_paucity(s.model, train_data, test_data, regularizers, fractions, s.restarts, config,
                               guided, s.save_models, s.seed, max_train, runs_path=runs_out,
-                              overwrite=s.overwrite, log=log)
-    summary = sweep.summarize_runs(rows, metrics)
-    write_csv(summary, out)
-    sweep.plot_paucity(summary, metric, plot_out, claim=figure,
-                       title=f"{Path(s.dataset or 'movie snippets').name}: {s.restarts} restarts")
-    return FinetuneResult(rows=rows, summary=summary, metric=metric, out=out, runs_out=runs_out, plot=plot_out,
-                          seconds=time.perf_counter() - started)
+                              overwrite=s.overwrite, log=log, finish=finish)
+    return FinetuneResult(rows=rows, summary=result["summary"], metric=metric, out=out, runs_out=runs_out,
+                          plot=plot_out, seconds=time.perf_counter() - started)

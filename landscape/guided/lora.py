@@ -76,13 +76,17 @@ def parse_lora_spec(text: str) -> dict:
     Keys: r (rank, default 8), alpha (default 2 r), targets (module names, comma- or
     plus-separated; default PEFT's for the architecture), layers (block indices to adapt, e.g.
     ``18-29`` or ``0+5``; default all: adapting only the top blocks also spares the backward pass
-    through the others).  A bare word after ``targets=`` continues the target list.  UsageError for
-    an unknown key or a bad value.
+    through the others).  A bare word after ``targets=`` continues the target list.  Targets and
+    layers are sets: a repeated one is merged (kept once).  UsageError for an unknown key, a key
+    given twice or a bad value.
     """
-    out, key = {"r": 8, "alpha": None, "targets": None}, None
+    out, key, given = {"r": 8, "alpha": None, "targets": None}, None, set()
     for token in [t.strip() for t in str(text).split(",") if t.strip()]:
         if "=" in token:
             key, _, value = (part.strip() for part in token.partition("="))
+            if key in given:  # the later value would silently replace the earlier one
+                raise UsageError(f"LoRA spec: key '{key}' is given twice in '{text}'; give each key once")
+            given.add(key)
         elif key == "targets":
             value = token
         else:
@@ -107,6 +111,9 @@ def parse_lora_spec(text: str) -> dict:
                          f"{checks.POSITIVE.describe()}; got r={out['r']}, alpha={out['alpha']}")
     if out["alpha"] is None:
         out["alpha"] = float(2 * out["r"])
+    for name in ("targets", "layers"):  # sets of modules and blocks: a repeat adapts nothing twice, so it merges
+        if out.get(name) is not None:
+            out[name] = list(dict.fromkeys(out[name]))
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import atomic_output, check_output_folder, write_csv
+from ..files import atomic_output, check_distinct_paths, check_output_folder, replace_together, staged_path, write_csv
 from ..fisher import check_fisher_matches
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
@@ -216,11 +216,11 @@ def claim_profile(out_dir, fisher_path, overwrite=False) -> ProfileClaims:
     figures = {}
     with ProfileClaims() as claims:
         for name, columns in PROFILE_FILES.items():
-            kind = "table" if columns else "figure"
-            claim = claims.enter_context(claim_output(Path(out_dir) / name, kind, overwrite, columns=columns,
-                                                      settings=None if columns else settings))
-            if not columns:
-                figures[name] = claim
+            claims.enter_context(claim_output(Path(out_dir) / name, "table" if columns else "figure", overwrite,
+                                              columns=columns, settings=None if columns else settings))
+            if not columns:  # drawn aside first (``write_profile``), with the same stamp
+                figures[name] = claims.enter_context(claim_output(staged_path(Path(out_dir) / name), "figure", True,
+                                                                  settings=settings))
         held = claims.pop_all()
         held.figures = figures
         return held
@@ -228,6 +228,9 @@ def claim_profile(out_dir, fisher_path, overwrite=False) -> ProfileClaims:
 
 def write_profile(fisher, model, out_dir, title="", claims=None):
     """Write every view under ``out_dir``; returns {what: path}.
+
+    Every file is written aside (``files.staged_path``) and all move into place at the end, so an
+    interrupted profile leaves the previous one whole.
 
     parameters.png / parameter_quantiles.csv (sorted element-wise Fisher), sites.png / sites.csv
     (site scores, normalized to the highest), tensors.csv, blocks.png / blocks.csv.
@@ -248,24 +251,25 @@ def write_profile(fisher, model, out_dir, title="", claims=None):
     sites = site_profile(model, fisher)
     blocks = block_profile(fisher)
     claims = claims or {}
-    paths = {
-        "parameter_quantiles": write_csv(quantiles, out / "parameter_quantiles.csv"),
-        "parameters_png": plot_parameter_profile(quantiles, len(values), int((values == 0).sum()),
-                                                 out / "parameters.png", title, claims.get("parameters.png")),
-        "tensors": write_csv(tensor_profile(fisher), out / "tensors.csv"),
-        "blocks": write_csv(blocks, out / "blocks.csv"),
-        "sites": write_csv(sites, out / "sites.csv"),
-    }
+    paths = {"parameter_quantiles": "parameter_quantiles.csv", "parameters_png": "parameters.png",
+             "tensors": "tensors.csv", "blocks": "blocks.csv", "sites": "sites.csv", "blocks_png": "blocks.png",
+             "sites_png": "sites.png"}
+    aside = {what: staged_path(out / name) for what, name in paths.items()}
+    write_csv(quantiles, aside["parameter_quantiles"])
+    plot_parameter_profile(quantiles, len(values), int((values == 0).sum()), aside["parameters_png"], title,
+                           claims.get("parameters.png"))
+    write_csv(tensor_profile(fisher), aside["tensors"])
+    write_csv(blocks, aside["blocks"])
+    write_csv(sites, aside["sites"])
     top_block = max(b["mean"] for b in blocks) or 1.0
-    paths["blocks_png"] = plot_bars([b["block"] for b in blocks], [b["mean"] / top_block for b in blocks],
-                                    "#1f4e79", out / "blocks.png", "mean Fisher per element (normalized)", title,
-                                    claim=claims.get("blocks.png"))
+    plot_bars([b["block"] for b in blocks], [b["mean"] / top_block for b in blocks], "#1f4e79", aside["blocks_png"],
+              "mean Fisher per element (normalized)", title, claim=claims.get("blocks.png"))
     kinds = {s["kind"]: _KIND_COLORS.get(s["kind"], _KIND_COLORS["other"]) for s in sites}
-    paths["sites_png"] = plot_bars([s["site"] for s in sites], [s["normalized"] for s in sites],
-                                   [kinds[s["kind"]] for s in sites], out / "sites.png",
-                                   "site score: element-weighted mean Fisher (normalized)", title, legend=kinds,
-                                   claim=claims.get("sites.png"))
-    return paths
+    plot_bars([s["site"] for s in sites], [s["normalized"] for s in sites], [kinds[s["kind"]] for s in sites],
+              aside["sites_png"], "site score: element-weighted mean Fisher (normalized)", title, legend=kinds,
+              claim=claims.get("sites.png"))
+    replace_together([(aside[what], out / name) for what, name in paths.items()])
+    return {what: out / name for what, name in paths.items()}
 
 
 @dataclass
@@ -299,6 +303,7 @@ def run_profile(settings: ProfileSettings, *, out, model: Optional[LoadedModel] 
     from ..identity import model_fingerprint
 
     out = check_output_folder(out, "out")  # a file, or a path inside one, before any work
+    check_distinct_paths({"out": out}, {"fisher": settings.fisher, "model": settings.model.source})
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(out, "folder", overwrite))
         claims = held.enter_context(claim_profile(out, settings.fisher, overwrite))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
@@ -60,6 +60,7 @@ def run_schedule(settings: ScheduleSettings, *, out, model: Optional[LoadedModel
 
     out = check_output_path(out, "out", [".json"])
     fisher_path = settings.fisher
+    check_distinct_paths({"out": out}, {"fisher": fisher_path, "model": settings.model.source})
     with claim_output(out, "schedule", overwrite=overwrite), stage_runtime(settings.model):
         fisher, meta = load_fisher(fisher_path)
         loaded = stage_model(settings.model.replace(allow_new_head=True), model)

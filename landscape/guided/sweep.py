@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..data.labelled import subsample
 from ..errors import SettingsMismatch
-from ..files import atomic_output, json_text
+from ..files import atomic_output, json_text, replace_together, staged_path
 from . import schedule as sched
 from .journal import RunJournal
 from .metrics import metrics_for
@@ -151,8 +151,10 @@ def _what_changed(runs_path, old_fingerprint, new_settings):
         old = None
     if not isinstance(old, dict):
         return ""
+    from ..identity import differences
+
     new = json.loads(json_text(new_settings, default=str))
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differences(old, new)]
     return f" ({'; '.join(changed)})" if changed else ""
 
 
@@ -174,11 +176,26 @@ def _refuse_changed_content(runs_path, old_fingerprint, shared):
                                "the same data")
 
 
+def _same_settings(runs_path, old_fingerprint, shared) -> bool:
+    """Whether the settings behind an older hash are this sweep's (``identity.differences``).
+
+    A journal whose runs recorded a version-1 model fingerprint hashes to another value for the same
+    model and settings.
+    """
+    from ..identity import differences
+
+    try:
+        old = json.loads(_settings_file(runs_path).read_text()).get(old_fingerprint)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(old, dict) and not differences(old, json.loads(json.dumps(shared, default=str)))
+
+
 def _check_journal(journal, regularizers, shared, per_reg):
     """SettingsMismatch unless every run in the journal fits this sweep's settings."""
     shared_fp = _digest(shared)
     for row in journal.rows:
-        if row["settings"] != shared_fp:
+        if row["settings"] != shared_fp and not _same_settings(journal.path, row["settings"], shared):
             changed = _what_changed(journal.path, row["settings"], shared)
             _refuse_changed_content(journal.path, row["settings"], shared)
             raise SettingsMismatch(
@@ -207,7 +224,7 @@ def _schedule_record(reg, guided, seed):
 
 def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0,), restarts=6, config=None,
                  guided=None, save_models=None, first_seed=0, cap=None, show_progress=True, runs_path=None,
-                 overwrite=False, log=None):
+                 overwrite=False, log=None, finish=None):
     """Fine-tune once per (regularizer, fraction, restart seed); returns one dict per run, in plan order.
 
     Each row: regularizer, fraction, seed, n_train, the test metrics, final_train_loss, seconds,
@@ -233,9 +250,14 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         runs_path: the per-run CSV, used as the journal: runs already in it (same regularizer,
             fraction and seed, same settings) are not redone, and each new run is appended as soon
             as it ends.
-        overwrite: start a journal with other settings afresh instead of refusing it.
+        overwrite: replace a journal with other settings instead of refusing it.  The new runs go
+            to a staged journal (``files.staged_path``: an interrupted replacement is resumed by
+            the next call with ``overwrite``, or started afresh when its settings differ too), and
+            ``runs_path`` keeps the finished sweep until every run and ``finish`` are done.
         log: a function taking one line of text (e.g. ``print``) for what the resume found; None:
             quiet.
+        finish: called with the rows once every run is done; returns (staged file, output) pairs
+            of the rest of the result (a summary, a figure), moved into place with the journal.
 
     Returns:
         One dict per run, in plan order.
@@ -248,21 +270,15 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
     plan = [(r, float(f), first_seed + k) for f in fractions for k in range(restarts) for r in regularizers]
     shared, per_reg = sweep_settings(model_spec, train_data, test_data, config, cap, regularizers, guided)
     fingerprints = {r: (_digest(shared), _digest(per_reg[r])) for r in regularizers}
-    journal = None
+    journal, journal_path = None, None
     if runs_path is not None:
-        journal = RunJournal(runs_path, run_columns(train_data.task), overwrite, TEXT_COLUMNS,
-                             check_run_row(train_data.task))
+        journal_path = staged_path(runs_path) if overwrite else Path(runs_path)
+        journal = _open_journal(journal_path, train_data.task, regularizers, (shared, per_reg), overwrite)
     try:
         done = {}
         if journal is not None:
-            _check_journal(journal, regularizers, shared, per_reg)
-            _remember_settings(runs_path, shared, per_reg)
-            for row in journal.rows:
-                done.setdefault((row["regularizer"], float(row["fraction"]), int(row["seed"])), row)
-            if log is not None and (journal.rows or journal.dropped_tail):
-                found = sum(key in done for key in plan)
-                log(f"resuming from {runs_path}: {found} of {len(plan)} runs already done"
-                    + (", a torn last line dropped" if journal.dropped_tail else ""))
+            _remember_settings(journal_path, shared, per_reg)
+            done = _resumed(journal, plan, f"{'the replacement of ' if overwrite else 'from '}{runs_path}", log)
         todo = [key for key in plan if key not in done]
         subsets = {(f, s): subsample(train_data, f, s, cap) for _, f, s in plan}
         total = sum(_steps(len(subsets[(f, s)]), config) for _, f, s in todo)
@@ -283,4 +299,50 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
     finally:
         if journal is not None:
             journal.close()
-    return [done[key] for key in plan]
+    rows = [done[key] for key in plan]
+    _complete(rows, finish, journal_path if overwrite else None, runs_path)
+    return rows
+
+
+def _complete(rows, finish, staged_journal, runs_path) -> None:
+    """Write the rest of the result (``finish``) and move the staged files into place together."""
+    pairs = list(finish(rows)) if finish is not None else []
+    if staged_journal is not None and runs_path is not None:  # the new sweep is whole: it replaces the old
+        pairs = [(staged_journal, runs_path), (_settings_file(staged_journal), _settings_file(runs_path)), *pairs]
+    replace_together(pairs)
+
+
+def _resumed(journal, plan, what, log) -> dict:
+    """{(regularizer, fraction, seed): row} of the runs ``journal`` holds, said in one line to ``log``."""
+    done = {}
+    for row in journal.rows:
+        done.setdefault((row["regularizer"], float(row["fraction"]), int(row["seed"])), row)
+    if log is not None and (journal.rows or journal.dropped_tail):
+        found = sum(key in done for key in plan)
+        log(f"resuming {what}: {found} of {len(plan)} runs already done"
+            + (", a torn last line dropped" if journal.dropped_tail else ""))
+    return done
+
+
+def _open_journal(path, task, regularizers, settings, restart):
+    """The sweep's journal at ``path``, its runs checked against this sweep's ``settings``.
+
+    ``restart``: ``path`` is a staged replacement, which starts afresh when it holds other runs
+    (an interrupted replacement by another sweep) instead of refusing them.
+    """
+    from ..schema import DamagedFile
+
+    def open_it(fresh):
+        return RunJournal(path, run_columns(task), fresh, TEXT_COLUMNS, check_run_row(task))
+
+    journal = None
+    try:
+        journal = open_it(False)
+        _check_journal(journal, regularizers, *settings)
+        return journal
+    except (SettingsMismatch, DamagedFile):
+        if journal is not None:
+            journal.close()
+        if not restart:
+            raise
+    return open_it(True)

@@ -14,7 +14,7 @@ import os
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
-from ..files import check_output_path
+from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
 from ..outputs import claim_output
 from .surfaces import FORMATS, KINDS_2D, compare_surfaces, default_csv_path, plot_surface
 
@@ -64,6 +64,7 @@ def plot(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=
     if kind not in PLOT_KINDS:
         raise UsageError(f"unknown plot kind '{kind}'; use one of {', '.join(PLOT_KINDS)}")
     out = check_output_path(out, "out", FIGURE_SUFFIXES)
+    check_distinct_paths({"out": out}, {"path": path})
     with _figure_claim(out, "plot", [path], overwrite) as claim:
         if kind == "spectrum":
             return {"path": plot_spectrum(path, out, log=log, title=title, claim=claim), "kind": kind,
@@ -113,10 +114,13 @@ def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=No
 
     out = check_output_path(out, "out", FIGURE_SUFFIXES)
     csv = check_output_path(default_csv_path(out) if csv is None else csv, "csv", (".csv",))
-    with _figure_claim(out, "compare", paths, overwrite) as claim, \
+    check_distinct_paths({"out": out, "csv": csv}, {"paths": list(paths), "hessian": list(hessian or [])})
+    # The figure and its table are one result: drawn aside, they move into place together.
+    with _figure_claim(out, "compare", paths, overwrite), \
+            _figure_claim(staged_path(out), "compare", paths, True) as claim, \
             claim_output(csv, "table", overwrite=overwrite, columns=sharpness.COLUMNS[:4]):
         reports = _reports(hessian, paths)
-        rows = compare_surfaces(list(paths), None if labels is None else list(labels), out, csv=False,
+        rows = compare_surfaces(list(paths), None if labels is None else list(labels), staged_path(out), csv=False,
                                 radius=radius, fit_radius=fit_radius, kind=kind, field=field, log=log, zmin=zmin,
                                 zmax=zmax, cmap=cmap, levels=levels, title=title, claim=claim)
         columns = sharpness.COLUMNS
@@ -126,7 +130,8 @@ def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=No
             for row, report in zip(rows, reports):
                 row.update(report_numbers(report))
             columns = sharpness.COLUMNS + HESSIAN_COLUMNS
-        sharpness.write_csv(rows, csv, columns)
+        sharpness.write_csv(rows, staged_path(csv), columns)
+        replace_together([(staged_path(csv), csv), (staged_path(out), out)])
     return rows
 
 
@@ -148,12 +153,12 @@ def _reports(hessian, surfaces) -> Optional[list]:
 
 def _check_same_model(report_path, report, surface_path) -> None:
     """A Hessian report joined to a surface must be of the surface's model (when both say which)."""
-    from ..identity import MODEL_KEY
+    from ..identity import MODEL_KEY, same_model
     from ..surface.file import read_surface
 
     made_for = str((report.get("settings") or {}).get(MODEL_KEY) or "")
     surface_model = str(read_surface(surface_path).settings.get(MODEL_KEY) or "")
-    if made_for and surface_model and made_for != surface_model:
+    if same_model(made_for, surface_model) is False:  # None: one says nothing, or two fingerprint versions
         raise UsageError(f"Hessian report '{report_path}' is of another model (model fingerprint {made_for}) than "
                          f"surface '{surface_path}' ({surface_model}); give the report of the surface's model")
 

@@ -244,6 +244,9 @@ def check_labels(labels, paths):
     labels = list(labels)
     if len(labels) != len(paths):
         raise UsageError(f"got {len(labels)} labels for {len(paths)} surface files; give one label per file")
+    repeat = checks.first_repeat(labels)
+    if repeat is not None:  # the sharpness CSV's rows and the legend would not say which surface is which
+        raise UsageError(f"label '{repeat}' is given twice; give each surface its own label")
     return labels
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import UsageError
-from ..files import atomic_output
+from ..files import atomic_output, check_distinct_paths
 from ..outputs import claim_output
 from ..surface.file import read_surface
 
@@ -100,6 +100,7 @@ def export_vtp(path, out, field="train_loss", log=False, zmax=None, overwrite=Fa
         UsageError: a bad surface or setting; ``OutputRefused`` for an ``out`` export did not
             write unless ``overwrite``; ``OutputBusy`` when another process writes it.
     """
+    check_distinct_paths({"out": out}, {"path": path})
     settings = {"command": "export", "inputs": [os.path.abspath(path)]}
     with claim_output(out, "figure", overwrite=overwrite, settings=settings) as claim:
         return _write_vtp(path, out, field, log, zmax, claim)

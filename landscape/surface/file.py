@@ -43,6 +43,7 @@ from .journal import (  # noqa: F401 (names of this module before the split, sti
     _record,
     _refuse,
     _scalar_attrs,
+    check_same_identity,
     journal_path,
     read_journal,
     surface_identity,
@@ -249,8 +250,7 @@ def _read_surface_state(path, identity, shape, fields=TRAIN_FIELDS):
         old = None
     if not isinstance(old, dict):
         raise SettingsMismatch(f"'{path}' has a damaged 'identity' attribute (not JSON)")
-    if old != identity:
-        _refuse(path, old, identity)
+    check_same_identity(path, old, identity)
     if arrays[0].shape != shape:
         raise SettingsMismatch(f"'{path}' has a {arrays[0].shape} grid, this run {shape}")
     return [a.astype(np.float64) for a in arrays]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import SettingsMismatch, UsageError
 from ..files import json_text
-from ..identity import MODEL_KEY, refuse_changed_resume, sample_fingerprint
+from ..identity import MODEL_KEY, differences, refuse_changed_resume, sample_fingerprint
 from ..models import check_kind
 
 FORMAT = "landscape-surface"
@@ -27,11 +27,14 @@ def _canonical(identity):
     return json.loads(json_text(identity, sort_keys=True, default=str))
 
 
-def _first_difference(old, new):
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return key, old.get(key), new.get(key)
-    return None
+def check_same_identity(path, old, new):
+    """SettingsMismatch naming what differs when a surface's recorded identity is not this run's.
+
+    Compared with ``identity.differences``: a surface that recorded a version-1 model fingerprint
+    resumes on the same model.
+    """
+    if differences(old, new):
+        _refuse(path, old, new)
 
 
 def _refuse(path, old, new):
@@ -40,7 +43,8 @@ def _refuse(path, old, new):
     if all(held_out) and held_out[0] != held_out[1]:
         raise SettingsMismatch(f"cannot resume '{path}': the held-out sample (--eval-corpus) changed since it was "
                                f"written (eval_sample_fingerprint {held_out[0]} then, {held_out[1]} now)")
-    key, before, now = _first_difference(old, new)
+    key = differences(old, new)[0]
+    before, now = old.get(key), new.get(key)
     detail = "a different grid" if key == "grid" else f"{key}={before!r}, this run has {key}={now!r}"
     raise SettingsMismatch(f"'{path}' was computed with other settings ({detail})")
 
@@ -83,10 +87,10 @@ def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, ev
                         eval_n_target_tokens=sum(int((b["labels"] != -100).sum()) for b in eval_batches))
     identity.update(settings or {})
     if MODEL_KEY not in identity:  # the Python API's in-memory model; the CLI gives its checkpoint's
-        from ..identity import parameters_fingerprint
+        from ..identity import module_fingerprint
 
         with contextlib.suppress(UsageError):  # a sharded model has no whole parameters to hash here
-            identity[MODEL_KEY] = parameters_fingerprint(model)
+            identity[MODEL_KEY] = module_fingerprint(model)
     return _canonical(identity)
 
 
@@ -147,8 +151,7 @@ def read_journal(path, identity, *arrays):
         return False, 0
     if not isinstance(old, dict):
         return False, 0
-    if old != identity:
-        _refuse(path, old, identity)
+    check_same_identity(path, old, identity)
     end = len(header) + 1
     while True:
         line, newline, after = rest.partition(b"\n")

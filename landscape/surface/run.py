@@ -1,6 +1,5 @@
 """Computing a surface file: the evaluation loop writing through a resumable ``SurfaceFile``."""
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -156,28 +155,16 @@ def run_surface(settings: SurfaceSettings, *, out, model: Optional[LoadedModel] 
             describe; ``SettingsMismatch`` or ``OutputRefused`` for an existing ``out`` unless
             ``overwrite``; ``OutputBusy`` when another process writes it.
     """
-    from ..files import check_output_path
+    from ..files import check_distinct_paths, check_output_path
     from ..outputs import claim_output
 
     out = check_output_path(out, "out", (".h5", ".hdf5"))
-    _check_distinct(out, settings.directions)
+    check_distinct_paths({"out": out}, {"directions": settings.directions, "corpus": settings.sample.corpus,
+                                        "eval_corpus": settings.eval_corpus, "model": settings.model.source})
     with claim_output(out, "surface", overwrite=overwrite), stage_runtime(settings.model):
         xs, ys = _grid_axes(settings.directions, settings.grid)  # before anything heavy is loaded
         return _run_surface(out, settings, model, xs, ys, overwrite, progress)
 
-
-def _check_distinct(out, directions) -> None:
-    """UsageError when ``out`` is the direction file itself: the surface would replace what it reads.
-
-    Even with ``overwrite``: the claim would otherwise refuse it as "a direction file, not a loss
-    surface", which reads as if ``directions`` were wrong.
-    """
-    same = Path(os.path.abspath(out)) == Path(os.path.abspath(directions))
-    if not same and Path(out).exists() and Path(directions).exists():
-        same = os.path.samefile(out, directions)  # a link, or another spelling of the same file
-    if same:
-        raise UsageError(f"out and directions name the same file '{out}': the surface would replace the directions "
-                         "it is computed from; write the surface to another file")
 
 
 def _axis(values, name):
