@@ -48,6 +48,7 @@ _PUBLIC = {
     "ProfileSettings": ("landscape.settings", "ProfileSettings"),
     "ScheduleSettings": ("landscape.settings", "ScheduleSettings"),
     "SurfaceSettings": ("landscape.settings", "SurfaceSettings"),
+    "HessianSettings": ("landscape.settings", "HessianSettings"),
     "StageResult": ("landscape.results", "StageResult"),
     "UsageError": ("landscape.errors", "UsageError"),
     # readers of the files the stages write, and the inputs they read

@@ -18,6 +18,7 @@ from landscape.curvature.report import save_report
 from landscape.errors import UsageError
 from landscape.models import load_model
 from landscape.outputs import identify
+from landscape.settings import HessianSettings, ModelSpec, SampleSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -118,10 +119,10 @@ def test_library_refusals_speak_library_terms(tiny_gpt2_dir, checkpoints, tmp_pa
                         (lambda: directions.make("eigen", tmp_path / "d.h5"), "unknown kind"),
                         (lambda: directions.make("trajectory", tmp_path / "d.h5", checkpoints=checkpoints[:3]),
                          "at least 4"),
-                        (lambda: curvature.run_hessian(tmp_path / "h.json", str(tiny_gpt2_dir), top=0),
-                         "nothing to compute"),
-                        (lambda: curvature.run_hessian(tmp_path / "h.json", str(tiny_gpt2_dir), tol=2.0), "tol"),
-                        (lambda: curvature.run_hessian(tmp_path / "h.txt", str(tiny_gpt2_dir)), r"\.json"),
+                        (lambda: HessianSettings(ModelSpec(str(tiny_gpt2_dir)), top=0), "nothing to compute"),
+                        (lambda: HessianSettings(ModelSpec(str(tiny_gpt2_dir)), tol=2.0), "tol"),
+                        (lambda: curvature.run_hessian(HessianSettings(ModelSpec(str(tiny_gpt2_dir))),
+                                                       out=tmp_path / "h.txt"), r"\.json"),
                         (lambda: directions.make("random", tmp_path / "d.txt"), r"\.h5")):
         with pytest.raises(UsageError, match=words) as refused:
             call()
@@ -130,6 +131,12 @@ def test_library_refusals_speak_library_terms(tiny_gpt2_dir, checkpoints, tmp_pa
 
 
 # ----------------------------------------------------------------------------- hessian
+def _hessian_settings(model_dir, corpus):
+    """The settings of the command line below (``SAMPLE``), as a Python user writes them."""
+    return HessianSettings(ModelSpec(str(model_dir), device="cpu"), SampleSpec(str(corpus), **SAMPLE_KW), top=1,
+                           trace=3, spectrum=1, steps=5, bins=10)
+
+
 @pytest.fixture(scope="module")
 def reports(tiny_gpt2_dir, tiny_corpus_file, tmp_path_factory):
     """The same Hessian run from the command line and from Python: (cli report, python report, folder)."""
@@ -137,10 +144,10 @@ def reports(tiny_gpt2_dir, tiny_corpus_file, tmp_path_factory):
     assert cli("hessian", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--top", 1, "--trace", 3,
                "--spectrum", 1, "--steps", 5, "--bins", 10, "--device", "cpu", "--vectors", folder / "cv.h5",
                "--out", folder / "c.json", "--quiet") == 0
-    result = curvature.run_hessian(folder / "p.json", str(tiny_gpt2_dir), corpus=str(tiny_corpus_file), top=1,
-                                   trace=3, spectrum=1, steps=5, bins=10, device="cpu", vectors=folder / "pv.h5",
-                                   **SAMPLE_KW)
-    assert result.computed and result.path == folder / "p.json" and result.vectors == folder / "pv.h5"
+    result = curvature.run_hessian(_hessian_settings(tiny_gpt2_dir, tiny_corpus_file), out=folder / "p.json",
+                                   vectors=folder / "pv.h5")
+    assert result.computed == result.total == 5 and result.path == folder / "p.json"
+    assert result.vectors == folder / "pv.h5"
     return json.loads((folder / "c.json").read_text()), json.loads((folder / "p.json").read_text()), folder
 
 
@@ -150,9 +157,8 @@ def test_hessian_report(reports, tiny_gpt2_dir, tiny_corpus_file):
     for key in ("settings", "provenance", "loss", "eigenvalues", "eigenpairs", "trace", "spectrum"):
         assert by_cli[key] == by_python[key], key
     assert_same_h5(folder / "cv.h5", folder / "pv.h5")
-    again = curvature.run_hessian(folder / "p.json", str(tiny_gpt2_dir), corpus=str(tiny_corpus_file), top=1,
-                                  trace=3, spectrum=1, steps=5, bins=10, device="cpu", vectors=folder / "pv.h5",
-                                  **SAMPLE_KW)
+    again = curvature.run_hessian(_hessian_settings(tiny_gpt2_dir, tiny_corpus_file), out=folder / "p.json",
+                                  vectors=folder / "pv.h5")
     assert not again.computed and again.report["eigenvalues"] == by_python["eigenvalues"]
 
 

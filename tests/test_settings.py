@@ -19,7 +19,7 @@ from landscape.cli.generated import settings_from_args
 from landscape.errors import UsageError
 
 COMMANDS = {"fisher": S.FisherSettings, "stability": S.StabilitySettings, "surface": S.SurfaceSettings,
-            "schedule": S.ScheduleSettings, "profile": S.ProfileSettings}
+            "hessian": S.HessianSettings, "schedule": S.ScheduleSettings, "profile": S.ProfileSettings}
 
 
 def _subparser(command):

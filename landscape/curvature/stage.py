@@ -22,10 +22,11 @@ from ..direction_file import check_existing_directions
 from ..errors import UsageError
 from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
+from ..inputs import sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel, ModelSource, loaded_model, model_id
 from ..outputs import claim_output
-from ..runtime import precision_context
-from ..settings import SampleSpec
+from ..results import StageResult
+from ..settings import HessianSettings, SampleSpec
 from .report import (
     check_existing_report,
     direction_fingerprint,
@@ -42,37 +43,17 @@ H5_SUFFIXES = (".h5", ".hdf5")
 
 
 @dataclass
-class HessianResult:
+class HessianResult(StageResult):
     """What ``run_hessian`` wrote.
 
-    ``path`` of the report and ``vectors`` (the eigenvectors' direction file, or None); ``report``:
-    the report as a dict (eigenvalues, trace, spectrum, settings, provenance; see ``report``);
-    ``computed``: False when ``path`` was already complete with these settings (nothing was run).
+    ``StageResult``'s ``computed``: the estimates this call ran, 0 when the report was already
+    complete with these settings; ``total``: the estimates asked for.  ``vectors``: the
+    eigenvectors' direction file, or None; ``report``: the report as a dict (eigenvalues, trace,
+    spectrum, settings, provenance; see ``report``).
     """
 
-    path: Path
     vectors: Optional[Path]
     report: dict
-    computed: bool
-
-
-def _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors):
-    """The run's numbers, checked against their domains (``checks``), as ints and floats."""
-    top = checks.int_in(0, checks.EIGENPAIRS_MAX).check(top, "the number of eigenpairs")
-    trace = checks.TRACE_PROBES.check(trace, "the number of trace probes")
-    spectrum = checks.SPECTRUM_RUNS.check(spectrum, "the number of spectrum runs")
-    steps = checks.int_in(1, checks.LANCZOS_STEPS_MAX).check(steps, "the Lanczos steps")
-    bins = checks.int_in(1, checks.BINS_MAX).check(bins, "the number of bins")
-    tol = checks.OPEN_UNIT.check(tol, "tol")
-    max_iter = checks.HVP_BUDGET.check(max_iter, "max_iter")
-    cache_mb = checks.CACHE_MB.check(cache_mb, "cache_mb")
-    if not (top or trace or spectrum):
-        raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
-    if vectors is not None and top < 1:
-        raise UsageError("eigenvectors need at least one eigenpair")
-    if top and max_iter < top:
-        raise UsageError(f"max_iter ({max_iter}) must be at least the number of eigenpairs ({top})")
-    return top, trace, spectrum, steps, bins, tol, max_iter, cache_mb
 
 
 def _fisher(fisher, subset, ignore):
@@ -109,91 +90,67 @@ def _masked(loaded: LoadedModel, model: ModelSource, fisher, seed, ignore, granu
     return mask, masking, weights
 
 
-def _load(model: ModelSource, corpus, device, dtype, allow_new_head) -> LoadedModel:
-    from ..data.hf_datasets import check_reachable
-
-    check_reachable(corpus)  # before the model is loaded for nothing
-    return loaded_model(model, allow_new_head, device=device, dtype=dtype)
-
-
-def run_hessian(out, model: ModelSource = None, *, corpus=None, fraction=None, max_samples=64, seq_len=128,
-                batch_size=16, seed=0, bos="auto", device="auto", dtype="float32", allow_new_head=False, top=2,
-                trace=0, spectrum=0, steps=80, bins=200, tol=1e-4, max_iter=500, fisher=None, subset="all",
-                granularity="global", ignore="biasbn", cache_mb=1024.0, vectors=None, overwrite=False,
-                progress=False, log: Log = None) -> HessianResult:
+def run_hessian(settings: Optional[HessianSettings] = None, *, out, vectors=None, model: Optional[LoadedModel] = None,
+                overwrite: bool = False, progress: bool = False, log: Log = None) -> HessianResult:
     """Top eigenpairs, trace and spectral density of the loss Hessian, written as a JSON report.
 
     The loss is the one surfaces report (token-weighted mean cross-entropy over the sample, eval
     mode).  Long runs keep journals next to ``out`` (``OUT.top.ckpt``, ...); the same call resumes.
 
     Args:
+        settings: the model, the sample (its seed also seeds random masks, the Lanczos start vector
+            and the probes), what to compute and the subset (None: ``HessianSettings()``).
         out: the report (.json) to write.
-        model: hub id, ``from_pretrained`` folder, None (the embedded model) or a ``LoadedModel``.
-        corpus: text file, JSONL, HF dataset or None (the embedded corpus), as ``corpus.load_batches``.
-        fraction: seeded document-level fraction of the corpus in (0, 1] (None: all of it).
-        max_samples: at most this many packed sequences.
-        seq_len: tokens per sequence.
-        batch_size: sequences per forward pass (does not change the numbers beyond rounding).
-        seed: seeds the sample, random masks, the Lanczos start vector and the probes.
-        bos: 'auto' | 'yes' | 'no': a BOS token first in every sample.
-        device: auto | cpu | cuda | cuda:N.
-        dtype: float32 | tf32 | bfloat16 | float16.
-        allow_new_head: accept a checkpoint without its pretraining head.
-        top: top eigenpairs (0: none).
-        trace: Hutchinson probes for the trace (0: none).
-        spectrum: stochastic Lanczos quadrature runs for the density (0: none).
-        steps: Lanczos steps per spectrum run.
-        bins: histogram bins of the density.
-        tol: eigenpairs converge when |Hv − λv| <= tol·|λ|, tol in (0, 1).
-        max_iter: at most this many Hessian-vector products for the eigenpairs (>= top).
-        fisher: a Fisher file's path, for ``subset`` (None: no Fisher subset).
-        subset: 'top:K' | 'bottom:K' | 'random:K' (K in percent) | 'all' | 'adapter' (a PEFT
-            adapter's own parameters): the Hessian restricted to them (P·H·P; ``report.subset_mask``).
-        granularity: 'global' | 'tensor': rank elements over the whole model or inside each tensor.
-        ignore: 'biasbn' (1-D tensors are not coordinates) | 'none' (every trainable element).
-        cache_mb: memory for the cached first-order graphs, in MB (0: recompute).
         vectors: also write the top-1/top-2 eigenvectors to this direction file (.h5).
+        model: a ``models.LoadedModel`` already in memory (None: load ``settings.model``).
         overwrite: replace outputs made with other settings (or holding something else).
         progress: progress bars on stderr.
         log: called with one line per stage (None: silent, warnings stay Python warnings).
 
     Returns:
-        A ``HessianResult``: the report's path and dict, the vectors' path, whether it was computed.
+        A ``HessianResult``.
 
     Raises:
-        UsageError: a value outside its domain, nothing to compute, a subset without a Fisher file,
-            a Fisher file of another model, or outputs that may not be written (``OutputRefused``,
-            ``OutputBusy``, ``SettingsMismatch``).
+        UsageError: eigenvectors asked for without eigenpairs, a subset without a Fisher file, a
+            Fisher file of another model, a loaded model the settings do not describe, or outputs
+            that may not be written (``OutputRefused``, ``OutputBusy``, ``SettingsMismatch``).
     """
+    settings = settings or HessianSettings()
     out = check_output_path(out, "out", [".json"])
     vectors = check_output_path(vectors, "vectors", H5_SUFFIXES) if vectors is not None else None
-    check_distinct_paths({"out": out, "vectors": vectors}, {"fisher": fisher, "corpus": corpus, "model": model})
-    counts = _check_counts(top, trace, spectrum, steps, bins, tol, max_iter, cache_mb, vectors)
-    top, trace, spectrum, steps, bins, tol, max_iter, cache_mb = counts
-    SampleSpec(corpus, fraction, max_samples, seq_len, batch_size, seed, bos)  # refuses a setting out of its domain
-    with claim_output(out, "hessian-report", overwrite=overwrite), precision_context(dtype), \
+    if vectors is not None and settings.top < 1:
+        raise UsageError("eigenvectors need at least one eigenpair")
+    check_distinct_paths({"out": out, "vectors": vectors},
+                         {"fisher": settings.fisher, "corpus": settings.sample.corpus, "model": settings.model.source})
+    with claim_output(out, "hessian-report", overwrite=overwrite), stage_runtime(settings.model), \
             (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
-        prepared = _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
-                            allow_new_head, fisher, subset, granularity, ignore)
-        loaded, batches, mask, sample, masking = prepared
-        settings = dict(sample, **masking, batch_size=batch_size, seed=seed, top=top, tol=tol, max_iter=max_iter,
-                        trace=trace, spectrum=spectrum, steps=steps if spectrum else None,
-                        bins=bins if spectrum else None, vectors=str(vectors) if vectors else "")
-        n_selected = mask_size(loaded.model, mask)
-        n_parameters = sum(p.numel() for p in loaded.model.parameters())
-        vector_settings = dict(sample, **masking, seed=seed, tol=tol, n_selected=n_selected,
-                               n_parameters=n_parameters, source="landscape hessian")
-        done = None if overwrite else _finished(out, settings, vectors, vector_settings)
-        if done is not None:
-            return HessianResult(out, vectors, done, computed=False)
-        if log is not None:
-            log(_header(loaded, batches, n_selected, n_parameters, masking, seq_len))
-        report = _write(out, vectors, lambda aside: hessian_report(
-            loaded.model, batches, kind=loaded.kind, top=top, trace_samples=trace, spectrum_runs=spectrum, steps=steps, bins=bins,
-            mask=mask, seed=seed, tol=tol, max_iter=max_iter, checkpoint=out, vectors=aside,
-            vector_settings=vector_settings, settings=settings, cache_bytes=int(cache_mb * 2**20),
-            progress=progress, log=log))
-    return HessianResult(out, vectors, report, computed=True)
+        return _run_hessian(out, vectors, settings, model, overwrite, progress, log)
+
+
+def _run_hessian(out, vectors, s: HessianSettings, model, overwrite, progress, log) -> HessianResult:
+    loaded, batches, mask, sample, masking = _prepare(s, model)
+    seed = s.sample.seed
+    # The report's own spellings (``corpus_seed``, ``precision``, ``mask_granularity``): reports written before resume.
+    recorded = dict(sample, **masking, batch_size=s.sample.batch_size, seed=seed, top=s.top, tol=s.tol,
+                    max_iter=s.max_iter, trace=s.trace, spectrum=s.spectrum, steps=s.steps if s.spectrum else None,
+                    bins=s.bins if s.spectrum else None, vectors=str(vectors) if vectors else "")
+    n_selected = mask_size(loaded.model, mask)
+    n_parameters = sum(p.numel() for p in loaded.model.parameters())
+    vector_settings = dict(sample, **masking, seed=seed, tol=s.tol, n_selected=n_selected,
+                           n_parameters=n_parameters, source="landscape hessian")
+    total = s.top + s.trace + s.spectrum
+    result = dict(path=out, settings=s, total=total, fingerprints={MODEL_KEY: sample[MODEL_KEY]}, vectors=vectors)
+    done = None if overwrite else _finished(out, recorded, vectors, vector_settings)
+    if done is not None:
+        return HessianResult(computed=0, report=done, **result)
+    if log is not None:
+        log(_header(loaded, batches, n_selected, n_parameters, masking, s.sample.seq_len))
+    report = _write(out, vectors, lambda aside: hessian_report(
+        loaded.model, batches, kind=loaded.kind, top=s.top, trace_samples=s.trace, spectrum_runs=s.spectrum,
+        steps=s.steps, bins=s.bins, mask=mask, seed=seed, tol=s.tol, max_iter=s.max_iter, checkpoint=out,
+        vectors=aside, vector_settings=vector_settings, settings=recorded, cache_bytes=int(s.cache_mb * 2**20),
+        progress=progress, log=log))
+    return HessianResult(computed=total, report=report, **result)
 
 
 def _write(out, vectors, compute) -> dict:
@@ -220,21 +177,21 @@ def _header(loaded, batches, n_selected, n_parameters, masking, seq_len) -> str:
             "tokens")
 
 
-def _prepare(model, corpus, fraction, max_samples, seq_len, batch_size, seed, bos, device, dtype,
-             allow_new_head, fisher, subset, granularity, ignore):
-    """(loaded model, batches, mask, the sample's settings, the mask's settings) of a run."""
-    from ..data.corpus import describe_framing, load_batches
+def _prepare(settings: HessianSettings, model):
+    """(loaded model, batches, mask, the sample's identity, the mask's settings) of a run."""
+    from ..data.corpus import describe_framing
 
-    scores = _fisher(fisher, subset, ignore)  # a bad subset or a missing Fisher file before the model is loaded
-    loaded = _load(model, corpus, device, dtype, allow_new_head)
-    mask, masking, weights = _masked(loaded, model, fisher, seed, ignore, granularity, scores)
-    batches = load_batches(loaded, corpus=corpus, fraction=fraction, max_samples=max_samples, seq_len=seq_len,
-                           batch_size=batch_size, seed=seed, bos=bos)
-    sample = {"model": model_id(loaded), "corpus": str(corpus or "embedded"), "fraction": fraction,
-              "max_samples": max_samples, "seq_len": seq_len, "corpus_seed": seed,
-              "framing": describe_framing(loaded.tokenizer, bos), "precision": str(dtype).lower(),
-              MODEL_KEY: weights, **adapters.record(loaded)}
-    return loaded, batches, mask, sample, masking
+    spec, sample = settings.model, settings.sample
+    scores = _fisher(settings.fisher, settings.subset, settings.ignore)  # refused before the model is loaded
+    loaded = stage_model(spec, model, corpora=[sample.corpus])
+    mask, masking, weights = _masked(loaded, spec.source, settings.fisher, sample.seed, settings.ignore,
+                                     settings.granularity, scores)
+    batches = sample_batches(loaded, sample)
+    identity = {"model": model_id(loaded), "corpus": str(sample.corpus or "embedded"), "fraction": sample.fraction,
+                "max_samples": sample.max_samples, "seq_len": sample.seq_len, "corpus_seed": sample.seed,
+                "framing": describe_framing(loaded.tokenizer, sample.bos), "precision": spec.dtype,
+                MODEL_KEY: weights, **adapters.record(loaded)}
+    return loaded, batches, mask, identity, masking
 
 
 def _finished(out, settings, vectors, vector_settings) -> Optional[dict]:
