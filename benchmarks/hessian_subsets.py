@@ -64,8 +64,8 @@ def main(argv=None):
         mask = subset_mask(loaded.model, fisher if subset != "all" else None, subset, seed=args.seed)
         prefix = Path(args.out).with_name(f".{Path(args.out).stem}.{subset.replace(':', '')}")
         start = time.perf_counter()
-        report = hessian_report(loaded.model, batches, top=args.top, trace_samples=args.trace, mask=mask,
-                                seed=args.seed, tol=args.tol, checkpoint=prefix, progress=True,
+        report = hessian_report(loaded.model, batches, kind=loaded.kind, top=args.top, trace_samples=args.trace,
+                                mask=mask, seed=args.seed, tol=args.tol, checkpoint=prefix, progress=True,
                                 log=lambda line: print(line, flush=True) if line.startswith("warning") else None)
         seconds = time.perf_counter() - start
         n = report["provenance"]["n_coordinates"]
