@@ -77,3 +77,14 @@ class SamePath(UsageError):
         super().__init__(f"{names[0]} '{paths[0]}' and {names[1]} '{paths[1]}' are the same file; "
                          "give each its own")
         self.names, self.paths = tuple(names), tuple(paths)
+
+
+class MissingSetting(UsageError):
+    """A setting that another one needs was not given (a Fisher subset without a Fisher file).
+
+    ``needed`` is the missing setting's library name, so the command line can name its option.
+    """
+
+    def __init__(self, message, needed):
+        super().__init__(message)
+        self.needed = needed

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..adapters import ADAPTER_SUBSET, adapter_mask, check_adapter_subset
-from ..errors import UsageError
+from ..errors import MissingSetting, UsageError
 from .file import check_fisher_matches
 from .masks import ScoreSource, fisher_mask, parse_mask_spec
 
@@ -48,7 +48,7 @@ def check_subset(subset: str, fisher=None, ignore: str = "biasbn") -> None:
         return
     parse_mask_spec(subset)
     if fisher is None and subset != "all":
-        raise UsageError(f"subset '{subset}' needs Fisher scores (a Fisher file)")
+        raise MissingSetting(f"subset '{subset}' needs Fisher scores (a Fisher file)", "fisher")
 
 
 def subset_mask(model: torch.nn.Module, fisher=None, subset: str = "all", *, seed: int = 0,
