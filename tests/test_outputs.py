@@ -89,6 +89,7 @@ def test_the_library_speaks_of_overwrite_true(foreign):
     assert not outputs.lock_path(foreign["report"]).exists()
 
 
+@pytest.mark.slow
 def test_plot_redraws_its_own_figure_refuses_others_and_overwrite_replaces(foreign, tmp_path, capfd):
     other = _surface(tmp_path / "other.h5", nx=6)
     for suffix in (".png", ".pdf", ".html"):
