@@ -97,6 +97,7 @@ def cli_ok(*args):
     return args[-1]
 
 
+@pytest.mark.slow
 def test_hessian_over_the_adapter_is_the_dense_hessian_of_its_factors(adapter_dir, tiny_corpus_file, tmp_path):
     """``hessian --subset adapter``: the curvature of the low-rank subspace where fine-tuning moved.
     Its top eigenvalue is that of the dense Hessian of the loss in the LoRA factors alone (built
@@ -170,6 +171,7 @@ def test_directions_to_an_adapter_are_its_merged_update(adapter_dir, tiny_llama_
     assert "needs a PEFT adapter" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_smollm2_adapter_loads_and_its_guided_lora_schedule_serves_another_rank(tmp_path):
     """On the real SmolLM2-135M-Instruct (skipped where it is not built): a LoRA adapter folder loads
     through --model's loader with the adapter applied, and a schedule made on rank 8 sets rank 2."""

@@ -70,6 +70,7 @@ def test_stability_call_writes_the_table_of_the_command(tiny_bert_dir, tiny_corp
     assert [row["fraction"] for row in result.rows] == [1.0, 0.5] and result.samples == 4
 
 
+@pytest.mark.slow
 def test_profile_call_writes_the_files_of_the_command(fisher_file, tiny_bert_dir, tmp_path):
     from landscape.guided.profile import PROFILE_FILES, run_profile
 

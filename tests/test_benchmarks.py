@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--samples", "2", "--seq-len", "8", "--batch-size", "2"]
 
 
+@pytest.mark.slow  # each runs a benchmark script in its own process
 @pytest.mark.parametrize("script, args, printed", [
     ("surface.py", [*SMALL, "--rounds", "1"], "median paired ratio"),
     ("fisher.py", [*SMALL, "--rounds", "1"], "median paired ratio"),

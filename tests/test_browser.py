@@ -62,6 +62,7 @@ def test_html_loads_no_remote_scripts(surface_html):
     assert not re.search(r"<script[^>]*\bsrc\s*=", html, re.I)  # plotly.js is inline, works offline
 
 
+@pytest.mark.slow
 def test_surface3d_html_renders_in_headless_chromium(surface_html, tmp_path):
     png = tmp_path / "shot.png"
     screenshot(surface_html, png, tmp_path / "profile")
@@ -70,6 +71,7 @@ def test_surface3d_html_renders_in_headless_chromium(surface_html, tmp_path):
     assert distinct > 1000  # a shaded surface, not a few flat colours
 
 
+@pytest.mark.slow
 def test_the_pixel_check_catches_a_page_without_webgl(surface_html, tmp_path):
     # Control: the same page with WebGL switched off must fail the check above.
     png = tmp_path / "no_webgl.png"
@@ -78,6 +80,7 @@ def test_the_pixel_check_catches_a_page_without_webgl(surface_html, tmp_path):
     assert fraction < MIN_COLOURED_FRACTION
 
 
+@pytest.mark.slow
 def test_compare_1d_html_renders(write_surface, tmp_path):
     paths = [write_surface(f"c{s}.h5", lambda x, s=s: 1 + s * x ** 2) for s in (1, 4)]
     html = tmp_path / "fig2.html"
@@ -88,6 +91,7 @@ def test_compare_1d_html_renders(write_surface, tmp_path):
     assert fraction > 0.003, f"only {fraction:.3%} coloured pixels in the plot area: no curves drawn"
 
 
+@pytest.mark.slow
 def test_html_fills_the_browser_window(surface_html, tmp_path):
     # The plot is as large as the window (not a fixed 620 px high box), measured in the page.
     probe = ("<script>setTimeout(function () { var g = document.getElementsByClassName('plotly-graph-div')[0];"

@@ -55,6 +55,7 @@ def empty_corpus(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_bad_inputs_end_in_one_line_and_leave_no_output(tmp_path, tiny_bert_dir, unknown_arch_dir, empty_corpus):
     out = tmp_path / "F.safetensors"
     cases = [

@@ -226,6 +226,7 @@ def test_journal_drops_a_torn_last_line_and_refuses_other_columns(tmp_path):
     assert path.read_text() == "a\n"
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_bert_dir, toy_tsv, schedule_file, tmp_path,
                                                              capsys):
     from landscape.cli import main

@@ -2,10 +2,12 @@
 
 import h5py
 import numpy as np
+import pytest
 
 from landscape.demo import TOP_K, DemoSettings, run_demo
 
 
+@pytest.mark.slow
 def test_demo_writes_every_stage_and_resumes(tmp_path, capsys):
     settings = DemoSettings(fisher_samples=8, stability_fractions=(0.5, 0.25), eval_samples=2,
                             grid_2d="-1:1:3", grid_1d="-1:1:3", batch_size=4)

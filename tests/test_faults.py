@@ -141,6 +141,7 @@ def labelled_csv(tmp_path):
 
 
 # ============================================================================= wrong results, lost work
+@pytest.mark.slow
 def test_torn_journal_kill_cut_resume_kill_finish_equals_uninterrupted(tiny_bert_dir, dir_file, tiny_corpus_file,
                                                                        reference, tmp_path):
     out = tmp_path / "s.h5"
@@ -230,6 +231,7 @@ def _ro_mount_works(folder):
     return probe is not None and "Read-only file system" in probe.stderr
 
 
+@pytest.mark.slow
 def test_read_only_file_system_is_one_line(tiny_bert_dir, tiny_corpus_file, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -353,6 +355,7 @@ def test_max_samples_below_one_on_a_classifier_is_one_line(classifier_dir, tmp_p
 
 
 # ============================================================================= tracebacks that are one line
+@pytest.mark.slow
 def test_unsafe_pickled_weights_are_one_line(tiny_bert_dir, tiny_corpus_file, tmp_path):
     model = tmp_path / "pickled"
     model.mkdir()
@@ -378,6 +381,7 @@ def _file_size_limit(limit):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_finished_points_and_a_rerun_finishes(small, tmp_path, capfd):
     args, ref = small
     # 6 kB: the journal (header and records) fits, the HDF5 file (~9 kB) does not.
@@ -402,6 +406,7 @@ def test_full_disk_keeps_the_finished_points_and_a_rerun_finishes(small, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5", "s2.h5"]
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_for_fisher_and_directions(tiny_bert_dir, tiny_corpus_file, tmp_path):
     done = _run("fisher", "--model", tiny_bert_dir, "--corpus", tiny_corpus_file, "--max-samples", 2,
                 "--seq-len", 16, "--quiet", "--out", tmp_path / "F.safetensors", preexec_fn=_file_size_limit(20000))
@@ -527,6 +532,7 @@ def test_other_bad_inputs_are_one_line(small, dir_file, fisher_file, tiny_bert_d
 
 
 # ============================================================================= messages that mislead
+@pytest.mark.slow
 def test_resume_with_another_batch_size_after_ctrl_c_while_a_second_run_is_refused(tiny_bert_dir, dir_file,
                                                                                    tiny_corpus_file, reference,
                                                                                    tmp_path):
@@ -556,6 +562,7 @@ def test_resume_with_another_batch_size_after_ctrl_c_while_a_second_run_is_refus
         np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, name", [("--model", "mymodel"), ("--corpus", "mycorpus")])
 def test_a_mistyped_hub_name_is_one_line_and_quick(flag, name, tmp_path):
     # HF_HUB_OFFLINE unset: the hub is tried for real, and this machine cannot reach it.

@@ -30,6 +30,7 @@ def test_literal_text_is_never_mathtext():
     assert literal(None) is None
 
 
+@pytest.mark.slow
 def test_plot_and_compare_draw_dollar_signs_in_titles_labels_and_file_names(write_surface, tmp_path, capsys):
     odd = write_surface(f"a{MATH}.h5", bowl, x=GRID, y=GRID)
     plain = write_surface("b.h5", bowl, x=GRID, y=GRID)

@@ -54,6 +54,7 @@ def _cli(*args, cwd):
     return subprocess.run(landscape_cmd(*args), cwd=cwd, env=subprocess_env(), capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_commands_refuse_a_headless_checkpoint_in_one_line(headless_bert_dir, tiny_corpus_file, tmp_path):
     common = ["--model", headless_bert_dir, "--corpus", tiny_corpus_file, "--seq-len", 16, "--max-samples", 4]
     refused = _cli("fisher", *common, "--out", tmp_path / "F.safetensors", cwd=tmp_path)

@@ -61,6 +61,7 @@ def _batches(model_dir, corpus):
 
 
 # ----------------------------------------------------------------------------- landscape hessian
+@pytest.mark.slow
 def test_hessian_writes_report_and_vectors_that_surface_reads(tiny_gpt2_dir, tiny_corpus_file, tmp_path, capsys):
     out, vectors = tmp_path / "H.json", tmp_path / "V.h5"
     assert hessian(tiny_gpt2_dir, tiny_corpus_file, out, "--top", 2, "--trace", 5, "--spectrum", 1, "--steps", 6,

@@ -204,6 +204,7 @@ def test_finetune_sweep_resume_refuses_replaced_weights(model_dir, other_bert_di
     _one_line(*_cli(capfd, *args)[::2], "the model changed", "sum_runs.csv")
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_hessian_report_of_another_model(tiny_bert_dir, other_bert_dir, tiny_corpus_file,
                                                             tmp_path, capfd):
     sample = ("--corpus", tiny_corpus_file, "--max-samples", 4, "--seq-len", 16, "--device", "cpu")

@@ -64,6 +64,7 @@ def test_embedded_model_loads_with_plain_transformers():
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
 
 
+@pytest.mark.slow
 def test_embedded_model_beats_the_unigram_baseline_on_heldout_text():
     """A real check of pretraining: on held-out masked tokens, the model's cross-entropy is well
     below that of the train split's unigram distribution (add-one smoothed), as the card says."""

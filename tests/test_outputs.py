@@ -89,6 +89,7 @@ def test_the_library_speaks_of_overwrite_true(foreign):
     assert not outputs.lock_path(foreign["report"]).exists()
 
 
+@pytest.mark.slow
 def test_plot_redraws_its_own_figure_refuses_others_and_overwrite_replaces(foreign, tmp_path, capfd):
     other = _surface(tmp_path / "other.h5", nx=6)
     for suffix in (".png", ".pdf", ".html"):
@@ -165,6 +166,7 @@ def _wait_lock(proc, out, limit=120):
     raise AssertionError(f"{proc.args} never held '{out}' (exit {proc.poll()}: {proc.communicate()[1][-2000:]})")
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_first_and_a_killed_one_blocks_nothing(tiny_bert_dir,
                                                                                       tiny_corpus_file, tmp_path):
     model, corpus = ["--model", tiny_bert_dir], ["--corpus", tiny_corpus_file, "--max-samples", 4, "--seq-len", 16]
@@ -205,6 +207,7 @@ def _records(path):
     return journal.read_bytes().count(b"\n") - 1 if journal.exists() else 0
 
 
+@pytest.mark.slow
 def test_surface_overwrite_keeps_the_old_file_until_the_new_one_is_complete(tiny_bert_dir, tiny_corpus_file,
                                                                              tmp_path, capfd):
     dirs, out = tmp_path / "D.h5", tmp_path / "S.h5"

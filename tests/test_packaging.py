@@ -24,6 +24,7 @@ def wheel(tmp_path_factory):
     return Path(glob.glob(str(out / "landscape-*.whl"))[0])
 
 
+@pytest.mark.slow
 def test_wheel_holds_the_embedded_model(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for member in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
@@ -31,6 +32,7 @@ def test_wheel_holds_the_embedded_model(wheel):
     assert not any(n.startswith(("tests/", "data/", "benchmarks/")) for n in names)
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

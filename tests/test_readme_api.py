@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ def test_the_python_api_section_shows_every_stage():
         assert call in code, f"the README's Python API does not show {call}"
 
 
+@pytest.mark.slow
 def test_every_python_api_block_runs_as_written(tmp_path):
     blocks = api_blocks()
     assert len(blocks) >= 2

@@ -8,6 +8,8 @@ import pytest
 import torch
 from real_checkpoints import MINILM, SMOLLM2, real_checkpoint
 
+pytestmark = pytest.mark.slow  # real checkpoints (data/build_checkpoints.py)
+
 
 @pytest.fixture(scope="module")
 def smollm2():

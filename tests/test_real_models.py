@@ -27,6 +27,7 @@ from conftest import landscape_cmd, subprocess_env
 from real_checkpoints import MINILM, SMOLLM2, real_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # real checkpoints (data/build_checkpoints.py), minutes on 2 cores
 SAMPLE = ["--max-samples", 4, "--seq-len", 32, "--batch-size", 4]
 NO_FRAMING = "bos=auto: (none) … (none)"  # SmolLM2's tokenizer adds nothing around a text
 

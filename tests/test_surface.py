@@ -165,6 +165,7 @@ def _journal_records(out):
     return max(0, path.read_text().count("\n") - 1) if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_file(tiny_bert, tiny_bert_dir, tiny_corpus_file, bert_batches,
                                                 dir_file, tmp_path):
     out = tmp_path / "killed.h5"
