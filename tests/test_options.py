@@ -266,7 +266,7 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     for call, words in ((lambda: surface.parse_range("-1e39:1e39:3"), "MIN and MAX in"),
                         (lambda: checks.grid_range("-2e6:0:3", "x"), "MIN and MAX in"),
                         (lambda: FinetuneConfig(epochs=10**9), "epochs"),
-                        (lambda: FisherAccumulator(tiny_bert.model, max_chunk_mb=1e308), "max_chunk_mb"),
+                        (lambda: FisherAccumulator(tiny_bert.model, kind=tiny_bert.kind, max_chunk_mb=1e308), "max_chunk_mb"),
                         (lambda: HessianSettings(trace=10**12), "trace"),
                         (lambda: HessianSettings(spectrum=10**6), "spectrum"),
                         (lambda: HessianSettings(max_iter=10**12), "max_iter"),
