@@ -310,6 +310,39 @@ class ListDomain:
         return numbers
 
 
+class WordList:
+    """Comma-separated names (or a sequence of them), each one of ``choices``, at least one, none twice.
+
+    ``check`` gives them as a tuple.  Refusals name the item (``what``), as a list of runs is read:
+    "unknown regularizer 'x'; use any of ...", "regularizer 'x' is listed twice".
+    """
+
+    form = "words"
+
+    def __init__(self, what: str, choices: Sequence[str]):
+        self.what, self.choices = what, tuple(choices)
+
+    def describe(self) -> str:
+        """In words, for messages."""
+        return f"comma-separated names, each one of {', '.join(self.choices)}"
+
+    def check(self, value, name: str) -> tuple:
+        """``value`` ('a,b' or a sequence of names) as a tuple of names; UsageError otherwise."""
+        if isinstance(value, str):
+            items = [item.strip() for item in value.split(",") if item.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = [str(item).strip() for item in value]
+        else:
+            raise UsageError(f"{name} must be {self.describe()}, got {_quote(value)}")
+        unknown = [item for item in items if item not in self.choices]
+        if unknown or not items:
+            raise UsageError(f"unknown {self.what} '{(unknown or [''])[0]}'; use any of {', '.join(self.choices)}")
+        repeat = first_repeat(items)
+        if repeat is not None:  # its runs would be trained twice and counted twice
+            raise UsageError(f"{self.what} '{repeat}' is listed twice; list each {self.what} once")
+        return tuple(items)
+
+
 class AxisDomain:
     """The coefficients along one axis of a grid: 'MIN:MAX:NUM', or the coefficients themselves.
 

@@ -13,13 +13,16 @@ fields (``cli/generated.py``), so an option, its default and its refusal cannot 
 the files store), and ``identity()`` gives the fields that change the numbers, flattened, one
 spelling per fact.  Standard library only: the parsers need these, and ``landscape --help`` must
 not pay for torch.
+
+Size: one class per stage, each field with its help and domain; they stay together so that the
+specs and the stages' settings read as one reference (docs/api.md) and share their helpers.
 """
 
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from . import checks
-from .defaults import STABILITY_FRACTIONS, STABILITY_TOP
+from .defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER, STABILITY_FRACTIONS, STABILITY_TOP
 from .errors import UsageError
 from .runtime import PRECISIONS, THREADS_HELP, parse_threads
 
@@ -38,7 +41,7 @@ def setting(default: Any = MISSING, *, help: str, domain: Any = None, choices: O
             flag: Optional[str] = None, aliases: Sequence[str] = (), metavar: Optional[str] = None,
             identity: bool = True, key: Optional[str] = None, unset: Optional[str] = None,
             convert: Any = None, positional: bool = False, bare: Any = MISSING, exclude: Sequence[str] = (),
-            factory: Any = None) -> Any:
+            factory: Any = None, helps: Optional[Dict[str, str]] = None) -> Any:
     """A settings field: ``dataclasses.field`` with what the parser and the validation need.
 
     Args:
@@ -59,10 +62,12 @@ def setting(default: Any = MISSING, *, help: str, domain: Any = None, choices: O
         exclude: for a nested spec, its fields this stage's command line does not offer (they keep
             the spec's defaults, which the stage may override, e.g. a schedule always accepts a new head).
         factory: a callable giving the default (for nested specs).
+        helps: for a nested spec, this stage's help of some of its fields, by name, where the
+            spec's own would say what the stage does not do (finetune takes no PEFT adapter).
     """
     metadata = dict(help=help, domain=domain, choices=None if choices is None else tuple(choices), flag=flag,
                     aliases=tuple(aliases), metavar=metavar, identity=identity, key=key, unset=unset,
-                    convert=convert, positional=positional, bare=bare, exclude=tuple(exclude))
+                    convert=convert, positional=positional, bare=bare, exclude=tuple(exclude), helps=dict(helps or {}))
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -424,6 +429,104 @@ class HessianSettings(Settings):
             raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
         if self.top and self.max_iter < self.top:
             raise UsageError(f"max_iter ({self.max_iter}) must be at least the number of eigenpairs ({self.top})")
+
+
+TASKS = ("auto", "classification", "regression")
+# Every regularizer a sweep trains (``guided.training`` builds them); dropout is the paired baseline.
+REGULARIZERS = ("none", "dropout", "gaussian", "guided", "dropout-matched", "guided-shuffled", "r3f", "r4f",
+                "mixout", "childtuning")
+R3F_NOISES = ("normal", "uniform")
+
+
+def _by_model(key: str) -> str:
+    """What a setting left None means when its default depends on the model (``defaults.FINETUNE_*``)."""
+    paper = FINETUNE_PAPER[key]
+    return (f"{FINETUNE_EMBEDDED[key]} on the embedded model, {'all' if paper is None else paper} with --model, "
+            "as in the paper")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings(Settings):
+    """``run_finetune``: a data-paucity sweep, once per regularizer, training-set fraction and restart seed.
+
+    ``lr``, ``batch_size``, ``seq_len``, ``max_train`` and ``max_test`` left None take the model's
+    defaults (``defaults.FINETUNE_EMBEDDED`` for the embedded model, ``FINETUNE_PAPER`` with a model
+    source; ``lr`` with ``lora`` is ``defaults.FINETUNE_LORA_LR``).
+    """
+
+    # Each run loads the checkpoint afresh with a new head in float32 (the head is new by design).
+    model: ModelSpec = setting(help="the model", factory=ModelSpec, exclude=("dtype", "allow_new_head", "shard_size"),
+                               helps={"source": "HF model id or from_pretrained folder (default: the embedded model)"})
+    dataset: Optional[str] = setting(None, unset="the embedded sentiment set",
+                                     help="CSV/TSV/JSONL with text and label columns, or a HF dataset name/folder")
+    text_column: str = setting("text", help="column of the text, the first of a pair")
+    pair_column: Optional[str] = setting(None, unset="single texts", help="second text column for sentence-pair tasks")
+    label_column: str = setting("label", help="column of the label")
+    task: str = setting("auto", choices=TASKS,
+                        help="auto: classification for non-numeric labels or integers with at most max(20, rows/50) "
+                             "distinct values, regression otherwise")
+    regularizer: Tuple[str, ...] = setting(
+        "dropout,gaussian,guided,r3f", domain=checks.WordList("regularizer", REGULARIZERS),
+        help="comma-separated: none, dropout, gaussian, guided, dropout-matched (uniform at the guided schedule's "
+             "mean p), guided-shuffled (the schedule's probabilities on a random permutation of its sites, a new one "
+             "per restart seed), r3f, r4f, mixout, childtuning (ChildTuning-D). guided, dropout-matched and "
+             "guided-shuffled need --schedule or --fisher; dropout is the baseline of the paired statistics")
+    schedule: Optional[str] = setting(None, unset="made from --fisher",
+                                      help="guided dropout schedule JSON, from `landscape schedule`")
+    fisher: Optional[str] = setting(None, unset="none; give it or --schedule for guided",
+                                    help="pretraining Fisher file to compute the guided schedule from instead")
+    p_upper: float = setting(0.1, domain=checks.BELOW_ONE, help="guided schedule from --fisher: upper bound")
+    p_lower: float = setting(0.0, domain=checks.BELOW_ONE, help="guided schedule from --fisher: lower bound")
+    fractions: Tuple[float, ...] = setting((1.0,), domain=checks.ListDomain(checks.FRACTION),
+                                           help="training-set fractions, e.g. 1,0.5,0.25,0.1")
+    restarts: int = setting(6, domain=checks.RESTARTS,
+                            help="restart seeds per fraction (6: with n restarts the exact paired Wilcoxon p cannot go "
+                                 "below 2/2^n, so 6 is the fewest that can reach p < 0.05)")
+    seed: int = setting(0, domain=checks.SEED, help="first restart seed")
+    split_seed: int = setting(0, domain=checks.SEED, help="seed of the fixed train/test split")
+    test_fraction: float = setting(0.2, domain=checks.OPEN_UNIT, help="test share when the dataset has one split")
+    max_train: Optional[int] = setting(None, domain=checks.POSITIVE_INT, unset=_by_model("max_train"),
+                                       help="cap on training rows at fraction 1")
+    max_test: Optional[int] = setting(None, domain=checks.POSITIVE_INT, unset=_by_model("max_test"),
+                                      help="cap on test rows")
+    lr: Optional[float] = setting(None, domain=checks.POSITIVE, unset=_by_model("lr"), help="peak learning rate")
+    batch_size: Optional[int] = setting(None, domain=checks.POSITIVE_INT, unset=_by_model("batch_size"),
+                                        help="examples per step")
+    seq_len: Optional[int] = setting(None, domain=checks.SEQ_LEN, unset=_by_model("seq_len"),
+                                     help="max tokens per example")
+    epochs: int = setting(3, domain=checks.EPOCHS, help="passes over the training rows")
+    warmup: float = setting(0.1, domain=checks.PROBABILITY, help="warm-up share of all steps")
+    weight_decay: float = setting(0.0, domain=checks.NON_NEGATIVE, help="AdamW weight decay")
+    dropout: float = setting(0.1, domain=checks.BELOW_ONE, help="standard/Gaussian dropout probability")
+    r3f_lambda: float = setting(
+        1.0, domain=checks.NON_NEGATIVE,
+        help="r3f/r4f: weight of the symmetric KL between the outputs on clean and on noised embeddings")
+    r3f_sigma: float = setting(1e-5, domain=checks.POSITIVE, help="r3f/r4f: scale of the embedding noise")
+    r3f_noise: str = setting("normal", choices=R3F_NOISES, help="r3f/r4f: distribution of the embedding noise")
+    mixout_p: float = setting(0.9, domain=checks.BELOW_ONE,
+                              help="mixout: probability of mixing a body weight back to its pretrained value")
+    childtuning_reserve: float = setting(
+        0.3, domain=checks.FRACTION,
+        help="ChildTuning-D: share of the body's elements that train, those with the highest task Fisher on the "
+             "run's training subset")
+    metric: Optional[str] = setting(
+        None, identity=False,
+        help="metric to plot: accuracy|f1|mcc (classification, default accuracy) or pearson|spearman (regression, "
+             "default pearson)")
+    lora: Optional[str] = setting(
+        None, metavar="SPEC",
+        help="fine-tune with LoRA (needs peft: pip install 'landscape[lora]') instead of all weights, e.g. "
+             "r=8,alpha=16,targets=q_proj,v_proj (default targets: PEFT's for the architecture; alpha 2r). "
+             "Regularizers then set each LoRA module's lora_dropout: none, dropout, gaussian, guided (from --fisher "
+             "of the base model or a `schedule --lora` file), dropout-matched, guided-shuffled; default lr 5e-4 "
+             "(default: full fine-tuning)")
+
+    def __post_init__(self):
+        for name in ("dataset", "schedule", "fisher"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, str(value))  # a Path
+        super().__post_init__()
 
 
 def is_settings(value: Any) -> bool:

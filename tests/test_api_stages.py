@@ -112,22 +112,41 @@ def test_surface_call_writes_the_grid_of_the_command(tiny_bert_dir, tiny_corpus_
         assert json.loads(ours.attrs["identity"])["model_fingerprint"]
 
 
-def test_finetune_call_writes_the_summary_of_the_command(tiny_bert_dir, tmp_path):
-    from landscape.guided.finetune import run_finetune
+def test_finetune_call_writes_the_summary_of_the_command(tiny_bert_dir, tmp_path, monkeypatch):
+    from landscape.guided import sweep
+    from landscape.guided.finetune import FinetuneResult, run_finetune
+    from landscape.results import StageResult
+    from landscape.settings import FinetuneSettings
 
     data = write_toy_tsv(tmp_path / "toy.tsv", 24)
-    settings = dict(model=str(tiny_bert_dir), dataset=str(data), regularizer="none,dropout", fractions="1",
-                    restarts=1, epochs=1, batch_size=8, seq_len=16, lr=1e-3, device="cpu")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    model = dict(model=str(tiny_bert_dir), device="cpu", threads="2")
+    options = dict(dataset=str(data), regularizer="none,dropout", fractions="1", restarts=1, epochs=1, batch_size=8,
+                   seq_len=16, lr=1e-3)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**model, **options}.items()]
+    threads, train = [], sweep.finetune_once
+
+    def spy(*args, **kwargs):  # the stage applies its own thread count, as the command does
+        threads.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "finetune_once", spy)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # an explicit count is not capped
     _cli("finetune", *flags, "--out", tmp_path / "cli.csv")
-    result = run_finetune(out=str(tmp_path / "api.csv"), log=None, **settings)
+    settings = FinetuneSettings(ModelSpec(model["model"], device="cpu", threads="2"), **options)
+    result = run_finetune(settings, out=str(tmp_path / "api.csv"), log=None)
+    assert threads == [2] * 4 and torch.get_num_threads() == 1  # and restored after
 
     def table(path):
         return list(csv.DictReader(open(path)))
 
     assert table(tmp_path / "api.csv") == table(tmp_path / "cli.csv") == [
-        {k: str(v) for k, v in row.items()} for row in table(result.out)]
-    assert len(result.rows) == 2 and result.plot.exists() and result.runs_out.name == "api_runs.csv"
+        {k: str(v) for k, v in row.items()} for row in table(result.path)]
+    assert isinstance(result, FinetuneResult) and isinstance(result, StageResult) and result.settings is settings
+    assert (result.computed, result.total, len(result.rows)) == (2, 2, 2)
+    assert result.plot.exists() and result.runs_out.name == "api_runs.csv"
+    assert result.fingerprints["model_fingerprint"].startswith("v2:")
+    again = run_finetune(settings, out=str(tmp_path / "api.csv"), log=None)  # resumed: nothing trained
+    assert (again.computed, again.total) == (0, 2) and again.rows == result.rows and len(threads) == 4
 
 
 def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_file, tmp_path):
@@ -146,7 +165,8 @@ def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_
     assert "--" not in str(refused.value) and not list(tmp_path.iterdir())
     from landscape.errors import OutputUnwritable
     from landscape.guided.finetune import run_finetune
+    from landscape.settings import FinetuneSettings
 
     with pytest.raises(OutputUnwritable, match="^plot 'x.txt': use a .png") as unwritable:
-        run_finetune(out=str(tmp_path / "sum.csv"), plot="x.txt")
+        run_finetune(FinetuneSettings(), out=str(tmp_path / "sum.csv"), plot="x.txt")
     assert unwritable.value.what == "plot" and not list(tmp_path.iterdir())

@@ -261,7 +261,7 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     from landscape.fisher.accumulator import FisherAccumulator
     from landscape.guided.finetune import run_finetune
     from landscape.guided.training import FinetuneConfig
-    from landscape.settings import GridSpec, HessianSettings, ModelSpec, ProfileSettings
+    from landscape.settings import FinetuneSettings, GridSpec, HessianSettings, ModelSpec, ProfileSettings
 
     for call, words in ((lambda: surface.parse_range("-1e39:1e39:3"), "MIN and MAX in"),
                         (lambda: checks.grid_range("-2e6:0:3", "x"), "MIN and MAX in"),
@@ -271,7 +271,7 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
                         (lambda: HessianSettings(spectrum=10**6), "spectrum"),
                         (lambda: HessianSettings(max_iter=10**12), "max_iter"),
                         (lambda: HessianSettings(cache_mb=1e308), "cache_mb"),
-                        (lambda: run_finetune(out=str(tmp_path / "r.csv"), restarts=10**9), "restarts")):
+                        (lambda: FinetuneSettings(restarts=10**9), "restarts")):
         with pytest.raises(UsageError, match=words):
             call()
     # folders: the data home and the folder of saved models, refused before any work
@@ -289,7 +289,7 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     from landscape.guided.profile import run_profile
 
     for folder in (tmp_path / "afile", tmp_path / "afile" / "sub"):
-        for call in (lambda: run_finetune(out=str(tmp_path / "r.csv"), dataset=str(tiny_corpus_file),
+        for call in (lambda: run_finetune(FinetuneSettings(dataset=str(tiny_corpus_file)), out=str(tmp_path / "r.csv"),
                                           save_models=str(folder)),
                      lambda: run_profile(ProfileSettings(tmp_path / "F.safetensors"), out=folder),
                      lambda: run_demo(folder)):
@@ -359,15 +359,18 @@ def test_repeated_list_items_are_one_line_before_anything_loads(argv, words, tmp
 
 
 def test_the_api_refuses_repeated_list_items_and_merges_lora_sets(tmp_path):
-    from landscape.guided.finetune import run_finetune
     from landscape.guided.lora import parse_lora_spec
     from landscape.plots.surfaces import check_labels
-    from landscape.settings import StabilitySettings
+    from landscape.settings import FinetuneSettings, StabilitySettings
 
     with pytest.raises(UsageError, match="fractions must not repeat a value, got 0.5"):
-        run_finetune(out=tmp_path / "o.csv", fractions=[0.5, 1.0, 0.5], log=None)
+        FinetuneSettings(fractions=[0.5, 1.0, 0.5])
     with pytest.raises(UsageError, match="regularizer 'none' is listed twice"):
-        run_finetune(out=tmp_path / "o.csv", regularizer=["none", "none"], log=None)
+        FinetuneSettings(regularizer=["none", "none"])
+    with pytest.raises(UsageError, match="regularizer 'dropout' is listed twice"):
+        FinetuneSettings(regularizer="dropout, guided,dropout")
+    with pytest.raises(UsageError, match="unknown regularizer 'drop'; use any of none, dropout"):
+        FinetuneSettings(regularizer="none,drop")
     with pytest.raises(UsageError, match="top must not repeat"):
         StabilitySettings(top=(1.0, 1.0))
     with pytest.raises(UsageError, match="top must not repeat"):

@@ -300,10 +300,10 @@ def test_two_options_naming_one_file_are_refused_before_anything_loads(foreign, 
 def test_the_library_names_its_settings_when_two_name_one_file(tmp_path):
     from landscape.errors import SamePath
     from landscape.files import check_distinct_paths
-    from landscape.guided.finetune import run_finetune
+    from landscape.guided.finetune import FinetuneSettings, run_finetune
 
     with pytest.raises(SamePath, match=r"^out '.*r.csv' and runs_out '.*r.csv' are the same file"):
-        run_finetune(out=tmp_path / "r.csv", runs_out=tmp_path / "sub" / ".." / "r.csv", log=None)
+        run_finetune(FinetuneSettings(), out=tmp_path / "r.csv", runs_out=tmp_path / "sub" / ".." / "r.csv", log=None)
     (tmp_path / "a").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "a")
     with pytest.raises(SamePath, match="out .* and fisher"):

@@ -19,7 +19,8 @@ from landscape.cli.generated import settings_from_args
 from landscape.errors import UsageError
 
 COMMANDS = {"fisher": S.FisherSettings, "stability": S.StabilitySettings, "surface": S.SurfaceSettings,
-            "hessian": S.HessianSettings, "schedule": S.ScheduleSettings, "profile": S.ProfileSettings}
+            "hessian": S.HessianSettings, "schedule": S.ScheduleSettings, "profile": S.ProfileSettings,
+            "finetune": S.FinetuneSettings}
 
 
 def _subparser(command):
@@ -29,23 +30,25 @@ def _subparser(command):
 
 
 def _leaves(cls):
-    """(field, default) of every setting the command line offers, nested specs flattened."""
+    """(field, default, help) of every setting the command line offers, nested specs flattened (a spec's
+    field with the help the stage gives it)."""
     for spec in fields(cls):
         if spec.default_factory is not MISSING and isinstance(spec.default_factory(), S.Settings):
             nested = spec.default_factory()
             for inner in fields(nested):
                 if inner.name not in spec.metadata["exclude"]:
-                    yield inner, getattr(nested, inner.name)
+                    yield inner, getattr(nested, inner.name), spec.metadata["helps"].get(inner.name,
+                                                                                         inner.metadata["help"])
         else:
-            yield spec, spec.default
+            yield spec, spec.default, spec.metadata["help"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_field_is_an_option_with_its_default_and_help(command):
     actions = {a.dest: a for a in _subparser(command)._actions}
-    for spec, default in _leaves(COMMANDS[command]):
+    for spec, default, help_text in _leaves(COMMANDS[command]):
         action = actions[spec.name]
-        assert action.help.startswith(spec.metadata["help"]), spec.name
+        assert action.help.startswith(help_text), spec.name
         if default is MISSING:
             assert action.required or not action.option_strings, spec.name
         elif isinstance(default, tuple):
@@ -97,7 +100,8 @@ def test_settings_round_trip_compare_and_name_their_identity():
 
 def test_the_public_namespace_lists_the_stage_calls_and_settings():
     for name in ("run_fisher", "run_surface", "run_schedule", "run_profile", "run_stability", "FisherSettings",
-                 "SurfaceSettings", "ModelSpec", "SampleSpec", "load_fisher", "read_surface", "load_schedule"):
+                 "SurfaceSettings", "ModelSpec", "SampleSpec", "load_fisher", "read_surface", "load_schedule",
+                 "run_finetune", "FinetuneSettings"):
         assert name in landscape.__all__ and getattr(landscape, name) is not None, name
 
 

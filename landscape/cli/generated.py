@@ -25,9 +25,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: Type[Settings])
         nested = defaults.get(spec.name)
         if isinstance(nested, Settings):
             group = parser.add_argument_group(_GROUP_TITLES.get(spec.name, spec.name))
+            helps = spec.metadata.get("helps", {})
             for inner in fields(nested):
                 if inner.name not in spec.metadata.get("exclude", ()):
-                    _add(group, inner, getattr(nested, inner.name))
+                    _add(group, inner, getattr(nested, inner.name), helps.get(inner.name))
         else:
             _add(parser, spec, defaults.get(spec.name, MISSING))
 
@@ -57,10 +58,11 @@ def _defaults(cls) -> Dict[str, Any]:
     return out
 
 
-def _add(parser, spec, default) -> None:
+def _add(parser, spec, default, help_text=None) -> None:
     meta = spec.metadata
     flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
-    text = meta["help"] + (f" (default: {meta['unset']})" if default is None and meta.get("unset") else "")
+    text = (help_text or meta["help"]) + (f" (default: {meta['unset']})" if default is None and meta.get("unset")
+                                          else "")
     if meta.get("positional"):
         parser.add_argument(spec.name, help=text)
         return
@@ -94,16 +96,20 @@ def _shown(default):
 
 
 def _type_of(domain):
-    """The argparse type that refuses what ``domain`` refuses, while parsing (None: a plain string)."""
-    if domain is None:
-        return None
+    """The argparse type that refuses what ``domain`` refuses, while parsing (None: a plain string).
+
+    A domain of another kind (``checks.WordList``) is checked when the settings are made from the
+    parsed text (``settings_from_args``), in the library's words.
+    """
     if domain is THREADS:
         return options.THREADS
     if isinstance(domain, checks.ListDomain):
         return options.NumberList(domain.item)
     if isinstance(domain, checks.AxisDomain):
         return options.Range(domain.num_max)
-    return options.Number(domain)
+    if isinstance(domain, checks.Domain):
+        return options.Number(domain)
+    return None
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, out_help: str, *, overwrite_help: str = None,

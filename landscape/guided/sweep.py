@@ -224,7 +224,7 @@ def _schedule_record(reg, guided, seed):
 
 def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0,), restarts=6, config=None,
                  guided=None, save_models=None, first_seed=0, cap=None, show_progress=True, runs_path=None,
-                 overwrite=False, log=None, finish=None):
+                 overwrite=False, log=None, finish=None, trained=None):
     """Fine-tune once per (regularizer, fraction, restart seed); returns one dict per run, in plan order.
 
     Each row: regularizer, fraction, seed, n_train, the test metrics, final_train_loss, seconds,
@@ -247,17 +247,15 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         first_seed: the first restart seed.
         cap: use at most this many training rows at fraction 1 (see ``subsample``).
         show_progress: a tqdm bar over training steps.
-        runs_path: the per-run CSV, used as the journal: runs already in it (same regularizer,
-            fraction and seed, same settings) are not redone, and each new run is appended as soon
-            as it ends.
-        overwrite: replace a journal with other settings instead of refusing it.  The new runs go
-            to a staged journal (``files.staged_path``: an interrupted replacement is resumed by
-            the next call with ``overwrite``, or started afresh when its settings differ too), and
-            ``runs_path`` keeps the finished sweep until every run and ``finish`` are done.
-        log: a function taking one line of text (e.g. ``print``) for what the resume found; None:
-            quiet.
+        runs_path: the per-run CSV, used as the journal: runs already in it (same regularizer, fraction
+            and seed, same settings) are not redone, and each new run is appended as soon as it ends.
+        overwrite: replace a journal with other settings instead of refusing it.  The new runs go to a
+            staged journal (``files.staged_path``: an interrupted replacement is resumed by the next call with
+            ``overwrite``, or afresh if its settings differ), and ``runs_path`` keeps the old sweep until all is done.
+        log: a function taking one line of text (e.g. ``print``) for what the resume found; None: quiet.
         finish: called with the rows once every run is done; returns (staged file, output) pairs
             of the rest of the result (a summary, a figure), moved into place with the journal.
+        trained: a list to append each run this call trains to, as (regularizer, fraction, seed); or None.
 
     Returns:
         One dict per run, in plan order.
@@ -295,6 +293,8 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
                     journal.append(row)
                     row = journal.rows[-1]  # as read back: the same values whether resumed or not
                 done[(reg, fraction, seed)] = row
+                if trained is not None:
+                    trained.append((reg, fraction, seed))
                 bar.set_postfix_str(f"{reg} f={fraction:g} s={seed}")
     finally:
         if journal is not None:

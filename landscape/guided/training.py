@@ -30,13 +30,12 @@ from ..datahome import EMBEDDED_MODEL_DIR
 from ..errors import UsageError
 from ..models import check_finite_weights, check_tokenizer_files, check_weight_files, new_parameters
 from ..runtime import transformers_silenced
+from ..settings import REGULARIZERS
 from . import lora
 from . import regularizers as regs
 from . import schedule as sched
 from .metrics import compute_metrics
 
-REGULARIZERS = ("none", "dropout", "gaussian", "guided", "dropout-matched", "guided-shuffled", "r3f", "r4f",
-                "mixout", "childtuning")
 # Regularizers built from the guided schedule (so from a pretraining Fisher); the others need none.
 SCHEDULE_REGULARIZERS = ("guided", "dropout-matched", "guided-shuffled")
 # Regularizers that act only through the model's dropout sites: on a model without any they train
