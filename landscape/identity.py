@@ -347,7 +347,7 @@ def differences(stored: Dict, current: Dict) -> List[str]:
         others in sorted order.
     """
     def canonical(value):
-        return json.loads(json.dumps(value, sort_keys=True, default=str))
+        return json.loads(json_text(value, sort_keys=True, default=str))
 
     found = []
     for key in sorted(set(stored) | set(current), key=lambda k: (k != MODEL_KEY, k != SAMPLE_KEY, k)):

@@ -22,6 +22,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 
+from .files import json_text
+
 RUNS, RUN_LENGTH = 64, 64
 SAMPLES_PER_TENSOR = RUNS * RUN_LENGTH  # elements hashed per tensor by the sampled scheme
 CACHE_SCHEME = "landscape-tensor-sha256/1"
@@ -101,7 +103,7 @@ def _store(key: dict, entries: List[Entry]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(json_text(record))
         os.replace(tmp, path)  # whole or absent: a reader never sees half a record
         _prune(path.parent)
     except OSError:  # an unwritable data home only costs the next run another read

@@ -266,7 +266,8 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     for call, words in ((lambda: surface.parse_range("-1e39:1e39:3"), "MIN and MAX in"),
                         (lambda: checks.grid_range("-2e6:0:3", "x"), "MIN and MAX in"),
                         (lambda: FinetuneConfig(epochs=10**9), "epochs"),
-                        (lambda: FisherAccumulator(tiny_bert.model, kind=tiny_bert.kind, max_chunk_mb=1e308), "max_chunk_mb"),
+                        (lambda: FisherAccumulator(tiny_bert.model, kind=tiny_bert.kind, max_chunk_mb=1e308),
+                         "max_chunk_mb"),
                         (lambda: HessianSettings(trace=10**12), "trace"),
                         (lambda: HessianSettings(spectrum=10**6), "spectrum"),
                         (lambda: HessianSettings(max_iter=10**12), "max_iter"),
@@ -301,11 +302,12 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
     huge = {n: torch.full_like(p, 1e33) for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(UsageError, match="overflow the model's float32"):
-        surface.evaluate(model, [huge], batches, [0.0, 1e6])
+        surface.evaluate(model, [huge], batches, [0.0, 1e6], kind=tiny_bert.kind)
     with pytest.raises(UsageError, match="x must hold finite coordinates"):
         GridSpec(x=[0.0, 1e39])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert surface.evaluate(model, [directions.random_direction(model, seed=0)], batches, [0.0, 1e6]).shape == (2,)
+    steep = [directions.random_direction(model, seed=0)]
+    assert surface.evaluate(model, steep, batches, [0.0, 1e6], kind=tiny_bert.kind).shape == (2,)
     assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.json"))
 
 

@@ -188,7 +188,7 @@ def _same_settings(runs_path, old_fingerprint, shared) -> bool:
         old = json.loads(_settings_file(runs_path).read_text()).get(old_fingerprint)
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(old, dict) and not differences(old, json.loads(json.dumps(shared, default=str)))
+    return isinstance(old, dict) and not differences(old, json.loads(json_text(shared, default=str)))
 
 
 def _check_journal(journal, regularizers, shared, per_reg):
