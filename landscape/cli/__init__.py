@@ -11,7 +11,16 @@ import re
 import sys
 
 from .. import __version__
-from ..errors import NewHeadRefused, OutputBusy, OutputRefused, OutputUnwritable, SamePath, SettingsMismatch, UsageError
+from ..errors import (
+    NewHeadRefused,
+    OutputBusy,
+    OutputRefused,
+    OutputUnwritable,
+    SamePath,
+    SettingsMismatch,
+    SettingsRefused,
+    UsageError,
+)
 from .commands import register_all
 
 
@@ -80,6 +89,8 @@ def _message(err: UsageError, args) -> str:
     if isinstance(err, SamePath):
         (a, b), (path_a, path_b) = (_setting_flag(args, name) for name in err.names), err.paths
         return f"{a} '{path_a}' and {b} '{path_b}' are the same file; give each its own"
+    if isinstance(err, SettingsRefused):
+        return err.worded(lambda name: _setting_flag(args, name))
     if isinstance(err, NewHeadRefused) and hasattr(args, "allow_new_head"):
         return f"{err} (--allow-new-head)"
     return str(err)
@@ -92,7 +103,9 @@ _OUTPUT_FLAGS = {"runs_out": "--runs-out", "plot": "--plot", "csv": "--csv", "ve
 # A stage's path settings whose option is not --NAME: positionals (by their name in the usage line)
 # and the library's names for them.
 _SETTING_FLAGS = {("plot", "path"): "surface", ("compare", "paths"): "surfaces", ("export", "path"): "--vtk",
-                  ("schedule", "fisher_path"): "fisher", ("profile", "fisher_path"): "fisher"}
+                  ("schedule", "fisher_path"): "fisher", ("profile", "fisher_path"): "fisher",
+                  ("directions", "checkpoints"): "--trajectory", ("directions", "granularity"): "--mask-granularity",
+                  ("directions", "orthogonal"): "--orthogonalize"}
 
 
 def _setting_flag(args, name: str) -> str:
