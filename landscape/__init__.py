@@ -49,6 +49,7 @@ _PUBLIC = {
     "ScheduleSettings": ("landscape.settings", "ScheduleSettings"),
     "SurfaceSettings": ("landscape.settings", "SurfaceSettings"),
     "HessianSettings": ("landscape.settings", "HessianSettings"),
+    "DirectionsSettings": ("landscape.settings", "DirectionsSettings"),
     "StageResult": ("landscape.results", "StageResult"),
     "UsageError": ("landscape.errors", "UsageError"),
     # readers of the files the stages write, and the inputs they read

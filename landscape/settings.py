@@ -455,11 +455,11 @@ class DirectionsSettings(Settings):
     line's ``--to`` and ``--trajectory``); every setting the kind does not read keeps its default.
     """
 
+    model: ModelSpec = setting(help="the model (interpolation: model A; trajectory: the plane's origin)",
+                               factory=ModelSpec)
     kind: str = setting("random", choices=DIRECTION_KINDS,
                         help="random: seeded Gaussian directions; hessian: eigenvector axes; interpolation and "
                              "trajectory: implied by --to and --trajectory")
-    model: ModelSpec = setting(help="the model (interpolation: model A; trajectory: the plane's origin)",
-                               factory=ModelSpec)
     seed: int = setting(0, domain=checks.SEED, help="seed of the directions and of random masks")
     dims: int = setting(2, domain=checks.int_in(1, 2),
                         help="number of directions: 1 for a 1D curve, 2 for a 2D surface")

@@ -19,7 +19,8 @@ from landscape.cli.generated import settings_from_args
 from landscape.errors import UsageError
 
 COMMANDS = {"fisher": S.FisherSettings, "stability": S.StabilitySettings, "surface": S.SurfaceSettings,
-            "hessian": S.HessianSettings, "schedule": S.ScheduleSettings, "profile": S.ProfileSettings}
+            "hessian": S.HessianSettings, "schedule": S.ScheduleSettings, "profile": S.ProfileSettings,
+            "directions": S.DirectionsSettings}
 
 
 def _subparser(command):
@@ -29,22 +30,22 @@ def _subparser(command):
 
 
 def _leaves(cls):
-    """(field, default) of every setting the command line offers, nested specs flattened."""
+    """(option's dest, field, default) of every setting the command line offers, nested specs flattened."""
     for spec in fields(cls):
         if spec.default_factory is not MISSING and isinstance(spec.default_factory(), S.Settings):
             nested = spec.default_factory()
             for inner in fields(nested):
                 if inner.name not in spec.metadata["exclude"]:
-                    yield inner, getattr(nested, inner.name)
+                    yield spec.metadata["rename"].get(inner.name, inner.name), inner, getattr(nested, inner.name)
         else:
-            yield spec, spec.default
+            yield spec.name, spec, spec.default
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_field_is_an_option_with_its_default_and_help(command):
     actions = {a.dest: a for a in _subparser(command)._actions}
-    for spec, default in _leaves(COMMANDS[command]):
-        action = actions[spec.name]
+    for dest, spec, default in _leaves(COMMANDS[command]):
+        action = actions[dest]
         assert action.help.startswith(spec.metadata["help"]), spec.name
         if default is MISSING:
             assert action.required or not action.option_strings, spec.name
