@@ -50,6 +50,7 @@ _PUBLIC = {
     "SurfaceSettings": ("landscape.settings", "SurfaceSettings"),
     "HessianSettings": ("landscape.settings", "HessianSettings"),
     "FinetuneSettings": ("landscape.settings", "FinetuneSettings"),
+    "DirectionsSettings": ("landscape.settings", "DirectionsSettings"),
     "StageResult": ("landscape.results", "StageResult"),
     "UsageError": ("landscape.errors", "UsageError"),
     # readers of the files the stages write, and the inputs they read

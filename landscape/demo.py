@@ -26,6 +26,7 @@ from .models import LoadedModel, load_model
 from .outputs import claim_output
 from .plots import surfaces as plots
 from .settings import (
+    DirectionsSettings,
     GridSpec,
     ModelSpec,
     ProfileSettings,
@@ -89,9 +90,10 @@ class DemoRun:
         """
         path = self.paths["directions"] / f"{name}_{dims}d.h5"
         if not path.exists() or self.overwrite:
-            make_directions("random", out=path, model=self.loaded, dims=dims, seed=self.cfg.seed,
-                            fisher=None if spec == "all" else self.paths["fisher"], subset=spec,
-                            overwrite=self.overwrite)
+            # The model is the loaded one; its device is not a setting of random directions (made on the CPU).
+            settings = DirectionsSettings(ModelSpec(threads=self.threads), dims=dims, seed=self.cfg.seed,
+                                          fisher=None if spec == "all" else self.paths["fisher"], subset=spec)
+            make_directions(settings, out=path, model=self.loaded, overwrite=self.overwrite)
         return path
 
 

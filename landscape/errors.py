@@ -88,3 +88,24 @@ class MissingSetting(UsageError):
     def __init__(self, message, needed):
         super().__init__(message)
         self.needed = needed
+
+
+class SettingsRefused(UsageError):
+    """Settings of one call that cannot go together, named so that each caller can say them its own way.
+
+    ``template`` is the message with each setting's name in braces ('{kind} hessian and {to}
+    contradict each other'); ``values`` fill the other braces.  ``str()`` names the settings as the
+    library does, ``worded(name_of)`` as the caller does (the command line: its options).
+    """
+
+    def __init__(self, template: str, **values):
+        self.template, self.values = template, values
+        super().__init__(self.worded(lambda name: name))
+
+    def worded(self, name_of) -> str:
+        """The message with each setting's name given by ``name_of(name)``."""
+        import string
+
+        names = {field for _, field, _, _ in string.Formatter().parse(self.template)
+                 if field and field not in self.values}
+        return self.template.format(**{name: name_of(name) for name in names}, **self.values)

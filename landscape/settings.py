@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from . import checks
 from .defaults import FINETUNE_EMBEDDED, FINETUNE_PAPER, STABILITY_FRACTIONS, STABILITY_TOP
-from .errors import UsageError
+from .errors import SettingsRefused, UsageError
 from .runtime import PRECISIONS, THREADS_HELP, parse_threads
 
 BOS_CHOICES = ("auto", "yes", "no")
@@ -41,7 +41,8 @@ def setting(default: Any = MISSING, *, help: str, domain: Any = None, choices: O
             flag: Optional[str] = None, aliases: Sequence[str] = (), metavar: Optional[str] = None,
             identity: bool = True, key: Optional[str] = None, unset: Optional[str] = None,
             convert: Any = None, positional: bool = False, bare: Any = MISSING, exclude: Sequence[str] = (),
-            factory: Any = None, helps: Optional[Dict[str, str]] = None) -> Any:
+            factory: Any = None, helps: Optional[Dict[str, str]] = None, nargs: Optional[str] = None,
+            rename: Optional[Dict[str, str]] = None) -> Any:
     """A settings field: ``dataclasses.field`` with what the parser and the validation need.
 
     Args:
@@ -64,10 +65,14 @@ def setting(default: Any = MISSING, *, help: str, domain: Any = None, choices: O
         factory: a callable giving the default (for nested specs).
         helps: for a nested spec, this stage's help of some of its fields, by name, where the
             spec's own would say what the stage does not do (finetune takes no PEFT adapter).
+        nargs: how many values the option takes (argparse's, e.g. "+" for a tuple of paths).
+        rename: for a nested spec, its fields this stage's command line names otherwise (e.g.
+            ``{"seed": "sample_seed"}``: ``--sample-seed``, beside the stage's own ``--seed``).
     """
     metadata = dict(help=help, domain=domain, choices=None if choices is None else tuple(choices), flag=flag,
                     aliases=tuple(aliases), metavar=metavar, identity=identity, key=key, unset=unset,
-                    convert=convert, positional=positional, bare=bare, exclude=tuple(exclude), helps=dict(helps or {}))
+                    convert=convert, positional=positional, bare=bare, exclude=tuple(exclude), helps=dict(helps or {}),
+                    nargs=nargs, rename=dict(rename or {}))
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -83,7 +88,11 @@ class Settings:
     def __post_init__(self):
         for spec in fields(self):
             value = getattr(self, spec.name)
-            if isinstance(value, Settings):
+            nested = _spec_class(spec)
+            if nested is not None or isinstance(value, Settings):  # a spec in its own field only
+                if nested is None or not isinstance(value, nested):
+                    wanted = f"a {nested.__name__}" if nested else "a plain value"
+                    raise UsageError(f"{spec.name} must be {wanted}, got {type(value).__name__}")
                 continue
             checked = _check(spec, value)
             if checked is not value:
@@ -527,6 +536,127 @@ class FinetuneSettings(Settings):
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, str(value))  # a Path
         super().__post_init__()
+
+
+
+DIRECTION_KINDS = ("random", "hessian", "interpolation", "trajectory")
+DIRECTION_NORMS = ("filter", "layer", "none")
+DIRECTION_PRECISIONS = ("float32", "bfloat16", "float16")
+_PATHS = {"to": "interpolation", "checkpoints": "trajectory"}  # the setting that implies a kind
+# What each kind reads beside the model's source, allow_new_head and threads.  Any other setting must
+# keep its default: a value the kind would ignore is refused rather than silently dropped.
+_READS = {"random": {"seed", "dims", "norm", "ignore", "fisher", "subset", "granularity", "orthogonal", "dtype",
+                     "shard_size"},
+          "hessian": {"seed", "dims", "ignore", "fisher", "subset", "granularity", "tol", "device", "corpus",
+                      "max_samples", "seq_len", "batch_size", "sample_seed", "bos"},
+          "interpolation": {"to"}, "trajectory": {"checkpoints"}}
+_HESSIAN_ONLY = ("corpus", "fraction", "max_samples", "seq_len", "batch_size", "sample_seed", "bos", "tol", "device")
+
+
+@dataclass(frozen=True)
+class DirectionsSettings(Settings):
+    """``make_directions``: a direction file of one kind (random, hessian, interpolation, trajectory).
+
+    ``to`` implies the interpolation kind and ``checkpoints`` the trajectory kind (the command
+    line's ``--to`` and ``--trajectory``); every setting the kind does not read keeps its default.
+    """
+
+    model: ModelSpec = setting(help="the model (interpolation: model A; trajectory: the plane's origin)",
+                               factory=ModelSpec)
+    kind: str = setting("random", choices=DIRECTION_KINDS,
+                        help="random: seeded Gaussian directions; hessian: eigenvector axes; interpolation and "
+                             "trajectory: implied by --to and --trajectory")
+    seed: int = setting(0, domain=checks.SEED, help="seed of the directions and of random masks")
+    dims: int = setting(2, domain=checks.int_in(1, 2),
+                        help="number of directions: 1 for a 1D curve, 2 for a 2D surface")
+    norm: str = setting("filter", choices=DIRECTION_NORMS,
+                        help="rescale each filter (output unit) or each whole tensor of a direction to the norm of "
+                             "the same part of the weights (Li et al.), or leave the Gaussian as drawn")
+    ignore: str = setting("biasbn", choices=IGNORES,
+                          help="biasbn: 1-D tensors (biases, LayerNorm) are not perturbed; none: every tensor is")
+    fisher: Optional[str] = setting(None, help="Fisher file (safetensors) for --subset")
+    subset: str = setting(
+        "all", help="top:K | bottom:K | random:K | all (K in percent, (0, 100]), or adapter: only the parameters of "
+                    "a PEFT adapter --model (its LoRA factors and saved head; no --fisher)")
+    granularity: str = setting("global", choices=MASK_GRANULARITIES, flag="--mask-granularity",
+                               help="rank elements over the whole model (global) or inside each tensor (tensor, as "
+                                    "the paper's code does)")
+    orthogonal: bool = setting(False, flag="--orthogonalize",
+                               help="make the second direction orthogonal to the first (default: two independent "
+                                    "draws)")
+    sample: SampleSpec = setting(help="hessian: the sample (the defaults of `landscape surface`)",
+                                 factory=_sample_with(max_samples=64), exclude=("fraction",),
+                                 rename={"seed": "sample_seed"})
+    tol: float = setting(1e-4, domain=checks.OPEN_UNIT, help="hessian: eigenpair tolerance")
+    to: Optional[str] = setting(
+        None, metavar="MODEL_B", help="one direction θ_B − θ_A from --model A to MODEL_B (x = 0 is A, x = 1 is B; "
+                                      "--dims does not apply; default: random directions)")
+    checkpoints: Optional[Tuple[str, ...]] = setting(
+        None, flag="--trajectory", nargs="+", metavar="CKPT",
+        help="checkpoints in training order (at least 4): the top-2 PCA plane relative to the last one, which is "
+             "the plane's origin; --model must be that last checkpoint (it is when --model is left out; default: "
+             "random directions)")
+
+    def __post_init__(self):
+        for name in ("fisher", "to"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))  # a Path
+        if isinstance(self.checkpoints, str):
+            raise UsageError("checkpoints must be a list of checkpoints, got one string")
+        if self.checkpoints is not None:
+            object.__setattr__(self, "checkpoints", tuple(str(c) for c in self.checkpoints))
+        if self.subset is None:
+            object.__setattr__(self, "subset", "all")
+        super().__post_init__()
+
+    def validate(self):
+        """Settle the kind ``to`` or ``checkpoints`` imply; refuse settings that contradict it or each other."""
+        given = [name for name in _PATHS if getattr(self, name) is not None]
+        if len(given) == 2:
+            raise SettingsRefused("{to} and {checkpoints} contradict each other; give one")
+        if given and self.kind not in ("random", _PATHS[given[0]]):
+            raise SettingsRefused("{kind} %s and {%s} contradict each other; give one" % (self.kind, given[0]))
+        kind = _PATHS[given[0]] if given else self.kind
+        object.__setattr__(self, "kind", kind)
+        if kind in ("interpolation", "trajectory") and not given:
+            needs = "to" if kind == "interpolation" else "checkpoints"
+            raise SettingsRefused("{kind} %s needs {%s}" % (kind, needs))
+        changed = [name for name, (value, default) in self._leaves().items() if value != default]
+        extra = [name for name in changed if name not in _READS[kind]]
+        if kind != "hessian" and set(extra) & set(_HESSIAN_ONLY):
+            first = next(name for name in extra if name in _HESSIAN_ONLY)
+            what = "sets the Hessian's sample: it applies" if first not in ("tol", "device") else "applies"
+            raise SettingsRefused("{%s} %s to {kind} hessian only" % (first, what))
+        if given and {"fisher", "subset"} & set(extra):
+            raise SettingsRefused("{%s} writes raw parameter differences: {fisher}/{subset} do not apply" % given[0])
+        if extra:
+            why = ("{%s} writes raw parameter differences" % given[0] if given else
+                   "{kind} hessian writes unit-norm, orthogonal eigenvectors of the float32 model on one device")
+            raise SettingsRefused(why + ": {%s} does not apply" % extra[0])
+        if kind in ("random", "hessian"):
+            self._check_mask()
+        if kind == "random" and self.model.dtype not in DIRECTION_PRECISIONS:
+            raise SettingsRefused("{dtype} %s is a matmul precision: direction files hold %s"
+                                  % (self.model.dtype, ", ".join(DIRECTION_PRECISIONS)))
+
+    def _check_mask(self):
+        """Refuse a subset that cannot be made from the Fisher file given (or not given)."""
+        if self.subset == "adapter" and self.fisher:
+            raise SettingsRefused("{subset} adapter selects the adapter's parameters by name: {fisher} does not "
+                                  "apply")
+        if self.subset not in ("all", "adapter") and not self.fisher:
+            raise SettingsRefused("{subset} {value} needs a Fisher file ({fisher} F.safetensors)", value=self.subset)
+
+    def _leaves(self) -> Dict[str, Tuple[Any, Any]]:
+        """{setting: (value, default)} of every setting a kind may not read, by the command line's names."""
+        out = {spec.name: (getattr(self, spec.name), spec.default) for spec in fields(self)
+               if spec.name not in ("kind", "model", "sample")}
+        model, sample = ModelSpec(), self.__dataclass_fields__["sample"].default_factory()
+        out.update({name: (getattr(self.model, name), getattr(model, name)) for name in ("dtype", "device",
+                                                                                       "shard_size")})
+        out.update({("sample_seed" if spec.name == "seed" else spec.name):
+                    (getattr(self.sample, spec.name), getattr(sample, spec.name)) for spec in fields(sample)})
+        return out
 
 
 def is_settings(value: Any) -> bool:

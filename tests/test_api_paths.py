@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from landscape import curvature, directions, plots
+from landscape import curvature, plots
 from landscape.cli import main
 from landscape.curvature.report import save_report
+from landscape.direction_kinds import DirectionsResult, make
 from landscape.errors import UsageError
 from landscape.models import load_model
 from landscape.outputs import identify
-from landscape.settings import HessianSettings, ModelSpec, SampleSpec
+from landscape.settings import DirectionsSettings, HessianSettings, ModelSpec, SampleSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -81,49 +82,60 @@ def checkpoints(tiny_gpt2_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------- directions, every kind
 def test_random_directions_plain_and_fisher_masked(tiny_gpt2_dir, fisher_file, tmp_path):
     assert cli("directions", "--model", tiny_gpt2_dir, "--seed", 3, "--orthogonalize", "--out", tmp_path / "c.h5") == 0
-    attrs = directions.make("random", tmp_path / "p.h5", str(tiny_gpt2_dir), seed=3, orthogonal=True)
+    made = make(DirectionsSettings(ModelSpec(str(tiny_gpt2_dir)), seed=3, orthogonal=True), out=tmp_path / "p.h5")
     assert_same_h5(tmp_path / "c.h5", tmp_path / "p.h5")
+    attrs = made.attributes
+    assert isinstance(made, DirectionsResult) and made.computed == made.total == 2 and made.path.name == "p.h5"
     assert attrs["fingerprint"] == _h5(tmp_path / "p.h5")[0]["fingerprint"] and attrs["model_fingerprint"]
+    assert made.fingerprints == {"model_fingerprint": attrs["model_fingerprint"]}
     assert cli("directions", "--model", tiny_gpt2_dir, "--fisher", fisher_file, "--subset", "top:10", "--dims", 1,
                "--out", tmp_path / "cm.h5") == 0
-    masked = directions.make("random", tmp_path / "pm.h5", str(tiny_gpt2_dir), fisher=str(fisher_file),
-                             subset="top:10", dims=1)
+    one = make(DirectionsSettings(ModelSpec(str(tiny_gpt2_dir)), fisher=fisher_file, subset="top:10", dims=1),
+               out=tmp_path / "pm.h5")
     assert_same_h5(tmp_path / "cm.h5", tmp_path / "pm.h5")
+    masked = one.attributes
+    assert one.computed == one.total == 1
     assert masked["subset"] == "top:10" and 0 < masked["n_selected"] < masked["n_parameters"]
 
 
 def test_hessian_directions(tiny_gpt2_dir, tiny_corpus_file, fisher_file, tmp_path):
     assert cli("directions", "--kind", "hessian", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, *SAMPLE,
                "--fisher", fisher_file, "--subset", "top:50", "--device", "cpu", "--out", tmp_path / "c.h5") == 0
-    attrs = directions.make("hessian", tmp_path / "p.h5", str(tiny_gpt2_dir), corpus=str(tiny_corpus_file),
-                            fisher=str(fisher_file), subset="top:50", device="cpu", **SAMPLE_KW)
+    settings = DirectionsSettings(ModelSpec(str(tiny_gpt2_dir), device="cpu"), kind="hessian", fisher=fisher_file,
+                                  subset="top:50", sample=SampleSpec(str(tiny_corpus_file), **SAMPLE_KW))
+    made = make(settings, out=tmp_path / "p.h5")
     assert_same_h5(tmp_path / "c.h5", tmp_path / "p.h5")
+    attrs = made.attributes
     assert attrs["kind"] == "hessian" and len(attrs["eigenvalues"]) == 2 and attrs["sample_fingerprint"]
+    assert made.fingerprints["sample_fingerprint"] == attrs["sample_fingerprint"] and made.computed == 2
 
 
 def test_interpolation_and_trajectory_directions(checkpoints, tmp_path):
     a, b = checkpoints[0], checkpoints[-1]
     assert cli("directions", "--model", a, "--to", b, "--out", tmp_path / "c.h5") == 0
-    attrs = directions.make("interpolation", tmp_path / "p.h5", str(a), to=str(b))
+    made = make(DirectionsSettings(ModelSpec(str(a)), to=b), out=tmp_path / "p.h5")
     assert_same_h5(tmp_path / "c.h5", tmp_path / "p.h5")
+    attrs = made.attributes
     assert attrs["kind"] == "interpolation" and attrs["distance"] > 0 and attrs["to_fingerprint"]
+    assert made.settings.kind == "interpolation" and made.computed == made.total == 1
     assert cli("directions", "--trajectory", *checkpoints, "--out", tmp_path / "ct.h5") == 0
-    plane = directions.make("trajectory", tmp_path / "pt.h5", checkpoints=[str(c) for c in checkpoints])
+    plane = make(DirectionsSettings(checkpoints=checkpoints), out=tmp_path / "pt.h5").attributes
     assert_same_h5(tmp_path / "ct.h5", tmp_path / "pt.h5")
     assert plane["trajectory_coordinates"].shape == (4, 2) and list(plane["trajectory_labels"])[-1] == "step3"
 
 
 def test_library_refusals_speak_library_terms(tiny_gpt2_dir, checkpoints, tmp_path):
-    for call, words in ((lambda: directions.make("random", tmp_path / "d.h5", subset="top:5"), "Fisher"),
-                        (lambda: directions.make("interpolation", tmp_path / "d.h5", norm="filter"), "no option"),
-                        (lambda: directions.make("eigen", tmp_path / "d.h5"), "unknown kind"),
-                        (lambda: directions.make("trajectory", tmp_path / "d.h5", checkpoints=checkpoints[:3]),
+    for call, words in ((lambda: DirectionsSettings(subset="top:5"), "Fisher"),
+                        (lambda: DirectionsSettings(to="B", norm="layer"), "norm does not apply"),
+                        (lambda: DirectionsSettings(kind="eigen"), "kind must be one of"),
+                        (lambda: make(DirectionsSettings(checkpoints=checkpoints[:3]), out=tmp_path / "d.h5"),
                          "at least 4"),
+                        (lambda: make("random", out=tmp_path / "d.h5"), "DirectionsSettings"),
                         (lambda: HessianSettings(ModelSpec(str(tiny_gpt2_dir)), top=0), "nothing to compute"),
                         (lambda: HessianSettings(ModelSpec(str(tiny_gpt2_dir)), tol=2.0), "tol"),
                         (lambda: curvature.run_hessian(HessianSettings(ModelSpec(str(tiny_gpt2_dir))),
                                                        out=tmp_path / "h.txt"), r"\.json"),
-                        (lambda: directions.make("random", tmp_path / "d.txt"), r"\.h5")):
+                        (lambda: make(DirectionsSettings(), out=tmp_path / "d.txt"), r"\.h5")):
         with pytest.raises(UsageError, match=words) as refused:
             call()
         assert "--" not in str(refused.value)

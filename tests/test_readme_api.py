@@ -36,7 +36,7 @@ def api_blocks():
 def test_the_python_api_section_shows_every_stage():
     code = "\n".join(api_blocks())
     for call in ("run_fisher", "run_stability", "run_profile", "run_schedule", "run_surface",
-                 "run_finetune", "run_hessian", "directions.make", "plots.plot", "plots.compare", "compute_fisher",
+                 "run_finetune", "run_hessian", "make_directions", "plots.plot", "plots.compare", "compute_fisher",
                  "evaluate", "guided_dropout"):
         assert call in code, f"the README's Python API does not show {call}"
 

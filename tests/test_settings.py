@@ -14,13 +14,13 @@ import torch
 
 import landscape
 from landscape import settings as S
-from landscape.cli import build_parser
+from landscape.cli import build_parser, main
 from landscape.cli.generated import settings_from_args
 from landscape.errors import UsageError
 
 COMMANDS = {"fisher": S.FisherSettings, "stability": S.StabilitySettings, "surface": S.SurfaceSettings,
             "hessian": S.HessianSettings, "schedule": S.ScheduleSettings, "profile": S.ProfileSettings,
-            "finetune": S.FinetuneSettings}
+            "finetune": S.FinetuneSettings, "directions": S.DirectionsSettings}
 
 
 def _subparser(command):
@@ -30,24 +30,24 @@ def _subparser(command):
 
 
 def _leaves(cls):
-    """(field, default, help) of every setting the command line offers, nested specs flattened (a spec's
-    field with the help the stage gives it)."""
+    """(option's dest, field, default, help) of every setting the command line offers, nested specs flattened
+    (a spec's field with the name and help the stage gives it)."""
     for spec in fields(cls):
         if spec.default_factory is not MISSING and isinstance(spec.default_factory(), S.Settings):
             nested = spec.default_factory()
             for inner in fields(nested):
                 if inner.name not in spec.metadata["exclude"]:
-                    yield inner, getattr(nested, inner.name), spec.metadata["helps"].get(inner.name,
-                                                                                         inner.metadata["help"])
+                    yield (spec.metadata["rename"].get(inner.name, inner.name), inner, getattr(nested, inner.name),
+                           spec.metadata["helps"].get(inner.name, inner.metadata["help"]))
         else:
-            yield spec, spec.default, spec.metadata["help"]
+            yield spec.name, spec, spec.default, spec.metadata["help"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_field_is_an_option_with_its_default_and_help(command):
     actions = {a.dest: a for a in _subparser(command)._actions}
-    for spec, default, help_text in _leaves(COMMANDS[command]):
-        action = actions[spec.name]
+    for dest, spec, default, help_text in _leaves(COMMANDS[command]):
+        action = actions[dest]
         assert action.help.startswith(help_text), spec.name
         if default is MISSING:
             assert action.required or not action.option_strings, spec.name
@@ -143,3 +143,66 @@ def test_a_stage_applies_its_threads_and_restores_the_count(tiny_bert, tmp_path,
         assert seen == [2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_directions_settings_take_the_kind_from_to_and_checkpoints_as_the_command_does(tmp_path):
+    args = build_parser().parse_args(["directions", "--trajectory", "a", "b", "c", "d", "--out", "d.h5"])
+    plane = settings_from_args(S.DirectionsSettings, args)
+    assert plane.kind == "trajectory" and plane.checkpoints == ("a", "b", "c", "d")  # nargs="+" as a tuple
+    assert S.DirectionsSettings.from_dict(plane.to_dict()) == plane
+    args = build_parser().parse_args(["directions", "--kind", "hessian", "--seed", "5", "--sample-seed", "3",
+                                      "--max-samples", "8", "--out", "d.h5"])
+    hessian = settings_from_args(S.DirectionsSettings, args)
+    assert (hessian.seed, hessian.sample.seed, hessian.sample.max_samples) == (5, 3, 8)  # --sample-seed: sample.seed
+    assert S.DirectionsSettings(to=tmp_path / "b").kind == "interpolation"
+    assert S.DirectionsSettings(kind="random", to="b").kind == "interpolation"  # as `--kind random --to b`
+    assert S.DirectionsSettings().sample == S.SampleSpec(max_samples=64)  # the defaults of `surface`
+
+
+@pytest.mark.parametrize("settings, argv, words", [
+    (dict(to="b", norm="layer"), ["--to", "b", "--norm", "layer"], "{to} writes raw parameter differences: "
+                                                                   "{norm} does not apply"),
+    (dict(checkpoints=["a", "b", "c", "d"], fisher="F.safetensors"), ["--trajectory", "a", "b", "c", "d", "--fisher",
+     "F.safetensors"], "{checkpoints} writes raw parameter differences: {fisher}/{subset} do not apply"),
+    (dict(sample=S.SampleSpec(corpus="x.txt")), ["--corpus", "x.txt"],
+     "{corpus} sets the Hessian's sample: it applies to {kind} hessian only"),
+    (dict(model=S.ModelSpec(device="cpu"), to="b"), ["--device", "cpu", "--to", "b"],
+     "{device} applies to {kind} hessian only"),
+    (dict(kind="hessian", orthogonal=True), ["--kind", "hessian", "--orthogonalize"], "{orthogonal} does not apply"),
+    (dict(kind="hessian", model=S.ModelSpec(dtype="bfloat16")), ["--kind", "hessian", "--dtype", "bfloat16"],
+     "{dtype} does not apply"),
+    (dict(kind="hessian", to="b"), ["--kind", "hessian", "--to", "b"], "{kind} hessian and {to} contradict"),
+    (dict(to="b", checkpoints=["a", "b", "c", "d"]), ["--to", "b", "--trajectory", "a", "b", "c", "d"],
+     "{to} and {checkpoints} contradict"),
+    (dict(kind="interpolation"), ["--kind", "interpolation"], "{kind} interpolation needs {to}"),
+    (dict(subset="top:5"), ["--subset", "top:5"], "{subset} top:5 needs a Fisher file ({fisher} F.safetensors)"),
+    (dict(model=S.ModelSpec(dtype="tf32")), ["--dtype", "tf32"], "{dtype} tf32 is a matmul precision"),
+])
+def test_directions_settings_refuse_what_the_kind_would_ignore_in_each_callers_words(settings, argv, words, tmp_path,
+                                                                                      capsys):
+    """A setting the kind does not read is refused (the keyword call refused an option its kind did not take):
+    in the library's names from Python, with the options' names from the command line."""
+    flags = {"checkpoints": "--trajectory", "orthogonal": "--orthogonalize"}
+    library = words.format_map({name: name for name in ("to", "norm", "checkpoints", "fisher", "subset", "corpus",
+                                                        "kind", "device", "orthogonal", "dtype")})
+    with pytest.raises(UsageError) as refused:
+        S.DirectionsSettings(**settings)
+    assert library in str(refused.value) and "--" not in str(refused.value)
+    code = main(["directions", *argv, "--out", str(tmp_path / "d.h5")])
+    line = capsys.readouterr().err.strip()
+    worded = words.format_map({name: flags.get(name, "--" + name) for name in ("to", "norm", "checkpoints", "fisher",
+                                                                                "subset", "corpus", "kind", "device",
+                                                                                "orthogonal", "dtype")})
+    assert code == 2 and line.count("\n") == 0 and worded in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def test_make_directions_refuses_a_loaded_model_its_settings_contradict(tiny_bert, tmp_path):
+    bf16 = S.DirectionsSettings(S.ModelSpec(dtype="bfloat16"))
+    with pytest.raises(UsageError, match="dtype bfloat16 but the loaded model holds float32"):
+        landscape.make_directions(bf16, out=tmp_path / "d.h5", model=tiny_bert)
+    with pytest.raises(UsageError, match="DirectionsSettings"):
+        landscape.make_directions("random", out=tmp_path / "d.h5")  # the keyword call of old
+    assert not list(tmp_path.iterdir())
+    made = landscape.make_directions(S.DirectionsSettings(dims=1), out=tmp_path / "d.h5", model=tiny_bert)
+    assert (made.computed, made.total, made.attributes["dims"]) == (1, 1, 1) and made.path.exists()

@@ -19,6 +19,7 @@ from ..errors import (
     OutputUnwritable,
     SamePath,
     SettingsMismatch,
+    SettingsRefused,
     UsageError,
 )
 from .commands import register_all
@@ -91,6 +92,8 @@ def _message(err: UsageError, args) -> str:
         return f"{a} '{path_a}' and {b} '{path_b}' are the same file; give each its own"
     if isinstance(err, MissingSetting):
         return f"{err}: give {_setting_flag(args, err.needed)}"
+    if isinstance(err, SettingsRefused):
+        return err.worded(lambda name: _setting_flag(args, name))
     if isinstance(err, NewHeadRefused) and hasattr(args, "allow_new_head"):
         return f"{err} (--allow-new-head)"
     return str(err)
@@ -103,7 +106,9 @@ _OUTPUT_FLAGS = {"runs_out": "--runs-out", "plot": "--plot", "csv": "--csv", "ve
 # A stage's path settings whose option is not --NAME: positionals (by their name in the usage line)
 # and the library's names for them.
 _SETTING_FLAGS = {("plot", "path"): "surface", ("compare", "paths"): "surfaces", ("export", "path"): "--vtk",
-                  ("schedule", "fisher"): "fisher", ("profile", "fisher"): "fisher"}
+                  ("schedule", "fisher"): "fisher", ("profile", "fisher"): "fisher",
+                  ("directions", "checkpoints"): "--trajectory", ("directions", "granularity"): "--mask-granularity",
+                  ("directions", "orthogonal"): "--orthogonalize"}
 
 
 def _setting_flag(args, name: str) -> str:

@@ -25,10 +25,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: Type[Settings])
         nested = defaults.get(spec.name)
         if isinstance(nested, Settings):
             group = parser.add_argument_group(_GROUP_TITLES.get(spec.name, spec.name))
-            helps = spec.metadata.get("helps", {})
+            helps, rename = spec.metadata.get("helps", {}), spec.metadata.get("rename") or {}
             for inner in fields(nested):
                 if inner.name not in spec.metadata.get("exclude", ()):
-                    _add(group, inner, getattr(nested, inner.name), helps.get(inner.name))
+                    _add(group, inner, getattr(nested, inner.name), helps.get(inner.name), rename.get(inner.name))
         else:
             _add(parser, spec, defaults.get(spec.name, MISSING))
 
@@ -40,7 +40,9 @@ def settings_from_args(cls: Type[Settings], args: argparse.Namespace) -> Setting
     for spec in fields(cls):
         nested = defaults.get(spec.name)
         if isinstance(nested, Settings):
-            given = {f.name: getattr(args, f.name) for f in fields(nested) if hasattr(args, f.name)}
+            rename = spec.metadata.get("rename") or {}
+            given = {f.name: getattr(args, rename.get(f.name, f.name)) for f in fields(nested)
+                     if hasattr(args, rename.get(f.name, f.name))}
             values[spec.name] = nested.replace(**given)
         else:
             values[spec.name] = getattr(args, spec.name)
@@ -58,17 +60,20 @@ def _defaults(cls) -> Dict[str, Any]:
     return out
 
 
-def _add(parser, spec, default, help_text=None) -> None:
+def _add(parser, spec, default, help_text=None, name=None) -> None:
+    """The option of field ``spec``; for a nested spec's field, the stage's own help and name (its dest and flag)."""
     meta = spec.metadata
-    flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
+    flag = ("--" + name.replace("_", "-")) if name else meta.get("flag") or "--" + spec.name.replace("_", "-")
     text = (help_text or meta["help"]) + (f" (default: {meta['unset']})" if default is None and meta.get("unset")
                                           else "")
     if meta.get("positional"):
         parser.add_argument(spec.name, help=text)
         return
     names = [flag, *meta.get("aliases", ())]
-    kwargs: Dict[str, Any] = dict(dest=spec.name, help=text)
+    kwargs: Dict[str, Any] = dict(dest=name or spec.name, help=text)
     kwargs["metavar"] = meta.get("metavar") or flag.lstrip("-").replace("-", "_").upper()
+    if meta.get("nargs"):
+        kwargs["nargs"] = meta["nargs"]
     if meta.get("bare", MISSING) is not MISSING:
         kwargs.update(nargs="?", const=meta["bare"])
     if default is MISSING:
