@@ -18,6 +18,7 @@ Size: one class per stage, each field with its help and domain; they stay togeth
 specs and the stages' settings read as one reference (docs/api.md) and share their helpers.
 """
 
+import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -189,6 +190,11 @@ def _plain(value):
     return value
 
 
+def _path_text(value):
+    """A path setting as text: an ``os.PathLike`` becomes its string; anything else is left to be checked."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 class _Threads:
     """The thread setting's domain: 'auto' or a count (``runtime.parse_threads``)."""
 
@@ -230,8 +236,7 @@ class ModelSpec(Settings):
     threads: str = setting("auto", domain=THREADS, identity=False, metavar="auto|N", help=THREADS_HELP)
 
     def __post_init__(self):
-        if self.source is not None and not isinstance(self.source, str):
-            object.__setattr__(self, "source", str(self.source))  # a Path
+        object.__setattr__(self, "source", _path_text(self.source))
         super().__post_init__()
 
 
@@ -255,8 +260,7 @@ class SampleSpec(Settings):
                             "yes = always, no = never")
 
     def __post_init__(self):
-        if self.corpus is not None and not isinstance(self.corpus, str):
-            object.__setattr__(self, "corpus", str(self.corpus))  # a Path
+        object.__setattr__(self, "corpus", _path_text(self.corpus))
         super().__post_init__()
 
     def sampling(self) -> Dict[str, Any]:
@@ -340,8 +344,7 @@ class SurfaceSettings(Settings):
     def __post_init__(self):
         for name in ("directions", "eval_corpus"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, str(value))  # a Path
+            object.__setattr__(self, name, _path_text(value))
         super().__post_init__()
 
 
@@ -368,7 +371,7 @@ class ScheduleSettings(Settings):
              "(default: dropout sites)")
 
     def __post_init__(self):
-        object.__setattr__(self, "fisher", str(self.fisher))  # a Path
+        object.__setattr__(self, "fisher", _path_text(self.fisher))
         super().__post_init__()
 
     def validate(self):
@@ -387,7 +390,7 @@ class ProfileSettings(Settings):
                                exclude=("allow_new_head", "shard_size"))
 
     def __post_init__(self):
-        object.__setattr__(self, "fisher", str(self.fisher))  # a Path
+        object.__setattr__(self, "fisher", _path_text(self.fisher))
         super().__post_init__()
 
 
@@ -427,7 +430,7 @@ class HessianSettings(Settings):
 
     def __post_init__(self):
         if self.fisher is not None:
-            object.__setattr__(self, "fisher", str(self.fisher))  # a Path
+            object.__setattr__(self, "fisher", _path_text(self.fisher))
         if self.subset is None:
             object.__setattr__(self, "subset", "all")
         super().__post_init__()
@@ -533,8 +536,7 @@ class FinetuneSettings(Settings):
     def __post_init__(self):
         for name in ("dataset", "schedule", "fisher"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, str(value))  # a Path
+            object.__setattr__(self, name, _path_text(value))
         super().__post_init__()
 
 

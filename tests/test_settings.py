@@ -91,6 +91,10 @@ def test_settings_round_trip_compare_and_name_their_identity():
     assert made.replace(seq_len=64, x="-1:1:3").sample.seq_len == 64
     with pytest.raises(UsageError, match="no setting"):
         made.replace(nonsense=1)
+    with pytest.raises(UsageError, match="model must be a ModelSpec, got str"):
+        S.FisherSettings(model="gpt2")
+    with pytest.raises(UsageError, match="must be a plain value, got SampleSpec"):
+        S.SurfaceSettings(S.SampleSpec())
     with pytest.raises(UsageError, match="one_d and y contradict"):
         S.GridSpec(y="-1:1:3", one_d=True)
     with pytest.raises(UsageError, match="p_lower"):
