@@ -21,11 +21,12 @@ loading and the subsets they both take live below them (``direction_file``, ``mo
 """
 
 import inspect
+from typing import Any, Optional
 
 from . import adapters
 from .curvature.stage import eigen_directions
 from .errors import UsageError
-from .files import check_distinct_paths, check_output_path
+from .files import PathLike, check_distinct_paths, check_output_path
 from .identity import MODEL_KEY, model_fingerprint
 from .models import LoadedModel, ModelSource, loaded_model, model_id
 from .outputs import claim_output
@@ -108,7 +109,7 @@ def _options(kind):
             if name not in ("out", "model") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def make(kind: str = "random", out=None, model: ModelSource = None, **options) -> dict:
+def make(kind: str = "random", out: Optional[PathLike] = None, model: ModelSource = None, **options: Any) -> dict:
     """Write a direction file of ``kind`` for ``model``; the one entry point of every kind.
 
     Args:

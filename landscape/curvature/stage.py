@@ -1,7 +1,7 @@
 """The curvature stage as one call each: a Hessian report, or eigenvectors as directions.
 
 ``run_hessian`` writes a Hessian report (what ``landscape hessian`` does), ``eigen_directions``
-writes the top eigenvectors as a direction file (the ``hessian`` kind of ``directions.make``).
+writes the top eigenvectors as a direction file (the ``hessian`` kind of ``make_directions`` (``direction_kinds.make``)).
 
 Both load the model and the sample, restrict the Hessian to a Fisher subset when asked (P·H·P),
 store every setting that changes the numbers with the model's and the sample's fingerprints, claim
@@ -20,7 +20,7 @@ import numpy as np
 from .. import adapters, checks
 from ..direction_file import check_existing_directions
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
+from ..files import PathLike, check_distinct_paths, check_output_path, replace_together, staged_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..inputs import sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel, ModelSource, loaded_model, model_id
@@ -90,7 +90,8 @@ def _masked(loaded: LoadedModel, model: ModelSource, fisher, seed, ignore, granu
     return mask, masking, weights
 
 
-def run_hessian(settings: Optional[HessianSettings] = None, *, out, vectors=None, model: Optional[LoadedModel] = None,
+def run_hessian(settings: Optional[HessianSettings] = None, *, out: PathLike, vectors: Optional[PathLike] = None,
+                model: Optional[LoadedModel] = None,
                 overwrite: bool = False, progress: bool = False, log: Log = None) -> HessianResult:
     """Top eigenpairs, trace and spectral density of the loss Hessian, written as a JSON report.
 
