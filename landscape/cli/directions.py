@@ -1,4 +1,4 @@
-"""directions: the command line of ``make_directions`` (``direction_kinds.make``) (random, hessian, interpolation, trajectory)."""
+"""directions: the command line of ``landscape.make_directions`` (random, hessian, interpolation, trajectory)."""
 
 import os
 from pathlib import Path
@@ -85,7 +85,7 @@ def _add_other_kinds(parser):
 
 
 def _kind_and_options(args):
-    """(kind, the options of ``make_directions`` (``direction_kinds.make``)) from the flags, refusing flags that contradict."""
+    """(kind, the options of ``landscape.make_directions``) from the flags, refusing flags that contradict."""
     given = [f"--{name.replace('_', '-')}" for name in _HESSIAN_ONLY if getattr(args, name) is not None]
     path = "to" if args.to else "trajectory" if args.trajectory else None
     if args.to and args.trajectory:

@@ -1,7 +1,7 @@
 """The curvature stage as one call each: a Hessian report, or eigenvectors as directions.
 
 ``run_hessian`` writes a Hessian report (what ``landscape hessian`` does), ``eigen_directions``
-writes the top eigenvectors as a direction file (the ``hessian`` kind of ``make_directions`` (``direction_kinds.make``)).
+writes the top eigenvectors as a direction file (the ``hessian`` kind of ``landscape.make_directions``).
 
 Both load the model and the sample, restrict the Hessian to a Fisher subset when asked (P·H·P),
 store every setting that changes the numbers with the model's and the sample's fingerprints, claim

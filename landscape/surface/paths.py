@@ -7,7 +7,7 @@ the directions (``connectivity``), and write them with their settings and proven
 sources and fingerprints, and for a trajectory the explained variance and each checkpoint's
 coordinates.  Both claim their output (``outputs.claim_output``) and refuse a file of other settings
 unless ``overwrite``.  They are the ``interpolation`` and ``trajectory`` kinds of
-``make_directions`` (``direction_kinds.make``).
+``landscape.make_directions``.
 """
 
 import math
