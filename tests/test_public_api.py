@@ -141,3 +141,39 @@ def test_the_api_document_lists_the_public_namespace():
     assert section, "docs/api.md has no '## The public namespace' section"
     listed = set(re.findall(r"`([A-Za-z_]\w*)`", section.group(1)))
     assert not set(landscape.__all__) - listed, sorted(set(landscape.__all__) - listed)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_library_imports_name_modules_that_exist_and_skip_the_namespace():
+    """Inside the package an import names a module of the package (anywhere in a body, where it only
+    fails when that line runs), and never reaches a stage through ``landscape``'s namespace: the
+    library imports from the stage packages.  Checked on the source, since an editable install of
+    another checkout can make a removed module importable at run time."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(path) for path in paths}
+    wrong = []
+    for path in paths:
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: package.count(".") + 2 - node.level]
+                    base = ".".join(anchor + ([base] if base else []))
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                base, names = "", [alias.name for alias in node.names]
+            else:
+                continue
+            targets = [base] if base else names
+            wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {t}" for t in targets
+                      if t.split(".")[0] == "landscape" and t not in modules]
+            if base == "landscape":
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno} takes {n} from the namespace" for n in names
+                          if n in landscape.__all__ and n != "__version__" and f"landscape.{n}" not in modules]
+    assert not wrong, wrong

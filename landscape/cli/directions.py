@@ -119,7 +119,7 @@ def _kind_and_options(args):
 
 
 def run_directions(args):
-    from ..directions import make
+    from ..direction_kinds import make
 
     kind, chosen = _kind_and_options(args)
     attrs = make(kind, args.out, args.model, **chosen)
