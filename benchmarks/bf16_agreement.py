@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from landscape import directions, surface  # noqa: E402
-from landscape.corpus import describe_framing, load_batches  # noqa: E402
+from landscape.data.corpus import describe_framing, load_batches  # noqa: E402
 from landscape.fisher import compute_fisher  # noqa: E402
 from landscape.models import load_model  # noqa: E402
 

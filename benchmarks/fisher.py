@@ -40,7 +40,7 @@ def build(args, device):
     from transformers import BertForMaskedLM
 
     if args.model:
-        from landscape.corpus import describe_framing, load_batches
+        from landscape.data.corpus import describe_framing, load_batches
         from landscape.models import load_model
 
         loaded = load_model(args.model, device=device, dtype=args.dtype)
@@ -49,7 +49,7 @@ def build(args, device):
         return loaded.model, batches, (f"{args.model} ({loaded.kind}, {args.dtype}, "
                                        f"{describe_framing(loaded.tokenizer)})"), loaded.kind
     if not args.gpu_config and (DEFAULT_MODEL_DIR / "config.json").exists():
-        from landscape.corpus import load_batches
+        from landscape.data.corpus import load_batches
         from landscape.models import load_model
 
         loaded = load_model(None, device=device)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import PeakMemory  # noqa: E402 (this folder is sys.path[0] when run as a script)
 
 from landscape import curvature  # noqa: E402
-from landscape.corpus import load_batches  # noqa: E402
+from landscape.data.corpus import load_batches  # noqa: E402
 from landscape.data.objectives import sequence_losses  # noqa: E402
 from landscape.models import load_model  # noqa: E402
 

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from landscape.corpus import load_batches  # noqa: E402
 from landscape.curvature.report import hessian_report, remove_checkpoints, subset_mask  # noqa: E402
+from landscape.data.corpus import load_batches  # noqa: E402
 from landscape.files import write_csv  # noqa: E402
 from landscape.fisher import load_fisher  # noqa: E402
 from landscape.models import load_model  # noqa: E402

@@ -56,8 +56,8 @@ def main(argv=None):
 
     from safetensors.torch import load_file
 
-    from landscape.directions import load_directions
     from landscape.surface import read_surface
+    from landscape.surface.directions import load_directions
 
     sample = ["--max-samples", "8", "--seq-len", "64", "--batch-size", "8"]
     model = ["--model", args.model]

@@ -48,7 +48,7 @@ def build(args, device, dtype, workdir):
     from transformers import BertForMaskedLM
 
     if not args.gpu_config and (DEFAULT_MODEL_DIR / "config.json").exists():
-        from landscape.corpus import load_batches
+        from landscape.data.corpus import load_batches
         from landscape.models import load_model
 
         loaded = load_model(None, device=device, dtype=dtype)
@@ -148,7 +148,7 @@ def _plain_forward(model, batches, kind):
 
 def main_model(args):
     """--model DIR: seconds per surface point against a plain forward with labels, alternated."""
-    from landscape.corpus import describe_framing, load_batches
+    from landscape.data.corpus import describe_framing, load_batches
     from landscape.models import load_model
     from landscape.surface.evaluation import _points_pass
 

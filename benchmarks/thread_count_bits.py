@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from landscape import directions, surface  # noqa: E402 (the repository first, as the other benchmarks)
-from landscape.corpus import load_batches  # noqa: E402
+from landscape.data.corpus import load_batches  # noqa: E402
 from landscape.models import load_model  # noqa: E402
 
 

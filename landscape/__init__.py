@@ -61,6 +61,14 @@ _PUBLIC = {
     "read_surface": ("landscape.surface.file", "read_surface"),
     "load_report": ("landscape.curvature.report", "load_report"),
     "load_schedule": ("landscape.guided.schedule", "load_schedule"),
+    "schedule_callback": ("landscape.guided.callback", "callback"),
+    "DIRECTION_KINDS": ("landscape.direction_kinds", "KINDS"),
+    # the stage modules users script with, by their short names (there is no landscape/corpus.py:
+    # `from landscape import corpus` reaches landscape.data.corpus through __getattr__ below)
+    "corpus": ("landscape.data.corpus", None),
+    "directions": ("landscape.surface.directions", None),
+    "schedule": ("landscape.guided.schedule", None),
+    "regularizers": ("landscape.guided.regularizers", None),
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -10,13 +10,13 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
 from .defaults import DemoSettings
 from .direction_kinds import make as make_directions
-from .files import check_output_folder
+from .files import PathLike, check_output_folder
 from .fisher import run_stability
 from .fisher.stability import format_table as stability_table
 from .guided import profile as profile_stage
@@ -198,7 +198,9 @@ STAGES = (
 )
 
 
-def run_demo(out_dir="landscape_demo", settings=None, device="cpu", overwrite=False, threads="auto"):
+def run_demo(out_dir: PathLike = "landscape_demo", settings: Optional[DemoSettings] = None,
+             device: Union[str, torch.device] = "cpu", overwrite: bool = False,
+             threads: Union[int, str] = "auto") -> Dict[str, Path]:
     """Run every stage into ``out_dir``; returns {name: path} of the main results.
 
     Files of a finished stage are kept (rerunning continues an interrupted demo); a file there that

@@ -13,14 +13,14 @@ compressed, which stores the two zero low bytes of each float32 for almost nothi
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import h5py
 import numpy as np
 import torch
 
 from .errors import SettingsMismatch, UsageError
-from .files import atomic_output, require_readable_file
+from .files import PathLike, atomic_output, require_readable_file
 from .models import check_tensors_match
 
 GROUPS = ("xdirection", "ydirection")
@@ -213,8 +213,9 @@ def _attr(value):
 
 
 # ----------------------------------------------------------------------------- reading
-def load_directions(path, model: Optional[torch.nn.Module] = None, dtype: Optional[torch.dtype] = None,
-                    device=None, rows: Optional[RowsOf] = None, axes: int = 2) -> Tuple[List[Direction], dict]:
+def load_directions(path: PathLike, model: Optional[torch.nn.Module] = None, dtype: Optional[torch.dtype] = None,
+                    device: Union[None, str, torch.device] = None, rows: Optional[RowsOf] = None,
+                    axes: int = 2) -> Tuple[List[Direction], dict]:
     """Read a direction file, one tensor at a time, verifying its fingerprint and values.
 
     Args:

@@ -9,9 +9,12 @@ import numbers
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Sequence
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Union
 
 from .errors import OutputUnwritable, SamePath, UsageError
+
+# What a path argument of the public calls accepts (each turns it into a Path itself).
+PathLike = Union[str, os.PathLike]
 
 
 @contextlib.contextmanager

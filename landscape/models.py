@@ -20,6 +20,7 @@ from .adapters import is_adapter_folder, load_adapter, new_parameters
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
 from .runtime import resolve_device, storage_dtype, transformers_silenced
+from .sharding import ShardLayout
 
 OBJECTIVE_KINDS = ("mlm", "causal", "seq2seq", "classification")
 
@@ -154,8 +155,9 @@ def _weight_bytes(spec: str) -> float:
                if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
 
 
-def load_model(spec: Optional[str] = None, device="cpu", dtype="float32", allow_new_head: bool = False,
-               layout=None) -> LoadedModel:
+def load_model(spec: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+               dtype: Union[str, torch.dtype] = "float32", allow_new_head: bool = False,
+               layout: Optional[ShardLayout] = None) -> LoadedModel:
     """Load a pretrained LM and its tokenizer, in eval mode, on ``device``.
 
     Weights are read from safetensors (or with ``weights_only``), never unpickled.

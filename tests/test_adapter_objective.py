@@ -17,7 +17,7 @@ import torch
 from conftest import write_toy_tsv
 
 from landscape.cli import main
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.models import load_model
 
 peft = pytest.importorskip("peft", reason="peft is the optional extra landscape[lora]")

@@ -102,8 +102,8 @@ def test_hessian_over_the_adapter_is_the_dense_hessian_of_its_factors(adapter_di
     """``hessian --subset adapter``: the curvature of the low-rank subspace where fine-tuning moved.
     Its top eigenvalue is that of the dense Hessian of the loss in the LoRA factors alone (built
     here from one double backward per coordinate, in float64)."""
-    from landscape.corpus import load_batches
     from landscape.curvature.operator import _use_eager_attention
+    from landscape.data.corpus import load_batches
     from landscape.data.objectives import sequence_losses
     from landscape.testing.dense import dense_hessian_of
 

@@ -54,7 +54,7 @@ def assert_same_h5(a, b):
 @pytest.fixture(scope="module")
 def fisher_file(tiny_gpt2_dir, tiny_corpus_file, tmp_path_factory):
     """A Fisher file of the tiny GPT-2, made in Python (the command line reads it like its own)."""
-    from landscape.corpus import load_batches
+    from landscape.data.corpus import load_batches
     from landscape.fisher import compute_fisher, save_fisher
 
     loaded = load_model(str(tiny_gpt2_dir))

@@ -83,12 +83,12 @@ def test_profile_call_writes_the_files_of_the_command(fisher_file, tiny_bert_dir
 
 
 def test_schedule_call_writes_the_json_of_the_command(fisher_file, tiny_bert_dir, tmp_path):
-    from landscape import schedule
+    from landscape import run_schedule
 
     _cli("schedule", fisher_file, "--model", tiny_bert_dir, "--p-upper", "0.2", "--shape", "power", "--gamma", "3",
          "--out", tmp_path / "cli.json")
     settings = ScheduleSettings(fisher_file, ModelSpec(str(tiny_bert_dir)), p_upper=0.2, shape="power", gamma=3)
-    made = schedule.run_schedule(settings, out=tmp_path / "api.json")
+    made = run_schedule(settings, out=tmp_path / "api.json")
     assert json.loads((tmp_path / "api.json").read_text()) == json.loads((tmp_path / "cli.json").read_text())
     assert made.schedule.model_fingerprint and made.schedule.p_upper == 0.2 and made.settings == settings
 
@@ -150,7 +150,7 @@ def test_finetune_call_writes_the_summary_of_the_command(tiny_bert_dir, tmp_path
 
 
 def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_file, tmp_path):
-    from landscape import schedule
+    from landscape import run_schedule
     from landscape.fisher import run_fisher
     from landscape.surface import run_surface
 
@@ -158,7 +158,7 @@ def test_stages_refuse_in_library_terms(tiny_bert_dir, tiny_corpus_file, fisher_
         run_fisher(FisherSettings(ModelSpec(str(tiny_bert_dir)), SampleSpec(batch_size=0)),
                    out=tmp_path / "F.safetensors")
     with pytest.raises(UsageError, match="gamma"):
-        schedule.run_schedule(ScheduleSettings(fisher_file, ModelSpec(str(tiny_bert_dir)), gamma=float("nan")),
+        run_schedule(ScheduleSettings(fisher_file, ModelSpec(str(tiny_bert_dir)), gamma=float("nan")),
                               out=tmp_path / "s.json")
     with pytest.raises(UsageError, match="^x must have MIN smaller than MAX"):
         run_surface(SurfaceSettings(tmp_path / "d.h5", grid=GridSpec(x="1:-1:3")), out=tmp_path / "s.h5")

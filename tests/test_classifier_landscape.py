@@ -7,7 +7,7 @@ import torch
 from conftest import TEXT
 
 from landscape import directions, fisher, surface
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.data.objectives import sequence_losses
 from landscape.models import load_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from landscape import directions, surface
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.errors import UsageError
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import TEXT
 
-from landscape.corpus import load_batches, load_documents, make_samples, pack_documents, subsample_documents
+from landscape.data.corpus import load_batches, load_documents, make_samples, pack_documents, subsample_documents
 from landscape.errors import UsageError
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from landscape import curvature as C
-from landscape.corpus import load_batches
 from landscape.curvature.operator import _attention_configs
-from landscape.directions import check_directions_match, load_directions, save_directions
+from landscape.data.corpus import load_batches
 from landscape.errors import UsageError
+from landscape.surface.directions import check_directions_match, load_directions, save_directions
 from landscape.testing.dense import dense_hessian, finite_difference_hvp, masked_submatrix, symmetric_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

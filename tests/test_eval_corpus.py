@@ -11,7 +11,7 @@ from conftest import NEGATIVE, POSITIVE
 from landscape import directions as D
 from landscape import surface as S
 from landscape.cli import main
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.errors import UsageError
 from landscape.surface import file as surface_file
 

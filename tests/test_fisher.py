@@ -8,7 +8,7 @@ import torch
 from conftest import landscape_cmd, subprocess_env
 
 from landscape import cli
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.data.objectives import sequence_losses
 from landscape.errors import UsageError
 from landscape.fisher import compute_fisher, load_fisher, nested_fisher

@@ -7,7 +7,7 @@ import torch
 from conftest import landscape_cmd, subprocess_env
 
 from landscape import surface
-from landscape.corpus import describe_framing, load_batches
+from landscape.data.corpus import describe_framing, load_batches
 from landscape.errors import NewHeadRefused, UsageError
 from landscape.models import load_model
 

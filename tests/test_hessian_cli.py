@@ -15,12 +15,12 @@ import torch
 
 from landscape import curvature
 from landscape.cli import main
-from landscape.corpus import load_batches
 from landscape.curvature.report import FORMAT, save_report
-from landscape.directions import fisher_mask, load_directions, perturbable_names
+from landscape.data.corpus import load_batches
 from landscape.fisher import load_fisher
 from landscape.models import load_model
 from landscape.surface import loss_and_accuracy, read_surface
+from landscape.surface.directions import fisher_mask, load_directions, perturbable_names
 
 SAMPLE = ("--max-samples", 4, "--seq-len", 16, "--batch-size", 4)
 

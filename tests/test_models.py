@@ -68,7 +68,7 @@ def test_embedded_model_loads_with_plain_transformers():
 def test_embedded_model_beats_the_unigram_baseline_on_heldout_text():
     """A real check of pretraining: on held-out masked tokens, the model's cross-entropy is well
     below that of the train split's unigram distribution (add-one smoothed), as the card says."""
-    from landscape.corpus import load_batches, load_documents
+    from landscape.data.corpus import load_batches, load_documents
     from landscape.data.embedded_text import embedded_text
     from landscape.data.objectives import IGNORE_INDEX, sequence_losses
 

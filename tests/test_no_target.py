@@ -14,7 +14,7 @@ from conftest import cli_in_process as _cli
 from conftest import one_line as _one_line
 
 from landscape import directions as D
-from landscape.corpus import make_samples
+from landscape.data.corpus import make_samples
 from landscape.data.objectives import check_targets, target_tokens
 from landscape.errors import UsageError
 

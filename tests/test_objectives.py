@@ -3,7 +3,7 @@
 import torch
 from conftest import TEXT
 
-from landscape.corpus import batches, make_samples
+from landscape.data.corpus import batches, make_samples
 from landscape.data.objectives import IGNORE_INDEX, mlm_sample, pad_batch, sequence_losses
 
 

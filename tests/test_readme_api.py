@@ -4,6 +4,7 @@ Each block runs in a fresh interpreter namespace, in order, in one empty folder 
 read the files earlier ones wrote, as a reader following the section would), on the embedded model.
 """
 
+import ast
 import re
 import subprocess
 import sys
@@ -36,9 +37,30 @@ def api_blocks():
 def test_the_python_api_section_shows_every_stage():
     code = "\n".join(api_blocks())
     for call in ("run_fisher", "run_stability", "run_profile", "run_schedule", "run_surface",
-                 "run_finetune", "run_hessian", "make_directions", "plots.plot", "plots.compare", "compute_fisher",
+                 "run_finetune", "run_hessian", "make_directions", "plot(", "compare(", "compute_fisher",
                  "evaluate", "guided_dropout"):
         assert call in code, f"the README's Python API does not show {call}"
+
+
+# The packages of the stages (docs/api.md): a README block imports from these or from `landscape` itself.
+STAGE_PACKAGES = {"data", "fisher", "surface", "curvature", "plots", "guided"}
+
+
+def test_the_python_api_section_imports_only_the_public_namespace_and_stage_packages():
+    import landscape
+
+    wrong = []
+    for number, block in enumerate(api_blocks(), 1):
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom) and node.module == "landscape":
+                wrong += [f"block {number}: from landscape import {alias.name}" for alias in node.names
+                          if alias.name not in landscape.__all__ and alias.name not in STAGE_PACKAGES]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                wrong += [f"block {number}: {module}" for module in modules
+                          if module.split(".")[0] == "landscape" and module.split(".")[1:2] != []
+                          and module.split(".")[1] not in STAGE_PACKAGES]
+    assert not wrong, f"the README imports what is neither in landscape.__all__ nor a stage package: {wrong}"
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def _fisher(path):
 
 def _in_process(folder, dtype):
     """(loaded model, the batches of SAMPLE) in ``dtype``, as `--dtype` loads them."""
-    from landscape.corpus import load_batches
+    from landscape.data.corpus import load_batches
     from landscape.models import load_model
 
     loaded = load_model(str(folder), dtype=dtype)
@@ -99,7 +99,7 @@ def bfloat16_run(smollm2):
 
 
 def test_smollm2_loss_at_the_origin_is_transformers_own(float32_run):
-    from landscape.corpus import describe_framing
+    from landscape.data.corpus import describe_framing
 
     loaded, batches, _, z = float32_run
     assert describe_framing(loaded.tokenizer) == NO_FRAMING
@@ -155,8 +155,8 @@ def test_smollm2_masked_surface_commands(runs, float32_run, smollm2):
 
 def test_smollm2_bfloat16_agrees_with_float32_and_accumulates_in_float32(float32_run, bfloat16_run):
     from landscape import surface
-    from landscape.directions import fisher_mask
     from landscape.fisher import compute_fisher
+    from landscape.surface.directions import fisher_mask
 
     # One sample of 32 tokens: bf16 matmuls are several times slower than float32 on most CPUs.
     f32_loaded, f32_batches, dirs, _ = float32_run

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from landscape import schedule
+from landscape import schedule, schedule_callback
 from landscape.errors import UsageError
 from landscape.fisher import save_fisher
 from landscape.guided.sites import find_sites
@@ -122,7 +122,7 @@ def test_save_load_roundtrip_and_trainer_callback(tiny_bert, tmp_path):
     assert set(data["sites"][0]) >= {"name", "score", "rank", "p"}
     back = schedule.load_schedule(path)
     assert back.probabilities() == s.probabilities()
-    cb = schedule.callback(back)
+    cb = schedule_callback(back)
     cb.on_train_begin(None, None, None, model=tiny_bert.model)
     assert schedule.current_probabilities(tiny_bert.model) == s.probabilities()
 

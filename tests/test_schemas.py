@@ -145,7 +145,7 @@ def test_a_fisher_file_from_before_the_format_key_still_reads(tiny_bert, tmp_pat
 def test_a_damaged_fisher_checkpoint_is_refused_on_resume(tiny_bert, tiny_corpus_file, tmp_path):
     from safetensors import safe_open
 
-    from landscape.corpus import load_batches
+    from landscape.data.corpus import load_batches
     from landscape.fisher import compute_fisher
 
     batches = load_batches(tiny_bert, tiny_corpus_file, max_samples=4, seq_len=16, batch_size=2)
@@ -217,7 +217,7 @@ def test_the_report_written_passes_its_schema(report_file, tmp_path, capfd):
 def test_a_trace_journal_of_garbage_or_with_a_damaged_record_is_one_line(tiny_bert, tiny_bert_dir, tiny_corpus_file,
                                                                          tmp_path, capfd):
     from landscape import curvature
-    from landscape.corpus import load_batches
+    from landscape.data.corpus import load_batches
 
     out = tmp_path / "H.json"
     journal = tmp_path / "H.json.trace.ckpt"

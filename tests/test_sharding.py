@@ -117,7 +117,7 @@ RESUME_WORKER = """
 import sys
 import torch
 from landscape import sharding
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.fisher import compute_fisher
 from landscape.models import load_model
 from landscape.runtime import end_torchrun_process, join_torchrun, leave_torchrun

@@ -14,7 +14,7 @@ from conftest import subprocess_env as _env
 
 from landscape import directions as D
 from landscape import surface as S
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.data.objectives import sequence_losses
 from landscape.errors import UsageError
 from landscape.surface import file as surface_file

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from landscape import directions, surface
-from landscape.corpus import load_batches
+from landscape.data.corpus import load_batches
 from landscape.data.objectives import IGNORE_INDEX, pad_batch, sequence_losses
 from landscape.fisher import compute_fisher
 from landscape.surface.perturbation import InPlacePerturbation

@@ -33,7 +33,7 @@ import torch
 
 from .. import __version__
 from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, json_text, require_readable_file
+from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..fisher.subsets import perturbable_names
 from ..fisher.subsets import subset_mask as fisher_subset_mask
 from ..schema import Schema
@@ -339,7 +339,7 @@ def save_report(path, report: dict) -> Path:
     return Path(path)
 
 
-def load_report(path) -> dict:
+def load_report(path: PathLike) -> dict:
     """Read a report written by ``save_report`` (UsageError if it is not one)."""
     path = require_readable_file(path, "Hessian report")
     try:

@@ -20,7 +20,7 @@ import numpy as np
 from .. import adapters, checks
 from ..direction_file import check_existing_directions
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
+from ..files import PathLike, check_distinct_paths, check_output_path, replace_together, staged_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..inputs import sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel, ModelSource, loaded_model, model_id
@@ -90,7 +90,8 @@ def _masked(loaded: LoadedModel, model: ModelSource, fisher, seed, ignore, granu
     return mask, masking, weights
 
 
-def run_hessian(settings: Optional[HessianSettings] = None, *, out, vectors=None, model: Optional[LoadedModel] = None,
+def run_hessian(settings: Optional[HessianSettings] = None, *, out: PathLike, vectors: Optional[PathLike] = None,
+                model: Optional[LoadedModel] = None,
                 overwrite: bool = False, progress: bool = False, log: Log = None) -> HessianResult:
     """Top eigenpairs, trace and spectral density of the loss Hessian, written as a JSON report.
 

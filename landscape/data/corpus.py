@@ -7,7 +7,7 @@ or nothing (the embedded corpus, extracted into ``data/corpus`` at set-up time).
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -317,7 +317,7 @@ def load_samples(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Op
 
 def load_batches(loaded: LoadedModel, corpus: Optional[str] = None, fraction: Optional[float] = None,
                  max_samples: Optional[int] = None, seq_len: int = 128, batch_size: int = 16, seed: int = 0,
-                 device=None, bos: str = "auto") -> List[Dict[str, torch.Tensor]]:
+                 device: Union[None, str, torch.device] = None, bos: str = "auto") -> List[Dict[str, torch.Tensor]]:
     """Documents → sub-sample → samples → batches for a ``models.LoadedModel``, in one call.
 
     For a fine-tuned classifier (kind 'classification') the corpus is a labelled dataset

@@ -11,13 +11,14 @@ NaN.  Its schema (``check_fisher_header``, ``check_fisher_tensor``): the header'
 
 import struct
 from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, json_text, require_readable_file
+from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..identity import MODEL_KEY, check_file_model
 from ..models import check_tensors_match
 from ..schema import Schema
@@ -74,7 +75,7 @@ def _header(shapes, metadata):
     return struct.pack("<Q", len(text)) + text
 
 
-def load_fisher(path):
+def load_fisher(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Read a Fisher file.
 
     Args:

@@ -10,7 +10,7 @@ computes and writes the file with its settings and provenance, and returns a pla
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..files import check_distinct_paths, check_output_path, json_text, replace_together, staged_path
+from ..files import PathLike, check_distinct_paths, check_output_path, json_text, replace_together, staged_path
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
@@ -73,7 +73,7 @@ def _provenance(out, loaded, settings, samples, pad, weights, overwrite):
     return meta
 
 
-def run_fisher(settings: Optional[FisherSettings] = None, *, out, model: Optional[LoadedModel] = None,
+def run_fisher(settings: Optional[FisherSettings] = None, *, out: PathLike, model: Optional[LoadedModel] = None,
                overwrite: bool = False, progress: bool = True) -> FisherResult:
     """Compute the diagonal empirical Fisher of a model on a sample and write its file.
 
@@ -145,8 +145,9 @@ def _fingerprints(meta: dict) -> dict:
     return {key: meta[key] for key in ("model_fingerprint", "sample_fingerprint") if key in meta}
 
 
-def run_stability(settings: Optional[StabilitySettings] = None, *, out, model: Optional[LoadedModel] = None,
-                  fisher_out=None, overwrite: bool = False, progress: bool = True) -> StabilityResult:
+def run_stability(settings: Optional[StabilitySettings] = None, *, out: PathLike, model: Optional[LoadedModel] = None,
+                  fisher_out: Optional[PathLike] = None, overwrite: bool = False,
+                  progress: bool = True) -> StabilityResult:
     """Fisher stability over nested sub-samples of one reference sample (paper Table 1), as a CSV.
 
     The Fisher of each nested prefix of the reference sample is estimated in one pass and compared

@@ -1,21 +1,21 @@
 """Guided dropout for a Hugging Face ``Trainer`` user, in one line."""
 
-from .schedule import apply
+from transformers import TrainerCallback
+
+from .schedule import Schedule, apply
 
 
-def callback(schedule):
+def callback(schedule: Schedule) -> TrainerCallback:
     """A ``transformers.TrainerCallback`` that applies ``schedule`` when training begins.
 
-    One line for a Trainer user: ``Trainer(..., callbacks=[schedule.callback(s)])``.
+    One line for a Trainer user: ``Trainer(..., callbacks=[landscape.schedule_callback(s)])``.
 
     Args:
-        schedule: anything ``schedule.apply`` accepts.
+        schedule: a schedule, as ``schedule.apply`` takes it.
 
     Returns:
         The callback.
     """
-    from transformers import TrainerCallback
-
     class GuidedDropoutCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if model is not None:

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 from ..defaults import FINETUNE_EMBEDDED, FINETUNE_LORA_LR, FINETUNE_PAPER
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_folder, check_output_path, staged_path
+from ..files import PathLike, check_distinct_paths, check_output_folder, check_output_path, staged_path
 from ..results import StageResult
 from ..settings import FinetuneSettings
 
@@ -187,8 +187,9 @@ def _data(s: FinetuneSettings, max_test, log):
     return train_data, test_data
 
 
-def run_finetune(settings: FinetuneSettings, *, out, runs_out=None, plot=None, save_models=None,
-                 overwrite: bool = False, log: Optional[Callable[[str], None]] = print) -> FinetuneResult:
+def run_finetune(settings: FinetuneSettings, *, out: PathLike, runs_out: Optional[PathLike] = None,
+                 plot: Optional[PathLike] = None, save_models: Optional[PathLike] = None, overwrite: bool = False,
+                 log: Optional[Callable[[str], None]] = print) -> FinetuneResult:
     """Fine-tune once per regularizer, training-set fraction and restart seed.
 
     Writes the per-run CSV (the sweep's journal: a rerun skips finished runs), the summary CSV and

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import atomic_output, check_distinct_paths, check_output_folder, replace_together, staged_path, write_csv
+from ..files import (
+    PathLike,
+    atomic_output,
+    check_distinct_paths,
+    check_output_folder,
+    replace_together,
+    staged_path,
+    write_csv,
+)
 from ..fisher import check_fisher_matches
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
@@ -279,7 +287,7 @@ class ProfileResult(StageResult):
     files: Dict[str, Path]
 
 
-def run_profile(settings: ProfileSettings, *, out, model: Optional[LoadedModel] = None,
+def run_profile(settings: ProfileSettings, *, out: PathLike, model: Optional[LoadedModel] = None,
                 overwrite: bool = False) -> ProfileResult:
     """The profile stage: read a Fisher file, check it against its model, write every view under ``out``.
 

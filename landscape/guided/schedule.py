@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..errors import UsageError
-from ..files import atomic_output, json_text, require_readable_file
+from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..schema import Schema
 from .sites import find_sites, float_dropout_attr, site_scores
 
@@ -284,7 +284,7 @@ def _float_or_nan(value):
     return float("nan") if value is None else float(value)
 
 
-def load_schedule(path) -> Schedule:
+def load_schedule(path: PathLike) -> Schedule:
     """Read a schedule JSON written by ``save_schedule``.
 
     Schema (``check_schedule``): a 'sites' list of objects, each with a string 'name', a

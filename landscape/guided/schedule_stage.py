@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path
+from ..files import PathLike, check_distinct_paths, check_output_path
 from ..inputs import stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
@@ -28,7 +28,7 @@ class ScheduleResult(StageResult):
     schedule: Schedule
 
 
-def run_schedule(settings: ScheduleSettings, *, out, model: Optional[LoadedModel] = None,
+def run_schedule(settings: ScheduleSettings, *, out: PathLike, model: Optional[LoadedModel] = None,
                  overwrite: bool = False) -> ScheduleResult:
     """Score every dropout site of a model by its Fisher and write the guided dropout schedule.
 

@@ -14,7 +14,7 @@ import os
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
-from ..files import check_distinct_paths, check_output_path, replace_together, staged_path
+from ..files import PathLike, check_distinct_paths, check_output_path, replace_together, staged_path
 from ..outputs import claim_output
 from .surfaces import FORMATS, KINDS_2D, compare_surfaces, default_csv_path, plot_surface
 
@@ -28,8 +28,9 @@ def _figure_claim(out, command: str, inputs: Sequence, overwrite: bool):
                         settings={"command": command, "inputs": [os.path.abspath(p) for p in inputs]})
 
 
-def plot(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=None, cmap="viridis", levels=20,
-         title=None, overwrite=False) -> dict:
+def plot(path: PathLike, out: PathLike, kind: str = "auto", field: str = "train_loss", log: bool = False,
+         zmin: Optional[float] = None, zmax: Optional[float] = None, cmap: str = "viridis", levels: int = 20,
+         title: Optional[str] = None, overwrite: bool = False) -> dict:
     """Draw one surface file, or the spectral density of a Hessian report, to ``out``.
 
     Contours (and heatmaps) of a surface along a trajectory's PCA plane show its checkpoints,
@@ -77,9 +78,12 @@ def plot(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=
         return {"path": plot_surface(path, out, kind=kind, **style), "kind": kind, "trajectory": False}
 
 
-def compare(paths: Sequence, out, labels: Optional[Sequence[str]] = None, csv=None, hessian: Optional[Sequence] = None,
-            radius=None, fit_radius=None, kind="auto", field="train_loss", log=False, zmin=None, zmax=None,
-            cmap="viridis", levels=20, title=None, overwrite=False) -> List[dict]:
+def compare(paths: Sequence[PathLike], out: PathLike, labels: Optional[Sequence[str]] = None,
+            csv: Optional[PathLike] = None, hessian: Optional[Sequence[PathLike]] = None,
+            radius: Optional[float] = None, fit_radius: Optional[float] = None, kind: str = "auto",
+            field: str = "train_loss", log: bool = False, zmin: Optional[float] = None,
+            zmax: Optional[float] = None, cmap: str = "viridis", levels: int = 20, title: Optional[str] = None,
+            overwrite: bool = False) -> List[dict]:
     """Draw several surfaces of one dimension together, and write their sharpness numbers as CSV.
 
     Args:

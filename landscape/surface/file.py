@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import SettingsMismatch, UsageError
-from ..files import atomic_output, json_text, require_readable_file
+from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..identity import sample_fingerprint  # noqa: F401 (a name of this module before the split)
 from ..outputs import claim_output
 from .journal import (  # noqa: F401 (names of this module before the split, still imported from it)
@@ -82,7 +82,7 @@ class Surface:
         return float(np.isfinite(self.z).mean())
 
 
-def read_surface(path, field="train_loss"):
+def read_surface(path: PathLike, field: str = "train_loss") -> Surface:
     """Read ``field`` of a surface HDF5 file as a ``Surface`` (see the module docstring for layouts).
 
     Args:

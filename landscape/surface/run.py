@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import json_text
+from ..files import PathLike, json_text
 from ..identity import MODEL_KEY, check_file_model
 from ..inputs import sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel
@@ -129,8 +129,8 @@ class SurfaceResult(StageResult):
     """What ``run_surface`` wrote: ``computed`` grid points now, ``total`` in the grid."""
 
 
-def run_surface(settings: SurfaceSettings, *, out, model: Optional[LoadedModel] = None, overwrite: bool = False,
-                progress: bool = True) -> SurfaceResult:
+def run_surface(settings: SurfaceSettings, *, out: PathLike, model: Optional[LoadedModel] = None,
+                overwrite: bool = False, progress: bool = True) -> SurfaceResult:
     """The surface stage: the loss and token accuracy on a 1D or 2D grid along a direction file.
 
     Loads the model and the evaluation sample, then computes (or resumes) every point of the grid.
