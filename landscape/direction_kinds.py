@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from . import adapters
 from .curvature.stage import eigen_directions
 from .errors import SettingsRefused, UsageError
-from .files import check_distinct_paths, check_output_path
+from .files import PathLike, check_distinct_paths, check_output_path
 from .identity import MODEL_KEY, model_fingerprint
 from .inputs import stage_model, stage_runtime
 from .models import LoadedModel, ModelSource, loaded_model, model_id
@@ -53,7 +53,7 @@ class DirectionsResult(StageResult):
     attributes: dict
 
 
-def make(settings: Optional[DirectionsSettings] = None, *, out, model: Optional[LoadedModel] = None,
+def make(settings: Optional[DirectionsSettings] = None, *, out: PathLike, model: Optional[LoadedModel] = None,
          overwrite: bool = False, progress: bool = False, log: Log = None) -> DirectionsResult:
     """Write a direction file of the settings' kind; the one entry point of every kind.
 
