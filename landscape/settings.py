@@ -19,7 +19,7 @@ specs and the stages' settings read as one reference (docs/api.md) and share the
 """
 
 import os
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from . import checks
@@ -659,8 +659,3 @@ class DirectionsSettings(Settings):
         out.update({("sample_seed" if spec.name == "seed" else spec.name):
                     (getattr(self.sample, spec.name), getattr(sample, spec.name)) for spec in fields(sample)})
         return out
-
-
-def is_settings(value: Any) -> bool:
-    """Whether ``value`` is a settings object (an instance of a ``Settings`` dataclass)."""
-    return isinstance(value, Settings) and is_dataclass(value)
