@@ -292,6 +292,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_bert_dir, toy
     assert len(list(csv.DictReader(open(runs)))) == 2
 
 
+@pytest.mark.slow  # a real kill of a real run: about 5-20 s
 def test_finetune_overwrite_killed_mid_sweep_keeps_the_finished_sweep_whole(tiny_bert_dir, toy_tsv, tmp_path,
                                                                            capsys):
     # `finetune --overwrite` killed mid-sweep once had already replaced the finished sweep's journal:

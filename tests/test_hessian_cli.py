@@ -152,6 +152,7 @@ def test_interrupted_trace_resumes_to_the_same_value(tiny_gpt2_dir, tiny_corpus_
     assert not journal.exists()
 
 
+@pytest.mark.slow  # a real kill of a real run: about 5-20 s
 def test_a_killed_overwrite_keeps_the_finished_report_and_vectors(tiny_gpt2_dir, tiny_corpus_file, tmp_path):
     # The report and its eigenvectors are one result: a replacement killed after the new vectors
     # were written (during the trace) once left the old report beside the new vectors.

@@ -328,6 +328,7 @@ files.atomic_output = _killing
 
 
 @pytest.mark.parametrize("command", ["compare", "profile"])
+@pytest.mark.slow  # a real kill of a real run: about 5-20 s
 def test_a_result_of_several_files_killed_midway_keeps_the_finished_one_whole(command, tiny_bert_dir, tmp_path):
     # SIGKILL after the first file of the new result is written (a sitecustomize hook kills the
     # process as its writer returns): every file of the finished result must still be the old one.

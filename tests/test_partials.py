@@ -154,6 +154,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow  # a real kill of a real run: about 5-20 s
 def test_a_killed_writers_partial_file_is_removed_by_the_next_run(case, tmp_path):
     args, target = CASES[case]
     _big_surface(tmp_path / "big.h5")
