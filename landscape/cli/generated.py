@@ -40,9 +40,10 @@ def settings_from_args(cls: Type[Settings], args: argparse.Namespace) -> Setting
     for spec in fields(cls):
         nested = defaults.get(spec.name)
         if isinstance(nested, Settings):
-            rename = spec.metadata.get("rename") or {}
+            rename, exclude = spec.metadata.get("rename") or {}, spec.metadata.get("exclude", ())
+            # An excluded field keeps the spec's default, even where another option shares its name.
             given = {f.name: getattr(args, rename.get(f.name, f.name)) for f in fields(nested)
-                     if hasattr(args, rename.get(f.name, f.name))}
+                     if f.name not in exclude and hasattr(args, rename.get(f.name, f.name))}
             values[spec.name] = nested.replace(**given)
         else:
             values[spec.name] = getattr(args, spec.name)
