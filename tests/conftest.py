@@ -367,3 +367,26 @@ def ctrl_c_as_in_a_terminal():
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
+
+def kill_when(proc, lines_in, path, limit=120):
+    """SIGKILL ``proc`` once ``path`` holds ``lines_in`` lines (its journal has that many records).
+
+    Fails if the process ended first (its stderr is shown): such a test would check nothing.
+    """
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists() and path.read_bytes().count(b"\n") >= lines_in:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()

@@ -3,15 +3,13 @@ statistics against dropout, and sweeps that resume from their per-run CSV after 
 
 import csv
 import io
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import landscape_cmd, subprocess_env, write_toy_tsv
+from conftest import kill_when, landscape_cmd, subprocess_env, write_toy_tsv
 
 from landscape.data import labelled as ft_data
 from landscape.errors import SettingsMismatch
@@ -239,19 +237,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_bert_dir, toy
             "--restarts", "8", "--out", str(out)]
     proc = subprocess.Popen(landscape_cmd(*args), cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if runs.exists() and runs.read_bytes().count(b"\n") >= 3:  # header + 2 finished runs
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the sweep ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    kill_when(proc, 3, runs)  # header + 2 finished runs
     killed = runs.read_bytes()
     finished = killed[:killed.rfind(b"\n") + 1].decode().splitlines()[1:]
     assert 2 <= len(finished) < 16 and not out.exists()
@@ -310,19 +296,7 @@ def test_finetune_overwrite_killed_mid_sweep_keeps_the_finished_sweep_whole(tiny
     staged = tmp_path / ".res_runs.csv.new.csv"
     proc = subprocess.Popen(landscape_cmd(*other), cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=None),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if staged.exists() and staged.read_bytes().count(b"\n") >= 3:  # header + 2 runs of the new sweep
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the sweep ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    kill_when(proc, 3, staged)  # header + 2 runs of the new sweep
     assert {p: p.read_bytes() for p in finished} == finished  # the finished sweep, whole
     done = staged.read_bytes().count(b"\n") - 1
     assert main(other) == 0  # resumes the replacement, then puts all of it in place

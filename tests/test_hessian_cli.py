@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import kill_when
 
 from landscape import curvature
 from landscape.cli import main
@@ -157,10 +158,8 @@ def test_a_killed_overwrite_keeps_the_finished_report_and_vectors(tiny_gpt2_dir,
     # The report and its eigenvectors are one result: a replacement killed after the new vectors
     # were written (during the trace) once left the old report beside the new vectors.
     import os
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from landscape.curvature.report import direction_fingerprint
@@ -175,19 +174,7 @@ def test_a_killed_overwrite_keeps_the_finished_report_and_vectors(tiny_gpt2_dir,
     proc = subprocess.Popen([sys.executable, "-m", "landscape.cli", *map(str, again), "100000"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     trace = tmp_path / "H.json.trace.ckpt"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if trace.exists() and trace.read_bytes().count(b"\n") >= 3:  # top done, the trace under way
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    kill_when(proc, 3, trace)  # top done, the trace under way
     assert (tmp_path / ".V.h5.new.h5").exists()  # the new vectors, aside
     assert {p: p.read_bytes() for p in finished} == finished
     assert cli(*again, 4) == 0  # the replacement resumes and moves into place whole
