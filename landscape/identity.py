@@ -330,11 +330,40 @@ def _unpadded(row, key, length, width):
 
 
 # ----------------------------------------------------------------------------- checks
+# Facts that files and journals of earlier releases (and the surface and Hessian files still, which
+# older readers resume) spell otherwise than the settings do: {stored key: the settings' name}.
+LEGACY_KEYS = {"corpus_seed": "seed", "precision": "dtype"}
+# Values spelled two ways for one fact: {key: {stored value: the one value}}.
+LEGACY_VALUES = {"corpus": {"embedded default": "embedded"}}
+
+
+def canonical_identity(identity: Dict) -> Dict:
+    """``identity`` with each fact under the settings' name and value (``LEGACY_KEYS``, ``LEGACY_VALUES``).
+
+    A legacy key is renamed only where the settings' name is not recorded too: a surface records
+    the parameters' ``dtype`` beside the requested ``precision``, a Hessian run its probe ``seed``
+    beside the sample's ``corpus_seed`` (other facts, kept apart).
+
+    Args:
+        identity: a recorded or current identity.
+
+    Returns:
+        A new dict.
+    """
+    out = {}
+    for key, value in identity.items():
+        name = LEGACY_KEYS.get(key, key)
+        name = key if name != key and name in identity else name
+        out[name] = LEGACY_VALUES.get(name, {}).get(value, value) if isinstance(value, str) else value
+    return out
+
+
 def differences(stored: Dict, current: Dict) -> List[str]:
     """The fields whose values differ between what a run or file recorded and this run.
 
     The one comparison of identities (journals, checkpoints, surfaces, sweeps).  Values are
-    compared as JSON (a tuple equals a list); ``model_fingerprint`` with ``same_model``
+    compared as JSON (a tuple equals a list), each fact under the settings' name (``canonical_identity``:
+    files of earlier releases keep resuming); ``model_fingerprint`` with ``same_model``
     (a version-1 fingerprint is compared with this model's version-1 one); a fingerprint that one
     side lacks (files written before fingerprints) is no difference.
 
@@ -343,12 +372,13 @@ def differences(stored: Dict, current: Dict) -> List[str]:
         current: this run's.
 
     Returns:
-        The differing keys, ``model_fingerprint`` first, then ``sample_fingerprint``, then the
+        The differing keys (the settings' names), ``model_fingerprint`` first, then ``sample_fingerprint``, then the
         others in sorted order.
     """
     def canonical(value):
         return json.loads(json_text(value, sort_keys=True, default=str))
 
+    stored, current = canonical_identity(stored), canonical_identity(current)
     found = []
     for key in sorted(set(stored) | set(current), key=lambda k: (k != MODEL_KEY, k != SAMPLE_KEY, k)):
         before, now = stored.get(key), current.get(key)

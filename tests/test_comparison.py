@@ -18,7 +18,7 @@ from landscape.errors import SettingsMismatch
 from landscape.guided import schedule as sched
 from landscape.guided import sweep
 from landscape.guided import training as ft
-from landscape.guided.journal import RunJournal
+from landscape.guided.sweep import RunJournal
 from landscape.guided.stats import paired_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
