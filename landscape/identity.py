@@ -22,6 +22,9 @@ comparison of recorded identities goes through ``differences``.
 
 Sample fingerprint (``sample_fingerprint``): a SHA-1 over the inputs and targets of every sample
 in order, without padding (so the batch size does not change it).
+
+Size: the two fingerprints and the one comparison of recorded identities (with the map of the
+spellings earlier files used, ``canonical_identity``) are one contract, docs/identity.md.
 """
 
 import contextlib
@@ -330,25 +333,18 @@ def _unpadded(row, key, length, width):
 
 
 # ----------------------------------------------------------------------------- checks
-# Facts that files and journals of earlier releases (and the surface and Hessian files still, which
-# older readers resume) spell otherwise than the settings do: {stored key: the settings' name}.
+# Facts that earlier files (and surface and Hessian files still, for their older readers) spell
+# otherwise than the settings: {stored key: the settings' name}, {key: {stored value: the one value}}.
 LEGACY_KEYS = {"corpus_seed": "seed", "precision": "dtype"}
-# Values spelled two ways for one fact: {key: {stored value: the one value}}.
 LEGACY_VALUES = {"corpus": {"embedded default": "embedded"}}
 
 
 def canonical_identity(identity: Dict) -> Dict:
-    """``identity`` with each fact under the settings' name and value (``LEGACY_KEYS``, ``LEGACY_VALUES``).
+    """A copy of ``identity`` with each fact under the settings' name and value (``LEGACY_KEYS``/``_VALUES``).
 
     A legacy key is renamed only where the settings' name is not recorded too: a surface records
     the parameters' ``dtype`` beside the requested ``precision``, a Hessian run its probe ``seed``
     beside the sample's ``corpus_seed`` (other facts, kept apart).
-
-    Args:
-        identity: a recorded or current identity.
-
-    Returns:
-        A new dict.
     """
     out = {}
     for key, value in identity.items():
@@ -430,10 +426,11 @@ def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[st
 
 
 # Settings that draw the sample: when one differs, it is the likely reason the tokens did.
-_SAMPLE_SETTINGS = ("corpus", "fraction", "max_samples", "seq_len", "corpus_seed", "seed", "framing", "bos")
+_SAMPLE_SETTINGS = ("corpus", "fraction", "max_samples", "seq_len", "seed", "framing", "bos")
 
 
 def _sample_detail(stored: Dict, current: Dict) -> str:
+    stored, current = canonical_identity(stored), canonical_identity(current)
     for key in _SAMPLE_SETTINGS:
         if key in stored and key in current and stored[key] != current[key]:
             return f"{_DETAIL['the sample']}; {key} was {stored[key]!r}, now {current[key]!r}"
