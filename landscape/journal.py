@@ -216,6 +216,7 @@ class Journal:
             data = b"" if self.created else self.path.read_bytes()
         except OSError as err:
             raise UsageError(f"cannot read {what} '{self.path}': {err.strerror or err}") from None
+        self._header = identity  # what a rewritten file's header holds: a legacy file's own identity
         complete = self._read(data, check, refuse or (lambda p, s, c: refuse_changed(p, s, c, remedy, error)), legacy)
         if complete is None:
             self._rewrite()
@@ -234,6 +235,7 @@ class Journal:
                 stored, parsed = old
                 refuse_if_changed(self.path, stored, self.identity, refuse)
                 self._keep(parsed, check, first=2)
+                self._header = stored  # as recorded (a version-1 fingerprint stays one)
                 return None
         if stored is None:
             self.schema.fail(f"is not a {self.called} (no header line of one)")
@@ -257,11 +259,9 @@ class Journal:
 
     def _rewrite(self) -> None:
         """Write the header and the records kept: a new or legacy journal, in this format."""
-        data = self.lines.header(self.identity) + b"".join(self.lines.record(r) for r in self.records)
+        data = self.lines.header(self._header) + b"".join(self.lines.record(r) for r in self.records)
         temporary = self.path.with_name(f".{self.path.name}.rewrite")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._write(lambda handle: handle.write(data), "wb", temporary)
-        os.replace(temporary, self.path)
+        self._write(lambda handle: handle.write(data), "wb", temporary, lambda: os.replace(temporary, self.path))
 
     def append(self, *records) -> None:
         """Add ``records`` in one write, flushed and fsynced before returning (UsageError when it fails)."""
@@ -269,12 +269,16 @@ class Journal:
         self._write(lambda handle: handle.write(data), "ab")
         self.records.extend(self.lines.read_record(self.lines.record(r)) for r in records)
 
-    def _write(self, action, mode: str, path=None) -> None:
+    def _write(self, action, mode: str, path=None, then=None) -> None:
         try:
+            if mode == "wb":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(path or self.path, mode) as handle:
                 action(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            if then is not None:
+                then()
         except OSError as err:
             raise UsageError(f"cannot write the journal '{self.path}' ({err.strerror or err}); the records it "
                              "holds are kept: free space and rerun to resume") from None
