@@ -6,7 +6,8 @@ out by concern (imports flow one way, from the command line down to the core):
 
 * core: ``errors``, ``files``, ``runtime`` (distribution, logging, precision), ``datahome``, ``hub`` (is
   a hub name worth asking for), ``defaults`` and ``settings`` (shared with ``--help``, so stdlib only),
-  ``models``, ``inputs`` (a stage's model and sample), ``results``, ``direction_file``
+  ``models``, ``inputs`` (a stage's model and sample), ``results``, ``direction_file``, ``journal`` (the one
+  append-only journal of surfaces, Hessian runs and sweeps)
 * ``data/``: objectives, corpora, labelled sets, sub-sampling, the embedded texts and model
 * ``fisher/``: per-layer rules, the accumulator, runs, the file, stability, masks and subsets
 * ``surface/``: directions, perturbation, evaluation, the file and its journal, sharpness

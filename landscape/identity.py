@@ -22,6 +22,9 @@ comparison of recorded identities goes through ``differences``.
 
 Sample fingerprint (``sample_fingerprint``): a SHA-1 over the inputs and targets of every sample
 in order, without padding (so the batch size does not change it).
+
+Size: the two fingerprints and the one comparison of recorded identities (with the map of the
+spellings earlier files used, ``canonical_identity``) are one contract, docs/identity.md.
 """
 
 import contextlib
@@ -330,11 +333,33 @@ def _unpadded(row, key, length, width):
 
 
 # ----------------------------------------------------------------------------- checks
+# Facts that earlier files (and surface and Hessian files still, for their older readers) spell
+# otherwise than the settings: {stored key: the settings' name}, {key: {stored value: the one value}}.
+LEGACY_KEYS = {"corpus_seed": "seed", "precision": "dtype"}
+LEGACY_VALUES = {"corpus": {"embedded default": "embedded"}}
+
+
+def canonical_identity(identity: Dict) -> Dict:
+    """A copy of ``identity`` with each fact under the settings' name and value (``LEGACY_KEYS``/``_VALUES``).
+
+    A legacy key is renamed only where the settings' name is not recorded too: a surface records
+    the parameters' ``dtype`` beside the requested ``precision``, a Hessian run its probe ``seed``
+    beside the sample's ``corpus_seed`` (other facts, kept apart).
+    """
+    out = {}
+    for key, value in identity.items():
+        name = LEGACY_KEYS.get(key, key)
+        name = key if name != key and name in identity else name
+        out[name] = LEGACY_VALUES.get(name, {}).get(value, value) if isinstance(value, str) else value
+    return out
+
+
 def differences(stored: Dict, current: Dict) -> List[str]:
     """The fields whose values differ between what a run or file recorded and this run.
 
     The one comparison of identities (journals, checkpoints, surfaces, sweeps).  Values are
-    compared as JSON (a tuple equals a list); ``model_fingerprint`` with ``same_model``
+    compared as JSON (a tuple equals a list), each fact under the settings' name (``canonical_identity``:
+    files of earlier releases keep resuming); ``model_fingerprint`` with ``same_model``
     (a version-1 fingerprint is compared with this model's version-1 one); a fingerprint that one
     side lacks (files written before fingerprints) is no difference.
 
@@ -343,12 +368,13 @@ def differences(stored: Dict, current: Dict) -> List[str]:
         current: this run's.
 
     Returns:
-        The differing keys, ``model_fingerprint`` first, then ``sample_fingerprint``, then the
+        The differing keys (the settings' names), ``model_fingerprint`` first, then ``sample_fingerprint``, then the
         others in sorted order.
     """
     def canonical(value):
         return json.loads(json_text(value, sort_keys=True, default=str))
 
+    stored, current = canonical_identity(stored), canonical_identity(current)
     found = []
     for key in sorted(set(stored) | set(current), key=lambda k: (k != MODEL_KEY, k != SAMPLE_KEY, k)):
         before, now = stored.get(key), current.get(key)
@@ -400,10 +426,11 @@ def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[st
 
 
 # Settings that draw the sample: when one differs, it is the likely reason the tokens did.
-_SAMPLE_SETTINGS = ("corpus", "fraction", "max_samples", "seq_len", "corpus_seed", "seed", "framing", "bos")
+_SAMPLE_SETTINGS = ("corpus", "fraction", "max_samples", "seq_len", "seed", "framing", "bos")
 
 
 def _sample_detail(stored: Dict, current: Dict) -> str:
+    stored, current = canonical_identity(stored), canonical_identity(current)
     for key in _SAMPLE_SETTINGS:
         if key in stored and key in current and stored[key] != current[key]:
             return f"{_DETAIL['the sample']}; {key} was {stored[key]!r}, now {current[key]!r}"

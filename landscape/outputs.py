@@ -492,6 +492,9 @@ def _json(path, head):
 
 
 def _journal(path, head):
+    for kind in ("surface", "hessian"):  # the journal format (``journal.MAGIC``), then the previous release's
+        if head.startswith(f"landscape-journal/1 {kind} ".encode()):
+            return Held(f"{kind}-journal", WORDS[f"{kind}-journal"])
     if head.startswith(b"landscape-surface-journal"):
         return Held("surface-journal", WORDS["surface-journal"])
     if head.startswith(b"{"):

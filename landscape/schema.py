@@ -1,7 +1,7 @@
 """The checks every file a stage reads goes through: one schema per file kind, one line when it fails.
 
 Each file kind's reader (``fisher.file``, ``direction_file``, ``surface.file``,
-``guided.schedule``, ``guided.journal``, ``curvature.report``, ``curvature.checkpoint``,
+``guided.schedule``, ``journal`` (with ``guided.sweep``), ``curvature.report``, ``curvature.checkpoint``,
 ``data.labelled``, model weights in ``models``) states its schema with these helpers: the keys and
 datasets it requires, their types, dtypes and shapes, that values are finite (and in range), and
 its fingerprint or checksums recomputed where the file has them.  Every command that reads the file

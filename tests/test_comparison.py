@@ -16,8 +16,8 @@ from landscape.errors import SettingsMismatch
 from landscape.guided import schedule as sched
 from landscape.guided import sweep
 from landscape.guided import training as ft
-from landscape.guided.journal import RunJournal
 from landscape.guided.stats import paired_comparison
+from landscape.guided.sweep import RunJournal
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--fractions", "1", "--epochs", "1", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-3",

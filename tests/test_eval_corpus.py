@@ -97,7 +97,7 @@ def test_the_journal_keeps_test_fields_of_an_interrupted_run(tiny_bert, samples,
                                              eval_batches=held_out, kind=tiny_bert.kind)
     first = surface_file.SurfaceFile(out, XS, None, identity, {}, fields=surface_file.FIELDS, flush_seconds=1e9)
     first.record([(0, 2.5, 0.25, 3.5, 0.125), (2, float("nan"), 0.0, 4.0, 0.5)])
-    first.journal.close()  # killed: no flush, no close; the journal alone holds the points
+    # killed here: no flush, no close; the journal alone holds the points (each append is fsynced)
     resumed = surface_file.SurfaceFile(out, XS, None, identity, {}, fields=surface_file.FIELDS)
     assert resumed.missing() == [1]
     assert resumed.data["test_loss"][0] == 3.5 and resumed.data["test_acc"][2] == 0.5

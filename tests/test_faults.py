@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import h5py
@@ -475,28 +476,47 @@ def test_damaged_surface_files_are_one_line_when_resumed_or_plotted(small, tmp_p
     assert not (tmp_path / "p.png").exists()
 
 
-def test_a_journal_with_non_utf8_bytes_is_cut_there_and_recomputed(small, tmp_path, capfd):
+def _old_record(index, *values):
+    """A point's record in the previous release's journal format (``landscape-surface-journal/2``)."""
+    body = " ".join([str(index)] + [float(v).hex() for v in values])
+    return f"{body} {zlib.crc32(body.encode()):08x}\n".encode()
+
+
+def test_a_damaged_journal_is_one_line_and_a_damaged_last_record_is_recomputed(small, tmp_path, capfd):
     args, ref = small
     loss, acc = (g.reshape(-1) for g in _grids(ref))
     with h5py.File(ref, "r") as handle:
         identity = handle.attrs["identity"]
-    header = f"{surface_file.JOURNAL_MAGIC} {identity}\n".encode()
-    good = surface_file._record(0, loss[0], acc[0]) + surface_file._record(1, loss[1], acc[1])
-    wrong_after = surface_file._record(2, 123.0, 0.5)  # intact, but after the bad record: dropped
-    journals = {"records": header + good + b"\xff\xfe\xc3(\x80 not utf-8\n" + wrong_after,
-                "header": header[:40] + b"\xff\xfe" + header[42:] + good + wrong_after,  # inside the JSON
-                "garbage": bytes(range(256)) * 4}
-    for name, journal in journals.items():
+    header = f"landscape-surface-journal/2 {identity}\n".encode()
+    good = _old_record(0, loss[0], acc[0]) + _old_record(1, loss[1], acc[1])
+    after = _old_record(2, 123.0, 0.5)  # intact, but after a damaged record: not what a crash leaves
+    journals = {"records": (header + good + b"\xff\xfe\xc3(\x80 not utf-8\n" + after, "line 4 is not an intact"),
+                "header": (header[:40] + b"\xff\xfe" + header[42:] + good + after, "not a surface journal"),
+                "garbage": (bytes(range(256)) * 4, "not a surface journal")}
+    for name, (journal, words) in journals.items():
         out = tmp_path / f"{name}.h5"
         S.journal_path(out).write_bytes(journal)
-        for attempt in range(2):  # every rerun works
-            code, stdout, err = _cli(capfd, *args(out))
-            assert code == 0, err
-            if name == "records" and attempt == 0:
-                assert "18 point(s) computed now" in stdout  # the two records before the bad one
+        _one_line(*_cli(capfd, *args(out))[::2], str(S.journal_path(out)), words)
+        assert S.journal_path(out).read_bytes() == journal and not out.exists()  # nothing changed
+        assert _cli(capfd, *args(out), "--overwrite")[0] == 0  # the way on: start afresh
         for mine, theirs in zip(_grids(out), _grids(ref)):
             np.testing.assert_array_equal(mine, theirs)
         assert not S.journal_path(out).exists()
+    # A damaged last record is what a crash can leave: dropped and recomputed, in either format.
+    new = tmp_path / "new.h5"
+    assert _cli(capfd, *args(new))[0] == 0
+    for name, start in (("old", header + good), ("new", None)):
+        out = tmp_path / f"last-{name}.h5"
+        if start is None:  # this release's journal of the same two points
+            surface_file.open_journal(out, json.loads(identity), 2, loss.size).append(
+                surface_file.record(0, loss[0], acc[0]), surface_file.record(1, loss[1], acc[1]))
+            start = S.journal_path(out).read_bytes()
+        S.journal_path(out).write_bytes(start + b"\xff\xfe not a record\n")
+        code, stdout, err = _cli(capfd, *args(out))
+        assert code == 0, err
+        assert "18 point(s) computed now" in stdout  # the two records before the damaged last one
+        for mine, theirs in zip(_grids(out), _grids(ref)):
+            np.testing.assert_array_equal(mine, theirs)
 
 
 def test_a_surface_file_whose_identity_is_not_json_is_one_line(small, tmp_path, capfd):

@@ -19,6 +19,7 @@ from conftest import write_toy_tsv
 from safetensors.torch import load_file
 
 from landscape import identity
+from landscape.journal import JsonLines
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -379,10 +380,10 @@ def test_files_and_journals_of_version_1_fingerprints_keep_reading(fisher_of_tin
     assert _cli(capfd, *trace[:-1], tmp_path / "whole.json")[0] == 0
     _stopped_hessian(capfd, monkeypatch, trace, after=2)
     journal = tmp_path / "T.json.trace.ckpt"
-    lines = journal.read_text().splitlines()
-    header = json.loads(lines[0])
+    lines, form = journal.read_bytes().split(b"\n"), JsonLines("hessian")
+    header = form.read_header(lines[0])
     header[identity.MODEL_KEY] = identity.parameters_fingerprint(load_model(str(model_dir)).model)
-    journal.write_text("\n".join([json.dumps(header, sort_keys=True), *lines[1:]]) + "\n")
+    journal.write_bytes(b"\n".join([form.header(header).rstrip(b"\n"), *lines[1:]]))
     assert _cli(capfd, *trace)[0] == 0
     traces = [json.loads((tmp_path / name).read_text())["trace"] for name in ("T.json", "whole.json")]
     assert traces[0] == traces[1]

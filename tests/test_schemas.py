@@ -218,6 +218,7 @@ def test_a_trace_journal_of_garbage_or_with_a_damaged_record_is_one_line(tiny_be
                                                                          tmp_path, capfd):
     from landscape import curvature
     from landscape.data.corpus import load_batches
+    from landscape.journal import JsonLines
 
     out = tmp_path / "H.json"
     journal = tmp_path / "H.json.trace.ckpt"
@@ -236,7 +237,8 @@ def test_a_trace_journal_of_garbage_or_with_a_damaged_record_is_one_line(tiny_be
     for record, words in (({"i": 0, "value": "nan"}, "line 2: value' is NaN"),
                           ({"i": 0, "value": 1.5}, "line 2: value' is a float"),
                           ({"value": "0x1p0"}, "no 'line 2.i'")):
-        journal.write_text("\n".join([header, json.dumps(record), second]) + "\n")
+        edited = JsonLines("hessian").record(record).decode()  # its CRC-32 intact: edited, not torn
+        journal.write_text("\n".join([header, edited.rstrip("\n"), second]) + "\n")
         with pytest.raises(UsageError, match="damaged") as refused:
             curvature.trace(hessian, samples=2, checkpoint=journal)
         assert str(journal) in str(refused.value) and words in str(refused.value)

@@ -86,7 +86,8 @@ def test_every_writer_writes_strict_json_given_non_finite_numbers(tiny_bert, tmp
     assert strict((tmp_path / "H.json").read_text())["trace"]["stderr"] is None
     journal = _Journal(tmp_path / "H.trace.ckpt", dict(bad))
     journal.add(0, value=math.nan)
-    assert [strict(line) for line in (tmp_path / "H.trace.ckpt").read_text().splitlines()][1]["value"] is None
+    lines = (tmp_path / "H.trace.ckpt").read_text().splitlines()  # each line: JSON, then its CRC-32
+    assert strict(lines[1].rsplit(" ", 1)[0])["value"] is None
     # a schedule with an unscored site
     schedule = sched.uniform(tiny_bert.model, 0.1)
     schedule.sites[0].score = math.nan
@@ -98,7 +99,7 @@ def test_every_writer_writes_strict_json_given_non_finite_numbers(tiny_bert, tmp
     # a surface's journal header, HDF5 attributes (identity, checksums)
     surface = SurfaceFile(tmp_path / "S.h5", np.linspace(-1, 1, 3), None, dict(bad), {})
     header = journal_path(tmp_path / "S.h5").read_bytes().split(b"\n", 1)[0].decode()
-    assert strict(header.split(" ", 1)[1]) == {"limit": None, "radius": None}
+    assert strict(header.split(" ", 2)[2].rsplit(" ", 1)[0]) == {"limit": None, "radius": None}
     surface.record([(0, 1.0, 0.5)])
     surface.close(complete=False)
     with h5py.File(tmp_path / "S.h5", "r") as handle:

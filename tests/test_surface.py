@@ -1,6 +1,5 @@
 """Loss surfaces: grid evaluation, weight restoration, resumable files, SIGKILL, torchrun."""
 
-import json
 import signal
 import subprocess
 import time
@@ -17,6 +16,7 @@ from landscape import surface as S
 from landscape.data.corpus import load_batches
 from landscape.data.objectives import sequence_losses
 from landscape.errors import UsageError
+from landscape.journal import JsonLines
 from landscape.surface import file as surface_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -136,13 +136,13 @@ def test_journal_replay_ignores_a_cut_last_record(tiny_bert, bert_batches, dir_f
     xs = S.parse_range("-1:1:5")
     identity = surface_file.surface_identity(D.load_directions(dir_file)[1], bert_batches, tiny_bert.model, xs, None,
                                              kind=tiny_bert.kind)
-    loss, acc = np.full(5, np.nan), np.full(5, np.nan)
-    header = f"{surface_file.JOURNAL_MAGIC} {json.dumps(identity, sort_keys=True)}\n".encode()
-    whole = surface_file._record(1, 2.5, 0.25)
-    S.journal_path(out).write_bytes(header + whole + surface_file._record(3, 1.5, 0.5)[:9])
-    has_header, end = surface_file.read_journal(out, identity, loss, acc)
-    assert has_header and end == len(header) + len(whole)
-    assert loss[1] == 2.5 and acc[1] == 0.25 and np.isnan(loss[[0, 2, 3, 4]]).all()
+    surface_file.open_journal(out, identity, 2, 5).append(surface_file.record(1, 2.5, 0.25))
+    whole = S.journal_path(out).read_bytes()
+    cut = JsonLines("surface").record(surface_file.record(3, 1.5, 0.5))
+    S.journal_path(out).write_bytes(whole + cut[:9])
+    journal = surface_file.open_journal(out, identity, 2, 5)
+    assert journal.dropped_tail and S.journal_path(out).read_bytes() == whole  # cut off before any append
+    assert [surface_file.record_values(r) for r in journal.records] == [(1, (2.5, 0.25))]
 
 
 def _load(path):

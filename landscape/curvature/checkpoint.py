@@ -1,82 +1,71 @@
-"""Checkpoints of long trace and spectrum runs: a JSON-lines journal of finished probes/runs."""
+"""Checkpoints of long trace and spectrum runs: a ``journal.Journal`` of finished probes/runs.
+
+Each record is ``{"i": index, ...}`` with the fields the estimator that owns the journal checks.
+Journals of the previous release (UTF-8 JSON lines: a header object with ``format`` =
+``JOURNAL_FORMAT`` and the settings, then one object per unit) are read by ``legacy_journal``
+and rewritten in the journal format.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import UsageError
-from ..files import json_text
-from ..identity import differences, refuse_changed_resume
+from ..journal import Journal
 from ..schema import Schema
 
-JOURNAL_FORMAT = "landscape-hessian-journal"
+JOURNAL_FORMAT = "landscape-hessian-journal"  # the previous release's header
+_REMEDY = "delete it or choose another path"
+
+
+def legacy_journal(data: bytes):
+    """(settings, records, None for a line that is not JSON) of a journal of the previous release, else None.
+
+    A torn last line (no newline) is left out, as the journal leaves it.
+    """
+    lines = data.split(b"\n")[:-1]
+    try:
+        header = json.loads(lines[0].decode("utf-8")) if lines else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(header, dict) or header.pop("format", None) != JOURNAL_FORMAT:
+        return None
+    records = []
+    for line in lines[1:]:
+        try:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            records.append(None)
+    return header, records
 
 
 class _Journal:
-    """A JSON-lines journal: a header line with the settings, then one record per finished unit.
+    """The journal of one estimator's run: ``records`` {index: record}, ``add(index, **values)``.
 
-    A record is used only when its line is complete, so a kill mid-write loses that unit alone.
-    A journal whose header differs from this run's settings is refused (UsageError).  Its schema:
-    UTF-8 JSON lines, a header object with ``format`` = ``JOURNAL_FORMAT``, then objects with an
-    index ``i`` >= 0 and the fields ``check`` (a function of the record and a ``Schema``, given by
-    the estimator that owns the journal) requires; a complete line that breaks it is damage, refused
-    in one line (``DamagedFile``) naming the line, never skipped or half-read.
+    A journal whose settings differ from this run's is refused (UsageError naming the fields); a
+    record is ``{"i": index >= 0, ...}`` with the fields ``check`` (a function of the record, a
+    ``Schema`` and where it is, given by the estimator) requires: a record that breaks it is
+    refused in one line (``DamagedFile``) naming the line, never skipped or half-read.
     """
 
     def __init__(self, path, identity: dict, check: Optional[Callable[[dict, Schema, str], None]] = None):
-        self.path, self.identity, self.check = Path(path), identity, check
-        self.records: dict[int, dict] = {}
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._load()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w") as handle:
-                handle.write(json_text({"format": JOURNAL_FORMAT, **identity}, sort_keys=True) + "\n")
+        def check_record(record, schema: Schema, where: str) -> None:
+            schema.mapping(record, where)
+            schema.integer(schema.field(record, "i", where), f"{where}: i", minimum=0)
+            if check is not None:
+                check(record, schema, where)
 
-    def _load(self):
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        schema = Schema("checkpoint", self.path, "delete it to start over, or choose another path")
-        try:
-            lines = complete.decode("utf-8").split("\n")[:-1]
-            header = json.loads(lines[0]) if lines else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-        if not isinstance(header, dict) or header.pop("format", None) != JOURNAL_FORMAT:
-            schema.fail("is not a Hessian checkpoint (no header line of one)")
-        found = differences(header, self.identity)
-        if found:
-            refuse_changed_resume(self.path, header, self.identity, "delete it or choose another path", UsageError)
-            key = found[0]
-            raise UsageError(f"checkpoint '{self.path}' was written with other settings ({key}={header.get(key)!r}, "
-                             f"this run has {self.identity.get(key)!r}); delete it or choose another path")
-        for number, line in enumerate(lines[1:], start=2):
-            self._add_record(line, schema, f"line {number}")
-        if len(complete) != len(data):  # drop a line cut short by a kill, so appends start clean
-            with open(self.path, "r+b") as handle:
-                handle.truncate(len(complete))
+        self.journal = Journal(path, "hessian", identity, what="checkpoint", remedy=_REMEDY, check=check_record,
+                               legacy=legacy_journal, error=UsageError, called="Hessian checkpoint")
+        self.path = self.journal.path
+        self.records: dict[int, dict] = {int(r["i"]): r for r in self.journal.records}
 
-    def _add_record(self, line: str, schema: Schema, where: str):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            schema.fail(f"is damaged: {where} is not JSON")
-        schema.mapping(record, where)
-        index = schema.integer(schema.field(record, "i", where), f"{where}: i", minimum=0)
-        if self.check is not None:
-            self.check(record, schema, where)
-        self.records[index] = record
-
-    def add(self, index: int, **values):
+    def add(self, index: int, **values) -> None:
+        """Journal one finished unit (flushed and fsynced)."""
         record = {"i": int(index), **values}
+        self.journal.append(record)
         self.records[int(index)] = record
-        with open(self.path, "a") as handle:
-            handle.write(json_text(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 def _identity(op, method: str, seed: int, **settings) -> dict:

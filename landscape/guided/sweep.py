@@ -1,6 +1,6 @@
 """Data-paucity sweeps: fine-tune once per (regularizer, fraction, restart seed), then summarize.
 
-``data_paucity`` runs the grid, resumable through its per-run CSV (``guided.journal``).
+``data_paucity`` runs the grid, resumable through its per-run CSV (a ``journal.Journal`` of CSV lines).
 ``guided.paucity`` (whose names this module re-exports) summarizes it: ``summarize_runs`` reports
 each regularizer's mean and inter-quartile range of the task metric (the paper's Figure 4) and its
 paired difference against ``dropout`` over the same restarts (``guided.stats``); ``plot_paucity``
@@ -29,10 +29,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.labelled import subsample
-from ..errors import SettingsMismatch
+from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, json_text, replace_together, staged_path
+from ..journal import CsvLines, Journal
+from ..outputs import claim_output
 from . import schedule as sched
-from .journal import RunJournal
 from .metrics import metrics_for
 from .paucity import (  # noqa: F401 (names of this module before the split)
     ALPHA,
@@ -322,6 +323,54 @@ def _resumed(journal, plan, what, log) -> dict:
         log(f"resuming {what}: {found} of {len(plan)} runs already done"
             + (", a torn last line dropped" if journal.dropped_tail else ""))
     return done
+
+
+class RunJournal:
+    """A sweep's per-run CSV as its journal: ``rows`` (the runs read at open), ``append``, ``close``.
+
+    A ``journal.Journal`` of ``CsvLines``, claimed for this sweep alone (``outputs.claim_output``)
+    until ``close``.  Each row read back goes through ``check`` (the sweep's schema of a run), so a
+    hand-edited cell is one line naming the file, the line and the column; a table of other columns
+    is refused with ``SettingsMismatch``.
+    """
+
+    def __init__(self, path, columns, overwrite=False, text_columns=(), check=None):
+        self.path = Path(path)
+        # A file that is not a table is refused here, a table of other columns by the journal.
+        self._claim = claim_output(self.path, "table", overwrite)
+        try:
+            self.journal = Journal(self.path, "sweep", {"columns": list(columns)}, what="per-run CSV",
+                                   remedy="correct or delete that line, or rerun with --overwrite",
+                                   lines=CsvLines(columns, text_columns), check=check, refuse=_other_columns,
+                                   fresh=overwrite)
+        except OSError as err:
+            self._claim.release()
+            raise UsageError(f"cannot write the per-run CSV '{self.path}': {err.strerror or err}") from None
+        except BaseException:
+            self._claim.release()
+            raise
+        self.rows, self.dropped_tail = self.journal.records, self.journal.dropped_tail
+
+    def append(self, row: dict) -> None:
+        """Write one run as one CSV line, flushed and fsynced, and add it to ``rows`` as read back."""
+        self.journal.append(row)
+
+    def close(self) -> None:
+        """Release the claim on the CSV."""
+        self._claim.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _other_columns(path, stored, current):
+    header = stored["columns"]
+    raise SettingsMismatch(f"'{path}' has the columns of another sweep ({', '.join(header[:6])}"
+                           f"{', ...' if len(header) > 6 else ''}), not this one's")
 
 
 def _open_journal(path, task, regularizers, settings, restart):

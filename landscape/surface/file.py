@@ -10,14 +10,14 @@ read too: they declare the 2D shape as (nx, ny) but fill it in the flat order of
 ``meshgrid(x, y)``, i.e. row-major over (ny, nx), and mark points not computed yet with -1.
 
 Crash safety: every finished point is appended at once to a journal (``S.h5.journal``) whose
-records each carry a CRC-32 and end with a newline, so a torn or corrupted record is recognised,
-never misread, and cut off before the next run appends.  The HDF5 file is rewritten to a temporary
+records each carry a CRC-32 and end with a newline (``journal.Journal``), so a torn or corrupted last
+record is recognised, never misread, and cut off before the next run appends.  The HDF5 file is rewritten to a temporary
 file and atomically renamed into place every few seconds.  A SIGKILL therefore loses only the
 points being computed; rerunning replays the journal.  One run at a time may write a file (its
 ``outputs.claim_output`` lock).  With ``overwrite`` the new surface is built aside (``.S.h5.new.h5``
 and its journal) and replaces ``S.h5`` only once complete, so an interrupted replacement keeps the
 old file (rerunning with ``overwrite`` resumes the replacement).  The identity a resume must match
-and the journal's records live in ``surface.journal``.
+and the journal's records live in ``surface.identity``.
 """
 
 import contextlib
@@ -37,15 +37,16 @@ from ..errors import SettingsMismatch, UsageError
 from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..identity import sample_fingerprint  # noqa: F401 (a name of this module before the split)
 from ..outputs import claim_output
-from .journal import (  # noqa: F401 (names of this module before the split, still imported from it)
+from ..schema import DamagedFile
+from .identity import (  # noqa: F401 (names of this module before the split, still imported from it)
     FORMAT,
-    JOURNAL_MAGIC,
-    _record,
     _refuse,
     _scalar_attrs,
     check_same_identity,
     journal_path,
-    read_journal,
+    open_journal,
+    record,
+    record_values,
     surface_identity,
 )
 
@@ -291,18 +292,11 @@ class SurfaceFile:
             raise UsageError(f"'{self.target}' is a folder; give a surface file name")
         self._claim = claim_output(self.target, "surface", overwrite)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.journal = open(journal_path(self.path), "ab+")
+            self._load(overwrite)
         except OSError as err:
             self._claim.release()
             raise UsageError(f"cannot write '{journal_path(self.path)}': {err.strerror or err}") from None
-        try:
-            self._load(overwrite)
         except BaseException:
-            created = self.journal.tell() == 0
-            self.journal.close()
-            if created:  # leave nothing behind for a refused run
-                journal_path(self.path).unlink(missing_ok=True)
             self._claim.release()
             raise
         self.last_flush = time.monotonic()
@@ -311,19 +305,25 @@ class SurfaceFile:
         for path in {self.path, self.target}:
             _clean_partials(path)
         arrays = [np.full(self.shape, np.nan) for _ in self.fields]
+        created = not journal_path(self.path).exists()
         try:
             if self.path.exists():
                 arrays = _read_surface_state(self.path, self.identity, self.shape, self.fields)
-            has_header, end = read_journal(self.path, self.identity, *(a.reshape(-1) for a in arrays))
-        except SettingsMismatch:
+            self.journal = open_journal(self.path, self.identity, len(self.fields), arrays[0].size)
+        except (SettingsMismatch, DamagedFile):
+            if created:  # leave nothing behind for a refused run
+                journal_path(self.path).unlink(missing_ok=True)
             if not overwrite:
                 raise
             # An earlier replacement with other settings, interrupted: start this one afresh.
             self.path.unlink(missing_ok=True)
             arrays = [np.full(self.shape, np.nan) for _ in self.fields]
-            has_header, end = False, 0
+            self.journal = open_journal(self.path, self.identity, len(self.fields), arrays[0].size, fresh=True)
+        for entry in self.journal.records:
+            index, values = record_values(entry)
+            for array, value in zip(arrays, values):
+                array.reshape(-1)[index] = value
         self.data = dict(zip(self.fields, arrays))
-        self._write_journal(lambda: self._reset_journal(has_header, end))
 
     @property
     def loss(self):
@@ -334,21 +334,6 @@ class SurfaceFile:
     def acc(self):
         """The train_acc array, shaped like the grid."""
         return self.data["train_acc"]
-
-    def _reset_journal(self, has_header, end):
-        # Cut a torn or corrupted tail before anything is appended after it.
-        self.journal.truncate(end if has_header else 0)
-        self.journal.seek(0, os.SEEK_END)
-        if not has_header:
-            self.journal.write(f"{JOURNAL_MAGIC} {json_text(self.identity, sort_keys=True)}\n".encode())
-        self.journal.flush()
-
-    def _write_journal(self, action):
-        try:
-            action()
-        except OSError as err:
-            raise UsageError(f"cannot write the journal '{journal_path(self.path)}' ({err.strerror or err}); "
-                             "the points it holds are kept: free space and rerun to resume") from None
 
     def missing(self):
         """Flat (row-major) indices of points not computed yet (in any of the fields)."""
@@ -371,9 +356,7 @@ class SurfaceFile:
         """
         results = [(i, *(_diverged_as_inf(v) if name.endswith("_loss") else v for name, v in zip(self.fields, values)))
                    for i, *values in results]
-        data = b"".join(_record(*result) for result in results)
-        # write + flush puts the records in the OS page cache: they survive a SIGKILL of this process.
-        self._write_journal(lambda: (self.journal.write(data), self.journal.flush()))
+        self.journal.append(*(record(*result) for result in results))  # one write and fsync per batch
         for i, *values in results:
             for name, value in zip(self.fields, values):
                 self.data[name].reshape(-1)[i] = value
@@ -418,8 +401,6 @@ class SurfaceFile:
                     os.replace(self.path, self.target)
                 journal_path(self.path).unlink(missing_ok=True)
         finally:
-            with contextlib.suppress(OSError):  # a full disk again, flushing what a failed write left
-                self.journal.close()
             self._claim.release()
 
 

@@ -19,7 +19,7 @@ from ..sharding import is_sharded, local_rows, local_tensor
 from .directions import load_directions
 from .evaluation import evaluate_rounds, grid_points
 from .file import FIELDS, TRAIN_FIELDS, SurfaceFile, check_grid_size
-from .journal import _scalar_attrs, journal_path, surface_identity
+from .identity import _scalar_attrs, journal_path, surface_identity
 from .perturbation import direction_dtype
 
 

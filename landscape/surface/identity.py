@@ -1,11 +1,12 @@
-"""A surface's identity and its crash-safe journal, for ``surface.file.SurfaceFile``.
+"""A surface's identity and its journal, for ``surface.file.SurfaceFile``.
 
 The identity is everything that changes a surface's numbers, which a resume must match; the journal
-holds one CRC-checked record per finished point.  Split from ``surface.file`` (the contract's HDF5
-file, its writer and reader), which re-exports these names.  Journal: a header line ``JOURNAL_MAGIC
-<identity JSON>``, then one record per point, ``<index> <value hex>... <crc32>`` (loss and accuracy,
-then test loss and accuracy with ``--eval-corpus``), each ending with a newline, so a torn or
-corrupted record is recognised, never misread.
+(``journal.Journal``, kind ``surface``) holds one record per finished point: ``{"i": flat index,
+"v": [values as hex floats]}`` (loss and accuracy, then test loss and accuracy with
+``--eval-corpus``).  Journals of the previous release (``landscape-surface-journal/2``: a header
+line ``landscape-surface-journal/2 <identity JSON>``, then ``<index> <value hex>... <crc32>`` per
+point) are read by ``legacy_journal`` and rewritten in the journal format.  Split from
+``surface.file`` (the contract's HDF5 file, its writer and reader), which re-exports these names.
 """
 
 import contextlib
@@ -15,11 +16,11 @@ from pathlib import Path
 
 from ..errors import SettingsMismatch, UsageError
 from ..files import json_text
-from ..identity import MODEL_KEY, differences, refuse_changed_resume, sample_fingerprint
+from ..identity import MODEL_KEY, canonical_identity, differences, refuse_changed_resume, sample_fingerprint
+from ..journal import Journal
 from ..models import check_kind
 
 FORMAT = "landscape-surface"
-JOURNAL_MAGIC = "landscape-surface-journal/2"
 
 
 # ----------------------------------------------------------------------------- identity
@@ -43,9 +44,9 @@ def _refuse(path, old, new):
     if all(held_out) and held_out[0] != held_out[1]:
         raise SettingsMismatch(f"cannot resume '{path}': the held-out sample (--eval-corpus) changed since it was "
                                f"written (eval_sample_fingerprint {held_out[0]} then, {held_out[1]} now)")
-    key = differences(old, new)[0]
-    before, now = old.get(key), new.get(key)
-    detail = "a different grid" if key == "grid" else f"{key}={before!r}, this run has {key}={now!r}"
+    before, now = canonical_identity(old), canonical_identity(new)
+    detail = "; ".join("a different grid" if key == "grid" else f"{key}={before.get(key)!r}, this run has "
+                       f"{key}={now.get(key)!r}" for key in differences(old, new))
     raise SettingsMismatch(f"'{path}' was computed with other settings ({detail})")
 
 
@@ -100,65 +101,82 @@ def _scalar_attrs(identity):
 
 
 # ----------------------------------------------------------------------------- the journal
+LEGACY_MAGIC = "landscape-surface-journal/2"
+
+
 def journal_path(path) -> Path:
     """The journal of the surface file ``path``: the same path with ``.journal`` appended."""
     return Path(str(path) + ".journal")
 
 
-def _record(index: int, *values: float) -> bytes:
-    """One journal line: the point's flat index, then its values (loss, acc[, test loss, test acc])."""
-    body = " ".join([str(index)] + [float(v).hex() for v in values])
-    return f"{body} {zlib.crc32(body.encode()):08x}\n".encode()
+def open_journal(path, identity: dict, count: int, size: int, fresh: bool = False) -> Journal:
+    """The journal of surface file ``path`` for this run: its records of ``count`` values, index < ``size``.
+
+    Raises:
+        SettingsMismatch: it holds another surface (``check_same_identity``).
+        DamagedFile: a damaged line before an intact one, a record that breaks the schema, a file
+            that is not a surface journal.
+    """
+    return Journal(journal_path(path), "surface", identity, what="surface journal",
+                   remedy="delete it to start over", check=_check_record(count, size),
+                   refuse=lambda _, old, new: check_same_identity(path, old, new),
+                   legacy=lambda data: legacy_journal(data, count), fresh=fresh)
 
 
-def _parse_record(line: bytes, count: int = 2):
-    """(index, values) of a whole, intact record line (without its newline) of ``count`` values, else None."""
+def _check_record(count: int, size: int):
+    def check(record, schema, where: str) -> None:
+        schema.mapping(record, where)
+        index = schema.integer(schema.field(record, "i", where), f"{where}: i", minimum=0)
+        if index >= size:
+            schema.fail(f"is damaged: {where}: i is {index}, past the grid's {size} points")
+        values = schema.field(record, "v", where)
+        if not isinstance(values, list) or len(values) != count:
+            schema.fail(f"is damaged: {where}: v is not a list of {count} values")
+        for value in values:
+            try:
+                float.fromhex(value)
+            except (TypeError, ValueError):
+                schema.fail(f"is damaged: {where}: v holds {value!r}, not a float's hex string")
+    return check
+
+
+def record(index: int, *values: float) -> dict:
+    """One point's journal record: its flat index and its values (loss, acc[, test loss, test acc])."""
+    return {"i": int(index), "v": [float(v).hex() for v in values]}
+
+
+def record_values(record: dict):
+    """(flat index, values) of a journal record."""
+    return record["i"], tuple(float.fromhex(v) for v in record["v"])
+
+
+def _legacy_record(line: bytes, count: int):
+    """The record of an intact line of the previous release's format, else None."""
     try:
         text = line.decode("ascii")
-        body, _, crc = text.rpartition(" ")
-        if int(crc, 16) != zlib.crc32(body.encode()) or len(crc) != 8:
+        body, _, digits = text.rpartition(" ")
+        if len(digits) != 8 or int(digits, 16) != zlib.crc32(body.encode()):
             return None
         index, *values = body.split(" ")
         if len(values) != count:
             return None
-        return int(index), tuple(float.fromhex(v) for v in values)
+        return record(int(index), *(float.fromhex(v) for v in values))
     except ValueError:  # not ASCII, not hex
         return None
 
 
-def read_journal(path, identity, *arrays):
-    """Apply a journal's intact records to the flat arrays of the surface's fields (loss, acc, ...).
+def legacy_journal(data: bytes, count: int):
+    """(identity, records, None for each damaged line) of a journal of the previous release, else None.
 
-    Reading stops at the first torn or corrupted record: everything after it is cut off by the
-    writer, so a record appended later can never be glued onto a torn one.
-
-    Args:
-        path: the surface file (its journal is ``journal_path(path)``).
-        identity: this run's ``surface_identity``; records under another header are not applied.
-        *arrays: the flat (P,) float64 arrays of the surface's fields in the journal's order (loss,
-            acc[, test loss, test acc]), filled in place.
-
-    Returns:
-        (whether it has this run's header, byte offset where intact records end).
+    A torn last line (no newline) is left out, as the journal leaves it.
     """
-    data = journal_path(path).read_bytes()
     header, newline, rest = data.partition(b"\n")
-    if not newline or not header.startswith(JOURNAL_MAGIC.encode() + b" "):
-        return False, 0
+    if not newline or not header.startswith(LEGACY_MAGIC.encode() + b" "):
+        return None
     try:
-        old = json.loads(header[len(JOURNAL_MAGIC) + 1:].decode("utf-8"))
+        identity = json.loads(header[len(LEGACY_MAGIC) + 1:].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return False, 0
-    if not isinstance(old, dict):
-        return False, 0
-    check_same_identity(path, old, identity)
-    end = len(header) + 1
-    while True:
-        line, newline, after = rest.partition(b"\n")
-        parsed = _parse_record(line, len(arrays)) if newline else None
-        if parsed is None or not 0 <= parsed[0] < arrays[0].size:
-            return True, end
-        for array, value in zip(arrays, parsed[1]):
-            array[parsed[0]] = value
-        end += len(line) + 1
-        rest = after
+        return None
+    if not isinstance(identity, dict):
+        return None
+    return identity, [_legacy_record(line, count) for line in rest.split(b"\n")[:-1]]
