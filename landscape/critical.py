@@ -197,6 +197,25 @@ def run_critical_sharpness(settings: Optional[CriticalSharpnessSettings] = None,
 
 
 def _run(s: CriticalSharpnessSettings, out, vectors, model, overwrite, log) -> CriticalSharpnessResult:
+    loaded, batches, update, file_direction, recorded = prepare(s, model)
+    result = dict(path=out, settings=s, total=1, vectors=vectors,
+                  fingerprints={MODEL_KEY: recorded[MODEL_KEY], SAMPLE_KEY: recorded[SAMPLE_KEY]})
+    vector_settings = dict(recorded, source="landscape critical-sharpness", dims=1, norm="none", kind="update")
+    done = None if overwrite else _finished(out, recorded, vectors)
+    if done is not None:
+        return CriticalSharpnessResult(computed=0, report=done, **result)
+    if vectors is not None and not overwrite:
+        check_existing_directions(vectors, _scalars(vector_settings))
+    report, direction = measure(s, loaded, batches, update, file_direction, recorded, log)
+    _write(out, vectors, report, direction, vector_settings)
+    return CriticalSharpnessResult(computed=1, report=report, **result)
+
+
+def prepare(s: CriticalSharpnessSettings, model: Optional[LoadedModel] = None):
+    """(loaded model, the loss's batches, the update's batches, a direction file's direction or None, recorded).
+
+    ``recorded``: what fixes the numbers, as the report stores it (``_recorded``).
+    """
     from .runtime import rank_and_world
 
     if rank_and_world()[1] > 1:
@@ -207,14 +226,17 @@ def _run(s: CriticalSharpnessSettings, out, vectors, model, overwrite, log) -> C
     update = sample_batches(loaded, s.sample, corpus=s.update_corpus) if relative else batches
     file_direction, attrs = _file_direction(loaded, s.direction, s.model.source)
     recorded = _recorded(s, loaded, batches, update if relative and file_direction is None else None, attrs)
-    result = dict(path=out, settings=s, total=1, vectors=vectors,
-                  fingerprints={MODEL_KEY: recorded[MODEL_KEY], SAMPLE_KEY: recorded[SAMPLE_KEY]})
-    vector_settings = dict(recorded, source="landscape critical-sharpness", dims=1, norm="none", kind="update")
-    done = None if overwrite else _finished(out, recorded, vectors)
-    if done is not None:
-        return CriticalSharpnessResult(computed=0, report=done, **result)
-    if vectors is not None and not overwrite:
-        check_existing_directions(vectors, _scalars(vector_settings))
+    return loaded, batches, update, file_direction, recorded
+
+
+def measure(s: CriticalSharpnessSettings, loaded, batches, update, file_direction, recorded, log: Log,
+            own: bool = False) -> Tuple[dict, Direction]:
+    """(the report, the direction d walked): the line search (and the Rayleigh quotient) of one model.
+
+    ``own``: with another update corpus, also the critical sharpness of the update's own loss along
+    d (the report's ``update``), from the same gradient.
+    """
+    relative = s.update_corpus is not None
     if file_direction is None:
         log("gradient of the update sample" if relative else "gradient of the sample")
         gradient, update_loss = loss_gradient(loaded.model, update, loaded.kind)
@@ -227,12 +249,18 @@ def _run(s: CriticalSharpnessSettings, out, vectors, model, overwrite, log) -> C
     log("line search")
     search = critical_step(line_loss(loaded, direction, batches), start=start, tolerance=s.tolerance, slope=slope)
     report = _report(s, search, recorded, relative, None if file_direction is None else s.direction)
+    if own and relative and file_direction is None:
+        log("line search of the update's own loss")
+        mine = critical_step(line_loss(loaded, direction, update), start=start, tolerance=s.tolerance,
+                             slope=update_slope)
+        report["update"] = {"critical_lr": mine.critical_lr, "critical_sharpness": mine.critical_sharpness,
+                            "loss_at_origin": mine.loss_at_origin, "forward_passes": mine.forward_passes,
+                            "converged": mine.converged}
     if s.rayleigh:
         log("Rayleigh quotient")
         report["rayleigh_quotient"] = rayleigh_quotient(loaded, direction, batches)
         report["hessian_vector_products"] = 1
-    _write(out, vectors, report, direction, vector_settings)
-    return CriticalSharpnessResult(computed=1, report=report, **result)
+    return report, direction
 
 
 def _file_direction(loaded, direction: str, source) -> Tuple[Optional[Direction], dict]:
@@ -333,7 +361,8 @@ def _finished(out: Path, recorded: dict, vectors) -> Optional[dict]:
     except UsageError:
         raise SettingsMismatch(f"'{out}' exists but is not a critical-sharpness report") from None
     before = old.get("settings", {})
-    for key in sorted(set(recorded) | set(before)):
+    # The settings first: a changed sequence length is the reason, the sample's new fingerprint its consequence.
+    for key in sorted(set(recorded) | set(before), key=lambda k: (k.endswith("fingerprint"), k)):
         if before.get(key) != recorded.get(key):
             raise SettingsMismatch(f"'{out}' holds a critical-sharpness report made with other settings "
                                    f"({key}={before.get(key)!r}, this run has {key}={recorded.get(key)!r})")
