@@ -7,7 +7,7 @@ d = −g it is exactly gᵀHg/gᵀg: L(θ − ηg) = L − η·gᵀg + η²/2·g
 ``critical_step`` finds η_c from values of the loss along the line only (one forward pass each),
 given as a callable, so it serves any loss; ``landscape.critical`` walks the model's loss with the
 surfaces' evaluator.  The search keeps a bracket: ``lower``, the largest step tried below
-``upper`` where the loss is not above the origin's, and ``upper``, the smallest step tried where it
+``upper`` where the loss is below the origin's, and ``upper``, the smallest step tried where it
 is (a non-finite loss counts as above).  It moves out (or in) from ``start`` until the bracket
 closes, guided by the quadratic through the origin that fits the steps it has (with the slope at
 the origin when it is known), then narrows the bracket until upper/lower ≤ (1 + tol)/(1 − tol),
@@ -33,8 +33,9 @@ class LineSearch:
 
     Attributes:
         critical_lr: η_c = (lower + upper)/2, in units of the direction as given.
-        lower: the largest step tried below ``upper`` whose loss is not above the origin's.
-        upper: the smallest step tried whose loss is above the origin's.
+        lower: the largest step tried below ``upper`` whose loss is below the origin's.
+        upper: the smallest step tried whose loss is above the origin's (steps whose loss equals the
+            origin's, usually below the weights' precision, bound neither side).
         loss_at_origin: L(θ).
         forward_passes: loss evaluations made (the origin's included when it was evaluated here).
         converged: upper/lower reached (1 + tol)/(1 − tol); when False the budget ran out first and
@@ -106,11 +107,14 @@ def critical_step(loss_at: Callable[[float], float], *, start: float, tolerance:
             widths.append(upper - lower)
         eta = _next_step(steps, lower, upper, loss_at_origin, slope, tolerance, widths)
     lower, upper = _bracket(steps, loss_at_origin)
-    if lower is None:
+    if lower is None and upper is not None:
         smallest = min(steps)
         raise UsageError(f"the loss rises at once along the direction (at the smallest step tried, {smallest[0]:.4g}, "
                          f"it is {smallest[1]:.10g} against {loss_at_origin:.10g} at the origin): not a descent "
                          "direction of this loss")
+    if lower is None:
+        raise UsageError(f"the loss did not change at any step tried (from {min(steps)[0]:.4g} to {max(steps)[0]:.4g}):"
+                         " the steps are below the weights' precision, or the direction is zero")
     if upper is None:
         raise UsageError(f"the loss did not rise back to its origin's level at any step tried (up to {lower:.4g} "
                          f"in {passes} forward passes): the critical sharpness is below {2 / lower:.4g}")
@@ -124,10 +128,14 @@ def _rose(loss: float, origin: float) -> bool:
 
 
 def _bracket(steps, origin) -> Tuple[Optional[float], Optional[float]]:
-    """(lower, upper): the smallest step that rose, and the largest below it that did not (None: none)."""
+    """(lower, upper): the smallest step that rose, and the largest below it where the loss fell (None: none).
+
+    A step whose loss equals the origin's exactly bounds neither side: there the step is usually
+    below the weights' precision (θ + η·d rounds back to θ), which says nothing about the line.
+    """
     risen = [eta for eta, loss in steps if _rose(loss, origin)]
     upper = min(risen) if risen else None
-    below = [eta for eta, loss in steps if not _rose(loss, origin) and (upper is None or eta < upper)]
+    below = [eta for eta, loss in steps if loss < origin and (upper is None or eta < upper)]
     return (max(below) if below else None), upper
 
 
@@ -163,10 +171,12 @@ def _quadratic_root(steps, lower, upper, origin, slope) -> Optional[float]:
 def _next_step(steps, lower, upper, origin, slope, tolerance, widths) -> float:
     """The next step to try: out, in, or inside the bracket (two probes around the model's root)."""
     root = _quadratic_root(steps, lower, upper, origin, slope)
-    if upper is None:  # no rise yet: out
-        return min(max(root if root is not None else 8 * lower, 2 * lower), REACH * lower)
-    if lower is None:  # risen at every step: in
-        return max(min(root if root is not None else upper / 8, upper / 2), upper / REACH)
+    if upper is None:  # no rise yet: out, beyond every step tried
+        base = max(eta for eta, _ in steps)
+        return min(max(root if root is not None else 8 * base, 2 * base), REACH * base)
+    if lower is None:  # no fall yet: in, below every step tried
+        base = min(eta for eta, _ in steps)
+        return max(min(root if root is not None else base / 8, base / 2), base / REACH)
     # The middle of a wide bracket is its geometric one: the root's scale is what is unknown there.
     middle = (lower + upper) / 2 if upper < 4 * lower else math.sqrt(lower * upper)
     stalled = len(widths) >= 3 and widths[-1] > widths[-3] / 2  # the model's probes are not closing in
