@@ -68,17 +68,19 @@ class CriticalSharpnessResult(StageResult):
 
 
 # ----------------------------------------------------------------------------- the pieces
-def loss_gradient(model: torch.nn.Module, batches: List[dict], kind: str) -> Tuple[Direction, float]:
+def loss_gradient(model: torch.nn.Module, batches: List[dict], kind: str,
+                  names: Optional[List[str]] = None) -> Tuple[Direction, float]:
     """∇L and L of the token-weighted mean loss over ``batches`` (the loss surfaces report).
 
     One forward and backward per batch, in eval mode as the model is; the sums are float32 on the
-    model's device.  Parameters without ``requires_grad`` (a PEFT adapter's frozen base) get a
+    model's device.  Parameters left out (without ``requires_grad``, or not in ``names``) get a
     zero gradient that holds no memory (an expanded scalar).
 
     Args:
         model: the model, in eval mode.
         batches: batch dicts with ``labels``, on the model's device.
         kind: the objective (``models.LoadedModel.kind``).
+        names: the parameters to differentiate (None: every one with ``requires_grad``).
 
     Returns:
         ({name: gradient, for every parameter of ``named_parameters()``}, L in nats per target token).
@@ -89,7 +91,7 @@ def loss_gradient(model: torch.nn.Module, batches: List[dict], kind: str) -> Tup
     from .data.objectives import sequence_losses
 
     named = list(model.named_parameters())
-    trainable = [(name, p) for name, p in named if p.requires_grad]
+    trainable = [(name, p) for name, p in named if p.requires_grad and (names is None or name in names)]
     if not trainable:
         raise UsageError("no parameter of the model requires grad: there is no gradient to step along")
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for _, p in trainable]
@@ -140,21 +142,30 @@ def line_loss(loaded: LoadedModel, direction: Direction, batches: List[dict]) ->
     return loss_at
 
 
+def moved_parameters(loaded: LoadedModel) -> Optional[List[str]]:
+    """What a gradient step moves: a PEFT adapter's own parameters (as fine-tuning it would), else None (all)."""
+    return adapters.adapter_parameter_names(loaded.model) if loaded.adapter else None
+
+
 def rayleigh_quotient(loaded: LoadedModel, direction: Direction, batches: List[dict]) -> float:
     """dᵀHd/dᵀd of the loss over ``batches`` from one Hessian-vector product (``curvature.HessianOperator``).
 
+    On a PEFT adapter the Hessian is the adapter's own block (``moved_parameters``).
+
     Raises:
-        UsageError: d moves parameters that do not require grad (outside the Hessian's coordinates).
+        UsageError: d moves parameters outside the Hessian's coordinates.
     """
     from .curvature import HessianOperator
 
-    hessian = HessianOperator(loaded.model, batches, None, loaded.kind, cache_bytes=0)
+    names = moved_parameters(loaded)
+    mask = None if names is None else adapters.adapter_mask(loaded.model, names)
+    hessian = HessianOperator(loaded.model, batches, mask, loaded.kind, cache_bytes=0)
     v = hessian.from_dict(direction).double()
     whole = sum(float(t.double().square().sum()) for t in direction.values())
     inside = float(v.square().sum())
     if not math.isclose(whole, inside, rel_tol=1e-6):
-        raise UsageError("the direction moves parameters that do not require grad: the Rayleigh quotient is taken "
-                         "over the trainable ones only")
+        raise UsageError("the direction moves parameters outside the Hessian's coordinates (those that do not "
+                         "require grad, or a PEFT adapter's base): its Rayleigh quotient would leave them out")
     return float(v @ (hessian @ v.float()).double()) / inside
 
 
@@ -239,7 +250,7 @@ def measure(s: CriticalSharpnessSettings, loaded, batches, update, file_directio
     relative = s.update_corpus is not None
     if file_direction is None:
         log("gradient of the update sample" if relative else "gradient of the sample")
-        gradient, update_loss = loss_gradient(loaded.model, update, loaded.kind)
+        gradient, update_loss = loss_gradient(loaded.model, update, loaded.kind, moved_parameters(loaded))
         direction, update_slope = step_direction(gradient, s.direction)
         del gradient
         start = START_DECREASE * max(abs(update_loss), 1e-12) / abs(update_slope)
@@ -305,13 +316,21 @@ def _describe(s: CriticalSharpnessSettings, relative: bool, file) -> str:
     return f"{step} {of}"
 
 
+def _moves(recorded: dict, file) -> str:
+    """What d moves: a file's direction as written, a PEFT adapter's own parameters, or all of them."""
+    if file is not None:
+        return "as given"
+    return "adapter" if recorded.get("adapter") else "all"
+
+
 def _report(s, search: LineSearch, recorded: dict, relative: bool, file) -> dict:
     return {"format": FORMAT, "critical_lr": search.critical_lr, "critical_sharpness": search.critical_sharpness,
             "loss_at_origin": search.loss_at_origin, "forward_passes": search.forward_passes,
             "tolerance": s.tolerance, "converged": search.converged, "bracket": [search.lower, search.upper],
             "reached": search.reached, "steps": [list(step) for step in search.steps],
             "direction": {"kind": "file" if file is not None else s.direction, "relative": relative,
-                          "description": _describe(s, relative, file)},
+                          "description": _describe(s, relative, file),
+                          "moves": _moves(recorded, file)},
             MODEL_KEY: recorded[MODEL_KEY], SAMPLE_KEY: recorded[SAMPLE_KEY], "settings": recorded}
 
 
