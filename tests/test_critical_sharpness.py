@@ -56,6 +56,13 @@ def test_a_direction_along_which_the_loss_rises_is_refused_not_flipped():
         critical_step(lambda eta: 3.0 - eta, start=1.0)
 
 
+def test_a_search_out_of_passes_says_how_close_it_came():
+    found = critical_step(lambda eta: 3.0 - eta + eta ** 4, start=1e-3, tolerance=0.01, max_passes=5)
+    assert not found.converged and found.reached > 0.01 and found.forward_passes == 5
+    assert found.lower < found.critical_lr < found.upper
+    assert found.reached == pytest.approx((found.upper - found.lower) / (found.upper + found.lower))
+
+
 # ----------------------------------------------------------------------------- a quadratic model
 def _regression(tiny_bert_dir):
     """A float64 regression head on the tiny BERT's frozen body: the loss is quadratic in the head."""
