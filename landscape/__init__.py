@@ -13,7 +13,7 @@ out by concern (imports flow one way, from the command line down to the core):
 * ``surface/``: directions, perturbation, evaluation, the file and its journal, sharpness
 * ``curvature/``: linear operators (the Hessian's, the diagonal Fisher's), Lanczos eigenpairs,
   trace and spectrum on any of them, their checkpoints; a peer of ``surface`` (neither imports
-  the other: ``direction_kinds`` above them combines both)
+  the other: ``direction_kinds`` and ``critical`` above them combine both)
 * ``testing/``: dense references for the tests
 * ``plots/``: figures of surfaces
 * ``guided/``: dropout sites, profiles, schedules, regularizers, fine-tuning and sweeps
@@ -36,6 +36,8 @@ _PUBLIC = {
     "run_surface": ("landscape.surface.run", "run_surface"),
     "make_directions": ("landscape.direction_kinds", "make"),
     "run_hessian": ("landscape.curvature.stage", "run_hessian"),
+    "run_critical_sharpness": ("landscape.critical", "run_critical_sharpness"),
+    "run_critical_sweep": ("landscape.critical_sweep", "run_critical_sweep"),
     "run_finetune": ("landscape.guided.finetune", "run_finetune"),
     "plot": ("landscape.plots.figures", "plot"),
     "compare": ("landscape.plots.figures", "compare"),
@@ -50,6 +52,7 @@ _PUBLIC = {
     "ScheduleSettings": ("landscape.settings", "ScheduleSettings"),
     "SurfaceSettings": ("landscape.settings", "SurfaceSettings"),
     "HessianSettings": ("landscape.settings", "HessianSettings"),
+    "CriticalSharpnessSettings": ("landscape.settings", "CriticalSharpnessSettings"),
     "FinetuneSettings": ("landscape.settings", "FinetuneSettings"),
     "DirectionsSettings": ("landscape.settings", "DirectionsSettings"),
     "StageResult": ("landscape.results", "StageResult"),
@@ -61,6 +64,7 @@ _PUBLIC = {
     "load_directions": ("landscape.direction_file", "load_directions"),
     "read_surface": ("landscape.surface.file", "read_surface"),
     "load_report": ("landscape.curvature.report", "load_report"),
+    "load_critical_report": ("landscape.critical", "load_critical_report"),
     "load_schedule": ("landscape.guided.schedule", "load_schedule"),
     "schedule_callback": ("landscape.guided.callback", "callback"),
     "DIRECTION_KINDS": ("landscape.direction_kinds", "KINDS"),

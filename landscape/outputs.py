@@ -49,6 +49,7 @@ WORDS = {
     "fisher": "a Fisher file", "fisher-checkpoint": "a Fisher checkpoint", "directions": "a direction file",
     "surface": "a loss surface", "surface-journal": "a surface journal", "hessian-report": "a Hessian report",
     "hessian-journal": "a Hessian checkpoint", "schedule": "a dropout schedule",
+    "critical-sharpness": "a critical-sharpness report",
     "figure": "a figure drawn by landscape",
     "table": "a table", "folder": "a folder", "saved-model": "a saved model (config.json)",
 }
@@ -475,7 +476,8 @@ def _figure(path, head):
     return Held("figure", WORDS["figure"], stamp=stamp)
 
 
-_JSON_KINDS = {"landscape-hessian": "hessian-report", "landscape-schedule/1": "schedule"}
+_JSON_KINDS = {"landscape-hessian": "hessian-report", "landscape-schedule/1": "schedule",
+               "landscape-critical-sharpness/1": "critical-sharpness"}
 
 
 def _json(path, head):

@@ -443,6 +443,50 @@ class HessianSettings(Settings):
             raise UsageError(f"max_iter ({self.max_iter}) must be at least the number of eigenpairs ({self.top})")
 
 
+CRITICAL_TOLERANCE = checks.Domain("float", 0.0, 0.05, low_open=True)  # the issue's contract: at most 5%
+
+
+@dataclass(frozen=True)
+class CriticalSharpnessSettings(Settings):
+    """``run_critical_sharpness``: λ_c = 2/η_c, η_c the smallest step along a direction at which the loss rises.
+
+    The loss is the sample's (``sample.corpus``); the gradient directions are those of the same
+    sample drawn from ``update_corpus`` (None: the loss's own corpus).  Unlike the curvature
+    stage, only forward passes walk the line (``curvature.critical``).
+    """
+
+    # The gradient's backward runs on one device: the model is not sharded (no shard_size).
+    model: ModelSpec = setting(help="the model", factory=ModelSpec, exclude=("shard_size",))
+    sample: SampleSpec = setting(help="the sample whose loss is walked", factory=_sample_with(max_samples=64))
+    update_corpus: Optional[str] = setting(
+        None, unset="--corpus", help="corpus (the forms --corpus takes) whose gradient gives the update direction, "
+                                     "sampled with the same --fraction, --max-samples, --seq-len, --seed and --bos: "
+                                     "relative critical sharpness of the --corpus loss along that update")
+    direction: str = setting(
+        "gradient", metavar="gradient|sign|FILE.h5",
+        help="the update d: gradient (-grad L of the update corpus), sign (-sign grad L, Adam's first step) or a "
+             "direction file (.h5; its first direction, as written)")
+    tolerance: float = setting(0.05, domain=CRITICAL_TOLERANCE,
+                               help="relative tolerance of the critical step eta_c, in (0, 0.05]")
+    rayleigh: bool = setting(False, help="also the Rayleigh quotient d'Hd/d'd of the loss's Hessian, from one "
+                                         "Hessian-vector product")
+
+    def __post_init__(self):
+        for name in ("update_corpus", "direction"):
+            object.__setattr__(self, name, _path_text(getattr(self, name)))
+        super().__post_init__()
+
+    def validate(self):
+        """Refuse a direction that is neither a kind nor a direction file's name."""
+        if self.direction not in CRITICAL_DIRECTIONS and not str(self.direction).lower().endswith((".h5", ".hdf5")):
+            raise UsageError(f"direction must be gradient, sign or a direction file (.h5), got {self.direction!r}")
+        if self.direction not in CRITICAL_DIRECTIONS and self.update_corpus is not None:
+            raise SettingsRefused("{update_corpus} gives a gradient direction: a direction file does not use it")
+
+
+CRITICAL_DIRECTIONS = ("gradient", "sign")
+
+
 TASKS = ("auto", "classification", "regression")
 # Every regularizer a sweep trains (``guided.training`` builds them); dropout is the paired baseline.
 REGULARIZERS = ("none", "dropout", "gaussian", "guided", "dropout-matched", "guided-shuffled", "r3f", "r4f",

@@ -20,7 +20,8 @@ from landscape.errors import UsageError
 
 COMMANDS = {"fisher": S.FisherSettings, "stability": S.StabilitySettings, "surface": S.SurfaceSettings,
             "hessian": S.HessianSettings, "schedule": S.ScheduleSettings, "profile": S.ProfileSettings,
-            "finetune": S.FinetuneSettings, "directions": S.DirectionsSettings}
+            "finetune": S.FinetuneSettings, "directions": S.DirectionsSettings,
+            "critical-sharpness": S.CriticalSharpnessSettings}
 
 
 def _subparser(command):

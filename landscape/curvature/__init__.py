@@ -32,10 +32,13 @@ The subpackage: ``linear`` (the operator convention, matrix, diagonal and submat
 ``operator`` (the Hessian's product, the model state, the attention fallback), ``lanczos``
 (top eigenpairs and SLQ runs), ``estimators`` (trace, spectrum), ``checkpoint`` (the journal),
 ``report`` (one run as files: a subset's mask, the JSON report, the eigenvectors as a direction file),
-``stage`` (the stage as one call: ``run_hessian`` writes a report, ``eigen_directions`` a direction file).
+``stage`` (the stage as one call: ``run_hessian`` writes a report, ``eigen_directions`` a direction file),
+``critical`` (the line search of critical sharpness, on any loss along a line; ``landscape.critical``,
+above this package and ``surface``, walks a model's loss with it).
 """
 
 from .checkpoint import JOURNAL_FORMAT
+from .critical import LineSearch, critical_step
 from .estimators import Spectrum, spectrum, trace
 from .lanczos import LanczosInfo, top_eigenpairs
 from .linear import DiagonalOperator, LinearOperator, MatrixOperator, SubmatrixOperator, as_operator, fisher_operator
@@ -44,6 +47,6 @@ from .report import hessian_report, load_report, save_eigenvectors, save_report,
 from .stage import HessianResult, eigen_directions, run_hessian
 
 __all__ = ["DEFAULT_CACHE_BYTES", "JOURNAL_FORMAT", "DiagonalOperator", "HessianOperator", "HessianResult",
-           "LanczosInfo", "LinearOperator", "MatrixOperator", "Spectrum", "SubmatrixOperator", "as_operator",
-           "eigen_directions", "fisher_operator", "hessian_report", "load_report", "run_hessian", "save_eigenvectors",
-           "save_report", "spectrum", "subset_mask", "top_eigenpairs", "trace"]
+           "LanczosInfo", "LineSearch", "LinearOperator", "MatrixOperator", "Spectrum", "SubmatrixOperator",
+           "as_operator", "critical_step", "eigen_directions", "fisher_operator", "hessian_report", "load_report",
+           "run_hessian", "save_eigenvectors", "save_report", "spectrum", "subset_mask", "top_eigenpairs", "trace"]

@@ -1,0 +1,241 @@
+"""Critical sharpness (issue 29, items 3-5): the line search, the stage, the command and a sweep.
+
+The independent numbers: a float64 model whose loss is exactly quadratic in the parameters that
+move (a regression head on a frozen body: the squared error of a linear function), where λ_c along
+−g must equal gᵀHg/gᵀg with H from ``torch.autograd.functional.hessian``; and the loss at
+η_c·(1 ± tolerance), read by the surface stage along the ``vectors`` file, on each side of the
+origin's.
+"""
+
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import cli_in_process, one_line
+
+from landscape.critical import line_loss, loss_gradient, rayleigh_quotient, run_critical_sharpness, step_direction
+from landscape.curvature.critical import MAX_PASSES, critical_step
+from landscape.direction_file import load_directions, save_directions
+from landscape.errors import SettingsMismatch, UsageError
+from landscape.models import LoadedModel
+from landscape.settings import CriticalSharpnessSettings, GridSpec, ModelSpec, SampleSpec, SurfaceSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KEYS = ("critical_lr", "critical_sharpness", "loss_at_origin", "forward_passes", "tolerance", "direction",
+        "model_fingerprint", "sample_fingerprint")
+
+
+# ----------------------------------------------------------------------------- the line search alone
+@pytest.mark.parametrize("start", [1e-4, 0.05, 1.0, 30.0])
+@pytest.mark.parametrize("known_slope", [True, False])
+def test_the_search_finds_the_quadratic_step_within_the_tolerance(start, known_slope):
+    a, b, tol = 2.0, 5.0, 0.05  # L = 3 - aη + bη²/2: back at 3 at η = 2a/b
+    calls = []
+
+    def loss_at(eta):
+        calls.append(eta)
+        return 3.0 - a * eta + 0.5 * b * eta * eta
+
+    found = critical_step(loss_at, start=start, tolerance=tol, slope=-a if known_slope else None)
+    exact = 2 * a / b
+    assert found.converged and abs(found.critical_lr / exact - 1) <= tol
+    assert loss_at(found.critical_lr * (1 - tol)) <= 3.0 < loss_at(found.critical_lr * (1 + tol))
+    assert found.forward_passes == len(calls) - 2 <= MAX_PASSES  # the two checks above are not the search's
+    assert found.critical_sharpness == pytest.approx(2 / found.critical_lr)
+
+
+def test_a_direction_along_which_the_loss_rises_is_refused_not_flipped():
+    with pytest.raises(UsageError, match="rises at once.*not a descent direction"):
+        critical_step(lambda eta: 3.0 + eta + eta * eta, start=1.0)
+    with pytest.raises(UsageError, match="slope at the origin is 0.5.*not a descent direction"):
+        critical_step(lambda eta: 3.0, start=1.0, slope=0.5)
+    with pytest.raises(UsageError, match="did not rise back"):
+        critical_step(lambda eta: 3.0 - eta, start=1.0)
+
+
+def test_a_search_out_of_passes_says_how_close_it_came():
+    found = critical_step(lambda eta: 3.0 - eta + eta ** 4, start=1e-3, tolerance=0.01, max_passes=5)
+    assert not found.converged and found.reached > 0.01 and found.forward_passes == 5
+    assert found.lower < found.critical_lr < found.upper
+    assert found.reached == pytest.approx((found.upper - found.lower) / (found.upper + found.lower))
+
+
+# ----------------------------------------------------------------------------- a quadratic model
+def _regression(tiny_bert_dir):
+    """A float64 regression head on the tiny BERT's frozen body: the loss is quadratic in the head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from landscape.runtime import transformers_silenced
+
+    torch.manual_seed(0)
+    with transformers_silenced():
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=1)
+    model = model.double().eval()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("classifier."))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = ["the cat sat on the mat", "a dog ran in the park today", "rain fell all night", "we read a book"]
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    return LoadedModel(model, tokenizer, "classification", str(tiny_bert_dir)), [batch]
+
+
+def test_along_minus_g_a_quadratic_loss_has_the_rayleigh_quotient_of_g(tiny_bert_dir, tmp_path):
+    from torch.func import functional_call
+
+    loaded, batches = _regression(tiny_bert_dir)
+    gradient, _ = loss_gradient(loaded.model, batches, loaded.kind)
+    direction, slope = step_direction(gradient, "gradient")
+    tol = 0.05
+    found = critical_step(line_loss(loaded, direction, batches), start=1e-3, tolerance=tol, slope=slope)
+
+    names = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    shapes = [loaded.model.get_parameter(n).shape for n in names]
+    flat = torch.cat([loaded.model.get_parameter(n).detach().reshape(-1) for n in names])
+
+    def loss(theta):
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = theta[offset: offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+        out = functional_call(loaded.model, params, (), inputs).logits[:, 0]
+        return ((out - batches[0]["labels"]) ** 2).mean()
+
+    H = torch.autograd.functional.hessian(loss, flat)
+    g = torch.autograd.functional.jacobian(loss, flat)
+    assert torch.allclose(g, torch.cat([gradient[n].double().reshape(-1) for n in names]), rtol=1e-5, atol=1e-9)
+    exact = float(g @ H @ g / (g @ g))
+    assert found.converged and abs(found.critical_sharpness / exact - 1) <= tol, (found, exact)
+    assert rayleigh_quotient(loaded, direction, batches) == pytest.approx(exact, rel=1e-5)
+
+    # The bracket, measured by the surfaces' evaluator along the direction as a file holds it.
+    save_directions(tmp_path / "d.h5", [{n: t.float() for n, t in direction.items()}])
+    along, _ = load_directions(tmp_path / "d.h5", loaded.model, dtype=torch.float64)
+    from landscape.surface import evaluate
+
+    low, origin, high = evaluate(loaded.model, along, batches, [found.critical_lr * (1 - tol), 0.0,
+                                                                found.critical_lr * (1 + tol)], kind=loaded.kind)
+    assert low <= origin < high
+
+
+# ----------------------------------------------------------------------------- the stage and the command
+def _settings(model_dir, corpus, **changes):
+    return CriticalSharpnessSettings(model=ModelSpec(str(model_dir)), sample=SampleSpec(corpus=str(corpus),
+                                                                                          max_samples=4, seq_len=16,
+                                                                                          batch_size=4), **changes)
+
+
+def _surface_loss(tmp_path, name, vectors, model_dir, corpus, xs):
+    from landscape.surface import read_surface, run_surface
+
+    grid = GridSpec(x=f"{xs[0]!r}:{xs[1]!r}:3")
+    settings = SurfaceSettings(str(vectors), ModelSpec(str(model_dir)), SampleSpec(corpus=str(corpus), max_samples=4,
+                                                                                    seq_len=16, batch_size=4), grid)
+    run_surface(settings, out=tmp_path / f"{name}.h5", progress=False)
+    return read_surface(tmp_path / f"{name}.h5").z
+
+
+def test_the_report_its_resume_and_the_line_surface_draws(tiny_gpt2_dir, tiny_corpus_file, tmp_path):
+    settings = _settings(tiny_gpt2_dir, tiny_corpus_file, rayleigh=True)
+    out, vectors = tmp_path / "R.json", tmp_path / "D.h5"
+    first = run_critical_sharpness(settings, out=out, vectors=vectors)
+    report = json.loads(out.read_text())
+    assert first.computed == 1 and all(key in report for key in KEYS)
+    assert report["critical_sharpness"] == pytest.approx(2 / report["critical_lr"])
+    assert report["forward_passes"] <= MAX_PASSES and report["converged"] and report["tolerance"] == 0.05
+    assert report["direction"]["kind"] == "gradient" and math.isfinite(report["rayleigh_quotient"])
+    assert first.fingerprints["model_fingerprint"] == report["model_fingerprint"]
+
+    # The surface stage along the written direction: the origin's loss, and the bracket around η_c.
+    eta, tol = report["critical_lr"], report["tolerance"]
+    far = _surface_loss(tmp_path, "far", vectors, tiny_gpt2_dir, tiny_corpus_file, (-eta * (1 + tol), eta * (1 + tol)))
+    near = _surface_loss(tmp_path, "near", vectors, tiny_gpt2_dir, tiny_corpus_file,
+                         (-eta * (1 - tol), eta * (1 - tol)))
+    assert far[1] == pytest.approx(report["loss_at_origin"], rel=1e-6)
+    assert near[2] <= report["loss_at_origin"] < far[2]
+
+    again = run_critical_sharpness(settings, out=out, vectors=vectors)
+    assert again.computed == 0 and again.report == report
+    with pytest.raises(SettingsMismatch, match="tolerance=0.05, this run has tolerance=0.04"):
+        run_critical_sharpness(settings.replace(tolerance=0.04), out=out)
+    redone = run_critical_sharpness(settings.replace(tolerance=0.04), out=out, overwrite=True)
+    assert redone.computed == 1 and redone.report["tolerance"] == 0.04
+
+
+def test_sign_and_relative_directions_record_what_they_walked(tiny_gpt2_dir, tiny_corpus_file, tmp_path):
+    task = tmp_path / "task.txt"
+    task.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    sign = run_critical_sharpness(_settings(tiny_gpt2_dir, tiny_corpus_file, direction="sign"), out=tmp_path / "s.json")
+    assert sign.report["direction"]["kind"] == "sign" and "sign" in sign.report["direction"]["description"]
+    relative = run_critical_sharpness(_settings(tiny_gpt2_dir, tiny_corpus_file, update_corpus=str(task)),
+                                      out=tmp_path / "r.json")
+    plain = run_critical_sharpness(_settings(tiny_gpt2_dir, tiny_corpus_file), out=tmp_path / "p.json")
+    assert relative.report["direction"]["relative"] and "update_sample_fingerprint" in relative.report["settings"]
+    assert relative.report["loss_at_origin"] == plain.report["loss_at_origin"]  # the same loss, another update
+    assert relative.report["critical_lr"] != plain.report["critical_lr"]
+
+
+def test_bad_directions_are_refused_in_one_line(tiny_gpt2_dir, tiny_corpus_file, tmp_path, capfd):
+    common = ["critical-sharpness", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, "--max-samples", "4",
+              "--seq-len", "16", "--threads", "1", "--quiet"]
+    code, _, err = cli_in_process(capfd, *common, "--out", tmp_path / "R.json", "--vectors", tmp_path / "D.h5")
+    assert code == 0, err
+    ascent, _ = load_directions(tmp_path / "D.h5")
+    save_directions(tmp_path / "up.h5", [{n: -t for n, t in ascent[0].items()}])
+    code, _, err = cli_in_process(capfd, *common, "--direction", tmp_path / "up.h5", "--out", tmp_path / "U.json")
+    one_line(code, err, "rises at once", "not a descent direction")
+    assert not (tmp_path / "U.json").exists()
+
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    code, _, err = cli_in_process(capfd, *common, "--direction", tmp_path / "junk.h5", "--out", tmp_path / "J.json")
+    one_line(code, err, "junk.h5", "not a direction file")
+    code, _, err = cli_in_process(capfd, *common, "--direction", "upward", "--out", tmp_path / "J.json")
+    one_line(code, err, "gradient, sign or a direction file")
+    code, _, err = cli_in_process(capfd, *common, "--tolerance", "0.2", "--out", tmp_path / "J.json")
+    one_line(code, err, "--tolerance")
+    code, _, err = cli_in_process(capfd, *common, "--shard-size", "2", "--out", tmp_path / "J.json")
+    one_line(code, err, "--shard-size")
+    code, _, err = cli_in_process(capfd, *common, "--out", tmp_path / "R.json", "--max-samples", "3")
+    one_line(code, err, "other settings", "--overwrite")
+
+
+def test_a_bfloat16_model_and_a_peft_adapter(tiny_llama_dir, tiny_corpus_file, tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(1)
+    adapter = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    result = run_critical_sharpness(_settings(tmp_path / "adapter", tiny_corpus_file), out=tmp_path / "a.json",
+                                    vectors=tmp_path / "a.h5")
+    with h5py.File(tmp_path / "a.h5") as handle:  # only the adapter's factors move
+        moved = [name for name, data in handle["xdirection"].items() if np.any(data[()])]
+    assert moved and all("lora_" in name for name in moved)
+    assert result.report["converged"] and result.report["settings"].get("adapter")
+
+    half = run_critical_sharpness(_settings(tiny_llama_dir, tiny_corpus_file).replace(dtype="bfloat16"),
+                                  out=tmp_path / "b.json")
+    assert half.report["settings"]["dtype"] == "bfloat16" and half.report["critical_sharpness"] > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_folder_of_checkpoints_writes_a_table_and_a_figure(tiny_gpt2_dir, tiny_corpus_file, tmp_path,
+                                                                         capfd):
+    import shutil
+
+    for step in (10, 2):
+        shutil.copytree(tiny_gpt2_dir, tmp_path / "run" / f"checkpoint-{step}")
+    code, out, err = cli_in_process(capfd, "critical-sharpness", "--model", tmp_path / "run", "--corpus",
+                                    tiny_corpus_file, "--update-corpus", tiny_corpus_file, "--max-samples", "4",
+                                    "--seq-len", "16", "--threads", "1", "--quiet", "--out", tmp_path / "S.csv")
+    assert code == 0, err
+    lines = (tmp_path / "S.csv").read_text().splitlines()
+    assert lines[0].startswith("checkpoint,critical_lr,critical_sharpness") and len(lines) == 3
+    assert lines[1].startswith(str(tmp_path / "run" / "checkpoint-2"))  # natural order
+    assert (tmp_path / "S.png").read_bytes()[:4] == b"\x89PNG"
