@@ -42,9 +42,16 @@ import tempfile
 import time
 from pathlib import Path
 
-SAMPLE = ["--max-samples", "8", "--seq-len", "64", "--batch-size", "8"]
+DEFAULT_SAMPLE = (8, 64)  # sequences x tokens, one batch
+
+
+def sample_options(sample):
+    """The stages' sample options for (sequences, tokens): one batch of all the sequences."""
+    n, t = sample
+    return ["--max-samples", str(n), "--seq-len", str(t), "--batch-size", str(n)]
 GRID = ["--x=-0.1:0.1:3", "--y=-0.1:0.1:3"]
-STAGES = ("fisher", "directions", "directions-top5", "surface", "surface-top5", "surface-stream", "hessian")
+STAGES = ("fisher", "directions", "directions-top5", "surface", "surface-top5", "surface-stream", "hessian",
+          "hessian-top3", "hessian-trace", "hessian-spectrum")
 NEEDS = {"directions-top5": "fisher", "surface": "directions", "surface-top5": "directions-top5",
          "surface-stream": "directions"}
 SAMPLED = {"fisher", "surface", "hessian"}  # subcommands that build a sample
@@ -136,7 +143,8 @@ def model_alone(spec):
         shard_model(loaded.model, shard_layout(spec["shard_size"]))
     else:
         loaded = load_model(spec["model"], device=device, dtype=spec["dtype"])
-    batches = load_batches(loaded, max_samples=8, seq_len=64, batch_size=8,
+    n, t = spec.get("sample", DEFAULT_SAMPLE)
+    batches = load_batches(loaded, max_samples=n, seq_len=t, batch_size=n,
                            device=next(loaded.model.parameters()).device)
     with torch.inference_mode():
         for batch in batches:
@@ -166,6 +174,7 @@ class Runner:
 
     def __init__(self, args, work):
         self.work, self.nproc, self.shard_size = work, args.nproc, args.shard_size or args.nproc
+        self.sample = args.sample
         # glibc keeps freed blocks in per-thread heaps (arenas) and reuses them poorly across threads:
         # measured here, a sharded forward's all-gather buffers, freed block after block, grew the
         # RSS by the whole model although none was alive.  A fixed mmap threshold returns every
@@ -211,7 +220,7 @@ class Runner:
     def baseline(self, model, device, dtype, name):
         """The model alone, loaded (and sharded) as the stages load it."""
         spec = {"mode": "model", "model": None if model == EMBEDDED else model, "device": device, "dtype": dtype,
-                "shard_size": self.shard_size if self.nproc > 1 else 1}
+                "shard_size": self.shard_size if self.nproc > 1 else 1, "sample": list(self.sample)}
         return self.run(spec, name, self.launcher())
 
     def stage(self, command, stage_args, name):
@@ -245,10 +254,15 @@ def stage_command(stage, files):
         "surface-stream": ("surface", ["--directions", files["directions"], "--stream-directions"] + GRID
                            + ["--out", files["surface-stream"]]),
         "hessian": ("hessian", ["--top", "1", "--max-iter", "10", "--out", files["hessian"]]),
+        # 30 products: past the first thick restart (the basis holds 21 vectors for --top 3)
+        "hessian-top3": ("hessian", ["--top", "3", "--max-iter", "30", "--out", files["hessian-top3"]]),
+        "hessian-trace": ("hessian", ["--top", "0", "--trace", "4", "--out", files["hessian-trace"]]),
+        "hessian-spectrum": ("hessian", ["--top", "0", "--spectrum", "1", "--steps", "40",
+                                         "--out", files["hessian-spectrum"]]),
     }[stage]
 
 
-def common_options(command, help_text, model, dtype, device):
+def common_options(command, help_text, model, dtype, device, sample=DEFAULT_SAMPLE):
     """The model, dtype, device, sample and quiet options that ``command`` accepts.
 
     --device goes with --dtype: `directions` has a --device for --kind hessian only, and refuses it
@@ -259,7 +273,7 @@ def common_options(command, help_text, model, dtype, device):
     for flag, values in (("--quiet", []), ("--threads", ["1"])):
         if flag in help_text:
             opts += [flag] + values
-    return opts + (SAMPLE if command in SAMPLED else [])
+    return opts + (sample_options(sample) if command in SAMPLED else [])
 
 
 def measure_model(runner, model, dtypes, stages, device):
@@ -273,7 +287,7 @@ def measure_model(runner, model, dtypes, stages, device):
         base = out["baseline"][dtype] = runner.baseline(model, device, dtype, f"{label}/{dtype}/model")
         out.update(n_params=base.get("n_params"), device=base.get("device"), code=base.get("landscape"))
         progress(label, dtype, "model alone", base)
-        files = {s: str(folder / (s + {"fisher": ".safetensors", "hessian": ".json"}.get(s, ".h5"))) for s in STAGES}
+        files = {s: str(folder / (s + _suffix(s))) for s in STAGES}
         for stage in stages:
             out["stages"][stage][dtype] = run_stage(runner, stage, files, model, dtype, device, out["stages"])
             progress(label, dtype, stage, out["stages"][stage][dtype])
@@ -285,6 +299,10 @@ def measure_model(runner, model, dtypes, stages, device):
     return out
 
 
+def _suffix(stage):
+    return ".safetensors" if stage == "fisher" else ".json" if stage.startswith("hessian") else ".h5"
+
+
 def run_stage(runner, stage, files, model, dtype, device, done):
     """One stage's run, or a skip when the stage it needs failed."""
     need = NEEDS.get(stage)
@@ -292,7 +310,7 @@ def run_stage(runner, stage, files, model, dtype, device, done):
         return {"skipped": f"needs {need}"}
     command, stage_args = stage_command(stage, files)
     help_text = runner.help_text(command)
-    run = runner.stage(command, common_options(command, help_text, model, dtype, device) + stage_args,
+    run = runner.stage(command, common_options(command, help_text, model, dtype, device, runner.sample) + stage_args,
                        f"{model_label(model)}/{dtype}/{stage}")
     run["float32_only"] = "--dtype" not in help_text
     return run
@@ -412,10 +430,19 @@ def parse_args(argv):
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage under torch.distributed.run")
     parser.add_argument("--shard-size", type=int, default=None, help="passed to each stage when --nproc > 1 "
                                                                      "(default: --nproc)")
+    parser.add_argument("--sample", default="x".join(map(str, DEFAULT_SAMPLE)), metavar="NxT",
+                        help="sequences x tokens of the sample, one batch (default: %(default)s)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [m for text in (args.model or default_models()) for m in text.split(",") if m]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
+    text = args.sample
+    try:
+        args.sample = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        args.sample = ()
+    if len(args.sample) != 2 or min(args.sample) < 1:
+        parser.error(f"--sample takes sequences x tokens, e.g. 8x64, got {text!r}")
     unknown = set(args.stages.split(",")) - set(STAGES) - {""}
     if unknown or set(args.dtypes) - set(DTYPE_BYTES):
         parser.error(f"unknown stage(s) {sorted(unknown)} or dtype(s) in {args.dtypes}")
@@ -429,7 +456,7 @@ def main(argv=None):
     if args.child:
         return child(json.loads(args.child))
     print("command: " + shlex.join(["python"] + sys.argv))
-    print(f"code: {args.repo} (git {git_head(args.repo)}); sample: {' '.join(SAMPLE)}; OMP_NUM_THREADS=1"
+    print(f"code: {args.repo} (git {git_head(args.repo)}); sample: {' '.join(sample_options(args.sample))}; OMP_NUM_THREADS=1"
           + (f"; torchrun --nproc-per-node {args.nproc}, largest process" if args.nproc > 1 else ""))
     work = Path(args.work or tempfile.mkdtemp(prefix="landscape-memory-"))
     runner = Runner(args, work)

@@ -419,27 +419,27 @@ class HessianOperator:
         first = self._tokens is None
         tokens = 0.0
         vs = self.space.unflatten(v)
-        hv = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
-        for index, batch in enumerate(self.batches):
-            if index in self._cached:
-                continue
-            grads, n_tokens, nbytes = self._gradient(batch)
-            tokens += n_tokens
-            if first and self._used_bytes + nbytes <= self.cache_bytes:
-                self._used_bytes += nbytes
-                self._cached.add(index)
-                self._grad_sum = grads if self._grad_sum is None else [
-                    g if s is None else (s if g is None else s + g) for s, g in zip(self._grad_sum, grads)]
-            else:
-                hv += self._second(grads, vs, retain=False)
-        if first:
-            self._tokens = tokens
-            self._signature = self._weights_signature()
-        if self._grad_sum is not None:
-            hv += self._second(self._grad_sum, vs, retain=True)
+        with _Accumulator(self.space) as hv:
+            for index, batch in enumerate(self.batches):
+                if index in self._cached:
+                    continue
+                grads, n_tokens, nbytes = self._gradient(batch)
+                tokens += n_tokens
+                if first and self._used_bytes + nbytes <= self.cache_bytes:
+                    self._used_bytes += nbytes
+                    self._cached.add(index)
+                    self._grad_sum = grads if self._grad_sum is None else [
+                        g if s is None else (s if g is None else s + g) for s, g in zip(self._grad_sum, grads)]
+                else:
+                    self._second(grads, vs, hv, retain=False)
+            if first:
+                self._tokens = tokens
+                self._signature = self._weights_signature()
+            if self._grad_sum is not None:
+                self._second(self._grad_sum, vs, hv, retain=True)
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
-        return hv / self._tokens
+        return hv.out.div_(self._tokens)
 
     def _gradient(self, batch: dict):
         """First-order gradient of the batch's summed loss with its graph: (grads, n_tokens, bytes held)."""
@@ -464,15 +464,53 @@ class HessianOperator:
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves
         return list(grads), float(losses.n_tokens.sum()), held[0]
 
-    def _second(self, grads: list, vs: list, retain: bool) -> torch.Tensor:
-        """Gradient of <grads, v> with respect to the coordinates' parameters: the unnormalized H·v."""
+    def _second(self, grads: list, vs: list, hv: "_Accumulator", retain: bool) -> None:
+        """Add the gradient of <grads, v> with respect to the coordinates' parameters (the unnormalized H·v) to hv."""
         terms = [torch.vdot(g.reshape(-1), v.reshape(-1).to(g.dtype)) for g, v in zip(grads, vs)
                  if g is not None and g.requires_grad]
         if not terms:  # the gradient does not depend on the weights: H = 0
-            return torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+            return
         dot = torch.stack(terms).sum()
-        hv = torch.autograd.grad(dot, self.space.params, retain_graph=retain, allow_unused=True)
-        return self.space.flatten(hv)
+        # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
+        # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
+        torch.autograd.backward(dot, inputs=self.space.params, retain_graph=retain)
+        hv.fold()
+
+
+class _Accumulator:
+    """H·v summed over backwards straight into one flat float32 vector (``out``).
+
+    Inside the block each coordinate parameter's ``.grad`` is a view of ``out`` (float32
+    parameters without a mask) or a zeroed parameter-sized tensor that ``fold`` adds into ``out``
+    after each backward (masked or non-float32 ones: as the gathered, float32 per-backward sums
+    were added before); the parameters' own ``.grad`` are put back on leaving.
+    """
+
+    def __init__(self, space: _Space):
+        self.space = space
+        self.out = torch.zeros(space.dim, dtype=torch.float32, device=space.device)
+        self.saved = [b.param.grad for b in space.blocks]
+        self.folded = []  # (block, its parameter-sized .grad) of the blocks fold adds in
+        for b in space.blocks:
+            if b.index is None and b.param.dtype == torch.float32:
+                b.param.grad = self.out[b.offset: b.offset + b.count].view(b.param.shape)
+            else:
+                b.param.grad = torch.zeros_like(b.param)
+                self.folded.append((b, b.param.grad))
+
+    def fold(self) -> None:
+        for b, grad in self.folded:
+            flat = grad.reshape(-1)
+            self.out[b.offset: b.offset + b.count] += (flat if b.index is None else flat[b.index]).float()
+            grad.zero_()
+
+    def __enter__(self) -> "_Accumulator":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for b, grad in zip(self.space.blocks, self.saved):
+            b.param.grad = grad
+        return False
 
 
 def _usable_batch(batch: dict) -> dict:
