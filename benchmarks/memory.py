@@ -456,7 +456,8 @@ def main(argv=None):
     if args.child:
         return child(json.loads(args.child))
     print("command: " + shlex.join(["python"] + sys.argv))
-    print(f"code: {args.repo} (git {git_head(args.repo)}); sample: {' '.join(sample_options(args.sample))}; OMP_NUM_THREADS=1"
+    print(f"code: {args.repo} (git {git_head(args.repo)}); sample: {' '.join(sample_options(args.sample))}; "
+          "OMP_NUM_THREADS=1"
           + (f"; torchrun --nproc-per-node {args.nproc}, largest process" if args.nproc > 1 else ""))
     work = Path(args.work or tempfile.mkdtemp(prefix="landscape-memory-"))
     runner = Runner(args, work)

@@ -96,6 +96,7 @@ class MemoryBasis:
         return vectors
 
     def close(self) -> None:
+        """Drop the rows."""
         self.data = None
 
 
@@ -208,6 +209,7 @@ class FileBasis:
         return FileVectors(self, wanted, signs)
 
     def close(self) -> None:
+        """Close (and so delete) the file."""
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -40,7 +40,7 @@ def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool 
 
 
 def _basis(rows: int, op: _Products, budget: int):
-    """Room for ``rows`` Krylov vectors of ``op`` (the working dtype): in memory within ``budget`` bytes, else a file."""
+    """Room for ``rows`` Krylov vectors of ``op`` (its working dtype): in memory up to ``budget`` bytes, else a file."""
     return krylov_basis(rows, op.dim, op.dtype, op.device, budget)
 
 

@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 480 lines, 100 of them docstrings.  The coordinate space, the model state and the
+Size: about 520 lines, 110 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
