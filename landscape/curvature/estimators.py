@@ -53,12 +53,18 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
             if i in done:
                 continue
             z = _rademacher(op.dim, _generator(seed, 2, i), op.device).to(op.dtype)
-            done[i] = float(torch.dot(z.double(), op.matvec(z).double()))
+            done[i] = _dot(z, op.matvec(z))
             if journal:
                 journal.add(i, value=done[i].hex())
     values = np.array([done[i] for i in range(int(samples))])
     stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return float(values.mean()), stderr
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, block: int = 2**20) -> float:
+    """aᵀb in float64, ``block`` elements at a time (no float64 copy of either vector)."""
+    return float(sum(float(torch.dot(a[i: i + block].double(), b[i: i + block].double()))
+                     for i in range(0, a.numel(), block)))
 
 
 def _check_probe(record: dict, schema, where: str) -> None:

@@ -93,7 +93,7 @@ def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
             basis.put(j + 1, w / w.norm())
             beta = 0.0
         else:
-            basis.put(j + 1, w / beta)
+            basis.put(j + 1, w.div_(beta))  # in place: w is this step's own vector
         if used >= budget:
             break
     return j, beta, used
@@ -268,7 +268,8 @@ def _run_steps(op: _Products, start: torch.Tensor, steps: int, basis):
         if j + 1 == steps or beta <= 1e-6 * scale:  # done, or the Krylov space is invariant
             break
         betas.append(beta)
-        previous, v = (v if basis is None else None), w / beta  # the recurrence's only: no copy kept
+        previous, v = (v if basis is None else None), None  # the recurrence's only: no copy kept
+        v = w.div_(beta)  # in place: w is this step's own vector
     tri = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
     nodes, vectors = np.linalg.eigh(tri)
     return nodes, vectors[0, :] ** 2
