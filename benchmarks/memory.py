@@ -4,13 +4,18 @@ Each stage runs in a fresh child process on the same tiny sample (8 sequences x 
 embedded corpus, one batch): the model alone (load, build the sample, one forward under
 ``torch.inference_mode``: the baseline), ``fisher``, ``directions`` (random, and ``--fisher F
 --subset top:5``), a 2D 3x3 ``surface`` on each of those direction files (and with
-``--stream-directions`` on the random one), and ``hessian --top 1``
-(at most 10 Hessian-vector products). The peak is, on CPU, the child's peak RSS from the moment its
-model is loaded (and sharded): the child resets the kernel's high-water mark right after
-``load_model`` and ``shard_model`` return, so the loader's own transient peak, which is the same
-for every stage and can hide what a lean stage adds, is not counted (the reset also lowers what
-``os.wait4`` reports, so a checkout measured with this script before and after a change is
-compared the same way), with glibc returning freed buffers of 1 MiB or more to the system
+``--stream-directions`` on the random one), ``hessian --top 1`` (at most 10 Hessian-vector
+products), and the Hessian's three measures: ``hessian-top3`` (``--top 3 --max-iter 30``: past the
+first thick restart of its 21-vector basis), ``hessian-trace`` (``--trace 4``) and
+``hessian-spectrum`` (``--spectrum 1 --steps 40``); their Lanczos bases go to a temporary file
+beyond ``--basis-mb`` (1024 MB), so on a model over ~13M parameters they show the file-backed path.
+``--sample NxT`` changes the sample (e.g. ``2x32``, the size the Hessian's memory was first
+measured at). ``hessian`` does not shard yet, so its rows fail under ``--nproc``. The peak is, on
+CPU, the child's peak RSS from the moment its model is loaded (and sharded): the child resets the
+kernel's high-water mark right after ``load_model`` and ``shard_model`` return, so the loader's
+own transient peak, which is the same for every stage and can hide what a lean stage adds, is not
+counted (the reset also lowers what ``os.wait4`` reports, so a checkout measured with this script
+before and after a change is compared the same way), with glibc returning freed buffers of 1 MiB or more to the system
 (``MALLOC_MMAP_THRESHOLD_``; see ``Runner``); on a GPU it is
 ``torch.cuda.max_memory_allocated()``. A stage's cost is (its peak - the baseline's peak) /
 parameters, for each dtype; a stage whose subcommand has no ``--dtype`` runs in float32 and is
@@ -19,6 +24,7 @@ model's dtype + bytes/param above the model) x N.
 
     python benchmarks/memory.py                       # embedded model and SmolLM2-135M if built
     python benchmarks/memory.py --model embedded --dtypes float32 --stages fisher,surface
+    python benchmarks/memory.py --model DIR --sample 2x32 --stages hessian-top3,hessian-trace,hessian-spectrum
     python benchmarks/memory.py --repo /path/to/older/checkout --json before.json
 
 ``--repo DIR`` measures another checkout: children run with ``PYTHONPATH=DIR``. ``--nproc N
@@ -33,6 +39,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -65,6 +72,8 @@ def child(spec):
     """Run one stage (the CLI in-process) or the model alone; write the result JSON (per rank)."""
     import torch
 
+    if spec["mode"] == "random-llama":
+        return random_llama(spec["folder"], *spec["shape"])
     _reset_peak_once_loaded()
     if spec["mode"] == "model":
         info, code = model_alone(spec), 0
@@ -152,6 +161,29 @@ def model_alone(spec):
     n_params = sum(p.numel() for p in loaded.model.parameters())  # parameters() yields tied ones once
     print(f"{n_params} parameters")
     return {"n_params": n_params, "device": str(next(loaded.model.parameters()).device)}
+
+
+def random_llama(folder, layers, hidden, vocab):
+    """Write a random-weight Llama (``layers`` blocks of width ``hidden``, untied embedding and head over
+    ``vocab`` tokens (at least the tokenizer's), heads of 64) with the embedded model's tokenizer to
+    ``folder``: a model shaped like the ones people fine-tune, at a size this machine runs, without
+    a download."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from landscape.datahome import EMBEDDED_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    torch.manual_seed(0)
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return 0
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -432,6 +464,9 @@ def parse_args(argv):
                                                                      "(default: --nproc)")
     parser.add_argument("--sample", default="x".join(map(str, DEFAULT_SAMPLE)), metavar="NxT",
                         help="sequences x tokens of the sample, one batch (default: %(default)s)")
+    parser.add_argument("--random-llama", default=None, metavar="L,H,V",
+                        help="also measure a random-weight Llama of L layers, width H and vocabulary V, written "
+                             "into the work folder (e.g. 8,512,32000: 58M parameters)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [m for text in (args.model or default_models()) for m in text.split(",") if m]
@@ -447,6 +482,8 @@ def parse_args(argv):
     if unknown or set(args.dtypes) - set(DTYPE_BYTES):
         parser.error(f"unknown stage(s) {sorted(unknown)} or dtype(s) in {args.dtypes}")
     args.stages = with_needs(args.stages.split(","))
+    if args.random_llama is not None and not re.fullmatch(r"\d+,\d+,\d+", args.random_llama):
+        parser.error(f"--random-llama takes layers,width,vocabulary, e.g. 8,512,32000, got {args.random_llama!r}")
     args.repo = str(Path(args.repo).resolve())
     return args
 
@@ -463,6 +500,12 @@ def main(argv=None):
     runner = Runner(args, work)
     results = {}
     try:
+        if args.random_llama:
+            folder = work / ("llama-" + args.random_llama.replace(",", "-"))
+            shape = [int(x) for x in args.random_llama.split(",")]
+            if runner.run({"mode": "random-llama", "folder": str(folder), "shape": shape}, "random-llama")["rc"]:
+                raise SystemExit(f"could not write the random Llama: see {work / 'random-llama.log'}")
+            args.models = ([] if args.model is None else args.models) + [str(folder)]
         for model in args.models:
             results[model] = res = measure_model(runner, model, args.dtypes, args.stages, args.device)
             print_model(model_label(model), res, args.dtypes)
