@@ -485,10 +485,15 @@ def _hollow(g: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Keep g's graph and shape but not its values (one zero, expanded): a second backward needs only those.
 
     A product's backward starts at the gradients with v as cotangents and never reads their values,
-    so the cache keeps no copy of the gradient (4 bytes per parameter).
+    so the cache keeps no copy of the gradient (4 bytes per parameter).  A gradient that is a view
+    (a linear layer's is the transpose of a product) keeps its base alive: the base, an
+    intermediate of the first backward that only this view reads, is emptied too.
     """
-    if g is not None:
-        g.data = torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+    if g is None:
+        return g
+    base = g._base
+    for t in (g, base) if base is not None and base.grad_fn is not None else (g,):
+        t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
     return g
 
 
