@@ -4,13 +4,18 @@ Each stage runs in a fresh child process on the same tiny sample (8 sequences x 
 embedded corpus, one batch): the model alone (load, build the sample, one forward under
 ``torch.inference_mode``: the baseline), ``fisher``, ``directions`` (random, and ``--fisher F
 --subset top:5``), a 2D 3x3 ``surface`` on each of those direction files (and with
-``--stream-directions`` on the random one), and ``hessian --top 1``
-(at most 10 Hessian-vector products). The peak is, on CPU, the child's peak RSS from the moment its
-model is loaded (and sharded): the child resets the kernel's high-water mark right after
-``load_model`` and ``shard_model`` return, so the loader's own transient peak, which is the same
-for every stage and can hide what a lean stage adds, is not counted (the reset also lowers what
-``os.wait4`` reports, so a checkout measured with this script before and after a change is
-compared the same way), with glibc returning freed buffers of 1 MiB or more to the system
+``--stream-directions`` on the random one), ``hessian --top 1`` (at most 10 Hessian-vector
+products), and the Hessian's three measures: ``hessian-top3`` (``--top 3 --max-iter 30``: past the
+first thick restart of its 21-vector basis), ``hessian-trace`` (``--trace 4``) and
+``hessian-spectrum`` (``--spectrum 1 --steps 40``); their Lanczos bases go to a temporary file
+beyond ``--basis-mb`` (1024 MB), so on a model over ~13M parameters they show the file-backed path.
+``--sample NxT`` changes the sample (e.g. ``2x32``, the size the Hessian's memory was first
+measured at). ``hessian`` does not shard yet, so its rows fail under ``--nproc``. The peak is, on
+CPU, the child's peak RSS from the moment its model is loaded (and sharded): the child resets the
+kernel's high-water mark right after ``load_model`` and ``shard_model`` return, so the loader's
+own transient peak, which is the same for every stage and can hide what a lean stage adds, is not
+counted (the reset also lowers what ``os.wait4`` reports, so a checkout measured with this script
+before and after a change is compared the same way), with glibc returning freed buffers of 1 MiB or more to the system
 (``MALLOC_MMAP_THRESHOLD_``; see ``Runner``); on a GPU it is
 ``torch.cuda.max_memory_allocated()``. A stage's cost is (its peak - the baseline's peak) /
 parameters, for each dtype; a stage whose subcommand has no ``--dtype`` runs in float32 and is
@@ -19,6 +24,7 @@ model's dtype + bytes/param above the model) x N.
 
     python benchmarks/memory.py                       # embedded model and SmolLM2-135M if built
     python benchmarks/memory.py --model embedded --dtypes float32 --stages fisher,surface
+    python benchmarks/memory.py --model DIR --sample 2x32 --stages hessian-top3,hessian-trace,hessian-spectrum
     python benchmarks/memory.py --repo /path/to/older/checkout --json before.json
 
 ``--repo DIR`` measures another checkout: children run with ``PYTHONPATH=DIR``. ``--nproc N
@@ -33,6 +39,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -42,9 +49,16 @@ import tempfile
 import time
 from pathlib import Path
 
-SAMPLE = ["--max-samples", "8", "--seq-len", "64", "--batch-size", "8"]
+DEFAULT_SAMPLE = (8, 64)  # sequences x tokens, one batch
+
+
+def sample_options(sample):
+    """The stages' sample options for (sequences, tokens): one batch of all the sequences."""
+    n, t = sample
+    return ["--max-samples", str(n), "--seq-len", str(t), "--batch-size", str(n)]
 GRID = ["--x=-0.1:0.1:3", "--y=-0.1:0.1:3"]
-STAGES = ("fisher", "directions", "directions-top5", "surface", "surface-top5", "surface-stream", "hessian")
+STAGES = ("fisher", "directions", "directions-top5", "surface", "surface-top5", "surface-stream", "hessian",
+          "hessian-top3", "hessian-trace", "hessian-spectrum")
 NEEDS = {"directions-top5": "fisher", "surface": "directions", "surface-top5": "directions-top5",
          "surface-stream": "directions"}
 SAMPLED = {"fisher", "surface", "hessian"}  # subcommands that build a sample
@@ -58,6 +72,8 @@ def child(spec):
     """Run one stage (the CLI in-process) or the model alone; write the result JSON (per rank)."""
     import torch
 
+    if spec["mode"] == "random-llama":
+        return random_llama(spec["folder"], *spec["shape"])
     _reset_peak_once_loaded()
     if spec["mode"] == "model":
         info, code = model_alone(spec), 0
@@ -136,7 +152,8 @@ def model_alone(spec):
         shard_model(loaded.model, shard_layout(spec["shard_size"]))
     else:
         loaded = load_model(spec["model"], device=device, dtype=spec["dtype"])
-    batches = load_batches(loaded, max_samples=8, seq_len=64, batch_size=8,
+    n, t = spec.get("sample", DEFAULT_SAMPLE)
+    batches = load_batches(loaded, max_samples=n, seq_len=t, batch_size=n,
                            device=next(loaded.model.parameters()).device)
     with torch.inference_mode():
         for batch in batches:
@@ -144,6 +161,29 @@ def model_alone(spec):
     n_params = sum(p.numel() for p in loaded.model.parameters())  # parameters() yields tied ones once
     print(f"{n_params} parameters")
     return {"n_params": n_params, "device": str(next(loaded.model.parameters()).device)}
+
+
+def random_llama(folder, layers, hidden, vocab):
+    """Write a random-weight Llama (``layers`` blocks of width ``hidden``, untied embedding and head over
+    ``vocab`` tokens (at least the tokenizer's), heads of 64) with the embedded model's tokenizer to
+    ``folder``: a model shaped like the ones people fine-tune, at a size this machine runs, without
+    a download."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from landscape.datahome import EMBEDDED_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    torch.manual_seed(0)
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return 0
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -166,6 +206,7 @@ class Runner:
 
     def __init__(self, args, work):
         self.work, self.nproc, self.shard_size = work, args.nproc, args.shard_size or args.nproc
+        self.sample = args.sample
         # glibc keeps freed blocks in per-thread heaps (arenas) and reuses them poorly across threads:
         # measured here, a sharded forward's all-gather buffers, freed block after block, grew the
         # RSS by the whole model although none was alive.  A fixed mmap threshold returns every
@@ -211,7 +252,7 @@ class Runner:
     def baseline(self, model, device, dtype, name):
         """The model alone, loaded (and sharded) as the stages load it."""
         spec = {"mode": "model", "model": None if model == EMBEDDED else model, "device": device, "dtype": dtype,
-                "shard_size": self.shard_size if self.nproc > 1 else 1}
+                "shard_size": self.shard_size if self.nproc > 1 else 1, "sample": list(self.sample)}
         return self.run(spec, name, self.launcher())
 
     def stage(self, command, stage_args, name):
@@ -245,10 +286,15 @@ def stage_command(stage, files):
         "surface-stream": ("surface", ["--directions", files["directions"], "--stream-directions"] + GRID
                            + ["--out", files["surface-stream"]]),
         "hessian": ("hessian", ["--top", "1", "--max-iter", "10", "--out", files["hessian"]]),
+        # 30 products: past the first thick restart (the basis holds 21 vectors for --top 3)
+        "hessian-top3": ("hessian", ["--top", "3", "--max-iter", "30", "--out", files["hessian-top3"]]),
+        "hessian-trace": ("hessian", ["--top", "0", "--trace", "4", "--out", files["hessian-trace"]]),
+        "hessian-spectrum": ("hessian", ["--top", "0", "--spectrum", "1", "--steps", "40",
+                                         "--out", files["hessian-spectrum"]]),
     }[stage]
 
 
-def common_options(command, help_text, model, dtype, device):
+def common_options(command, help_text, model, dtype, device, sample=DEFAULT_SAMPLE):
     """The model, dtype, device, sample and quiet options that ``command`` accepts.
 
     --device goes with --dtype: `directions` has a --device for --kind hessian only, and refuses it
@@ -259,7 +305,7 @@ def common_options(command, help_text, model, dtype, device):
     for flag, values in (("--quiet", []), ("--threads", ["1"])):
         if flag in help_text:
             opts += [flag] + values
-    return opts + (SAMPLE if command in SAMPLED else [])
+    return opts + (sample_options(sample) if command in SAMPLED else [])
 
 
 def measure_model(runner, model, dtypes, stages, device):
@@ -273,7 +319,7 @@ def measure_model(runner, model, dtypes, stages, device):
         base = out["baseline"][dtype] = runner.baseline(model, device, dtype, f"{label}/{dtype}/model")
         out.update(n_params=base.get("n_params"), device=base.get("device"), code=base.get("landscape"))
         progress(label, dtype, "model alone", base)
-        files = {s: str(folder / (s + {"fisher": ".safetensors", "hessian": ".json"}.get(s, ".h5"))) for s in STAGES}
+        files = {s: str(folder / (s + _suffix(s))) for s in STAGES}
         for stage in stages:
             out["stages"][stage][dtype] = run_stage(runner, stage, files, model, dtype, device, out["stages"])
             progress(label, dtype, stage, out["stages"][stage][dtype])
@@ -285,6 +331,10 @@ def measure_model(runner, model, dtypes, stages, device):
     return out
 
 
+def _suffix(stage):
+    return ".safetensors" if stage == "fisher" else ".json" if stage.startswith("hessian") else ".h5"
+
+
 def run_stage(runner, stage, files, model, dtype, device, done):
     """One stage's run, or a skip when the stage it needs failed."""
     need = NEEDS.get(stage)
@@ -292,7 +342,7 @@ def run_stage(runner, stage, files, model, dtype, device, done):
         return {"skipped": f"needs {need}"}
     command, stage_args = stage_command(stage, files)
     help_text = runner.help_text(command)
-    run = runner.stage(command, common_options(command, help_text, model, dtype, device) + stage_args,
+    run = runner.stage(command, common_options(command, help_text, model, dtype, device, runner.sample) + stage_args,
                        f"{model_label(model)}/{dtype}/{stage}")
     run["float32_only"] = "--dtype" not in help_text
     return run
@@ -412,14 +462,28 @@ def parse_args(argv):
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage under torch.distributed.run")
     parser.add_argument("--shard-size", type=int, default=None, help="passed to each stage when --nproc > 1 "
                                                                      "(default: --nproc)")
+    parser.add_argument("--sample", default="x".join(map(str, DEFAULT_SAMPLE)), metavar="NxT",
+                        help="sequences x tokens of the sample, one batch (default: %(default)s)")
+    parser.add_argument("--random-llama", default=None, metavar="L,H,V",
+                        help="also measure a random-weight Llama of L layers, width H and vocabulary V, written "
+                             "into the work folder (e.g. 8,512,32000: 58M parameters)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [m for text in (args.model or default_models()) for m in text.split(",") if m]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
+    text = args.sample
+    try:
+        args.sample = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        args.sample = ()
+    if len(args.sample) != 2 or min(args.sample) < 1:
+        parser.error(f"--sample takes sequences x tokens, e.g. 8x64, got {text!r}")
     unknown = set(args.stages.split(",")) - set(STAGES) - {""}
     if unknown or set(args.dtypes) - set(DTYPE_BYTES):
         parser.error(f"unknown stage(s) {sorted(unknown)} or dtype(s) in {args.dtypes}")
     args.stages = with_needs(args.stages.split(","))
+    if args.random_llama is not None and not re.fullmatch(r"\d+,\d+,\d+", args.random_llama):
+        parser.error(f"--random-llama takes layers,width,vocabulary, e.g. 8,512,32000, got {args.random_llama!r}")
     args.repo = str(Path(args.repo).resolve())
     return args
 
@@ -429,12 +493,19 @@ def main(argv=None):
     if args.child:
         return child(json.loads(args.child))
     print("command: " + shlex.join(["python"] + sys.argv))
-    print(f"code: {args.repo} (git {git_head(args.repo)}); sample: {' '.join(SAMPLE)}; OMP_NUM_THREADS=1"
+    print(f"code: {args.repo} (git {git_head(args.repo)}); sample: {' '.join(sample_options(args.sample))}; "
+          "OMP_NUM_THREADS=1"
           + (f"; torchrun --nproc-per-node {args.nproc}, largest process" if args.nproc > 1 else ""))
     work = Path(args.work or tempfile.mkdtemp(prefix="landscape-memory-"))
     runner = Runner(args, work)
     results = {}
     try:
+        if args.random_llama:
+            folder = work / ("llama-" + args.random_llama.replace(",", "-"))
+            shape = [int(x) for x in args.random_llama.split(",")]
+            if runner.run({"mode": "random-llama", "folder": str(folder), "shape": shape}, "random-llama")["rc"]:
+                raise SystemExit(f"could not write the random Llama: see {work / 'random-llama.log'}")
+            args.models = ([] if args.model is None else args.models) + [str(folder)]
         for model in args.models:
             results[model] = res = measure_model(runner, model, args.dtypes, args.stages, args.device)
             print_model(model_label(model), res, args.dtypes)

@@ -427,6 +427,9 @@ class HessianSettings(Settings):
                                "perturb them; none: every trainable element (the full Hessian)")
     cache_mb: float = setting(1024.0, domain=checks.CACHE_MB, identity=False,
                               help="memory for the cached first-order graphs, in MB; 0 = recompute")
+    basis_mb: float = setting(1024.0, domain=checks.CACHE_MB, identity=False,
+                              help="memory for a Lanczos basis (top eigenpairs, each spectrum run), in MB; a larger "
+                                   "one goes to a temporary file, read a block at a time")
 
     def __post_init__(self):
         if self.fisher is not None:

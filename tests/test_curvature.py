@@ -551,3 +551,61 @@ def test_a_subset_needing_fisher_scores_is_refused_in_one_place():
     saying = [p.relative_to(package).as_posix() for p in package.rglob("*.py")
               if "needs Fisher scores" in p.read_text()]
     assert saying == ["fisher/subsets.py"], saying
+
+
+def test_a_report_with_its_bases_in_files_gives_the_dense_hessians_numbers(tiny, tmp_path, monkeypatch):
+    """Bases over the budget (0 bytes here) go to files: the same eigenpairs, measured residuals and spectrum."""
+    from landscape.curvature import krylov
+
+    model, batches, H, offsets = tiny
+    monkeypatch.setattr(krylov, "BLOCK_BYTES", 4096)  # several blocks of the 1144 coordinates
+    settings = dict(top=2, spectrum_runs=2, steps=12, bins=40, seed=0, kind="causal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        memory = C.hessian_report(model, batches, **settings)
+        files = C.hessian_report(model, batches, basis_bytes=0, vectors=tmp_path / "v.h5", **settings)
+    np.testing.assert_allclose(files["eigenvalues"], memory["eigenvalues"], rtol=1e-5)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:2].numpy()
+    np.testing.assert_allclose(files["eigenvalues"], exact, rtol=1e-3)
+    vectors, _ = load_directions(tmp_path / "v.h5")
+    for value, vector, got in zip(files["eigenvalues"], vectors, files["eigenpairs"]["residuals"]):
+        v = _flat(vector, offsets)
+        dense = float(torch.linalg.norm(H @ v - value * v)) / abs(value)
+        assert dense / 3 <= got <= 3 * dense, (got, dense)
+    for a, b in zip(files["spectrum"]["nodes"], memory["spectrum"]["nodes"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_products_leave_the_parameters_gradients_as_they_were(tiny):
+    """The products are summed through the parameters' .grad: what a caller had there comes back."""
+    model, batches, H, offsets = tiny
+    model = copy.deepcopy(model)
+    mask = _tiny_mask(model)
+    before = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = before[n].clone()
+    HP, keep = _dense_projected(H, mask, offsets)
+    v = torch.randn(int(keep.sum()), generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hv = C.HessianOperator(model, batches, mask=mask, kind="causal", cache_bytes=0).matvec(v).double()
+    want = HP @ v.double()
+    assert torch.linalg.norm(hv - want) <= 1e-5 * torch.linalg.norm(want)
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_cache_keeps_the_gradients_graph_not_their_values(tiny):
+    """A product starts its backward at the cached gradients with v as cotangents: their values
+    (4 bytes per parameter, and a view's base) are not kept, and the products stay exact."""
+    model, batches, H, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = C.HessianOperator(model, batches, kind="causal")
+        v = torch.randn(op.dim, generator=torch.Generator().manual_seed(7))
+        first, second = op.matvec(v), op.matvec(v)
+    held = [t for g in op._grad_sum if g is not None for t in (g, g._base) if t is not None]
+    assert len(held) > len(op.names) // 2  # the cache is there (all batches fit it)
+    assert all(t.untyped_storage().nbytes() <= t.element_size() for t in held)
+    want = H @ v.double()
+    assert torch.linalg.norm(second.double() - want) <= 1e-5 * torch.linalg.norm(want)
+    assert torch.equal(first, second)

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UsageError
 from .checkpoint import _identity, _Journal
+from .krylov import DEFAULT_BASIS_BYTES
 from .lanczos import _generator, _lanczos_run, _rademacher, _random_unit
 from .linear import _Products
 
@@ -52,12 +53,18 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
             if i in done:
                 continue
             z = _rademacher(op.dim, _generator(seed, 2, i), op.device).to(op.dtype)
-            done[i] = float(torch.dot(z.double(), op.matvec(z).double()))
+            done[i] = _dot(z, op.matvec(z))
             if journal:
                 journal.add(i, value=done[i].hex())
     values = np.array([done[i] for i in range(int(samples))])
     stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return float(values.mean()), stderr
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, block: int = 2**20) -> float:
+    """aᵀb in float64, ``block`` elements at a time (no float64 copy of either vector)."""
+    return float(sum(float(torch.dot(a[i: i + block].double(), b[i: i + block].double()))
+                     for i in range(0, a.numel(), block)))
 
 
 def _check_probe(record: dict, schema, where: str) -> None:
@@ -134,7 +141,8 @@ def _broaden(nodes: list, weights: list, bins: int, sigma: Optional[float]):
 
 
 def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0, *, sigma: Optional[float] = None,
-             reorthogonalize: bool = True, progress: bool = False, checkpoint=None) -> Spectrum:
+             reorthogonalize: bool = True, progress: bool = False, checkpoint=None,
+             basis_bytes: int = DEFAULT_BASIS_BYTES) -> Spectrum:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
     Each run is a Lanczos process of ``steps`` products from a normalized Rademacher vector drawn
@@ -150,10 +158,13 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
         bins: histogram bins over [min node − 5σ, max node + 5σ].
         seed: seeds the start vectors.
         sigma: broadening, eigenvalue units; default one bin width of the Ritz-value range.
-        reorthogonalize: full reorthogonalization (steps·dim of memory); without it, the
-            three-term recurrence (ghost copies of outliers may take some weight).
+        reorthogonalize: full reorthogonalization (steps·dim of memory, or of a temporary file
+            beyond ``basis_bytes``); without it, the three-term recurrence (ghost copies of
+            outliers may take some weight).
         progress: a tqdm bar over products.
         checkpoint: path of a journal of finished runs (as for ``trace``).
+        basis_bytes: a run's basis stays in memory up to this many bytes, else goes to a temporary
+            file read a block at a time (``krylov``; the same numbers up to rounding).
 
     Returns:
         A ``Spectrum``.
@@ -172,7 +183,7 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
             if r in done:
                 continue
             start = _random_unit(op.dim, _generator(seed, 3, r), op.device, rademacher=True, dtype=op.dtype)
-            done[r] = _lanczos_run(op, start, steps, reorthogonalize)
+            done[r] = _lanczos_run(op, start, steps, reorthogonalize, int(basis_bytes))
             if journal:
                 journal.add(r, nodes=done[r][0].tolist(), weights=done[r][1].tolist())
     nodes = [done[r][0] for r in range(int(runs))]

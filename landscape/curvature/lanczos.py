@@ -2,7 +2,8 @@
 
 The top eigenpairs use thick restart and full reorthogonalization; the quadrature runs are plain.
 Both run on any operator (``linear``: ``A @ v``, ``shape``, ``dtype``, ``device``), driven through
-``linear._Products``; their Krylov bases are the one large allocation here (``_basis``).
+``linear._Products``; their Krylov bases are the one large allocation here: in memory while they
+fit ``basis_bytes``, in a temporary file beyond it (``krylov``).
 """
 
 from __future__ import annotations
@@ -16,18 +17,11 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from .krylov import DEFAULT_BASIS_BYTES, FileVectors, _fix_sign, krylov_basis
 from .linear import _Products
 
 
 # ----------------------------------------------------------------------------- Lanczos
-def _orthogonalize(basis: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classical Gram-Schmidt twice (CGS2) of w against the rows of ``basis``: (w', coefficients)."""
-    coeffs = basis @ w
-    w = w - basis.T @ coeffs
-    again = basis @ w
-    return w - basis.T @ again, coeffs + again
-
-
 def _rademacher(dim: int, generator: torch.Generator, device) -> torch.Tensor:
     """(dim,) float32 of independent ±1 (drawn on the CPU, so the same on every device)."""
     return torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1).to(device)
@@ -45,9 +39,9 @@ def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool 
     return v if dtype == torch.float32 else (lambda w: w / w.norm())(v.to(dtype))
 
 
-def _basis(rows: int, op: _Products) -> torch.Tensor:
-    """Room for ``rows`` Krylov vectors of ``op`` (rows x dim, the working dtype, on its device)."""
-    return torch.zeros(rows, op.dim, dtype=op.dtype, device=op.device)
+def _basis(rows: int, op: _Products, budget: int):
+    """Room for ``rows`` Krylov vectors of ``op`` (its working dtype): in memory up to ``budget`` bytes, else a file."""
+    return krylov_basis(rows, op.dim, op.dtype, op.device, budget)
 
 
 def _generator(seed: int, salt: int, index: int = 0) -> torch.Generator:
@@ -72,18 +66,18 @@ class LanczosInfo:
     estimated: list = None
 
 
-def _extend(op: _Products, basis: torch.Tensor, proj: np.ndarray, start: int, stop: int,
+def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
             budget: int, generator: torch.Generator, norm_estimate: float):
     """Krylov steps start..stop-1 with full reorthogonalization.
 
-    basis: (m+1, dim) rows; rows 0..start hold an orthonormal basis.  Fills proj[:j+1, j] = Vᵀ·H·v_j
+    basis: m+1 rows (``krylov``); rows 0..start hold an orthonormal basis.  Fills proj[:j+1, j] = Vᵀ·H·v_j
     and row j+1 of basis.  Returns (last filled column j, norm of its residual, products used).
     """
     used, beta, j = 0, 0.0, start - 1
     for j in range(start, stop):
-        w = op.matvec(basis[j])
+        w = op.matvec(basis.get(j))
         used += 1
-        w, coeffs = _orthogonalize(basis[: j + 1], w)
+        w, coeffs = basis.orthogonalize(j + 1, w)
         column = coeffs.double().cpu().numpy()
         if not np.isfinite(column).all():  # else eigh fails later with a LinAlgError, far from the cause
             raise UsageError("a Hessian-vector product is not finite: the loss or its gradient overflows at "
@@ -95,28 +89,43 @@ def _extend(op: _Products, basis: torch.Tensor, proj: np.ndarray, start: int, st
         if j + 1 >= op.dim:  # the whole space is spanned: Ritz pairs are exact
             break
         if beta <= 1e-6 * norm_estimate:  # invariant subspace: continue from a fresh direction
-            w, _ = _orthogonalize(basis[: j + 1], _random_unit(op.dim, generator, op.device, dtype=op.dtype))
-            basis[j + 1] = w / w.norm()
+            w, _ = basis.orthogonalize(j + 1, _random_unit(op.dim, generator, op.device, dtype=op.dtype))
+            basis.put(j + 1, w / w.norm())
             beta = 0.0
         else:
-            basis[j + 1] = w / beta
+            basis.put(j + 1, w.div_(beta))  # in place: w is this step's own vector
         if used >= budget:
             break
     return j, beta, used
 
 
-def _lanczos_top(op: _Products, k: int, seed: int, tol: float, max_iter: int, ncv: Optional[int]):
+def _lanczos_top(op: _Products, k: int, seed: int, tol: float, max_iter: int, ncv: Optional[int],
+                 basis_bytes: int = DEFAULT_BASIS_BYTES):
     """Thick-restart Lanczos (Wu & Simon 2000) for the k largest algebraic eigenpairs.
 
-    Returns (eigenvalues (k,) float64 descending, eigenvectors (k, dim) unit rows, LanczosInfo).
+    Returns (eigenvalues (k,) float64 descending, eigenvectors (k, dim) unit rows, LanczosInfo); the
+    eigenvectors are a tensor, or ``krylov.FileVectors`` (signs fixed) when the basis is in a file.
     Convergence: every wanted Ritz pair has ‖H·u − θ·u‖ ≤ tol·|θ| (the residual is β·|y_m|, exact
     for the Krylov–Schur relation H·V = V·T + f·e_mᵀ that full reorthogonalization maintains).
     """
     dim = op.dim
     m = min(dim, max(ncv or 2 * k + 10, 20 if ncv is None else k + 2))  # room for k pairs and growth
     generator = _generator(seed, 1)
-    basis = _basis(m + 1, op)
-    basis[0] = _random_unit(dim, generator, op.device, dtype=op.dtype)
+    basis = _basis(m + 1, op, basis_bytes)
+    try:
+        found = _thick_restart(op, basis, k, m, generator, tol, max_iter)
+    except BaseException:
+        basis.close()
+        raise
+    if not basis.in_file:  # a file basis lives on as the eigenvectors' storage until they are read
+        basis.close()
+    return found
+
+
+def _thick_restart(op: _Products, basis, k: int, m: int, generator: torch.Generator, tol: float, max_iter: int):
+    """``_lanczos_top``'s iterations on an m+1-row basis."""
+    dim = op.dim
+    basis.put(0, _random_unit(dim, generator, op.device, dtype=op.dtype))
     proj = np.zeros((m, m))
     start, products, norm_estimate = 0, 0, 0.0
     while True:
@@ -134,16 +143,11 @@ def _lanczos_top(op: _Products, k: int, seed: int, tol: float, max_iter: int, nc
             break
         # Restart: keep the best Ritz vectors (more than k, which speeds convergence) and the residual.
         keep = min(size - 1, k + (m - k) // 2)
-        ritz = torch.from_numpy(np.ascontiguousarray(y[:, :keep].T)).to(op.device, op.dtype) @ basis[:size]
-        residual = basis[size].clone()
-        basis[:keep] = ritz
-        basis[keep] = residual
+        basis.restart(y[:, :keep], size)
         proj = np.zeros((m, m))
         proj[np.arange(keep), np.arange(keep)] = theta[:keep]
         start = keep
-    coeffs = torch.from_numpy(np.ascontiguousarray(y[:, :wanted].T)).to(op.device, op.dtype)
-    vectors = coeffs @ basis[:size]
-    vectors /= vectors.norm(dim=1, keepdim=True)
+    vectors = basis.ritz_vectors(y[:, :wanted], size)
     measured = _measured_residuals(op, theta[:wanted], vectors)
     info = LanczosInfo(products + wanted, measured, (done or size >= dim) and max(measured) <= tol, tol,
                        [float(r) for r in relative])
@@ -158,18 +162,27 @@ def _measured_residuals(op: _Products, values, vectors: torch.Tensor) -> list:
     """
     out = []
     for value, v in zip(values, vectors):
-        hv = op.matvec(v).double()
-        out.append(float(torch.linalg.norm(hv - float(value) * v.double())) / max(abs(float(value)), 1e-30))
+        if isinstance(vectors, FileVectors):  # float64 a block at a time: no float64 copy of the vectors
+            norm = _residual_norm(op.matvec(v), v, float(value))
+        else:
+            hv = op.matvec(v).double()
+            norm = float(torch.linalg.norm(hv - float(value) * v.double()))
+        out.append(norm / max(abs(float(value)), 1e-30))
     return out
 
 
-def _fix_sign(v: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors are defined up to sign; make the largest-magnitude element positive (reproducible)."""
-    return v if v[v.abs().argmax()] >= 0 else -v
+def _residual_norm(hv: torch.Tensor, v: torch.Tensor, value: float, block: int = 2**20) -> float:
+    """‖hv − value·v‖ in float64, ``block`` elements at a time."""
+    total = 0.0
+    for start in range(0, hv.numel(), block):
+        part = hv[start: start + block].double() - value * v[start: start + block].double()
+        total += float(part.square().sum())
+    return total ** 0.5
 
 
 def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter: int = 500,
-                   ncv: Optional[int] = None, progress: bool = False, return_info: bool = False):
+                   ncv: Optional[int] = None, progress: bool = False, return_info: bool = False,
+                   basis_bytes: int = DEFAULT_BASIS_BYTES):
     """The k largest (most positive) eigenvalues of a symmetric operator and their eigenvectors.
 
     Thick-restart Lanczos with full reorthogonalization from a seeded Gaussian start vector.
@@ -183,11 +196,15 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
         max_iter: at most this many products for Lanczos (a warning says if tol was not reached),
             plus one per returned pair to measure its residual.
         ncv: Krylov basis size before a restart (default max(2k+10, 20), at least k+2); memory
-            ncv·dim of the working dtype (float32, float64 for a float64 operator).
+            (ncv+1)·dim of the working dtype (float32, float64 for a float64 operator), or a
+            temporary file of that size beyond ``basis_bytes``.
         progress: a tqdm bar over products.
         return_info: also return a ``LanczosInfo`` (products, relative residuals measured with one
             extra product per returned vector, converged: Lanczos stopped on tol and every
             measured residual is within it).
+        basis_bytes: the Krylov basis stays in memory (on A's device) up to this many bytes; a
+            larger one goes to a temporary file, read a block at a time (``krylov``), and the
+            eigenvectors then come back as a CPU tensor mapped from a temporary file.
 
     Returns:
         (eigenvalues, eigenvectors): numpy float64 (k,) descending, in A's units; and a (k, dim)
@@ -206,31 +223,43 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
         raise UsageError(f"max_iter ({max_iter}) must be at least the number of eigenpairs ({k})")
     op.total = int(max_iter) + int(k)  # + one check per returned vector
     with op:
-        values, vectors, info = _lanczos_top(op, int(k), seed, float(tol), int(max_iter), ncv)
+        values, vectors, info = _lanczos_top(op, int(k), seed, float(tol), int(max_iter), ncv, int(basis_bytes))
     if not info.converged:
         warnings.warn(f"top_eigenpairs: not converged after {info.products} {op.label} (largest relative residual "
                       f"{max(info.residuals):.2g}, tolerance {tol:g}); raise max_iter or tol", stacklevel=2)
-    vectors = torch.stack([_fix_sign(v) for v in vectors])
+    if isinstance(vectors, FileVectors):  # signs fixed already; a stacked copy is what the file avoids
+        vectors = vectors.tensor()
+    else:
+        vectors = torch.stack([_fix_sign(v) for v in vectors])
     return (values, vectors, info) if return_info else (values, vectors)
 
 
-def _lanczos_run(op: _Products, start: torch.Tensor, steps: int, reorthogonalize: bool):
+def _lanczos_run(op: _Products, start: torch.Tensor, steps: int, reorthogonalize: bool,
+                 basis_bytes: int = DEFAULT_BASIS_BYTES):
     """One Lanczos run of up to ``steps`` products from a unit start vector: (Ritz values, weights).
 
     The weights are the squared first components of the tridiagonal matrix's eigenvectors: the
     Gauss quadrature of the start vector's spectral measure.
     """
     steps = min(steps, op.dim)
-    if reorthogonalize:
-        basis = _basis(steps, op)
+    basis = _basis(steps, op, basis_bytes) if reorthogonalize else None
+    try:
+        return _run_steps(op, start, steps, basis)
+    finally:
+        if basis is not None:
+            basis.close()
+
+
+def _run_steps(op: _Products, start: torch.Tensor, steps: int, basis):
+    """``_lanczos_run``'s steps, reorthogonalized against ``basis`` (None: the three-term recurrence)."""
     alphas, betas = [], []
     v, previous, beta = start, None, 0.0
     for j in range(steps):
         w = op.matvec(v)
         alpha = float(torch.dot(w, v))
-        if reorthogonalize:
-            basis[j] = v
-            w, _ = _orthogonalize(basis[: j + 1], w)
+        if basis is not None:
+            basis.put(j, v)
+            w, _ = basis.orthogonalize(j + 1, w)
         else:
             w = w - alpha * v - (beta * previous if previous is not None else 0.0)
         alphas.append(alpha)
@@ -239,7 +268,8 @@ def _lanczos_run(op: _Products, start: torch.Tensor, steps: int, reorthogonalize
         if j + 1 == steps or beta <= 1e-6 * scale:  # done, or the Krylov space is invariant
             break
         betas.append(beta)
-        previous, v = v, w / beta
+        previous, v = (v if basis is None else None), None  # the recurrence's only: no copy kept
+        v = w.div_(beta)  # in place: w is this step's own vector
     tri = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
     nodes, vectors = np.linalg.eigh(tri)
     return nodes, vectors[0, :] ** 2

@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 480 lines, 100 of them docstrings.  The coordinate space, the model state and the
+Size: about 520 lines, 110 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -419,27 +419,27 @@ class HessianOperator:
         first = self._tokens is None
         tokens = 0.0
         vs = self.space.unflatten(v)
-        hv = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
-        for index, batch in enumerate(self.batches):
-            if index in self._cached:
-                continue
-            grads, n_tokens, nbytes = self._gradient(batch)
-            tokens += n_tokens
-            if first and self._used_bytes + nbytes <= self.cache_bytes:
-                self._used_bytes += nbytes
-                self._cached.add(index)
-                self._grad_sum = grads if self._grad_sum is None else [
-                    g if s is None else (s if g is None else s + g) for s, g in zip(self._grad_sum, grads)]
-            else:
-                hv += self._second(grads, vs, retain=False)
-        if first:
-            self._tokens = tokens
-            self._signature = self._weights_signature()
-        if self._grad_sum is not None:
-            hv += self._second(self._grad_sum, vs, retain=True)
+        with _Accumulator(self.space) as hv:
+            for index, batch in enumerate(self.batches):
+                if index in self._cached:
+                    continue
+                grads, n_tokens, nbytes = self._gradient(batch)
+                tokens += n_tokens
+                if first and self._used_bytes + nbytes <= self.cache_bytes:
+                    self._used_bytes += nbytes
+                    self._cached.add(index)
+                    self._grad_sum = grads if self._grad_sum is None else [
+                        g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
+                else:
+                    self._second(grads, vs, hv, retain=False)
+            if first:
+                self._tokens = tokens
+                self._signature = self._weights_signature()
+            if self._grad_sum is not None:
+                self._second(self._grad_sum, vs, hv, retain=True)
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
-        return hv / self._tokens
+        return hv.result().div_(self._tokens)
 
     def _gradient(self, batch: dict):
         """First-order gradient of the batch's summed loss with its graph: (grads, n_tokens, bytes held)."""
@@ -461,18 +461,91 @@ class HessianOperator:
             losses = sequence_losses(self.model, batch, self.kind)
             loss = losses.loss_sum.sum()
             grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
-        held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves
-        return list(grads), float(losses.n_tokens.sum()), held[0]
+        held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
+        return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
-    def _second(self, grads: list, vs: list, retain: bool) -> torch.Tensor:
-        """Gradient of <grads, v> with respect to the coordinates' parameters: the unnormalized H·v."""
-        terms = [torch.vdot(g.reshape(-1), v.reshape(-1).to(g.dtype)) for g, v in zip(grads, vs)
-                 if g is not None and g.requires_grad]
-        if not terms:  # the gradient does not depend on the weights: H = 0
-            return torch.zeros(self.dim, dtype=torch.float32, device=self.device)
-        dot = torch.stack(terms).sum()
-        hv = torch.autograd.grad(dot, self.space.params, retain_graph=retain, allow_unused=True)
-        return self.space.flatten(hv)
+    def _second(self, grads: list, vs: list, hv: "_Accumulator", retain: bool) -> None:
+        """Add the gradient of <grads, v> with respect to the coordinates' parameters (the unnormalized H·v) to hv.
+
+        The backward starts at the (hollow) gradients with v as their cotangents: what the
+        gradient of Σ vdot(g, v) sends them, without keeping the gradients' values.
+        """
+        pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+        if not pairs:  # the gradient does not depend on the weights: H = 0
+            return
+        # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
+        # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
+        hv.prepare()
+        torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
+                                inputs=self.space.params, retain_graph=retain)
+        hv.fold()
+
+
+def _hollow(g: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Keep g's graph and shape but not its values (one zero, expanded): a second backward needs only those.
+
+    A product's backward starts at the gradients with v as cotangents and never reads their values,
+    so the cache keeps no copy of the gradient (4 bytes per parameter).  A gradient that is a view
+    (a linear layer's is the transpose of a product) keeps its base alive: the base, an
+    intermediate of the first backward that only this view reads, is emptied too.
+    """
+    if g is None:
+        return g
+    base = g._base
+    for t in (g, base) if base is not None and base.grad_fn is not None else (g,):
+        t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+    return g
+
+
+class _Accumulator:
+    """H·v summed over backwards straight into one flat float32 vector (``result()``).
+
+    From ``prepare`` (called before the first backward, once the first-order gradients are made:
+    the vector is not allocated while they are whole) to the block's end, each coordinate
+    parameter's ``.grad`` is a view of the vector (float32 parameters without a mask) or a zeroed
+    parameter-sized tensor that ``fold`` adds into it after each backward (masked or non-float32
+    ones: as the gathered, float32 per-backward sums were added before); the parameters' own
+    ``.grad`` are put back on leaving.
+    """
+
+    def __init__(self, space: _Space):
+        self.space = space
+        self.out: Optional[torch.Tensor] = None
+        self.saved: Optional[list] = None
+        self.folded = []  # (block, its parameter-sized .grad) of the blocks fold adds in
+
+    def result(self) -> torch.Tensor:
+        """The sum (zeros when there was no backward)."""
+        if self.out is None:
+            return torch.zeros(self.space.dim, dtype=torch.float32, device=self.space.device)
+        return self.out
+
+    def prepare(self) -> None:
+        if self.out is not None:
+            return
+        space = self.space
+        self.out = torch.zeros(space.dim, dtype=torch.float32, device=space.device)
+        self.saved = [b.param.grad for b in space.blocks]
+        for b in space.blocks:
+            if b.index is None and b.param.dtype == torch.float32:
+                b.param.grad = self.out[b.offset: b.offset + b.count].view(b.param.shape)
+            else:
+                b.param.grad = torch.zeros_like(b.param)
+                self.folded.append((b, b.param.grad))
+
+    def fold(self) -> None:
+        for b, grad in self.folded:
+            flat = grad.reshape(-1)
+            self.out[b.offset: b.offset + b.count] += (flat if b.index is None else flat[b.index]).float()
+            grad.zero_()
+
+    def __enter__(self) -> "_Accumulator":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for b, grad in zip(self.space.blocks, self.saved or ()):
+            b.param.grad = grad
+        return False
 
 
 def _usable_batch(batch: dict) -> dict:

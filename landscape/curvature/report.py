@@ -40,6 +40,7 @@ from ..schema import Schema
 from .checkpoint import _identity, _Journal
 from .estimators import spectrum as estimate_spectrum
 from .estimators import trace as estimate_trace
+from .krylov import DEFAULT_BASIS_BYTES
 from .lanczos import top_eigenpairs
 from .operator import DEFAULT_CACHE_BYTES, HessianOperator, _ModelState
 
@@ -138,7 +139,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
                    seed: int = 0, tol: float = 1e-4, max_iter: int = 500, checkpoint=None, vectors=None,
                    vector_settings: Optional[dict] = None, settings: Optional[dict] = None,
                    cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
-                   log: Optional[Callable[[str], None]] = None) -> dict:
+                   log: Optional[Callable[[str], None]] = None, basis_bytes: int = DEFAULT_BASIS_BYTES) -> dict:
     """Top eigenpairs, trace and spectrum of the loss Hessian (P·H·P with ``mask``), as a report dict.
 
     One ``HessianOperator`` serves every estimator, so the sample's first-order graphs are built
@@ -164,6 +165,8 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
         vector_settings: attributes of the direction file ``vectors``.
         settings: stored as the report's ``settings`` (identifies the run; see ``check_existing_report``).
         cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
+        basis_bytes: a Lanczos basis (the eigenpairs', each spectrum run's) beyond this many bytes
+            goes to a temporary file (``krylov``).
         progress: tqdm bars over products.
         log: called with one line per finished stage (e.g. ``print``).
 
@@ -181,7 +184,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
     report = {"format": FORMAT, "settings": dict(settings or {}), "provenance": _provenance(model, op),
               "loss": _loss(model, op), "eigenvalues": None, "eigenpairs": None, "trace": None, "spectrum": None,
               "vectors": None, "warnings": [], "seconds": {}}
-    common = dict(seed=seed, progress=progress)
+    common = dict(seed=seed, progress=progress, basis_bytes=basis_bytes)
     fallback = []
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -243,7 +246,8 @@ def _check_counts(top, trace_samples, spectrum_runs, vectors):
 def _add_trace(report, op, samples, common, journal_path, say):
     """The Hutchinson trace (mean ± standard error) into ``report``, with its seconds."""
     start = time.perf_counter()
-    mean, stderr = estimate_trace(op, samples=samples, checkpoint=journal_path, **common)
+    mean, stderr = estimate_trace(op, samples=samples, checkpoint=journal_path, seed=common["seed"],
+                                  progress=common["progress"])  # no basis
     report["trace"] = {"mean": mean, "stderr": stderr, "samples": samples, "probe": "rademacher",
                        "per_coordinate": mean / op.dim}
     report["seconds"]["trace"] = round(time.perf_counter() - start, 3)

@@ -150,6 +150,7 @@ def _run_hessian(out, vectors, s: HessianSettings, model, overwrite, progress, l
         loaded.model, batches, kind=loaded.kind, top=s.top, trace_samples=s.trace, spectrum_runs=s.spectrum,
         steps=s.steps, bins=s.bins, mask=mask, seed=seed, tol=s.tol, max_iter=s.max_iter, checkpoint=out,
         vectors=aside, vector_settings=vector_settings, settings=recorded, cache_bytes=int(s.cache_mb * 2**20),
+        basis_bytes=int(s.basis_mb * 2**20),
         progress=progress, log=log))
     return HessianResult(computed=total, report=report, **result)
 

@@ -1,0 +1,62 @@
+"""Krylov bases beyond their memory budget: in a temporary file, read a block of coordinates at a time.
+
+The file-backed basis must give what the in-memory one gives (to rounding), through thick restarts,
+the final Ritz vectors and their sign convention, and the spectrum's reorthogonalized runs.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from landscape import curvature as C
+from landscape.curvature import krylov
+from landscape.errors import UsageError
+from landscape.testing.dense import symmetric_matrix
+
+KNOWN = [9.0, 8.0, 7.5, 3.0, 2.0] + [1.0 - 0.05 * i for i in range(55)]  # 60 eigenvalues, three on top
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a handful of coordinates: every block boundary and partial last block is exercised."""
+    monkeypatch.setattr(krylov, "BLOCK_BYTES", 1000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eigenpairs_from_a_file_basis_are_those_of_the_memory_basis(small_blocks, dtype):
+    A = symmetric_matrix(KNOWN, seed=2, dtype=dtype)
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    # ncv 6: a basis of 7 rows, so the 3 pairs need several thick restarts
+    want, want_vectors, want_info = C.top_eigenpairs(A, k=3, tol=tol, ncv=6, return_info=True)
+    got, vectors, info = C.top_eigenpairs(A, k=3, tol=tol, ncv=6, return_info=True, basis_bytes=0)
+    assert info.products == want_info.products > 7 and info.converged
+    close = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(got, want, rtol=close)
+    np.testing.assert_allclose(got, KNOWN[:3], rtol=10 * tol)
+    assert vectors.device.type == "cpu" and vectors.dtype == dtype and vectors.shape == (3, len(KNOWN))
+    torch.testing.assert_close(vectors, want_vectors, rtol=0, atol=10 * close)  # signs included
+    # the residuals are measured by products on the vectors returned, as in memory
+    for value, v, residual in zip(got, vectors, info.residuals):
+        measured = float(torch.linalg.norm(A.double() @ v.double() - value * v.double())) / abs(value)
+        assert residual == pytest.approx(measured, rel=1e-3, abs=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_spectrum_runs_from_a_file_basis_are_those_of_the_memory_basis(small_blocks):
+    A = symmetric_matrix(KNOWN, seed=3, dtype=torch.float64)
+    want = C.spectrum(A, runs=2, steps=25, bins=40, seed=1)
+    got = C.spectrum(A, runs=2, steps=25, bins=40, seed=1, basis_bytes=0)
+    for a, b in zip(got.nodes + got.weights, want.nodes + want.weights):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_budget_decides_where_the_basis_lives():
+    rows, dim = 5, 100
+    assert not krylov.krylov_basis(rows, dim, torch.float32, "cpu", rows * dim * 4).in_file
+    basis = krylov.krylov_basis(rows, dim, torch.float32, "cpu", rows * dim * 4 - 1)
+    assert basis.in_file
+    row = torch.arange(dim, dtype=torch.float32)
+    basis.put(3, row)
+    assert torch.equal(basis.get(3), row) and not basis.get(2).any()
+    basis.close()
+    with pytest.raises(UsageError, match="budget"):
+        krylov.krylov_basis(rows, dim, torch.float32, "cpu", -1)
