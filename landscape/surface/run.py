@@ -10,7 +10,7 @@ import torch
 from ..errors import UsageError
 from ..files import PathLike, json_text
 from ..identity import MODEL_KEY, check_file_model
-from ..inputs import sample_batches, stage_model, stage_runtime
+from ..inputs import check_inputs, sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel
 from ..results import StageResult
 from ..runtime import broadcast_from_rank0, rank_and_world
@@ -161,6 +161,8 @@ def run_surface(settings: SurfaceSettings, *, out: PathLike, model: Optional[Loa
     out = check_output_path(out, "out", (".h5", ".hdf5"))
     check_distinct_paths({"out": out}, {"directions": settings.directions, "corpus": settings.sample.corpus,
                                         "eval_corpus": settings.eval_corpus, "model": settings.model.source})
+    if overwrite or not (out.exists() or journal_path(out).exists()):  # a resume compares its whole identity
+        check_inputs(settings.model, model, [(settings.directions, "directions")])
     with claim_output(out, "surface", overwrite=overwrite), stage_runtime(settings.model):
         xs, ys = _grid_axes(settings.directions, settings.grid)  # before anything heavy is loaded
         return _run_surface(out, settings, model, xs, ys, overwrite, progress)
