@@ -1,5 +1,6 @@
 """Computing a surface file: the evaluation loop writing through a resumable ``SurfaceFile``."""
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -112,6 +113,8 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     if isinstance(todo, UsageError):
         raise todo
     points = grid_points(xs, ys)
+    if progress and surface_file is not None and 0 < len(todo) < len(points):
+        print(f"resuming '{out}': {len(points) - len(todo)} of {len(points)} points done", file=sys.stderr, flush=True)
     complete = False
     try:
         evaluate_rounds(model, directions, batches, points, todo, points_per_pass, progress,
