@@ -172,7 +172,7 @@ def _demo(out, until_stage_one=False, interrupt_after=None):
     after that stage (the Fisher pass) began.  Returns (exit code, stdout and stderr)."""
     import threading
 
-    cmd = landscape_cmd("demo", "--out", out, "--fisher-samples", 512, "--threads", 1)
+    cmd = landscape_cmd("demo", "--out", out, "--fisher-samples", 256, "--threads", 1)
     child = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=ctrl_c_as_in_a_terminal, text=True, bufsize=1)
     seen, timer = [], None
@@ -209,8 +209,8 @@ def test_ctrl_c_in_the_demos_fisher_then_a_rerun_resumes_to_the_uninterrupted_fi
         pytest.fail("no interrupt landed inside the Fisher pass")
     code, text = _demo(resumed, until_stage_one=True)
     said = [line for line in shown_lines(text) if line.startswith("resuming from")]
-    assert len(said) == 1 and "stability.csv.ckpt': " in said[0] and said[0].endswith(" of 512 samples done"), text
-    assert 0 < int(said[0].split("': ")[1].split()[0]) < 512
+    assert len(said) == 1 and "stability.csv.ckpt': " in said[0] and said[0].endswith(" of 256 samples done"), text
+    assert 0 < int(said[0].split("': ")[1].split()[0]) < 256
     for name in ("fisher.safetensors", "stability.csv"):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
     assert not (resumed / "stability.csv.ckpt").exists()
