@@ -87,12 +87,14 @@ def test_a_fisher_of_neither_the_adapter_nor_its_base_is_refused_naming_both_way
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any model load fails the test: the refusals must come first."""
+    import landscape.guided.training
     import landscape.models
 
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
     monkeypatch.setattr(landscape.models, "load_model", load_model)
+    monkeypatch.setattr(landscape.guided.training, "load_classifier", load_model)
 
 
 @pytest.mark.parametrize("command, words", [
@@ -106,6 +108,9 @@ def no_model_loads(monkeypatch):
     ("directions --model {adapter} --fisher {F} --subset top:5 --out {tmp}/d.h5", ("made for another model",)),
     ("hessian --model {adapter} --fisher {F} --subset top:5 --out {tmp}/h.json", ("made for another model",)),
     ("surface --model {adapter} --directions {D} --out {tmp}/s.h5", ("direction file", "made for another model")),
+    ("finetune --model {base} --schedule {S} --regularizer guided --out {tmp}/r.csv",
+     ("is a loss surface", "not a dropout schedule")),
+    ("finetune --model {base} --fisher {Fa} --regularizer guided --out {tmp}/r.csv", ("made for another model",)),
 ])
 def test_a_wrong_input_file_is_refused_before_any_model_loads(command, words, files, tiny_llama_dir, adapter_dir,
                                                               no_model_loads, capfd, tmp_path):
