@@ -4,7 +4,8 @@ from the adapter's own Fisher?  (issue 30; docs/finetune.md, "Guided LoRA dropou
     python benchmarks/lora_schedule_agreement.py [--model BASE] [--adapter ADAPTER] [--out DIR]
 
 Without ``--adapter`` one is trained here, as a user would with peft: LoRA r 8, alpha 16 on q_proj and
-v_proj of a causal LM, AdamW at lr 1e-3 for ``--steps`` steps on the embedded corpus's held-out text.
+v_proj of a causal LM, AdamW at lr 1e-3 for ``--steps`` steps of 4 sequences of ``--train-seq-len`` tokens of
+the embedded corpus's held-out text.
 Both Fishers are computed on the same sample (``--max-samples`` sequences of ``--seq-len`` tokens of the
 embedded corpus), both schedules with the defaults (linear, p 0.1 to 0), and compared site by site:
 Spearman's rho of p (and of the scores), and the largest |p_base - p_adapter|.  Files are kept under
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="the base model (default: SmolLM2-135M-Instruct's folder)")
     parser.add_argument("--adapter", default=None, help="a causal-LM LoRA adapter of it (default: train one)")
-    parser.add_argument("--steps", type=int, default=20, help="training steps of the adapter made here")
+    parser.add_argument("--steps", type=int, default=8, help="training steps of the adapter made here")
+    parser.add_argument("--train-seq-len", type=int, default=64, help="tokens per training sequence")
     parser.add_argument("--max-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", default="auto")
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     adapter = Path(args.adapter) if args.adapter else out / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         print(f"training a LoRA adapter of {args.model} ({args.steps} steps)", file=sys.stderr, flush=True)
-        _train_adapter(args.model, adapter, args.steps, args.seq_len)
+        _train_adapter(args.model, adapter, args.steps, args.train_seq_len)
     sample = SampleSpec(max_samples=args.max_samples, seq_len=args.seq_len, batch_size=8)
     for name, model in (("base", args.model), ("adapter", str(adapter))):
         run_fisher(FisherSettings(ModelSpec(model, threads=args.threads), sample), out=out / f"{name}.safetensors")

@@ -231,3 +231,18 @@ def test_ctrl_c_in_the_demos_fisher_then_a_rerun_resumes_to_the_uninterrupted_fi
     for name in ("fisher.safetensors", "stability.csv"):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
     assert not (resumed / "stability.csv.ckpt").exists()
+
+
+@pytest.mark.slow  # a benchmark script in its own process
+def test_the_lora_schedule_agreement_benchmark_runs_and_prints_its_numbers(tiny_llama_dir, tmp_path):
+    """``benchmarks/lora_schedule_agreement.py``, which docs/finetune.md quotes, in its smallest form."""
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_schedule_agreement.py"), "--model",
+                             str(tiny_llama_dir), "--steps", "2", "--train-seq-len", "16", "--max-samples", "4",
+                             "--seq-len", "16", "--threads", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=subprocess_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 LoRA sites" in result.stdout and "Spearman of p" in result.stdout and "max |p_base" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter.safetensors", "base.safetensors",
+                                                           "from_adapter.json", "from_base.json"]
