@@ -29,7 +29,7 @@ from .curvature.stage import eigen_directions
 from .errors import SettingsRefused, UsageError
 from .files import PathLike, check_distinct_paths, check_output_path
 from .identity import MODEL_KEY, model_fingerprint
-from .inputs import stage_model, stage_runtime
+from .inputs import check_inputs, stage_model, stage_runtime
 from .models import LoadedModel, ModelSource, loaded_model, model_id
 from .outputs import claim_output
 from .results import StageResult
@@ -92,6 +92,7 @@ def make(settings: Optional[DirectionsSettings] = None, *, out: PathLike, model:
           and not adapters.is_adapter_folder(settings.to)):  # refused before anything is loaded
         raise SettingsRefused("{model} is a PEFT adapter and {to} a plain model: give the plain model (the base) as "
                               "{model} and the adapter as {to}; the direction is then in the base's parameters")
+    check_inputs(settings.model, model, [(settings.fisher, "fisher")])
     source = model if model is not None else settings.model.source
     with stage_runtime(settings.model):
         attributes = _write(settings, out, source, overwrite, progress, log)

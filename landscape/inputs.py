@@ -7,6 +7,7 @@ itself for its duration: a Python call runs as the command would.
 """
 
 import contextlib
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 from .errors import UsageError
@@ -89,3 +90,106 @@ def sample_batches(loaded: LoadedModel, sample: SampleSpec, corpus: Optional[str
 
     return load_batches(loaded, corpus=sample.corpus if corpus is None else corpus, device=device,
                         **sample.sampling())
+
+
+# Old files the readers still take that ``outputs.identify`` cannot name as a landscape kind.
+_READABLE_UNNAMED = {"fisher": ("tensors without a landscape Fisher header (model weights?)",),
+                     "directions": ("a direction file not written by landscape (the original loss-landscape code's?)",),
+                     "schedule": ("a JSON file of another program",)}
+_CONTAINER = {"fisher": "a safetensors", "fisher-checkpoint": "a safetensors", "directions": "an HDF5",
+              "surface": "an HDF5", "schedule": "a JSON", "hessian-report": "a JSON"}
+
+
+def check_inputs(spec: ModelSpec, model: Optional[LoadedModel], files, adapter_base: bool = False) -> None:
+    """Refuse a wrong input file before any model is loaded (on a real checkpoint that takes seconds).
+
+    Each file must hold the kind the stage reads (recognized from its content, ``outputs.identify``:
+    a loss surface given as a Fisher file is named as what it is), and the model fingerprint it
+    records must be that of the stage's model, read from the checkpoint's files
+    (``identity.source_fingerprint``) without loading it.  Missing files, and files or models
+    without a fingerprint, are left to the readers' own checks.
+
+    Args:
+        spec: the stage's model spec.
+        model: the ``LoadedModel`` the stage was given, or None (then ``spec.source``'s files are read).
+        files: (path or None, kind) pairs: kinds of ``outputs.WORDS`` ('fisher', 'directions', 'schedule').
+        adapter_base: accept a file made for a PEFT adapter's base model (what a LoRA schedule scores).
+
+    Raises:
+        UsageError: a file of another kind, or made for another model, in one line naming what it is.
+    """
+    from .outputs import WORDS, identify
+
+    present = [(Path(path), kind) for path, kind in files if path is not None and Path(path).is_file()]
+    for path, kind in present:
+        held = identify(path)
+        if held.kind != kind and held.words not in _READABLE_UNNAMED.get(kind, ()):
+            inside = f" ({_CONTAINER[held.kind]} file)" if held.kind in _CONTAINER else ""
+            raise UsageError(f"'{path}' is {held.words}{inside}, not {WORDS[kind]}")
+    for path, kind in present:
+        recorded = _recorded_model(path, kind)
+        if recorded:
+            check_file_for_model(path, WORDS[kind][2:], recorded, spec.source if model is None else model,
+                                 adapter_base)
+
+
+def check_file_for_model(path, what: str, recorded: str, model, adapter_base: bool = False) -> None:
+    """UsageError when a file recording model fingerprint ``recorded`` was made for a model other than ``model``.
+
+    Args:
+        path: the file, named in the message.
+        what: what it is ("Fisher file").
+        recorded: the fingerprint the file records.
+        model: a ``LoadedModel``, or a model spec (a folder, a cached hub id, None: the embedded model).
+        adapter_base: a PEFT adapter's base model's fingerprint is accepted too; a file of neither
+            is refused naming both ways out.
+
+    Raises:
+        UsageError: the file was made for another model.
+    """
+    from . import adapters
+    from .identity import check_file_model, model_fingerprint, same_model, source_fingerprint
+
+    loaded = model if isinstance(model, LoadedModel) else None
+    source = loaded.source if loaded is not None else model
+    current = model_fingerprint(loaded) if loaded is not None else source_fingerprint(source)
+    if current is None or same_model(recorded, current) is not False:
+        return
+    if not (adapter_base and adapters.is_adapter_folder(source)):
+        check_file_model(path, what, recorded, current, source)
+    config, _ = adapters.read_config(source)
+    base = adapters.resolve_base(config, source)
+    if same_model(recorded, source_fingerprint(base)) is not False:
+        return
+    named = "the embedded model" if base is None else f"'{base}'"
+    raise UsageError(f"{what} '{path}' was made for another model (model fingerprint {recorded}), neither for the "
+                     f"adapter '{source}' ({current}) nor for its base {named}; compute it on the base "
+                     f"(landscape fisher --model {base or '<embedded: leave --model out>'}) or on the adapter "
+                     f"(--model {source})")
+
+
+def _recorded_model(path: Path, kind: str) -> str:
+    """The model fingerprint an input file records ('' when it records none), read without its tensors."""
+    import json
+
+    from safetensors import SafetensorError
+
+    from .identity import MODEL_KEY
+
+    try:
+        if kind == "fisher":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return str((handle.metadata() or {}).get(MODEL_KEY) or "")
+        if kind == "directions":
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                value = handle.attrs.get(MODEL_KEY, "")
+                return value.decode() if isinstance(value, bytes) else str(value)
+        if kind == "schedule":
+            return str(json.loads(path.read_text(encoding="utf-8")).get("model_fingerprint") or "")
+    except (OSError, ValueError, AttributeError, SafetensorError):
+        pass  # the reader names what is wrong with it
+    return ""

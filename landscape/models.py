@@ -241,7 +241,6 @@ def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
         AutoModelForMaskedLM,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
 
     if spec is None:
@@ -282,15 +281,14 @@ def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
         # torch's note on an unusual pickle protocol is moot: such weights are refused below.
         with transformers_silenced(bars=_load_bar(spec_str)), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            tokenizer = load_tokenizer(spec_str)  # first: a folder without one is refused before the weights load
             model, loading_info = head.from_pretrained(spec_str, config=config, output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(spec_str)
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
         raise UsageError(f"cannot load model '{spec_str}': its pickled weights (pytorch_model.bin) cannot be loaded "
                          "safely (they hold more than tensors); convert them to safetensors in a trusted "
                          "environment, or use a safetensors copy of the model") from None
     except (OSError, ValueError, SafetensorError) as err:
         raise UsageError(f"cannot load model '{spec_str}': {str(err).splitlines()[0]}") from None
-    check_tokenizer_files(spec_str, tokenizer)
     new = new_parameters(loading_info)
     if new and not allow_new_head:
         _refuse_new_head(spec_str, kind, new)
@@ -327,6 +325,46 @@ def check_weight_files(folder) -> None:
                    "again").fail(f"cannot be read ({str(err).splitlines()[0]})")
 
 
+# The files tokenizers are saved as (transformers' ``vocab_files_names``): a folder with none has no tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "sentencepiece.model", "spm.model", "vocab.model", "source.spm",
+                    "tokenizer.tiktoken")
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a model folder or hub id, refused in one line when the folder has none.
+
+    Transformers' own message for a folder without tokenizer files is several lines about
+    backends and slow tokenizers; this says what is missing.
+
+    Args:
+        source: a ``from_pretrained`` folder or hub id.
+
+    Returns:
+        The tokenizer (checked by ``check_tokenizer_files``).
+
+    Raises:
+        UsageError: the folder has no tokenizer files, or transformers cannot build its tokenizer
+            (its whole message, on one line).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        path = Path(source)
+        if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise UsageError(_no_tokenizer(source, _TOKENIZER_FILES)) from None
+        raise UsageError(f"cannot load the tokenizer of model '{source}': {' '.join(str(err).split())}") from None
+    check_tokenizer_files(source, tokenizer)
+    return tokenizer
+
+
+def _no_tokenizer(folder, names) -> str:
+    return (f"model folder '{folder}' has no tokenizer (none of {', '.join(sorted(names))}); save the tokenizer "
+            "with the model (tokenizer.save_pretrained)")
+
+
 def check_tokenizer_files(folder, tokenizer) -> None:
     """Refuse a local model folder that has none of its tokenizer's files.
 
@@ -345,8 +383,7 @@ def check_tokenizer_files(folder, tokenizer) -> None:
         return
     names = {"tokenizer.json", *(getattr(tokenizer, "vocab_files_names", None) or {}).values()}
     if not any((path / name).is_file() for name in names):
-        raise UsageError(f"model folder '{folder}' has no tokenizer (none of {', '.join(sorted(names))}); "
-                         "save the tokenizer with the model (tokenizer.save_pretrained)")
+        raise UsageError(_no_tokenizer(folder, names))
 
 
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:

@@ -318,6 +318,7 @@ class StabilitySettings(Settings):
     top: Tuple[float, ...] = setting(STABILITY_TOP, domain=checks.ListDomain(checks.PERCENT),
                                      help="comma-separated top-k percentages")
     max_chunk_mb: Optional[float] = FisherSettings.__dataclass_fields__["max_chunk_mb"]
+    checkpoint_every: float = FisherSettings.__dataclass_fields__["checkpoint_every"]
 
 
 @dataclass(frozen=True)

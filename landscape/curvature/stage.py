@@ -22,7 +22,7 @@ from ..direction_file import check_existing_directions
 from ..errors import UsageError
 from ..files import PathLike, check_distinct_paths, check_output_path, replace_together, staged_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
-from ..inputs import sample_batches, stage_model, stage_runtime
+from ..inputs import check_inputs, sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel, ModelSource, loaded_model, model_id
 from ..outputs import claim_output
 from ..results import StageResult
@@ -123,6 +123,7 @@ def run_hessian(settings: Optional[HessianSettings] = None, *, out: PathLike, ve
         raise UsageError("eigenvectors need at least one eigenpair")
     check_distinct_paths({"out": out, "vectors": vectors},
                          {"fisher": settings.fisher, "corpus": settings.sample.corpus, "model": settings.model.source})
+    check_inputs(settings.model, model, [(settings.fisher, "fisher")])
     with claim_output(out, "hessian-report", overwrite=overwrite), stage_runtime(settings.model), \
             (claim_output(vectors, "directions", overwrite=overwrite) if vectors else contextlib.nullcontext()):
         return _run_hessian(out, vectors, settings, model, overwrite, progress, log)

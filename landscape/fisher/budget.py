@@ -5,6 +5,8 @@ it stays a small share beside them on a large model, while a small model still r
 and whole tensors (there, the bounds' floors apply and memory is no concern).
 """
 
+from typing import Optional
+
 import torch
 
 DEFAULT_CHUNK_MB = 256
@@ -94,3 +96,32 @@ def chunk_and_block(size, rows, row_numel, budget):
     if numel <= budget:
         return max(1, budget // numel), rows
     return 1, max(1, budget // row_numel)
+
+
+# Seconds per (sample token x parameter) of a Fisher pass on a CPU: SmolLM2-135M-Instruct's rate on
+# this project's 2-core machine (4999 samples of 128 tokens, 53 min: issue 30), the fastest per element
+# seen (the embedded model's is about 4x slower), so the estimate below is a lower bound.
+CPU_SECONDS_PER_TOKEN_PARAMETER = 3.7e-11
+LONG_SAMPLE_SECONDS = 300.0
+
+
+def long_sample_note(model, samples: int, seq_len: int) -> Optional[str]:
+    """One line saying that a Fisher pass on a CPU will take long, with the options that shorten it.
+
+    Args:
+        model: the model (on its device: only a CPU pass is estimated).
+        samples: the samples this process will run.
+        seq_len: tokens per sample.
+
+    Returns:
+        The line, or None when the estimate is under ``LONG_SAMPLE_SECONDS`` or the model is not
+        on the CPU.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    parameters = _parameters(model)
+    seconds = CPU_SECONDS_PER_TOKEN_PARAMETER * samples * seq_len * parameters
+    if seconds < LONG_SAMPLE_SECONDS:
+        return None
+    return (f"note: {samples:,} samples of {seq_len} tokens on a {parameters / 1e6:.1f}M-parameter model take "
+            f"{seconds / 60:.0f} min or more on this CPU; --max-samples N or --fraction F takes a smaller sample")

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,8 +89,9 @@ def compute_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Ten
 
 
 def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], sizes: Sequence[int], *,
-                  kind: str, progress: bool = False,
-                  max_chunk_mb: Optional[float] = None) -> List[Dict[str, torch.Tensor]]:
+                  kind: str, progress: bool = False, max_chunk_mb: Optional[float] = None, checkpoint=None,
+                  checkpoint_every: float = 60.0, fingerprint: str = "",
+                  model_fingerprint: Optional[str] = None) -> List[Dict[str, torch.Tensor]]:
     """Fisher of the first ``sizes[s]`` samples of ``batches``, for every s, in one pass.
 
     Each sample's squared gradients go into every prefix that contains it; iteration stops after
@@ -103,6 +105,12 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
             'classification').
         progress: a tqdm bar over samples.
         max_chunk_mb: memory for per-sample gradients at a time, in MB (None: a default).
+        checkpoint: optional path: every prefix's running sums are kept there as ``compute_fisher``
+            keeps its one (every ``checkpoint_every`` seconds and on Ctrl-C; a later call with the
+            same path, ``fingerprint`` and batches resumes; the caller removes the file).
+        checkpoint_every: seconds between checkpoint saves (>= 0).
+        fingerprint: the settings fingerprint a resumed checkpoint must match.
+        model_fingerprint: the model's (``identity.model_fingerprint``); default: its module's.
 
     Returns:
         A list of {param name: float32 tensor shaped like the param}, one per size, in the given
@@ -117,9 +125,12 @@ def nested_fisher(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
         index = torch.arange(offset, offset + size)
         return (index[:, None] < limit[None, :]).float()
 
+    checkpoint_every = checks.non_negative_float(checkpoint_every, "checkpoint_every")
     accumulator = FisherAccumulator(model, len(sizes), kind, max_chunk_mb)
-    _accumulate_all(accumulator, batches, membership, progress, max(sizes), None, 0.0, "",
-                    stop_after=max(sizes))
+    if checkpoint is not None:
+        fingerprint = _with_identity(fingerprint, model, batches, model_fingerprint)
+    _accumulate_all(accumulator, batches, membership, progress, max(sizes), checkpoint, checkpoint_every,
+                    fingerprint, stop_after=max(sizes))
     return [accumulator.fisher(s) for s in range(len(sizes))]
 
 
@@ -149,6 +160,9 @@ def _accumulate_all(accumulator, batches, membership, progress, total, checkpoin
         total = sum(_batch_rows(b) for b in batches)
     if stop_after is not None:
         total = min(total, stop_after) if total is not None else stop_after
+    if offset and progress:  # said once, whatever the bar shows: where this run's numbers start
+        print(f"resuming from '{checkpoint}': {offset} of {total if total is not None else '?'} samples done",
+              file=sys.stderr, flush=True)
     remaining = itertools.islice(iter(batches), done_batches, None)
     last_save = time.monotonic()
     bar = tqdm(total=total, initial=offset, unit="sample", desc="fisher", disable=not progress,

@@ -126,18 +126,20 @@ def stability(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind
 
 
 def stability_and_reference(model, batches, fractions=DEFAULT_FRACTIONS, top=DEFAULT_TOP, kind=None,
-                            progress=False, max_chunk_mb=None):
+                            progress=False, max_chunk_mb=None, **checkpointing):
     """``stability`` rows and the reference Fisher they compare with, from the same single pass.
 
     So a caller that also needs the Fisher does not compute it twice.  Arguments as for
-    ``stability``.
+    ``stability``; ``checkpointing``: ``checkpoint``, ``checkpoint_every``, ``fingerprint`` and
+    ``model_fingerprint`` of ``fisher.nested_fisher`` (an interrupted pass resumes).
 
     Returns:
         (rows, reference Fisher {param name: tensor shaped like the param}).
     """
     total = sum(int(b["labels"].shape[0]) for b in batches)
     sizes = [total] + [max(1, round(f * total)) for f in fractions]
-    estimates = nested_fisher(model, batches, sizes, kind=kind, progress=progress, max_chunk_mb=max_chunk_mb)
+    estimates = nested_fisher(model, batches, sizes, kind=kind, progress=progress, max_chunk_mb=max_chunk_mb,
+                              **checkpointing)
     reference = estimates[0]
     rows = []
     for fraction, size, estimate in zip([1.0] + list(fractions), sizes, estimates):

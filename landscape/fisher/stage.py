@@ -123,6 +123,7 @@ def _run_fisher(out, settings: FisherSettings, model, overwrite, progress) -> Fi
     # Point groups split the samples as ranks do; the ranks of one group run the same ones.
     mine = samples[layout.group_index::layout.n_groups]
     shard = make_batches(mine, sample.batch_size, pad, on) if mine else []
+    _say_if_long(loaded.model, len(mine), sample.seq_len, progress and rank == 0)
     identity = {"model": loaded.source, "rank": rank, "world": world, "shard_size": settings.model.shard_size,
                 "batch_size": sample.batch_size, **settings.identity()}
     checkpoint = out.with_name(out.name + (f".rank{rank}" if world > 1 else "") + ".ckpt")
@@ -138,6 +139,17 @@ def _run_fisher(out, settings: FisherSettings, model, overwrite, progress) -> Fi
     return FisherResult(path=out, settings=settings, computed=len(samples), total=len(samples),
                         fingerprints=_fingerprints(meta), parameters=sum(t.numel() for t in fisher.values()),
                         tensors=len(fisher), samples=len(samples), seq_len=sample.seq_len, metadata=meta)
+
+
+def _say_if_long(model, samples: int, seq_len: int, say: bool) -> None:
+    """Before a long pass, one line on stderr with its estimate and the options that shorten it."""
+    import sys
+
+    from .budget import long_sample_note
+
+    note = long_sample_note(model, samples, seq_len) if say else None
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
 
 def _fingerprints(meta: dict) -> dict:
@@ -197,17 +209,26 @@ def _stability(out, fisher_out, loaded, settings, overwrite, progress):
     from .stability import stability_and_reference, write_csv
 
     samples, pad = _samples(loaded, settings.sample)
+    weights = model_fingerprint(loaded)
     meta = None
     if fisher_out is not None:
-        meta = _provenance(fisher_out, loaded, settings, samples, pad, model_fingerprint(loaded), overwrite)
+        meta = _provenance(fisher_out, loaded, settings, samples, pad, weights, overwrite)
     batches = make_batches(samples, settings.sample.batch_size, pad, next(loaded.model.parameters()).device)
+    _say_if_long(loaded.model, len(samples), settings.sample.seq_len, progress)
+    # The one pass is the long part (the demo's Fisher): interrupted, it resumes from its checkpoint.
+    checkpoint = out.with_name(out.name + ".ckpt")
+    identity = {"model": loaded.source, "batch_size": settings.sample.batch_size, **settings.identity()}
     rows, reference = stability_and_reference(loaded.model, batches, list(settings.fractions), list(settings.top),
                                               kind=loaded.kind, progress=progress,
-                                              max_chunk_mb=settings.max_chunk_mb)
+                                              max_chunk_mb=settings.max_chunk_mb, checkpoint=checkpoint,
+                                              checkpoint_every=settings.checkpoint_every,
+                                              fingerprint=json_text(identity, sort_keys=True),
+                                              model_fingerprint=weights)
     # The table and the reference Fisher are one result: written aside, they move into place together.
     if fisher_out is not None:
         meta = dict(meta, ranks=1)
         save_fisher(staged_path(fisher_out), reference, meta)
     write_csv(rows, staged_path(out))
     replace_together([(staged_path(out), out)] + ([(staged_path(fisher_out), fisher_out)] if fisher_out else []))
+    checkpoint.unlink(missing_ok=True)
     return rows, len(samples), meta

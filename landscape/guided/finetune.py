@@ -151,6 +151,10 @@ def _probe(s: FinetuneSettings, train_data):
             check_regularizers(list(s.regularizer), None)
         except UsageError as err:
             raise ScheduleMissing(str(err)) from None
+    if needs_schedule:
+        from ..inputs import check_inputs
+
+        check_inputs(s.model, None, [(s.schedule, "schedule"), (s.fisher, "fisher")])  # before the model loads
     model, _ = load_classifier(s.model.source, train_data, "cpu")
     if s.lora is not None:
         from . import lora

@@ -26,7 +26,7 @@ from ..files import (
     write_csv,
 )
 from ..fisher import check_fisher_matches
-from ..inputs import stage_model, stage_runtime
+from ..inputs import check_inputs, stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output, figure_metadata
 from ..results import StageResult
@@ -312,6 +312,7 @@ def run_profile(settings: ProfileSettings, *, out: PathLike, model: Optional[Loa
 
     out = check_output_folder(out, "out")  # a file, or a path inside one, before any work
     check_distinct_paths({"out": out}, {"fisher": settings.fisher, "model": settings.model.source})
+    check_inputs(settings.model, model, [(settings.fisher, "fisher")])
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(out, "folder", overwrite))
         claims = held.enter_context(claim_profile(out, settings.fisher, overwrite))

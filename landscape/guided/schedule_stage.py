@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..errors import UsageError
 from ..files import PathLike, check_distinct_paths, check_output_path
-from ..inputs import stage_model, stage_runtime
+from ..inputs import check_file_for_model, check_inputs, stage_model, stage_runtime
 from ..models import LoadedModel
 from ..outputs import claim_output
 from ..results import StageResult
@@ -55,19 +55,23 @@ def run_schedule(settings: ScheduleSettings, *, out: PathLike, model: Optional[L
         UsageError: a Fisher file of another model, a loaded model the settings do not describe;
             ``OutputRefused`` for an ``out`` holding another kind of file unless ``overwrite``.
     """
-    from ..fisher import check_fisher_model, load_fisher
-    from ..identity import model_fingerprint
+    from ..fisher import load_fisher
+    from ..identity import MODEL_KEY, model_fingerprint
 
     out = check_output_path(out, "out", [".json"])
     fisher_path = settings.fisher
+    lora = settings.lora is not None
     check_distinct_paths({"out": out}, {"fisher": fisher_path, "model": settings.model.source})
+    # A LoRA schedule scores the modules its adapter adapts by their base weights: the base's Fisher serves.
+    check_inputs(settings.model, model, [(fisher_path, "fisher")], adapter_base=lora)
     with claim_output(out, "schedule", overwrite=overwrite), stage_runtime(settings.model):
         fisher, meta = load_fisher(fisher_path)
         loaded = stage_model(settings.model.replace(allow_new_head=True), model)
         weights = model_fingerprint(loaded)
-        check_fisher_model(fisher_path, meta, weights, settings.model.source)
+        if meta.get(MODEL_KEY):
+            check_file_for_model(fisher_path, "Fisher file", meta[MODEL_KEY], loaded, adapter_base=lora)
         make, target = guided_dropout, loaded.model
-        if settings.lora is not None:
+        if lora:
             from . import lora as lora_module
 
             make, target = lora_module.lora_schedule, _lora_model(loaded, settings.lora)

@@ -28,7 +28,7 @@ from ..data.labelled import LabelledData, encode, labelled_batch
 from ..data.objectives import pad_token_id
 from ..datahome import EMBEDDED_MODEL_DIR
 from ..errors import UsageError
-from ..models import check_finite_weights, check_tokenizer_files, check_weight_files, new_parameters
+from ..models import check_finite_weights, check_weight_files, load_tokenizer, new_parameters
 from ..runtime import transformers_silenced
 from ..settings import REGULARIZERS
 from . import lora
@@ -136,7 +136,7 @@ def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
         data: the ``LabelledData`` whose task and labels size the head.
         device: where the model goes.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     source = str(EMBEDDED_MODEL_DIR) if spec is None else str(spec)
     num_labels = 1 if data.task == "regression" else len(data.label_names)
@@ -145,13 +145,12 @@ def load_classifier(spec: Optional[str], data: LabelledData, device="cpu"):
     try:
         # The "newly initialized head" report is expected here: the head is new by design.
         with transformers_silenced():
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = load_tokenizer(source)
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, num_labels=num_labels, problem_type=problem, output_loading_info=True)
     except (OSError, ValueError, SafetensorError) as err:
         reason = str(err).splitlines()[0]
         raise UsageError(f"cannot load model '{source}' for sequence classification: {reason}") from None
-    check_tokenizer_files(source, tokenizer)
     check_finite_weights(model, source)
     # What the checkpoint lacked (the head, a BERT pooler): LoRA must train and save these too.
     model.landscape_new_parameters = new_parameters(info)

@@ -1,5 +1,6 @@
 """Computing a surface file: the evaluation loop writing through a resumable ``SurfaceFile``."""
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,7 @@ import torch
 from ..errors import UsageError
 from ..files import PathLike, json_text
 from ..identity import MODEL_KEY, check_file_model
-from ..inputs import sample_batches, stage_model, stage_runtime
+from ..inputs import check_inputs, sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel
 from ..results import StageResult
 from ..runtime import broadcast_from_rank0, rank_and_world
@@ -112,6 +113,8 @@ def compute_surface_file(out, model, dir_file, batches, xs, ys=None, settings=No
     if isinstance(todo, UsageError):
         raise todo
     points = grid_points(xs, ys)
+    if progress and surface_file is not None and 0 < len(todo) < len(points):
+        print(f"resuming '{out}': {len(points) - len(todo)} of {len(points)} points done", file=sys.stderr, flush=True)
     complete = False
     try:
         evaluate_rounds(model, directions, batches, points, todo, points_per_pass, progress,
@@ -161,6 +164,8 @@ def run_surface(settings: SurfaceSettings, *, out: PathLike, model: Optional[Loa
     out = check_output_path(out, "out", (".h5", ".hdf5"))
     check_distinct_paths({"out": out}, {"directions": settings.directions, "corpus": settings.sample.corpus,
                                         "eval_corpus": settings.eval_corpus, "model": settings.model.source})
+    if overwrite or not (out.exists() or journal_path(out).exists()):  # a resume compares its whole identity
+        check_inputs(settings.model, model, [(settings.directions, "directions")])
     with claim_output(out, "surface", overwrite=overwrite), stage_runtime(settings.model):
         xs, ys = _grid_axes(settings.directions, settings.grid)  # before anything heavy is loaded
         return _run_surface(out, settings, model, xs, ys, overwrite, progress)
