@@ -257,8 +257,12 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
         if kind == "contour":
             ax.clabel(mappable, inline=True, fontsize=7, fmt="%.3g")
     ax.plot([0], [0], marker="+", color="black", markersize=10)  # the unperturbed model
-    ax.plot([mx], [my], marker="*", color="red", markeredgecolor="white", markersize=12, zorder=6)
-    ax.annotate(note, (mx, my), textcoords="offset points", xytext=(6, -12), fontsize=7, color="red",
+    ax.plot([mx], [my], marker="*", color="red", markeredgecolor="white", markersize=12, zorder=6, clip_on=False)
+    # The note points towards the middle of the grid, so that a minimum at an edge keeps it inside.
+    right = mx <= (surface.x.min() + surface.x.max()) / 2
+    up = my < (surface.y.min() + surface.y.max()) / 2
+    ax.annotate(note, (mx, my), textcoords="offset points", xytext=(6 if right else -6, 6 if up else -8),
+                ha="left" if right else "right", va="bottom" if up else "top", fontsize=7, color="red", zorder=7,
                 bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.7))
     ax.set_aspect("auto")
     ax.set_xlabel("x")
