@@ -262,8 +262,10 @@ def _figures(surf_dir, fig_dir, specs_2d, specs_1d, claims):
     print(sharpness.format_table(rows))
     top = [(n, s) for n, s in specs_1d if s.startswith("top")]
     rand = [(n, s) for n, s in specs_1d if s.startswith("random")]
+    # The README shows the sweep and its controls side by side: one loss axis for both.
+    shared = plots.value_range([surf_dir / f"{n}_1d.h5" for n, _ in top + rand])
     for group, title in ((top, "topk_sweep"), (rand, "random_controls")):
         rows = plots.compare_surfaces([surf_dir / f"{n}_1d.h5" for n, _ in group],
                                        [s.replace(":", " ") + "%" for _, s in group],
-                                       fig_dir / f"{title}.png", claim=claims[f"{title}.png"])
+                                       fig_dir / f"{title}.png", claim=claims[f"{title}.png"], value_range=shared)
         print(sharpness.format_table(rows))

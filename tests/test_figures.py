@@ -9,6 +9,7 @@ import torch
 
 from landscape.cli import main
 from landscape.guided import profile
+from landscape.plots import draw
 from landscape.plots import surfaces as render
 from landscape.plots.text import literal, surface_title
 
@@ -74,11 +75,11 @@ def test_compare_title_does_not_overlap_the_panel_titles(write_surface, kind):
     paths = [write_surface(f"{name}.h5", lambda X, Y, s=s: 3 + s * (X ** 2 + Y ** 2), x=GRID, y=GRID)
              for name, s in (("top", 10.0), ("bottom", 0.5))]
     surfaces = render.read_all(paths)
-    style = render.Style(title="train loss: top-50%, bottom-50%").validate()
-    fig = render._mpl_figure(surfaces, ["top-50%", "bottom-50%"], kind, style, ["rise@0.5=1, curv=2"] * 2)
+    style = render.Style(title="train loss: top-50%, bottom-50%", subtitle="8 samples × 128 tokens").validate()
+    fig = draw.mpl_figure(surfaces, ["top-50%", "bottom-50%"], kind, style, ["rise@0.5=1, curv=2"] * 2)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(fig)  # the figure is closed in pyplot: give it a canvas to lay it out
+    canvas = FigureCanvasAgg(fig)  # the figure is outside pyplot: give it a canvas to lay it out
     canvas.draw()
     renderer = canvas.get_renderer()
     top = fig._suptitle.get_window_extent(renderer)

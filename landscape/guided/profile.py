@@ -114,6 +114,11 @@ def _save_figure(fig, path, claim=None):
 
 def plot_parameter_profile(quantiles, total, zeros, path, title="", claim=None):
     """Fig. 3a: Fisher of every parameter, sorted, log scale; ``claim``: the figure's ``outputs.Claim``."""
+    return _save_figure(parameter_figure(quantiles, total, zeros, title), path, claim)
+
+
+def parameter_figure(quantiles, total, zeros, title=""):
+    """The matplotlib figure ``plot_parameter_profile`` saves (see there); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,11 +131,35 @@ def plot_parameter_profile(quantiles, total, zeros, path, title="", claim=None):
     ax.plot([p[0] for p in positive], [p[1] for p in positive], color="#1f4e79", lw=1.6)
     ax.set_yscale("log")
     ax.set_xlabel("parameters, sorted by Fisher (% of all)")
-    ax.set_ylabel("empirical Fisher (log scale)")
+    ax.set_ylabel("empirical Fisher, mean (∂loss/∂θ)² (nats²; log axis)")
     note = f"{total:,} parameters" + (f"; {zeros:,} exactly zero (not shown)" if zeros else "")
     ax.set_title(literal(f"{title}\n{note}" if title else note), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    return _save_figure(fig, path, claim)
+    return fig
+
+
+def profile_title(meta, source=""):
+    """What a profile's figures show, from the Fisher file's recorded attributes.
+
+    Args:
+        meta: the Fisher file's metadata (``fisher.load_fisher``): its model, samples, seq_len, corpus.
+        source: the model it was checked against, named when the file does not say.
+
+    Returns:
+        e.g. 'empirical Fisher · embedded model · 2,048 samples × 128 tokens from embedded default'.
+    """
+    from ..plots.text import model_name
+
+    def count(key):
+        try:
+            return int(str(meta.get(key)))
+        except ValueError:
+            return None
+
+    samples, seq_len, corpus = count("samples"), count("seq_len"), meta.get("corpus")
+    sample = "" if samples is None else f"{samples:,} samples" + (f" × {seq_len:,} tokens" if seq_len else "")
+    sample += f" from {corpus}" if sample and corpus else ""
+    return " · ".join(part for part in ("empirical Fisher", model_name(meta.get("model") or source), sample) if part)
 
 
 def spans_decades(values, ratio=20.0):
@@ -169,7 +198,7 @@ def bars_figure(labels, values, colors, xlabel, title="", legend=None):
         ax.set_xscale("log")
         # Bars start a decade edge below the smallest, so that the smallest still has a length.
         ax.set_xlim(left=10.0 ** np.floor(np.log10(min(v for v in values if v > 0) / 2)))
-        xlabel += " (log scale)"
+        xlabel += "; log axis"
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels([literal(label) for label in labels], fontsize=7)
     ax.invert_yaxis()
@@ -271,11 +300,11 @@ def write_profile(fisher, model, out_dir, title="", claims=None):
     write_csv(sites, aside["sites"])
     top_block = max(b["mean"] for b in blocks) or 1.0
     plot_bars([b["block"] for b in blocks], [b["mean"] / top_block for b in blocks], "#1f4e79", aside["blocks_png"],
-              "mean Fisher per element (normalized)", title, claim=claims.get("blocks.png"))
+              "mean Fisher per element, relative to the largest block", title, claim=claims.get("blocks.png"))
     kinds = {s["kind"]: _KIND_COLORS.get(s["kind"], _KIND_COLORS["other"]) for s in sites}
     plot_bars([s["site"] for s in sites], [s["normalized"] for s in sites], [kinds[s["kind"]] for s in sites],
-              aside["sites_png"], "site score: element-weighted mean Fisher (normalized)", title, legend=kinds,
-              claim=claims.get("sites.png"))
+              aside["sites_png"], "site score (element-weighted mean Fisher), relative to the largest site", title,
+              legend=kinds, claim=claims.get("sites.png"))
     replace_together([(aside[what], out / name) for what, name in paths.items()])
     return {what: out / name for what, name in paths.items()}
 
@@ -321,7 +350,7 @@ def run_profile(settings: ProfileSettings, *, out: PathLike, model: Optional[Loa
         loaded = stage_model(settings.model.replace(allow_new_head=True), model)
         weights = model_fingerprint(loaded)
         check_fisher_model(settings.fisher, meta, weights, settings.model.source)
-        title = f"{Path(loaded.source).name}, {meta.get('samples', '?')} samples"
+        title = profile_title(meta, loaded.source)
         files = write_profile(fisher, loaded.model, out, title=title, claims=claims.figures)
     return ProfileResult(path=out, settings=settings, computed=len(files), total=len(files),
                          fingerprints={"model_fingerprint": weights}, files=files)

@@ -1,6 +1,7 @@
 """Writing plotly figures as HTML pages: offline, titled by what they show, filling the window."""
 
 import html
+import re
 
 from ..files import atomic_output
 from ..outputs import stamp_html
@@ -16,7 +17,7 @@ def write_html(fig, out, title=None, claim=None):
     plotly.js is embedded (works offline, no CDN), MathJax is not loaded (user text is shown as
     written).  The layout's fixed width and height are dropped for autosize and plotly's
     responsive mode, so the figure follows the window; the page's ``<title>`` (the browser tab) is
-    ``title``, by default the figure's own title.
+    ``title``, by default the figure's own title with its subtitle in parentheses.
 
     Args:
         fig: a ``plotly.graph_objects.Figure``.
@@ -25,7 +26,7 @@ def write_html(fig, out, title=None, claim=None):
         claim: the page's ``outputs.Claim``, whose stamp it carries (None: ``outputs.stamp_html``'s).
     """
     fig.update_layout(autosize=True, width=None, height=None)
-    page_title = title if title is not None else (fig.layout.title.text or "")
+    page_title = title if title is not None else re.sub(r"<br><sub>(.*?)</sub>", r" (\1)", fig.layout.title.text or "")
     text = fig.to_html(include_plotlyjs=True, full_html=True, include_mathjax=False,
                        config={"responsive": True, "displaylogo": False},
                        default_width="100%", default_height="100vh")

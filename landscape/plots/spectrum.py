@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..files import atomic_output
-from ..outputs import figure_metadata
-from .html import write_html
 from .surfaces import output_format
 from .text import literal
 
@@ -59,16 +56,26 @@ def plot_spectrum(path, out, log=False, title=None, claim=None):
     Raises:
         UsageError: an unknown output format, or a report without a spectrum.
     """
+    from .draw import save
+
     fmt = output_format(out)
+    fig = spectrum_figure(path, fmt == "html", log=log, title=title)
+    save(fig, out, fmt, claim)
+    return Path(out)
+
+
+def spectrum_figure(path, interactive, log=False, title=None):
+    """The figure ``plot_spectrum`` writes, not written: plotly's when ``interactive``, else matplotlib's.
+
+    Raises:
+        UsageError: a report without a spectrum.
+    """
     edges, density, eigenvalues, report = read_spectrum(path)
     title = title or f"Hessian spectral density: {Path(path).name}"
     subtitle = _subtitle(report)
     ylabel = "density (per unit eigenvalue)"
-    if fmt == "html":
-        _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out, claim)
-    else:
-        _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, fmt, claim)
-    return Path(out)
+    draw = _plotly if interactive else _matplotlib
+    return draw(edges, density, eigenvalues, log, title, subtitle, ylabel)
 
 
 def _step(edges, density, log):
@@ -80,13 +87,11 @@ def _step(edges, density, log):
     return x, y
 
 
-def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, fmt, claim):
-    import matplotlib
+def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel):
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig = Figure(figsize=(7.5, 4.6))
+    ax = fig.subplots()
     x, y = _step(edges, density, log)
     ax.plot(x, y, color="tab:blue", linewidth=1.2, label="spectral density (SLQ)")
     if not log:
@@ -101,12 +106,10 @@ def _matplotlib(edges, density, eigenvalues, log, title, subtitle, ylabel, out, 
     if eigenvalues:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    plt.close(fig)
-    with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt, claim))
+    return fig
 
 
-def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out, claim):
+def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel):
     import plotly.graph_objects as go
 
     x, y = _step(edges, density, log)
@@ -116,4 +119,4 @@ def _plotly(edges, density, eigenvalues, log, title, subtitle, ylabel, out, clai
         fig.add_vline(x=value, line_dash="dash", line_color="red")
     fig.update_layout(title=f"{title}<br><sub>{subtitle}</sub>", xaxis_title="eigenvalue (nats/token per unit²)",
                       yaxis_title=ylabel, yaxis_type="log" if log else "linear")
-    write_html(fig, out, title=f"{title} ({subtitle})", claim=claim)
+    return fig

@@ -18,11 +18,8 @@ import numpy as np
 
 from .. import checks
 from ..errors import UsageError
-from ..files import atomic_output
-from ..outputs import figure_metadata
 from ..surface.file import read_surface
-from .html import write_html
-from .text import common_model, literal, surface_title
+from .text import common_model, common_sample, sample_note, surface_title, value_label
 
 FORMATS = ("html", "png", "pdf")
 KINDS_2D = ("surface3d", "contour", "contourf", "heatmap")
@@ -41,6 +38,8 @@ class Style:
     log: show log10 of the value (2D) or a log value axis (1D).  zmin/zmax: clip values to this
     range (in the value's own units, before the log).  cmap: a matplotlib colour map name, also
     used (sampled) for the HTML output so both look alike.  levels: number of contour levels.
+    value_range: (low, high) of the value axis and colour scale, in the value's own units, so that
+    figures shown side by side share it (None: the drawn values' own range).
     """
 
     log: bool = False
@@ -49,6 +48,8 @@ class Style:
     cmap: str = "viridis"
     levels: int = 20
     title: "str | None" = None
+    value_range: "tuple | None" = None
+    subtitle: str = ""  # what the figure was computed on (the sample), under the title
 
     def validate(self):
         """Check and normalize the settings; returns the style itself.
@@ -70,6 +71,11 @@ class Style:
         if self.cmap not in matplotlib.colormaps:
             raise UsageError(f"unknown colour map '{self.cmap}'; use a matplotlib name such as viridis, "
                              "coolwarm, magma or terrain")
+        if self.value_range is not None:
+            low, high = (checks.finite_float(v, "value range") for v in self.value_range)
+            if low >= high or (self.log and low <= 0):
+                raise UsageError(f"value range ({low}, {high}) must be increasing{' and positive' if self.log else ''}")
+            self.value_range = (low, high)
         return self
 
     def values(self, z):
@@ -81,9 +87,35 @@ class Style:
         return z
 
     def value_label(self, field):
-        """The axis label of values of ``field`` (e.g. 'train_loss'), with 'log10' on a log scale."""
-        name = field.replace("_", " ")
-        return f"log10 {name}" if self.log else name
+        """The axis label of ``field``'s values with their unit: 'train loss (nats)' (log10 on a log scale)."""
+        return value_label(field, self.log)
+
+    def shown_range(self, values):
+        """(low, high) of the colour scale and value axis: ``value_range`` (as shown), else the values' own."""
+        if self.value_range is not None:
+            low, high = self.value_range
+            return (float(np.log10(low)), float(np.log10(high))) if self.log else (low, high)
+        finite = np.concatenate([v[np.isfinite(v)].ravel() for v in values])
+        low, high = float(finite.min()), float(finite.max())
+        if high <= low:  # a flat surface still needs a non-empty colour range
+            high = low + max(abs(low) * 1e-6, 1e-12)
+        return low, high
+
+
+def value_range(paths, field="train_loss"):
+    """(smallest, largest) computed value of ``field`` over several surface files.
+
+    Give it as ``value_range`` to figures that are shown side by side, so that they share their
+    value axis.
+
+    Raises:
+        UsageError: a file that cannot be read, or no computed value in any of them.
+    """
+    finite = [s.z[np.isfinite(s.z)] for s in (read_surface(p, field) for p in paths)]
+    finite = np.concatenate([f.ravel() for f in finite]) if finite else np.zeros(0)
+    if finite.size == 0:
+        raise UsageError("none of the surface files has a computed point yet")
+    return float(finite.min()), float(finite.max())
 
 
 def output_format(out):
@@ -125,7 +157,7 @@ def _default_title(surface):
 # --------------------------------------------------------------------------------------------
 
 def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=None,
-                 cmap="viridis", levels=20, title=None, claim=None):
+                 cmap="viridis", levels=20, title=None, claim=None, value_range=None):
     """Draw one surface file to ``out`` (.html: self-contained plotly; .png/.pdf: matplotlib).
 
     Nothing is written when the input is bad or drawing fails.
@@ -142,6 +174,7 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
         levels: number of contour levels.
         title: the figure's title (None: a default).
         claim: the figure's ``outputs.Claim``, whose stamp it carries (None: ``outputs.figure_metadata``'s).
+        value_range: (low, high) of the value axis and colour scale (None: the surface's own).
 
     Returns:
         The output path.
@@ -150,17 +183,41 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
         UsageError: a bad input file or setting.
     """
     fmt = output_format(out)
-    style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title).validate()
+    fig = surface_figure(path, fmt == "html", kind=kind, field=field, log=log, zmin=zmin, zmax=zmax, cmap=cmap,
+                         levels=levels, title=title, value_range=value_range)
+    return save_figure(fig, out, claim)
+
+
+def surface_figure(path, interactive, kind="auto", field="train_loss", log=False, zmin=None, zmax=None,
+                   cmap="viridis", levels=20, title=None, value_range=None):
+    """The figure ``plot_surface`` writes, not written: a plotly ``Figure`` when ``interactive``, else matplotlib's.
+
+    Its title says what is drawn (field, model, directions) and, under it, the sample it was
+    evaluated on (from the file's attributes); a 2D figure marks the smallest value.  Other
+    arguments as for ``plot_surface``.
+    """
+    from .draw import figure
+
+    style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title,
+                  value_range=value_range).validate()
     surface = read_surface(path, field)
     kind = resolve_kind(kind, surface.dims)
     _require_data(surface)
     style.title = style.title or _default_title(surface)
-    if fmt == "html":
-        fig = _plotly_figure([surface], [None], kind, style, notes=[None])
-        write_html(fig, out, claim=claim)
-    else:
-        fig = _mpl_figure([surface], [None], kind, style, notes=[None])
-        _save_mpl(fig, out, fmt, claim)
+    style.subtitle = sample_note(surface.settings, field)
+    return figure([surface], [None], kind, style, notes=[None], interactive=interactive)
+
+
+def save_figure(fig, out, claim=None):
+    """Write a figure of ``surface_figure``/``compare_figure`` to ``out`` (its format from the name); returns ``out``.
+
+    Raises:
+        UsageError: an extension other than .html, .png or .pdf, or an HTML name for a matplotlib
+            figure (or the other way round).
+    """
+    from .draw import save
+
+    save(fig, out, output_format(out), claim)
     return Path(out)
 
 
@@ -169,13 +226,15 @@ def plot_surface(path, out, kind="auto", field="train_loss", log=False, zmin=Non
 # --------------------------------------------------------------------------------------------
 
 def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=False, zmin=None, zmax=None,
-                     cmap="viridis", levels=20, title=None, csv=None, radius=None, fit_radius=None, claim=None):
+                     cmap="viridis", levels=20, title=None, csv=None, radius=None, fit_radius=None, claim=None,
+                     value_range=None):
     """Draw several surfaces of the same dimension together to ``out``, with sharpness numbers.
 
     1D: one curve per file on a shared axis.  2D: one panel per file, side by side, sharing the
-    colour scale and the z range.  The sharpness summary (``landscape.sharpness``, computed at a
-    common ``radius`` / ``fit_radius``) goes into the legend entries / panel titles and into the
-    CSV ``csv``.
+    colour scale, the z range and the x and y ranges.  Each surface's smallest value is marked and
+    its place and value written next to it.  The sharpness summary (``landscape.sharpness``,
+    computed at a common ``radius`` / ``fit_radius``) goes into the legend entries / panel titles
+    and into the CSV ``csv``.
 
     Args:
         paths: the surface files (.h5), all 1D or all 2D.
@@ -193,6 +252,8 @@ def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=Fa
         radius: the common sharpness radius (see ``sharpness.summarize_all``).
         fit_radius: the common curvature fit radius.
         claim: as for ``plot_surface``.
+        value_range: (low, high) of the value axis and colour scale, shared with other figures
+            (``value_range(paths)`` of all of them; None: these surfaces' own).
 
     Returns:
         The summary rows (list of dicts, see ``sharpness.summarize``).
@@ -200,7 +261,23 @@ def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=Fa
     from ..surface import sharpness
 
     fmt = output_format(out)
-    style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title).validate()
+    fig, rows = compare_figure(paths, labels, fmt == "html", kind=kind, field=field, log=log, zmin=zmin, zmax=zmax,
+                               cmap=cmap, levels=levels, title=title, radius=radius, fit_radius=fit_radius,
+                               value_range=value_range)
+    save_figure(fig, out, claim)
+    if csv is not False:
+        sharpness.write_csv(rows, default_csv_path(out) if csv is None else csv)
+    return rows
+
+
+def compare_figure(paths, labels, interactive, kind="auto", field="train_loss", log=False, zmin=None, zmax=None,
+                   cmap="viridis", levels=20, title=None, radius=None, fit_radius=None, value_range=None):
+    """(figure, summary rows) of ``compare_surfaces``, nothing written; plotly's figure when ``interactive``."""
+    from ..surface import sharpness
+    from .draw import figure
+
+    style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title,
+                  value_range=value_range).validate()
     labels = check_labels(labels, paths)
     surfaces = read_all(paths, field)
     kind = resolve_kind(kind, surfaces[0].dims)
@@ -210,13 +287,8 @@ def compare_surfaces(paths, labels, out, kind="auto", field="train_loss", log=Fa
     notes = [sharpness.short_note(row) for row in rows]
     model = common_model(surfaces)
     style.title = style.title or f"{field.replace('_', ' ')}{f' · {model}' if model else ''}: {', '.join(labels)}"
-    if fmt == "html":
-        write_html(_plotly_figure(surfaces, labels, kind, style, notes), out, claim=claim)
-    else:
-        _save_mpl(_mpl_figure(surfaces, labels, kind, style, notes), out, fmt, claim)
-    if csv is not False:
-        sharpness.write_csv(rows, default_csv_path(out) if csv is None else csv)
-    return rows
+    style.subtitle = common_sample(surfaces)
+    return figure(surfaces, labels, kind, style, notes, interactive=interactive), rows
 
 
 def default_csv_path(out):
@@ -250,173 +322,3 @@ def check_labels(labels, paths):
     return labels
 
 
-# --------------------------------------------------------------------------------------------
-# plotly (HTML)
-# --------------------------------------------------------------------------------------------
-
-def _plotly_colorscale(cmap, n=21):
-    import matplotlib
-
-    colors = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, n))
-    return [[float(t), f"rgb({int(r * 255)},{int(g * 255)},{int(b * 255)})"]
-            for t, (r, g, b, _) in zip(np.linspace(0.0, 1.0, n), colors)]
-
-
-def _shared_range(values):
-    finite = np.concatenate([v[np.isfinite(v)].ravel() for v in values])
-    low, high = float(finite.min()), float(finite.max())
-    if high <= low:  # a flat surface still needs a non-empty colour range
-        high = low + max(abs(low) * 1e-6, 1e-12)
-    return low, high
-
-
-def _panel_title(label, note):
-    return " ".join(part for part in (label, f"({note})" if note else None) if part)
-
-
-def _plotly_figure(surfaces, labels, kind, style, notes):
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    if kind == "line":
-        return _plotly_lines(surfaces, labels, style, notes)
-    values = [style.values(s.z) for s in surfaces]
-    low, high = _shared_range(values)
-    n = len(surfaces)
-    spec_type = "scene" if kind == "surface3d" else "xy"
-    titles = [_panel_title(label, note) for label, note in zip(labels, notes)] if n > 1 else None
-    fig = make_subplots(rows=1, cols=n, specs=[[{"type": spec_type}] * n], subplot_titles=titles,
-                        horizontal_spacing=0.04 if kind == "surface3d" else 0.06)
-    value_label = style.value_label(surfaces[0].field)
-    for col, (surface, z) in enumerate(zip(surfaces, values), start=1):
-        common = dict(x=surface.x, y=surface.y, z=z, coloraxis="coloraxis")
-        if kind == "surface3d":
-            trace = go.Surface(**common, connectgaps=False)
-        elif kind == "heatmap":
-            trace = go.Heatmap(**common)
-        else:
-            trace = go.Contour(**common, contours=dict(start=low, end=high, size=(high - low) / style.levels,
-                                                       coloring="lines" if kind == "contour" else "fill"))
-        fig.add_trace(trace, row=1, col=col)
-    fig.update_layout(title=style.title, coloraxis=dict(colorscale=_plotly_colorscale(style.cmap), cmin=low,
-                                                        cmax=high, colorbar=dict(title=value_label)))
-    if kind == "surface3d":
-        for i in range(1, n + 1):
-            fig.layout[f"scene{'' if i == 1 else i}"].update(
-                zaxis=dict(range=[low, high], title=value_label), xaxis_title="x", yaxis_title="y",
-                aspectmode="manual", aspectratio=dict(x=1, y=1, z=0.8),  # same box in every panel
-                camera=dict(eye=dict(x=1.6, y=1.6, z=1.0)))  # a step back: corners stay in view
-    else:
-        fig.update_xaxes(title_text="x")
-        fig.update_yaxes(title_text="y")
-    return fig
-
-
-def _plotly_lines(surfaces, labels, style, notes):
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for surface, label, note in zip(surfaces, labels, notes):
-        z = np.clip(surface.z, style.zmin if style.zmin is not None else -np.inf,
-                    style.zmax if style.zmax is not None else np.inf)
-        fig.add_trace(go.Scatter(x=surface.x, y=z, mode="lines+markers", connectgaps=False,
-                                 name=_panel_title(label or surface.field.replace("_", " "), note)))
-    fig.update_layout(title=style.title, xaxis_title="step along the direction",
-                      yaxis_title=surfaces[0].field.replace("_", " "), yaxis_type="log" if style.log else "linear",
-                      showlegend=len(surfaces) > 1 or labels[0] is not None)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------
-# matplotlib (PNG, PDF)
-# --------------------------------------------------------------------------------------------
-
-def _mpl_figure(surfaces, labels, kind, style, notes):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    if kind == "line":
-        return _mpl_lines(surfaces, labels, style, notes)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize
-
-    values = [style.values(s.z) for s in surfaces]
-    low, high = _shared_range(values)
-    norm = Normalize(vmin=low, vmax=high)
-    n = len(surfaces)
-    subplot_kw = {"projection": "3d"} if kind == "surface3d" else {}
-    # Constrained layout places the figure title above the panel titles, never over them.
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 1.2, 4.8), subplot_kw=subplot_kw, squeeze=False,
-                             layout="constrained")
-    mappable = None
-    for ax, surface, z, label, note in zip(axes[0], surfaces, values, labels, notes):
-        mappable = _mpl_panel(ax, surface, z, kind, style, norm, (low, high))
-        if n > 1:
-            # Side-by-side panels are narrow: the sharpness note goes on its own line.
-            ax.set_title(literal("\n".join(part for part in (label, note) if part)), fontsize=10)
-    fig.colorbar(mappable, ax=list(axes[0]), shrink=0.8, pad=0.08 if kind == "surface3d" else 0.05,
-                 label=style.value_label(surfaces[0].field))
-    fig.suptitle(literal(_wrapped(style.title, 5.2 * n + 1.2)))
-    plt.close(fig)  # keep pyplot's registry empty; the Figure object is still saved later
-    return fig
-
-
-def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
-    X, Y = np.meshgrid(surface.x, surface.y)
-    masked = np.ma.masked_invalid(z)
-    cmap = style.cmap
-    if kind == "surface3d":
-        mappable = ax.plot_surface(X, Y, masked, cmap=cmap, norm=norm, linewidth=0, antialiased=True)
-        ax.set_zlim(*zrange)  # the colour bar names the value; a z label would collide with it
-        from matplotlib.ticker import MaxNLocator
-
-        for axis in (ax.xaxis, ax.yaxis):  # a 3D box's tick labels crowd one another beyond a few
-            axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
-    elif kind == "heatmap":
-        mappable = ax.pcolormesh(surface.x, surface.y, masked, cmap=cmap, norm=norm, shading="nearest")
-    else:
-        levels = np.linspace(zrange[0], zrange[1], style.levels + 1)
-        draw = ax.contour if kind == "contour" else ax.contourf
-        mappable = draw(X, Y, masked, levels=levels, cmap=cmap, norm=norm)
-        if kind == "contour":
-            ax.clabel(mappable, inline=True, fontsize=7, fmt="%.3g")
-    if kind != "surface3d":
-        ax.plot([0], [0], marker="+", color="black", markersize=10)  # the unperturbed model
-        ax.set_aspect("auto")
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
-    return mappable
-
-
-def _mpl_lines(surfaces, labels, style, notes):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for surface, label, note in zip(surfaces, labels, notes):
-        z = np.clip(surface.z, style.zmin if style.zmin is not None else -np.inf,
-                    style.zmax if style.zmax is not None else np.inf)
-        ax.plot(surface.x, z, marker="." if len(surface.x) <= 60 else None,
-                label=literal(_panel_title(label or surface.field.replace("_", " "), note)))
-    if style.log:
-        ax.set_yscale("log")
-    ax.set_xlabel("step along the direction")
-    ax.set_ylabel(surfaces[0].field.replace("_", " "))
-    ax.set_title(literal(_wrapped(style.title, 7.5)))
-    ax.axvline(0.0, color="grey", linewidth=0.6)
-    if len(surfaces) > 1 or labels[0] is not None:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    plt.close(fig)
-    return fig
-
-
-def _wrapped(title, width_inches):
-    """A title broken into lines that fit a figure ``width_inches`` wide (about 11 characters an inch)."""
-    import textwrap
-
-    return "\n".join(textwrap.wrap(title, width=max(30, int(11 * width_inches)))) if title else title
-
-
-def _save_mpl(fig, out, fmt, claim=None):
-    with atomic_output(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=figure_metadata(out, fmt, claim))

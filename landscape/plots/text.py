@@ -63,3 +63,55 @@ def common_model(surfaces):
     """The model name all ``surfaces`` share, or '' when they differ or do not say."""
     names = {model_name((s.settings or {}).get("model")) for s in surfaces}
     return names.pop() if len(names) == 1 else ""
+
+
+def value_label(field, log=False):
+    """The axis label of a surface field's values, with its unit: 'train loss (nats)', 'test acc (fraction)'.
+
+    The loss is a mean cross-entropy (natural log), so its unit is the nat; an accuracy is a fraction
+    of the scored tokens (or sequences).  ``log``: the values are shown as log10.
+    """
+    name = str(field).replace("_", " ")
+    unit = "nats" if str(field).endswith("loss") else "fraction" if str(field).endswith("acc") else ""
+    label = f"{name} ({unit})" if unit else name
+    return f"log10 {label}" if log else label
+
+
+def sample_note(settings, field="train_loss"):
+    """What a surface was evaluated on, from its file's recorded attributes, or '' when it does not say.
+
+    Args:
+        settings: the surface file's attributes (``Surface.settings``).
+        field: the field drawn; ``test_*`` fields were evaluated on the held-out sample (``eval_*``).
+
+    Returns:
+        e.g. '2,048 samples × 128 tokens, 151,204 scored, from embedded default'.
+    """
+    settings = settings or {}
+    prefix = "eval_" if str(field).startswith("test") else ""
+    samples = settings.get(f"{prefix}n_samples")
+    if samples in (None, ""):
+        return ""
+    note = f"{int(samples):,} samples"
+    if settings.get("seq_len") not in (None, ""):
+        note += f" × {int(settings['seq_len']):,} tokens"
+    if settings.get(f"{prefix}n_target_tokens") not in (None, ""):
+        note += f", {int(settings[f'{prefix}n_target_tokens']):,} scored"
+    corpus = settings.get("eval_corpus" if prefix else "corpus")
+    return note + (f", from {corpus}" if corpus not in (None, "") else "")
+
+
+def common_sample(surfaces):
+    """The sample note all ``surfaces`` share, or their distinct notes joined by ' / ' ('' when none says)."""
+    notes = []
+    for surface in surfaces:
+        note = sample_note(surface.settings, surface.field)
+        if note and note not in notes:
+            notes.append(note)
+    return " / ".join(notes)
+
+
+def minimum_note(x, y, value):
+    """Where a surface's smallest value is, as drawn next to its marker: 'min 6.2846 at (0.25, -0.5)'."""
+    where = f"{x:.3g}" if y is None else f"({x:.3g}, {y:.3g})"
+    return f"min {value:.5g} at {where}"

@@ -14,18 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..surface.file import read_surface
-from .html import write_html
-from .surfaces import (
-    Style,
-    _default_title,
-    _mpl_figure,
-    _plotly_figure,
-    _require_data,
-    _save_mpl,
-    output_format,
-    resolve_kind,
-)
-from .text import literal
+from .surfaces import Style, _default_title, _require_data, output_format, resolve_kind, save_figure
+from .text import literal, sample_note
 
 
 def trajectory_points(surface):
@@ -92,7 +82,19 @@ def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=Fals
     Returns:
         The output path, or None (nothing written) when the surface has no trajectory.
     """
-    fmt = output_format(out)
+    fig = trajectory_figure(path, output_format(out) == "html", kind=kind, field=field, log=log, zmin=zmin,
+                            zmax=zmax, cmap=cmap, levels=levels, title=title)
+    return None if fig is None else save_figure(fig, out, claim)
+
+
+def trajectory_figure(path, interactive, kind="contour", field="train_loss", log=False, zmin=None, zmax=None,
+                      cmap="viridis", levels=20, title=None):
+    """The figure ``plot_with_trajectory`` writes, not written (plotly's when ``interactive``), or None.
+
+    None when the surface has no trajectory; other arguments as for ``plot_with_trajectory``.
+    """
+    from .draw import figure
+
     style = Style(log=log, zmin=zmin, zmax=zmax, cmap=cmap, levels=levels, title=title).validate()
     surface = read_surface(path, field)
     kind = resolve_kind(kind, surface.dims)
@@ -104,23 +106,21 @@ def plot_with_trajectory(path, out, kind="contour", field="train_loss", log=Fals
     coords, labels, explained = found
     _require_data(surface)
     style.title = style.title or _default_title(surface)
+    style.subtitle = sample_note(surface.settings, field)
     if len(explained) >= 2:
         style.title += f" (PCA plane: {explained[0]:.1%} + {explained[1]:.1%} of the variance)"
-    if fmt == "html":
+    fig = figure([surface], [None], kind, style, notes=[None], interactive=interactive)
+    if interactive:
         import plotly.graph_objects as go
 
-        fig = _plotly_figure([surface], [None], kind, style, notes=[None])
         fig.add_trace(go.Scatter(x=coords[:, 0], y=coords[:, 1], mode="lines+markers+text", text=labels,
                                  textposition="top center", name="checkpoints",
                                  marker=dict(color="red", size=8), line=dict(color="red", width=1)))
-        write_html(fig, out, claim=claim)
-    else:
-        fig = _mpl_figure([surface], [None], kind, style, notes=[None])
-        ax = fig.axes[0]
-        ax.plot(coords[:, 0], coords[:, 1], "-o", color="red", markersize=4, linewidth=1, zorder=5,
-                label="checkpoints, in training order")
-        for (x, y), label in zip(coords, labels):
-            ax.annotate(literal(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="red")
-        ax.legend(fontsize=8, loc="upper right")
-        _save_mpl(fig, out, fmt, claim)
-    return Path(out)
+        return fig
+    ax = fig.axes[0]
+    ax.plot(coords[:, 0], coords[:, 1], "-o", color="red", markersize=4, linewidth=1, zorder=5,
+            label="checkpoints, in training order")
+    for (x, y), label in zip(coords, labels):
+        ax.annotate(literal(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="red")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
