@@ -2,7 +2,8 @@
 
 On a terminal (or in a notebook) a stage shows tqdm's bar.  Anywhere else, stderr is a log file
 or a pipe, where a bar's carriage-return updates pile up into hundreds of overwritten lines: there
-a bar is a plain line at most every ``LOG_INTERVAL`` seconds, and one when it ends.  ``quiet()``
+a bar is a plain line at most every ``LOG_INTERVAL`` seconds, and one when it ends (not when an
+error ends it: the refusal's one line says why).  ``quiet()``
 (the commands' ``--quiet``) turns every bar off for the process, the model-load bar included.
 """
 
@@ -90,8 +91,8 @@ class LogLines:
     def __enter__(self) -> "LogLines":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self._end(failed=exc_type is not None)
 
     def update(self, n: float = 1) -> None:
         """Count ``n`` more; write a line when ``interval`` seconds passed since the last one."""
@@ -107,8 +108,15 @@ class LogLines:
         """Nothing: a line comes only on the interval, so that a log stays short."""
 
     def close(self) -> None:
-        """Write the last line, once, if anything was counted."""
-        if not self.closed and self.n > self.initial:
+        """Write the last line, once, if anything was counted and no error is on its way out.
+
+        A refusal (or Ctrl-C) says in its own one line why the work stopped: a progress line before
+        it would make a refusal two lines in a log.
+        """
+        self._end(failed=sys.exc_info()[0] is not None)  # called from a `finally` while an error propagates
+
+    def _end(self, failed: bool) -> None:
+        if not self.closed and not failed and self.n > self.initial:
             self._line()
         self.closed = True
 

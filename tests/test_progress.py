@@ -59,6 +59,23 @@ def test_log_lines_of_a_resumed_bar_count_from_where_it_resumed(monkeypatch):
     assert out.getvalue().startswith("fisher: 100% 10/10") and out.getvalue().count("\n") == 1
 
 
+def test_a_bar_that_an_error_ends_writes_no_last_line(monkeypatch):
+    # A refusal is one line in a log: no progress line just before it.
+    out = io.StringIO()
+    with pytest.raises(ValueError):
+        with progress.LogLines(total=5, file=out) as bar:
+            bar.update(2)
+            raise ValueError("refused")
+    bar = progress.LogLines(total=5, file=out)
+    with pytest.raises(ValueError):
+        try:
+            bar.update(2)
+            raise ValueError("refused")
+        finally:
+            bar.close()
+    assert out.getvalue() == ""
+
+
 def test_a_bar_that_counted_nothing_writes_nothing():
     out = io.StringIO()
     progress.LogLines(total=5, file=out).close()
