@@ -35,6 +35,22 @@ def checkpoints_dir() -> Path:
     return data_home() / "checkpoints"
 
 
+def checkpoint_builder() -> "Path | None":
+    """``data/build_checkpoints.py`` of the clone this package runs from; None where there is none (a wheel)."""
+    script = Path(__file__).resolve().parent.parent / "data" / "build_checkpoints.py"
+    return script if script.is_file() else None
+
+
+def how_to_build_checkpoints() -> str:
+    """How to build the real checkpoints from here: the script's command, or, without it, where to get it."""
+    script = checkpoint_builder()
+    if script is not None:
+        return f"python {script}"
+    return ("the script data/build_checkpoints.py, which an installed wheel does not carry: run it from a clone "
+            "of the landscape repository (pip install -e '.[checkpoints]'), with the same LANDSCAPE_DATA; or "
+            "give any Hugging Face model folder to --model")
+
+
 def built_checkpoints() -> dict:
     """{name: folder} of the checkpoints built under ``checkpoints_dir()`` (folders with a config.json)."""
     folder = checkpoints_dir()

@@ -7,7 +7,6 @@ BART ...).
 """
 
 import pickle
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from .adapters import is_adapter_folder, load_adapter, new_parameters
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
+from .progress import is_quiet, on_terminal
 from .runtime import resolve_device, storage_dtype, transformers_silenced
 from .sharding import ShardLayout
 
@@ -139,11 +139,12 @@ LOAD_BAR_BYTES = 100 * 2**20
 
 
 def _load_bar(spec: str) -> bool:
-    """Whether to show the loading bar: for large weights, on a terminal only.
+    """Whether to show the loading bar: for large weights, on a terminal only, and never when quiet.
 
-    The bar leaves a line, and a refusal after the load must stay one line on stderr in a log.
+    The progress policy (``progress``): transformers' bar redraws with carriage returns, so a log
+    gets none, and a refusal after the load stays one line on stderr there.
     """
-    return sys.stderr.isatty() and _weight_bytes(spec) >= LOAD_BAR_BYTES
+    return on_terminal() and not is_quiet() and _weight_bytes(spec) >= LOAD_BAR_BYTES
 
 
 def _weight_bytes(spec: str) -> float:

@@ -108,3 +108,33 @@ def test_where_prints_a_built_checkpoint(tmp_path):
     done = subprocess.run(landscape_cmd("where", "--checkpoint", "tiny"),
                           capture_output=True, text=True, env=subprocess_env(LANDSCAPE_DATA=str(tmp_path)), timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == str(folder)
+
+
+def test_where_in_a_wheel_says_how_to_get_the_build_script(capfd, monkeypatch, tmp_path):
+    from conftest import cli_in_process
+
+    from landscape import datahome
+
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path))
+    monkeypatch.setattr(datahome, "checkpoint_builder", lambda: None)  # as installed from a wheel: no data/
+    code, out, err = cli_in_process(capfd, "where")
+    assert code == 0 and "python data/build_checkpoints.py" not in out
+    assert "wheel does not carry" in out and "clone" in out and "--model" in out, out
+    code, out, err = cli_in_process(capfd, "where", "--checkpoint", "smollm2-135m-instruct")
+    assert code == 2 and "python data/build_checkpoints.py" not in err and "wheel does not carry" in err, err
+
+
+def test_where_in_a_clone_names_its_build_script(capfd, monkeypatch, tmp_path):
+    from conftest import cli_in_process
+
+    monkeypatch.setenv("LANDSCAPE_DATA", str(tmp_path))
+    code, out, _ = cli_in_process(capfd, "where")
+    assert code == 0 and f"python {ROOT / 'data' / 'build_checkpoints.py'}" in out, out
+
+
+def test_no_module_or_doc_points_at_a_design_file_outside_the_repository():
+    # The design card is not part of the repository: code and docs point at docs/ instead.
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "landscape").rglob("*.py"),
+             *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "data").glob("*.py")]
+    named = [str(p.relative_to(ROOT)) for p in texts if "DESIGN.md" in p.read_text()]
+    assert named == [], named

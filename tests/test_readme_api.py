@@ -38,7 +38,7 @@ def test_the_python_api_section_shows_every_stage():
     code = "\n".join(api_blocks())
     for call in ("run_fisher", "run_stability", "run_profile", "run_schedule", "run_surface",
                  "run_finetune", "run_hessian", "make_directions", "plot(", "compare(", "compute_fisher",
-                 "evaluate", "guided_dropout"):
+                 "evaluate", "guided_dropout", "load_schedule("):
         assert call in code, f"the README's Python API does not show {call}"
 
 

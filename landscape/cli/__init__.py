@@ -165,14 +165,16 @@ def main(argv=None):
 
 def _run(args) -> int:
     """The subcommand's exit code: 0, 2 for a library error (one line), 130 for Ctrl-C."""
+    from ..progress import quiet
     from ..runtime import apply_threads, barrier
 
     try:
-        # A stage whose settings hold the threads (``ModelSpec.threads``) applies them itself, as the demo does.
-        if getattr(args, "threads", None) is not None and not getattr(args, "applies_threads", False):
-            apply_threads(args.threads)
-        result = args.func(args)
-        barrier()  # ranks leave together, once rank 0 has written the output
+        with quiet(bool(getattr(args, "quiet", False))):  # --quiet: no progress of any stage, model loads included
+            # A stage whose settings hold the threads (``ModelSpec.threads``) applies them itself, as the demo does.
+            if getattr(args, "threads", None) is not None and not getattr(args, "applies_threads", False):
+                apply_threads(args.threads)
+            result = args.func(args)
+            barrier()  # ranks leave together, once rank 0 has written the output
     except UsageError as err:
         return _refused(err, args)
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from ..defaults import DemoSettings
 from . import options
 from .common import add_threads_arg
+from .generated import add_quiet_arg
 
 
 def register(subparsers):
@@ -15,6 +16,7 @@ def register(subparsers):
     parser.add_argument("--out", default="landscape_demo", help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
     parser.add_argument("--fisher-samples", type=options.POSITIVE_INT, default=defaults.fisher_samples,
                         help="sequences for the Fisher and stability")
     parser.add_argument("--eval-samples", type=options.POSITIVE_INT, default=defaults.eval_samples,

@@ -18,7 +18,7 @@ def register(subparsers):
                     "surface`; they, --tol and --device apply to --kind hessian only.  --to and --trajectory write raw "
                     "parameter differences: --norm, --ignore and --fisher do not apply.")
     add_settings_arguments(parser, DirectionsSettings)
-    add_output_arguments(parser, "direction file to write (.h5)", quiet=False)
+    add_output_arguments(parser, "direction file to write (.h5)")
     parser.set_defaults(func=run_directions, applies_threads=True)
 
 
@@ -26,7 +26,7 @@ def run_directions(args):
     from ..direction_kinds import make
 
     result = make(settings_from_args(DirectionsSettings, args), out=args.out, overwrite=args.overwrite,
-                  progress=True, log=lambda line: print(line, flush=True))
+                  progress=not args.quiet, log=lambda line: print(line, flush=True))
     if int(os.environ.get("RANK", "0")) == 0:
         print(_summary(result.settings.kind, Path(args.out), result.attributes))
     return 0

@@ -21,7 +21,7 @@ def register(subparsers):
                             "difference from dropout (diff_vs_dropout, ci_low, ci_high, p_value)",
                          overwrite_help="start the per-run CSV afresh instead of resuming it (needed when settings "
                                         "changed), and replace outputs that hold another kind of file (default: "
-                                        "resume, refuse)", quiet=False)
+                                        "resume, refuse)")
     p.add_argument("--runs-out", default=None,
                    help="per-run CSV, also the sweep's journal (default: <out>_runs.csv)")
     p.add_argument("--plot", default=None, help="figure (.png/.pdf/.svg; default: <out>.png)")

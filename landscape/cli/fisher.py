@@ -2,7 +2,7 @@
 
 from ..settings import FisherSettings, ProfileSettings, StabilitySettings
 from .common import add_overwrite_arg
-from .generated import add_output_arguments, add_settings_arguments, settings_from_args
+from .generated import add_output_arguments, add_quiet_arg, add_settings_arguments, settings_from_args
 
 
 def register(subparsers):
@@ -68,6 +68,7 @@ def _register_profile(subparsers):
     add_settings_arguments(parser, ProfileSettings)
     parser.add_argument("--out", required=True, help="output folder")
     add_overwrite_arg(parser, "replace files in --out that the profile did not write (default: refuse)")
+    add_quiet_arg(parser)  # the model loads: its bar, for large weights on a terminal
     parser.set_defaults(func=run_profile, applies_threads=True)
 
 

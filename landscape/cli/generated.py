@@ -126,4 +126,11 @@ def add_output_arguments(parser: argparse.ArgumentParser, out_help: str, *, over
                         help=overwrite_help or "replace an --out computed with other settings, or holding another "
                                                "kind of file (default: refuse)")
     if quiet:
-        parser.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar on stderr)")
+        add_quiet_arg(parser)
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress at all (``progress.quiet``), the model-load bar included."""
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress (default: a bar on a terminal; elsewhere, as in a log file, a line at "
+                             "most every 30 s and one at the end)")

@@ -11,7 +11,7 @@ def register(subparsers):
                     "parameters it drops, sort ascending and give the lowest-scored site --p-upper, the "
                     "highest --p-lower (paper eq. 9-10 for --shape linear).")
     add_settings_arguments(parser, ScheduleSettings)
-    add_output_arguments(parser, "schedule JSON to write", quiet=False,
+    add_output_arguments(parser, "schedule JSON to write",
                          overwrite_help="replace an --out that is not a dropout schedule (default: refuse)")
     parser.set_defaults(func=run, applies_threads=True)
     return parser

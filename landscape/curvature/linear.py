@@ -28,9 +28,9 @@ import hashlib
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..progress import bar as progress_bar
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -257,7 +257,7 @@ class _Products:
         return _identity_of(self.op)
 
     def __enter__(self) -> "_Products":
-        self.bar = tqdm(total=self.total, desc=self.label, unit="Hv", disable=not self.progress, leave=False)
+        self.bar = progress_bar(total=self.total, desc=self.label, unit="Hv", enabled=self.progress)
         try:
             _enter(self.op)
         except BaseException:

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..files import require_readable_file
 from ..models import LoadedModel
+from ..progress import bar as progress_bar
 from ..settings import BOS_CHOICES
 from .hf_datasets import open_hf_dataset
 from .labelled import encode, labelled_rows, load_labelled
@@ -171,7 +171,7 @@ def pack_documents(docs: List[str], tokenizer, seq_len: int, separator: Optional
     stream = []
     # Documents are longer than the model's positions on purpose (they are cut below): no warning.
     encoded = tokenizer(list(docs), add_special_tokens=False, verbose=False)["input_ids"]
-    for ids in tqdm(encoded, desc="packing", disable=not show_progress, leave=False):
+    for ids in progress_bar(encoded, total=len(encoded), desc="packing", enabled=show_progress):
         stream.extend(ids)
         if separator is not None:
             stream.append(separator)

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 
 from ..errors import UsageError
+from ..progress import bar as progress_bar
 
 MASK_KINDS = ("top", "bottom", "random")
 BLOCK_ELEMENTS = 1 << 22
@@ -238,13 +239,11 @@ def _passes_bar(source: ScoreSource, groups: List[List[str]], percent: float, sh
 
     3 passes (2 radix + 1 select) per group, 1 where everything is selected.
     """
-    from tqdm.auto import tqdm
-
     total = 0
     for group in groups:
         size = sum(source.numel(n) for n in group)
         total += size * (1 if selected_count(percent, size) >= size else 3)
-    return tqdm(total=total, desc=desc, unit="score", unit_scale=True, disable=not show, leave=False)
+    return progress_bar(total=total, desc=desc, unit="score", unit_scale=True, enabled=show)
 
 
 def _counted(stream: KeyStream, bar) -> KeyStream:

@@ -18,12 +18,12 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .. import checks
 from ..errors import UsageError
 from ..files import atomic_output
 from ..identity import MODEL_KEY, SAMPLE_KEY, differences, module_fingerprint, refuse_changed_resume, sample_fingerprint
+from ..progress import bar as progress_bar
 from ..runtime import all_reduce_sum
 from ..sharding import ShardLayout, collective_errors, sharded_like
 from .accumulator import FisherAccumulator
@@ -165,8 +165,7 @@ def _accumulate_all(accumulator, batches, membership, progress, total, checkpoin
               file=sys.stderr, flush=True)
     remaining = itertools.islice(iter(batches), done_batches, None)
     last_save = time.monotonic()
-    bar = tqdm(total=total, initial=offset, unit="sample", desc="fisher", disable=not progress,
-               dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=total, initial=offset, unit="sample", desc="fisher", enabled=progress)
     in_batch = False
     with bar, _deferred_interrupts(enabled=checkpoint is not None) as stop:
         try:

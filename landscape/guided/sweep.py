@@ -26,13 +26,12 @@ import math
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..data.labelled import subsample
 from ..errors import SettingsMismatch, UsageError
 from ..files import atomic_output, json_text, replace_together, staged_path
 from ..journal import CsvLines, Journal
 from ..outputs import claim_output
+from ..progress import bar as progress_bar
 from . import schedule as sched
 from .metrics import metrics_for
 from .paucity import (  # noqa: F401 (names of this module before the split)
@@ -281,7 +280,7 @@ def data_paucity(model_spec, train_data, test_data, regularizers, fractions=(1.0
         todo = [key for key in plan if key not in done]
         subsets = {(f, s): subsample(train_data, f, s, cap) for _, f, s in plan}
         total = sum(_steps(len(subsets[(f, s)]), config) for _, f, s in todo)
-        with tqdm(total=total, desc="fine-tuning", unit="step", disable=not show_progress) as bar:
+        with progress_bar(total=total, desc="fine-tuning", unit="step", enabled=show_progress, leave=True) as bar:
             for reg, fraction, seed in todo:
                 subset = subsets[(fraction, seed)]
                 save_dir = None if save_models is None else model_folder(save_models, reg, fraction, seed)

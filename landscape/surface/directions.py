@@ -14,7 +14,6 @@ import zlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import checks
 from ..direction_file import (
@@ -34,6 +33,7 @@ from ..direction_file import (
 from ..errors import UsageError
 from ..fisher.masks import MASK_KINDS, ScoreSource, fisher_mask, parse_mask_spec
 from ..fisher.subsets import IGNORES, check_subset, perturbable_names, subset_mask
+from ..progress import bar as progress_bar
 from ..runtime import rank_and_world
 from ..sharding import full_tensor
 
@@ -297,8 +297,7 @@ def write_directions(path, model: torch.nn.Module, dims: int = 2, seed: int = 0,
         attrs["n_selected"] = int(sum(int(m.sum()) for m in masks.values()))
     rank, _ = rank_and_world()
     names = sorted(maker.params)
-    bar = tqdm(total=dims * len(names), desc="directions", unit="tensor", disable=not progress or rank != 0,
-               leave=False)
+    bar = progress_bar(total=dims * len(names), desc="directions", unit="tensor", enabled=progress and rank == 0)
     with bar, (DirectionWriter(path, attrs) if rank == 0 else _NoWriter()) as writer:
         for axis in range(dims):
             for name in names:

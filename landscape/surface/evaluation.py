@@ -9,12 +9,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import checks
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
 from ..models import check_kind
+from ..progress import bar as progress_bar
 from ..runtime import gather_all, rank_and_world
 from ..sharding import is_sharded, local_tensor, point_groups
 from .perturbation import InPlacePerturbation
@@ -192,8 +192,7 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
                          "evaluates one point per pass")
     batch_sets = [batches] + ([eval_batches] if eval_batches is not None else [])
     perturbation = InPlacePerturbation(model, directions, stream=stream)
-    bar = tqdm(total=len(todo), desc="surface", unit="pt", disable=not progress or rank_and_world()[0] != 0,
-               leave=False)
+    bar = progress_bar(total=len(todo), desc="surface", unit="pt", enabled=progress and rank_and_world()[0] == 0)
     try:
         for start in range(0, len(todo), step * groups):
             mine = todo[start + group * step: start + (group + 1) * step]
