@@ -41,9 +41,11 @@ SWEEP = ["finetune", "--model", "model", "--dataset", "toy.tsv", "--regularizer"
 def inputs() -> Path:
     """``INPUTS``, holding the tiny model, corpus, directions and dataset under their relative names.
 
-    Made afresh by the first caller of a session; a lock keeps two processes from making it at once.
+    Made once per version of this script and of tests/conftest.py (what it is made from, hashed
+    into ``INPUTS/done``); a lock keeps two processes from making it at once.
     """
     import fcntl
+    import hashlib
     import json
 
     sys.path.insert(0, str(TESTS))
@@ -55,7 +57,10 @@ def inputs() -> Path:
     INPUTS.mkdir(exist_ok=True)
     with open(INPUTS / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (INPUTS / "done").exists() and (INPUTS / "done").read_text() == str(os.getpid()):
+        made_from = hashlib.sha256(b"".join(p.read_bytes() for p in (Path(__file__), TESTS / "conftest.py",
+                                                                       *sorted((HERE / "tokenizer").glob("*"))))
+                                   ).hexdigest()
+        if (INPUTS / "done").exists() and (INPUTS / "done").read_text() == made_from:
             return INPUTS
         _save_bert(INPUTS / "model")
         tokenizer = HERE / "tokenizer"
@@ -69,7 +74,7 @@ def inputs() -> Path:
         dirs, settings = D.make_directions(load_model(str(INPUTS / "model")).model, dims=2, seed=0)
         D.save_directions(INPUTS / "dirs.h5", dirs, settings)
         write_toy_tsv(INPUTS / "toy.tsv", 24)
-        (INPUTS / "done").write_text(str(os.getpid()))
+        (INPUTS / "done").write_text(made_from)
     return INPUTS
 
 
