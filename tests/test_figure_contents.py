@@ -3,6 +3,7 @@ attributes, units, one value range for figures shown side by side, readable colo
 surface's minimum marked with its place; and ``plot``/``compare`` without an output path give the
 figure object, for a notebook, and write nothing."""
 
+import collections
 import re
 
 import numpy as np
@@ -177,3 +178,30 @@ def test_profile_figures_name_the_fisher_s_model_and_sample_and_say_log_axis():
         assert "nats²" in parameters.axes[0].get_ylabel() and title in parameters.axes[0].get_title()
     finally:
         plt.close(parameters)
+
+
+def test_the_demo_draws_its_sweep_and_controls_on_one_loss_axis(write_surface, tmp_path, monkeypatch):
+    from landscape import demo
+    from landscape.plots import surfaces
+
+    surf, figs = tmp_path / "surfaces", tmp_path / "figures"
+    surf.mkdir()
+    figs.mkdir()
+    specs_2d = [("all", "all"), ("top50", "top:50"), ("bottom50", "bottom:50")]
+    specs_1d = [("top5", "top:5"), ("top1", "top:1"), ("random5", "random:5"), ("random1", "random:1")]
+    for name, _ in specs_2d:
+        write_surface(f"surfaces/{name}_2d.h5", lambda X, Y: 6.3 + X ** 2 + Y ** 2, x=GRID, y=GRID)
+    for i, (name, spec) in enumerate(specs_1d):  # the controls are far flatter than the sweep
+        scale = 1.0 / (i + 1) if spec.startswith("top") else 0.01 / (i + 1)
+        write_surface(f"surfaces/{name}_1d.h5", lambda x, s=scale: 6.3 + s * x ** 2)
+    drawn, real_save = {}, surfaces.save_figure
+
+    def save(fig, out, claim=None):
+        drawn[out.name] = fig
+        return real_save(fig, out, claim)
+
+    monkeypatch.setattr(surfaces, "save_figure", save)
+    demo._figures(surf, figs, specs_2d, specs_1d, claims=collections.defaultdict(lambda: None))
+    sweep, controls = drawn["topk_sweep.png"].axes[0], drawn["random_controls.png"].axes[0]
+    assert sweep.get_ylim() == controls.get_ylim()
+    assert controls.get_ylim()[1] > 7.3  # the sweep's highest loss fits on the controls' axis
