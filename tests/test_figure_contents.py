@@ -205,3 +205,10 @@ def test_the_demo_draws_its_sweep_and_controls_on_one_loss_axis(write_surface, t
     sweep, controls = drawn["topk_sweep.png"].axes[0], drawn["random_controls.png"].axes[0]
     assert sweep.get_ylim() == controls.get_ylim()
     assert controls.get_ylim()[1] > 7.3  # the sweep's highest loss fits on the controls' axis
+
+
+def test_an_interactive_colour_bar_has_the_same_round_ticks(write_surface):
+    path = write_surface("s.h5", lambda X, Y: 6.28 + 0.72 * (X ** 2 + Y ** 2), x=GRID, y=GRID)
+    bar = plots.plot(path, kind="contour", interactive=True).layout.coloraxis.colorbar
+    assert list(bar.ticktext) == ["6.4", "6.6", "6.8", "7.0", "7.2", "7.4", "7.6"]
+    assert list(bar.tickvals) == pytest.approx([6.4, 6.6, 6.8, 7.0, 7.2, 7.4, 7.6])

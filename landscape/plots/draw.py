@@ -57,7 +57,7 @@ def minimum(surface):
     return float(surface.x[index[1]]), float(surface.y[index[0]]), float(z[index])
 
 
-def tick_values(low, high, bins=6):
+def tick_values(low, high, bins=8):
     """(ticks, labels) for a colour bar over [low, high]: round values, with as few decimals as tell them apart.
 
     Matplotlib's default puts a colour bar's ticks at the contour levels (``7.585``, ``6.292``)
@@ -150,13 +150,18 @@ def plotly_figure(surfaces, labels, kind, style, notes):
                       color="red")
         if kind == "surface3d":
             mark = go.Scatter3d(x=[mx], y=[my], z=[float(style.values(np.array([mz]))[0])], mode="markers+text",
-                                text=[note], marker=marker, name=note, showlegend=False)
-        else:
-            mark = go.Scatter(x=[mx], y=[my], mode="markers+text", text=[note], textposition="top center",
+                                text=[note], textfont=dict(color="red"), marker=marker, name=note, showlegend=False)
+        else:  # the note points towards the middle of the grid, as in matplotlib's panels
+            right = mx <= (surface.x.min() + surface.x.max()) / 2
+            up = my < (surface.y.min() + surface.y.max()) / 2
+            mark = go.Scatter(x=[mx], y=[my], mode="markers+text", text=[note], cliponaxis=False,
+                              textposition=f"{'top' if up else 'bottom'} {'right' if right else 'left'}",
                               marker=marker, name=note, showlegend=False)
         fig.add_trace(mark, row=1, col=col)
-    fig.update_layout(title=_plotly_title(style), coloraxis=dict(colorscale=_plotly_colorscale(style.cmap), cmin=low,
-                                                                 cmax=high, colorbar=dict(title=value_label)))
+    ticks, texts = tick_values(low, high)  # not the contour levels (8.316, 7.952, ...) plotly ticks by default
+    fig.update_layout(title=_plotly_title(style), coloraxis=dict(
+        colorscale=_plotly_colorscale(style.cmap), cmin=low, cmax=high,
+        colorbar=dict(title=value_label, tickmode="array", tickvals=ticks, ticktext=texts)))
     xrange, yrange = _shared_xy(surfaces) if n > 1 else (None, None)  # one panel: as in mpl_figure
     if kind == "surface3d":
         for i in range(1, n + 1):
