@@ -48,6 +48,7 @@ def test_titles_name_the_model_and_the_sample_and_values_their_unit(write_surfac
     title = fig._suptitle.get_text()
     assert "smollm2-135m-instruct" in title and "8 samples × 128 tokens, 1,000 scored, from wiki" in title
     assert fig.axes[-1].get_ylabel() == "train loss (nats)"  # the colour bar
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("x (direction 1)", "y (direction 2)")
     page = plots.plot(path, kind="surface3d")
     assert "8 samples × 128 tokens" in page.layout.title.text
     assert page.layout.coloraxis.colorbar.title.text == "train loss (nats)"

@@ -17,6 +17,10 @@ from ..outputs import figure_metadata
 from .html import write_html
 from .text import literal, minimum_note, value_label
 
+# The coordinates are multiples of the direction file's (filter-normalized) directions.
+X_LABEL = "x (direction 1)"
+Y_LABEL = "y (direction 2)"
+
 
 def figure(surfaces, labels, kind, style, notes, interactive):
     """The figure of ``surfaces`` (all 1D or all 2D), one panel (2D) or curve (1D) each.
@@ -166,13 +170,13 @@ def plotly_figure(surfaces, labels, kind, style, notes):
     if kind == "surface3d":
         for i in range(1, n + 1):
             fig.layout[f"scene{'' if i == 1 else i}"].update(
-                zaxis=dict(range=[low, high], title=value_label), xaxis=dict(range=xrange, title="x"),
-                yaxis=dict(range=yrange, title="y"),
+                zaxis=dict(range=[low, high], title=value_label), xaxis=dict(range=xrange, title=X_LABEL),
+                yaxis=dict(range=yrange, title=Y_LABEL),
                 aspectmode="manual", aspectratio=dict(x=1, y=1, z=0.8),  # same box in every panel
                 camera=dict(eye=dict(x=1.6, y=1.6, z=1.0)))  # a step back: corners stay in view
     else:
-        fig.update_xaxes(title_text="x", range=xrange)
-        fig.update_yaxes(title_text="y", range=yrange)
+        fig.update_xaxes(title_text=X_LABEL, range=xrange)
+        fig.update_yaxes(title_text=Y_LABEL, range=yrange)
     return fig
 
 
@@ -240,6 +244,8 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
     cmap = style.cmap
     mx, my, mz = minimum(surface)
     note = literal(minimum_note(mx, my, mz))
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(Y_LABEL)
     if kind == "surface3d":
         mappable = ax.plot_surface(X, Y, masked, cmap=cmap, norm=norm, linewidth=0, antialiased=True)
         ax.set_zlim(*zrange)  # the colour bar names the value; a z label would collide with it
@@ -270,8 +276,6 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
                 ha="left" if right else "right", va="bottom" if up else "top", fontsize=7, color="red", zorder=7,
                 bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.7))
     ax.set_aspect("auto")
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
     return mappable
 
 
