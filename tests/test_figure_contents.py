@@ -213,3 +213,11 @@ def test_an_interactive_colour_bar_has_the_same_round_ticks(write_surface):
     bar = plots.plot(path, kind="contour", interactive=True).layout.coloraxis.colorbar
     assert list(bar.ticktext) == ["6.4", "6.6", "6.8", "7.0", "7.2", "7.4", "7.6"]
     assert list(bar.tickvals) == pytest.approx([6.4, 6.6, 6.8, 7.0, 7.2, 7.4, 7.6])
+
+
+def test_contour_labels_carry_the_decimals_of_the_level_step(write_surface):
+    # The demo's bottom-50% surface spans 6.2846 .. 6.35: '%.3g' labelled neighbouring lines all '6.29'.
+    path = write_surface("s.h5", lambda X, Y: 6.2846 + 0.03 * (X ** 2 + Y ** 2), x=GRID, y=GRID)
+    fig = plots.plot(path, kind="contour")
+    labels = [t for t in _texts(fig) if not t.startswith("min ")]
+    assert labels and all(re.fullmatch(r"6\.\d{3}", t) for t in labels), labels

@@ -265,8 +265,9 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
         levels = np.linspace(zrange[0], zrange[1], style.levels + 1)
         draw = ax.contour if kind == "contour" else ax.contourf
         mappable = draw(X, Y, masked, levels=levels, cmap=cmap, norm=norm)
-        if kind == "contour":
-            ax.clabel(mappable, inline=True, fontsize=7, fmt="%.3g")
+        if kind == "contour":  # the decimals of the level step: neighbouring lines never read alike
+            decimals = max(0, int(-np.floor(np.log10(levels[1] - levels[0]) + 1e-9)))
+            ax.clabel(mappable, inline=True, fontsize=7, fmt=f"%.{decimals}f")
     ax.plot([0], [0], marker="+", color="black", markersize=10)  # the unperturbed model
     ax.plot([mx], [my], marker="*", color="red", markeredgecolor="white", markersize=12, zorder=6, clip_on=False)
     # The note points towards the middle of the grid, so that a minimum at an edge keeps it inside.
