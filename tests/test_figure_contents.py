@@ -3,6 +3,7 @@ attributes, units, one value range for figures shown side by side, readable colo
 surface's minimum marked with its place; and ``plot``/``compare`` without an output path give the
 figure object, for a notebook, and write nothing."""
 
+import collections
 import re
 
 import numpy as np
@@ -47,6 +48,7 @@ def test_titles_name_the_model_and_the_sample_and_values_their_unit(write_surfac
     title = fig._suptitle.get_text()
     assert "smollm2-135m-instruct" in title and "8 samples × 128 tokens, 1,000 scored, from wiki" in title
     assert fig.axes[-1].get_ylabel() == "train loss (nats)"  # the colour bar
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("x (direction 1)", "y (direction 2)")
     page = plots.plot(path, kind="surface3d")
     assert "8 samples × 128 tokens" in page.layout.title.text
     assert page.layout.coloraxis.colorbar.title.text == "train loss (nats)"
@@ -177,3 +179,45 @@ def test_profile_figures_name_the_fisher_s_model_and_sample_and_say_log_axis():
         assert "nats²" in parameters.axes[0].get_ylabel() and title in parameters.axes[0].get_title()
     finally:
         plt.close(parameters)
+
+
+def test_the_demo_draws_its_sweep_and_controls_on_one_loss_axis(write_surface, tmp_path, monkeypatch):
+    from landscape import demo
+    from landscape.plots import surfaces
+
+    surf, figs = tmp_path / "surfaces", tmp_path / "figures"
+    surf.mkdir()
+    figs.mkdir()
+    specs_2d = [("all", "all"), ("top50", "top:50"), ("bottom50", "bottom:50")]
+    specs_1d = [("top5", "top:5"), ("top1", "top:1"), ("random5", "random:5"), ("random1", "random:1")]
+    for name, _ in specs_2d:
+        write_surface(f"surfaces/{name}_2d.h5", lambda X, Y: 6.3 + X ** 2 + Y ** 2, x=GRID, y=GRID)
+    for i, (name, spec) in enumerate(specs_1d):  # the controls are far flatter than the sweep
+        scale = 1.0 / (i + 1) if spec.startswith("top") else 0.01 / (i + 1)
+        write_surface(f"surfaces/{name}_1d.h5", lambda x, s=scale: 6.3 + s * x ** 2)
+    drawn, real_save = {}, surfaces.save_figure
+
+    def save(fig, out, claim=None):
+        drawn[out.name] = fig
+        return real_save(fig, out, claim)
+
+    monkeypatch.setattr(surfaces, "save_figure", save)
+    demo._figures(surf, figs, specs_2d, specs_1d, claims=collections.defaultdict(lambda: None))
+    sweep, controls = drawn["topk_sweep.png"].axes[0], drawn["random_controls.png"].axes[0]
+    assert sweep.get_ylim() == controls.get_ylim()
+    assert controls.get_ylim()[1] > 7.3  # the sweep's highest loss fits on the controls' axis
+
+
+def test_an_interactive_colour_bar_has_the_same_round_ticks(write_surface):
+    path = write_surface("s.h5", lambda X, Y: 6.28 + 0.72 * (X ** 2 + Y ** 2), x=GRID, y=GRID)
+    bar = plots.plot(path, kind="contour", interactive=True).layout.coloraxis.colorbar
+    assert list(bar.ticktext) == ["6.4", "6.6", "6.8", "7.0", "7.2", "7.4", "7.6"]
+    assert list(bar.tickvals) == pytest.approx([6.4, 6.6, 6.8, 7.0, 7.2, 7.4, 7.6])
+
+
+def test_contour_labels_carry_the_decimals_of_the_level_step(write_surface):
+    # The demo's bottom-50% surface spans 6.2846 .. 6.35: '%.3g' labelled neighbouring lines all '6.29'.
+    path = write_surface("s.h5", lambda X, Y: 6.2846 + 0.03 * (X ** 2 + Y ** 2), x=GRID, y=GRID)
+    fig = plots.plot(path, kind="contour")
+    labels = [t for t in _texts(fig) if not t.startswith("min ")]
+    assert labels and all(re.fullmatch(r"6\.\d{3}", t) for t in labels), labels

@@ -17,6 +17,10 @@ from ..outputs import figure_metadata
 from .html import write_html
 from .text import literal, minimum_note, value_label
 
+# The coordinates are multiples of the direction file's (filter-normalized) directions.
+X_LABEL = "x (direction 1)"
+Y_LABEL = "y (direction 2)"
+
 
 def figure(surfaces, labels, kind, style, notes, interactive):
     """The figure of ``surfaces`` (all 1D or all 2D), one panel (2D) or curve (1D) each.
@@ -57,7 +61,7 @@ def minimum(surface):
     return float(surface.x[index[1]]), float(surface.y[index[0]]), float(z[index])
 
 
-def tick_values(low, high, bins=6):
+def tick_values(low, high, bins=8):
     """(ticks, labels) for a colour bar over [low, high]: round values, with as few decimals as tell them apart.
 
     Matplotlib's default puts a colour bar's ticks at the contour levels (``7.585``, ``6.292``)
@@ -150,24 +154,29 @@ def plotly_figure(surfaces, labels, kind, style, notes):
                       color="red")
         if kind == "surface3d":
             mark = go.Scatter3d(x=[mx], y=[my], z=[float(style.values(np.array([mz]))[0])], mode="markers+text",
-                                text=[note], marker=marker, name=note, showlegend=False)
-        else:
-            mark = go.Scatter(x=[mx], y=[my], mode="markers+text", text=[note], textposition="top center",
+                                text=[note], textfont=dict(color="red"), marker=marker, name=note, showlegend=False)
+        else:  # the note points towards the middle of the grid, as in matplotlib's panels
+            right = mx <= (surface.x.min() + surface.x.max()) / 2
+            up = my < (surface.y.min() + surface.y.max()) / 2
+            mark = go.Scatter(x=[mx], y=[my], mode="markers+text", text=[note], cliponaxis=False,
+                              textposition=f"{'top' if up else 'bottom'} {'right' if right else 'left'}",
                               marker=marker, name=note, showlegend=False)
         fig.add_trace(mark, row=1, col=col)
-    fig.update_layout(title=_plotly_title(style), coloraxis=dict(colorscale=_plotly_colorscale(style.cmap), cmin=low,
-                                                                 cmax=high, colorbar=dict(title=value_label)))
+    ticks, texts = tick_values(low, high)  # not the contour levels (8.316, 7.952, ...) plotly ticks by default
+    fig.update_layout(title=_plotly_title(style), coloraxis=dict(
+        colorscale=_plotly_colorscale(style.cmap), cmin=low, cmax=high,
+        colorbar=dict(title=value_label, tickmode="array", tickvals=ticks, ticktext=texts)))
     xrange, yrange = _shared_xy(surfaces) if n > 1 else (None, None)  # one panel: as in mpl_figure
     if kind == "surface3d":
         for i in range(1, n + 1):
             fig.layout[f"scene{'' if i == 1 else i}"].update(
-                zaxis=dict(range=[low, high], title=value_label), xaxis=dict(range=xrange, title="x"),
-                yaxis=dict(range=yrange, title="y"),
+                zaxis=dict(range=[low, high], title=value_label), xaxis=dict(range=xrange, title=X_LABEL),
+                yaxis=dict(range=yrange, title=Y_LABEL),
                 aspectmode="manual", aspectratio=dict(x=1, y=1, z=0.8),  # same box in every panel
                 camera=dict(eye=dict(x=1.6, y=1.6, z=1.0)))  # a step back: corners stay in view
     else:
-        fig.update_xaxes(title_text="x", range=xrange)
-        fig.update_yaxes(title_text="y", range=yrange)
+        fig.update_xaxes(title_text=X_LABEL, range=xrange)
+        fig.update_yaxes(title_text=Y_LABEL, range=yrange)
     return fig
 
 
@@ -235,6 +244,8 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
     cmap = style.cmap
     mx, my, mz = minimum(surface)
     note = literal(minimum_note(mx, my, mz))
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(Y_LABEL)
     if kind == "surface3d":
         mappable = ax.plot_surface(X, Y, masked, cmap=cmap, norm=norm, linewidth=0, antialiased=True)
         ax.set_zlim(*zrange)  # the colour bar names the value; a z label would collide with it
@@ -254,8 +265,9 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
         levels = np.linspace(zrange[0], zrange[1], style.levels + 1)
         draw = ax.contour if kind == "contour" else ax.contourf
         mappable = draw(X, Y, masked, levels=levels, cmap=cmap, norm=norm)
-        if kind == "contour":
-            ax.clabel(mappable, inline=True, fontsize=7, fmt="%.3g")
+        if kind == "contour":  # the decimals of the level step: neighbouring lines never read alike
+            decimals = max(0, int(-np.floor(np.log10(levels[1] - levels[0]) + 1e-9)))
+            ax.clabel(mappable, inline=True, fontsize=7, fmt=f"%.{decimals}f")
     ax.plot([0], [0], marker="+", color="black", markersize=10)  # the unperturbed model
     ax.plot([mx], [my], marker="*", color="red", markeredgecolor="white", markersize=12, zorder=6, clip_on=False)
     # The note points towards the middle of the grid, so that a minimum at an edge keeps it inside.
@@ -265,8 +277,6 @@ def _mpl_panel(ax, surface, z, kind, style, norm, zrange):
                 ha="left" if right else "right", va="bottom" if up else "top", fontsize=7, color="red", zorder=7,
                 bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.7))
     ax.set_aspect("auto")
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
     return mappable
 
 
