@@ -2,8 +2,10 @@
 
 On a terminal (or in a notebook) a stage shows tqdm's bar.  Anywhere else, stderr is a log file
 or a pipe, where a bar's carriage-return updates pile up into hundreds of overwritten lines: there
-a bar is a plain line at most every ``LOG_INTERVAL`` seconds, and one when it ends (not when an
-error ends it: the refusal's one line says why).  ``quiet()``
+a bar is a plain line at most every ``LOG_INTERVAL`` seconds, and one when it ends.  A bar that
+ends sooner than that writes nothing there unless it is kept (``leave``), as it clears itself on a
+terminal; one that an error ends writes no last line.  So a quick command's log holds what it
+wrote, and a refusal stays one line.  ``quiet()``
 (the commands' ``--quiet``) turns every bar off for the process, the model-load bar included.
 """
 
@@ -56,7 +58,8 @@ def bar(iterable: Optional[Iterable] = None, *, total: Optional[float] = None, d
         unit_scale: show large counts with SI prefixes (k, M).
         enabled: False shows nothing (a stage's ``progress=False``).
         initial: the count already done (a resumed stage).
-        leave: keep tqdm's bar on the terminal when it ends.
+        leave: keep the bar when it ends: tqdm's on a terminal; in a log, its last line even when
+            it ended within the first interval.
 
     Returns:
         an object with tqdm's ``update``, ``set_postfix_str``, ``close`` and iteration, usable as a context.
@@ -68,7 +71,8 @@ def bar(iterable: Optional[Iterable] = None, *, total: Optional[float] = None, d
     if on_terminal():
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale,
                     leave=leave, dynamic_ncols=True)
-    return LogLines(iterable, total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale)
+    return LogLines(iterable, total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale,
+                    leave=leave)
 
 
 class LogLines:
@@ -76,10 +80,10 @@ class LogLines:
 
     def __init__(self, iterable: Optional[Iterable] = None, *, total: Optional[float] = None, desc: str = "",
                  unit: str = "it", initial: float = 0, unit_scale: bool = False,
-                 interval: float = LOG_INTERVAL, file: Any = None) -> None:
+                 leave: bool = True, interval: float = LOG_INTERVAL, file: Any = None) -> None:
         self.iterable, self.total, self.desc, self.unit, self.unit_scale = iterable, total, desc, unit, unit_scale
         self.n, self.initial, self.interval, self.postfix = initial, initial, interval, ""
-        self.file = file
+        self.file, self.leave, self.lines = file, leave, 0
         self.start = self.last = time.monotonic()
         self.closed = False
 
@@ -108,7 +112,10 @@ class LogLines:
         """Nothing: a line comes only on the interval, so that a log stays short."""
 
     def close(self) -> None:
-        """Write the last line, once, if anything was counted and no error is on its way out.
+        """Write the last line, once, where it belongs (the conditions below).
+
+        Only if anything was counted, no error is on its way out, and the bar is kept (``leave``)
+        or already wrote a line.
 
         A refusal (or Ctrl-C) says in its own one line why the work stopped: a progress line before
         it would make a refusal two lines in a log.
@@ -116,7 +123,7 @@ class LogLines:
         self._end(failed=sys.exc_info()[0] is not None)  # called from a `finally` while an error propagates
 
     def _end(self, failed: bool) -> None:
-        if not self.closed and not failed and self.n > self.initial:
+        if not self.closed and not failed and self.n > self.initial and (self.leave or self.lines):
             self._line()
         self.closed = True
 
@@ -124,7 +131,7 @@ class LogLines:
         from tqdm import tqdm
 
         now = time.monotonic()
-        self.last = now
+        self.last, self.lines = now, self.lines + 1
         meter = tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc, unit=self.unit,
                                   unit_scale=self.unit_scale, postfix=self.postfix or None, initial=self.initial,
                                   ncols=0)

@@ -52,3 +52,8 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
                             text=True)
     assert fisher.returncode == 0, fisher.stderr
     assert (elsewhere / "F.safetensors").exists()
+    # `where` from the wheel: no data/build_checkpoints.py beside it, so it says where to get the script.
+    env["LANDSCAPE_DATA"] = str(tmp_path / "home")
+    where = subprocess.run(landscape_cmd("where"), cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr
+    assert "python data/build_checkpoints.py" not in where.stdout and "wheel does not carry" in where.stdout
