@@ -248,3 +248,24 @@ def test_the_lora_schedule_agreement_benchmark_runs_and_prints_its_numbers(tiny_
     assert "4 LoRA sites" in result.stdout and "Spearman of p" in result.stdout and "max |p_base" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter.safetensors", "base.safetensors",
                                                            "from_adapter.json", "from_base.json"]
+
+
+def test_a_resumed_surface_says_what_it_resumed_from(files, tiny_llama_dir, tiny_corpus_file, monkeypatch, capfd,
+                                                     tmp_path):
+    import landscape.surface.run as surface_run
+
+    out = tmp_path / "S.h5"
+    args = ("surface", "--model", tiny_llama_dir, "--directions", files["D.h5"], "--corpus", tiny_corpus_file,
+            *SAMPLE, "--x", "-1:1:3", "--y", "-1:1:3", "--out", out)
+    evaluate = surface_run.evaluate_rounds
+
+    def two_points_then_ctrl_c(model, directions, batches, points, todo, *rest, **options):
+        evaluate(model, directions, batches, points, todo[:2], *rest, **options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(surface_run, "evaluate_rounds", two_points_then_ctrl_c)
+    assert cli_in_process(capfd, *args)[0] == 130
+    monkeypatch.setattr(surface_run, "evaluate_rounds", evaluate)
+    code, _, err = cli_in_process(capfd, *args)
+    said = [line for line in shown_lines(err) if line.startswith("resuming")]
+    assert code == 0 and said == [f"resuming '{out}': 2 of 9 points done"], err
