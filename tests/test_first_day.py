@@ -172,6 +172,7 @@ def test_a_resumed_fisher_says_what_it_resumed_from(tiny_llama_dir, tiny_corpus_
 
 
 # ----------------------------------------------------------------------------- item 4: the demo's Fisher
+DEMO_SAMPLES = 128  # 8 batches of the demo's 16
 def _demo(out, until_stage_one=False, interrupt_after=None):
     """Run the demo into ``out`` until its first stage is done, or Ctrl-C it once: when its progress bar
     first counts a sample, else ``interrupt_after`` seconds after that stage (the Fisher pass) began.
@@ -181,7 +182,7 @@ def _demo(out, until_stage_one=False, interrupt_after=None):
     import re
     import threading
 
-    cmd = landscape_cmd("demo", "--out", out, "--fisher-samples", 256, "--threads", 1)
+    cmd = landscape_cmd("demo", "--out", out, "--fisher-samples", DEMO_SAMPLES, "--threads", 1)
     child = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=ctrl_c_as_in_a_terminal, text=True, bufsize=1)
     seen, timer, once, sent = [], None, threading.Lock(), []
@@ -197,7 +198,7 @@ def _demo(out, until_stage_one=False, interrupt_after=None):
             if interrupt_after is not None and timer is None and "[1/7]" in line and line.rstrip().endswith("..."):
                 timer = threading.Timer(interrupt_after, ctrl_c)
                 timer.start()
-            if timer is not None and re.search(r"fisher:.* [1-9][0-9]*/256 ", line):
+            if timer is not None and re.search(rf"fisher:.* [1-9][0-9]*/{DEMO_SAMPLES} ", line):
                 ctrl_c()
             if until_stage_one and "[1/7]" in line and "done in" in line:
                 child.kill()  # the later stages are not what this test is about
@@ -226,8 +227,9 @@ def test_ctrl_c_in_the_demos_fisher_then_a_rerun_resumes_to_the_uninterrupted_fi
         pytest.fail("no interrupt landed inside the Fisher pass")
     code, text = _demo(resumed, until_stage_one=True)
     said = [line for line in shown_lines(text) if line.startswith("resuming from")]
-    assert len(said) == 1 and "stability.csv.ckpt': " in said[0] and said[0].endswith(" of 256 samples done"), text
-    assert 0 < int(said[0].split("': ")[1].split()[0]) <= 256
+    assert len(said) == 1 and "stability.csv.ckpt': " in said[0], text
+    assert said[0].endswith(f" of {DEMO_SAMPLES} samples done"), said
+    assert 0 < int(said[0].split("': ")[1].split()[0]) <= DEMO_SAMPLES
     for name in ("fisher.safetensors", "stability.csv"):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
     assert not (resumed / "stability.csv.ckpt").exists()
@@ -246,3 +248,24 @@ def test_the_lora_schedule_agreement_benchmark_runs_and_prints_its_numbers(tiny_
     assert "4 LoRA sites" in result.stdout and "Spearman of p" in result.stdout and "max |p_base" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter.safetensors", "base.safetensors",
                                                            "from_adapter.json", "from_base.json"]
+
+
+def test_a_resumed_surface_says_what_it_resumed_from(files, tiny_llama_dir, tiny_corpus_file, monkeypatch, capfd,
+                                                     tmp_path):
+    import landscape.surface.run as surface_run
+
+    out = tmp_path / "S.h5"
+    args = ("surface", "--model", tiny_llama_dir, "--directions", files["D.h5"], "--corpus", tiny_corpus_file,
+            *SAMPLE, "--x", "-1:1:3", "--y", "-1:1:3", "--out", out)
+    evaluate = surface_run.evaluate_rounds
+
+    def two_points_then_ctrl_c(model, directions, batches, points, todo, *rest, **options):
+        evaluate(model, directions, batches, points, todo[:2], *rest, **options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(surface_run, "evaluate_rounds", two_points_then_ctrl_c)
+    assert cli_in_process(capfd, *args)[0] == 130
+    monkeypatch.setattr(surface_run, "evaluate_rounds", evaluate)
+    code, _, err = cli_in_process(capfd, *args)
+    said = [line for line in shown_lines(err) if line.startswith("resuming")]
+    assert code == 0 and said == [f"resuming '{out}': 2 of 9 points done"], err
