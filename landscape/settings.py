@@ -481,11 +481,13 @@ class CriticalSharpnessSettings(Settings):
         super().__post_init__()
 
     def validate(self):
-        """Refuse a direction that is neither a kind nor a direction file's name."""
+        """Refuse a direction that is neither a kind nor a file's name, and settings the run would ignore."""
         if self.direction not in CRITICAL_DIRECTIONS and not str(self.direction).lower().endswith((".h5", ".hdf5")):
             raise UsageError(f"direction must be gradient, sign or a direction file (.h5), got {self.direction!r}")
         if self.direction not in CRITICAL_DIRECTIONS and self.update_corpus is not None:
             raise SettingsRefused("{update_corpus} gives a gradient direction: a direction file does not use it")
+        if self.model.shard_size != 1:  # the command line has no such option; the API must not ignore it
+            raise SettingsRefused("{shard_size} does not apply: the gradient's backward runs on one device")
 
 
 CRITICAL_DIRECTIONS = ("gradient", "sign")

@@ -199,6 +199,10 @@ def test_bad_directions_are_refused_in_one_line(tiny_gpt2_dir, tiny_corpus_file,
     one_line(code, err, "--tolerance")
     code, _, err = cli_in_process(capfd, *common, "--shard-size", "2", "--out", tmp_path / "J.json")
     one_line(code, err, "--shard-size")
+    with pytest.raises(UsageError, match="shard_size does not apply"):
+        _settings(tiny_gpt2_dir, tiny_corpus_file).replace(shard_size=2)
+    with pytest.raises(UsageError, match="update_corpus gives a gradient direction"):
+        _settings(tiny_gpt2_dir, tiny_corpus_file, direction=str(tmp_path / "up.h5"), update_corpus="x.txt")
     code, _, err = cli_in_process(capfd, *common, "--out", tmp_path / "R.json", "--max-samples", "3")
     one_line(code, err, "other settings", "--overwrite")
 
