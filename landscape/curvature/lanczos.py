@@ -94,6 +94,7 @@ def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
             beta = 0.0
         else:
             basis.put(j + 1, w.div_(beta))  # in place: w is this step's own vector
+        w = None  # in the basis now: not held through the next product as well
         if used >= budget:
             break
     return j, beta, used
