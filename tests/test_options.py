@@ -168,6 +168,7 @@ CAMPAIGN = [
     (["fisher", "--threads", "1000000000"], "--threads"),
     (["fisher", "--max-chunk-mb", "1e308"], "--max-chunk-mb"),
     (["hessian", "--cache-mb", "1e308"], "--cache-mb"),
+    (["hessian", "--basis-mb", "1e308"], "--basis-mb"),
     (["hessian", "--trace", str(10**12)], "--trace"),
 ]
 
@@ -272,6 +273,7 @@ def test_the_api_bounds_what_the_options_bound(tiny_bert, tiny_corpus_file, tmp_
                         (lambda: HessianSettings(spectrum=10**6), "spectrum"),
                         (lambda: HessianSettings(max_iter=10**12), "max_iter"),
                         (lambda: HessianSettings(cache_mb=1e308), "cache_mb"),
+                        (lambda: HessianSettings(basis_mb=-1), "basis_mb"),
                         (lambda: FinetuneSettings(restarts=10**9), "restarts")):
         with pytest.raises(UsageError, match=words):
             call()

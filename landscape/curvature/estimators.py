@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -182,7 +183,7 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
         for r in range(int(runs)):
             if r in done:
                 continue
-            start = _random_unit(op.dim, _generator(seed, 3, r), op.device, rademacher=True, dtype=op.dtype)
+            start = partial(_random_unit, op.dim, _generator(seed, 3, r), op.device, rademacher=True, dtype=op.dtype)
             done[r] = _lanczos_run(op, start, steps, reorthogonalize, int(basis_bytes))
             if journal:
                 journal.add(r, nodes=done[r][0].tolist(), weights=done[r][1].tolist())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -94,6 +94,7 @@ def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
             beta = 0.0
         else:
             basis.put(j + 1, w.div_(beta))  # in place: w is this step's own vector
+        w = None  # in the basis now: not held through the next product as well
         if used >= budget:
             break
     return j, beta, used
@@ -234,9 +235,11 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
     return (values, vectors, info) if return_info else (values, vectors)
 
 
-def _lanczos_run(op: _Products, start: torch.Tensor, steps: int, reorthogonalize: bool,
+def _lanczos_run(op: _Products, start: Callable[[], torch.Tensor], steps: int, reorthogonalize: bool,
                  basis_bytes: int = DEFAULT_BASIS_BYTES):
-    """One Lanczos run of up to ``steps`` products from a unit start vector: (Ritz values, weights).
+    """One Lanczos run of up to ``steps`` products from the unit vector ``start()``: (Ritz values, weights).
+
+    ``start`` makes the vector, so that no caller's frame keeps it once the run has moved past it.
 
     The weights are the squared first components of the tridiagonal matrix's eigenvectors: the
     Gauss quadrature of the start vector's spectral measure.
@@ -250,10 +253,10 @@ def _lanczos_run(op: _Products, start: torch.Tensor, steps: int, reorthogonalize
             basis.close()
 
 
-def _run_steps(op: _Products, start: torch.Tensor, steps: int, basis):
+def _run_steps(op: _Products, start: Callable[[], torch.Tensor], steps: int, basis):
     """``_lanczos_run``'s steps, reorthogonalized against ``basis`` (None: the three-term recurrence)."""
     alphas, betas = [], []
-    v, previous, beta = start, None, 0.0
+    v, previous, beta = start(), None, 0.0
     for j in range(steps):
         w = op.matvec(v)
         alpha = float(torch.dot(w, v))

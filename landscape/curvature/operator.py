@@ -346,20 +346,23 @@ class HessianOperator:
         if v.numel() != self.dim:
             raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.dim}")
         with self, torch.enable_grad():
+            retry = False
             try:
                 out = self._product(v)
             except (RuntimeError, NotImplementedError) as err:
                 self._reset_cache()  # a half-built cache would miscount the tokens
                 if self.products or not _no_double_backward(err) or not self._fall_back_to_eager():
                     raise
+                retry = True
+            except BaseException:
+                self._reset_cache()
+                raise
+            if retry:  # outside the except block: the failed attempt's frames (its graph, its sum) are freed
                 try:
                     out = self._product(v)
                 except BaseException:
                     self._reset_cache()
                     raise
-            except BaseException:
-                self._reset_cache()
-                raise
         self.products += 1
         return out
 
@@ -460,7 +463,14 @@ class HessianOperator:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             losses = sequence_losses(self.model, batch, self.kind)
             loss = losses.loss_sum.sum()
-            grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
+            # Each gradient is emptied as soon as it is complete (a hook on its parameter), so the
+            # whole first-order gradient never exists at once.
+            hooks = [p.register_hook(_hollow) for p in self.space.params]
+            try:
+                grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
+            finally:
+                for hook in hooks:
+                    hook.remove()
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
         return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
