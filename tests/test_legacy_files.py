@@ -2,7 +2,7 @@
 
 tests/data/legacy holds what commit 578638c wrote (its ``make.py``, run on that commit): a surface
 and its journal stopped after 6 of 20 points, a Hessian trace journal of 2 probes, a sweep's per-run
-CSV of 1 run.  Each resumes to the numbers of a fresh run, its journal rewritten in this release's
+CSV of 1 run, a Fisher checkpoint of 2 of 4 batches.  Each resumes to the numbers of a fresh run, its journal rewritten in this release's
 format, and a changed setting is refused in one line naming it (under the settings' name where the
 file spelled it otherwise).
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import cli_in_process as _cli
 from conftest import one_line as _one_line
 
@@ -128,3 +129,22 @@ def test_a_sweep_of_the_previous_release_resumes_to_the_runs_of_a_fresh_sweep(th
     def numbers(path):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(path))]
     assert numbers(folder / "runs.csv") == numbers(fresh / "runs.csv")
+
+
+def test_a_fisher_checkpoint_of_the_previous_release_resumes_to_a_fresh_fisher(there, tmp_path, capfd):
+    from safetensors.torch import load_file
+
+    fresh = tmp_path / "fresh.safetensors"
+    assert _cli(capfd, *there.FISHER, "--out", fresh)[0] == 0
+    out = _copies(tmp_path / "f", "fisher.safetensors.ckpt") / "fisher.safetensors"
+    checkpoint = out.parent / "fisher.safetensors.ckpt"
+    for flag, value, words in (("--batch-size", "4", "batch_size=2, this run has 4"),
+                               ("--seq-len", "12", "seq_len was 16, now 12")):
+        _one_line(*_cli(capfd, *_with(there.FISHER, flag, value), "--out", out)[::2], str(checkpoint), words)
+        assert checkpoint.read_bytes() == (LEGACY / "fisher.safetensors.ckpt").read_bytes()  # untouched
+    code, _, err = _cli(capfd, *there.FISHER, "--out", out)
+    assert code == 0, err
+    assert not checkpoint.exists()
+    resumed, expected = load_file(str(out)), load_file(str(fresh))
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)  # bit for bit

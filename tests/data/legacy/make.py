@@ -15,7 +15,9 @@ Only the small files a resume reads are kept (tests/test_legacy_files.py resumes
 
 * ``surface.h5`` and ``surface.h5.journal``: a 5x4 surface stopped after 6 of its 20 points;
 * ``trace.ckpt``: a Hessian trace journal of 2 probes (a run of 4 resumes it);
-* ``runs.csv`` and ``runs.csv.settings.json``: a fine-tuning sweep of 1 restart (a run of 2 resumes it).
+* ``runs.csv`` and ``runs.csv.settings.json``: a fine-tuning sweep of 1 restart (a run of 2 resumes it);
+* ``fisher.safetensors.ckpt``: a Fisher checkpoint of 2 of its 4 batches (``fisher_checkpoint``, added
+  later from the same commit, alone: the other files were kept as they were).
 """
 
 import os
@@ -33,6 +35,9 @@ SURFACE = ["surface", "--model", "model", "--directions", "dirs.h5", "--corpus",
 SURFACE_STOP = 6  # points recorded before the stop
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 TRACE = {"max_samples": 2, "seq_len": 16, "batch_size": 2, "seed": 0}
+FISHER = ["fisher", "--model", "model", "--corpus", "corpus.jsonl", "--max-samples", "8", "--seq-len", "16",
+          "--batch-size", "2", "--checkpoint-every", "0", "--quiet", "--device", "cpu"]
+FISHER_STOP = 2  # batches in the checkpoint
 SWEEP = ["finetune", "--model", "model", "--dataset", "toy.tsv", "--regularizer", "dropout", "--fractions", "1",
          "--epochs", "1", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-3", "--threads", "1", "--device",
          "cpu"]
@@ -108,6 +113,26 @@ def _stopped_surface(out) -> None:
         SurfaceFile.record = real
 
 
+def fisher_checkpoint(out) -> None:
+    """``fisher`` into ``out``, interrupted after ``FISHER_STOP`` batches: its checkpoint is kept."""
+    from landscape.cli import main
+    from landscape.fisher.accumulator import FisherAccumulator
+
+    real, calls = FisherAccumulator.add_batch, []
+
+    def add_batch(self, *args, **kwargs):
+        if len(calls) >= FISHER_STOP:
+            raise KeyboardInterrupt  # as Ctrl-C: the running sums are checkpointed
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    FisherAccumulator.add_batch = add_batch
+    try:
+        assert main([*FISHER, "--out", str(out)]) == 130
+    finally:
+        FisherAccumulator.add_batch = real
+
+
 def main() -> None:
     import torch
 
@@ -122,7 +147,9 @@ def main() -> None:
         curvature.trace(trace_operator(), samples=2, checkpoint=scratch / "trace.ckpt")
         assert cli([*SWEEP, "--restarts", "1", "--out", str(scratch / "sweep.csv"), "--runs-out",
                     str(scratch / "runs.csv")]) == 0
-        for name in ("surface.h5", "surface.h5.journal", "trace.ckpt", "runs.csv", "runs.csv.settings.json"):
+        fisher_checkpoint(scratch / "fisher.safetensors")
+        for name in ("surface.h5", "surface.h5.journal", "trace.ckpt", "runs.csv", "runs.csv.settings.json",
+                     "fisher.safetensors.ckpt"):
             shutil.copyfile(scratch / name, HERE / name)
 
 
