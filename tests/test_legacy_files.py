@@ -2,9 +2,9 @@
 
 tests/data/legacy holds what commit 578638c wrote (its ``make.py``, run on that commit): a surface
 and its journal stopped after 6 of 20 points, a Hessian trace journal of 2 probes, a sweep's per-run
-CSV of 1 run, a Fisher checkpoint of 2 of 4 batches.  Each resumes to the numbers of a fresh run, its journal rewritten in this release's
-format, and a changed setting is refused in one line naming it (under the settings' name where the
-file spelled it otherwise).
+CSV of 1 run, a Fisher checkpoint of 2 of 4 batches.  Each resumes to the numbers of a fresh run, its
+journal rewritten in this release's format, and a changed setting is refused in one line naming it
+(under the settings' name where the file spelled it otherwise).
 """
 
 import csv
