@@ -147,10 +147,11 @@ def moved_parameters(loaded: LoadedModel) -> Optional[List[str]]:
     return adapters.adapter_parameter_names(loaded.model) if loaded.adapter else None
 
 
-def rayleigh_quotient(loaded: LoadedModel, direction: Direction, batches: List[dict]) -> float:
+def rayleigh_quotient(loaded: LoadedModel, direction: Direction, batches: List[dict], hvp: str = "exact") -> float:
     """dᵀHd/dᵀd of the loss over ``batches`` from one Hessian-vector product (``curvature.HessianOperator``).
 
-    On a PEFT adapter the Hessian is the adapter's own block (``moved_parameters``).
+    On a PEFT adapter the Hessian is the adapter's own block (``moved_parameters``).  ``hvp``: how the
+    product is formed, "exact" or "difference" (``curvature.HessianOperator``).
 
     Raises:
         UsageError: d moves parameters outside the Hessian's coordinates.
@@ -159,7 +160,7 @@ def rayleigh_quotient(loaded: LoadedModel, direction: Direction, batches: List[d
 
     names = moved_parameters(loaded)
     mask = None if names is None else adapters.adapter_mask(loaded.model, names)
-    hessian = HessianOperator(loaded.model, batches, mask, loaded.kind, cache_bytes=0)
+    hessian = HessianOperator(loaded.model, batches, mask, loaded.kind, cache_bytes=0, hvp=hvp)
     v = hessian.from_dict(direction).double()
     whole = sum(float(t.double().square().sum()) for t in direction.values())
     inside = float(v.square().sum())
@@ -269,7 +270,7 @@ def measure(s: CriticalSharpnessSettings, loaded, batches, update, file_directio
                             "converged": mine.converged}
     if s.rayleigh:
         log("Rayleigh quotient")
-        report["rayleigh_quotient"] = rayleigh_quotient(loaded, direction, batches)
+        report["rayleigh_quotient"] = rayleigh_quotient(loaded, direction, batches, s.hvp)
         report["hessian_vector_products"] = 1
     return report, direction
 
@@ -293,6 +294,8 @@ def _recorded(s: CriticalSharpnessSettings, loaded, batches, update, attrs) -> d
                     kind=loaded.kind, **adapters.record(loaded))
     recorded.update({MODEL_KEY: model_fingerprint(loaded), SAMPLE_KEY: sample_fingerprint(batches)})
     recorded["corpus"] = str(s.sample.corpus or "embedded")
+    if s.hvp != "exact":  # only then: reports written before the option keep resuming
+        recorded["hvp"] = s.hvp
     if update is not None:
         recorded[UPDATE_KEY] = sample_fingerprint(update)
     if attrs:

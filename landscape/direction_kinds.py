@@ -117,7 +117,7 @@ def _write(s: DirectionsSettings, out, model: ModelSource, overwrite, progress, 
                                 ignore=s.ignore, seed=s.seed, corpus=sample.corpus, max_samples=sample.max_samples,
                                 seq_len=sample.seq_len, batch_size=sample.batch_size, sample_seed=sample.seed,
                                 bos=sample.bos, tol=s.tol, device=spec.device, allow_new_head=spec.allow_new_head,
-                                overwrite=overwrite, progress=progress, log=log)
+                                overwrite=overwrite, progress=progress, log=log, hvp=s.hvp)
     return _write_random(out, model, s, overwrite, progress)
 
 

@@ -397,6 +397,7 @@ class ProfileSettings(Settings):
 
 MASK_GRANULARITIES = ("global", "tensor")
 IGNORES = ("biasbn", "none")
+HVP_METHODS = ("exact", "difference")  # how a Hessian-vector product is formed (curvature.HessianOperator)
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,9 @@ class HessianSettings(Settings):
     ignore: str = setting("biasbn", choices=IGNORES,
                           help="biasbn: 1-D tensors (biases, LayerNorm) are not coordinates, as directions do not "
                                "perturb them; none: every trainable element (the full Hessian)")
+    hvp: str = setting("exact", choices=HVP_METHODS,
+                       help="Hessian-vector products: exact (double backward) or difference (central difference of "
+                            "two gradients: no second derivative needed, relative error ~1e-4 in float32)")
     cache_mb: float = setting(1024.0, domain=checks.CACHE_MB, identity=False,
                               help="memory for the cached first-order graphs, in MB; 0 = recompute")
     basis_mb: float = setting(1024.0, domain=checks.CACHE_MB, identity=False,
@@ -474,6 +478,10 @@ class CriticalSharpnessSettings(Settings):
                                help="relative tolerance of the critical step eta_c, in (0, 0.05]")
     rayleigh: bool = setting(False, help="also the Rayleigh quotient d'Hd/d'd of the loss's Hessian, from one "
                                          "Hessian-vector product")
+    # The report records it itself, and only with the quotient when not exact (critical._recorded).
+    hvp: str = setting("exact", choices=HVP_METHODS, identity=False,
+                       help="the quotient's Hessian-vector product: exact (double backward) or difference (central "
+                            "difference of two gradients)")
 
     def __post_init__(self):
         for name in ("update_corpus", "direction"):
@@ -486,6 +494,8 @@ class CriticalSharpnessSettings(Settings):
             raise UsageError(f"direction must be gradient, sign or a direction file (.h5), got {self.direction!r}")
         if self.direction not in CRITICAL_DIRECTIONS and self.update_corpus is not None:
             raise SettingsRefused("{update_corpus} gives a gradient direction: a direction file does not use it")
+        if self.hvp != "exact" and not self.rayleigh:
+            raise SettingsRefused("{hvp} applies to {rayleigh} only")
         if self.model.shard_size != 1:  # the command line has no such option; the API must not ignore it
             raise SettingsRefused("{shard_size} does not apply: the gradient's backward runs on one device")
 
@@ -600,9 +610,10 @@ _PATHS = {"to": "interpolation", "checkpoints": "trajectory"}  # the setting tha
 _READS = {"random": {"seed", "dims", "norm", "ignore", "fisher", "subset", "granularity", "orthogonal", "dtype",
                      "shard_size"},
           "hessian": {"seed", "dims", "ignore", "fisher", "subset", "granularity", "tol", "device", "corpus",
-                      "max_samples", "seq_len", "batch_size", "sample_seed", "bos"},
+                      "max_samples", "seq_len", "batch_size", "sample_seed", "bos", "hvp"},
           "interpolation": {"to"}, "trajectory": {"checkpoints"}}
-_HESSIAN_ONLY = ("corpus", "fraction", "max_samples", "seq_len", "batch_size", "sample_seed", "bos", "tol", "device")
+_HESSIAN_ONLY = ("corpus", "fraction", "max_samples", "seq_len", "batch_size", "sample_seed", "bos", "tol", "device",
+                 "hvp")
 
 
 @dataclass(frozen=True)
@@ -640,6 +651,10 @@ class DirectionsSettings(Settings):
                                  factory=_sample_with(max_samples=64), exclude=("fraction",),
                                  rename={"seed": "sample_seed"})
     tol: float = setting(1e-4, domain=checks.OPEN_UNIT, help="hessian: eigenpair tolerance")
+    # The file records it itself, and only when not exact (curvature.stage.eigen_directions).
+    hvp: str = setting("exact", choices=HVP_METHODS, identity=False,
+                       help="hessian: Hessian-vector products, exact (double backward) or difference (central "
+                            "difference of two gradients)")
     to: Optional[str] = setting(
         None, metavar="MODEL_B", help="one direction θ_B − θ_A from --model A to MODEL_B (x = 0 is A, x = 1 is B; "
                                       "--dims does not apply; default: random directions)")
@@ -677,7 +692,7 @@ class DirectionsSettings(Settings):
         extra = [name for name in changed if name not in _READS[kind]]
         if kind != "hessian" and set(extra) & set(_HESSIAN_ONLY):
             first = next(name for name in extra if name in _HESSIAN_ONLY)
-            what = "sets the Hessian's sample: it applies" if first not in ("tol", "device") else "applies"
+            what = "sets the Hessian's sample: it applies" if first not in ("tol", "device", "hvp") else "applies"
             raise SettingsRefused("{%s} %s to {kind} hessian only" % (first, what))
         if given and {"fisher", "subset"} & set(extra):
             raise SettingsRefused("{%s} writes raw parameter differences: {fisher}/{subset} do not apply" % given[0])

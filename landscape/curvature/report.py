@@ -139,7 +139,8 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
                    seed: int = 0, tol: float = 1e-4, max_iter: int = 500, checkpoint=None, vectors=None,
                    vector_settings: Optional[dict] = None, settings: Optional[dict] = None,
                    cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
-                   log: Optional[Callable[[str], None]] = None, basis_bytes: int = DEFAULT_BASIS_BYTES) -> dict:
+                   log: Optional[Callable[[str], None]] = None, basis_bytes: int = DEFAULT_BASIS_BYTES,
+                   hvp: str = "exact") -> dict:
     """Top eigenpairs, trace and spectrum of the loss Hessian (P·H·P with ``mask``), as a report dict.
 
     One ``HessianOperator`` serves every estimator, so the sample's first-order graphs are built
@@ -165,6 +166,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
         vector_settings: attributes of the direction file ``vectors``.
         settings: stored as the report's ``settings`` (identifies the run; see ``check_existing_report``).
         cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
+        hvp: "exact" or "difference": how each Hessian-vector product is formed (``HessianOperator``).
         basis_bytes: a Lanczos basis (the eigenpairs', each spectrum run's) beyond this many bytes
             goes to a temporary file (``krylov``).
         progress: tqdm bars over products.
@@ -180,7 +182,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
     say = log or (lambda line: None)
     paths = checkpoint_paths(checkpoint) if checkpoint is not None else {}
     # One operator for every stage: one cache of first-order graphs, one attention fallback.
-    op = HessianOperator(model, batches, mask, kind, cache_bytes=cache_bytes)
+    op = HessianOperator(model, batches, mask, kind, cache_bytes=cache_bytes, hvp=hvp)
     report = {"format": FORMAT, "settings": dict(settings or {}), "provenance": _provenance(model, op),
               "loss": _loss(model, op), "eigenvalues": None, "eigenpairs": None, "trace": None, "spectrum": None,
               "vectors": None, "warnings": [], "seconds": {}}

@@ -26,7 +26,7 @@ from ..inputs import check_inputs, sample_batches, stage_model, stage_runtime
 from ..models import LoadedModel, ModelSource, loaded_model, model_id
 from ..outputs import claim_output
 from ..results import StageResult
-from ..settings import HessianSettings, SampleSpec
+from ..settings import HVP_METHODS, HessianSettings, SampleSpec
 from .report import (
     check_existing_report,
     direction_fingerprint,
@@ -135,11 +135,14 @@ def _run_hessian(out, vectors, s: HessianSettings, model, overwrite, progress, l
     # The report's own spellings (``corpus_seed``, ``precision``, ``mask_granularity``): reports written before resume.
     recorded = dict(sample, **masking, batch_size=s.sample.batch_size, seed=seed, top=s.top, tol=s.tol,
                     max_iter=s.max_iter, trace=s.trace, spectrum=s.spectrum, steps=s.steps if s.spectrum else None,
-                    bins=s.bins if s.spectrum else None, vectors=str(vectors) if vectors else "")
+                    bins=s.bins if s.spectrum else None, vectors=str(vectors) if vectors else "",
+                    # Recorded only when not exact: reports written before the option keep resuming.
+                    **({} if s.hvp == "exact" else {"hvp": s.hvp}))
     n_selected = mask_size(loaded.model, mask)
     n_parameters = sum(p.numel() for p in loaded.model.parameters())
     vector_settings = dict(sample, **masking, seed=seed, tol=s.tol, n_selected=n_selected,
-                           n_parameters=n_parameters, source="landscape hessian")
+                           n_parameters=n_parameters, source="landscape hessian",
+                           **({} if s.hvp == "exact" else {"hvp": s.hvp}))
     total = s.top + s.trace + s.spectrum
     result = dict(path=out, settings=s, total=total, fingerprints={MODEL_KEY: sample[MODEL_KEY]}, vectors=vectors)
     done = None if overwrite else _finished(out, recorded, vectors, vector_settings)
@@ -151,7 +154,7 @@ def _run_hessian(out, vectors, s: HessianSettings, model, overwrite, progress, l
         loaded.model, batches, kind=loaded.kind, top=s.top, trace_samples=s.trace, spectrum_runs=s.spectrum,
         steps=s.steps, bins=s.bins, mask=mask, seed=seed, tol=s.tol, max_iter=s.max_iter, checkpoint=out,
         vectors=aside, vector_settings=vector_settings, settings=recorded, cache_bytes=int(s.cache_mb * 2**20),
-        basis_bytes=int(s.basis_mb * 2**20),
+        basis_bytes=int(s.basis_mb * 2**20), hvp=s.hvp,
         progress=progress, log=log))
     return HessianResult(computed=total, report=report, **result)
 
@@ -214,7 +217,7 @@ def _finished(out, settings, vectors, vector_settings) -> Optional[dict]:
 def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, subset="all", granularity="global",
                      ignore="biasbn", seed=0, corpus=None, max_samples=64, seq_len=128, batch_size=16, sample_seed=0,
                      bos="auto", tol=1e-4, device="auto", allow_new_head=False, overwrite=False, progress=False,
-                     log: Log = None) -> dict:
+                     log: Log = None, hvp: str = "exact") -> dict:
     """Write the top-1 (``dims=1``) or top-2 Hessian eigenvectors as a direction file (unit norm).
 
     Args:
@@ -239,6 +242,8 @@ def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, sub
         overwrite: replace an output made with other settings (or holding something else).
         progress: a progress bar on stderr.
         log: called with each warning as a line 'note: ...' (None: they stay Python warnings).
+        hvp: "exact" or "difference": how the Hessian-vector products are formed (``HessianOperator``);
+            recorded in the file (as ``hvp``) only when not exact.
 
     Returns:
         The attributes written: ``kind='hessian'``, ``eigenvalues`` (dims,) descending in
@@ -254,6 +259,8 @@ def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, sub
 
     if dims not in (1, 2):
         raise UsageError(f"dims must be 1 or 2, got {dims}")
+    if hvp not in HVP_METHODS:
+        raise UsageError(f"the Hessian-vector product must be one of {', '.join(HVP_METHODS)}, got {hvp!r}")
     tol = checks.OPEN_UNIT.check(tol, "tol")
     SampleSpec(corpus, None, max_samples, seq_len, batch_size, sample_seed, bos)  # refuses a setting out of its domain
     with claim_output(out, "directions", overwrite=overwrite):
@@ -267,14 +274,15 @@ def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, sub
                         seq_len=seq_len, corpus_seed=sample_seed, framing=describe_framing(loaded.tokenizer, bos),
                         sample_fingerprint=sample_fingerprint(batches), seed=seed, tol=tol,
                         n_selected=mask_size(loaded.model, mask),
-                        n_parameters=sum(p.numel() for p in loaded.model.parameters()))
+                        n_parameters=sum(p.numel() for p in loaded.model.parameters()),
+                        **({} if hvp == "exact" else {"hvp": hvp}))
         if not overwrite:
             check_existing_directions(out, settings)
         with warnings.catch_warnings():  # the attention fallback and non-convergence, one line each
             if log is not None:
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda message, *rest, **kw: log(f"note: {message}")
-            hessian = HessianOperator(loaded.model, batches, mask, loaded.kind)
+            hessian = HessianOperator(loaded.model, batches, mask, loaded.kind, hvp=hvp)
             values, vectors = top_eigenpairs(hessian, k=dims, seed=seed, tol=tol, progress=progress)
         fingerprint = save_eigenvectors(out, [hessian.to_dict(v) for v in vectors], values, settings)
     return dict(settings, kind="hessian", eigenvalues=np.asarray([float(v) for v in values]), norm="unit",

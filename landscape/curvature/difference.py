@@ -1,0 +1,102 @@
+"""A Hessian-vector product from gradients only: the central difference of two gradients.
+
+``H·v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)`` needs no double backward, so it works with attention
+kernels that have no second derivative (SDPA on CPU, flash) and with wrappers that cannot take
+one; it costs two first-order gradients per product (forward and backward each) where the exact
+product (``operator.HessianOperator``, ``hvp="exact"``) reuses a cached graph for one second-order
+backward.  Its error is the difference's truncation (O(ε²) times the third derivative) plus the
+gradients' rounding divided by ε (O(machine eps / ε)); ``step`` balances the two (docs/curvature.md
+gives the measured errors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data.objectives import sequence_losses
+
+# ε·‖v‖ = DIFFERENCE_STEP·(1 + ‖θ‖) in float32, ‖θ‖ the coordinates' norm: a step relative to the
+# weights, so the perturbation stays above their rounding.  Measured on the four tiny test models
+# (largest relative error over 3 random v, float32): c = 1e-4: 3.5e-4, 3e-4: 1.3e-4, 1e-3: 2.8e-4,
+# 3e-3: 2.5e-3, 1e-2: 2.7e-2 (roundoff below 3e-4, truncation above; docs/curvature.md).
+DIFFERENCE_STEP = 3e-4
+
+# Activations whose second derivative is zero almost everywhere but whose gradient jumps at a kink:
+# a difference across a kink counts the jump, which the exact product leaves out.
+_KINKED = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.PReLU)
+
+
+def kinked_activations(model: torch.nn.Module) -> list[str]:
+    """Class names of the model's piecewise-linear activation modules (ReLU and kin), sorted."""
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, _KINKED)})
+
+
+def step(params: list, v: torch.Tensor, eps: float) -> float:
+    """ε for a product along v: ``DIFFERENCE_STEP·(eps/eps_float32)^(1/3)·(1 + ‖θ‖)/‖v‖`` (0 for v = 0).
+
+    Args:
+        params: the coordinates' parameters (their norm is ‖θ‖; off-mask elements count too, a bound).
+        v: the flat vector.
+        eps: the machine epsilon of the parameters' dtype (float64 models take a smaller step).
+    """
+    norm_v = float(v.double().norm())
+    if norm_v == 0.0:
+        return 0.0
+    norm_theta = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+    scale = (eps / torch.finfo(torch.float32).eps) ** (1.0 / 3.0)
+    return DIFFERENCE_STEP * scale * (1.0 + norm_theta) / norm_v
+
+
+def difference_product(model: torch.nn.Module, space, batches: list, kind: str, v: torch.Tensor) -> tuple:
+    """(Σ over batches of the summed loss's H·v by central difference, Σ target tokens).
+
+    The parameters are perturbed by swapping each one's ``.data`` for ``θ ± εv`` (new tensors)
+    and get their own tensor back afterwards, always (``finally``): bit-identical, no rounding of
+    θ + εv − εv, at the cost of one parameter-sized tensor per perturbed block at a time.
+
+    Args:
+        model: the model (in eval mode: dropout would make the two gradients differ by noise).
+        space: the operator's ``_Space`` (coordinates, ``unflatten``/``flatten``).
+        batches: batch dicts with ``labels``.
+        kind: the objective for ``objectives.sequence_losses``.
+        v: (dim,) float32 on the model's device.
+
+    Returns:
+        ((dim,) float32 unnormalized H·v, float tokens); divide the first by the second for the
+        mean loss's product.
+    """
+    params = space.params
+    eps = step(params, v, torch.finfo(params[0].dtype).eps)
+    out = torch.zeros(space.dim, dtype=torch.float32, device=space.device)
+    tokens = 0.0
+    if eps == 0.0:
+        for batch in batches:
+            with torch.no_grad():
+                tokens += float(sequence_losses(model, batch, kind).n_tokens.sum())
+        return out, tokens
+    vs = space.unflatten(v)
+    originals = [p.data for p in params]
+    try:
+        for batch in batches:
+            plus, tokens_b = _gradient(model, space, batch, kind, originals, vs, eps)
+            minus, _ = _gradient(model, space, batch, kind, originals, vs, -eps)
+            # The batch's difference first, then the sum: the small differences are not added to
+            # (and rounded against) a whole gradient.
+            out.add_(plus.sub_(minus))
+            tokens += tokens_b
+            del plus, minus
+    finally:
+        for p, data in zip(params, originals):
+            p.data = data
+    return out.div_(2.0 * eps), tokens
+
+
+def _gradient(model, space, batch, kind, originals, vs, shift: float) -> tuple:
+    """(flat gradient of the batch's summed loss at θ + shift·v, its target tokens)."""
+    for p, data, vb in zip(space.params, originals, vs):
+        p.data = data + shift * vb.to(data.dtype)
+    losses = sequence_losses(model, batch, kind)
+    grads = torch.autograd.grad(losses.loss_sum.sum(), space.params, allow_unused=True)
+    return space.flatten(grads), float(losses.n_tokens.sum())
