@@ -428,8 +428,8 @@ class HessianSettings(Settings):
                           help="biasbn: 1-D tensors (biases, LayerNorm) are not coordinates, as directions do not "
                                "perturb them; none: every trainable element (the full Hessian)")
     hvp: str = setting("exact", choices=HVP_METHODS,
-                       help="Hessian-vector products: exact (double backward) or difference (central difference of "
-                            "two gradients: no second derivative needed, relative error ~1e-4 in float32)")
+                       help="Hessian-vector products: exact (double backward) or difference (central differences of "
+                            "four gradients: no second derivative needed, relative error <= 3e-4 in float32)")
     cache_mb: float = setting(1024.0, domain=checks.CACHE_MB, identity=False,
                               help="memory for the cached first-order graphs, in MB; 0 = recompute")
     basis_mb: float = setting(1024.0, domain=checks.CACHE_MB, identity=False,
@@ -481,7 +481,7 @@ class CriticalSharpnessSettings(Settings):
     # The report records it itself, and only with the quotient when not exact (critical._recorded).
     hvp: str = setting("exact", choices=HVP_METHODS, identity=False,
                        help="the quotient's Hessian-vector product: exact (double backward) or difference (central "
-                            "difference of two gradients)")
+                            "differences of four gradients)")
 
     def __post_init__(self):
         for name in ("update_corpus", "direction"):
@@ -654,7 +654,7 @@ class DirectionsSettings(Settings):
     # The file records it itself, and only when not exact (curvature.stage.eigen_directions).
     hvp: str = setting("exact", choices=HVP_METHODS, identity=False,
                        help="hessian: Hessian-vector products, exact (double backward) or difference (central "
-                            "difference of two gradients)")
+                            "differences of four gradients)")
     to: Optional[str] = setting(
         None, metavar="MODEL_B", help="one direction θ_B − θ_A from --model A to MODEL_B (x = 0 is A, x = 1 is B; "
                                       "--dims does not apply; default: random directions)")

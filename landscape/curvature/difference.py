@@ -1,12 +1,12 @@
-"""A Hessian-vector product from gradients only: the central difference of two gradients.
+"""A Hessian-vector product from gradients only: central differences of gradients.
 
-``H·v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)`` needs no double backward, so it works with attention
-kernels that have no second derivative (SDPA on CPU, flash) and with wrappers that cannot take
-one; it costs two first-order gradients per product (forward and backward each) where the exact
-product (``operator.HessianOperator``, ``hvp="exact"``) reuses a cached graph for one second-order
-backward.  Its error is the difference's truncation (O(ε²) times the third derivative) plus the
-gradients' rounding divided by ε (O(machine eps / ε)); ``step`` balances the two (docs/curvature.md
-gives the measured errors).
+``H·v ≈ (8(∇L(θ + εv) − ∇L(θ − εv)) − (∇L(θ + 2εv) − ∇L(θ − 2εv))) / (12ε)`` needs no double
+backward, so it works with attention kernels that have no second derivative (SDPA on CPU, flash)
+and with wrappers that cannot take one; it costs four first-order gradients per product (forward
+and backward each) where the exact product (``operator.HessianOperator``, ``hvp="exact"``) reuses a
+cached graph for one second-order backward.  Its error is the stencil's truncation (O(ε⁴) times the
+fifth derivative) plus the gradients' rounding divided by ε (O(machine eps / ε)); ``step`` balances
+the two (docs/curvature.md gives the measured errors).
 """
 
 from __future__ import annotations
@@ -18,10 +18,18 @@ import torch
 from ..data.objectives import sequence_losses
 
 # ε·‖v‖ = DIFFERENCE_STEP·(1 + ‖θ‖) in float32, ‖θ‖ the coordinates' norm: a step relative to the
-# weights, so the perturbation stays above their rounding.  Measured on the four tiny test models
-# (largest relative error over 3 random v, float32): c = 1e-4: 3.5e-4, 3e-4: 1.3e-4, 1e-3: 2.8e-4,
-# 3e-3: 2.5e-3, 1e-2: 2.7e-2 (roundoff below 3e-4, truncation above; docs/curvature.md).
-DIFFERENCE_STEP = 3e-4
+# weights, so the perturbation stays above their rounding.  Measured on the four tiny test models,
+# float32, largest relative error over v = the loss's gradient and 2 random v (docs/curvature.md):
+# c = 1e-4: 4.5e-4 (rounding, random v), 2e-4: 2.8e-4, 3e-4: 4.2e-4 (truncation, along the
+# gradient), 1e-3: 3.0e-2, 3e-3: 4.8e-1.
+DIFFERENCE_STEP = 2e-4
+
+# (k, w_k): H·v ≈ Σ_k w_k·(∇L(θ + kεv) − ∇L(θ − kεv))/ε, the fourth-order central stencil (its ε²
+# terms cancel).  The second-order one ((1, 1/2), two gradients) meets 1e-3 at no single step on the
+# test models: along the gradient (critical sharpness's --rayleigh direction), where the third
+# derivative is large, it needs c <= 1e-4, where random v's rounding is 3.4e-4 already, and it is
+# 9.4e-3 off on T5 at c = 3e-4 (docs/curvature.md).
+STENCIL = ((1, 8.0 / 12.0), (2, -1.0 / 12.0))
 
 # Activations whose second derivative is zero almost everywhere but whose gradient jumps at a kink:
 # a difference across a kink counts the jump, which the exact product leaves out.
@@ -34,7 +42,7 @@ def kinked_activations(model: torch.nn.Module) -> list[str]:
 
 
 def step(params: list, v: torch.Tensor, eps: float) -> float:
-    """ε for a product along v: ``DIFFERENCE_STEP·(eps/eps_float32)^(1/3)·(1 + ‖θ‖)/‖v‖`` (0 for v = 0).
+    """ε for a product along v: ``DIFFERENCE_STEP·(eps/eps_float32)^(1/5)·(1 + ‖θ‖)/‖v‖`` (0 for v = 0).
 
     Args:
         params: the coordinates' parameters (their norm is ‖θ‖; off-mask elements count too, a bound).
@@ -45,14 +53,14 @@ def step(params: list, v: torch.Tensor, eps: float) -> float:
     if norm_v == 0.0:
         return 0.0
     norm_theta = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
-    scale = (eps / torch.finfo(torch.float32).eps) ** (1.0 / 3.0)
+    scale = (eps / torch.finfo(torch.float32).eps) ** (1.0 / 5.0)  # the optimum of a 4th-order stencil
     return DIFFERENCE_STEP * scale * (1.0 + norm_theta) / norm_v
 
 
 def difference_product(model: torch.nn.Module, space, batches: list, kind: str, v: torch.Tensor) -> tuple:
     """(Σ over batches of the summed loss's H·v by central difference, Σ target tokens).
 
-    The parameters are perturbed by swapping each one's ``.data`` for ``θ ± εv`` (new tensors)
+    The parameters are perturbed by swapping each one's ``.data`` for ``θ ± kεv`` (new tensors)
     and get their own tensor back afterwards, always (``finally``): bit-identical, no rounding of
     θ + εv − εv, at the cost of one parameter-sized tensor per perturbed block at a time.
 
@@ -80,17 +88,18 @@ def difference_product(model: torch.nn.Module, space, batches: list, kind: str, 
     originals = [p.data for p in params]
     try:
         for batch in batches:
-            plus, tokens_b = _gradient(model, space, batch, kind, originals, vs, eps)
-            minus, _ = _gradient(model, space, batch, kind, originals, vs, -eps)
-            # The batch's difference first, then the sum: the small differences are not added to
-            # (and rounded against) a whole gradient.
-            out.add_(plus.sub_(minus))
+            for multiple, weight in STENCIL:
+                plus, tokens_b = _gradient(model, space, batch, kind, originals, vs, multiple * eps)
+                minus, _ = _gradient(model, space, batch, kind, originals, vs, -multiple * eps)
+                # Each pair's difference first, then the sum: the small differences are not added
+                # to (and rounded against) a whole gradient.
+                out.add_(plus.sub_(minus), alpha=weight)
+                del plus, minus
             tokens += tokens_b
-            del plus, minus
     finally:
         for p, data in zip(params, originals):
             p.data = data
-    return out.div_(2.0 * eps), tokens
+    return out.div_(eps), tokens
 
 
 def _gradient(model, space, batch, kind, originals, vs, shift: float) -> tuple:

@@ -138,9 +138,8 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
                    spectrum_runs: int = 0, steps: int = 80, bins: int = 200, mask: Optional[dict] = None,
                    seed: int = 0, tol: float = 1e-4, max_iter: int = 500, checkpoint=None, vectors=None,
                    vector_settings: Optional[dict] = None, settings: Optional[dict] = None,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
-                   log: Optional[Callable[[str], None]] = None, basis_bytes: int = DEFAULT_BASIS_BYTES,
-                   hvp: str = "exact") -> dict:
+                   cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False, hvp: str = "exact",
+                   log: Optional[Callable[[str], None]] = None, basis_bytes: int = DEFAULT_BASIS_BYTES) -> dict:
     """Top eigenpairs, trace and spectrum of the loss Hessian (P·H·P with ``mask``), as a report dict.
 
     One ``HessianOperator`` serves every estimator, so the sample's first-order graphs are built

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import h5py
 import numpy as np
 
 from .. import adapters, checks
 from ..direction_file import check_existing_directions
-from ..errors import UsageError
+from ..errors import SettingsMismatch, UsageError
 from ..files import PathLike, check_distinct_paths, check_output_path, replace_together, staged_path
 from ..identity import MODEL_KEY, model_fingerprint, sample_fingerprint
 from ..inputs import check_inputs, sample_batches, stage_model, stage_runtime
@@ -211,7 +212,25 @@ def _finished(out, settings, vectors, vector_settings) -> Optional[dict]:
         return done
     if vectors is not None:
         check_existing_directions(vectors, dict(vector_settings, kind="hessian", norm="unit"))
+        _check_method(vectors, vector_settings.get("hvp", "exact"))
     return None
+
+
+def _check_method(path, hvp: str) -> None:
+    """SettingsMismatch when the direction file at ``path`` holds eigenvectors of the other product.
+
+    The file records ``hvp`` only when not exact, and ``check_existing_directions`` compares only the
+    attributes both sides have, so an absent one is read here as "exact".
+    """
+    try:
+        with h5py.File(path, "r") as handle:
+            before = handle.attrs.get("hvp", "exact")
+    except (FileNotFoundError, OSError):  # none yet, or not HDF5 (check_existing_directions says so)
+        return
+    before = before.decode() if isinstance(before, bytes) else str(before)
+    if before != hvp:
+        raise SettingsMismatch(f"'{path}' holds directions made with other settings (hvp={before!r}, this run "
+                               f"has hvp={hvp!r})")
 
 
 def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, subset="all", granularity="global",
@@ -278,6 +297,7 @@ def eigen_directions(out, model: ModelSource = None, *, dims=2, fisher=None, sub
                         **({} if hvp == "exact" else {"hvp": hvp}))
         if not overwrite:
             check_existing_directions(out, settings)
+            _check_method(out, hvp)
         with warnings.catch_warnings():  # the attention fallback and non-convergence, one line each
             if log is not None:
                 warnings.simplefilter("always")
