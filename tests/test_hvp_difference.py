@@ -98,7 +98,7 @@ def test_parameters_are_bit_identical_after_a_product(tiny_gpt2):
 
 def test_a_relu_model_is_warned_about(tiny_t5):
     # The ReLU T5 of conftest: the difference counts the gradient's jumps at the kinks, which the
-    # exact product (ReLU'' = 0) leaves out; measured 40-170% apart at every step size.
+    # exact product (ReLU'' = 0) leaves out; measured 0.63-9.8 relative error at every step size.
     batches = load_batches(tiny_t5, corpus=None, max_samples=4, seq_len=16, batch_size=4, seed=0)
     op = curvature.HessianOperator(tiny_t5.model, batches, kind=tiny_t5.kind, hvp="difference")
     with pytest.warns(UserWarning, match="ReLU activations"):

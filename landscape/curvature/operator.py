@@ -414,7 +414,7 @@ class HessianOperator:
     def _warn_kinks(self):
         kinked = [] if self.products else kinked_activations(self.model)
         if kinked:
-            # Measured on the tiny ReLU T5: 40-170% from the exact product at every step size.
+            # Measured on the tiny ReLU T5: a relative error of 0.63-9.8 for c from 1e-4 to 0.1 (6.5 at 2e-4).
             warnings.warn(f"{type(self.model).__name__} has {', '.join(kinked)} activations: the difference "
                           "product also counts the gradient's jumps at their kinks, which the exact product "
                           "(second derivative zero) leaves out, so the two can differ far beyond 1e-3; "
