@@ -235,8 +235,8 @@ def run_demo(out_dir: PathLike = "landscape_demo", settings: Optional[DemoSettin
     with contextlib.ExitStack() as held:
         held.enter_context(claim_output(final, "folder", overwrite))  # held until the replacement is in place
         staging = _staging(run) if overwrite else None
-        _claim_outputs(run, overwrite, held)  # the folder's own files, even while the new run is built aside
         if staging is not None:
+            _claim_outputs(run, True, held)  # the folder's files stay locked while the new run is built aside
             # Everything in the staging folder is this replacement's: it resumes as a plain demo does.
             run.out, run.overwrite, run.figure_claims = staging, False, {}
         with contextlib.ExitStack() as building:
