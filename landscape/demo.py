@@ -244,6 +244,10 @@ def run_demo(out_dir: PathLike = "landscape_demo", settings: Optional[DemoSettin
             _run_stages(run)
         if staging is not None:
             _move_into_place(staging, final)
+            # The profile's figures are stamped with the Fisher's absolute path, the staging folder's:
+            # redrawn (aside, then moved) from the moved Fisher, a later plain demo keeps them.
+            run.out, run.overwrite = final, True
+            _profile(run)
     return {k: final / v.relative_to(run.out) for k, v in run.paths.items()
             if k in ("fisher", "stability", "profile", "schedule", "figures")}
 
