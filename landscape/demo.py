@@ -7,8 +7,11 @@ demo continues where it stopped (surfaces resume point by point).
 """
 
 import contextlib
+import json
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
@@ -16,7 +19,7 @@ import torch
 
 from .defaults import DemoSettings
 from .direction_kinds import make as make_directions
-from .files import PathLike, check_output_folder
+from .files import PathLike, atomic_output, check_output_folder, json_text, replace_together, staged_path
 from .fisher import run_stability
 from .fisher.stability import format_table as stability_table
 from .guided import profile as profile_stage
@@ -204,7 +207,11 @@ def run_demo(out_dir: PathLike = "landscape_demo", settings: Optional[DemoSettin
     """Run every stage into ``out_dir``; returns {name: path} of the main results.
 
     Files of a finished stage are kept (rerunning continues an interrupted demo); a file there that
-    the demo did not write is refused unless ``overwrite``, which recomputes every stage.
+    the demo did not write is refused unless ``overwrite``, which recomputes every stage.  With
+    ``overwrite`` on a folder that holds files, the new run is built in a staging folder beside it
+    (``.NAME.new``) and its files move into place only once every stage is done: until then the
+    folder keeps its old results whole.  A staging folder left by a killed replacement is resumed
+    by the next ``overwrite`` run with the same settings and device, and removed by one with others.
 
     Args:
         out_dir: the demo's output folder.
@@ -224,10 +231,70 @@ def run_demo(out_dir: PathLike = "landscape_demo", settings: Optional[DemoSettin
     # 'auto' is resolved once, so that every stage runs with the same count (each stage applies it).
     run = DemoRun(out=Path(out_dir), cfg=cfg, loaded=load_model(None, device=device), overwrite=overwrite,
                   threads=str(apply_threads(threads)))
+    final = run.out
     with contextlib.ExitStack() as held:
-        _claim_outputs(run, overwrite, held)
-        _run_stages(run)
-    return {k: v for k, v in run.paths.items() if k in ("fisher", "stability", "profile", "schedule", "figures")}
+        held.enter_context(claim_output(final, "folder", overwrite))  # held until the replacement is in place
+        staging = _staging(run) if overwrite else None
+        if staging is not None:
+            _claim_outputs(run, True, held)  # the folder's files stay locked while the new run is built aside
+            # Everything in the staging folder is this replacement's: it resumes as a plain demo does.
+            run.out, run.overwrite, run.figure_claims = staging, False, {}
+        with contextlib.ExitStack() as building:
+            _claim_outputs(run, run.overwrite, building)
+            _run_stages(run)
+        if staging is not None:
+            _move_into_place(staging, final)
+            # The profile's figures are stamped with the Fisher's absolute path, the staging folder's:
+            # redrawn (aside, then moved) from the moved Fisher, a later plain demo keeps them.
+            run.out, run.overwrite = final, True
+            _profile(run)
+    return {k: final / v.relative_to(run.out) for k, v in run.paths.items()
+            if k in ("fisher", "stability", "profile", "schedule", "figures")}
+
+
+REPLACEMENT_NOTE = ".demo-replacement.json"  # in a staging folder: what the replacement is built with
+
+
+def _staging(run: DemoRun) -> Optional[Path]:
+    """The staging folder of a replacement of ``run.out`` (None: nothing there to keep, build in place).
+
+    One left by a killed replacement is resumed when its note records this run's settings and
+    device, else removed (its stages may hold other numbers).
+    """
+    out = Path(os.path.abspath(run.out))
+    if not out.name or not out.is_dir() or not any(out.iterdir()):
+        return None
+    staging = staged_path(out)
+    note = staging / REPLACEMENT_NOTE
+    record = json.loads(json_text({"settings": asdict(run.cfg),
+                                   "device": str(next(run.loaded.model.parameters()).device)}))
+    if staging.is_dir() and note.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(note.read_text(encoding="utf-8")) == record:
+                print(f"resuming the replacement built in '{staging}'", flush=True)
+                return staging
+    if staging.is_dir() and not staging.is_symlink():
+        shutil.rmtree(staging)
+    elif staging.exists() or staging.is_symlink():
+        staging.unlink()
+    staging.mkdir(parents=True)
+    with atomic_output(note) as tmp:
+        tmp.write_text(json_text(record), encoding="utf-8")
+    return staging
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Move the finished replacement's files onto the folder's, then remove the staging folder.
+
+    Hidden files (the note, locks) stay behind.  A kill during the renames (microseconds) leaves
+    the note: the next replacement resumes the staging folder, recomputing the stages moved away.
+    """
+    pairs = [(path, out / path.relative_to(staging)) for path in sorted(staging.rglob("*"))
+             if path.is_file() and not any(part.startswith(".") for part in path.relative_to(staging).parts)]
+    for _, final in pairs:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    replace_together(pairs)
+    shutil.rmtree(staging)
 
 
 def _run_stages(run: DemoRun):

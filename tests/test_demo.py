@@ -1,5 +1,7 @@
 """The demo pipeline end to end on the embedded model, at toy sizes, and its resume."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -38,3 +40,75 @@ def test_demo_writes_every_stage_and_resumes(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("already done, kept") >= 4
     assert log.count(": 0 new points of") == len(surfaces), "a finished surface point was computed again"
+
+
+def _files(folder, hidden=True):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and (hidden or not p.name.startswith("."))}
+
+
+@pytest.mark.slow
+def test_an_interrupted_overwrite_keeps_the_old_demo_whole_and_the_next_one_resumes_it(tmp_path, monkeypatch,
+                                                                                      capsys):
+    # A replacement once went stage by stage: stopped midway, it left new and old stages side by side.
+    from landscape import demo as demo_module
+
+    folder, staging = tmp_path / "demo", tmp_path / ".demo.new"
+    old = DemoSettings(fisher_samples=8, stability_fractions=(0.5, 0.25), eval_samples=2, grid_2d="-1:1:3",
+                       grid_1d="-1:1:3", batch_size=4)
+    new = DemoSettings(**dict(vars(old), grid_2d="-0.5:0.5:3", grid_1d="-0.5:0.5:3"))
+    run_demo(folder, old)
+    finished = _files(folder)
+    real = demo_module.run_surface
+
+    def stopped(settings, **kw):
+        if settings.grid.one_d:  # the 2D surfaces are built, the 1D ones not yet
+            raise KeyboardInterrupt
+        return real(settings, **kw)
+
+    monkeypatch.setattr(demo_module, "run_surface", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(folder, new, overwrite=True)
+    assert _files(folder) == finished  # not a byte of the old demo changed
+    assert (staging / "fisher.safetensors").exists() and (staging / "surfaces" / "all_2d.h5").exists()
+    monkeypatch.setattr(demo_module, "run_surface", real)
+    capsys.readouterr()
+    run_demo(folder, new, overwrite=True)
+    log = capsys.readouterr().out
+    assert f"resuming the replacement built in '{staging}'" in log
+    assert log.count("already done, kept") == 3 and log.count(": 0 new points of 9") == 3  # no stage twice
+    assert not staging.exists() and sorted(_files(folder)) == sorted(finished)  # no note or lock left
+    with h5py.File(folder / "surfaces" / "all_2d.h5", "r") as handle:
+        assert float(np.max(handle["xcoordinates"][()])) == 0.5
+    run_demo(folder, new)  # what moved in is a finished demo: a plain rerun keeps every stage
+    log = capsys.readouterr().out
+    assert log.count("already done, kept") == 4 and log.count(": 0 new points of") == 3 + 2 * len(TOP_K)
+    # A staging folder of other settings is never resumed: it is removed and the replacement starts afresh.
+    staging.mkdir()
+    (staging / "fisher.safetensors").write_bytes(b"of another replacement")
+    (staging / demo_module.REPLACEMENT_NOTE).write_text(json.dumps({"settings": vars(old), "device": "cpu"}))
+    run_demo(folder, new, overwrite=True)
+    log = capsys.readouterr().out
+    assert "resuming the replacement" not in log and "already done, kept" not in log
+    assert not staging.exists()
+
+
+@pytest.mark.slow  # a real kill of a real demo: about 30-60 s
+def test_a_killed_overwrite_leaves_the_old_demo_as_it_was(tmp_path):
+    import subprocess
+
+    from conftest import kill_when, landscape_cmd, subprocess_env
+
+    folder, staging = tmp_path / "demo", tmp_path / ".demo.new"
+    run_demo(folder, DemoSettings(fisher_samples=8, stability_fractions=(0.5, 0.25), eval_samples=2,
+                                  grid_2d="-1:1:3", grid_1d="-1:1:3", batch_size=4))
+    finished = _files(folder)
+    cmd = landscape_cmd("demo", "--out", folder, "--overwrite", "--fisher-samples", 128, "--eval-samples", 2,
+                        "--grid-2d", "-0.5:0.5:3", "--grid-1d", "-0.5:0.5:3", "--threads", 1)
+    proc = subprocess.Popen([str(c) for c in cmd], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    kill_when(proc, 0, staging / "directions" / "all_2d.h5")  # the new Fisher and profile done, surfaces to come
+    assert (staging / "fisher.safetensors").exists()
+    # The old Fisher, figures and surfaces as they were, no new file among them (the killed run's lock
+    # files stay, as any killed command's: they block nothing).
+    assert _files(folder, hidden=False) == finished

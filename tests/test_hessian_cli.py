@@ -153,6 +153,37 @@ def test_interrupted_trace_resumes_to_the_same_value(tiny_gpt2_dir, tiny_corpus_
     assert not journal.exists()
 
 
+def test_a_resumed_hessian_says_what_it_resumed_from(tiny_gpt2_dir, tiny_corpus_file, tmp_path, monkeypatch,
+                                                     capsys):
+    # Issue 30 (item 6): each journal a rerun starts from is named with how much of it was done,
+    # as Fisher and surface say it; --quiet says nothing.
+    from landscape.curvature import checkpoint
+
+    out, real = tmp_path / "H.json", checkpoint._Journal.add
+
+    def stop_at(journal, records):
+        def add(self, index, **values):
+            real(self, index, **values)
+            if self.path.name.endswith(journal) and len(self.records) >= records:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(checkpoint._Journal, "add", add)
+
+    args = ("hessian", "--model", tiny_gpt2_dir, "--corpus", tiny_corpus_file, *SAMPLE, "--out", out,
+            "--top", 1, "--trace", 6, "--spectrum", 2, "--steps", 4, "--bins", 8)
+    stop_at(".trace.ckpt", 2)
+    assert cli(*args, "--quiet") == 130
+    capsys.readouterr()
+    stop_at(".spectrum.ckpt", 1)
+    assert cli(*args, "--quiet") == 130  # resumed quietly: not a line about it
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("resuming")] == []
+    monkeypatch.setattr(checkpoint._Journal, "add", real)
+    assert cli(*args) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resuming")]
+    assert said == [f"resuming from '{out}.top.ckpt': 1 of 1 eigenpairs done",
+                    f"resuming from '{out}.trace.ckpt': 6 of 6 probes done",
+                    f"resuming from '{out}.spectrum.ckpt': 1 of 2 runs done"]
+
+
 @pytest.mark.slow  # a real kill of a real run: about 5-20 s
 def test_a_killed_overwrite_keeps_the_finished_report_and_vectors(tiny_gpt2_dir, tiny_corpus_file, tmp_path):
     # The report and its eigenvectors are one result: a replacement killed after the new vectors

@@ -27,7 +27,8 @@ def register(subparsers):
     parser.add_argument("--points-per-pass", type=options.POSITIVE_INT, default=defaults.points_per_pass,
                         help="grid points evaluated per forward pass; more helps on a GPU")
     parser.add_argument("--overwrite", action="store_true",
-                        help="recompute every stage, replacing files in --out that the demo did not write "
+                        help="recompute every stage, replacing files in --out that the demo did not write; "
+                             "the new run is built beside --out and moved in once complete "
                              "(default: keep finished stages, refuse foreign files)")
     parser.set_defaults(func=run, applies_threads=True)
 

@@ -9,6 +9,7 @@ and rewritten in the journal format.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Callable, Optional
 
 from ..errors import UsageError
@@ -66,6 +67,14 @@ class _Journal:
         record = {"i": int(index), **values}
         self.journal.append(record)
         self.records[int(index)] = record
+
+    def say_resumed(self, done: int, total: int, units: str, progress: bool) -> None:
+        """One line on stderr when this run starts from ``done`` finished units (with ``progress``).
+
+        Said once, before the bar: where this run's numbers start, as Fisher and surface say it.
+        """
+        if progress and done:
+            print(f"resuming from '{self.path}': {done} of {total} {units} done", file=sys.stderr, flush=True)
 
 
 def _identity(op, method: str, seed: int, **settings) -> dict:

@@ -33,7 +33,7 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
             P·H·P with a mask), or a square tensor.
         samples: number of probes (one product each).
         seed: seeds the probes.
-        progress: a tqdm bar over products.
+        progress: a tqdm bar over products, and a line on stderr when a checkpoint is resumed.
         checkpoint: path of a journal of finished probes; a rerun with the same settings skips
             them (more samples extend it); one written with other settings, or for another
             operator (its ``identity()``, which a checkpoint needs), is refused.
@@ -49,6 +49,8 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
         else None
     done = {i: float.fromhex(r["value"]) for i, r in (journal.records.items() if journal else ()) if i < samples}
     op.total = int(samples) - len(done)
+    if journal:
+        journal.say_resumed(len(done), int(samples), "probes", progress)
     with op:
         for i in range(int(samples)):
             if i in done:
@@ -162,7 +164,7 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
         reorthogonalize: full reorthogonalization (steps·dim of memory, or of a temporary file
             beyond ``basis_bytes``); without it, the three-term recurrence (ghost copies of
             outliers may take some weight).
-        progress: a tqdm bar over products.
+        progress: a tqdm bar over products, and a line on stderr when a checkpoint is resumed.
         checkpoint: path of a journal of finished runs (as for ``trace``).
         basis_bytes: a run's basis stays in memory up to this many bytes, else goes to a temporary
             file read a block at a time (``krylov``; the same numbers up to rounding).
@@ -179,6 +181,8 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
     done = {i: (np.array(r["nodes"]), np.array(r["weights"]))
             for i, r in (journal.records.items() if journal else ()) if i < runs}
     op.total = (int(runs) - len(done)) * steps
+    if journal:
+        journal.say_resumed(len(done), int(runs), "runs", progress)
     with op:
         for r in range(int(runs)):
             if r in done:

@@ -274,6 +274,7 @@ def _top(op, k, common, tol, max_iter, journal_path, vectors, vector_settings):
     reuse = record is not None and (not want_file or (
         record.get("fingerprint") is not None and direction_fingerprint(vectors) == record["fingerprint"]))
     if reuse:
+        journal.say_resumed(k, k, "eigenpairs", common["progress"])
         values, info = record["values"], record["info"]
         fingerprint = record.get("fingerprint")
     else:
