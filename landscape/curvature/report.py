@@ -166,8 +166,7 @@ def hessian_report(model: torch.nn.Module, batches: list, *, kind: str, top: int
         settings: stored as the report's ``settings`` (identifies the run; see ``check_existing_report``).
         cache_bytes: budget for the cached first-order graphs (see ``HessianOperator``).
         hvp: "exact" or "difference": how each Hessian-vector product is formed (``HessianOperator``).
-        basis_bytes: a Lanczos basis (the eigenpairs', each spectrum run's) beyond this many bytes
-            goes to a temporary file (``krylov``).
+        basis_bytes: a Lanczos basis (eigenpairs', each spectrum run's) beyond this goes to a file (``krylov``).
         progress: tqdm bars over products.
         log: called with one line per finished stage (e.g. ``print``).
 
