@@ -135,6 +135,7 @@ def _run(tmp_path, name, *args):
     return done.returncode, log.read_text()
 
 
+@pytest.mark.slow  # real commands, each in its own process (about 35 s)
 def test_a_log_file_gets_whole_progress_lines_and_quiet_gets_none(tiny_bert_dir, tiny_corpus_file, tmp_path):
     fisher = tmp_path / "F.safetensors"
     common = ["--model", tiny_bert_dir]
