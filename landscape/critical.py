@@ -26,8 +26,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import adapters
+from .critical_shards import group_sum, is_sharded_model, sharded_gradient, write_direction, zeros_like_local
 from .curvature.critical import LineSearch, critical_step
-from .direction_file import check_existing_directions, save_directions
+from .direction_file import check_existing_directions
 from .errors import SettingsMismatch, UsageError
 from .files import (
     PathLike,
@@ -74,7 +75,9 @@ def loss_gradient(model: torch.nn.Module, batches: List[dict], kind: str,
 
     One forward and backward per batch, in eval mode as the model is; the sums are float32 on the
     model's device.  Parameters left out (without ``requires_grad``, or not in ``names``) get a
-    zero gradient that holds no memory (an expanded scalar).
+    zero gradient that holds no memory (an expanded scalar).  A sharded (FSDP2) model's gradient
+    comes from its own backward, as this rank's rows of each tensor (``critical_shards``): every
+    rank of its group calls this with the same batches.
 
     Args:
         model: the model, in eval mode.
@@ -83,17 +86,28 @@ def loss_gradient(model: torch.nn.Module, batches: List[dict], kind: str,
         names: the parameters to differentiate (None: every one with ``requires_grad``).
 
     Returns:
-        ({name: gradient, for every parameter of ``named_parameters()``}, L in nats per target token).
+        ({name: gradient (this rank's rows when sharded), for every parameter of ``named_parameters()``},
+        L in nats per target token).
 
     Raises:
         UsageError: no parameter requires grad, or the sample has no target tokens.
     """
-    from .data.objectives import sequence_losses
-
     named = list(model.named_parameters())
     trainable = [(name, p) for name, p in named if p.requires_grad and (names is None or name in names)]
     if not trainable:
         raise UsageError("no parameter of the model requires grad: there is no gradient to step along")
+    whole = _whole_gradient if not is_sharded_model(model) else sharded_gradient
+    sums, total, tokens = whole(model, batches, kind, trainable)
+    if tokens == 0:
+        raise UsageError("the update sample has no target tokens")
+    gradient = {name: acc.div_(tokens) for (name, _), acc in zip(trainable, sums)}
+    return {name: gradient.get(name, zeros_like_local(p)) for name, p in named}, total / tokens
+
+
+def _whole_gradient(model, batches, kind, trainable):
+    """(float32 sums of ∇(loss sum) per trainable parameter, loss sum, target tokens) of an unsharded model."""
+    from .data.objectives import sequence_losses
+
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for _, p in trainable]
     total, tokens = 0.0, 0.0
     with torch.enable_grad():
@@ -106,18 +120,15 @@ def loss_gradient(model: torch.nn.Module, batches: List[dict], kind: str,
                     acc.add_(grad.float())
             total += float(loss.detach().double())
             tokens += float(losses.n_tokens.sum())
-    if tokens == 0:
-        raise UsageError("the update sample has no target tokens")
-    gradient = {name: acc.div_(tokens) for (name, _), acc in zip(trainable, sums)}
-    return {name: gradient.get(name, _zeros_like(p)) for name, p in named}, total / tokens
+    return sums, total, tokens
 
 
-def _zeros_like(param: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.float32, device=param.device).expand(param.shape)
+def step_direction(gradient: Direction, how: str, model: Optional[torch.nn.Module] = None) -> Tuple[Direction, float]:
+    """(d, dL/dη along d at the origin) for the update ``how`` ('gradient': −g, 'sign': −sign g).
 
-
-def step_direction(gradient: Direction, how: str) -> Tuple[Direction, float]:
-    """(d, dL/dη along d at the origin) for the update ``how`` ('gradient': −g, 'sign': −sign g)."""
+    ``model``: the model of a gradient held as local rows (sharded), whose slope is summed over
+    its shard group (a collective); None: ``gradient`` is whole.
+    """
     if how == "gradient":
         direction = {name: -g for name, g in gradient.items()}
         slope = -sum(float(g.double().square().sum()) for g in gradient.values())
@@ -126,6 +137,7 @@ def step_direction(gradient: Direction, how: str) -> Tuple[Direction, float]:
         slope = -sum(float(g.double().abs().sum()) for g in gradient.values())
     else:
         raise UsageError(f"the update must be one of {', '.join(CRITICAL_DIRECTIONS)}, got {how!r}")
+    slope = slope if model is None else group_sum(slope, model)
     if slope == 0:
         raise UsageError("the gradient of the update sample is zero: there is no update to step along")
     return direction, slope
@@ -154,10 +166,13 @@ def rayleigh_quotient(loaded: LoadedModel, direction: Direction, batches: List[d
     product is formed, "exact" or "difference" (``curvature.HessianOperator``).
 
     Raises:
-        UsageError: d moves parameters outside the Hessian's coordinates.
+        UsageError: d moves parameters outside the Hessian's coordinates, or a sharded model.
     """
     from .curvature import HessianOperator
 
+    if is_sharded_model(loaded.model):
+        raise UsageError("the Rayleigh quotient needs the whole model on each rank: its Hessian-vector product "
+                         "does not run on a sharded model")
     names = moved_parameters(loaded)
     mask = None if names is None else adapters.adapter_mask(loaded.model, names)
     hessian = HessianOperator(loaded.model, batches, mask, loaded.kind, cache_bytes=0, hvp=hvp)
@@ -191,10 +206,15 @@ def run_critical_sharpness(settings: Optional[CriticalSharpnessSettings] = None,
     Returns:
         A ``CriticalSharpnessResult``.
 
+    Under torchrun with ``settings.model.shard_size`` K > 1 the model is sharded with FSDP2 over
+    groups of K ranks (``critical_shards``: the gradient from its backward, the direction as local
+    rows, the line's forward passes by the surfaces' sharded evaluator) and rank 0 writes; every
+    rank returns the same result.
+
     Raises:
         UsageError: a direction along which the loss rises at once (refused, never flipped), a
-            direction file of another model, a run under torch.distributed, or outputs that may not
-            be written (``OutputRefused``, ``OutputBusy``, ``SettingsMismatch``).
+            direction file of another model, ``rayleigh`` on a sharded model, or outputs that may
+            not be written (``OutputRefused``, ``OutputBusy``, ``SettingsMismatch``).
     """
     settings = settings or CriticalSharpnessSettings()
     out = check_output_path(out, "out", [".json"])
@@ -219,20 +239,22 @@ def _run(s: CriticalSharpnessSettings, out, vectors, model, overwrite, log) -> C
     if vectors is not None and not overwrite:
         check_existing_directions(vectors, _scalars(vector_settings))
     report, direction = measure(s, loaded, batches, update, file_direction, recorded, log)
-    _write(out, vectors, report, direction, vector_settings)
+    _write(out, vectors, report, direction, vector_settings, loaded.model)
     return CriticalSharpnessResult(computed=1, report=report, **result)
 
 
-def prepare(s: CriticalSharpnessSettings, model: Optional[LoadedModel] = None):
+def prepare(s: CriticalSharpnessSettings, model: Optional[LoadedModel] = None, layout=None):
     """(loaded model, the loss's batches, the update's batches, a direction file's direction or None, recorded).
 
-    ``recorded``: what fixes the numbers, as the report stores it (``_recorded``).
+    ``recorded``: what fixes the numbers, as the report stores it (``_recorded``).  Under torchrun
+    the model is sharded over ``layout`` (None: ``sharding.shard_layout`` of ``s.model.shard_size``).
     """
-    from .runtime import rank_and_world
+    from .runtime import join_torchrun
+    from .sharding import shard_layout
 
-    if rank_and_world()[1] > 1:
-        raise UsageError("critical sharpness runs in one process: its few forward passes do not split over ranks")
-    loaded = stage_model(s.model, model, corpora=[s.sample.corpus, s.update_corpus])
+    device, _, _ = join_torchrun(s.model.device)
+    layout = layout or shard_layout(s.model.shard_size)
+    loaded = stage_model(s.model, model, layout, device, corpora=[s.sample.corpus, s.update_corpus])
     batches = sample_batches(loaded, s.sample)
     relative = s.update_corpus is not None
     update = sample_batches(loaded, s.sample, corpus=s.update_corpus) if relative else batches
@@ -252,7 +274,7 @@ def measure(s: CriticalSharpnessSettings, loaded, batches, update, file_directio
     if file_direction is None:
         log("gradient of the update sample" if relative else "gradient of the sample")
         gradient, update_loss = loss_gradient(loaded.model, update, loaded.kind, moved_parameters(loaded))
-        direction, update_slope = step_direction(gradient, s.direction)
+        direction, update_slope = step_direction(gradient, s.direction, loaded.model)
         del gradient
         start = START_DECREASE * max(abs(update_loss), 1e-12) / abs(update_slope)
         slope = None if relative else update_slope  # the loss's own slope is known only along its own gradient
@@ -342,13 +364,17 @@ def _scalars(values: dict) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool))}
 
 
-def _write(out, vectors, report, direction, vector_settings) -> None:
-    """The report and its direction file, written aside and moved into place together."""
+def _write(out, vectors, report, direction, vector_settings, model) -> None:
+    """The report and its direction file, written aside and moved into place together (by rank 0)."""
+    from .runtime import rank_and_world
+
     staged = []
-    if vectors is not None:
-        report["vectors"] = {"path": str(vectors), "fingerprint": save_directions(staged_path(vectors), [
-            {name: t.detach().float() for name, t in direction.items()}], _scalars(vector_settings))}
+    if vectors is not None:  # every rank: a sharded direction is gathered for rank 0, tensor by tensor
+        report["vectors"] = {"path": str(vectors), "fingerprint": write_direction(
+            staged_path(vectors), model, direction, _scalars(vector_settings))}
         staged.append((staged_path(vectors), vectors))
+    if rank_and_world()[0] != 0:
+        return
     with atomic_output(staged_path(out)) as tmp:
         Path(tmp).write_text(json_text(report, indent=1) + "\n")
     replace_together([*staged, (staged_path(out), out)])

@@ -463,8 +463,7 @@ class CriticalSharpnessSettings(Settings):
     stage, only forward passes walk the line (``curvature.critical``).
     """
 
-    # The gradient's backward runs on one device: the model is not sharded (no shard_size).
-    model: ModelSpec = setting(help="the model", factory=ModelSpec, exclude=("shard_size",))
+    model: ModelSpec = setting(help="the model", factory=ModelSpec)
     sample: SampleSpec = setting(help="the sample whose loss is walked", factory=_sample_with(max_samples=64))
     update_corpus: Optional[str] = setting(
         None, unset="--corpus", help="corpus (the forms --corpus takes) whose gradient gives the update direction, "
@@ -496,8 +495,9 @@ class CriticalSharpnessSettings(Settings):
             raise SettingsRefused("{update_corpus} gives a gradient direction: a direction file does not use it")
         if self.hvp != "exact" and not self.rayleigh:
             raise SettingsRefused("{hvp} applies to {rayleigh} only")
-        if self.model.shard_size != 1:  # the command line has no such option; the API must not ignore it
-            raise SettingsRefused("{shard_size} does not apply: the gradient's backward runs on one device")
+        if self.rayleigh and self.model.shard_size != 1:  # no Hessian-vector product of a sharded model yet
+            raise SettingsRefused("{rayleigh} needs the whole model on each rank: it does not run with {shard_size} "
+                                  "above 1")
 
 
 CRITICAL_DIRECTIONS = ("gradient", "sign")

@@ -243,3 +243,47 @@ def test_a_sweep_over_a_folder_of_checkpoints_writes_a_table_and_a_figure(tiny_g
     assert lines[0].startswith("checkpoint,critical_lr,critical_sharpness") and len(lines) == 3
     assert lines[1].startswith(str(tmp_path / "run" / "checkpoint-2"))  # natural order
     assert (tmp_path / "S.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- sharded under torchrun
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_bert"])
+def test_a_sharded_run_equals_the_single_process(name, request, tiny_corpus_file, tmp_path):
+    """``--shard-size 2`` on 2 gloo ranks: the numbers and the direction file of one process.
+
+    Tolerance 1e-6 relative: the sharded gradient is FSDP2's reduce-scatter (the mean over 2 ranks
+    of the same per-rank gradient, exact in binary) of a backward through gathered weights, and its
+    forward passes run the same weights, so the losses agree to float32 rounding of sums over the
+    sample (measured here: loss_at_origin equal, critical_lr within 4.4e-16 relative, one ulp of
+    the float64 arithmetic of the search's steps).  The search walks the same steps as long as its
+    comparisons of losses are not within that rounding of a tie, so η_c, a midpoint of two of its
+    steps, then agrees to rounding too; 1e-6 leaves room for another summation order (other
+    thread counts), and a wrong gradient (one rank's rows only, a sum where the mean belongs)
+    moves the first step, and η_c, by O(1).
+    """
+    import subprocess
+
+    from conftest import landscape_cmd, subprocess_env
+
+    model_dir = request.getfixturevalue(name + "_dir")
+    common = ["critical-sharpness", "--model", model_dir, "--corpus", tiny_corpus_file, "--max-samples", "4",
+              "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--quiet"]
+    one = subprocess.run(landscape_cmd(*common, "--out", tmp_path / "one.json", "--vectors", tmp_path / "one.h5"),
+                         capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(landscape_cmd(*common, "--shard-size", "2", "--out", tmp_path / "two.json", "--vectors",
+                                       tmp_path / "two.h5", ranks=2),
+                         capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert two.returncode == 0, two.stderr
+    single, sharded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    for key in ("critical_lr", "critical_sharpness", "loss_at_origin"):
+        assert sharded[key] == pytest.approx(single[key], rel=1e-6, abs=0), key
+    assert sharded["forward_passes"] == single["forward_passes"] and sharded["converged"] == single["converged"]
+    assert sharded["settings"] == single["settings"]  # the same identity: the shard size is how, not what
+    (whole,), _ = load_directions(tmp_path / "one.h5")
+    (gathered,), _ = load_directions(tmp_path / "two.h5")
+    assert sorted(whole) == sorted(gathered)
+    scale = max(float(t.abs().max()) for t in whole.values())
+    for key, values in whole.items():  # every row gathered in its place, none left zero or doubled
+        assert torch.allclose(gathered[key], values, rtol=1e-4, atol=1e-6 * scale), key

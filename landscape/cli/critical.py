@@ -15,8 +15,9 @@ def register(subparsers):
                     "-sign grad L (sign) or a direction file; --update-corpus takes d from another corpus "
                     "(relative critical sharpness). A direction along which the loss rises at once is refused, "
                     "never flipped. Writes a JSON report; rerunning the same command reads it back. Several "
-                    "--model (or one folder of checkpoints) write a CSV --out and a figure of lambda_c across them. "
-                    "The model is not sharded (no --shard-size).")
+                    "--model (or one folder of checkpoints) write a CSV --out and a figure of lambda_c across them; an "
+                    "interrupted sweep rerun with the same settings keeps the checkpoints already measured. Under "
+                    "torchrun, --shard-size K shards the model with FSDP2 (--rayleigh needs --shard-size 1).")
     add_settings_arguments(parser, CriticalSharpnessSettings)
     group = next(g for g in parser._action_groups if g.title == "model")
     group.add_argument("--model", dest="source", action="append", metavar="MODEL",
