@@ -198,9 +198,12 @@ def test_bad_directions_are_refused_in_one_line(tiny_gpt2_dir, tiny_corpus_file,
     code, _, err = cli_in_process(capfd, *common, "--tolerance", "0.2", "--out", tmp_path / "J.json")
     one_line(code, err, "--tolerance")
     code, _, err = cli_in_process(capfd, *common, "--shard-size", "2", "--out", tmp_path / "J.json")
-    one_line(code, err, "--shard-size")
-    with pytest.raises(UsageError, match="shard_size does not apply"):
-        _settings(tiny_gpt2_dir, tiny_corpus_file).replace(shard_size=2)
+    one_line(code, err, "shard size of 2 needs 2", "under torchrun")  # one process cannot be a group of 2
+    code, _, err = cli_in_process(capfd, *common, "--rayleigh", "--shard-size", "2", "--out", tmp_path / "J.json")
+    one_line(code, err, "--rayleigh needs the whole model", "--shard-size")
+    assert _settings(tiny_gpt2_dir, tiny_corpus_file).replace(shard_size=2).model.shard_size == 2
+    with pytest.raises(UsageError, match="rayleigh needs the whole model on each rank.*shard_size above 1"):
+        _settings(tiny_gpt2_dir, tiny_corpus_file, rayleigh=True).replace(shard_size=2)
     with pytest.raises(UsageError, match="update_corpus gives a gradient direction"):
         _settings(tiny_gpt2_dir, tiny_corpus_file, direction=str(tmp_path / "up.h5"), update_corpus="x.txt")
     code, _, err = cli_in_process(capfd, *common, "--out", tmp_path / "R.json", "--max-samples", "3")
