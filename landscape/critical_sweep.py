@@ -7,6 +7,15 @@ is refused before any work).  With another ``update_corpus`` each row has both t
 critical sharpness λ_c^{corpus→update} (``critical_sharpness``) and the update loss's own
 (``update_critical_sharpness``), from the same gradient: the pair the paper's plots along
 training show.
+
+A sweep resumes per checkpoint: each row, once measured, is journaled beside the table
+(``<out>.journal``, ``journal.Journal``), and a rerun with the same settings and checkpoints keeps
+those rows (a checkpoint whose weight files changed since is refused) and measures the others.
+A rerun with other settings is refused in one line unless ``overwrite``, which starts afresh.
+
+Under torchrun each checkpoint is loaded sharded over groups of ``settings.model.shard_size``
+ranks (``critical.run_critical_sharpness`` says how); rank 0 writes the journal, the table and
+the figure, and every rank learns from it which checkpoints are done.
 """
 
 import gc
@@ -16,9 +25,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .critical import measure, prepare
-from .errors import UsageError
+from .errors import SettingsMismatch, UsageError
 from .files import PathLike, atomic_output, check_distinct_paths, check_output_path, write_csv
-from .identity import MODEL_KEY
+from .identity import MODEL_KEY, same_model, source_fingerprint
+from .journal import Journal
 from .outputs import claim_output
 from .results import StageResult
 from .settings import CriticalSharpnessSettings
@@ -27,11 +37,16 @@ COLUMNS = ("checkpoint", "critical_lr", "critical_sharpness", "loss_at_origin", 
            "update_critical_sharpness", "update_loss_at_origin", "update_forward_passes", "rayleigh_quotient",
            MODEL_KEY)
 _MARKERS = ("config.json", "adapter_config.json")  # what makes a folder a checkpoint
+KIND = "critical-sweep"  # the journal's kind
 
 
 @dataclass
 class CriticalSweepResult(StageResult):
-    """What ``run_critical_sweep`` wrote: ``path`` the CSV, ``plot`` the figure, ``rows`` the table."""
+    """What ``run_critical_sweep`` wrote: ``path`` the CSV, ``plot`` the figure, ``rows`` the table.
+
+    ``computed``: the checkpoints measured by this call (the others came from the journal of an
+    earlier run); ``total``: every checkpoint.
+    """
 
     plot: Path
     rows: List[dict]
@@ -71,16 +86,21 @@ def run_critical_sweep(settings: CriticalSharpnessSettings, checkpoints: Sequenc
         checkpoints: model sources in order (hub ids, folders, PEFT adapter folders).
         out: the table (.csv).
         plot: the figure (.png, .pdf or .svg; None: ``out`` with .png).
-        overwrite: replace outputs that hold something else.
+        overwrite: replace outputs that hold something else, and start afresh rather than keep the
+            rows an earlier run journaled.
         log: called with one line per checkpoint and stage (None: silent).
 
     Returns:
         A ``CriticalSweepResult``.
 
     Raises:
-        UsageError: fewer than two checkpoints, or what ``run_critical_sharpness`` raises.
+        UsageError: fewer than two checkpoints, or what ``run_critical_sharpness`` raises;
+            ``SettingsMismatch`` when the journal holds a sweep of other settings or checkpoints, or
+            a row of a checkpoint whose weights changed since (unless ``overwrite``).
     """
     from .inputs import stage_runtime
+    from .runtime import join_torchrun, rank_and_world
+    from .sharding import shard_layout
 
     log = log or (lambda line: None)
     if len(checkpoints) < 2:
@@ -89,22 +109,82 @@ def run_critical_sweep(settings: CriticalSharpnessSettings, checkpoints: Sequenc
     plot = check_output_path(Path(out).with_suffix(".png") if plot is None else plot, "plot", [".png", ".pdf", ".svg"])
     check_distinct_paths({"out": out, "plot": plot}, {"corpus": settings.sample.corpus,
                                                       "update_corpus": settings.update_corpus})
-    drawn = dict(settings.identity(), checkpoints=list(checkpoints))
+    # The settings' own model is none of the checkpoints: left out, as the command line leaves it.
+    drawn = dict(settings.replace(source=None).identity(), checkpoints=list(checkpoints))
     with claim_output(out, "table", overwrite=overwrite, columns=COLUMNS[:2]), \
             claim_output(plot, "figure", overwrite=overwrite, settings=drawn) as claim, stage_runtime(settings.model):
-        rows = []
+        join_torchrun(settings.model.device)
+        layout = shard_layout(settings.model.shard_size)  # one mesh for every checkpoint
+        journal, done = _open_journal(out, drawn, overwrite)
+        rows, computed = [], 0
         for index, checkpoint in enumerate(checkpoints):
-            log(f"[{index + 1}/{len(checkpoints)}] {checkpoint}")
-            rows.append(_row(settings.replace(source=checkpoint), checkpoint, log))
-            gc.collect()  # the previous model goes before the next one loads
-        write_csv(rows, out, COLUMNS)
-        _figure(rows, plot, settings, claim)
-    return CriticalSweepResult(path=out, settings=settings, computed=len(rows), total=len(rows), fingerprints={},
+            row = done.get(checkpoint)
+            log(f"[{index + 1}/{len(checkpoints)}] {checkpoint}" + (" (measured before)" if row else ""))
+            if row is None:
+                row = _row(settings.replace(source=checkpoint), checkpoint, log, layout)
+                computed += 1
+                if journal is not None:
+                    journal.append({"checkpoint": checkpoint, "row": row})
+                gc.collect()  # the previous model goes before the next one loads
+            rows.append(row)
+        if rank_and_world()[0] == 0:
+            write_csv(rows, out, COLUMNS)
+            _figure(rows, plot, settings, claim)
+    return CriticalSweepResult(path=out, settings=settings, computed=computed, total=len(rows), fingerprints={},
                                plot=plot, rows=rows)
 
 
-def _row(s: CriticalSharpnessSettings, checkpoint: str, log) -> dict:
-    loaded, batches, update, file_direction, recorded = prepare(s)
+def journal_path(out) -> Path:
+    """The journal of the sweep whose table is ``out``: the same path with ``.journal`` appended."""
+    return Path(str(out) + ".journal")
+
+
+def _open_journal(out: Path, identity: dict, overwrite: bool):
+    """(the journal, on rank 0, else None; {checkpoint: row} of the rows it holds that still stand).
+
+    Rank 0 reads it and every rank learns the rows, or the refusal (raised on every rank, so no
+    rank waits for the others at a later collective).
+    """
+    from .runtime import broadcast_from_rank0, rank_and_world
+
+    journal, done, refusal = None, {}, None
+    if rank_and_world()[0] == 0:
+        try:
+            journal = Journal(journal_path(out), KIND, identity, what="critical-sharpness sweep journal",
+                              remedy="delete it to start over", check=_check_record, fresh=overwrite)
+            done = {r["checkpoint"]: r["row"] for r in journal.records}
+            for checkpoint, row in done.items():
+                _check_unchanged(out, checkpoint, row)
+        except UsageError as err:
+            refusal = err
+    shared = broadcast_from_rank0((done, None if refusal is None else (isinstance(refusal, SettingsMismatch),
+                                                                      str(refusal))))
+    if refusal is not None:
+        raise refusal
+    done, failed = shared
+    if failed is not None:
+        raise (SettingsMismatch if failed[0] else UsageError)(failed[1])
+    return journal, done
+
+
+def _check_record(record, schema, where: str) -> None:
+    """A journal record: {"checkpoint": text, "row": {every column}}."""
+    schema.mapping(record, where)
+    schema.text(schema.field(record, "checkpoint", where), f"{where}: checkpoint")
+    row = schema.mapping(schema.field(record, "row", where), f"{where}: row")
+    for column in COLUMNS:
+        schema.field(row, column, f"{where}: row")
+
+
+def _check_unchanged(out: Path, checkpoint: str, row: dict) -> None:
+    """Refuse a journaled row of a checkpoint whose weight files are not those it was measured on."""
+    if same_model(row.get(MODEL_KEY), source_fingerprint(checkpoint)) is False:
+        raise SettingsMismatch(f"cannot resume '{out}': the checkpoint '{checkpoint}' changed since it was measured "
+                               "(its weight files have another fingerprint); delete the journal to start over")
+
+
+def _row(s: CriticalSharpnessSettings, checkpoint: str, log, layout=None) -> dict:
+    loaded, batches, update, file_direction, recorded = prepare(s, layout=layout)
     report, _ = measure(s, loaded, batches, update, file_direction, recorded, log, own=True)
     own = report.get("update") or {}
     return {"checkpoint": checkpoint, "critical_lr": report["critical_lr"],

@@ -290,3 +290,57 @@ def test_a_sharded_run_equals_the_single_process(name, request, tiny_corpus_file
     scale = max(float(t.abs().max()) for t in whole.values())
     for key, values in whole.items():  # every row gathered in its place, none left zero or doubled
         assert torch.allclose(gathered[key], values, rtol=1e-4, atol=1e-6 * scale), key
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_keeps_the_checkpoints_it_measured(tiny_gpt2_dir, tiny_corpus_file, tmp_path, capfd,
+                                                               monkeypatch):
+    """Counted by the models the sweep prepares: a rerun measures only what the interrupted run had not."""
+    import shutil
+
+    from landscape import critical_sweep
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        shutil.copytree(tiny_gpt2_dir, run / f"checkpoint-{step}")
+    weights = next(p.name for p in (run / "checkpoint-3").iterdir() if p.suffix in (".safetensors", ".bin"))
+    (run / "checkpoint-3" / weights).write_bytes(b"not weights")  # the sweep stops there, after two rows
+    prepared = []
+    real = critical_sweep.prepare
+    monkeypatch.setattr(critical_sweep, "prepare", lambda s, *a, **k: prepared.append(s.model.source) or real(s, *a, **k))
+    settings = _settings(tiny_gpt2_dir, tiny_corpus_file)
+    checkpoints = critical_sweep.checkpoints_of([run])
+    out = tmp_path / "S.csv"
+    with pytest.raises(Exception):
+        critical_sweep.run_critical_sweep(settings, checkpoints, out=out)
+    assert len(prepared) == 3 and not out.exists()
+
+    common = ["critical-sharpness", "--model", run, "--corpus", tiny_corpus_file, "--max-samples", "4", "--seq-len",
+              "16", "--batch-size", "4", "--threads", "1", "--quiet", "--out", out]
+    code, _, err = cli_in_process(capfd, *common, "--tolerance", "0.04")  # other settings: refused, nothing measured
+    one_line(code, err, "S.csv.journal", "other settings", "tolerance 0.05 then, 0.04 now", "--overwrite")
+    assert len(prepared) == 3
+
+    shutil.copy(tiny_gpt2_dir / weights, run / "checkpoint-3" / weights)
+    prepared.clear()
+    resumed = critical_sweep.run_critical_sweep(settings, checkpoints, out=out)
+    assert prepared == [str(run / "checkpoint-3")] and (resumed.computed, resumed.total) == (3 - 2, 3)
+    fresh = critical_sweep.run_critical_sweep(settings, checkpoints, out=tmp_path / "F.csv")
+    assert out.read_text() == (tmp_path / "F.csv").read_text()  # the journaled rows, exactly as measured
+
+    prepared.clear()
+    again = critical_sweep.run_critical_sweep(settings, checkpoints, out=out)  # complete: nothing measured
+    assert prepared == [] and again.rows == fresh.rows
+    code, _, err = cli_in_process(capfd, *common, "--overwrite")  # starts afresh
+    assert code == 0, err
+    assert len(prepared) == 3
+
+    torch.manual_seed(5)  # new weights in a checkpoint already measured: its row no longer stands
+    from transformers import AutoModelForCausalLM
+
+    changed = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    changed.save_pretrained(run / "checkpoint-1")
+    with pytest.raises(SettingsMismatch, match="checkpoint-1' changed since it was measured"):
+        critical_sweep.run_critical_sweep(settings, checkpoints, out=out)

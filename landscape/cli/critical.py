@@ -56,8 +56,10 @@ def _one(args):
 
     result = run_critical_sharpness(settings_from_args(CriticalSharpnessSettings, args), out=args.out,
                                     vectors=args.vectors, overwrite=args.overwrite, progress=not args.quiet,
-                                    log=None if args.quiet else (lambda line: print(line, flush=True)))
+                                    log=None if args.quiet else _say)
     report = result.report
+    if not _first_rank():  # under torchrun, rank 0 speaks for every rank
+        return 0
     if not result.computed:
         print(f"{result.path} is complete with these settings; nothing to do")
     print(f"critical lr {report['critical_lr']:.6g}, critical sharpness {report['critical_sharpness']:.6g} "
@@ -78,8 +80,24 @@ def _sweep(args, checkpoints):
     args.source = None
     settings = settings_from_args(CriticalSharpnessSettings, args)
     result = run_critical_sweep(settings, checkpoints, out=args.out, plot=args.plot, overwrite=args.overwrite,
-                                log=None if args.quiet else (lambda line: print(line, flush=True)))
+                                log=None if args.quiet else _say)
+    if not _first_rank():
+        return 0
     for row in result.rows:
         print(f"{row['checkpoint']}: critical sharpness {row['critical_sharpness']:.6g}")
-    print(f"wrote {result.path} and {result.plot}")
+    kept = result.total - result.computed
+    print(f"wrote {result.path} and {result.plot}" + (f" ({kept} of {result.total} checkpoints from the journal "
+                                                      "of an earlier run)" if kept else ""))
     return 0
+
+
+def _first_rank() -> bool:
+    from ..runtime import rank_and_world
+
+    return rank_and_world()[0] == 0
+
+
+def _say(line: str) -> None:
+    """One line of the run's log, from rank 0 only (the ranks of a sharded run all log the same steps)."""
+    if _first_rank():
+        print(line, flush=True)
