@@ -153,7 +153,9 @@ def check_uniform(model: nn.Module) -> None:
             if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
                 raise UsageError(f"parameter '{name}' is distributed as {tuple(p.placements)} over a "
                                  f"{p.device_mesh.ndim}D mesh; only rows (Shard(0)) over one group are supported")
-            meshes.add(id(p.device_mesh))
+            # By equality (the same ranks and dimensions), not identity: a model sharded after another
+            # in the same process can hold its parameters on equal mesh objects that are not the same one.
+            meshes.add(p.device_mesh)
     if len(kinds) > 1 or len(meshes) > 1:
         raise UsageError("the model's parameters are not all sharded the same way (some are whole, or over "
                          "other groups); shard the whole model with one shard size")

@@ -307,11 +307,12 @@ def test_an_interrupted_sweep_keeps_the_checkpoints_it_measured(tiny_gpt2_dir, t
     (run / "checkpoint-3" / weights).write_bytes(b"not weights")  # the sweep stops there, after two rows
     prepared = []
     real = critical_sweep.prepare
-    monkeypatch.setattr(critical_sweep, "prepare", lambda s, *a, **k: prepared.append(s.model.source) or real(s, *a, **k))
+    monkeypatch.setattr(critical_sweep, "prepare",
+                        lambda s, *a, **k: prepared.append(s.model.source) or real(s, *a, **k))
     settings = _settings(tiny_gpt2_dir, tiny_corpus_file)
     checkpoints = critical_sweep.checkpoints_of([run])
     out = tmp_path / "S.csv"
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError, match="checkpoint-3.*cannot be read"):
         critical_sweep.run_critical_sweep(settings, checkpoints, out=out)
     assert len(prepared) == 3 and not out.exists()
 
@@ -344,3 +345,40 @@ def test_an_interrupted_sweep_keeps_the_checkpoints_it_measured(tiny_gpt2_dir, t
     changed.save_pretrained(run / "checkpoint-1")
     with pytest.raises(SettingsMismatch, match="checkpoint-1' changed since it was measured"):
         critical_sweep.run_critical_sweep(settings, checkpoints, out=out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_sharded_sweep_and_a_sharded_adapter(tiny_gpt2_dir, tiny_llama_dir, tiny_corpus_file, tmp_path):
+    """A sweep on 2 gloo ranks with --shard-size 2 writes the single process's table (the same 1e-6 as above)."""
+    import csv
+    import shutil
+    import subprocess
+
+    from conftest import landscape_cmd, subprocess_env
+
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                             LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "run" / "checkpoint-2")
+    shutil.copytree(tiny_gpt2_dir, tmp_path / "run" / "checkpoint-1")
+    common = ["critical-sharpness", "--model", tmp_path / "run", "--corpus", tiny_corpus_file, "--max-samples", "4",
+              "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--quiet"]
+    tables = {}
+    for ranks, extra in ((1, []), (2, ["--shard-size", "2"])):
+        out = tmp_path / f"S{ranks}.csv"
+        done = subprocess.run(landscape_cmd(*common, *extra, "--out", out, ranks=ranks), capture_output=True,
+                              text=True, timeout=300, env=subprocess_env())
+        assert done.returncode == 0, done.stderr
+        tables[ranks] = list(csv.DictReader(out.open()))
+    assert len(tables[1]) == len(tables[2]) == 2
+    for single, sharded in zip(tables[1], tables[2]):
+        for key in ("checkpoint", "model_fingerprint", "forward_passes", "converged"):
+            assert sharded[key] == single[key], key
+        for key in ("critical_lr", "critical_sharpness", "loss_at_origin", "update_critical_sharpness"):
+            if single[key]:
+                assert float(sharded[key]) == pytest.approx(float(single[key]), rel=1e-6, abs=0), key
