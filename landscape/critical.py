@@ -192,6 +192,11 @@ def run_critical_sharpness(settings: Optional[CriticalSharpnessSettings] = None,
                            log: Log = None) -> CriticalSharpnessResult:
     """Critical sharpness λ_c = 2/η_c of the sample's loss along an update direction, as a JSON report.
 
+    Under torchrun with ``settings.model.shard_size`` K > 1 the model is sharded with FSDP2 over
+    groups of K ranks (``critical_shards``: the gradient from its backward, the direction as local
+    rows, the line's forward passes by the surfaces' sharded evaluator) and rank 0 writes; every
+    rank returns the same result.
+
     Args:
         settings: the model, the loss's sample, the update (``direction``, ``update_corpus``), the
             tolerance of η_c and ``rayleigh`` (None: ``CriticalSharpnessSettings()``).
@@ -205,11 +210,6 @@ def run_critical_sharpness(settings: Optional[CriticalSharpnessSettings] = None,
 
     Returns:
         A ``CriticalSharpnessResult``.
-
-    Under torchrun with ``settings.model.shard_size`` K > 1 the model is sharded with FSDP2 over
-    groups of K ranks (``critical_shards``: the gradient from its backward, the direction as local
-    rows, the line's forward passes by the surfaces' sharded evaluator) and rank 0 writes; every
-    rank returns the same result.
 
     Raises:
         UsageError: a direction along which the loss rises at once (refused, never flipped), a
