@@ -36,25 +36,32 @@ def sharded_gradient(model: torch.nn.Module, batches: List[dict], kind: str,
     parameters for it and reduce-scatters the gradient into ``param.grad`` (this rank's rows, the
     mean over the group, whose ranks all ran the same batch: the gradient itself).  Each batch's
     gradient is added in float32 and ``param.grad`` dropped, as the unsharded path adds each
-    batch's ``autograd.grad``.  Every rank of the group calls this with the same batches.
+    batch's ``autograd.grad``; gradients the parameters held before are put back afterwards.
+    Every rank of the group calls this with the same batches.
     """
     from .data.objectives import sequence_losses
 
     sums = [torch.zeros(local_tensor(p).shape, dtype=torch.float32, device=local_tensor(p).device)
             for _, p in trainable]
     total, tokens = 0.0, 0.0
-    with torch.enable_grad(), collective_errors():
-        for batch in batches:
-            losses = sequence_losses(model, batch, kind)
-            loss = losses.loss_sum.sum()
-            loss.backward()
-            for acc, (_, param) in zip(sums, trainable):
-                if param.grad is not None:
-                    acc.add_(local_tensor(param.grad).float())
-            for param in model.parameters():  # a parameter left out still got a gradient: drop it too
-                param.grad = None
-            total += float(loss.detach().double())
-            tokens += float(losses.n_tokens.sum())
+    params = list(model.parameters())
+    held = [p.grad for p in params]  # backward adds into .grad: a caller's gradients are set aside, then restored
+    try:
+        with torch.enable_grad(), collective_errors():
+            for batch in batches:
+                for param in params:
+                    param.grad = None
+                losses = sequence_losses(model, batch, kind)
+                loss = losses.loss_sum.sum()
+                loss.backward()
+                for acc, (_, param) in zip(sums, trainable):
+                    if param.grad is not None:
+                        acc.add_(local_tensor(param.grad).float())
+                total += float(loss.detach().double())
+                tokens += float(losses.n_tokens.sum())
+    finally:
+        for param, grad in zip(params, held):
+            param.grad = grad
     return sums, total, tokens
 
 

@@ -387,3 +387,55 @@ def test_a_sharded_sweep_and_a_sharded_adapter(tiny_gpt2_dir, tiny_llama_dir, ti
             assert sharded[key] == single[key], key
         for key in ("critical_lr", "critical_sharpness", "loss_at_origin", "update_critical_sharpness"):
             assert float(sharded[key]) == pytest.approx(float(single[key]), rel=1e-6, abs=0), key
+
+
+GRADIENT_WORKER = """
+import sys
+import torch
+from landscape import sharding
+from landscape.critical import loss_gradient
+from landscape.inputs import sample_batches
+from landscape.models import load_model
+from landscape.runtime import end_torchrun_process, join_torchrun, leave_torchrun
+from landscape.settings import SampleSpec
+
+join_torchrun("cpu")
+sample = SampleSpec(corpus=sys.argv[2], max_samples=4, seq_len=16, batch_size=2)
+whole = load_model(sys.argv[1], device="cpu")
+expected, expected_loss = loss_gradient(whole.model, sample_batches(whole, sample), whole.kind)
+loaded = load_model(sys.argv[1], device="cpu", layout=sharding.shard_layout(2))
+batches = sample_batches(loaded, sample)
+params = dict(loaded.model.named_parameters())
+for p in params.values():  # gradients a caller left: neither added in nor lost
+    p.grad = torch.full_like(p, 7.0)
+gradient, loss = loss_gradient(loaded.model, batches, loaded.kind)
+assert loss == expected_loss, (loss, expected_loss)
+for name, p in params.items():
+    start, stop = sharding.local_rows(p)
+    assert gradient[name].shape == sharding.local_tensor(p).shape, name
+    assert torch.allclose(gradient[name], expected[name][start:stop], rtol=1e-5, atol=1e-7), name
+    assert torch.equal(sharding.local_tensor(p.grad), torch.full_like(sharding.local_tensor(p), 7.0)), name
+open(f"{sys.argv[3]}/rank{torch.distributed.get_rank()}.ok", "w").close()
+leave_torchrun()
+end_torchrun_process(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_sharded_gradient_is_each_ranks_rows_of_the_whole_one(tiny_llama_dir, tiny_corpus_file, tmp_path):
+    """Each rank's rows of ∇L from FSDP2's backward equal those rows of one process's autograd.grad.
+
+    1e-5 relative: the same float32 sums in another order (a backward through gathered blocks).
+    """
+    import subprocess
+    import textwrap
+
+    from conftest import subprocess_env, torchrun_cmd
+
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(GRADIENT_WORKER))
+    done = subprocess.run(torchrun_cmd(script, tiny_llama_dir, tiny_corpus_file, tmp_path), capture_output=True,
+                          text=True, timeout=300, env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]  # files: no shared pipe
