@@ -417,12 +417,17 @@ def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[st
     Raises:
         SettingsMismatch: (or ``error``) when the model or the sample changed.
     """
+    _refuse_model_or_sample(f"cannot resume '{path}'", stored, current, remedy, error)
+
+
+def _refuse_model_or_sample(lead: str, stored: Dict, current: Dict, remedy: Optional[str], error) -> None:
+    """Raise ``error`` with ``lead``, then which of the model or the sample changed and why."""
     what = changed(stored, current)
     if what is not None:
         key = MODEL_KEY if what == "the model" else SAMPLE_KEY
         tail = f", or {remedy}" if remedy else ""
         detail = _DETAIL[what] if what == "the model" else _sample_detail(stored, current)
-        raise error(f"cannot resume '{path}': {what} changed since it was written ({detail}; {key} "
+        raise error(f"{lead}: {what} changed since it was written ({detail}; {key} "
                     f"{stored[key]} then, {current[key]} now); rerun with the same {what[4:]}{tail}")
 
 
@@ -441,26 +446,27 @@ def refuse_changed(path, stored: Dict, current: Dict, remedy: Optional[str] = No
         current: this run's.
         remedy: what else to do, e.g. "delete it to start over" (None: nothing is added).
         error: the error class to raise.
-        holds: what a finished file holds ("a Hessian report"): the line reads "'P' holds a Hessian
-            report made with other settings (tol=0.001, this run has tol=0.01)"; None (a journal or
-            checkpoint being resumed): "cannot resume 'P': it was written with other settings (seed 0
-            then, 1 now)".
+        holds: what a finished file holds ("a Hessian report"): the line begins "'P' holds a Hessian
+            report made with other settings", then ": the model changed since it was written (...)"
+            or the fields ("(tol=0.001, this run has tol=0.01)"); None (a journal or checkpoint being
+            resumed): "cannot resume 'P'", then ": the model changed..." or ": it was written with
+            other settings (seed 0 then, 1 now)".
 
     Raises:
         SettingsMismatch: (or ``error``) when a field differs.
     """
-    refuse_changed_resume(path, stored, current, remedy, error)
+    other = f"'{path}' holds {holds} made with other settings" if holds else None
+    _refuse_model_or_sample(other or f"cannot resume '{path}'", stored, current, remedy, error)
     found = differences(stored, current)
     if not found:
         return
     old, new = canonical_identity(stored), canonical_identity(current)
-    if holds is None:
+    if other is None:
         detail = "; ".join(f"{key} {old.get(key)!r} then, {new.get(key)!r} now" for key in found)
-        lead = f"cannot resume '{path}': it was written with other settings"
+        other = f"cannot resume '{path}': it was written with other settings"
     else:
         detail = "; ".join(f"{key}={old.get(key)!r}, this run has {key}={new.get(key)!r}" for key in found)
-        lead = f"'{path}' holds {holds} made with other settings"
-    raise error(f"{lead} ({detail})" + (f"; {remedy}" if remedy else ""))
+    raise error(f"{other} ({detail})" + (f"; {remedy}" if remedy else ""))
 
 
 # Settings that draw the sample: when one differs, it is the likely reason the tokens did.

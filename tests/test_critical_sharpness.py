@@ -183,7 +183,8 @@ def test_a_finished_report_is_compared_as_every_recorded_identity(tiny_gpt2_dir,
         run_critical_sharpness(settings.replace(tolerance=0.04, rayleigh=True), out=out)
     assert ("critical-sharpness report made with other settings (rayleigh=False, this run has rayleigh=True; "
             "tolerance=0.05, this run has tolerance=0.04)") in str(refused.value)
-    with pytest.raises(SettingsMismatch, match=r"the sample changed .*seq_len was 16, now 8") as refused:
+    with pytest.raises(SettingsMismatch, match=r"report made with other settings: the sample changed .*seq_len was "
+                                               r"16, now 8") as refused:
         run_critical_sharpness(settings.replace(seq_len=8, tolerance=0.04), out=out)
     assert "tolerance" not in str(refused.value)
 
