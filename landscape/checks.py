@@ -192,6 +192,22 @@ def optional(check, value, name: str):
     return None if value is None else check(value, name)
 
 
+def dropout_bounds(p_upper, p_lower) -> Tuple[float, float]:
+    """(p_upper, p_lower) of a dropout schedule: each in [0, 1), and ``p_lower`` not above ``p_upper``.
+
+    The one check of a schedule's bounds: ``settings.ScheduleSettings`` and every function that makes
+    a schedule's probabilities (``guided.schedule.linear_probabilities``...) go through it, so
+    reversed bounds never give the most informative sites the most dropout.
+
+    Raises:
+        UsageError: naming the bound out of its domain, or both when they are reversed.
+    """
+    upper, lower = BELOW_ONE.check(p_upper, "p_upper"), BELOW_ONE.check(p_lower, "p_lower")
+    if lower > upper:
+        raise UsageError(f"p_lower ({lower:g}) must not exceed p_upper ({upper:g})")
+    return upper, lower
+
+
 # ----------------------------------------------------------------------------- composite values
 def range_problem(text, num_max: int = GRID_NUM_MAX) -> Tuple[Optional[Tuple[float, float, int]], Optional[str]]:
     """((MIN, MAX, NUM), None) for a valid 'MIN:MAX:NUM', or (None, why not)."""

@@ -39,7 +39,7 @@ from .files import (
     replace_together,
     staged_path,
 )
-from .identity import MODEL_KEY, SAMPLE_KEY, check_file_model, model_fingerprint, sample_fingerprint
+from .identity import MODEL_KEY, SAMPLE_KEY, check_file_model, model_fingerprint, refuse_changed, sample_fingerprint
 from .inputs import sample_batches, stage_model, stage_runtime
 from .models import LoadedModel, model_id
 from .outputs import claim_output
@@ -408,12 +408,8 @@ def _finished(out: Path, recorded: dict, vectors) -> Optional[dict]:
         old = load_critical_report(out)
     except UsageError:
         raise SettingsMismatch(f"'{out}' exists but is not a critical-sharpness report") from None
-    before = old.get("settings", {})
-    # The settings first: a changed sequence length is the reason, the sample's new fingerprint its consequence.
-    for key in sorted(set(recorded) | set(before), key=lambda k: (k.endswith("fingerprint"), k)):
-        if before.get(key) != recorded.get(key):
-            raise SettingsMismatch(f"'{out}' holds a critical-sharpness report made with other settings "
-                                   f"({key}={before.get(key)!r}, this run has {key}={recorded.get(key)!r})")
+    # A changed sample is named with the setting that changed its tokens (a sequence length, a seed).
+    refuse_changed(out, old.get("settings", {}), recorded, holds="a critical-sharpness report")
     if vectors is not None and (old.get("vectors") or {}).get("fingerprint") != _fingerprint_of(vectors):
         return None
     return old

@@ -18,7 +18,8 @@ API) gets ``parameters_fingerprint``: the version-1 hash, over 4096 sampled elem
 Files written before version 2 record version-1 fingerprints (16 bare hex digits, sampled, of the
 files; the Hessian's journals: of the loaded parameters).  They keep reading: ``same_model``
 compares them with this model's version-1 fingerprint, computed when one is met.  Every
-comparison of recorded identities goes through ``differences``.
+comparison of recorded identities goes through ``differences``, and every refusal of a changed
+rerun through ``refuse_changed``.
 
 Sample fingerprint (``sample_fingerprint``): a SHA-1 over the inputs and targets of every sample
 in order, without padding (so the batch size does not change it).
@@ -416,13 +417,56 @@ def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[st
     Raises:
         SettingsMismatch: (or ``error``) when the model or the sample changed.
     """
+    _refuse_model_or_sample(f"cannot resume '{path}'", stored, current, remedy, error)
+
+
+def _refuse_model_or_sample(lead: str, stored: Dict, current: Dict, remedy: Optional[str], error) -> None:
+    """Raise ``error`` with ``lead``, then which of the model or the sample changed and why."""
     what = changed(stored, current)
     if what is not None:
         key = MODEL_KEY if what == "the model" else SAMPLE_KEY
         tail = f", or {remedy}" if remedy else ""
         detail = _DETAIL[what] if what == "the model" else _sample_detail(stored, current)
-        raise error(f"cannot resume '{path}': {what} changed since it was written ({detail}; {key} "
+        raise error(f"{lead}: {what} changed since it was written ({detail}; {key} "
                     f"{stored[key]} then, {current[key]} now); rerun with the same {what[4:]}{tail}")
+
+
+def refuse_changed(path, stored: Dict, current: Dict, remedy: Optional[str] = None, error=SettingsMismatch,
+                   holds: Optional[str] = None) -> None:
+    """Refuse a rerun whose recorded identity is not this run's, in one line naming every field that differs.
+
+    The one refusal of a changed rerun (journals, checkpoints, finished reports), in one order: the
+    model or the sample first (``refuse_changed_resume`` says which and why: a changed ``seq_len`` is
+    named as the reason the sample changed), then every field ``differences`` finds, in its order and
+    under the settings' names (``canonical_identity``).
+
+    Args:
+        path: the file, named in the message.
+        stored: the identity the file recorded.
+        current: this run's.
+        remedy: what else to do, e.g. "delete it to start over" (None: nothing is added).
+        error: the error class to raise.
+        holds: what a finished file holds ("a Hessian report"): the line begins "'P' holds a Hessian
+            report made with other settings", then ": the model changed since it was written (...)"
+            or the fields ("(tol=0.001, this run has tol=0.01)"); None (a journal or checkpoint being
+            resumed): "cannot resume 'P'", then ": the model changed..." or ": it was written with
+            other settings (seed 0 then, 1 now)".
+
+    Raises:
+        SettingsMismatch: (or ``error``) when a field differs.
+    """
+    other = f"'{path}' holds {holds} made with other settings" if holds else None
+    _refuse_model_or_sample(other or f"cannot resume '{path}'", stored, current, remedy, error)
+    found = differences(stored, current)
+    if not found:
+        return
+    old, new = canonical_identity(stored), canonical_identity(current)
+    if other is None:
+        detail = "; ".join(f"{key} {old.get(key)!r} then, {new.get(key)!r} now" for key in found)
+        other = f"cannot resume '{path}': it was written with other settings"
+    else:
+        detail = "; ".join(f"{key}={old.get(key)!r}, this run has {key}={new.get(key)!r}" for key in found)
+    raise error(f"{other} ({detail})" + (f"; {remedy}" if remedy else ""))
 
 
 # Settings that draw the sample: when one differs, it is the likely reason the tokens did.

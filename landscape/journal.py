@@ -34,7 +34,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from .errors import SettingsMismatch, UsageError
 from .files import json_text
-from .identity import canonical_identity, differences, refuse_changed_resume
+from .identity import differences, refuse_changed
 from .schema import Schema
 
 MAGIC = "landscape-journal/1"
@@ -194,7 +194,7 @@ class Journal:
         check: ``check(record, schema, "line N")`` raising ``DamagedFile`` for a record that breaks
             the stage's schema.
         refuse: ``refuse(path, stored, current)`` raising the stage's refusal when the identities
-            differ (None: ``refuse_changed`` with ``error``).
+            differ (None: ``identity.refuse_changed`` with ``error``).
         legacy: reads a file of the previous release: (identity, records, None for damaged lines)
             or None when it is not one; such a file is rewritten in this format.
         fresh: start afresh, whatever the file holds.
@@ -288,19 +288,3 @@ def refuse_if_changed(path, stored: dict, current: dict, refuse: Refuse) -> None
     """Call ``refuse`` when ``identity.differences`` finds a field that differs."""
     if differences(stored, current):
         refuse(Path(path), stored, current)
-
-
-def refuse_changed(path, stored: dict, current: dict, remedy: Optional[str] = None, error=SettingsMismatch) -> None:
-    """Refuse a resume of other settings in one line naming every field that differs.
-
-    The model or the sample first (``identity.refuse_changed_resume`` says which and why), then the
-    settings as the settings name them (``identity.canonical_identity``).
-    """
-    refuse_changed_resume(path, stored, current, remedy, error)
-    found = differences(stored, current)
-    if not found:
-        return
-    old, new = canonical_identity(stored), canonical_identity(current)
-    detail = "; ".join(f"{key} {old.get(key)!r} then, {new.get(key)!r} now" for key in found)
-    raise error(f"cannot resume '{path}': it was written with other settings ({detail})"
-                + (f"; {remedy}" if remedy else ""))

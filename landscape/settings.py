@@ -376,9 +376,8 @@ class ScheduleSettings(Settings):
         super().__post_init__()
 
     def validate(self):
-        """Refuse ``p_lower`` above ``p_upper``."""
-        if self.p_lower > self.p_upper:
-            raise UsageError(f"p_lower ({self.p_lower:g}) must not exceed p_upper ({self.p_upper:g})")
+        """Refuse ``p_lower`` above ``p_upper`` (``checks.dropout_bounds``, as the schedule's functions do)."""
+        checks.dropout_bounds(self.p_upper, self.p_lower)
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,29 @@ def test_the_report_its_resume_and_the_line_surface_draws(tiny_gpt2_dir, tiny_co
     assert redone.computed == 1 and redone.report["tolerance"] == 0.04
 
 
+def test_a_finished_report_is_compared_as_every_recorded_identity(tiny_gpt2_dir, tiny_corpus_file, tmp_path):
+    """A rerun reads the report back through ``identity.refuse_changed``: a version-1 fingerprint of the
+    same model reads; a changed sample is named first, with the setting that changed its tokens; every
+    other setting that differs is named (each once failed: a v1 report was refused, one key named)."""
+    from landscape import identity
+    from landscape.files import json_text
+
+    settings, out = _settings(tiny_gpt2_dir, tiny_corpus_file), tmp_path / "R.json"
+    run_critical_sharpness(settings, out=out)
+    report = json.loads(out.read_text())
+    report["settings"][identity.MODEL_KEY] = identity._source_fingerprint_v1(tiny_gpt2_dir)
+    out.write_text(json_text(report))
+    assert run_critical_sharpness(settings, out=out).computed == 0
+    with pytest.raises(SettingsMismatch) as refused:
+        run_critical_sharpness(settings.replace(tolerance=0.04, rayleigh=True), out=out)
+    assert ("critical-sharpness report made with other settings (rayleigh=False, this run has rayleigh=True; "
+            "tolerance=0.05, this run has tolerance=0.04)") in str(refused.value)
+    with pytest.raises(SettingsMismatch, match=r"report made with other settings: the sample changed .*seq_len was "
+                                               r"16, now 8") as refused:
+        run_critical_sharpness(settings.replace(seq_len=8, tolerance=0.04), out=out)
+    assert "tolerance" not in str(refused.value)
+
+
 def test_sign_and_relative_directions_record_what_they_walked(tiny_gpt2_dir, tiny_corpus_file, tmp_path):
     task = tmp_path / "task.txt"
     task.write_text("the quick brown fox jumps over the lazy dog. " * 40)

@@ -1,6 +1,11 @@
-"""The demo pipeline end to end on the embedded model, at toy sizes, and its resume."""
+"""The demo pipeline end to end on the embedded model, at toy sizes, and its resume.
+
+The toy demo every test starts from is run once per module (``finished_demo``) and each test gets
+it back as it was written, at the same path: the figures' stamps name their files' absolute paths.
+"""
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -8,19 +13,46 @@ import pytest
 
 from landscape.demo import TOP_K, DemoSettings, run_demo
 
+TOY = DemoSettings(fisher_samples=8, stability_fractions=(0.5, 0.25), eval_samples=2, grid_2d="-1:1:3",
+                   grid_1d="-1:1:3", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def toy_demo(tmp_path_factory):
+    """(folder, the paths ``run_demo`` returned, a copy of what it wrote) of the toy demo, run once."""
+    folder = tmp_path_factory.mktemp("toy") / "demo"
+    paths = run_demo(folder, TOY)
+    kept = folder.parent / "as_written"
+    shutil.copytree(folder, kept, symlinks=True)
+    return folder, paths, kept
+
+
+@pytest.fixture
+def finished_demo(toy_demo):
+    """(folder, paths) of the toy demo as ``run_demo`` wrote it, whatever an earlier test did to it."""
+    folder, paths, kept = toy_demo
+    for path in folder.parent.iterdir():  # the demo, a staging folder, a killed run's locks
+        if path == kept:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    shutil.copytree(kept, folder, symlinks=True)
+    return folder, paths
+
 
 @pytest.mark.slow
-def test_demo_writes_every_stage_and_resumes(tmp_path, capsys):
-    settings = DemoSettings(fisher_samples=8, stability_fractions=(0.5, 0.25), eval_samples=2,
-                            grid_2d="-1:1:3", grid_1d="-1:1:3", batch_size=4)
-    paths = run_demo(tmp_path / "demo", settings)
+def test_demo_writes_every_stage_and_resumes(finished_demo, capsys):
+    folder, paths = finished_demo
+    settings = TOY
     figures = {p.name for p in paths["figures"].iterdir()}
     for name in ("surface3d_all.png", "surface3d_top50.png", "surface3d_bottom50.png",
                  "compare_all_top_bottom.png", "topk_sweep.png", "random_controls.png", "surface3d_all.html"):
         assert name in figures, name
     assert (paths["profile"] / "parameters.png").exists() and (paths["profile"] / "sites.png").exists()
     assert paths["stability"].exists() and paths["schedule"].exists()
-    surfaces = sorted((tmp_path / "demo" / "surfaces").glob("*.h5"))
+    surfaces = sorted((folder / "surfaces").glob("*.h5"))
     assert len(surfaces) == 3 + 2 * len(TOP_K)
     for path in surfaces:
         with h5py.File(path, "r") as handle:
@@ -36,7 +68,7 @@ def test_demo_writes_every_stage_and_resumes(tmp_path, capsys):
     assert len(origin_losses) == 1 and z.shape == (3, 3)
 
     capsys.readouterr()
-    run_demo(tmp_path / "demo", settings)
+    run_demo(folder, settings)
     log = capsys.readouterr().out
     assert log.count("already done, kept") >= 4
     assert log.count(": 0 new points of") == len(surfaces), "a finished surface point was computed again"
@@ -48,16 +80,15 @@ def _files(folder, hidden=True):
 
 
 @pytest.mark.slow
-def test_an_interrupted_overwrite_keeps_the_old_demo_whole_and_the_next_one_resumes_it(tmp_path, monkeypatch,
+def test_an_interrupted_overwrite_keeps_the_old_demo_whole_and_the_next_one_resumes_it(finished_demo, monkeypatch,
                                                                                       capsys):
     # A replacement once went stage by stage: stopped midway, it left new and old stages side by side.
     from landscape import demo as demo_module
 
-    folder, staging = tmp_path / "demo", tmp_path / ".demo.new"
-    old = DemoSettings(fisher_samples=8, stability_fractions=(0.5, 0.25), eval_samples=2, grid_2d="-1:1:3",
-                       grid_1d="-1:1:3", batch_size=4)
+    folder = finished_demo[0]
+    staging = folder.parent / ".demo.new"
+    old = TOY
     new = DemoSettings(**dict(vars(old), grid_2d="-0.5:0.5:3", grid_1d="-0.5:0.5:3"))
-    run_demo(folder, old)
     finished = _files(folder)
     real = demo_module.run_surface
 
@@ -94,14 +125,13 @@ def test_an_interrupted_overwrite_keeps_the_old_demo_whole_and_the_next_one_resu
 
 
 @pytest.mark.slow  # a real kill of a real demo: about 30-60 s
-def test_a_killed_overwrite_leaves_the_old_demo_as_it_was(tmp_path):
+def test_a_killed_overwrite_leaves_the_old_demo_as_it_was(finished_demo):
     import subprocess
 
     from conftest import kill_when, landscape_cmd, subprocess_env
 
-    folder, staging = tmp_path / "demo", tmp_path / ".demo.new"
-    run_demo(folder, DemoSettings(fisher_samples=8, stability_fractions=(0.5, 0.25), eval_samples=2,
-                                  grid_2d="-1:1:3", grid_1d="-1:1:3", batch_size=4))
+    folder = finished_demo[0]
+    staging = folder.parent / ".demo.new"
     finished = _files(folder)
     cmd = landscape_cmd("demo", "--out", folder, "--overwrite", "--fisher-samples", 128, "--eval-samples", 2,
                         "--grid-2d", "-0.5:0.5:3", "--grid-1d", "-0.5:0.5:3", "--threads", 1)

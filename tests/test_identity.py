@@ -400,6 +400,33 @@ def test_files_and_journals_of_version_1_fingerprints_keep_reading(fisher_of_tin
     assert code == 0, err
 
 
+def test_a_finished_hessian_report_is_compared_as_every_recorded_identity(model_dir, other_bert_dir,
+                                                                         tiny_corpus_file, tmp_path, capfd):
+    """A rerun reads a finished report back through ``identity.refuse_changed``: one written with a
+    version-1 fingerprint reads on the same model; a refusal names the model first, else every
+    setting that differs (each once failed: a v1 report was refused, only the first key was named)."""
+    from landscape.curvature.report import load_report, save_report
+
+    out = tmp_path / "T.json"
+
+    def hessian(*extra):
+        return _cli(capfd, "hessian", "--model", model_dir, "--corpus", tiny_corpus_file, "--max-samples", 4,
+                    "--seq-len", 16, "--device", "cpu", "--top", 0, "--quiet", "--out", out, *extra)
+
+    assert hessian("--trace", 2)[0] == 0
+    report = load_report(out)
+    report["settings"][identity.MODEL_KEY] = identity._source_fingerprint_v1(model_dir)
+    save_report(out, report)
+    code, text, err = hessian("--trace", 2)
+    assert code == 0 and "nothing to do" in text, err
+    line = _one_line(*hessian("--trace", 3, "--max-iter", 50)[::2], "holds a Hessian report made with other settings")
+    assert "(max_iter=500, this run has max_iter=50; trace=2, this run has trace=3)" in line
+    _replace_weights(model_dir, other_bert_dir)
+    line = _one_line(*hessian("--trace", 3)[::2], "T.json' holds a Hessian report made with other settings: the "
+                     "model changed since it was written")
+    assert "trace" not in line
+
+
 def test_the_fingerprint_cache_drops_records_of_files_that_are_gone(model_dir, tmp_path, monkeypatch):
     # One record per weight file path: temporary folders (a test suite's) would add up for ever.
     from landscape import weights_hash

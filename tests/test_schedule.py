@@ -44,6 +44,23 @@ def test_other_shapes_stay_in_bounds_and_keep_the_order(tiny_bert):
         schedule.guided_dropout(tiny_bert.model, fisher, p_upper=0.1, p_lower=0.2)
 
 
+def test_reversed_or_out_of_range_bounds_are_refused_by_every_schedule_function_as_by_the_settings():
+    """One check (``checks.dropout_bounds``): the settings and direct calls refuse alike; the
+    probability functions once returned a schedule that rose with the Fisher score."""
+    from landscape.settings import ScheduleSettings
+
+    reversed_bounds = r"p_lower \(0.2\) must not exceed p_upper \(0.05\)"
+    for make in (lambda: schedule.linear_probabilities(4, 0.05, 0.2),
+                 lambda: schedule.power_probabilities(4, 0.05, 0.2, gamma=2.0),
+                 lambda: schedule.log_probabilities([1.0, 2.0, 4.0], 0.05, 0.2),
+                 lambda: ScheduleSettings("F.safetensors", p_upper=0.05, p_lower=0.2)):
+        with pytest.raises(UsageError, match=reversed_bounds):
+            make()
+    with pytest.raises(UsageError, match=r"p_upper must be a number in \[0, 1\), got 1.5"):
+        schedule.linear_probabilities(3, 1.5, 0.0)
+    assert schedule.linear_probabilities(3, 0.2, 0.0) == pytest.approx([0.2, 0.1, 0.0])
+
+
 def _bert(path, attn):
     from transformers import BertForMaskedLM
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import cli_in_process
 from conftest import landscape_cmd as _landscape
 from conftest import subprocess_env as _env
 
@@ -31,19 +32,26 @@ def _attrs(path):
         return dict(handle.attrs)
 
 
+def _in_process(capfd, *args):
+    """One process's run in this one, on one thread as the ranks are (OMP_NUM_THREADS=1): the reference
+    the sharded run must equal, without the seconds a fresh interpreter takes to import torch."""
+    code, _, err = cli_in_process(capfd, *args, "--threads", "1")
+    assert code == 0, err[-3000:]
+
+
 @pytest.mark.parametrize("model", ["tiny_bert_dir", "tiny_gpt2_dir", "tiny_llama_dir"])
-def test_sharded_directions_and_surface_equal_one_process(model, request, tiny_corpus_file, tmp_path):
+def test_sharded_directions_and_surface_equal_one_process(model, request, tiny_corpus_file, tmp_path, capfd):
     folder = request.getfixturevalue(model)
     fisher = tmp_path / "F.safetensors"
-    _run("fisher", "--model", folder, "--corpus", tiny_corpus_file, *SAMPLE, "--out", fisher, "--quiet")
+    _in_process(capfd, "fisher", "--model", folder, "--corpus", tiny_corpus_file, *SAMPLE, "--out", fisher, "--quiet")
     masked = ("directions", "--model", folder, "--fisher", fisher, "--subset", "top:10", "--orthogonalize")
-    _run(*masked, "--out", tmp_path / "one.h5")
+    _in_process(capfd, *masked, "--out", tmp_path / "one.h5")
     _run(*masked, "--out", tmp_path / "sharded.h5", "--shard-size", "2", ranks=2)
     assert _attrs(tmp_path / "one.h5")["fingerprint"] == _attrs(tmp_path / "sharded.h5")["fingerprint"]
 
     surface = ("surface", "--model", folder, "--directions", tmp_path / "one.h5", "--corpus", tiny_corpus_file,
                *SAMPLE, *GRID, "--device", "cpu")
-    _run(*surface, "--out", tmp_path / "s1.h5")
+    _in_process(capfd, *surface, "--out", tmp_path / "s1.h5")
     done = _run(*surface, "--out", tmp_path / "s2.h5", "--shard-size", "2", ranks=2)
     assert done.stdout.count("wrote ") == 1  # one writer
     one, sharded = S.read_surface(tmp_path / "s1.h5"), S.read_surface(tmp_path / "s2.h5")

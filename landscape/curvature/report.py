@@ -36,6 +36,7 @@ from ..errors import SettingsMismatch, UsageError
 from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..fisher.subsets import perturbable_names
 from ..fisher.subsets import subset_mask as fisher_subset_mask
+from ..identity import refuse_changed
 from ..schema import Schema
 from .checkpoint import _identity, _Journal
 from .estimators import spectrum as estimate_spectrum
@@ -433,12 +434,7 @@ def check_existing_report(path, settings: dict) -> Optional[dict]:
         old = load_report(path)
     except UsageError:
         raise SettingsMismatch(f"'{path}' exists but is not a Hessian report") from None
-    now = json.loads(json_text(settings))
-    before = old.get("settings", {})
-    for key in sorted(set(now) | set(before)):
-        if before.get(key) != now.get(key):
-            raise SettingsMismatch(f"'{path}' holds a Hessian report made with other settings "
-                                   f"({key}={before.get(key)!r}, this run has {key}={now.get(key)!r})")
+    refuse_changed(path, old.get("settings", {}), settings, holds="a Hessian report")
     return old
 
 

@@ -53,10 +53,11 @@ def lora_schedule(model, fisher, p_upper=0.1, p_lower=0.0, shape="linear", gamma
     Raises:
         UsageError: no LoRA modules, or a Fisher without an entry for an adapted module.
     """
+    from ..checks import dropout_bounds
     from . import schedule as sched
     from .sites import site_scores
 
-    sched._check_bounds(p_upper, p_lower)
+    dropout_bounds(p_upper, p_lower)
     sites = lora_sites(model)
     scores = site_scores(sites, fisher_by_base_name(fisher))
     order = sorted(sites, key=lambda s: scores[s.name])

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from ..checks import dropout_bounds
 from ..errors import UsageError
 from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..schema import Schema
@@ -62,14 +63,6 @@ class Schedule:
         return {s.name: s.p for s in self.sites}
 
 
-def _check_bounds(p_upper, p_lower):
-    for label, value in (("p_upper", p_upper), ("p_lower", p_lower)):
-        if not (0.0 <= value < 1.0):
-            raise UsageError(f"{label} must be in [0, 1), got {value}")
-    if p_lower > p_upper:
-        raise UsageError(f"p_lower ({p_lower}) must not exceed p_upper ({p_upper})")
-
-
 def linear_probabilities(n_sites, p_upper=0.1, p_lower=0.0):
     """Paper eq. 9-10: p_r = p_upper - r * (p_upper - p_lower) / (n - 1) for rank r = 0..n-1.
 
@@ -82,7 +75,11 @@ def linear_probabilities(n_sites, p_upper=0.1, p_lower=0.0):
 
     Returns:
         A list of n probabilities, by rank.
+
+    Raises:
+        UsageError: a bound outside [0, 1), or ``p_lower`` above ``p_upper`` (``checks.dropout_bounds``).
     """
+    p_upper, p_lower = dropout_bounds(p_upper, p_lower)
     if n_sites == 1:
         return [p_upper]
     step = (p_upper - p_lower) / (n_sites - 1)
@@ -102,7 +99,11 @@ def power_probabilities(n_sites, p_upper=0.1, p_lower=0.0, gamma=2.0):
 
     Returns:
         A list of n probabilities, by rank.
+
+    Raises:
+        UsageError: a bound outside [0, 1), or ``p_lower`` above ``p_upper`` (``checks.dropout_bounds``).
     """
+    p_upper, p_lower = dropout_bounds(p_upper, p_lower)
     if n_sites == 1:
         return [p_upper]
     return [p_upper - (p_upper - p_lower) * (r / (n_sites - 1)) ** gamma for r in range(n_sites)]
@@ -113,8 +114,10 @@ def log_probabilities(sorted_scores, p_upper=0.1, p_lower=0.0):
 
     u = (log s - log s_min) / (log s_max - log s_min): probabilities follow the Fisher scores' spread
     (orders of magnitude), not just their order.  Scores <= 0 are clamped to the smallest positive
-    score; all-equal scores give every site p_upper.
+    score; all-equal scores give every site p_upper.  Bounds outside [0, 1), or ``p_lower`` above
+    ``p_upper``, are refused (UsageError, ``checks.dropout_bounds``).
     """
+    p_upper, p_lower = dropout_bounds(p_upper, p_lower)
     positive = [s for s in sorted_scores if s > 0]
     floor = min(positive) if positive else 1.0
     logs = [math.log(max(s, floor)) for s in sorted_scores]
@@ -161,7 +164,7 @@ def guided_dropout(model, fisher, p_upper=0.1, p_lower=0.0, shape="linear", gamm
         UsageError: a site with only some of its parameters in the Fisher, or settings out of
             their domains.
     """
-    _check_bounds(p_upper, p_lower)
+    dropout_bounds(p_upper, p_lower)
     if shape not in SHAPES:
         raise UsageError(f"unknown schedule shape '{shape}'; use one of {', '.join(SHAPES)}")
     all_sites = find_sites(model)
@@ -189,7 +192,7 @@ def uniform(model: nn.Module, p: float) -> Schedule:
     Returns:
         A ``Schedule`` of every site.
     """
-    _check_bounds(p, 0.0)
+    dropout_bounds(p, 0.0)
     entries = [SiteProbability(name=s.name, kind=s.kind, block=s.block, score=float("nan"), rank=i, p=float(p))
                for i, s in enumerate(find_sites(model))]
     return Schedule(sites=entries, shape="uniform", p_upper=p, p_lower=p)
