@@ -24,6 +24,7 @@ from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerp
 from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
+from .upcast import Upcast
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
 # HessianOperator): enough for the embedded model at 16 x 128 tokens (~0.25 GiB) with room.
@@ -293,6 +294,7 @@ class HessianOperator:
         self.cache_bytes = int(cache_bytes)
         self.products = 0
         self._state: Optional[_ModelState] = None
+        self._upcast: Optional[Upcast] = None  # a cast model's float32 copies, released for second backwards
         self._depth = 0
         self._eager = False  # the model's attention had to be switched to eager (known after one product)
         self._warned = False
@@ -392,6 +394,8 @@ class HessianOperator:
     def __enter__(self) -> "HessianOperator":
         if self._depth == 0:
             self._state = _ModelState(self.model)
+            if self.hvp == "exact" and self._state.params:
+                self._upcast = Upcast(self._state.params)
             if self._eager:
                 _use_eager_attention(self.model)
             elif self.hvp == "exact" and _attention_implementations(self.model) - {"eager", "sdpa"}:
@@ -406,6 +410,7 @@ class HessianOperator:
         if self._depth == 0:
             if self._state.cast:  # the graphs hold the float32 copies, which are gone now
                 self._reset_cache()
+            self._upcast = None
             self._state.restore()
             self._state = None
         return False
@@ -428,7 +433,9 @@ class HessianOperator:
         self._used_bytes = 0
 
     def _weights_signature(self):
-        return [(p.data_ptr(), p._version) for p in self.space.params]
+        # A cast parameter's float32 copy is made again after each release: its original identifies it.
+        originals = {id(p): data for p, data in (self._state.params if self._state else ())}
+        return [(originals.get(id(p), p).data_ptr(), p._version) for p in self.space.params]
 
     def _fall_back_to_eager(self, reason: str = "has no second derivative") -> bool:
         """Switch the model's attention to 'eager' (warning once); False if there was nothing to switch."""
@@ -445,6 +452,13 @@ class HessianOperator:
         return True
 
     def _product(self, v: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._products(v)
+        finally:
+            if self._upcast is not None:  # the model holds its float32 weights again outside products
+                self._upcast.restore()
+
+    def _products(self, v: torch.Tensor) -> torch.Tensor:
         if self._signature is not None and self._signature != self._weights_signature():
             self._reset_cache()  # weights changed since the graphs were recorded
         first = self._tokens is None
@@ -477,6 +491,9 @@ class HessianOperator:
         # Weights and buffers are in memory anyway: only what the graph adds is counted.
         seen = {t.data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
         held = [0]
+        upcast = self._upcast
+        if upcast is not None:
+            upcast.restore()
 
         def pack(t):
             try:
@@ -486,9 +503,9 @@ class HessianOperator:
                     held[0] += t.untyped_storage().nbytes()
             except (RuntimeError, NotImplementedError):  # tensors without a plain storage
                 pass
-            return t
+            return t if upcast is None else upcast.pack(t)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, (lambda t: t) if upcast is None else upcast.unpack):
             losses = sequence_losses(self.model, batch, self.kind)
             loss = losses.loss_sum.sum()
             # Each gradient is emptied as soon as it is complete (a hook on its parameter), so the
@@ -511,6 +528,8 @@ class HessianOperator:
         pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the weights: H = 0
             return
+        if self._upcast is not None:  # before hv's vector: the graph reads the weights from the originals
+            self._upcast.release()
         # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
         # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
         hv.prepare()
