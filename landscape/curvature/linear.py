@@ -31,6 +31,7 @@ import torch
 
 from ..errors import UsageError
 from ..progress import bar as progress_bar
+from .quadratic import block_dot
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -253,6 +254,21 @@ class _Products:
             self.bar.update(1)
         return out.to(self.dtype)
 
+    def quadratic(self, v: torch.Tensor) -> float:
+        """vᵀ·A·v in float64, counted as one product.
+
+        The operator's own ``quadratic`` where it has one (the Hessian's holds no product vector),
+        else from ``matvec``.
+        """
+        form = getattr(self.op, "quadratic", None)
+        if form is None:
+            return block_dot(v, self.matvec(v))
+        value = float(form(v))
+        self.products += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return value
+
     def identity(self) -> dict:
         return _identity_of(self.op)
 
@@ -269,3 +285,4 @@ class _Products:
         self.bar.close()
         _exit(self.op, exc)
         return False
+

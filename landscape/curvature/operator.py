@@ -24,6 +24,7 @@ from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerp
 from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
+from .quadratic import Quadratic, block_dot
 from .upcast import Upcast
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
@@ -355,9 +356,33 @@ class HessianOperator:
         Returns:
             (dim,) float32 on the model's device, in nats/token per unit² times v's units.
         """
+        return self._run(v, quadratic=False)
+
+    def quadratic(self, v: torch.Tensor) -> float:
+        """vᵀ·H·v, without H·v as a vector (``quadratic``): what a Hutchinson probe needs.
+
+        Args:
+            v: (dim,) float vector over the operator's coordinates, on any device.
+
+        Returns:
+            A float in nats/token per unit² times v's units squared; the exact product's share of
+            each parameter is dotted with v (float64) as it is made, so the product vector (4
+            bytes per coordinate) is never held; the difference product forms H·v and dots it.
+        """
+        if self.hvp == "difference":
+            v = self._vector(v)
+            return block_dot(v, self._run(v, quadratic=False))
+        return self._run(v, quadratic=True)
+
+    def _vector(self, v: torch.Tensor) -> torch.Tensor:
         v = v.detach().to(device=self.device, dtype=torch.float32).reshape(-1)
         if v.numel() != self.dim:
             raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.dim}")
+        return v
+
+    def _run(self, v: torch.Tensor, quadratic: bool):
+        """H·v (``quadratic``: vᵀ·H·v as a float), with the attention fallback on the first product."""
+        v = self._vector(v)
         if self.hvp == "difference":
             self._warn_kinks()
             with self, torch.enable_grad():
@@ -369,7 +394,7 @@ class HessianOperator:
         with self, torch.enable_grad():
             retry = False
             try:
-                out = self._product(v)
+                out = self._product(v, quadratic)
             except (RuntimeError, NotImplementedError) as err:
                 self._reset_cache()  # a half-built cache would miscount the tokens
                 if self.products or not _no_double_backward(err) or not self._fall_back_to_eager():
@@ -380,7 +405,7 @@ class HessianOperator:
                 raise
             if retry:  # outside the except block: the failed attempt's frames (its graph, its sum) are freed
                 try:
-                    out = self._product(v)
+                    out = self._product(v, quadratic)
                 except BaseException:
                     self._reset_cache()
                     raise
@@ -451,20 +476,20 @@ class HessianOperator:
                           stacklevel=3)
         return True
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
+    def _product(self, v: torch.Tensor, quadratic: bool = False):
         try:
-            return self._products(v)
+            return self._products(v, quadratic)
         finally:
             if self._upcast is not None:  # the model holds its float32 weights again outside products
                 self._upcast.restore()
 
-    def _products(self, v: torch.Tensor) -> torch.Tensor:
+    def _products(self, v: torch.Tensor, quadratic: bool):
         if self._signature is not None and self._signature != self._weights_signature():
             self._reset_cache()  # weights changed since the graphs were recorded
         first = self._tokens is None
         tokens = 0.0
         vs = self.space.unflatten(v)
-        with _Accumulator(self.space) as hv:
+        with Quadratic(self.space.params, vs) if quadratic else _Accumulator(self.space) as hv:
             for index, batch in enumerate(self.batches):
                 if index in self._cached:
                     continue
@@ -484,7 +509,7 @@ class HessianOperator:
                 self._second(self._grad_sum, vs, hv, retain=True)
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
-        return hv.result().div_(self._tokens)
+        return hv.result() / self._tokens if quadratic else hv.result().div_(self._tokens)
 
     def _gradient(self, batch: dict):
         """First-order gradient of the batch's summed loss with its graph: (grads, n_tokens, bytes held)."""
@@ -519,7 +544,7 @@ class HessianOperator:
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
         return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
-    def _second(self, grads: list, vs: list, hv: "_Accumulator", retain: bool) -> None:
+    def _second(self, grads: list, vs: list, hv, retain: bool) -> None:
         """Add the gradient of <grads, v> with respect to the coordinates' parameters (the unnormalized H·v) to hv.
 
         The backward starts at the (hollow) gradients with v as their cotangents: what the
