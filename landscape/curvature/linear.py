@@ -11,12 +11,14 @@ matrix that acts on flat vectors.  It has
 Anything with these four is an operator: ``HessianOperator`` (the loss Hessian), ``DiagonalOperator``
 (e.g. the diagonal Fisher, ``fisher_operator``), ``MatrixOperator`` (a dense matrix; a plain 2-D
 torch tensor is wrapped in one by ``as_operator``), ``SubmatrixOperator`` (a principal submatrix of
-another operator).  Two things are optional:
+another operator).  Three things are optional:
 
 * a context manager: the estimators hold ``with A:`` around all their products (the Hessian puts
   the model in eval mode and float32 once, not once per product);
 * ``identity()``: a JSON-ready dict of what fixes A's entries; an estimator's checkpoint stores it
-  and refuses to resume on an operator with another one, so a checkpoint needs it.
+  and refuses to resume on an operator with another one, so a checkpoint needs it;
+* ``quadratic(v)``: the float vᵀ·A·v, which ``trace`` takes for each probe instead of ``A @ v``
+  (the Hessian's forms it without a product vector).
 
 The estimators (``top_eigenpairs``, ``trace``, ``spectrum``) work in float64 for a float64
 operator and in float32 otherwise.

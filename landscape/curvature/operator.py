@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 590 lines, 120 of them docstrings.  The coordinate space, the model state and the
+Size: about 635 lines, 140 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -258,7 +258,12 @@ class HessianOperator:
     Model state: inside a product (or a ``with`` block) the model is in eval mode and float32;
     bfloat16/float16 models are cast up to float32 for the products (the Hessian of a low-precision
     model is too noisy for Lanczos) and get their original tensors back, bit for bit, afterwards,
-    as do every module's train/eval flag.  Weights are never modified.
+    as do every module's train/eval flag.  Weights are never modified.  While a product's second
+    backward runs, those float32 copies are released and the graph reads the weights from the
+    originals, one op at a time (``upcast.Upcast``: the same values, so the same products).
+
+    ``quadratic(v)`` gives vᵀ·H·v without H·v as a vector (``quadratic.Quadratic``): what
+    Hutchinson's trace needs, 4 bytes per coordinate less.
 
     Attention: some fused kernels have no double backward (PyTorch's SDPA on CPU and its
     flash/memory-efficient CUDA backends).  When the first product fails for that reason the
