@@ -2,7 +2,7 @@
 
 A bfloat16 model's float32 weight copies are dropped while a product's second backward runs
 (``curvature/upcast.py``): its products stay bit-identical to a float32 model holding the same
-weights, on the tiny BERT, GPT-2, Llama and T5, with and without the graph cache; a copy changed
+weights, on the tiny BERT, GPT-2, Llama and T5, with and without the graph cache and a mask; a copy changed
 in place inside the operator's block is used as changed.  ``HessianOperator.quadratic`` (vᵀHv with
 no product vector, ``curvature/quadratic.py``: what Hutchinson's probes use) equals the dot of
 the product on those models in float64, with a mask, and the dense Hessian's zᵀHz.
@@ -41,17 +41,18 @@ def _products(model, batches, kind, vs, **options):
         return [_quiet(op.matvec, v) for v in vs]
 
 
-@pytest.mark.parametrize("cache_bytes", [2**30, 0])
-def test_half_precision_products_equal_a_float32_models_bit_for_bit(tiny_loaded, cache_bytes):
+@pytest.mark.parametrize("cache_bytes,masked", [(2**30, False), (0, False), (2**30, True)])
+def test_half_precision_products_equal_a_float32_models_bit_for_bit(tiny_loaded, cache_bytes, masked):
     loaded, batches = tiny_loaded
     half = copy.deepcopy(loaded.model).to(torch.bfloat16)
     full = copy.deepcopy(half).float()  # the same (bfloat16-rounded) weights, held in float32
     raw = {n: p.detach().clone() for n, p in half.named_parameters()}
     gen = torch.Generator().manual_seed(0)
-    dim = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    mask = {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in full.named_parameters()} if masked else None
+    dim = C.HessianOperator(full, batches, mask, loaded.kind).dim
     vs = [torch.randn(dim, generator=gen) for _ in range(3)]  # the first builds the cache, the others reuse it
-    got = _products(half, batches, loaded.kind, vs, cache_bytes=cache_bytes)
-    want = _products(full, batches, loaded.kind, vs, cache_bytes=cache_bytes)
+    got = _products(half, batches, loaded.kind, vs, cache_bytes=cache_bytes, mask=mask)
+    want = _products(full, batches, loaded.kind, vs, cache_bytes=cache_bytes, mask=mask)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, raw[n]) for n, p in half.named_parameters())
 
