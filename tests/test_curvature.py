@@ -357,18 +357,24 @@ class _Killed(Exception):
 
 
 def _kill_after(monkeypatch, products):
-    """Make the operator die (as a kill would) after ``products`` more Hessian-vector products."""
-    real = C.HessianOperator.matvec
+    """Make the operator die (as a kill would) after ``products`` more Hessian-vector products.
+
+    Both ways of forming one count: ``matvec`` (Lanczos) and ``quadratic`` (Hutchinson's probes).
+    """
+    real = {name: getattr(C.HessianOperator, name) for name in ("matvec", "quadratic")}
     count = [0]
 
-    def matvec(self, v):
-        if count[0] >= products:
-            raise _Killed()
-        count[0] += 1
-        return real(self, v)
+    def counted(name):
+        def product(self, v):
+            if count[0] >= products:
+                raise _Killed()
+            count[0] += 1
+            return real[name](self, v)
+        return product
 
-    monkeypatch.setattr(C.HessianOperator, "matvec", matvec)
-    return lambda: monkeypatch.setattr(C.HessianOperator, "matvec", real)
+    for name in real:
+        monkeypatch.setattr(C.HessianOperator, name, counted(name))
+    return lambda: [monkeypatch.setattr(C.HessianOperator, name, function) for name, function in real.items()]
 
 
 def test_trace_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ def test_interrupted_trace_resumes_to_the_same_value(tiny_gpt2_dir, tiny_corpus_
     whole = tmp_path / "whole.json"
     assert hessian(tiny_gpt2_dir, tiny_corpus_file, whole, "--top", 0, "--trace", 6) == 0
     out = tmp_path / "H.json"
-    real, calls = curvature.HessianOperator.matvec, {"n": 0}
+    real, calls = curvature.HessianOperator.quadratic, {"n": 0}  # a probe's zᵀHz
 
     def killed(self, v):
         calls["n"] += 1
@@ -140,9 +140,9 @@ def test_interrupted_trace_resumes_to_the_same_value(tiny_gpt2_dir, tiny_corpus_
             raise KeyboardInterrupt
         return real(self, v)
 
-    monkeypatch.setattr(curvature.HessianOperator, "matvec", killed)
+    monkeypatch.setattr(curvature.HessianOperator, "quadratic", killed)
     assert hessian(tiny_gpt2_dir, tiny_corpus_file, out, "--top", 0, "--trace", 6) == 130
-    monkeypatch.setattr(curvature.HessianOperator, "matvec", real)
+    monkeypatch.setattr(curvature.HessianOperator, "quadratic", real)
     journal = tmp_path / "H.json.trace.ckpt"
     assert not out.exists() and len(journal.read_text().splitlines()) == 1 + 4
     # Other settings are refused while the checkpoint is there: --seed also draws another sample, named first.

@@ -262,16 +262,19 @@ def _stopped_hessian(capfd, monkeypatch, args, after):
     """Run ``hessian`` until ``after`` Hessian-vector products are done, then interrupt it."""
     from landscape.curvature.operator import HessianOperator
 
-    real, calls = HessianOperator.matvec, []
+    real, calls = {name: getattr(HessianOperator, name) for name in ("matvec", "quadratic")}, []
 
-    def matvec(self, v):
-        calls.append(1)
-        if len(calls) > after:
-            raise KeyboardInterrupt
-        return real(self, v)
+    def counted(name):  # matvec for Lanczos, quadratic for the trace's probes
+        def product(self, v):
+            calls.append(1)
+            if len(calls) > after:
+                raise KeyboardInterrupt
+            return real[name](self, v)
+        return product
 
     with monkeypatch.context() as patch:
-        patch.setattr(HessianOperator, "matvec", matvec)
+        for name in real:
+            patch.setattr(HessianOperator, name, counted(name))
         code, _, err = _cli(capfd, *args)
     assert code == 130, err
 

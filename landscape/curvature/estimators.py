@@ -13,7 +13,6 @@ from functools import partial
 from typing import Optional
 
 import numpy as np
-import torch
 
 from ..errors import UsageError
 from .checkpoint import _identity, _Journal
@@ -55,19 +54,13 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
         for i in range(int(samples)):
             if i in done:
                 continue
-            z = _rademacher(op.dim, _generator(seed, 2, i), op.device).to(op.dtype)
-            done[i] = _dot(z, op.matvec(z))
+            # Not bound across probes: the next probe is drawn once this one is freed.
+            done[i] = op.quadratic(_rademacher(op.dim, _generator(seed, 2, i), op.device).to(op.dtype))
             if journal:
                 journal.add(i, value=done[i].hex())
     values = np.array([done[i] for i in range(int(samples))])
     stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return float(values.mean()), stderr
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor, block: int = 2**20) -> float:
-    """aᵀb in float64, ``block`` elements at a time (no float64 copy of either vector)."""
-    return float(sum(float(torch.dot(a[i: i + block].double(), b[i: i + block].double()))
-                     for i in range(0, a.numel(), block)))
 
 
 def _check_probe(record: dict, schema, where: str) -> None:

@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 590 lines, 120 of them docstrings.  The coordinate space, the model state and the
+Size: about 635 lines, 140 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -24,6 +24,8 @@ from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerp
 from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
+from .quadratic import Quadratic, block_dot
+from .upcast import Upcast
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
 # HessianOperator): enough for the embedded model at 16 x 128 tokens (~0.25 GiB) with room.
@@ -256,7 +258,12 @@ class HessianOperator:
     Model state: inside a product (or a ``with`` block) the model is in eval mode and float32;
     bfloat16/float16 models are cast up to float32 for the products (the Hessian of a low-precision
     model is too noisy for Lanczos) and get their original tensors back, bit for bit, afterwards,
-    as do every module's train/eval flag.  Weights are never modified.
+    as do every module's train/eval flag.  Weights are never modified.  While a product's second
+    backward runs, those float32 copies are released and the graph reads the weights from the
+    originals, one op at a time (``upcast.Upcast``: the same values, so the same products).
+
+    ``quadratic(v)`` gives vᵀ·H·v without H·v as a vector (``quadratic.Quadratic``): what
+    Hutchinson's trace needs, 4 bytes per coordinate less.
 
     Attention: some fused kernels have no double backward (PyTorch's SDPA on CPU and its
     flash/memory-efficient CUDA backends).  When the first product fails for that reason the
@@ -293,6 +300,7 @@ class HessianOperator:
         self.cache_bytes = int(cache_bytes)
         self.products = 0
         self._state: Optional[_ModelState] = None
+        self._upcast: Optional[Upcast] = None  # a cast model's float32 copies, released for second backwards
         self._depth = 0
         self._eager = False  # the model's attention had to be switched to eager (known after one product)
         self._warned = False
@@ -353,9 +361,33 @@ class HessianOperator:
         Returns:
             (dim,) float32 on the model's device, in nats/token per unit² times v's units.
         """
+        return self._run(v, quadratic=False)
+
+    def quadratic(self, v: torch.Tensor) -> float:
+        """vᵀ·H·v, without H·v as a vector (``quadratic``): what a Hutchinson probe needs.
+
+        Args:
+            v: (dim,) float vector over the operator's coordinates, on any device.
+
+        Returns:
+            A float in nats/token per unit² times v's units squared; the exact product's share of
+            each parameter is dotted with v (float64) as it is made, so the product vector (4
+            bytes per coordinate) is never held; the difference product forms H·v and dots it.
+        """
+        if self.hvp == "difference":
+            v = self._vector(v)
+            return block_dot(v, self._run(v, quadratic=False))
+        return self._run(v, quadratic=True)
+
+    def _vector(self, v: torch.Tensor) -> torch.Tensor:
         v = v.detach().to(device=self.device, dtype=torch.float32).reshape(-1)
         if v.numel() != self.dim:
             raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.dim}")
+        return v
+
+    def _run(self, v: torch.Tensor, quadratic: bool):
+        """H·v (``quadratic``: vᵀ·H·v as a float), with the attention fallback on the first product."""
+        v = self._vector(v)
         if self.hvp == "difference":
             self._warn_kinks()
             with self, torch.enable_grad():
@@ -367,7 +399,7 @@ class HessianOperator:
         with self, torch.enable_grad():
             retry = False
             try:
-                out = self._product(v)
+                out = self._product(v, quadratic)
             except (RuntimeError, NotImplementedError) as err:
                 self._reset_cache()  # a half-built cache would miscount the tokens
                 if self.products or not _no_double_backward(err) or not self._fall_back_to_eager():
@@ -378,7 +410,7 @@ class HessianOperator:
                 raise
             if retry:  # outside the except block: the failed attempt's frames (its graph, its sum) are freed
                 try:
-                    out = self._product(v)
+                    out = self._product(v, quadratic)
                 except BaseException:
                     self._reset_cache()
                     raise
@@ -392,6 +424,8 @@ class HessianOperator:
     def __enter__(self) -> "HessianOperator":
         if self._depth == 0:
             self._state = _ModelState(self.model)
+            if self.hvp == "exact" and self._state.params:
+                self._upcast = Upcast(self._state.params)
             if self._eager:
                 _use_eager_attention(self.model)
             elif self.hvp == "exact" and _attention_implementations(self.model) - {"eager", "sdpa"}:
@@ -406,6 +440,7 @@ class HessianOperator:
         if self._depth == 0:
             if self._state.cast:  # the graphs hold the float32 copies, which are gone now
                 self._reset_cache()
+            self._upcast = None
             self._state.restore()
             self._state = None
         return False
@@ -428,7 +463,9 @@ class HessianOperator:
         self._used_bytes = 0
 
     def _weights_signature(self):
-        return [(p.data_ptr(), p._version) for p in self.space.params]
+        # A cast parameter's float32 copy is made again after each release: its original identifies it.
+        originals = {id(p): data for p, data in (self._state.params if self._state else ())}
+        return [(originals.get(id(p), p).data_ptr(), p._version) for p in self.space.params]
 
     def _fall_back_to_eager(self, reason: str = "has no second derivative") -> bool:
         """Switch the model's attention to 'eager' (warning once); False if there was nothing to switch."""
@@ -444,13 +481,20 @@ class HessianOperator:
                           stacklevel=3)
         return True
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
+    def _product(self, v: torch.Tensor, quadratic: bool = False):
+        try:
+            return self._products(v, quadratic)
+        finally:
+            if self._upcast is not None:  # the model holds its float32 weights again outside products
+                self._upcast.restore()
+
+    def _products(self, v: torch.Tensor, quadratic: bool):
         if self._signature is not None and self._signature != self._weights_signature():
             self._reset_cache()  # weights changed since the graphs were recorded
         first = self._tokens is None
         tokens = 0.0
         vs = self.space.unflatten(v)
-        with _Accumulator(self.space) as hv:
+        with Quadratic(self.space.params, vs) if quadratic else _Accumulator(self.space) as hv:
             for index, batch in enumerate(self.batches):
                 if index in self._cached:
                     continue
@@ -470,13 +514,16 @@ class HessianOperator:
                 self._second(self._grad_sum, vs, hv, retain=True)
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
-        return hv.result().div_(self._tokens)
+        return hv.result() / self._tokens if quadratic else hv.result().div_(self._tokens)
 
     def _gradient(self, batch: dict):
         """First-order gradient of the batch's summed loss with its graph: (grads, n_tokens, bytes held)."""
         # Weights and buffers are in memory anyway: only what the graph adds is counted.
         seen = {t.data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
         held = [0]
+        upcast = self._upcast
+        if upcast is not None:
+            upcast.restore()
 
         def pack(t):
             try:
@@ -486,9 +533,9 @@ class HessianOperator:
                     held[0] += t.untyped_storage().nbytes()
             except (RuntimeError, NotImplementedError):  # tensors without a plain storage
                 pass
-            return t
+            return t if upcast is None else upcast.pack(t)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, (lambda t: t) if upcast is None else upcast.unpack):
             losses = sequence_losses(self.model, batch, self.kind)
             loss = losses.loss_sum.sum()
             # Each gradient is emptied as soon as it is complete (a hook on its parameter), so the
@@ -502,7 +549,7 @@ class HessianOperator:
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
         return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
-    def _second(self, grads: list, vs: list, hv: "_Accumulator", retain: bool) -> None:
+    def _second(self, grads: list, vs: list, hv, retain: bool) -> None:
         """Add the gradient of <grads, v> with respect to the coordinates' parameters (the unnormalized H·v) to hv.
 
         The backward starts at the (hollow) gradients with v as their cotangents: what the
@@ -511,6 +558,8 @@ class HessianOperator:
         pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the weights: H = 0
             return
+        if self._upcast is not None:  # before hv's vector: the graph reads the weights from the originals
+            self._upcast.release()
         # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
         # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
         hv.prepare()

@@ -1,0 +1,78 @@
+"""vᵀ·H·v without the product vector: each parameter's share of H·v dotted with v as it is made.
+
+Hutchinson's trace needs only the number zᵀ·H·z of each probe, not H·z.  ``Quadratic`` takes the
+place of the operator's flat accumulator in the second backwards: a hook after each parameter's
+gradient is accumulated dots it with the parameter's share of v (in float64, a block at a time)
+and drops it, so at most the parameters whose backward is under way hold a share of H·v, where
+the flat accumulator holds a float32 vector of every coordinate (4 bytes per parameter).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Elements per float64 block of a dot product: no float64 copy of a whole parameter.
+BLOCK = 2**20
+
+
+def block_dot(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK) -> float:
+    """aᵀb of two flat tensors in float64, ``block`` elements at a time."""
+    return float(sum(float(torch.dot(a[i: i + block].double(), b[i: i + block].double()))
+                     for i in range(0, a.numel(), block)))
+
+
+class Quadratic:
+    """Σ over the second backwards of vᵀ·(their gradient), accumulated per parameter (``result()``).
+
+    The same use as the operator's ``_Accumulator``: ``prepare`` before the first backward (it
+    empties the parameters' ``.grad`` and hooks them), ``fold`` after each (nothing to do: the hooks
+    took every share), and the parameters' own ``.grad`` and hooks are put back on leaving.
+
+    Args:
+        params: the coordinates' parameters, in the space's block order.
+        vs: v's share of each, shaped like the parameter (zeros off a mask, so the dot over the whole
+            parameter is the dot over its kept elements).
+    """
+
+    def __init__(self, params: list, vs: list):
+        self.params, self.vs = params, vs
+        self.total = 0.0
+        self.saved: Optional[list] = None
+        self.hooks: list = []
+
+    def prepare(self) -> None:
+        """Before the first backward: the parameters' ``.grad`` emptied and hooked (once)."""
+        if self.saved is not None:
+            return
+        self.saved = [p.grad for p in self.params]
+        for p, v in zip(self.params, self.vs):
+            p.grad = None
+            self.hooks.append(p.register_post_accumulate_grad_hook(self._taker(v)))
+
+    def _taker(self, v: torch.Tensor):
+        flat = v.reshape(-1)
+
+        def take(param: torch.Tensor) -> None:
+            self.total += block_dot(flat, param.grad.reshape(-1))
+            param.grad = None  # its share is in the total: nothing parameter-sized outlives its backward
+
+        return take
+
+    def fold(self) -> None:
+        """After a backward: nothing left to add (the hooks took each share as it was made)."""
+
+    def result(self) -> float:
+        """The accumulated vᵀ·(Σ gradients), a float (0.0 when there was no backward)."""
+        return self.total
+
+    def __enter__(self) -> "Quadratic":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for hook in self.hooks:
+            hook.remove()
+        for p, grad in zip(self.params, self.saved or ()):
+            p.grad = grad
+        return False
