@@ -179,3 +179,48 @@ def test_fisher_file_is_streamed_safetensors(tmp_path):
     assert all(torch.equal(loaded[n], t) for n, t in fisher.items())
     with safe_open(str(tmp_path / "F.safetensors"), framework="pt") as handle:
         assert handle.metadata() == {"model": "m", "samples": "3", "format": "landscape-fisher-v1"}
+
+
+def test_cache_blocks_stay_within_the_budget_and_the_cache():
+    """On a CPU, a tensor formed in row blocks gets blocks of at most the cache's size; whole tensors
+    and sample chunks stay as they were, and without a cache (a GPU) so do the blocks."""
+    from landscape.fisher.budget import chunk_and_block
+
+    # SmolLM2's tied 49152 x 576 embedding, a 64 MB budget, 1M-element cache blocks.
+    assert chunk_and_block(4, 49152, 576, 16 * 2**20) == (1, 16 * 2**20 // 576)  # no cache
+    assert chunk_and_block(4, 49152, 576, 16 * 2**20, 2**20) == (1, 2**20 // 576)
+    assert chunk_and_block(4, 1536, 576, 16 * 2**20, 2**20) == (18, 1536)  # a layer's weight: whole
+    assert chunk_and_block(8, 100, 5000, 1000, 2**20) == (1, 1)  # a row wider than both: one row
+
+
+def test_cache_blocks_give_the_same_bits(tiny_bert, tiny_corpus_file):
+    """Cache-sized row blocks give the Fisher of tensors already in row blocks bit for bit (BERT's
+    linear layers; GPT-2's Conv1D blocks, formed along input features, can differ in the last bit)."""
+    from landscape.fisher import FisherAccumulator
+
+    loaded = tiny_bert
+    batches = small_batches(loaded, tiny_corpus_file, batch_size=5, max_samples=None)
+    results = []
+    for cache in (None, 1000):
+        accumulator = FisherAccumulator(loaded.model, kind=loaded.kind, max_chunk_mb=0.01)  # row blocks
+        accumulator.cache_elements = cache
+        for batch in batches:
+            accumulator.add_batch(batch)
+        results.append(accumulator.fisher(0))
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+def test_causal_decoder_rows_are_viewed_not_copied():
+    """A causal LM's target rows, the same number in every sample, are laid out per sample as a view:
+    no logits-sized padded copy of the decoder's output gradient."""
+    from landscape.fisher.accumulator import _Call
+
+    rows = torch.randn(4 * 7, 11)  # 4 samples x 7 target rows, (M, vocabulary)
+    call = _Call("lm_head", rows, row_sample=torch.arange(4).repeat_interleave(7))
+    laid_out = call.samples(rows, 4, 1, 3)
+    assert torch.equal(laid_out, rows.view(4, 7, 11)[1:3])
+    assert laid_out.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
+    padded = _Call("lm_head", rows[:-1], row_sample=torch.arange(4).repeat_interleave(7)[:-1])
+    out = padded.samples(rows[:-1], 4, 2, 4)  # the last sample has 6 rows: padded with a zero row
+    assert out.shape == (2, 7, 11) and torch.equal(out[1, 6], torch.zeros(11))
+    assert torch.equal(out[0], rows[14:21]) and torch.equal(out[1, :6], rows[21:27])

@@ -18,7 +18,7 @@ Under a sharded model (``landscape.sharding``: FSDP2, parameters as row-sharded 
 rank of a shard group runs the same batch and keeps sums only for its own rows of each parameter
 (``local_rows``): the activations and output gradients the hooks see are whole on every rank.
 
-Size: about 490 lines, over 100 of them docstrings.  The hooks, the chunking and the sharded rows
+Size: about 500 lines, over 100 of them docstrings.  The hooks, the chunking and the sharded rows
 share one accumulator's state (its sums, budget and capture buffers); split across modules, each
 part would reach into another's private state.
 """
@@ -35,6 +35,7 @@ from ..models import check_kind
 from ..runtime import all_reduce_sum
 from ..sharding import is_sharded, local_rows
 from .budget import (
+    CACHE_BLOCK_ELEMENTS,
     activation_bytes,
     chunk_and_block,
     default_chunk_mb,
@@ -77,7 +78,12 @@ class _Call:
         if self.row_sample is None:
             return tensor.reshape(batch_size, -1, tensor.shape[-1])[start:stop]
         lo, hi = torch.searchsorted(self.row_sample, torch.tensor([start, stop], device=self.row_sample.device))
-        length = int(torch.bincount(self.row_sample, minlength=batch_size).max()) if len(self.row_sample) else 0
+        counts = torch.bincount(self.row_sample, minlength=batch_size)
+        length = int(counts.max()) if len(self.row_sample) else 0
+        if length and bool((counts[start:stop] == length).all()):
+            # Every sample has the same rows (a causal LM's unpadded samples): the layout is a
+            # view of the rows themselves, not a logits-sized padded copy.
+            return tensor[lo:hi].reshape(stop - start, length, tensor.shape[-1])
         return _pad_rows(tensor[lo:hi], self.row_sample[lo:hi] - start, stop - start, length)
 
 
@@ -131,6 +137,7 @@ class FisherAccumulator:
                                     device=p.device) for n, p in self.params.items()}
         self.counts = torch.zeros(n_groups, dtype=torch.float64)
         self.device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        self.cache_elements = CACHE_BLOCK_ELEMENTS if self.device.type == "cpu" else None
         self._divided = set()
         self._plan_hooks()
 
@@ -352,7 +359,8 @@ class FisherAccumulator:
         if last <= first:
             return  # a shard with no rows of this parameter
         size = self._batch_size
-        chunk, block = chunk_and_block(size, last - first, row_numel(param), self.chunk_elements)
+        chunk, block = chunk_and_block(size, last - first, row_numel(param), self.chunk_elements,
+                                       self.cache_elements)
         whole = (first, last) == (0, param.shape[0]) and block >= last - first
         # Embedding rows go last: they are added into the dense per-sample gradient in place.
         uses = sorted(uses, key=lambda u: u[1].input_is_index)

@@ -77,25 +77,38 @@ def row_numel(param) -> int:
     return max(1, param.numel() // max(1, param.shape[0])) if param.dim() else 1
 
 
-def chunk_and_block(size, rows, row_numel, budget):
+def chunk_and_block(size, rows, row_numel, budget, cache=None):
     """Chunking of per-sample gradients: (samples per chunk, rows per block).
 
     Chosen so that chunk x block x row_numel <= budget elements where possible: whole tensors
-    while one sample's gradient fits, else one sample and row blocks.
+    while one sample's gradient fits, else one sample and row blocks.  With ``cache`` (on a CPU),
+    those row blocks hold at most ``cache`` elements: each block is squared and summed while it is
+    still in the CPU's cache, instead of three passes over main memory (``CACHE_BLOCK_ELEMENTS``).
 
     Args:
         size: samples in the batch.
         rows: rows of the parameter.
         row_numel: elements per row.
         budget: the element budget.
+        cache: the elements of a cache-sized block, or None (no cache blocks: a GPU).
 
     Returns:
         (samples per chunk, rows per block).
     """
     numel = rows * row_numel
-    if numel <= budget:
-        return max(1, budget // numel), rows
-    return 1, max(1, budget // row_numel)
+    chunk, block = (max(1, budget // numel), rows) if numel <= budget else (1, max(1, budget // row_numel))
+    if cache is not None and numel > budget:
+        # Only tensors already in row blocks get smaller ones: the rounding of a product can
+        # depend on its shape, and whole tensors and sample chunks stay what they were.
+        block = max(1, min(block, cache // row_numel))
+    return chunk, block
+
+
+# Per-sample gradients on a CPU are formed in blocks of about this many elements (4 MiB of
+# float32): SmolLM2's 49152 x 576 tied embedding, one sample of 64 tokens at a time, formed, squared
+# and summed for 4 samples in 0.41 s in such blocks against 0.62 s in 64 MB blocks (1 thread on this
+# project's CPU, 1 MiB of L2 per core and 32 MiB of L3; the same bits).
+CACHE_BLOCK_ELEMENTS = 1 << 20
 
 
 # Seconds per (sample token x parameter) of a Fisher pass on a CPU: SmolLM2-135M-Instruct's rate on
