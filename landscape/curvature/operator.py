@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 590 lines, 120 of them docstrings.  The coordinate space, the model state and the
+Size: about 610 lines, 125 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -25,7 +25,7 @@ from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerp
 from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
-from .shards import point_split
+from .shards import check_shardable, local_part, point_split, rows_of
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
 # HessianOperator): enough for the embedded model at 16 x 128 tokens (~0.25 GiB) with room.
@@ -61,7 +61,7 @@ class _Space:
         for name, param in self.all_params:
             if not param.requires_grad:
                 continue
-            rows, local = _local(param)
+            rows, local = local_part(param)
             index, kept = None, param.numel()
             before = 0 if rows is None else rows[0] * (param.numel() // max(1, param.shape[0]))
             if mask is not None:
@@ -83,7 +83,7 @@ class _Space:
         if self.dim == 0:
             raise UsageError("the Hessian has no coordinates: no parameter requires grad"
                              + ("" if mask is None else " inside the mask"))
-        self.device = _local(self.blocks[0].param)[1].device
+        self.device = local_part(self.blocks[0].param)[1].device
         self.shards = None
         if group is not None:
             from .shards import VectorShards
@@ -133,7 +133,7 @@ class _Space:
 
     def from_dict(self, direction: dict) -> torch.Tensor:
         """{name: tensor} -> (dim,) float32 on the model's device (elements off the mask dropped)."""
-        return self.flatten(_rows(direction[b.name], b.param).to(self.device) for b in self.blocks)
+        return self.flatten(rows_of(direction[b.name], b.param).to(self.device) for b in self.blocks)
 
     def fingerprint(self) -> str:
         """Short hash of the coordinate set (names, shapes, kept indices)."""
@@ -143,21 +143,6 @@ class _Space:
             if b.index is not None:
                 digest.update(b.index.cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
-
-
-def _local(param: torch.Tensor):
-    """(this rank's [start, stop) rows of a sharded parameter or None, the elements it holds)."""
-    from ..sharding import is_sharded, local_rows, local_tensor
-
-    if not is_sharded(param):
-        return None, param
-    return local_rows(param), local_tensor(param)
-
-
-def _rows(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a whole tensor shaped like ``param`` (all of it when not sharded)."""
-    rows = _local(param)[0]
-    return tensor if rows is None else tensor[rows[0]: rows[1]]
 
 
 def _mask_tensor(mask: dict, name: str, param: torch.Tensor) -> torch.Tensor:
@@ -333,7 +318,7 @@ class HessianOperator:
         self.space = _Space(model, mask)
         self.shards = self.space.shards  # this rank's pieces of each vector on a sharded model, else None
         if self.shards is not None:
-            _check_shardable(model, hvp)
+            check_shardable(model, hvp)
         self.split = point_split(model)  # under torchrun: the point groups split probes and runs
         self.cache_bytes = int(cache_bytes)
         self.products = 0
@@ -348,6 +333,13 @@ class HessianOperator:
     def dim(self) -> int:
         """Number of coordinates (kept trainable elements)."""
         return self.space.dim
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes what the operator's estimates give: rank 0 under torchrun."""
+        from ..runtime import rank_and_world
+
+        return rank_and_world()[0] == 0
 
     @property
     def local_dim(self) -> int:
@@ -568,21 +560,6 @@ class HessianOperator:
         torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
                                 inputs=self.space.params, retain_graph=retain)
         hv.fold()
-
-
-def _check_shardable(model: torch.nn.Module, hvp: str) -> None:
-    """Refuse what a model sharded with FSDP2 cannot give: a double backward, or a cast to float32.
-
-    Its gradient comes back by FSDP2's reduce-scatter, outside autograd's graph of the sharded
-    parameters: a double backward finds no path to them and gives zeros, not an error (tried).
-    """
-    if hvp == "exact":
-        raise UsageError("the exact Hessian-vector product needs a double backward, which a model sharded with "
-                         "FSDP2 does not take; use the gradient-only product (hvp 'difference')")
-    held = {str(p.dtype).replace("torch.", "") for p in model.parameters()} - {"float32", "float64"}
-    if held:
-        raise UsageError(f"a sharded model's Hessian is formed in its own precision, and it holds {', '.join(held)}; "
-                         "load it in float32")
 
 
 def _hollow(g: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -19,8 +19,9 @@ from typing import Optional
 
 import torch
 
+from ..errors import UsageError
 from ..runtime import gather_all, rank_and_world
-from ..sharding import collective_errors
+from ..sharding import collective_errors, is_sharded, local_rows, local_tensor
 
 
 class VectorShards:
@@ -149,3 +150,31 @@ def point_split(model: torch.nn.Module) -> Optional[PointSplit]:
     if rank_and_world()[1] == 1:
         return None
     return PointSplit(*point_groups(model))
+
+
+def local_part(param: torch.Tensor) -> tuple:
+    """(this rank's [start, stop) rows of a sharded parameter or None, the elements it holds)."""
+    if not is_sharded(param):
+        return None, param
+    return local_rows(param), local_tensor(param)
+
+
+def rows_of(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a whole tensor shaped like ``param`` (all of it when not sharded)."""
+    rows = local_part(param)[0]
+    return tensor if rows is None else tensor[rows[0]: rows[1]]
+
+
+def check_shardable(model: torch.nn.Module, hvp: str) -> None:
+    """Refuse what a model sharded with FSDP2 cannot give: a double backward, or a cast to float32.
+
+    Its gradient comes back by FSDP2's reduce-scatter, outside autograd's graph of the sharded
+    parameters: a double backward finds no path to them and gives zeros, not an error (tried).
+    """
+    if hvp == "exact":
+        raise UsageError("the exact Hessian-vector product needs a double backward, which a model sharded with "
+                         "FSDP2 does not take; use the gradient-only product (hvp 'difference')")
+    held = {str(p.dtype).replace("torch.", "") for p in model.parameters()} - {"float32", "float64"}
+    if held:
+        raise UsageError(f"a sharded model's Hessian is formed in its own precision, and it holds {', '.join(held)}; "
+                         "load it in float32")
