@@ -11,6 +11,7 @@ of both, their relative differences, the top eigenvectors' largest difference, a
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -46,11 +47,13 @@ def main(argv=None):
     common = ["hessian", "--model", args.model, "--max-samples", args.samples, "--seq-len", args.seq_len,
               "--batch-size", args.samples, "--device", args.device, "--hvp", "difference", "--top", args.top,
               "--trace", args.trace, "--tol", args.tol, "--max-iter", args.max_iter, "--quiet"]
-    runs = {"one": (1, []), "sharded": (args.nproc, ["--shard-size", args.shard_size])}
-    seconds, reports = {}, {}
+    # The sharded run first: the children's peak RSS only grows, so each reading is that run's (or more).
+    runs = {"sharded": (args.nproc, ["--shard-size", args.shard_size]), "one": (1, [])}
+    seconds, reports, peaks = {}, {}, {}
     for tag, (nproc, extra) in runs.items():
         seconds[tag] = landscape([*common, *extra, "--out", work / f"{tag}.json", "--vectors", work / f"{tag}.h5"],
                                  nproc)
+        peaks[tag] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (Linux)
         reports[tag] = json.loads((work / f"{tag}.json").read_text())
     one, sharded = reports["one"], reports["sharded"]
     print(f"{args.model}, float32 on {args.device}; {args.samples} samples x {args.seq_len} tokens; hessian --hvp "
@@ -59,7 +62,8 @@ def main(argv=None):
     for tag, report in reports.items():
         print(f"{tag}: eigenvalues {report['eigenvalues']} ({report['eigenpairs']['products']} products, "
               f"residuals {report['eigenpairs']['residuals']}), trace {report['trace']['mean']:.9g} "
-              f"± {report['trace']['stderr']:.3g}, {seconds[tag]:.1f} s")
+              f"± {report['trace']['stderr']:.3g}, {seconds[tag]:.1f} s, largest process peak RSS "
+              f"{peaks[tag]:.2f} GiB")
     values = np.asarray(one["eigenvalues"])
     print("eigenvalues: max relative difference "
           f"{float(np.max(np.abs(np.asarray(sharded['eigenvalues']) - values) / np.abs(values))):.2e}")
