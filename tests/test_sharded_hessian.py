@@ -36,15 +36,22 @@ def _directions(path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny_bert_dir", "tiny_gpt2_dir", "tiny_llama_dir"])
-def test_sharded_hessian_equals_one_process(model, request, tiny_corpus_file, tmp_path):
+# GPT-2 adds a spectrum run; Llama keeps the sharded Lanczos basis in a file (--basis-mb 0).
+@pytest.mark.parametrize("model, extra", [("tiny_bert_dir", {}), ("tiny_gpt2_dir", {"spectrum": 1, "steps": 4}),
+                                          ("tiny_llama_dir", {"basis_mb": 0.0})])
+def test_sharded_hessian_equals_one_process(model, extra, request, tiny_corpus_file, tmp_path):
     folder = request.getfixturevalue(model)
     one = _one_process(folder, tiny_corpus_file, tmp_path / "one.json", tmp_path / "one.h5", top=2, trace=3,
                        hvp="difference")
-    _torchrun("--model", folder, "--corpus", tiny_corpus_file, *SAMPLE, "--top", "2", "--trace", "3",
+    options = [item for key, value in extra.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    _torchrun("--model", folder, "--corpus", tiny_corpus_file, *SAMPLE, "--top", "2", "--trace", "3", *options,
               "--hvp", "difference", "--shard-size", "2", "--out", tmp_path / "two.json",
               "--vectors", tmp_path / "two.h5")
     two = json.loads((tmp_path / "two.json").read_text())
+    if "spectrum" in extra:
+        nodes = np.asarray(_one_process(folder, tiny_corpus_file, tmp_path / "s.json", None, top=0, spectrum=1,
+                                        steps=4, hvp="difference")["spectrum"]["nodes"])
+        np.testing.assert_allclose(two["spectrum"]["nodes"], nodes, rtol=0, atol=1e-4 * np.abs(nodes).max())
     np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-4, atol=0)
     assert abs(two["trace"]["mean"] - one["trace"]["mean"]) <= 1e-3 * abs(one["trace"]["mean"])
     assert two["settings"]["shard_size"] == 2 and "shard_size" not in one["settings"]
