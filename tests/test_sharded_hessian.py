@@ -86,4 +86,7 @@ def test_a_sharded_exact_product_is_refused(capfd, tmp_path):
     HessianSettings(model=ModelSpec(shard_size=2), hvp="difference")  # what a sharded run takes
     code, _, err = cli_in_process(capfd, "hessian", "--shard-size", "2", "--out", tmp_path / "H.json")
     one_line(code, err, "--shard-size", "--hvp difference")
+    code, _, err = cli_in_process(capfd, "hessian", "--shard-size", "2", "--hvp", "difference", "--dtype", "bfloat16",
+                                  "--out", tmp_path / "H.json")
+    one_line(code, err, "--shard-size", "--dtype float32")
     assert not (tmp_path / "H.json").exists()
