@@ -55,6 +55,7 @@ def test_sharded_hessian_equals_one_process(model, extra, request, tiny_corpus_f
     np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-4, atol=0)
     assert abs(two["trace"]["mean"] - one["trace"]["mean"]) <= 1e-3 * abs(one["trace"]["mean"])
     assert two["settings"]["shard_size"] == 2 and "shard_size" not in one["settings"]
+    assert two["provenance"]["ranks"] == 2 and two["provenance"]["shard_size"] == 2
     assert two["provenance"]["n_coordinates"] == one["provenance"]["n_coordinates"]
     assert two["eigenpairs"]["converged"] == one["eigenpairs"]["converged"] and two["vectors"]["fingerprint"]
     # The top eigenvector, gathered from both ranks' rows, with the same sign.
@@ -76,6 +77,8 @@ def test_unsharded_ranks_split_probes_and_runs_bit_for_bit(tiny_gpt2_dir, tiny_c
     assert two["spectrum"]["nodes"] == one["spectrum"]["nodes"] and two["spectrum"]["density"] == \
         one["spectrum"]["density"]
     assert two["settings"] == one["settings"]
+    assert two["provenance"]["ranks"] == 2 and two["provenance"]["shard_size"] == 1 and "ranks" not in \
+        one["provenance"]
 
 
 def test_a_sharded_exact_product_is_refused(capfd, tmp_path):

@@ -158,14 +158,21 @@ def _run_hessian(out, vectors, s: HessianSettings, model, overwrite, progress, l
         log(_header(loaded, batches, n_selected, n_parameters, masking, s.sample.seq_len))
     if s.model.shard_size > 1:  # its numbers differ from one process's by rounding: not taken for them
         recorded["shard_size"] = s.model.shard_size
-    report = _write(out, vectors, writes, lambda aside: hessian_report(
+    report = _write(out, vectors, writes, lambda aside: _ranks(hessian_report(
         loaded.model, batches, kind=loaded.kind, top=s.top, trace_samples=s.trace, spectrum_runs=s.spectrum,
         steps=s.steps, bins=s.bins, mask=mask, seed=seed, tol=s.tol, max_iter=s.max_iter,
         checkpoint=out if world == 1 else None, vectors=aside, vector_settings=vector_settings, settings=recorded,
         cache_bytes=int(s.cache_mb * 2**20), basis_bytes=int(s.basis_mb * 2**20), hvp=s.hvp,
-        progress=progress, log=log))
+        progress=progress, log=log), world, s.model.shard_size))
     barrier()
     return HessianResult(computed=total, report=report, **result)
+
+
+def _ranks(report: dict, world: int, shard_size: int) -> dict:
+    """``report`` with the ranks that computed it in its provenance (as a Fisher file records them)."""
+    if world > 1:
+        report["provenance"].update(ranks=world, shard_size=shard_size)
+    return report
 
 
 def _write(out, vectors, writes: bool, compute) -> dict:
