@@ -403,8 +403,7 @@ HVP_METHODS = ("exact", "difference")  # how a Hessian-vector product is formed 
 class HessianSettings(Settings):
     """``run_hessian``: top eigenpairs, trace and spectral density of the loss Hessian (or of P·H·P)."""
 
-    # Hessian-vector products need all of the model on one device: it is not sharded (docs/scale.md).
-    model: ModelSpec = setting(help="the model", factory=ModelSpec, exclude=("shard_size",))
+    model: ModelSpec = setting(help="the model", factory=ModelSpec)
     sample: SampleSpec = setting(help="the sample", factory=_sample_with(max_samples=64))
     top: int = setting(2, domain=checks.int_in(0, checks.EIGENPAIRS_MAX), help="top eigenpairs; 0 = none")
     trace: int = setting(0, domain=checks.TRACE_PROBES, metavar="N",
@@ -443,11 +442,18 @@ class HessianSettings(Settings):
         super().__post_init__()
 
     def validate(self):
-        """Refuse a run with nothing to compute, or fewer products than eigenpairs."""
+        """Refuse a run with nothing to compute, fewer products than eigenpairs, or a sharded exact product."""
         if not (self.top or self.trace or self.spectrum):
             raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
         if self.top and self.max_iter < self.top:
             raise UsageError(f"max_iter ({self.max_iter}) must be at least the number of eigenpairs ({self.top})")
+        if self.model.shard_size > 1 and self.hvp == "exact":
+            # FSDP2's gradient is outside autograd's graph of the sharded parameters (docs/curvature.md).
+            raise SettingsRefused("{shard_size} > 1 needs the gradient-only product ({hvp} difference): a model "
+                                  "sharded with FSDP2 takes no double backward")
+        if self.model.shard_size > 1 and self.model.dtype != "float32":
+            raise SettingsRefused("{shard_size} > 1 needs {dtype} float32: the sharded products are formed in the "
+                                  "model's own precision")
 
 
 CRITICAL_TOLERANCE = checks.Domain("float", 0.0, 0.05, low_open=True)  # the issue's contract: at most 5%

@@ -13,9 +13,10 @@ def register(subparsers):
                     "parameters, or of P·H·P for a Fisher subset.  Writes a JSON report and optionally the "
                     "top eigenvectors as a direction file.  Long runs keep checkpoints next to --out "
                     "(OUT.top.ckpt, OUT.trace.ckpt, OUT.spectrum.ckpt); rerunning the same command resumes.  --seed "
-                    "seeds the sample, random masks, the Lanczos start vector and the probes.  The model is not "
-                    "sharded: Hessian-vector products need all of it on one device (no --shard-size; see "
-                    "docs/scale.md).")
+                    "seeds the sample, random masks, the Lanczos start vector and the probes.  Under torchrun the "
+                    "trace's probes and the spectrum's runs are split over the ranks; with --shard-size K "
+                    "(and --hvp difference), groups of K ranks hold one FSDP2-sharded copy of the model and "
+                    "of every vector (see docs/scale.md).")
     add_settings_arguments(parser, HessianSettings)
     add_output_arguments(parser, "JSON report to write (.json)")
     parser.add_argument("--vectors", default=None,
@@ -26,9 +27,12 @@ def register(subparsers):
 
 def run_hessian(args):
     from ..curvature import run_hessian
+    from ..runtime import rank_and_world
 
     result = run_hessian(settings_from_args(HessianSettings, args), out=args.out, vectors=args.vectors,
                          overwrite=args.overwrite, progress=not args.quiet, log=lambda line: print(line, flush=True))
+    if rank_and_world()[0] != 0:  # under torchrun rank 0 speaks for the run
+        return 0
     if result.computed:
         print(f"wrote {result.path}" + (f" and {result.vectors}" if result.vectors else ""))
     else:

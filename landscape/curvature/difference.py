@@ -41,18 +41,26 @@ def kinked_activations(model: torch.nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if isinstance(m, _KINKED)})
 
 
-def step(params: list, v: torch.Tensor, eps: float) -> float:
+def step(params: list, v: torch.Tensor, eps: float, shards=None) -> float:
     """ε for a product along v: ``DIFFERENCE_STEP·(eps/eps_float32)^(1/5)·(1 + ‖θ‖)/‖v‖`` (0 for v = 0).
 
     Args:
         params: the coordinates' parameters (their norm is ‖θ‖; off-mask elements count too, a bound).
         v: the flat vector.
         eps: the machine epsilon of the parameters' dtype (float64 models take a smaller step).
+        shards: a ``shards.VectorShards`` when v and the parameters are this rank's pieces
+            (sharded with FSDP2): the norms add the group's pieces.
     """
-    norm_v = float(v.double().norm())
+    if shards is not None:
+        from ..sharding import local_tensor
+
+        norm_v = math.sqrt(shards.total(float(v.double().square().sum())))
+        norm_theta = math.sqrt(shards.total(sum(float(local_tensor(p).double().square().sum()) for p in params)))
+    else:
+        norm_v = float(v.double().norm())
+        norm_theta = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
     if norm_v == 0.0:
         return 0.0
-    norm_theta = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
     scale = (eps / torch.finfo(torch.float32).eps) ** (1.0 / 5.0)  # the optimum of a 4th-order stencil
     return DIFFERENCE_STEP * scale * (1.0 + norm_theta) / norm_v
 
@@ -76,8 +84,8 @@ def difference_product(model: torch.nn.Module, space, batches: list, kind: str, 
         mean loss's product.
     """
     params = space.params
-    eps = step(params, v, torch.finfo(params[0].dtype).eps)
-    out = torch.zeros(space.dim, dtype=torch.float32, device=space.device)
+    eps = step(params, v, torch.finfo(params[0].dtype).eps, space.shards)
+    out = torch.zeros(space.local_dim, dtype=torch.float32, device=space.device)
     tokens = 0.0
     if eps == 0.0:
         for batch in batches:
@@ -85,6 +93,8 @@ def difference_product(model: torch.nn.Module, space, batches: list, kind: str, 
                 tokens += float(sequence_losses(model, batch, kind).n_tokens.sum())
         return out, tokens
     vs = space.unflatten(v)
+    if space.shards is not None:
+        return _sharded(model, space, batches, kind, vs, eps, out)
     originals = [p.data for p in params]
     try:
         for batch in batches:
@@ -109,3 +119,44 @@ def _gradient(model, space, batch, kind, originals, vs, shift: float) -> tuple:
     losses = sequence_losses(model, batch, kind)
     grads = torch.autograd.grad(losses.loss_sum.sum(), space.params, allow_unused=True)
     return space.flatten(grads), float(losses.n_tokens.sum())
+
+
+def _sharded(model, space, batches, kind, vs, eps: float, out: torch.Tensor) -> tuple:
+    """``difference_product`` on a model sharded with FSDP2: this rank's pieces of H·v.
+
+    FSDP2 gathers each block's rows from its own storage, not from the parameters' ``.data``, so
+    the rows this rank holds are written in place (θ ± kεv) and copied back from a copy of them
+    afterwards, always: bit-identical again.  Each gradient comes back from FSDP2's reduce-scatter
+    in the parameters' ``.grad`` (every rank of the group ran the same batch), whose rows are this
+    rank's; every parameter's own ``.grad`` is put back afterwards.
+    """
+    from ..sharding import local_tensor
+
+    rows = [local_tensor(p) for p in space.params]
+    originals = [r.clone() for r in rows]
+    every = list(model.parameters())
+    grads_before = [p.grad for p in every]
+    tokens = 0.0
+    try:
+        for batch in batches:
+            for multiple, weight in STENCIL:
+                pair = []
+                for shift in (multiple * eps, -multiple * eps):
+                    for r, data, vb in zip(rows, originals, vs):
+                        r.copy_(data + shift * vb.to(data.dtype))
+                    for p in every:
+                        p.grad = None
+                    losses = sequence_losses(model, batch, kind)
+                    losses.loss_sum.sum().backward()
+                    pair.append(space.flatten([None if p.grad is None else local_tensor(p.grad) for p in space.params]))
+                    tokens_b = float(losses.n_tokens.sum())
+                out.add_(pair[0].sub_(pair[1]), alpha=weight)
+                del pair
+            tokens += tokens_b
+    finally:
+        with torch.no_grad():
+            for r, data in zip(rows, originals):
+                r.copy_(data)
+        for p, g in zip(every, grads_before):
+            p.grad = g
+    return out.div_(eps), tokens

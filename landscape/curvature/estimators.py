@@ -44,20 +44,22 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
     if int(samples) < 1:
         raise UsageError(f"the trace needs at least 1 probe, got {samples}")
     op = _Products(A, progress)
+    op.check_journal(checkpoint)
     journal = _Journal(checkpoint, _identity(op, "trace", seed, probe="rademacher"), _check_probe) if checkpoint \
         else None
     done = {i: float.fromhex(r["value"]) for i, r in (journal.records.items() if journal else ()) if i < samples}
-    op.total = int(samples) - len(done)
+    mine = [i for i in range(int(samples)) if i not in done and (op.split is None or op.split.mine(i))]
+    op.total = len(mine)
     if journal:
         journal.say_resumed(len(done), int(samples), "probes", progress)
     with op:
-        for i in range(int(samples)):
-            if i in done:
-                continue
-            # Not bound across probes: the next probe is drawn once this one is freed.
-            done[i] = op.quadratic(_rademacher(op.dim, _generator(seed, 2, i), op.device).to(op.dtype))
+        for i in mine:
+            z = _rademacher(op.dim, _generator(seed, 2, i), op.device, op).to(op.dtype)
+            done[i] = op.summed(op.quadratic(z))  # this rank's pieces' share, added over the group
             if journal:
                 journal.add(i, value=done[i].hex())
+    if op.split is not None:  # the point groups' probes, on every rank
+        done = op.split.gather(done)
     values = np.array([done[i] for i in range(int(samples))])
     stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return float(values.mean()), stderr
@@ -168,22 +170,25 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
     if int(runs) < 1 or int(steps) < 1 or int(bins) < 1:
         raise UsageError(f"the spectrum needs runs, steps and bins of at least 1, got {runs}, {steps}, {bins}")
     op = _Products(A, progress)
+    op.check_journal(checkpoint)
     steps = min(int(steps), op.dim)
     journal = _Journal(checkpoint, _identity(op, "spectrum", seed, steps=steps, reorthogonalize=bool(reorthogonalize)),
                        _check_run) if checkpoint else None
     done = {i: (np.array(r["nodes"]), np.array(r["weights"]))
             for i, r in (journal.records.items() if journal else ()) if i < runs}
-    op.total = (int(runs) - len(done)) * steps
+    mine = [r for r in range(int(runs)) if r not in done and (op.split is None or op.split.mine(r))]
+    op.total = len(mine) * steps
     if journal:
         journal.say_resumed(len(done), int(runs), "runs", progress)
     with op:
-        for r in range(int(runs)):
-            if r in done:
-                continue
-            start = partial(_random_unit, op.dim, _generator(seed, 3, r), op.device, rademacher=True, dtype=op.dtype)
+        for r in mine:
+            start = partial(_random_unit, op.dim, _generator(seed, 3, r), op.device, rademacher=True, dtype=op.dtype,
+                            op=op)
             done[r] = _lanczos_run(op, start, steps, reorthogonalize, int(basis_bytes))
             if journal:
                 journal.add(r, nodes=done[r][0].tolist(), weights=done[r][1].tolist())
+    if op.split is not None:  # the point groups' runs, on every rank
+        done = op.split.gather(done)
     nodes = [done[r][0] for r in range(int(runs))]
     weights = [done[r][1] for r in range(int(runs))]
     edges, centers, density, width = _broaden(nodes, weights, int(bins), sigma)

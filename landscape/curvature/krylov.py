@@ -32,12 +32,27 @@ DEFAULT_BASIS_BYTES = 2**30
 BLOCK_BYTES = 2**25
 
 
-def _orthogonalize(basis: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classical Gram-Schmidt twice (CGS2) of w against the rows of ``basis``: (w', coefficients)."""
-    coeffs = basis @ w
+def _orthogonalize(basis: torch.Tensor, w: torch.Tensor, shards=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classical Gram-Schmidt twice (CGS2) of w against the rows of ``basis``: (w', coefficients).
+
+    shards: a ``shards.VectorShards`` when the rows and w are this rank's pieces (the coefficients
+    are then added over its group), else None.
+    """
+    coeffs = _summed(basis @ w, shards)
     w = w - basis.T @ coeffs
-    again = basis @ w
+    again = _summed(basis @ w, shards)
     return w - basis.T @ again, coeffs + again
+
+
+def _summed(partial: torch.Tensor, shards) -> torch.Tensor:
+    """Inner products of this rank's pieces, added over the shard group (as they are without one)."""
+    return partial if shards is None else shards.reduce(partial)
+
+
+def _reduce_device(shards):
+    from .shards import _device
+
+    return _device(shards.group)
 
 
 def _fix_sign(v: torch.Tensor) -> torch.Tensor:
@@ -45,8 +60,12 @@ def _fix_sign(v: torch.Tensor) -> torch.Tensor:
     return v if v[v.abs().argmax()] >= 0 else -v
 
 
-def krylov_basis(rows: int, dim: int, dtype: torch.dtype, device, budget: int = DEFAULT_BASIS_BYTES):
+def krylov_basis(rows: int, dim: int, dtype: torch.dtype, device, budget: int = DEFAULT_BASIS_BYTES,
+                 shards=None):
     """Room for ``rows`` Krylov vectors of ``dim`` coordinates: in memory within ``budget`` bytes, else a file.
+
+    shards: a ``shards.VectorShards`` when the vectors are this rank's pieces (``dim`` of them) of
+    vectors split over a shard group: inner products and norms are then added over the group.
 
     Raises:
         UsageError: a negative budget.
@@ -55,8 +74,8 @@ def krylov_basis(rows: int, dim: int, dtype: torch.dtype, device, budget: int = 
         raise UsageError(f"the Krylov basis budget must be 0 bytes or more, got {budget}")
     size = int(rows) * int(dim) * torch.empty((), dtype=dtype).element_size()
     if size <= int(budget):
-        return MemoryBasis(rows, dim, dtype, device)
-    return FileBasis(rows, dim, dtype, device)
+        return MemoryBasis(rows, dim, dtype, device, shards)
+    return FileBasis(rows, dim, dtype, device, shards=shards)
 
 
 class MemoryBasis:
@@ -64,9 +83,9 @@ class MemoryBasis:
 
     in_file = False
 
-    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device):
+    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device, shards=None):
         self.data = torch.zeros(rows, dim, dtype=dtype, device=device)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.shards = dtype, device, shards
 
     def get(self, j: int) -> torch.Tensor:
         """Row j (a view)."""
@@ -78,7 +97,7 @@ class MemoryBasis:
 
     def orthogonalize(self, count: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CGS2 of w against rows 0..count-1: (w', coefficients)."""
-        return _orthogonalize(self.data[:count], w)
+        return _orthogonalize(self.data[:count], w, self.shards)
 
     def restart(self, y: np.ndarray, size: int) -> None:
         """Rows 0..keep-1 = the Ritz vectors yᵀ·rows[:size] (y: size x keep); row keep = row ``size``."""
@@ -92,7 +111,10 @@ class MemoryBasis:
         """The unit Ritz vectors yᵀ·rows[:size] (y: size x wanted), (wanted, dim), signs as they come."""
         coeffs = torch.from_numpy(np.ascontiguousarray(y.T)).to(self.device, self.dtype)
         vectors = coeffs @ self.data[:size]
-        vectors /= vectors.norm(dim=1, keepdim=True)
+        if self.shards is None:
+            vectors /= vectors.norm(dim=1, keepdim=True)
+        else:
+            vectors /= self.shards.reduce(vectors.double().square().sum(dim=1)).sqrt().to(self.dtype)[:, None]
         return vectors
 
     def close(self) -> None:
@@ -105,8 +127,10 @@ class FileBasis:
 
     in_file = True
 
-    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device, block_bytes: Optional[int] = None):
+    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device, block_bytes: Optional[int] = None,
+                 shards=None):
         block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+        self.shards = shards
         self.rows, self.dim, self.dtype, self.device = int(rows), int(dim), dtype, torch.device(device)
         self.np_dtype = np.dtype(str(dtype).replace("torch.", ""))
         self.item = self.np_dtype.itemsize
@@ -169,11 +193,13 @@ class FileBasis:
         coeffs = torch.zeros(count, dtype=self.dtype, device=self.device)
         for start, length in self._spans():
             coeffs += self._block(start, length, count) @ w[start: start + length]
+        coeffs = _summed(coeffs, self.shards)
         again = torch.zeros_like(coeffs)
         for start, length in self._spans():
             block, part = self._block(start, length, count), w[start: start + length]
             part -= block.T @ coeffs
             again += block @ part
+        again = _summed(again, self.shards)
         for start, length in self._spans():
             w[start: start + length] -= self._block(start, length, count).T @ again
         return w, coeffs + again
@@ -195,6 +221,8 @@ class FileBasis:
             combined = coeffs @ self._block(start, length, size)
             squares += combined.double().square().sum(dim=1).cpu()
             self._put_block(start, length, 0, combined)
+        if self.shards is not None:
+            squares = self.shards.reduce(squares.to(_reduce_device(self.shards))).cpu()
         norms = squares.sqrt().to(self.dtype)
         largest = torch.full((wanted,), -1.0, dtype=self.dtype)
         signs = torch.ones(wanted, dtype=self.dtype)
@@ -206,7 +234,23 @@ class FileBasis:
             signs = torch.where(better, torch.where(block[torch.arange(wanted), where] >= 0, 1.0, -1.0).to(self.dtype),
                                 signs)
             self._put_block(start, length, 0, block)
+        if self.shards is not None:  # the first largest element of the whole vector decides
+            signs = self._whole_signs(wanted)
         return FileVectors(self, wanted, signs)
+
+    def _whole_signs(self, wanted: int) -> torch.Tensor:
+        """The signs of rows 0..wanted-1's largest elements over the shard group's whole vectors."""
+        largest = torch.full((wanted,), -1.0, dtype=torch.float64)
+        position = torch.zeros(wanted, dtype=torch.long)
+        sign = torch.ones(wanted, dtype=torch.float64)
+        for start, length in self._spans():
+            block = self._block(start, length, wanted).cpu().double()
+            peak, where = block.abs().max(dim=1)
+            better = peak > largest
+            largest = torch.where(better, peak, largest)
+            position = torch.where(better, where + start, position)
+            sign = torch.where(better, torch.where(block[torch.arange(wanted), where] >= 0, 1.0, -1.0).double(), sign)
+        return self.shards.agree(largest, position, sign).to(self.dtype)
 
     def close(self) -> None:
         """Close (and so delete) the file."""

@@ -22,26 +22,40 @@ from .linear import _Products
 
 
 # ----------------------------------------------------------------------------- Lanczos
-def _rademacher(dim: int, generator: torch.Generator, device) -> torch.Tensor:
-    """(dim,) float32 of independent ±1 (drawn on the CPU, so the same on every device)."""
-    return torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1).to(device)
+def _rademacher(dim: int, generator: torch.Generator, device, op: Optional[_Products] = None) -> torch.Tensor:
+    """(dim,) float32 of independent ±1 (drawn on the CPU, so the same on every device).
+
+    With ``op``, this rank's pieces of it (``_Products.local``): the whole vector is drawn, so a
+    sharded group's probes are the single process's.
+    """
+    signs = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8)
+    return (signs if op is None else op.local(signs)).float().mul_(2).sub_(1).to(device)
 
 
 def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool = False,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A unit vector: normalized Rademacher or Gaussian, drawn in float32 (the same draws for every dtype)."""
+                 dtype: torch.dtype = torch.float32, op: Optional[_Products] = None) -> torch.Tensor:
+    """A unit vector: normalized Rademacher or Gaussian, drawn in float32 (the same draws for every dtype).
+
+    With ``op``, this rank's pieces of it, normalized over the whole vector.
+    """
     if rademacher:
-        v = _rademacher(dim, generator, device)
+        v = _rademacher(dim, generator, device, op)
     else:
-        v = torch.randn(dim, generator=generator, dtype=torch.float32).to(device)
-    v = v / v.norm()
+        v = torch.randn(dim, generator=generator, dtype=torch.float32)
+        v = (v if op is None else op.local(v)).to(device)
+    norm = (lambda w: w.norm()) if op is None else op.norm
+    v = v / norm(v)
     # Normalized again in a wider dtype: float32's unit norm is 1 only to ~1e-7 there.
-    return v if dtype == torch.float32 else (lambda w: w / w.norm())(v.to(dtype))
+    return v if dtype == torch.float32 else (lambda w: w / norm(w))(v.to(dtype))
 
 
 def _basis(rows: int, op: _Products, budget: int):
-    """Room for ``rows`` Krylov vectors of ``op`` (its working dtype): in memory up to ``budget`` bytes, else a file."""
-    return krylov_basis(rows, op.dim, op.dtype, op.device, budget)
+    """Room for ``rows`` Krylov vectors of ``op`` (its working dtype): in memory up to ``budget`` bytes, else a file.
+
+    On a sharded operator the rows are this rank's pieces, and the basis adds its partial inner
+    products over the group (``op.shards``).
+    """
+    return krylov_basis(rows, op.local_dim, op.dtype, op.device, budget, shards=op.shards)
 
 
 def _generator(seed: int, salt: int, index: int = 0) -> torch.Generator:
@@ -85,12 +99,12 @@ def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
         proj[: j + 1, j] = column
         proj[j, : j + 1] = column
         norm_estimate = max(norm_estimate, float(np.abs(column).max()))
-        beta = float(w.norm())
+        beta = float(op.norm(w))
         if j + 1 >= op.dim:  # the whole space is spanned: Ritz pairs are exact
             break
         if beta <= 1e-6 * norm_estimate:  # invariant subspace: continue from a fresh direction
-            w, _ = basis.orthogonalize(j + 1, _random_unit(op.dim, generator, op.device, dtype=op.dtype))
-            basis.put(j + 1, w / w.norm())
+            w, _ = basis.orthogonalize(j + 1, _random_unit(op.dim, generator, op.device, dtype=op.dtype, op=op))
+            basis.put(j + 1, w / op.norm(w))
             beta = 0.0
         else:
             basis.put(j + 1, w.div_(beta))  # in place: w is this step's own vector
@@ -126,7 +140,7 @@ def _lanczos_top(op: _Products, k: int, seed: int, tol: float, max_iter: int, nc
 def _thick_restart(op: _Products, basis, k: int, m: int, generator: torch.Generator, tol: float, max_iter: int):
     """``_lanczos_top``'s iterations on an m+1-row basis."""
     dim = op.dim
-    basis.put(0, _random_unit(dim, generator, op.device, dtype=op.dtype))
+    basis.put(0, _random_unit(dim, generator, op.device, dtype=op.dtype, op=op))
     proj = np.zeros((m, m))
     start, products, norm_estimate = 0, 0, 0.0
     while True:
@@ -164,7 +178,9 @@ def _measured_residuals(op: _Products, values, vectors: torch.Tensor) -> list:
     out = []
     for value, v in zip(values, vectors):
         if isinstance(vectors, FileVectors):  # float64 a block at a time: no float64 copy of the vectors
-            norm = _residual_norm(op.matvec(v), v, float(value))
+            norm = _residual_norm(op.matvec(v), v, float(value), op)
+        elif op.shards is not None:
+            norm = op.summed(float((op.matvec(v).double() - float(value) * v.double()).square().sum())) ** 0.5
         else:
             hv = op.matvec(v).double()
             norm = float(torch.linalg.norm(hv - float(value) * v.double()))
@@ -172,13 +188,13 @@ def _measured_residuals(op: _Products, values, vectors: torch.Tensor) -> list:
     return out
 
 
-def _residual_norm(hv: torch.Tensor, v: torch.Tensor, value: float, block: int = 2**20) -> float:
-    """‖hv − value·v‖ in float64, ``block`` elements at a time."""
+def _residual_norm(hv: torch.Tensor, v: torch.Tensor, value: float, op: _Products, block: int = 2**20) -> float:
+    """‖hv − value·v‖ in float64, ``block`` elements at a time (the pieces' squares added over a shard group)."""
     total = 0.0
     for start in range(0, hv.numel(), block):
         part = hv[start: start + block].double() - value * v[start: start + block].double()
         total += float(part.square().sum())
-    return total ** 0.5
+    return op.summed(total) ** 0.5
 
 
 def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter: int = 500,
@@ -231,7 +247,8 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
     if isinstance(vectors, FileVectors):  # signs fixed already; a stacked copy is what the file avoids
         vectors = vectors.tensor()
     else:
-        vectors = torch.stack([_fix_sign(v) for v in vectors])
+        vectors = torch.stack([_fix_sign(v) for v in vectors]) if op.shards is None else \
+            vectors * op.shards.signs(vectors)[:, None]
     return (values, vectors, info) if return_info else (values, vectors)
 
 
@@ -259,14 +276,14 @@ def _run_steps(op: _Products, start: Callable[[], torch.Tensor], steps: int, bas
     v, previous, beta = start(), None, 0.0
     for j in range(steps):
         w = op.matvec(v)
-        alpha = float(torch.dot(w, v))
+        alpha = op.dot(w, v)
         if basis is not None:
             basis.put(j, v)
             w, _ = basis.orthogonalize(j + 1, w)
         else:
             w = w - alpha * v - (beta * previous if previous is not None else 0.0)
         alphas.append(alpha)
-        beta = float(w.norm())
+        beta = float(op.norm(w))
         scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
         if j + 1 == steps or beta <= 1e-6 * scale:  # done, or the Krylov space is invariant
             break

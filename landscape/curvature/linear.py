@@ -232,6 +232,12 @@ class _Products:
     Its context held around every product (``with``), each product's size checked, counted and
     ticked on a progress bar (over ``total`` products, set before the block), results in the
     working dtype (float64 for a float64 operator, float32 otherwise).
+
+    An operator on a sharded model (``shards.VectorShards`` as its ``shards``) takes and returns
+    this rank's pieces of each vector (``local_dim`` elements; ``dim`` stays the whole vector's):
+    the estimators' inner products and norms go through ``dot``, ``norm``, ``summed`` and
+    ``reduce``, which add the group's pieces, and their random vectors through ``local``.  One
+    under torchrun also has a ``split`` (``shards.PointSplit``) of the independent units.
     """
 
     def __init__(self, A, progress: bool = False):
@@ -245,12 +251,44 @@ class _Products:
         # An operator may name its products (the Hessian's are "Hessian-vector products").
         self.label = getattr(self.op, "progress_label", "matrix-vector products")
         self.bar = None
+        self.shards = getattr(self.op, "shards", None)  # None: every rank holds whole vectors
+        self.split = getattr(self.op, "split", None)  # None: one process runs every unit
+        self.local_dim = self.dim if self.shards is None else self.shards.local_dim
+
+    # -- vectors split over a shard group (whole vectors: the plain operations, bit for bit)
+    def summed(self, value: float) -> float:
+        """A partial sum over this rank's pieces, summed over the shard group."""
+        return value if self.shards is None else self.shards.total(value)
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Partial sums (e.g. a basis's coefficients) summed over the shard group, in place."""
+        return tensor if self.shards is None else self.shards.reduce(tensor)
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """aᵀb over the whole vectors."""
+        return self.summed(float(torch.dot(a, b)))
+
+    def norm(self, w: torch.Tensor) -> torch.Tensor:
+        """‖w‖ over the whole vector, a 0-dim tensor of w's dtype (the pieces' squares added in float64)."""
+        if self.shards is None:
+            return w.norm()
+        return torch.tensor(self.summed(float(w.double().square().sum())) ** 0.5, dtype=w.dtype, device=w.device)
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's pieces of a whole vector (the vector itself when not sharded)."""
+        return full if self.shards is None else self.shards.take(full)
+
+    def check_journal(self, checkpoint) -> None:
+        """Journals are one process's: refused for an operator split over ranks."""
+        if checkpoint is not None and (self.shards is not None or self.split is not None):
+            raise UsageError("a journal (checkpoint) is written by one process; under torchrun pass none")
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """A·v for a (dim,) vector of the working dtype on the operator's device."""
+        """A·v for a (local_dim,) vector of the working dtype on the operator's device."""
         out = self.op @ v
-        if not torch.is_tensor(out) or out.shape != (self.dim,):
-            raise UsageError(f"the operator's product has shape {tuple(getattr(out, 'shape', ()))}, not ({self.dim},)")
+        if not torch.is_tensor(out) or out.shape != (self.local_dim,):
+            raise UsageError(f"the operator's product has shape {tuple(getattr(out, 'shape', ()))}, "
+                             f"not ({self.local_dim},)")
         self.products += 1
         if self.bar is not None:
             self.bar.update(1)

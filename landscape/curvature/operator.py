@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 635 lines, 140 of them docstrings.  The coordinate space, the model state and the
+Size: about 685 lines, 150 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -12,6 +12,7 @@ module a reader finds by the name of what it computes.
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -26,6 +27,7 @@ from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
 from .quadratic import Quadratic, block_dot
 from .upcast import Upcast
+from .shards import check_shardable, local_part, point_split, rows_of
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
 # HessianOperator): enough for the embedded model at 16 x 128 tokens (~0.25 GiB) with room.
@@ -41,37 +43,54 @@ class _Block:
     offset: int
     count: int
     index: Optional[torch.Tensor]  # flat indices of the kept elements, None = all of them
+    shape: tuple = ()  # of the elements this rank holds: the parameter's, or its rows on a sharded model
+    start: int = 0  # where this block's elements start in the whole flat vector (shards.VectorShards)
 
 
 class _Space:
     """The coordinates the operator acts on.
 
     The kept elements of the trainable parameters, flattened in ``named_parameters()`` order (tied
-    weights once).
+    weights once).  On a model sharded with FSDP2 the blocks hold this rank's rows of each
+    parameter (``sharding.local_rows``): ``dim`` counts the whole vector's coordinates,
+    ``local_dim`` this rank's, and ``shards`` says where they lie (``shards.VectorShards``).
     """
 
     def __init__(self, model: torch.nn.Module, mask: Optional[dict] = None):
         self.all_params = list(model.named_parameters())
         self.blocks: list[_Block] = []
-        offset = 0
+        offset, whole, group = 0, 0, None
         for name, param in self.all_params:
             if not param.requires_grad:
                 continue
-            index = None
+            rows, local = local_part(param)
+            index, kept = None, param.numel()
+            before = 0 if rows is None else rows[0] * (param.numel() // max(1, param.shape[0]))
             if mask is not None:
-                keep = _mask_tensor(mask, name, param).to(param.device).reshape(-1)
-                if not bool(keep.any()):
+                keep = _mask_tensor(mask, name, param).to(local.device)
+                kept = int(keep.sum())
+                if rows is not None:
+                    before, keep = int(keep[: rows[0]].sum()), keep[rows[0]: rows[1]]
+                keep = keep.reshape(-1)
+                if not kept:
                     continue
                 if not bool(keep.all()):
                     index = keep.nonzero()[:, 0]
-            count = param.numel() if index is None else int(index.numel())
-            self.blocks.append(_Block(name, param, offset, count, index))
+            count = local.numel() if index is None else int(index.numel())
+            self.blocks.append(_Block(name, param, offset, count, index, tuple(local.shape), whole + before))
             offset += count
-        self.dim = offset
+            whole += kept
+            group = group if rows is None else param.device_mesh.get_group()
+        self.dim, self.local_dim = whole, offset
         if self.dim == 0:
             raise UsageError("the Hessian has no coordinates: no parameter requires grad"
                              + ("" if mask is None else " inside the mask"))
-        self.device = self.blocks[0].param.device
+        self.device = local_part(self.blocks[0].param)[1].device
+        self.shards = None
+        if group is not None:
+            from .shards import VectorShards
+
+            self.shards = VectorShards([(b.start, b.count) for b in self.blocks], self.dim, group)
 
     @property
     def names(self) -> list[str]:
@@ -87,8 +106,9 @@ class _Space:
         for b in self.blocks:
             part = flat[b.offset: b.offset + b.count]
             if b.index is not None:
-                part = torch.zeros(b.param.numel(), dtype=flat.dtype, device=flat.device).index_copy_(0, b.index, part)
-            out.append(part.view(b.param.shape))
+                part = torch.zeros(math.prod(b.shape), dtype=flat.dtype, device=flat.device).index_copy_(
+                    0, b.index, part)
+            out.append(part.view(b.shape))
         return out
 
     def flatten(self, tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -103,13 +123,19 @@ class _Space:
         return torch.cat(parts)
 
     def to_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(dim,) -> {name: CPU float32 tensor} for every model parameter (zeros where not a coordinate)."""
-        full = dict(zip(self.names, (t.detach().cpu().float() for t in self.unflatten(flat))))
+        """(dim,) -> {name: CPU float32 tensor} for every model parameter (zeros where not a coordinate).
+
+        On a sharded model each tensor is gathered over the group (a collective: every rank calls it).
+        """
+        from ..sharding import full_tensor, sharded_like
+
+        full = dict(zip(self.names, (full_tensor(sharded_like(t.detach(), b.param)).cpu().float()
+                                     for t, b in zip(self.unflatten(flat), self.blocks))))
         return {name: full.get(name, torch.zeros(p.shape, dtype=torch.float32)) for name, p in self.all_params}
 
     def from_dict(self, direction: dict) -> torch.Tensor:
         """{name: tensor} -> (dim,) float32 on the model's device (elements off the mask dropped)."""
-        return self.flatten(direction[b.name].to(self.device) for b in self.blocks)
+        return self.flatten(rows_of(direction[b.name], b.param).to(self.device) for b in self.blocks)
 
     def fingerprint(self) -> str:
         """Short hash of the coordinate set (names, shapes, kept indices)."""
@@ -297,6 +323,10 @@ class HessianOperator:
         if not self.batches:
             raise UsageError("the Hessian needs at least one batch of samples")
         self.space = _Space(model, mask)
+        self.shards = self.space.shards  # this rank's pieces of each vector on a sharded model, else None
+        if self.shards is not None:
+            check_shardable(model, hvp)
+        self.split = point_split(model)  # under torchrun: the point groups split probes and runs
         self.cache_bytes = int(cache_bytes)
         self.products = 0
         self._state: Optional[_ModelState] = None
@@ -311,6 +341,18 @@ class HessianOperator:
     def dim(self) -> int:
         """Number of coordinates (kept trainable elements)."""
         return self.space.dim
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes what the operator's estimates give: rank 0 under torchrun."""
+        from ..runtime import rank_and_world
+
+        return rank_and_world()[0] == 0
+
+    @property
+    def local_dim(self) -> int:
+        """Elements of a vector this rank holds: ``dim``, or its pieces on a sharded model."""
+        return self.space.local_dim
 
     @property
     def names(self) -> list[str]:
@@ -356,10 +398,11 @@ class HessianOperator:
         """The Hessian-vector product H·v.
 
         Args:
-            v: (dim,) float vector over the operator's coordinates, on any device.
+            v: (local_dim,) float vector over the operator's coordinates (this rank's pieces of it
+                on a sharded model, every rank of the group calling), on any device.
 
         Returns:
-            (dim,) float32 on the model's device, in nats/token per unit² times v's units.
+            (local_dim,) float32 on the model's device, in nats/token per unit² times v's units.
         """
         return self._run(v, quadratic=False)
 
@@ -367,10 +410,12 @@ class HessianOperator:
         """vᵀ·H·v, without H·v as a vector (``quadratic``): what a Hutchinson probe needs.
 
         Args:
-            v: (dim,) float vector over the operator's coordinates, on any device.
+            v: (local_dim,) float vector over the operator's coordinates (this rank's pieces of it
+                on a sharded model), on any device.
 
         Returns:
-            A float in nats/token per unit² times v's units squared; the exact product's share of
+            A float in nats/token per unit² times v's units squared (on a sharded model, this
+            rank's pieces' share: the caller adds the group's, ``_Products.summed``); the exact product's share of
             each parameter is dotted with v (float64) as it is made, so the product vector (4
             bytes per coordinate) is never held; the difference product forms H·v and dots it.
         """
@@ -381,8 +426,8 @@ class HessianOperator:
 
     def _vector(self, v: torch.Tensor) -> torch.Tensor:
         v = v.detach().to(device=self.device, dtype=torch.float32).reshape(-1)
-        if v.numel() != self.dim:
-            raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.dim}")
+        if v.numel() != self.local_dim:
+            raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.local_dim}")
         return v
 
     def _run(self, v: torch.Tensor, quadratic: bool):

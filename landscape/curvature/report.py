@@ -282,8 +282,8 @@ def _top(op, k, common, tol, max_iter, journal_path, vectors, vector_settings):
         values = [float(v) for v in values]
         info = {"products": lanczos.products, "residuals": lanczos.residuals, "converged": lanczos.converged,
                 "estimated_residuals": lanczos.estimated}
-        fingerprint = save_eigenvectors(vectors, [op.to_dict(v) for v in vecs[:2]], values, vector_settings) \
-            if want_file else None
+        dicts = [op.to_dict(v) for v in vecs[:2]] if want_file else None  # a collective on a sharded model
+        fingerprint = save_eigenvectors(vectors, dicts, values, vector_settings) if want_file and op.writes else None
         if journal:
             journal.add(0, values=values, info=info, fingerprint=fingerprint)
     out = {"eigenvalues": values, "eigenpairs": dict(info, k=k, tol=tol, max_iter=max_iter)}

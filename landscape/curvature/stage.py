@@ -131,7 +131,12 @@ def run_hessian(settings: Optional[HessianSettings] = None, *, out: PathLike, ve
 
 
 def _run_hessian(out, vectors, s: HessianSettings, model, overwrite, progress, log) -> HessianResult:
-    loaded, batches, mask, sample, masking = _prepare(s, model)
+    from ..runtime import barrier, join_torchrun
+
+    device, rank, world = join_torchrun(s.model.device)
+    # Under torchrun every rank computes (a group's products are collectives) and rank 0 writes.
+    progress, log, writes = progress and rank == 0, log if rank == 0 else None, rank == 0
+    loaded, batches, mask, sample, masking = _prepare(s, model, device)
     seed = s.sample.seed
     # The report's own spellings (``corpus_seed``, ``precision``, ``mask_granularity``): reports written before resume.
     recorded = dict(sample, **masking, batch_size=s.sample.batch_size, seed=seed, top=s.top, tol=s.tol,
@@ -151,28 +156,40 @@ def _run_hessian(out, vectors, s: HessianSettings, model, overwrite, progress, l
         return HessianResult(computed=0, report=done, **result)
     if log is not None:
         log(_header(loaded, batches, n_selected, n_parameters, masking, s.sample.seq_len))
-    report = _write(out, vectors, lambda aside: hessian_report(
+    if s.model.shard_size > 1:  # its numbers differ from one process's by rounding: not taken for them
+        recorded["shard_size"] = s.model.shard_size
+    report = _write(out, vectors, writes, lambda aside: _ranks(hessian_report(
         loaded.model, batches, kind=loaded.kind, top=s.top, trace_samples=s.trace, spectrum_runs=s.spectrum,
-        steps=s.steps, bins=s.bins, mask=mask, seed=seed, tol=s.tol, max_iter=s.max_iter, checkpoint=out,
-        vectors=aside, vector_settings=vector_settings, settings=recorded, cache_bytes=int(s.cache_mb * 2**20),
-        basis_bytes=int(s.basis_mb * 2**20), hvp=s.hvp,
-        progress=progress, log=log))
+        steps=s.steps, bins=s.bins, mask=mask, seed=seed, tol=s.tol, max_iter=s.max_iter,
+        checkpoint=out if world == 1 else None, vectors=aside, vector_settings=vector_settings, settings=recorded,
+        cache_bytes=int(s.cache_mb * 2**20), basis_bytes=int(s.basis_mb * 2**20), hvp=s.hvp,
+        progress=progress, log=log), world, s.model.shard_size))
+    barrier()
     return HessianResult(computed=total, report=report, **result)
 
 
-def _write(out, vectors, compute) -> dict:
+def _ranks(report: dict, world: int, shard_size: int) -> dict:
+    """``report`` with the ranks that computed it in its provenance (as a Fisher file records them)."""
+    if world > 1:
+        report["provenance"].update(ranks=world, shard_size=shard_size)
+    return report
+
+
+def _write(out, vectors, writes: bool, compute) -> dict:
     """The report ``compute(where the vectors go)`` makes, written with its vectors as one result.
 
     Both are written aside and move into place together, so an interrupted run (with overwrite: a
-    replacement) leaves the finished pair as it was.
+    replacement) leaves the finished pair as it was.  Only where ``writes`` (rank 0 under
+    torchrun): the other ranks compute with it and write nothing.
     """
     staged = [(staged_path(vectors), vectors)] if vectors is not None else []
-    report = compute(staged[0][0] if staged else None)
+    report = compute(staged[0][0] if staged else None)  # every rank gathers the vectors; rank 0 writes them
     if report.get("vectors"):
         report["vectors"]["path"] = str(vectors)
-    save_report(staged_path(out), report)
-    replace_together([*staged, (staged_path(out), out)])
-    remove_checkpoints(out)
+    if writes:
+        save_report(staged_path(out), report)
+        replace_together([*staged, (staged_path(out), out)])
+        remove_checkpoints(out)
     return report
 
 
@@ -184,13 +201,18 @@ def _header(loaded, batches, n_selected, n_parameters, masking, seq_len) -> str:
             "tokens")
 
 
-def _prepare(settings: HessianSettings, model):
-    """(loaded model, batches, mask, the sample's identity, the mask's settings) of a run."""
+def _prepare(settings: HessianSettings, model, device=None):
+    """(loaded model, batches, mask, the sample's identity, the mask's settings) of a run.
+
+    With ``settings.model.shard_size`` K under torchrun, the model is sharded over groups of K
+    ranks with FSDP2 (``sharding.shard_layout``).
+    """
     from ..data.corpus import describe_framing
+    from ..sharding import shard_layout
 
     spec, sample = settings.model, settings.sample
     scores = _fisher(settings.fisher, settings.subset, settings.ignore)  # refused before the model is loaded
-    loaded = stage_model(spec, model, corpora=[sample.corpus])
+    loaded = stage_model(spec, model, shard_layout(spec.shard_size), device, corpora=[sample.corpus])
     mask, masking, weights = _masked(loaded, spec.source, settings.fisher, sample.seed, settings.ignore,
                                      settings.granularity, scores)
     batches = sample_batches(loaded, sample)
