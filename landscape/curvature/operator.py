@@ -26,8 +26,8 @@ from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
 from .quadratic import Quadratic, block_dot
-from .upcast import Upcast
 from .shards import check_shardable, local_part, point_split, rows_of
+from .upcast import Upcast
 
 # The cached first-order graphs of all batches together may hold this many bytes (see
 # HessianOperator): enough for the embedded model at 16 x 128 tokens (~0.25 GiB) with room.
