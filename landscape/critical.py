@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import adapters
-from .critical_shards import group_sum, is_sharded_model, sharded_gradient, write_direction, zeros_like_local
+from .critical_shards import group_sum, sharded_gradient, write_direction, zeros_like_local
 from .curvature.critical import LineSearch, critical_step
 from .direction_file import check_existing_directions
 from .errors import SettingsMismatch, UsageError
@@ -45,6 +45,7 @@ from .models import LoadedModel, model_id
 from .outputs import claim_output
 from .results import StageResult
 from .settings import CRITICAL_DIRECTIONS, CriticalSharpnessSettings
+from .sharding import is_sharded_model
 
 FORMAT = "landscape-critical-sharpness/1"
 UPDATE_KEY = "update_sample_fingerprint"

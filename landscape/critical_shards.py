@@ -23,11 +23,6 @@ from .sharding import collective_errors, full_tensor, is_sharded, local_tensor, 
 Direction = Dict[str, torch.Tensor]
 
 
-def is_sharded_model(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s parameters are FSDP2 DTensors (``sharding.shard_model``)."""
-    return any(is_sharded(p) for p in model.parameters())
-
-
 def sharded_gradient(model: torch.nn.Module, batches: List[dict], kind: str,
                      trainable: List[Tuple[str, torch.nn.Parameter]]) -> Tuple[List[torch.Tensor], float, float]:
     """(float32 sums of this rank's rows of ∇(loss sum) per trainable parameter, loss sum, target tokens).

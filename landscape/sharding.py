@@ -89,6 +89,11 @@ def _mesh_device_type() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
+def collective_device() -> torch.device:
+    """Where the process group's collectives take tensors: the current CUDA device under NCCL, else the CPU."""
+    return torch.device(_mesh_device_type())
+
+
 # ----------------------------------------------------------------------------- sharding a model
 def shard_model(model: nn.Module, layout: ShardLayout) -> nn.Module:
     """Shard ``model`` over ``layout``'s group with FSDP2; a no-op when nothing is sharded.
@@ -106,7 +111,7 @@ def shard_model(model: nn.Module, layout: ShardLayout) -> nn.Module:
         return model
     from torch.distributed.fsdp import fully_shard
 
-    if any(is_sharded(p) for p in model.parameters()):
+    if is_sharded_model(model):
         raise UsageError("the model is already distributed (DTensor parameters); load it unsharded")
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     shared = _ids_used_outside(model)
@@ -224,6 +229,11 @@ def is_sharded(param: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether any of ``model``'s parameters is sharded (``shard_model``)."""
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from ..errors import UsageError
-from ..runtime import gather_all, rank_and_world
-from ..sharding import collective_errors, is_sharded, local_rows, local_tensor
+from ..runtime import all_reduce_sum, gather_all, rank_and_world
+from ..sharding import collective_device, collective_errors, is_sharded, local_rows, local_tensor
 
 
 class VectorShards:
@@ -44,15 +44,12 @@ class VectorShards:
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the group, in place (partial sums of inner products)."""
-        import torch.distributed as dist
-
         with collective_errors():
-            dist.all_reduce(tensor, group=self.group)
-        return tensor
+            return all_reduce_sum(tensor, self.group)
 
     def total(self, value: float) -> float:
         """A float summed over the group, in float64."""
-        return float(self.reduce(torch.tensor([float(value)], dtype=torch.float64, device=_device(self.group)))[0])
+        return float(self.reduce(torch.tensor([float(value)], dtype=torch.float64, device=collective_device()))[0])
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's pieces of a whole (dim,) vector, concatenated."""
@@ -97,7 +94,7 @@ class VectorShards:
         count = largest.numel()
         index = [float(self.global_index(int(p))) if float(m) >= 0 else 0.0 for m, p in zip(largest, position)]
         local = torch.stack([largest.double(), torch.tensor(index, dtype=torch.float64), sign.double()], dim=1)
-        local = local.to(_device(self.group))
+        local = local.to(collective_device())
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
         with collective_errors():
             dist.all_gather(gathered, local, group=self.group)
@@ -108,15 +105,6 @@ class VectorShards:
             best = min(range(table.shape[0]), key=lambda r: (-float(table[r, i, 0]), float(table[r, i, 1])))
             out[i] = float(table[best, i, 2])
         return out
-
-
-def _device(group) -> torch.device:
-    """Where the group's collectives take tensors: the current CUDA device under NCCL, else the CPU."""
-    import torch.distributed as dist
-
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 @dataclass

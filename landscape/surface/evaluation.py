@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..models import check_kind
 from ..progress import bar as progress_bar
 from ..runtime import gather_all, rank_and_world
-from ..sharding import is_sharded, local_tensor, point_groups
+from ..sharding import is_sharded_model, local_tensor, point_groups
 from .perturbation import InPlacePerturbation
 
 Batch = Dict[str, torch.Tensor]  # a batch dict, or a direction {param name: tensor}
@@ -187,7 +187,7 @@ def evaluate_rounds(model: torch.nn.Module, directions: List[Batch], batches: Li
     _check_reach(model, directions, [points[i] for i in todo])
     group, groups, reports = point_groups(model)
     step = checks.positive_int(points_per_pass, "points_per_pass")  # 0 is refused, not taken as 1
-    if step > 1 and any(is_sharded(p) for p in model.parameters()):
+    if step > 1 and is_sharded_model(model):
         raise UsageError("several points per pass need the whole model on each rank; a sharded model "
                          "evaluates one point per pass")
     batch_sets = [batches] + ([eval_batches] if eval_batches is not None else [])
