@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..sharding import collective_device
 
 # Bases up to this many bytes stay in memory (on the operator's device); larger ones go to a file.
 DEFAULT_BASIS_BYTES = 2**30
@@ -47,12 +48,6 @@ def _orthogonalize(basis: torch.Tensor, w: torch.Tensor, shards=None) -> tuple[t
 def _summed(partial: torch.Tensor, shards) -> torch.Tensor:
     """Inner products of this rank's pieces, added over the shard group (as they are without one)."""
     return partial if shards is None else shards.reduce(partial)
-
-
-def _reduce_device(shards):
-    from .shards import _device
-
-    return _device(shards.group)
 
 
 def _fix_sign(v: torch.Tensor) -> torch.Tensor:
@@ -222,7 +217,7 @@ class FileBasis:
             squares += combined.double().square().sum(dim=1).cpu()
             self._put_block(start, length, 0, combined)
         if self.shards is not None:
-            squares = self.shards.reduce(squares.to(_reduce_device(self.shards))).cpu()
+            squares = self.shards.reduce(squares.to(collective_device())).cpu()
         norms = squares.sqrt().to(self.dtype)
         largest = torch.full((wanted,), -1.0, dtype=self.dtype)
         signs = torch.ones(wanted, dtype=self.dtype)
