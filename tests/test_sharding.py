@@ -110,7 +110,10 @@ def test_sharded_fisher_equals_single_process(name, request, tiny_corpus_file, t
         assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
     expected = compute_fisher(loaded.model, small_batches(loaded, tiny_corpus_file, batch_size=7, max_samples=7),
                               kind=loaded.kind)
-    assert_same_fisher(fisher, {k: v.double() for k, v in expected.items()}, rtol=1e-6)
+    # float32 gradients summed in another order (other batches, FSDP2's reduce-scatter): BERT's value
+    # weights have measured 1.2e-6 of the tensor's largest value under load, so 1e-6 was a flake; a
+    # wrong row, sample or rank is off by far more than 1e-5.
+    assert_same_fisher(fisher, {k: v.double() for k, v in expected.items()}, rtol=1e-5)
 
 
 RESUME_WORKER = """
