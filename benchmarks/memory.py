@@ -505,6 +505,7 @@ def main(argv=None):
           "OMP_NUM_THREADS=1"
           + (f"; torchrun --nproc-per-node {args.nproc}, largest process" if args.nproc > 1 else ""))
     work = Path(args.work or tempfile.mkdtemp(prefix="landscape-memory-"))
+    work.mkdir(parents=True, exist_ok=True)  # a --work folder not made yet (the children's logs go there)
     runner = Runner(args, work)
     if runner.hvp and any(s.startswith("hessian") for s in args.stages):
         print(f"hessian rows: --hvp {runner.hvp}")
