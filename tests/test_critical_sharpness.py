@@ -331,8 +331,8 @@ def test_a_sharded_rayleigh_quotient_equals_the_single_process(name, request, ti
     Tolerance 1e-5 relative: d agrees with one process's to float32 rounding (the test above), a
     single sharded difference product equals one process's to rounding (docs/curvature.md,
     "Sharded"), and the sums over the shard group add the ranks' float64 partial sums in another
-    order; the central difference's step follows ‖d‖ summed over the group, so a sum left to one
-    rank's rows (half of dᵀd, or of dᵀHd) moves the quotient by O(1).
+    order (measured: 3.2e-16 on GPT-2, 2.0e-15 on Llama).  A sum left to one rank's rows would give
+    that rank's own quotient, or half of dᵀd against the whole dᵀHd: another number, not rounding.
     """
     import subprocess
 
