@@ -10,7 +10,8 @@ first thick restart of its 21-vector basis), ``hessian-trace`` (``--trace 4``) a
 ``hessian-spectrum`` (``--spectrum 1 --steps 40``); their Lanczos bases go to a temporary file
 beyond ``--basis-mb`` (1024 MB), so on a model over ~13M parameters they show the file-backed path.
 ``--sample NxT`` changes the sample (e.g. ``2x32``, the size the Hessian's memory was first
-measured at). ``hessian`` does not shard yet, so its rows fail under ``--nproc``. The peak is, on
+measured at). ``--hvp difference`` gives the ``hessian`` rows the gradient-only product (the
+default under ``--nproc`` above 1: a sharded Hessian takes no other, and only in float32). The peak is, on
 CPU, the child's peak RSS from the moment its model is loaded (and sharded): the child resets the
 kernel's high-water mark right after ``load_model`` and ``shard_model`` return, so the loader's
 own transient peak, which is the same for every stage and can hide what a lean stage adds, is not
@@ -207,6 +208,8 @@ class Runner:
     def __init__(self, args, work):
         self.work, self.nproc, self.shard_size = work, args.nproc, args.shard_size or args.nproc
         self.sample = args.sample
+        # A sharded Hessian takes the gradient-only product only (docs/curvature.md, "Sharded").
+        self.hvp = args.hvp or ("difference" if self.nproc > 1 else None)
         # glibc keeps freed blocks in per-thread heaps (arenas) and reuses them poorly across threads:
         # measured here, a sharded forward's all-gather buffers, freed block after block, grew the
         # RSS by the whole model although none was alive.  A fixed mmap threshold returns every
@@ -259,6 +262,8 @@ class Runner:
         """Run ``landscape COMMAND`` with the stage's arguments (plus --shard-size under torchrun)."""
         if self.nproc > 1:
             stage_args = stage_args + ["--shard-size", str(self.shard_size)]
+        if command == "hessian" and self.hvp:
+            stage_args = stage_args + ["--hvp", self.hvp]
         return self.run({"mode": "cli", "argv": [command] + stage_args}, name, self.launcher())
 
 
@@ -462,6 +467,9 @@ def parse_args(argv):
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage under torch.distributed.run")
     parser.add_argument("--shard-size", type=int, default=None, help="passed to each stage when --nproc > 1 "
                                                                      "(default: --nproc)")
+    parser.add_argument("--hvp", default=None, choices=("exact", "difference"),
+                        help="the hessian rows' Hessian-vector product (default: the stage's, exact; difference "
+                             "when --nproc > 1, the only one a sharded Hessian takes)")
     parser.add_argument("--sample", default="x".join(map(str, DEFAULT_SAMPLE)), metavar="NxT",
                         help="sequences x tokens of the sample, one batch (default: %(default)s)")
     parser.add_argument("--random-llama", default=None, metavar="L,H,V",
@@ -497,7 +505,10 @@ def main(argv=None):
           "OMP_NUM_THREADS=1"
           + (f"; torchrun --nproc-per-node {args.nproc}, largest process" if args.nproc > 1 else ""))
     work = Path(args.work or tempfile.mkdtemp(prefix="landscape-memory-"))
+    work.mkdir(parents=True, exist_ok=True)  # a --work folder not made yet (the children's logs go there)
     runner = Runner(args, work)
+    if runner.hvp and any(s.startswith("hessian") for s in args.stages):
+        print(f"hessian rows: --hvp {runner.hvp}")
     results = {}
     try:
         if args.random_llama:

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import adapters
-from .critical_shards import group_sum, sharded_gradient, write_direction, zeros_like_local
+from .critical_shards import group_sum, operator_vector, sharded_gradient, write_direction, zeros_like_local
 from .curvature.critical import LineSearch, critical_step
 from .direction_file import check_existing_directions
 from .errors import SettingsMismatch, UsageError
@@ -164,26 +164,28 @@ def rayleigh_quotient(loaded: LoadedModel, direction: Direction, batches: List[d
     """dᵀHd/dᵀd of the loss over ``batches`` from one Hessian-vector product (``curvature.HessianOperator``).
 
     On a PEFT adapter the Hessian is the adapter's own block (``moved_parameters``).  ``hvp``: how the
-    product is formed, "exact" or "difference" (``curvature.HessianOperator``).
+    product is formed, "exact" or "difference" (``curvature.HessianOperator``).  On a sharded model
+    (FSDP2) d is this rank's rows of each tensor, as ``loss_gradient`` gives it: the operator takes
+    them as its local pieces, and both sums are added over the shard group (every rank of the group
+    calls this); the sharded product is the gradient-only one, of a float32 model
+    (``settings.refuse_unshardable_hessian``).
 
     Raises:
-        UsageError: d moves parameters outside the Hessian's coordinates, or a sharded model.
+        UsageError: d moves parameters outside the Hessian's coordinates, or a sharded product the
+            sharded model cannot give.
     """
     from .curvature import HessianOperator
 
-    if is_sharded_model(loaded.model):
-        raise UsageError("the Rayleigh quotient needs the whole model on each rank: its Hessian-vector product "
-                         "does not run on a sharded model")
     names = moved_parameters(loaded)
     mask = None if names is None else adapters.adapter_mask(loaded.model, names)
     hessian = HessianOperator(loaded.model, batches, mask, loaded.kind, cache_bytes=0, hvp=hvp)
-    v = hessian.from_dict(direction).double()
-    whole = sum(float(t.double().square().sum()) for t in direction.values())
-    inside = float(v.square().sum())
+    v = operator_vector(hessian, direction).double()
+    whole = group_sum(sum(float(t.double().square().sum()) for t in direction.values()), loaded.model)
+    inside = group_sum(float(v.square().sum()), loaded.model)
     if not math.isclose(whole, inside, rel_tol=1e-6):
         raise UsageError("the direction moves parameters outside the Hessian's coordinates (those that do not "
                          "require grad, or a PEFT adapter's base): its Rayleigh quotient would leave them out")
-    return float(v @ (hessian @ v.float()).double()) / inside
+    return group_sum(float(v @ (hessian @ v.float()).double()), loaded.model) / inside
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -195,8 +197,8 @@ def run_critical_sharpness(settings: Optional[CriticalSharpnessSettings] = None,
 
     Under torchrun with ``settings.model.shard_size`` K > 1 the model is sharded with FSDP2 over
     groups of K ranks (``critical_shards``: the gradient from its backward, the direction as local
-    rows, the line's forward passes by the surfaces' sharded evaluator) and rank 0 writes; every
-    rank returns the same result.
+    rows, the line's forward passes by the surfaces' sharded evaluator, ``rayleigh``'s product by the
+    sharded Hessian operator) and rank 0 writes; every rank returns the same result.
 
     Args:
         settings: the model, the loss's sample, the update (``direction``, ``update_corpus``), the
@@ -214,8 +216,9 @@ def run_critical_sharpness(settings: Optional[CriticalSharpnessSettings] = None,
 
     Raises:
         UsageError: a direction along which the loss rises at once (refused, never flipped), a
-            direction file of another model, ``rayleigh`` on a sharded model, or outputs that may
-            not be written (``OutputRefused``, ``OutputBusy``, ``SettingsMismatch``).
+            direction file of another model, ``rayleigh`` on a sharded model with the exact product
+            or not in float32, or outputs that may not be written (``OutputRefused``, ``OutputBusy``,
+            ``SettingsMismatch``).
     """
     settings = settings or CriticalSharpnessSettings()
     out = check_output_path(out, "out", [".json"])

@@ -397,6 +397,33 @@ class ProfileSettings(Settings):
 MASK_GRANULARITIES = ("global", "tensor")
 IGNORES = ("biasbn", "none")
 HVP_METHODS = ("exact", "difference")  # how a Hessian-vector product is formed (curvature.HessianOperator)
+# What a model sharded with FSDP2 can hold for its Hessian: the products are formed in its own precision.
+SHARDED_HESSIAN_PRECISIONS = ("float32", "float64")
+
+
+def refuse_unshardable_hessian(hvp: str, precisions: Sequence[str]) -> None:
+    """Refuse a Hessian-vector product that a model sharded with FSDP2 cannot give.
+
+    The one home of the rule for every sharded Hessian (``hessian``, the Rayleigh quotient of
+    ``critical-sharpness``, a ``curvature.HessianOperator`` of a sharded model): FSDP2 hands the
+    gradient back by a reduce-scatter outside autograd's graph of the sharded parameters, so a
+    double backward finds no path to them and gives zeros, not an error (tried); and a sharded
+    model cannot be cast up to float32 in place for the products (docs/curvature.md, "Sharded").
+
+    Args:
+        hvp: how the products are formed (``HVP_METHODS``); only "difference" runs sharded.
+        precisions: the precisions the model is (to be) held in, by name ("float32", "bfloat16", ...).
+
+    Raises:
+        SettingsRefused: naming ``shard_size`` with ``hvp`` or ``dtype``.
+    """
+    if hvp == "exact":
+        raise SettingsRefused("{shard_size} > 1 needs the gradient-only product ({hvp} difference): a model "
+                              "sharded with FSDP2 takes no double backward")
+    held = sorted(set(precisions) - set(SHARDED_HESSIAN_PRECISIONS))
+    if held:
+        raise SettingsRefused("{shard_size} > 1 needs {dtype} float32, not {held}: the sharded products are formed "
+                              "in the model's own precision", held=", ".join(held))
 
 
 @dataclass(frozen=True)
@@ -442,18 +469,13 @@ class HessianSettings(Settings):
         super().__post_init__()
 
     def validate(self):
-        """Refuse a run with nothing to compute, fewer products than eigenpairs, or a sharded exact product."""
+        """Refuse a run with nothing to compute, fewer products than eigenpairs, or a sharded Hessian it cannot give."""
         if not (self.top or self.trace or self.spectrum):
             raise UsageError("nothing to compute: ask for eigenpairs, a trace or a spectrum")
         if self.top and self.max_iter < self.top:
             raise UsageError(f"max_iter ({self.max_iter}) must be at least the number of eigenpairs ({self.top})")
-        if self.model.shard_size > 1 and self.hvp == "exact":
-            # FSDP2's gradient is outside autograd's graph of the sharded parameters (docs/curvature.md).
-            raise SettingsRefused("{shard_size} > 1 needs the gradient-only product ({hvp} difference): a model "
-                                  "sharded with FSDP2 takes no double backward")
-        if self.model.shard_size > 1 and self.model.dtype != "float32":
-            raise SettingsRefused("{shard_size} > 1 needs {dtype} float32: the sharded products are formed in the "
-                                  "model's own precision")
+        if self.model.shard_size > 1:
+            refuse_unshardable_hessian(self.hvp, [self.model.dtype])
 
 
 CRITICAL_TOLERANCE = checks.Domain("float", 0.0, 0.05, low_open=True)  # the issue's contract: at most 5%
@@ -493,16 +515,19 @@ class CriticalSharpnessSettings(Settings):
         super().__post_init__()
 
     def validate(self):
-        """Refuse a direction that is neither a kind nor a file's name, and settings the run would ignore."""
+        """Refuse a bad direction, settings the run would ignore, and a sharded quotient it cannot form.
+
+        A direction is a kind or a file's name; the sharded quotient's product follows
+        ``refuse_unshardable_hessian``, as ``hessian``'s does.
+        """
         if self.direction not in CRITICAL_DIRECTIONS and not str(self.direction).lower().endswith((".h5", ".hdf5")):
             raise UsageError(f"direction must be gradient, sign or a direction file (.h5), got {self.direction!r}")
         if self.direction not in CRITICAL_DIRECTIONS and self.update_corpus is not None:
             raise SettingsRefused("{update_corpus} gives a gradient direction: a direction file does not use it")
         if self.hvp != "exact" and not self.rayleigh:
             raise SettingsRefused("{hvp} applies to {rayleigh} only")
-        if self.rayleigh and self.model.shard_size != 1:  # no Hessian-vector product of a sharded model yet
-            raise SettingsRefused("{rayleigh} needs the whole model on each rank: it does not run with {shard_size} "
-                                  "above 1")
+        if self.rayleigh and self.model.shard_size > 1:  # the quotient's product is a sharded Hessian's
+            refuse_unshardable_hessian(self.hvp, [self.model.dtype])
 
 
 CRITICAL_DIRECTIONS = ("gradient", "sign")

@@ -93,3 +93,27 @@ def test_a_sharded_exact_product_is_refused(capfd, tmp_path):
                                   "--out", tmp_path / "H.json")
     one_line(code, err, "--shard-size", "--dtype float32")
     assert not (tmp_path / "H.json").exists()
+
+
+def test_a_sharded_model_s_operator_is_refused_in_the_settings_words(tiny_llama_dir):
+    """``check_shardable`` (a ``HessianOperator`` of a sharded model) applies the settings' own rule
+    (``settings.refuse_unshardable_hessian``): the same refusal, in the same words, as ``hessian``'s."""
+    import torch
+
+    from landscape.curvature.shards import check_shardable
+    from landscape.models import load_model
+
+    model = load_model(str(tiny_llama_dir)).model
+    with pytest.raises(SettingsRefused) as operator:
+        check_shardable(model, "exact")
+    with pytest.raises(SettingsRefused) as settings:
+        HessianSettings(model=ModelSpec(shard_size=2))
+    assert str(operator.value) == str(settings.value)
+    check_shardable(model, "difference")  # float32: what a sharded product takes
+    check_shardable(model.double(), "difference")  # float64 too: it needs no cast
+    with pytest.raises(SettingsRefused) as operator:
+        check_shardable(model.to(torch.bfloat16), "difference")
+    with pytest.raises(SettingsRefused) as settings:
+        HessianSettings(model=ModelSpec(shard_size=2, dtype="bfloat16"), hvp="difference")
+    assert str(operator.value) == str(settings.value) == ("shard_size > 1 needs dtype float32, not bfloat16: the "
+                                                          "sharded products are formed in the model's own precision")

@@ -17,7 +17,8 @@ def register(subparsers):
                     "never flipped. Writes a JSON report; rerunning the same command reads it back. Several "
                     "--model (or one folder of checkpoints) write a CSV --out and a figure of lambda_c across them; an "
                     "interrupted sweep rerun with the same settings keeps the checkpoints already measured. Under "
-                    "torchrun, --shard-size K shards the model with FSDP2 (--rayleigh needs --shard-size 1).")
+                    "torchrun, --shard-size K shards the model with FSDP2 (--rayleigh then needs --hvp difference and "
+                    "--dtype float32, as hessian does).")
     add_settings_arguments(parser, CriticalSharpnessSettings)
     group = next(g for g in parser._action_groups if g.title == "model")
     group.add_argument("--model", dest="source", action="append", metavar="MODEL",

@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import UsageError
 from ..runtime import all_reduce_sum, gather_all, rank_and_world
+from ..settings import refuse_unshardable_hessian
 from ..sharding import collective_device, collective_errors, is_sharded, local_rows, local_tensor
 
 
@@ -156,13 +156,7 @@ def rows_of(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def check_shardable(model: torch.nn.Module, hvp: str) -> None:
     """Refuse what a model sharded with FSDP2 cannot give: a double backward, or a cast to float32.
 
-    Its gradient comes back by FSDP2's reduce-scatter, outside autograd's graph of the sharded
-    parameters: a double backward finds no path to them and gives zeros, not an error (tried).
+    The rule is ``settings.refuse_unshardable_hessian``'s (the settings of the stages call it too),
+    applied to the precisions the model's parameters hold.
     """
-    if hvp == "exact":
-        raise UsageError("the exact Hessian-vector product needs a double backward, which a model sharded with "
-                         "FSDP2 does not take; use the gradient-only product (hvp 'difference')")
-    held = {str(p.dtype).replace("torch.", "") for p in model.parameters()} - {"float32", "float64"}
-    if held:
-        raise UsageError(f"a sharded model's Hessian is formed in its own precision, and it holds {', '.join(held)}; "
-                         "load it in float32")
+    refuse_unshardable_hessian(hvp, [str(p.dtype).replace("torch.", "") for p in model.parameters()])
