@@ -159,7 +159,7 @@ def _token_ids(docs: List[str], tokenizer):
     surface of a few samples of the embedded corpus once tokenized all of it (2 s a call).  Each
     document is tokenized on its own in a batch, so the ids are those of one call over all of them.
     """
-    start, block = 0, 64
+    start, block = 0, 1  # one document often holds a few samples: 5,400 characters on average in the embedded corpus
     while start < len(docs):
         # Documents are longer than the model's positions on purpose (they are cut later): no warning.
         yield from tokenizer(list(docs[start: start + block]), add_special_tokens=False,
