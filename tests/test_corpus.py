@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import TEXT
 
 from landscape.data.corpus import load_batches, load_documents, make_samples, pack_documents, subsample_documents
@@ -61,6 +62,39 @@ def test_mlm_samples_have_the_asked_length_and_max_samples(tiny_bert):
     assert len(samples) == 5
     assert all(len(s["input_ids"]) == 16 for s in samples)
     assert samples[0]["input_ids"][0] == tiny_bert.tokenizer.cls_token_id
+
+
+class _Counting:
+    """A tokenizer that counts the documents it was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.documents = tokenizer, 0
+
+    def __call__(self, texts, **options):
+        self.documents += len(texts)
+        return self.tokenizer(texts, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_few_samples_of_a_large_corpus_tokenize_only_the_documents_they_need(tiny_llama, tiny_t5):
+    # Every surface of the demo once tokenized the whole embedded corpus for its few samples.
+    docs = [f"{TEXT[i % len(TEXT)]} ({i})" for i in range(2000)]
+    for loaded in (tiny_llama, tiny_t5):
+        counting = _Counting(loaded.tokenizer)
+        few = make_samples(counting, loaded.kind, docs, seq_len=16, max_samples=3)
+        assert counting.documents < 200, loaded.kind
+        whole = make_samples(loaded.tokenizer, loaded.kind, docs, seq_len=16)  # the same first 3 samples
+        assert len(few) == 3 and len(whole) > 500
+        for a, b in zip(few, whole[:3]):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), loaded.kind
+
+
+def test_a_sample_limit_past_the_corpus_gives_every_sample(tiny_bert):
+    every = make_samples(tiny_bert.tokenizer, "mlm", TEXT, seq_len=16)
+    more = make_samples(tiny_bert.tokenizer, "mlm", TEXT, seq_len=16, max_samples=len(every) + 5)
+    assert len(more) == len(every) and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(more, every))
 
 
 def test_load_batches_end_to_end(tiny_gpt2, tiny_corpus_file):

@@ -133,7 +133,8 @@ def test_a_killed_overwrite_leaves_the_old_demo_as_it_was(finished_demo):
     folder = finished_demo[0]
     staging = folder.parent / ".demo.new"
     finished = _files(folder)
-    cmd = landscape_cmd("demo", "--out", folder, "--overwrite", "--fisher-samples", 128, "--eval-samples", 2,
+    # 16 samples: not the old demo's 8, so a new Fisher written over the old one would show below.
+    cmd = landscape_cmd("demo", "--out", folder, "--overwrite", "--fisher-samples", 16, "--eval-samples", 2,
                         "--grid-2d", "-0.5:0.5:3", "--grid-1d", "-0.5:0.5:3", "--threads", 1)
     proc = subprocess.Popen([str(c) for c in cmd], env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

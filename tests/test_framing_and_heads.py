@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import landscape_cmd, subprocess_env
+from conftest import cli_in_process, landscape_cmd, subprocess_env
 
 from landscape import surface
 from landscape.data.corpus import describe_framing, load_batches
@@ -55,18 +55,20 @@ def _cli(*args, cwd):
 
 
 @pytest.mark.slow
-def test_commands_refuse_a_headless_checkpoint_in_one_line(headless_bert_dir, tiny_corpus_file, tmp_path):
+def test_commands_refuse_a_headless_checkpoint_in_one_line(headless_bert_dir, tiny_corpus_file, tmp_path, capfd):
     common = ["--model", headless_bert_dir, "--corpus", tiny_corpus_file, "--seq-len", 16, "--max-samples", 4]
     refused = _cli("fisher", *common, "--out", tmp_path / "F.safetensors", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "--allow-new-head" in refused.stderr and "cls.predictions" in refused.stderr
     assert not (tmp_path / "F.safetensors").exists()
-    allowed = _cli("fisher", *common, "--allow-new-head", "--quiet", "--out", tmp_path / "F.safetensors",
-                   cwd=tmp_path)
-    assert allowed.returncode == 0, allowed.stderr
+    # What is accepted runs in this process (the refusals, each a user's command, in their own).
+    code, _, err = cli_in_process(capfd, "fisher", *common, "--allow-new-head", "--quiet", "--out",
+                                  tmp_path / "F.safetensors")
+    assert code == 0, err
     # Directions need only shapes, unless they are masked by a Fisher (which measures the head).
-    assert _cli("directions", "--model", headless_bert_dir, "--dims", 1, "--out", tmp_path / "d.h5",
-                cwd=tmp_path).returncode == 0
+    code, _, err = cli_in_process(capfd, "directions", "--model", headless_bert_dir, "--dims", 1, "--out",
+                                  tmp_path / "d.h5")
+    assert code == 0, err
     masked = _cli("directions", "--model", headless_bert_dir, "--fisher", tmp_path / "F.safetensors",
                   "--subset", "top:5", "--out", tmp_path / "m.h5", cwd=tmp_path)
     assert masked.returncode == 2 and "--allow-new-head" in masked.stderr

@@ -73,8 +73,8 @@ def _records(out):
     return max(0, path.read_text().count("\n") - 1) if path.exists() else 0
 
 
-def test_a_killed_sharded_surface_resumes_to_the_same_numbers(tiny_llama_dir, tiny_corpus_file, tmp_path):
-    _run("directions", "--model", tiny_llama_dir, "--out", tmp_path / "d.h5")
+def test_a_killed_sharded_surface_resumes_to_the_same_numbers(tiny_llama_dir, tiny_corpus_file, tmp_path, capfd):
+    _in_process(capfd, "directions", "--model", tiny_llama_dir, "--out", tmp_path / "d.h5")
     surface = ("surface", "--model", tiny_llama_dir, "--directions", tmp_path / "d.h5", "--corpus",
                tiny_corpus_file, *SAMPLE, "--x=-1:1:8", "--y=-1:1:6", "--device", "cpu", "--flush-seconds", "0")
     out = tmp_path / "s.h5"
@@ -90,6 +90,6 @@ def test_a_killed_sharded_surface_resumes_to_the_same_numbers(tiny_llama_dir, ti
     resumed = _run(*surface, "--out", out, "--shard-size", "2", ranks=2)
     assert "48 in the grid" in resumed.stdout
     assert int(resumed.stdout.split("wrote ")[1].split(": ")[1].split(" ")[0]) <= 48 - seen
-    _run(*surface, "--out", tmp_path / "one.h5")
+    _in_process(capfd, *surface, "--out", tmp_path / "one.h5")
     np.testing.assert_allclose(S.read_surface(out).z, S.read_surface(tmp_path / "one.h5").z, rtol=1e-6, atol=0)
     assert not S.journal_path(out).exists()

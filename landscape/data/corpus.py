@@ -152,8 +152,23 @@ def describe_framing(tokenizer, bos: str = "auto") -> str:
     return f"bos={bos}: {tokens(prefix)} … {tokens(suffix)}"
 
 
+def _token_ids(docs: List[str], tokenizer):
+    """Each document's token ids in order, tokenized in doubling blocks.
+
+    A caller that stops early (enough chunks) leaves the rest of a large corpus untokenized: a
+    surface of a few samples of the embedded corpus once tokenized all of it (2 s a call).  Each
+    document is tokenized on its own in a batch, so the ids are those of one call over all of them.
+    """
+    start, block = 0, 1  # one document often holds a few samples: 5,400 characters on average in the embedded corpus
+    while start < len(docs):
+        # Documents are longer than the model's positions on purpose (they are cut later): no warning.
+        yield from tokenizer(list(docs[start: start + block]), add_special_tokens=False,
+                             verbose=False)["input_ids"]
+        start, block = start + block, block * 2
+
+
 def pack_documents(docs: List[str], tokenizer, seq_len: int, separator: Optional[int] = None,
-                   show_progress: bool = False) -> List[List[int]]:
+                   show_progress: bool = False, max_chunks: Optional[int] = None) -> List[List[int]]:
     """Tokenize documents and cut the concatenated stream into chunks of ``seq_len`` content tokens.
 
     The last chunk keeps what is left (it is shorter, not dropped).
@@ -164,17 +179,21 @@ def pack_documents(docs: List[str], tokenizer, seq_len: int, separator: Optional
         seq_len: content tokens per chunk.
         separator: the token id documents are joined with, or None for nothing.
         show_progress: a tqdm bar over documents.
+        max_chunks: stop tokenizing once the stream holds this many whole chunks (None: every
+            document); the chunks returned start with the same ``max_chunks`` as without it.
 
     Returns:
         A list of lists of token ids.
     """
     stream = []
-    # Documents are longer than the model's positions on purpose (they are cut below): no warning.
-    encoded = tokenizer(list(docs), add_special_tokens=False, verbose=False)["input_ids"]
-    for ids in progress_bar(encoded, total=len(encoded), desc="packing", enabled=show_progress):
+    # A chunk of one token is dropped by make_samples: only whole chunks of 2 or more count as enough.
+    enough = max_chunks * seq_len if max_chunks is not None and seq_len >= 2 else None
+    for ids in progress_bar(_token_ids(docs, tokenizer), total=len(docs), desc="packing", enabled=show_progress):
         stream.extend(ids)
         if separator is not None:
             stream.append(separator)
+        if enough is not None and len(stream) >= enough:
+            break
     return [stream[i: i + seq_len] for i in range(0, len(stream), seq_len)]
 
 
@@ -212,17 +231,17 @@ def make_samples(tokenizer, kind: str, docs: List[str], seq_len: int = 128, max_
         raise UsageError(f"documents make samples of a language model's objective, not of '{kind}'")
     if seq_len < 8:
         raise UsageError(f"seq-len must be at least 8, got {seq_len}")
+    check_max_samples(max_samples)
     prefix, suffix = sample_framing(tokenizer, bos)
     if kind == "mlm":
         chunks = pack_documents(docs, tokenizer, seq_len - len(prefix) - len(suffix),
-                                separator=tokenizer.sep_token_id)
+                                separator=tokenizer.sep_token_id, max_chunks=max_samples)
     elif kind == "causal":
         chunks = pack_documents(docs, tokenizer, seq_len - len(prefix) - len(suffix),
-                                separator=tokenizer.eos_token_id)
+                                separator=tokenizer.eos_token_id, max_chunks=max_samples)
     else:
-        chunks = pack_documents(docs, tokenizer, seq_len - 1)
+        chunks = pack_documents(docs, tokenizer, seq_len - 1, max_chunks=max_samples)
     chunks = [c for c in chunks if len(c) >= 2]
-    check_max_samples(max_samples)
     if max_samples is not None:
         chunks = chunks[:max_samples]
     if not chunks:
