@@ -6,9 +6,9 @@ Gaussian vectors v, the relative error ‖H_diff·v − H·v‖ / ‖H·v‖, th
 each product's seconds (noise on a shared CPU; the first exact product includes its graph's build).
 With ``--lanczos C ...`` it also prints the error along the second Lanczos vector from the seeded
 Gaussian start vector v₁ of ``top_eigenpairs`` (v₂ ∝ H·v₁ − α₁v₁, every parameter a coordinate;
-it gathers on fewer coordinates than a random vector), with the step constant
-``difference.DIFFERENCE_STEP`` set to each C in turn.  Norms and inner products are summed in
-float64 (``quadratic.block_dot``).
+it gathers on fewer coordinates than a random vector) and along the first random vector, with the
+step constant ``difference.DIFFERENCE_STEP`` set to each C in turn.  Norms and inner products are
+summed in float64 (``quadratic.block_dot``).
 
     python benchmarks/hvp_difference_error.py --model ~/.cache/landscape/checkpoints/smollm2-135m-instruct
     python benchmarks/hvp_difference_error.py --model ~/.cache/landscape/checkpoints/smollm2-135m-instruct \
@@ -71,26 +71,30 @@ def _norm(w) -> float:
 
 
 def _along_lanczos(exact, difference, steps) -> None:
-    """The error along v₂, the second Lanczos vector from the seed-0 start vector, per step constant."""
+    """Per step constant, the error along v₂ (the second Lanczos vector from the seed-0 start vector) and along
+    a random Gaussian vector (seed 0, the first of the trials)."""
     with exact:
         v1 = _random_unit(exact.shape[0], _generator(0, 1), "cpu")
         h1 = exact @ v1
         w = h1 - block_dot(v1, h1) * v1
-        v2 = w / _norm(w)
-        h2 = exact @ v2
+        random = torch.randn(exact.shape[0], generator=torch.Generator().manual_seed(0))
+        vectors = {"v2": w / _norm(w), "random": random}
+        products = {name: exact @ v for name, v in vectors.items()}
     theta = sum(float(p.detach().double().square().sum()) for p in difference.space.params) ** 0.5
+    v2, h2 = vectors["v2"], products["v2"]
     print(f"v2 (second Lanczos vector): v2'Hv2 exact {block_dot(v2, h2):.6g}; |theta| {theta:.6g}")
     default = difference_module.DIFFERENCE_STEP
     try:
         for c in steps:
             difference_module.DIFFERENCE_STEP = c
             with difference:
-                d2 = difference @ v2
-            print(f"  c {c:g} (step {c * (1 + theta):.3g}): relative error {_norm(d2 - h2) / _norm(h2):.3e}  "
-                  f"v2'Hv2 difference {block_dot(v2, d2):.6g}", flush=True)
+                got = {name: difference @ v for name, v in vectors.items()}
+            errors = {name: _norm(got[name] - products[name]) / _norm(products[name]) for name in vectors}
+            print(f"  c {c:g} (step {c * (1 + theta):.3g} along a unit vector): relative error along v2 "
+                  f"{errors['v2']:.3e} (v2'Hv2 {block_dot(v2, got['v2']):.6g}), along random v {errors['random']:.3e}",
+                  flush=True)
     finally:
         difference_module.DIFFERENCE_STEP = default
-
 
 if __name__ == "__main__":
     main()
