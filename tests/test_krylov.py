@@ -60,3 +60,21 @@ def test_the_budget_decides_where_the_basis_lives():
     basis.close()
     with pytest.raises(UsageError, match="budget"):
         krylov.krylov_basis(rows, dim, torch.float32, "cpu", -1)
+
+
+@pytest.mark.filterwarnings("ignore:top_eigenpairs. not converged")
+def test_lanczos_on_millions_of_coordinates_sums_in_float64():
+    # SmolLM2's Hessian has 134M coordinates: there torch's float32 dot products, norms and
+    # matrix-vector products on the CPU were off by up to 1.5% (2e-4 at 2^23), so the start vector
+    # was not unit, the basis not orthonormal, and two runs of the same Krylov space disagreed.
+    from landscape.curvature.lanczos import _generator, _random_unit
+
+    n = 2**23
+    start = _random_unit(n, _generator(0, 1), "cpu")
+    assert abs(float(start.double().norm()) - 1.0) <= 1e-6
+    d = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d[:3] = torch.tensor([5.0, 4.0, 3.0], dtype=torch.float64)
+    # The same start vector and 4 products: the same Krylov space, so the same Ritz value as in float64.
+    want = C.top_eigenpairs(C.DiagonalOperator(d), k=1, max_iter=4, ncv=4)[0]
+    got = C.top_eigenpairs(C.DiagonalOperator(d.float()), k=1, max_iter=4, ncv=4)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)

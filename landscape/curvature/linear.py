@@ -265,14 +265,12 @@ class _Products:
         return tensor if self.shards is None else self.shards.reduce(tensor)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """aᵀb over the whole vectors."""
-        return self.summed(float(torch.dot(a, b)))
+        """aᵀb over the whole vectors, summed in float64 (``quadratic.block_dot``)."""
+        return self.summed(block_dot(a, b))
 
     def norm(self, w: torch.Tensor) -> torch.Tensor:
-        """‖w‖ over the whole vector, a 0-dim tensor of w's dtype (the pieces' squares added in float64)."""
-        if self.shards is None:
-            return w.norm()
-        return torch.tensor(self.summed(float(w.double().square().sum())) ** 0.5, dtype=w.dtype, device=w.device)
+        """‖w‖ over the whole vector, a 0-dim tensor of w's dtype (its squares added in float64)."""
+        return torch.tensor(self.summed(block_dot(w, w)) ** 0.5, dtype=w.dtype, device=w.device)
 
     def local(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's pieces of a whole vector (the vector itself when not sharded)."""
