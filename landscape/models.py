@@ -19,7 +19,7 @@ from .adapters import is_adapter_folder, load_adapter, new_parameters
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
 from .progress import is_quiet, on_terminal
-from .runtime import resolve_device, storage_dtype, transformers_silenced
+from .runtime import resolve_device, storage_dtype, to_storage, transformers_silenced
 from .sharding import ShardLayout
 
 OBJECTIVE_KINDS = ("mlm", "causal", "seq2seq", "classification")
@@ -293,8 +293,8 @@ def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
     new = new_parameters(loading_info)
     if new and not allow_new_head:
         _refuse_new_head(spec_str, kind, new)
-    model.to(device=resolve_device(device) if isinstance(device, str) else device,
-             dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    to_storage(model, device=resolve_device(device) if isinstance(device, str) else device,
+               dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     model.eval()
     check_finite_weights(model, spec_str)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=spec_str)
