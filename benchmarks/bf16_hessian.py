@@ -70,16 +70,18 @@ def compare(label, got, want) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    parser.add_argument("--corpus", default=None, help="text file (default: the embedded corpus)")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: all samples in one batch")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     full = load_model(args.model)
     half = load_model(args.model, dtype="bfloat16")
     cast = copy.deepcopy(full.model).to(torch.bfloat16)
-    batches = load_batches(full, corpus=None, max_samples=args.samples, seq_len=args.seq_len,
-                           batch_size=args.samples, seed=0)
+    batches = load_batches(full, corpus=args.corpus, max_samples=args.samples, seq_len=args.seq_len,
+                           batch_size=args.batch_size or args.samples, seed=0)
     kind = full.kind
     rounded = sorted(n for n, b in cast.named_buffers() if b.is_floating_point()
                      and not torch.equal(b.float(), full.model.get_buffer(n)))
