@@ -170,6 +170,7 @@ def load_model(spec: Optional[str] = None, device: Union[str, torch.device] = "c
         dtype: the storage dtype ("float32", "bfloat16", "float16", or a torch.dtype); "tf32" loads
             float32 weights.  Loading switches nothing: matmuls compute in TF32 inside
             ``runtime.precision_context("tf32")``, which the stages enter around their work.
+            A rotary embedding's frequencies stay float32 in any dtype (``runtime.to_storage``).
         allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
             ``BertModel`` such as a sentence-transformers checkpoint has no MLM head); by default
             such a load is refused, because transformers would fill them randomly.

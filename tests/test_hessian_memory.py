@@ -2,10 +2,12 @@
 
 A bfloat16 model's float32 weight copies are dropped while a product's second backward runs
 (``curvature/upcast.py``): its products stay bit-identical to a float32 model holding the same
-weights, on the tiny BERT, GPT-2, Llama and T5, with and without the graph cache and a mask; a copy changed
-in place inside the operator's block is used as changed.  ``HessianOperator.quadratic`` (vᵀHv with
-no product vector, ``curvature/quadratic.py``: what Hutchinson's probes use) equals the dot of
-the product on those models in float64, with a mask, and the dense Hessian's zᵀHz.
+weights, on the tiny BERT, GPT-2, Llama and T5, with and without the graph cache and a mask; a model
+loaded in bfloat16 has the products of the float32 load holding its weights (the Llama's rotary
+frequencies stay float32); a copy changed in place inside the operator's block is used as changed.
+``HessianOperator.quadratic`` (vᵀHv with no product vector, ``curvature/quadratic.py``: what
+Hutchinson's probes use) equals the dot of the product on those models in float64, with a mask,
+and the dense Hessian's zᵀHz.
 """
 
 import copy
