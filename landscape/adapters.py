@@ -27,7 +27,7 @@ from typing import Optional
 
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import UsageError
-from .runtime import resolve_device, transformers_silenced
+from .runtime import resolve_device, to_storage, transformers_silenced
 
 ADAPTER_CONFIG = "adapter_config.json"
 INSTALL_HINT = "pip install 'landscape[lora]' (or pip install peft)"
@@ -196,9 +196,7 @@ def load_adapter(folder, load_base, device="cpu", dtype=None, allow_new_head: bo
                          f"{str(err).splitlines()[0]}") from None
     for param in model.parameters():
         param.requires_grad_(True)
-    model.to(device=resolve_device(device) if isinstance(device, str) else device)
-    if dtype is not None:
-        model.to(dtype=dtype)
+    to_storage(model, device=resolve_device(device) if isinstance(device, str) else device, dtype=dtype)
     model.eval()
     info = {"adapter": str(folder), "adapter_config_sha256": digest,
             "base_model": "embedded" if base_spec is None else base.source}

@@ -19,7 +19,7 @@ from .adapters import is_adapter_folder, load_adapter, new_parameters
 from .datahome import EMBEDDED_MODEL_DIR
 from .errors import NewHeadRefused, UsageError
 from .progress import is_quiet, on_terminal
-from .runtime import resolve_device, storage_dtype, transformers_silenced
+from .runtime import resolve_device, storage_dtype, to_storage, transformers_silenced
 from .sharding import ShardLayout
 
 OBJECTIVE_KINDS = ("mlm", "causal", "seq2seq", "classification")
@@ -170,6 +170,7 @@ def load_model(spec: Optional[str] = None, device: Union[str, torch.device] = "c
         dtype: the storage dtype ("float32", "bfloat16", "float16", or a torch.dtype); "tf32" loads
             float32 weights.  Loading switches nothing: matmuls compute in TF32 inside
             ``runtime.precision_context("tf32")``, which the stages enter around their work.
+            A rotary embedding's frequencies stay float32 in any dtype (``runtime.to_storage``).
         allow_new_head: accept a checkpoint that lacks weights of the objective's model (a bare
             ``BertModel`` such as a sentence-transformers checkpoint has no MLM head); by default
             such a load is refused, because transformers would fill them randomly.
@@ -293,8 +294,8 @@ def _load(spec, device, dtype, allow_new_head) -> LoadedModel:
     new = new_parameters(loading_info)
     if new and not allow_new_head:
         _refuse_new_head(spec_str, kind, new)
-    model.to(device=resolve_device(device) if isinstance(device, str) else device,
-             dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    to_storage(model, device=resolve_device(device) if isinstance(device, str) else device,
+               dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     model.eval()
     check_finite_weights(model, spec_str)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=spec_str)

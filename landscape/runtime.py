@@ -180,6 +180,27 @@ def storage_dtype(precision: str) -> str:
     return "float32" if precision == "tf32" else precision
 
 
+def to_storage(model: Any, device: Any = None, dtype: Any = None) -> Any:
+    """Move a loaded model to ``device`` and cast it to ``dtype`` as ``from_pretrained(dtype=...)`` would.
+
+    ``Module.to(dtype)`` casts every floating buffer as well, and a rotary embedding's frequencies
+    (``inv_freq``: 1/θ^(2i/d), computed from the config, not read from the checkpoint) would be
+    rounded to bfloat16 (2⁻⁹ relative): every position's angle moves with them.  Transformers'
+    own load in a half precision keeps them in float32, and its rotary forward reads them as
+    float32, so they stay as loaded (transformers' rule for these modules: a class name with
+    ``RotaryEmbedding``).  Everything else is what ``Module.to`` makes of it.
+
+    Returns:
+        The model (cast in place).
+    """
+    kept = [(module, key, buf) for module in model.modules() if "RotaryEmbedding" in type(module).__name__
+            for key, buf in module._buffers.items() if buf is not None and buf.is_floating_point()]
+    model.to(device=device, dtype=dtype)
+    for module, key, buf in kept:
+        module._buffers[key] = buf.to(device=device)
+    return model
+
+
 @contextlib.contextmanager
 def precision_context(precision) -> Iterator[None]:
     """Compute in ``precision`` inside the block, and leave torch's switches as they were after it.

@@ -54,6 +54,14 @@ def test_an_adapter_folder_loads_on_its_base_with_the_adapter_applied(adapter_di
     assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, plain, atol=1e-3)
 
 
+def test_a_bfloat16_adapter_keeps_its_bases_rotary_frequencies_in_float32(adapter_dir):
+    # The adapter's cast is the load's: Module.to(bfloat16) alone would round them (docs/curvature.md, Memory).
+    half, full = load_model(str(adapter_dir), dtype="bfloat16").model, load_model(str(adapter_dir)).model
+    rotary = {n: b for n, b in half.named_buffers() if "rotary" in n}
+    assert rotary and all(b.dtype == torch.float32 and torch.equal(b, full.get_buffer(n)) for n, b in rotary.items())
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
 def test_without_peft_an_adapter_folder_is_one_line_naming_the_extra(adapter_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(UsageError, match=r"landscape\[lora\]"):

@@ -22,6 +22,7 @@ SMALL = ["--samples", "2", "--seq-len", "8", "--batch-size", "2"]
     ("fisher.py", [*SMALL, "--rounds", "1"], "median paired ratio"),
     ("hessian.py", [*SMALL, "--repeats", "1"], "ratio (b)/(a)"),
     ("bf16_agreement.py", [*SMALL, "--grid", "3"], "Fisher top-1% overlap"),
+    ("bf16_hessian.py", [*SMALL, "--threads", "1"], "vs float32 twin: loss"),
     ("critical_sharpness.py", [*SMALL, "--max-iter", "10", "--threads", "1"], "Rayleigh / top eigenvalue"),
 ])
 def test_benchmark_runs_and_prints_its_comparison(script, args, printed, tiny_gpt2_dir, tiny_corpus_file):

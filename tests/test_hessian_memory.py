@@ -2,10 +2,12 @@
 
 A bfloat16 model's float32 weight copies are dropped while a product's second backward runs
 (``curvature/upcast.py``): its products stay bit-identical to a float32 model holding the same
-weights, on the tiny BERT, GPT-2, Llama and T5, with and without the graph cache and a mask; a copy changed
-in place inside the operator's block is used as changed.  ``HessianOperator.quadratic`` (vᵀHv with
-no product vector, ``curvature/quadratic.py``: what Hutchinson's probes use) equals the dot of
-the product on those models in float64, with a mask, and the dense Hessian's zᵀHz.
+weights, on the tiny BERT, GPT-2, Llama and T5, with and without the graph cache and a mask; a model
+loaded in bfloat16 has the products of the float32 load holding its weights (the Llama's rotary
+frequencies stay float32); a copy changed in place inside the operator's block is used as changed.
+``HessianOperator.quadratic`` (vᵀHv with no product vector, ``curvature/quadratic.py``: what
+Hutchinson's probes use) equals the dot of the product on those models in float64, with a mask,
+and the dense Hessian's zᵀHz.
 """
 
 import copy
@@ -55,6 +57,23 @@ def test_half_precision_products_equal_a_float32_models_bit_for_bit(tiny_loaded,
     want = _products(full, batches, loaded.kind, vs, cache_bytes=cache_bytes, mask=mask)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, raw[n]) for n, p in half.named_parameters())
+
+
+def test_a_bfloat16_load_has_the_products_of_the_float32_load_holding_its_weights(tiny_loaded):
+    # What a user compares: `--dtype bfloat16` against `--dtype float32` on one checkpoint.  Only the
+    # weights may differ: the Llama's rotary frequencies (computed from the config) were rounded to
+    # bfloat16 by the load's cast, and its products moved (SmolLM2: 2.7e-3 relative).
+    loaded, batches = tiny_loaded
+    half = load_model(loaded.source, dtype="bfloat16").model
+    full = load_model(loaded.source).model
+    with torch.no_grad():
+        for name, param in full.named_parameters():
+            param.copy_(half.get_parameter(name))
+    dim = C.HessianOperator(full, batches, kind=loaded.kind).dim
+    vs = [torch.randn(dim, generator=torch.Generator().manual_seed(3))]
+    got = _products(half, batches, loaded.kind, vs)
+    want = _products(full, batches, loaded.kind, vs)
+    assert torch.equal(got[0], want[0])
 
 
 def test_half_precision_weights_hold_no_float32_copy_during_the_second_backward(tiny_loaded):

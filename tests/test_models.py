@@ -22,6 +22,17 @@ def test_head_is_chosen_from_the_config(request, fixture, kind, cls):
     assert not loaded.model.training
 
 
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_gpt2_dir", "tiny_t5_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_load_holds_the_buffers_of_transformers_own_load(request, fixture, dtype):
+    # Module.to(dtype) would round the Llama's rotary frequencies too; from_pretrained keeps them float32.
+    folder = str(request.getfixturevalue(fixture))
+    model = load_model(folder, dtype=dtype).model
+    ours, theirs = dict(model.named_buffers()), dict(type(model).from_pretrained(folder, dtype=dtype).named_buffers())
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_config_without_architectures_still_gets_a_head():
     from transformers import BertConfig, GPT2Config, T5Config
 
