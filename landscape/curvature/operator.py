@@ -26,6 +26,7 @@ from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
 from .quadratic import Quadratic, block_dot
+from .routes import Routes
 from .shards import check_shardable, local_part, point_split, rows_of
 from .upcast import Upcast
 
@@ -502,6 +503,7 @@ class HessianOperator:
 
     def _reset_cache(self):
         self._grad_sum = None  # Σ over cached batches of the first-order gradient, with its graph
+        self._routes: Optional[Routes] = None  # where its second backward's shares reach the parameters
         self._cached = set()  # indices of batches inside _grad_sum
         self._tokens: Optional[float] = None  # Σ_b n_tokens_b
         self._signature = None
@@ -551,12 +553,14 @@ class HessianOperator:
                     self._grad_sum = grads if self._grad_sum is None else [
                         g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
                 else:
-                    self._second(grads, vs, hv, retain=False)
+                    self._second(grads, vs, hv, Routes(grads, self.space.params), retain=False)
             if first:
                 self._tokens = tokens
                 self._signature = self._weights_signature()
             if self._grad_sum is not None:
-                self._second(self._grad_sum, vs, hv, retain=True)
+                if self._routes is None:  # the cached graph's: found once, hooked for each backward
+                    self._routes = Routes(self._grad_sum, self.space.params)
+                self._second(self._grad_sum, vs, hv, self._routes, retain=True)
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
         return hv.result() / self._tokens if quadratic else hv.result().div_(self._tokens)
@@ -594,11 +598,12 @@ class HessianOperator:
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
         return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
-    def _second(self, grads: list, vs: list, hv, retain: bool) -> None:
+    def _second(self, grads: list, vs: list, hv, routes: Routes, retain: bool) -> None:
         """Add the gradient of <grads, v> with respect to the coordinates' parameters (the unnormalized H·v) to hv.
 
         The backward starts at the (hollow) gradients with v as their cotangents: what the
-        gradient of Σ vdot(g, v) sends them, without keeping the gradients' values.
+        gradient of Σ vdot(g, v) sends them, without keeping the gradients' values.  Each share
+        of a parameter goes to ``hv.take`` as it is made (``routes``), none waits in autograd's buffers.
         """
         pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the weights: H = 0
@@ -608,8 +613,13 @@ class HessianOperator:
         # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
         # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
         hv.prepare()
-        torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
-                                inputs=self.space.params, retain_graph=retain)
+        handles = routes.attach(hv.take)
+        try:
+            torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
+                                    inputs=self.space.params, retain_graph=retain)
+        finally:
+            for handle in handles:
+                handle.remove()
         hv.fold()
 
 
@@ -645,6 +655,7 @@ class _Accumulator:
         self.out: Optional[torch.Tensor] = None
         self.saved: Optional[list] = None
         self.folded = []  # (block, its parameter-sized .grad) of the blocks fold adds in
+        self.targets: list = []  # each block's .grad, where take adds its shares
 
     def result(self) -> torch.Tensor:
         """The sum (zeros when there was no backward)."""
@@ -664,6 +675,11 @@ class _Accumulator:
             else:
                 b.param.grad = torch.zeros_like(b.param)
                 self.folded.append((b, b.param.grad))
+            self.targets.append(b.param.grad)
+
+    def take(self, block: int, share: torch.Tensor) -> None:
+        """Add one share of a block's H·v (shaped as its parameter) where autograd would have put it."""
+        self.targets[block].add_(share)
 
     def fold(self) -> None:
         for b, grad in self.folded:
