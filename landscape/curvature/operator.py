@@ -11,6 +11,7 @@ module a reader finds by the name of what it computes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import warnings
@@ -333,6 +334,7 @@ class HessianOperator:
         self._state: Optional[_ModelState] = None
         self._upcast: Optional[Upcast] = None  # a cast model's float32 copies, released for second backwards
         self._depth = 0
+        self._lean = 0  # inside released_between_products: the float32 copies stay released between products
         self._eager = False  # the model's attention had to be switched to eager (known after one product)
         self._warned = False
         self._reset_cache()
@@ -381,6 +383,8 @@ class HessianOperator:
         checkpoint's weights and configuration when it was loaded from one), the sample's tokens,
         the coordinates, the objective.
         """
+        if self._upcast is not None:  # a parameters' fingerprint reads the weights: not released ones
+            self._upcast.restore()
         return {"model": type(self.model).__name__, MODEL_KEY: module_fingerprint(self.model),
                 SAMPLE_KEY: sample_fingerprint(self.batches), "coordinates": self.space.fingerprint(),
                 "dim": self.dim, "objective": self.kind,
@@ -467,6 +471,26 @@ class HessianOperator:
         """Drop the cached first-order graphs (frees their memory)."""
         self._reset_cache()
 
+    @contextlib.contextmanager
+    def released_between_products(self):
+        """The operator's block, in which a cast model's float32 copies stay released from one product to the next.
+
+        For an estimator that touches the model only through products (``linear._Products``
+        enters it): after a product its caller's vector and the product are alive, and making the
+        copies again there (4 bytes per parameter) would set the run's peak.  They are made again
+        when a first-order graph is recorded, when ``identity()`` reads the weights, and when the
+        block ends inside an outer one (whose code may run the model); outside every block the
+        model gets its own tensors back, as always.
+        """
+        with self:
+            self._lean += 1
+            try:
+                yield self
+            finally:
+                self._lean -= 1
+                if not self._lean and self._depth > 1 and self._upcast is not None:
+                    self._upcast.restore()
+
     def __enter__(self) -> "HessianOperator":
         if self._depth == 0:
             self._state = _ModelState(self.model)
@@ -532,7 +556,7 @@ class HessianOperator:
         try:
             return self._products(v, quadratic)
         finally:
-            if self._upcast is not None:  # the model holds its float32 weights again outside products
+            if self._upcast is not None and not self._lean:  # the model holds its float32 weights again
                 self._upcast.restore()
 
     def _products(self, v: torch.Tensor, quadratic: bool):
