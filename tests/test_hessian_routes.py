@@ -171,3 +171,34 @@ def test_no_share_of_the_output_layer_waits_for_another(tied):
             op.matvec(v)
     # One share at a time (autograd's buffer held the forward's share, the first backward's and their sum).
     assert fresh.peak == 1
+
+
+def test_an_estimators_products_leave_the_float32_copies_released(tiny_llama_dir, monkeypatch):
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    half = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()  # the same weights in float32: the products to equal
+    op = C.HessianOperator(half, batches, kind=loaded.kind)
+    held = []  # bytes the largest weight's storage held as each product began
+    weight = max(half.parameters(), key=lambda p: p.numel())
+    products = C.HessianOperator._products
+
+    def observed(self, v, quadratic):
+        held.append(weight.untyped_storage().nbytes())
+        return products(self, v, quadratic)
+
+    monkeypatch.setattr(C.HessianOperator, "_products", observed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with op:
+            fingerprint = op.identity()[C.operator.MODEL_KEY]
+            values = C.top_eigenpairs(op, k=2, max_iter=8, seed=0)[0]
+            # The estimator's block ended inside this one: the model holds its float32 weights again.
+            assert all(p.dtype == torch.float32 and p.untyped_storage().nbytes() == 4 * p.numel()
+                       for p in half.parameters())
+            assert op.identity()[C.operator.MODEL_KEY] == fingerprint
+        monkeypatch.undo()
+        want = C.top_eigenpairs(C.HessianOperator(full, batches, kind=loaded.kind), k=2, max_iter=8, seed=0)[0]
+    # The first product records the graph from the float32 copies; the others find them released.
+    assert held[0] == 4 * weight.numel() and held[1:] and all(n <= 4 for n in held[1:])
+    assert (values == want).all()
