@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 685 lines, 150 of them docstrings.  The coordinate space, the model state and the
+Size: about 720 lines, 160 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -288,7 +288,9 @@ class HessianOperator:
     model is too noisy for Lanczos) and get their original tensors back, bit for bit, afterwards,
     as do every module's train/eval flag.  Weights are never modified.  While a product's second
     backward runs, those float32 copies are released and the graph reads the weights from the
-    originals, one op at a time (``upcast.Upcast``: the same values, so the same products).
+    originals, one op at a time (``upcast.Upcast``: the same values, so the same products); inside
+    ``released_between_products`` (the estimators' block) they stay released between products too.
+    Each weight's shares of H·v are taken as they are made (``routes.Routes``), not summed by autograd.
 
     ``quadratic(v)`` gives vᵀ·H·v without H·v as a vector (``quadratic.Quadratic``): what
     Hutchinson's trace needs, 4 bytes per coordinate less.
