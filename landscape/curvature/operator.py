@@ -16,7 +16,7 @@ import hashlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -474,7 +474,7 @@ class HessianOperator:
         self._reset_cache()
 
     @contextlib.contextmanager
-    def released_between_products(self):
+    def released_between_products(self) -> Iterator["HessianOperator"]:
         """The operator's block, in which a cast model's float32 copies stay released from one product to the next.
 
         For an estimator that touches the model only through products (``linear._Products``
