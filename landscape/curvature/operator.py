@@ -531,7 +531,6 @@ class HessianOperator:
         self._grad_sum = None  # Σ over cached batches of the first-order gradient, with its graph
         self._routes: Optional[Routes] = None  # where its second backward's shares reach the parameters
         self._cached = set()  # indices of batches inside _grad_sum
-        self._cached_tokens = 0.0  # Σ n_tokens of those batches
         self._tokens: Optional[float] = None  # Σ_b n_tokens_b
         self._signature = None
         self._used_bytes = 0
@@ -566,20 +565,23 @@ class HessianOperator:
         if self._signature is not None and self._signature != self._weights_signature():
             self._reset_cache()  # weights changed since the graphs were recorded
         first = self._tokens is None
-        tokens = 0.0  # of the batches not cached
+        tokens = 0.0
         vs = self.space.unflatten(v)
         with Quadratic(self.space.params, vs) if quadratic else _Accumulator(self.space) as hv:
             for index, batch in enumerate(self.batches):
                 if index in self._cached:
                     continue
                 grads, n_tokens, nbytes = self._gradient(batch)
+                tokens += n_tokens
                 if first and self._used_bytes + nbytes <= self.cache_bytes:
-                    self._cache(index, grads, n_tokens, nbytes)
+                    self._used_bytes += nbytes
+                    self._cached.add(index)
+                    self._grad_sum = grads if self._grad_sum is None else [
+                        g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
                 else:
-                    tokens += n_tokens
                     self._second(grads, vs, hv, Routes(grads, self.space.params), retain=False)
             if first:
-                self._tokens = self._cached_tokens + tokens
+                self._tokens = tokens
                 self._signature = self._weights_signature()
             if self._grad_sum is not None:
                 if self._routes is None:  # the cached graph's: found once, hooked for each backward
@@ -588,39 +590,6 @@ class HessianOperator:
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
         return hv.result() / self._tokens if quadratic else hv.result().div_(self._tokens)
-
-    def _cache(self, index: int, grads: list, n_tokens: float, nbytes: int) -> None:
-        self._used_bytes += nbytes
-        self._cached.add(index)
-        self._cached_tokens += n_tokens
-        self._grad_sum = grads if self._grad_sum is None else [
-            g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
-
-    def record(self) -> None:
-        """Record the cached first-order graphs now, as the first product would, before the caller's first vector.
-
-        For an estimator whose first vector can wait (the trace draws its first probe after this):
-        the graph is built while the float32 copies exist, and its vector would have been alive
-        beside them.  Batches beyond the cache budget are left to the products, as before.  Does
-        nothing for the difference product, or once a product or a record has run.
-        """
-        if self.hvp != "exact" or self._tokens is not None or self._cached:
-            return
-        with self, torch.enable_grad():
-            try:
-                for index, batch in enumerate(self.batches):
-                    grads, n_tokens, nbytes = self._gradient(batch)
-                    if self._used_bytes + nbytes > self.cache_bytes:
-                        break  # this batch and those after it: the first product computes them
-                    self._cache(index, grads, n_tokens, nbytes)
-                    del grads
-            except BaseException:
-                self._reset_cache()
-                raise
-            if self._cached:
-                self._signature = self._weights_signature()
-            if self._lean and self._upcast is not None:  # the products need only the graph until the next one
-                self._upcast.release()
 
     def _gradient(self, batch: dict):
         """First-order gradient of the batch's summed loss with its graph: (grads, n_tokens, bytes held)."""
