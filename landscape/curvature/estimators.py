@@ -54,8 +54,11 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
         journal.say_resumed(len(done), int(samples), "probes", progress)
     with op:
         for i in mine:
+            # Not bound across probes: the next probe is drawn once this one is freed (a bound one
+            # held two probes, 4 bytes per coordinate more, between products).
             z = _rademacher(op.dim, _generator(seed, 2, i), op.device, op).to(op.dtype)
             done[i] = op.summed(op.quadratic(z))  # this rank's pieces' share, added over the group
+            del z
             if journal:
                 journal.add(i, value=done[i].hex())
     if op.split is not None:  # the point groups' probes, on every rank

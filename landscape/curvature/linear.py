@@ -226,6 +226,17 @@ def _exit(A, exc):
         A.__exit__(*exc)
 
 
+def _enter_estimating(A):
+    """Enter A's block as an estimator that only takes products: the Hessian's lean block where it has one."""
+    lean = getattr(A, "released_between_products", None)
+    if lean is None:
+        _enter(A)
+        return None
+    block = lean()
+    block.__enter__()
+    return block
+
+
 class _Products:
     """An operator as the estimators drive it.
 
@@ -251,6 +262,7 @@ class _Products:
         # An operator may name its products (the Hessian's are "Hessian-vector products").
         self.label = getattr(self.op, "progress_label", "matrix-vector products")
         self.bar = None
+        self._block = None  # the operator's block while this one is entered (``_enter_estimating``)
         self.shards = getattr(self.op, "shards", None)  # None: every rank holds whole vectors
         self.split = getattr(self.op, "split", None)  # None: one process runs every unit
         self.local_dim = self.dim if self.shards is None else self.shards.local_dim
@@ -313,7 +325,7 @@ class _Products:
     def __enter__(self) -> "_Products":
         self.bar = progress_bar(total=self.total, desc=self.label, unit="Hv", enabled=self.progress)
         try:
-            _enter(self.op)
+            self._block = _enter_estimating(self.op)
         except BaseException:
             self.bar.close()
             raise
@@ -321,6 +333,6 @@ class _Products:
 
     def __exit__(self, *exc) -> bool:
         self.bar.close()
-        _exit(self.op, exc)
+        _exit(self.op if self._block is None else self._block, exc)
         return False
 

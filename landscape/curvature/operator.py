@@ -4,18 +4,19 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 685 lines, 150 of them docstrings.  The coordinate space, the model state and the
+Size: about 720 lines, 160 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -26,6 +27,7 @@ from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
 from .quadratic import Quadratic, block_dot
+from .routes import Routes
 from .shards import check_shardable, local_part, point_split, rows_of
 from .upcast import Upcast
 
@@ -286,7 +288,9 @@ class HessianOperator:
     model is too noisy for Lanczos) and get their original tensors back, bit for bit, afterwards,
     as do every module's train/eval flag.  Weights are never modified.  While a product's second
     backward runs, those float32 copies are released and the graph reads the weights from the
-    originals, one op at a time (``upcast.Upcast``: the same values, so the same products).
+    originals, one op at a time (``upcast.Upcast``: the same values, so the same products); inside
+    ``released_between_products`` (the estimators' block) they stay released between products too.
+    Each weight's shares of H·v are taken as they are made (``routes.Routes``), not summed by autograd.
 
     ``quadratic(v)`` gives vᵀ·H·v without H·v as a vector (``quadratic.Quadratic``): what
     Hutchinson's trace needs, 4 bytes per coordinate less.
@@ -332,6 +336,7 @@ class HessianOperator:
         self._state: Optional[_ModelState] = None
         self._upcast: Optional[Upcast] = None  # a cast model's float32 copies, released for second backwards
         self._depth = 0
+        self._lean = 0  # inside released_between_products: the float32 copies stay released between products
         self._eager = False  # the model's attention had to be switched to eager (known after one product)
         self._warned = False
         self._reset_cache()
@@ -380,6 +385,8 @@ class HessianOperator:
         checkpoint's weights and configuration when it was loaded from one), the sample's tokens,
         the coordinates, the objective.
         """
+        if self._upcast is not None:  # a parameters' fingerprint reads the weights: not released ones
+            self._upcast.restore()
         return {"model": type(self.model).__name__, MODEL_KEY: module_fingerprint(self.model),
                 SAMPLE_KEY: sample_fingerprint(self.batches), "coordinates": self.space.fingerprint(),
                 "dim": self.dim, "objective": self.kind,
@@ -466,6 +473,26 @@ class HessianOperator:
         """Drop the cached first-order graphs (frees their memory)."""
         self._reset_cache()
 
+    @contextlib.contextmanager
+    def released_between_products(self) -> Iterator["HessianOperator"]:
+        """The operator's block, in which a cast model's float32 copies stay released from one product to the next.
+
+        For an estimator that touches the model only through products (``linear._Products``
+        enters it): after a product its caller's vector and the product are alive, and making the
+        copies again there (4 bytes per parameter) would set the run's peak.  They are made again
+        when a first-order graph is recorded, when ``identity()`` reads the weights, and when the
+        block ends inside an outer one (whose code may run the model); outside every block the
+        model gets its own tensors back, as always.
+        """
+        with self:
+            self._lean += 1
+            try:
+                yield self
+            finally:
+                self._lean -= 1
+                if not self._lean and self._depth > 1 and self._upcast is not None:
+                    self._upcast.restore()
+
     def __enter__(self) -> "HessianOperator":
         if self._depth == 0:
             self._state = _ModelState(self.model)
@@ -502,6 +529,7 @@ class HessianOperator:
 
     def _reset_cache(self):
         self._grad_sum = None  # Σ over cached batches of the first-order gradient, with its graph
+        self._routes: Optional[Routes] = None  # where its second backward's shares reach the parameters
         self._cached = set()  # indices of batches inside _grad_sum
         self._tokens: Optional[float] = None  # Σ_b n_tokens_b
         self._signature = None
@@ -530,7 +558,7 @@ class HessianOperator:
         try:
             return self._products(v, quadratic)
         finally:
-            if self._upcast is not None:  # the model holds its float32 weights again outside products
+            if self._upcast is not None and not self._lean:  # the model holds its float32 weights again
                 self._upcast.restore()
 
     def _products(self, v: torch.Tensor, quadratic: bool):
@@ -551,12 +579,14 @@ class HessianOperator:
                     self._grad_sum = grads if self._grad_sum is None else [
                         g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
                 else:
-                    self._second(grads, vs, hv, retain=False)
+                    self._second(grads, vs, hv, Routes(grads, self.space.params), retain=False)
             if first:
                 self._tokens = tokens
                 self._signature = self._weights_signature()
             if self._grad_sum is not None:
-                self._second(self._grad_sum, vs, hv, retain=True)
+                if self._routes is None:  # the cached graph's: found once, hooked for each backward
+                    self._routes = Routes(self._grad_sum, self.space.params)
+                self._second(self._grad_sum, vs, hv, self._routes, retain=True)
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
         return hv.result() / self._tokens if quadratic else hv.result().div_(self._tokens)
@@ -594,11 +624,12 @@ class HessianOperator:
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
         return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
-    def _second(self, grads: list, vs: list, hv, retain: bool) -> None:
+    def _second(self, grads: list, vs: list, hv, routes: Routes, retain: bool) -> None:
         """Add the gradient of <grads, v> with respect to the coordinates' parameters (the unnormalized H·v) to hv.
 
         The backward starts at the (hollow) gradients with v as their cotangents: what the
-        gradient of Σ vdot(g, v) sends them, without keeping the gradients' values.
+        gradient of Σ vdot(g, v) sends them, without keeping the gradients' values.  Each share
+        of a parameter goes to ``hv.take`` as it is made (``routes``), none waits in autograd's buffers.
         """
         pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the weights: H = 0
@@ -608,8 +639,13 @@ class HessianOperator:
         # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
         # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
         hv.prepare()
-        torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
-                                inputs=self.space.params, retain_graph=retain)
+        handles = routes.attach(hv.take)
+        try:
+            torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
+                                    inputs=self.space.params, retain_graph=retain)
+        finally:
+            for handle in handles:
+                handle.remove()
         hv.fold()
 
 
@@ -645,6 +681,7 @@ class _Accumulator:
         self.out: Optional[torch.Tensor] = None
         self.saved: Optional[list] = None
         self.folded = []  # (block, its parameter-sized .grad) of the blocks fold adds in
+        self.targets: list = []  # each block's .grad, where take adds its shares
 
     def result(self) -> torch.Tensor:
         """The sum (zeros when there was no backward)."""
@@ -664,6 +701,11 @@ class _Accumulator:
             else:
                 b.param.grad = torch.zeros_like(b.param)
                 self.folded.append((b, b.param.grad))
+            self.targets.append(b.param.grad)
+
+    def take(self, block: int, share: torch.Tensor) -> None:
+        """Add one share of a block's H·v (shaped as its parameter) where autograd would have put it."""
+        self.targets[block].add_(share)
 
     def fold(self) -> None:
         for b, grad in self.folded:

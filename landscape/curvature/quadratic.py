@@ -1,10 +1,11 @@
 """vᵀ·H·v without the product vector: each parameter's share of H·v dotted with v as it is made.
 
 Hutchinson's trace needs only the number zᵀ·H·z of each probe, not H·z.  ``Quadratic`` takes the
-place of the operator's flat accumulator in the second backwards: a hook after each parameter's
-gradient is accumulated dots it with the parameter's share of v (in float64, a block at a time)
-and drops it, so at most the parameters whose backward is under way hold a share of H·v, where
-the flat accumulator holds a float32 vector of every coordinate (4 bytes per parameter).
+place of the operator's flat accumulator in the second backwards: each share of a parameter's
+gradient is dotted with the parameter's share of v (in float64, a block at a time) as the node that
+made it finishes (``take``, from ``routes.Routes``; a share that reaches the parameter some other way
+is dotted after it is accumulated) and dropped, so at most the parameters whose backward is under
+way hold a share of H·v, where the flat accumulator holds a float32 vector of every coordinate (4 bytes per parameter).
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ def block_rows_dot(rows: torch.Tensor, w: torch.Tensor, block: int = BLOCK) -> t
     return out
 
 
+def shaped_dot(v: torch.Tensor, t: torch.Tensor, block: int = BLOCK) -> float:
+    """vᵀt of two tensors of one shape, ``t`` of any strides (a transposed view: no contiguous copy of it).
+
+    Contiguous: ``block_dot`` of the flat tensors.  Otherwise blocks of whole rows (of at most
+    ``block`` elements where a row allows), each row block made contiguous on its own.
+    """
+    if t.is_contiguous() or t.dim() < 2:
+        return block_dot(v.reshape(-1), t.reshape(-1), block)
+    rows = max(1, block // max(1, t[0].numel()))
+    return float(sum(float(torch.dot(v[i: i + rows].reshape(-1).double(), t[i: i + rows].reshape(-1).double()))
+                     for i in range(0, t.shape[0], rows)))
+
+
 class Quadratic:
     """Σ over the second backwards of vᵀ·(their gradient), accumulated per parameter (``result()``).
 
@@ -77,10 +91,16 @@ class Quadratic:
         flat = v.reshape(-1)
 
         def take(param: torch.Tensor) -> None:
+            if param.grad is None:  # every share went to ``take`` (the hook runs all the same)
+                return
             self.total += block_dot(flat, param.grad.reshape(-1))
             param.grad = None  # its share is in the total: nothing parameter-sized outlives its backward
 
         return take
+
+    def take(self, block: int, share: torch.Tensor) -> None:
+        """Dot one share of a block's H·v (shaped as its parameter, any strides) with v's share (``routes``)."""
+        self.total += shaped_dot(self.vs[block], share)
 
     def fold(self) -> None:
         """After a backward: nothing left to add (the hooks took each share as it was made)."""

@@ -1,0 +1,204 @@
+"""Each weight's shares of a product's second backward are taken as they are made (``curvature/routes.py``).
+
+The routed products equal those autograd sums itself (the same operator with no routes) and the
+dense Hessian on the tiny BERT, GPT-2, Llama (untied and tied output weights) and T5 in float64,
+with and without a mask and the graph cache, for H·v and vᵀHv; every coordinate's parameter is
+routed; and during a product's second backward no share of the output layer waits for another
+(autograd's buffer held two of them and their sum: the memory docs/curvature.md "Memory" counts).
+"""
+
+import copy
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from landscape import curvature as C
+from landscape.curvature.routes import Routes
+from landscape.data.corpus import load_batches
+from landscape.data.objectives import sequence_losses
+from landscape.models import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def _tied_llama(loaded):
+    """The tiny Llama with its output layer tied to the embedding (a new model of the same config)."""
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(loaded.model.config)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.fixture(params=["bert", "gpt2", "llama", "llama-tied", "t5"])
+def tiny_case(request):
+    """(float64 model, batches, kind) of each tiny model."""
+    name = request.param.split("-")[0]
+    loaded = load_model(str(request.getfixturevalue(f"tiny_{name}_dir")))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    model = _tied_llama(loaded) if request.param == "llama-tied" else loaded.model
+    model = model.double().eval()
+    model.set_attn_implementation("eager")  # SDPA on CPU has no double backward
+    return model, batches, loaded.kind
+
+
+def _mask(model, keep, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=gen) < keep for n, p in model.named_parameters()}
+
+
+def _unrouted(monkeypatch):
+    """Products as autograd sums them itself: no node hooked."""
+    monkeypatch.setattr(Routes, "attach", lambda self, take: [])
+
+
+def _run(model, batches, kind, v, **options):
+    op = C.HessianOperator(model, batches, kind=kind, **options)
+    with op, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op.matvec(v)  # the first product records the cache; the second reuses it
+        return op.matvec(v), op.quadratic(v)
+
+
+@pytest.mark.parametrize("cache_bytes,masked", [(2**30, False), (0, False), (2**30, True)])
+def test_routed_products_equal_autograds_own_sums(tiny_case, cache_bytes, masked, monkeypatch):
+    model, batches, kind = tiny_case
+    mask = _mask(model, 0.5, 1) if masked else None
+    dim = C.HessianOperator(model, batches, mask, kind).dim
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(2))
+    product, form = _run(model, batches, kind, v, mask=mask, cache_bytes=cache_bytes)
+    _unrouted(monkeypatch)
+    want_product, want_form = _run(model, batches, kind, v, mask=mask, cache_bytes=cache_bytes)
+    # The same float64 sums in another grouping (a tied weight's shares one by one), then float32.
+    torch.testing.assert_close(product, want_product, rtol=1e-6, atol=1e-6 * float(want_product.abs().max()))
+    assert form == pytest.approx(want_form, rel=1e-10)
+
+
+def test_every_coordinates_parameter_is_routed(tiny_case):
+    model, batches, kind = tiny_case
+    op = C.HessianOperator(model, batches, kind=kind)
+    with op, torch.enable_grad():
+        grads, _, _ = op._gradient(batches[0])
+        routes = Routes(grads, op.space.params)
+    reached = {block for targets in routes.routes.values() for _, block, _ in targets}
+    assert reached == set(range(len(op.space.params)))
+
+
+def _dense_on_mask(model, batches, kind, mask):
+    """The Hessian of the token-mean loss restricted to the mask's coordinates: one double backward per row."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [model.get_parameter(n) for n in names]
+    total, tokens = 0.0, 0.0
+    for batch in batches:
+        losses = sequence_losses(model, batch, kind)
+        total, tokens = total + losses.loss_sum.sum(), tokens + float(losses.n_tokens.sum())
+    grads = torch.autograd.grad(total / tokens, params, create_graph=True)
+    kept = [mask[n].reshape(-1).nonzero()[:, 0] for n in names]
+    rows = []
+    for g, index in zip(grads, kept):
+        for i in index.tolist():
+            second = torch.autograd.grad(g.reshape(-1)[i], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([torch.zeros(len(k), dtype=torch.float64) if s is None else s.reshape(-1)[k]
+                                   for s, k in zip(second, kept)]))
+    dense = torch.stack(rows).detach()
+    return (dense + dense.T) / 2
+
+
+def test_routed_products_equal_the_dense_hessian_on_a_mask(tiny_case):
+    model, batches, kind = tiny_case
+    keep = 120 / sum(p.numel() for p in model.parameters())  # about 120 coordinates, over every tensor
+    mask = _mask(model, keep, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        H = _dense_on_mask(model, batches, kind, mask)
+    gen = torch.Generator().manual_seed(4)
+    for cache_bytes in (2**30, 0):
+        op = C.HessianOperator(model, batches, mask, kind, cache_bytes=cache_bytes)
+        assert op.dim == H.shape[0]
+        v = torch.randn(op.dim, generator=gen).double()  # the operator takes float32 vectors
+        with op:
+            product, form = op.matvec(v), op.quadratic(v)
+        want = H @ v
+        assert torch.linalg.norm(product.double() - want) <= 1e-5 * torch.linalg.norm(want)
+        # BERT's float64 forward keeps some float32 steps: the forms agree to 7e-8 there (routed or not).
+        assert form == pytest.approx(float(v @ want), rel=1e-6, abs=1e-6 * float(v.norm() * want.norm()))
+
+
+class _FreshTensors(TorchDispatchMode):
+    """The most tensors of ``numel`` elements with their own storage alive at once (views and parts not counted)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.alive, self.peak = numel, set(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                own = isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                if own and t.numel() == self.numel:  # not a part of a larger tensor (the product's vector)
+                    key = t.untyped_storage().data_ptr()
+                    if key not in self.alive:
+                        self.alive.add(key)
+                        weakref.finalize(t.untyped_storage(), self.alive.discard, key)
+                        self.peak = max(self.peak, len(self.alive))
+        return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_no_share_of_the_output_layer_waits_for_another(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # Sizes chosen so that nothing else (logits, MLP matrices) has the output layer's 301 x 24 elements.
+    config = LlamaConfig(vocab_size=301, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         tie_word_embeddings=tied, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 301, (2, 9), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+    op = C.HessianOperator(model, batches, kind="causal")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(2))
+    with op:
+        op.matvec(v)  # records the cached graph
+        with _FreshTensors(model.lm_head.weight.numel()) as fresh:
+            op.matvec(v)
+    # One share at a time (autograd's buffer held the forward's share, the first backward's and their sum).
+    assert fresh.peak == 1
+
+
+def test_an_estimators_products_leave_the_float32_copies_released(tiny_llama_dir, monkeypatch):
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    half = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()  # the same weights in float32: the products to equal
+    op = C.HessianOperator(half, batches, kind=loaded.kind)
+    held = []  # bytes the largest weight's storage held as each product began
+    weight = max(half.parameters(), key=lambda p: p.numel())
+    products = C.HessianOperator._products
+
+    def observed(self, v, quadratic):
+        held.append(weight.untyped_storage().nbytes())
+        return products(self, v, quadratic)
+
+    monkeypatch.setattr(C.HessianOperator, "_products", observed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with op:
+            fingerprint = op.identity()[C.operator.MODEL_KEY]
+            values = C.top_eigenpairs(op, k=2, max_iter=8, seed=0)[0]
+            # The estimator's block ended inside this one: the model holds its float32 weights again.
+            assert all(p.dtype == torch.float32 and p.untyped_storage().nbytes() == 4 * p.numel()
+                       for p in half.parameters())
+            assert op.identity()[C.operator.MODEL_KEY] == fingerprint
+        monkeypatch.undo()
+        want = C.top_eigenpairs(C.HessianOperator(full, batches, kind=loaded.kind), k=2, max_iter=8, seed=0)[0]
+    # The first product records the graph from the float32 copies; the others find them released.
+    assert held[0] == 4 * weight.numel() and held[1:] and all(n <= 4 for n in held[1:])
+    assert (values == want).all()
