@@ -78,3 +78,22 @@ def test_lanczos_on_millions_of_coordinates_sums_in_float64():
     want = C.top_eigenpairs(C.DiagonalOperator(d), k=1, max_iter=4, ncv=4)[0]
     got = C.top_eigenpairs(C.DiagonalOperator(d.float()), k=1, max_iter=4, ncv=4)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("run", ["top", "spectrum", "recurrence"])
+def test_products_that_are_not_a_symmetric_matrix_s_are_refused(run):
+    """Lanczos assumes vᵢᵀ·A·vⱼ = vⱼᵀ·A·vᵢ; products that break it (a gradient-only Hessian product
+    whose step is too large for the Lanczos vectors: docs/curvature.md) would give eigenvalues of no
+    matrix.  Its symmetric part runs, and gives its own eigenvalues."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(60, 60, generator=generator, dtype=torch.float64)
+    symmetric = a + a.T
+    lopsided = symmetric + 0.2 * (a - a.T)
+    estimate = {"top": lambda m: C.top_eigenpairs(m, k=2),
+                "spectrum": lambda m: C.spectrum(m, runs=2, steps=10),
+                "recurrence": lambda m: C.spectrum(m, runs=2, steps=10, reorthogonalize=False)}[run]
+    with pytest.raises(UsageError, match="not symmetric along the Lanczos vectors"):
+        estimate(lopsided)
+    found = estimate(symmetric)
+    if run == "top":
+        np.testing.assert_allclose(found[0], np.linalg.eigvalsh(symmetric.numpy())[::-1][:2], rtol=1e-8)
