@@ -23,9 +23,11 @@ def _torchrun(*args):
 
 
 def _one_process(folder, corpus, out, vectors, **options):
+    """One process's report; ``corpus`` None: the embedded corpus."""
     settings = HessianSettings(model=ModelSpec(str(folder), device="cpu"),
-                               sample=HessianSettings().sample.replace(corpus=str(corpus), max_samples=4, seq_len=16,
-                                                                       batch_size=2), **options)
+                               sample=HessianSettings().sample.replace(corpus=None if corpus is None else str(corpus),
+                                                                       max_samples=4, seq_len=16, batch_size=2),
+                               **options)
     return run_hessian(settings, out=out, vectors=vectors).report
 
 
@@ -36,15 +38,23 @@ def _directions(path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-# GPT-2 adds a spectrum run; Llama keeps the sharded Lanczos basis in a file (--basis-mb 0).
+# GPT-2 adds a spectrum run; Llama keeps the sharded Lanczos basis in a file (--basis-mb 0), on the
+# embedded corpus: on the test corpus the tiny Llama's difference products are not symmetric along
+# its Lanczos vectors (0.13 against the 1.22 implied at step 1; after 6 products the eigenvalues are
+# 2.5% and 5.5% off the exact product's),
+# which Lanczos refuses (test_hvp_difference.py); on the embedded corpus they agree with the exact
+# product's to 7e-7.
 @pytest.mark.parametrize("model, extra", [("tiny_bert_dir", {}), ("tiny_gpt2_dir", {"spectrum": 1, "steps": 4}),
-                                          ("tiny_llama_dir", {"basis_mb": 0.0})])
+                                          ("tiny_llama_dir", {"basis_mb": 0.0, "corpus": None})])
 def test_sharded_hessian_equals_one_process(model, extra, request, tiny_corpus_file, tmp_path):
     folder = request.getfixturevalue(model)
-    one = _one_process(folder, tiny_corpus_file, tmp_path / "one.json", tmp_path / "one.h5", top=2, trace=3,
+    extra = dict(extra)
+    corpus = extra.pop("corpus", tiny_corpus_file)
+    one = _one_process(folder, corpus, tmp_path / "one.json", tmp_path / "one.h5", top=2, trace=3,
                        hvp="difference")
     options = [item for key, value in extra.items() for item in (f"--{key.replace('_', '-')}", str(value))]
-    _torchrun("--model", folder, "--corpus", tiny_corpus_file, *SAMPLE, "--top", "2", "--trace", "3", *options,
+    sample = () if corpus is None else ("--corpus", corpus)
+    _torchrun("--model", folder, *sample, *SAMPLE, "--top", "2", "--trace", "3", *options,
               "--hvp", "difference", "--shard-size", "2", "--out", tmp_path / "two.json",
               "--vectors", tmp_path / "two.h5")
     two = json.loads((tmp_path / "two.json").read_text())
