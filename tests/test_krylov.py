@@ -97,3 +97,13 @@ def test_products_that_are_not_a_symmetric_matrix_s_are_refused(run):
     found = estimate(symmetric)
     if run == "top":
         np.testing.assert_allclose(found[0], np.linalg.eigvalsh(symmetric.numpy())[::-1][:2], rtol=1e-8)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_a_spectrum_of_non_finite_products_is_refused_in_the_lanczos_words(reorthogonalize):
+    """As the top eigenpairs refuse them: not a LinAlgError from eigh, far from the cause."""
+    a = torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    broken = a + a.T
+    broken[3, 5] = float("nan")
+    with pytest.raises(UsageError, match="product is not finite"):
+        C.spectrum(broken, runs=1, steps=8, reorthogonalize=reorthogonalize)

@@ -78,6 +78,13 @@ def _check_symmetric(found: np.ndarray, implied: np.ndarray, scale: float, step:
                          "'Concentrated vectors')")
 
 
+def _check_finite(coefficients) -> None:
+    """Refuse a non-finite product here: else eigh fails later with a LinAlgError, far from the cause."""
+    if not np.isfinite(coefficients).all():
+        raise UsageError("a Hessian-vector product is not finite: the loss or its gradient overflows at "
+                         "these weights (try float32, or check the model and the sample)")
+
+
 def _implied(j: int, beta: float) -> np.ndarray:
     """(j,) the coefficients v_iᵀ·A·v_j, i < j, that step j − 1 implies: β_{j−1} at i = j − 1, 0 below."""
     implied = np.zeros(j)
@@ -129,9 +136,7 @@ def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
         used += 1
         w, coeffs = basis.orthogonalize(j + 1, w)
         column = coeffs.double().cpu().numpy()
-        if not np.isfinite(column).all():  # else eigh fails later with a LinAlgError, far from the cause
-            raise UsageError("a Hessian-vector product is not finite: the loss or its gradient overflows at "
-                             "these weights (try float32, or check the model and the sample)")
+        _check_finite(column)
         norm_estimate = max(norm_estimate, float(np.abs(column).max()))
         if j > start:  # v_j is this call's own (after a restart, v_start's couplings are the Ritz pairs')
             _check_symmetric(column[:j], _implied(j, beta), max(norm_estimate, beta), j)
@@ -315,6 +320,7 @@ def _run_steps(op: _Products, start: Callable[[], torch.Tensor], steps: int, bas
     for j in range(steps):
         w = op.matvec(v)
         alpha = op.dot(w, v)
+        _check_finite([alpha])
         size = max([abs(alpha), beta] + [abs(a) for a in alphas] + betas)  # about ‖A‖
         if basis is not None:
             basis.put(j, v)
