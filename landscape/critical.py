@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import adapters
-from .critical_shards import group_sum, operator_vector, sharded_gradient, write_direction, zeros_like_local
+from .critical_shards import group_sum, sharded_gradient, write_direction, zeros_like_local
 from .curvature.critical import LineSearch, critical_step
 from .direction_file import check_existing_directions
 from .errors import SettingsMismatch, UsageError
@@ -179,7 +179,7 @@ def rayleigh_quotient(loaded: LoadedModel, direction: Direction, batches: List[d
     names = moved_parameters(loaded)
     mask = None if names is None else adapters.adapter_mask(loaded.model, names)
     hessian = HessianOperator(loaded.model, batches, mask, loaded.kind, cache_bytes=0, hvp=hvp)
-    v = operator_vector(hessian, direction).double()
+    v = hessian.from_local_rows(direction).double()
     whole = group_sum(sum(float(t.double().square().sum()) for t in direction.values()), loaded.model)
     inside = group_sum(float(v.square().sum()), loaded.model)
     if not math.isclose(whole, inside, rel_tol=1e-6):

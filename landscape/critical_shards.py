@@ -75,17 +75,6 @@ def group_sum(value: float, model: torch.nn.Module) -> float:
     return float(box.cpu())
 
 
-def operator_vector(hessian, direction: Direction) -> torch.Tensor:
-    """``direction`` as the flat vector ``hessian`` (a ``curvature.HessianOperator``) multiplies.
-
-    Sharded, d is {name: this rank's rows}, which are the operator's local pieces already (its
-    ``from_dict`` takes whole tensors and cuts them); whole, it is ``from_dict``'s vector.
-    """
-    if hessian.shards is None:
-        return hessian.from_dict(direction)
-    return hessian.space.flatten(direction[name].to(hessian.device) for name in hessian.names)
-
-
 def zeros_like_local(param: torch.Tensor) -> torch.Tensor:
     """A float32 zero shaped like this rank's rows of ``param``, holding no memory (an expanded scalar)."""
     rows = local_tensor(param)

@@ -18,8 +18,7 @@ import torch
 
 from ..errors import UsageError
 from .krylov import DEFAULT_BASIS_BYTES, FileVectors, _fix_sign, krylov_basis
-from .linear import _Products
-from .quadratic import block_dot
+from .linear import _Products, vector_norm
 
 
 # ----------------------------------------------------------------------------- Lanczos
@@ -44,7 +43,7 @@ def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool 
     else:
         v = torch.randn(dim, generator=generator, dtype=torch.float32)
         v = (v if op is None else op.local(v)).to(device)
-    norm = (lambda w: torch.tensor(block_dot(w, w) ** 0.5, dtype=w.dtype, device=w.device)) if op is None else op.norm
+    norm = vector_norm if op is None else op.norm
     v = v / norm(v)
     # Normalized again in a wider dtype: float32's unit norm is 1 only to ~1e-7 there.
     return v if dtype == torch.float32 else (lambda w: w / norm(w))(v.to(dtype))

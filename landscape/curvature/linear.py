@@ -237,6 +237,14 @@ def _enter_estimating(A):
     return block
 
 
+def vector_norm(w: torch.Tensor, summed=float) -> torch.Tensor:
+    """‖w‖, a 0-dim tensor of w's dtype and device, its squares added in float64 (``block_dot``).
+
+    ``summed`` adds a sharded vector's pieces' squares over its group (``_Products.summed``).
+    """
+    return torch.tensor(summed(block_dot(w, w)) ** 0.5, dtype=w.dtype, device=w.device)
+
+
 class _Products:
     """An operator as the estimators drive it.
 
@@ -282,7 +290,7 @@ class _Products:
 
     def norm(self, w: torch.Tensor) -> torch.Tensor:
         """‖w‖ over the whole vector, a 0-dim tensor of w's dtype (its squares added in float64)."""
-        return torch.tensor(self.summed(block_dot(w, w)) ** 0.5, dtype=w.dtype, device=w.device)
+        return vector_norm(w, self.summed)
 
     def local(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's pieces of a whole vector (the vector itself when not sharded)."""

@@ -401,6 +401,17 @@ class HessianOperator:
         """{name: tensor} -> flat (dim,) float32 vector on the model's device (off-mask elements dropped)."""
         return self.space.from_dict(direction)
 
+    def from_local_rows(self, direction: dict) -> torch.Tensor:
+        """{name: this rank's rows} -> the (local_dim,) vector ``matvec`` takes.
+
+        Sharded, a direction held as each rank's rows of every tensor (as a sharded gradient is)
+        is the operator's local pieces already, where ``from_dict`` takes whole tensors and cuts
+        them; unsharded, the rows are the whole tensors and this is ``from_dict``.
+        """
+        if self.shards is None:
+            return self.from_dict(direction)
+        return self.space.flatten(direction[name].to(self.device) for name in self.names)
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """The Hessian-vector product H·v.
 
