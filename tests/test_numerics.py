@@ -129,6 +129,19 @@ def test_a_float16_t5_surface_perturbs_each_tensor_in_its_own_dtype(tiny_t5_dir,
     assert loss[1] == pytest.approx(nll, rel=1e-3) and all(map(float.__ne__, loss[[0, 2]], loss[[1, 1]]))
 
 
+def test_a_float16_t5_is_refused_for_sharding_in_one_line(tiny_t5_dir):
+    from types import SimpleNamespace
+
+    from landscape.errors import UsageError
+    from landscape.sharding import shard_model
+
+    half = load_model(str(tiny_t5_dir), dtype="float16").model
+    # FSDP2 gathers one dtype per unit: it would fail at the first forward, in an AssertionError.
+    with pytest.raises(UsageError, match=r"several dtypes \(float16, float32") as refused:
+        shard_model(half, SimpleNamespace(sharded=True))
+    assert "\n" not in str(refused.value)
+
+
 # ----------------------------------------------------------------------------- resumes
 def _stopped_surface(capfd, monkeypatch, args, after=1):
     """Run ``surface`` until ``after`` batches of points are journaled, then interrupt it."""
