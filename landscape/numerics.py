@@ -75,10 +75,8 @@ def _fp32_matcher(model: Any, dtype: str) -> Optional[Callable[[str], bool]]:
 
 
 def _keeps_modules(model: Any, dtype: str) -> bool:
-    """Whether a load in ``dtype`` keeps some parameter or buffer of ``model`` in float32 by its class's rule."""
-    matches = _fp32_matcher(model, dtype)
-    return matches is not None and any(matches(name) for name, _ in
-                                       [*model.named_parameters(), *model.named_buffers()])
+    """Whether a load in ``dtype`` keeps some tensor of ``model`` in float32 by its class's rule (not a rotary one)."""
+    return any(kind != "rotary" for _, kind, _ in kept_in_float32(model, dtype))
 
 
 def kept_in_float32(model: Any, dtype: Any) -> List[Tuple[Any, str, str]]:
