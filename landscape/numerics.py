@@ -145,17 +145,19 @@ CHANGES = (
 )
 
 
-def stamp(model: Any) -> str:
+def stamp(model: Any, dtype: Optional[str] = None) -> str:
     """The changes of ``CHANGES`` that apply to ``model`` as loaded, by name, comma-separated ('' when none).
 
     Args:
         model: the model a result is computed on (a torch module, possibly sharded or a PEFT model).
+        dtype: the precision it is loaded in (None: ``held_dtype``, what it holds; given for a model
+            built on the meta device from its configuration).
 
     Returns:
         The stamp a resumable result records under ``NUMERICS_KEY`` (a string: safetensors metadata
         and HDF5 attributes hold strings).
     """
-    dtype = held_dtype(model)
+    dtype = held_dtype(model) if dtype is None else str(dtype).replace("torch.", "")
     return ",".join(change.name for change in CHANGES if change.applies(model, dtype))
 
 

@@ -270,3 +270,44 @@ def test_a_bfloat16_llama_trace_journal_begun_under_other_numerics_is_refused(ti
     full = C.HessianOperator(tiny_llama.model, load_batches(tiny_llama, max_samples=2, seq_len=16, batch_size=2),
                              kind=tiny_llama.kind)
     assert "numerics" not in full.identity()
+
+
+def test_a_bfloat16_llama_critical_sweep_row_measured_under_other_numerics_is_refused(
+        tiny_llama_dir, tiny_corpus_file, tmp_path):
+    import shutil
+
+    from landscape import critical_sweep
+    from landscape.settings import CriticalSharpnessSettings, ModelSpec, SampleSpec
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        shutil.copytree(tiny_llama_dir, run / f"checkpoint-{step}")
+    checkpoints = critical_sweep.checkpoints_of([run])
+
+    def settings(dtype):
+        return CriticalSharpnessSettings(model=ModelSpec(dtype=dtype), sample=SampleSpec(
+            corpus=str(tiny_corpus_file), max_samples=4, seq_len=16, batch_size=4))
+
+    out = tmp_path / "S.csv"
+    first = critical_sweep.run_critical_sweep(settings("bfloat16"), checkpoints, out=out)
+    journal = critical_sweep.journal_path(out)
+    records = [json.loads(line.rsplit(b" ", 1)[0]) for line in journal.read_bytes().splitlines()[1:]]
+    # Stamped from the configuration, as the load stamps the model it measured.
+    loaded = numerics.stamp(load_model(checkpoints[0], dtype="bfloat16").model)
+    assert [r.get("numerics") for r in records] == [loaded, loaded] == ["rotary-float32"] * 2
+    again = critical_sweep.run_critical_sweep(settings("bfloat16"), checkpoints, out=out)  # this code's rows
+    assert again.computed == 0 and again.rows == first.rows
+    # A row journaled before the stamp: refused, nothing measured or written.
+    header = journal.read_bytes().split(b"\n", 1)[0]
+    old = dict(records[1])
+    old.pop("numerics")
+    journal.write_bytes(header + b"\n" + JsonLines(critical_sweep.KIND).record(records[0])
+                        + JsonLines(critical_sweep.KIND).record(old))
+    before = journal.read_bytes()
+    with pytest.raises(NumericsMismatch, match="checkpoint-2.*numerics none then, rotary-float32 now"):
+        critical_sweep.run_critical_sweep(settings("bfloat16"), checkpoints, out=out)
+    assert journal.read_bytes() == before
+    # float32: no stamp.
+    full = tmp_path / "F.csv"
+    critical_sweep.run_critical_sweep(settings("float32"), checkpoints, out=full)
+    assert b"numerics" not in critical_sweep.journal_path(full).read_bytes()
