@@ -46,8 +46,9 @@ def _has_rotary_embedding(model: Any) -> bool:
 
 
 def _is_rotary(module: Any) -> bool:
-    # transformers names every rotary embedding class so (LlamaRotaryEmbedding, Qwen2RotaryEmbedding, ...)
-    return type(module).__name__.endswith("RotaryEmbedding")
+    # transformers names every rotary embedding class so (LlamaRotaryEmbedding, Qwen2RotaryEmbedding, ...);
+    # "in", not "ends with": the rule the load has applied since issue 29, so no number moves with this.
+    return "RotaryEmbedding" in type(module).__name__
 
 
 def _fp32_patterns(model: Any, dtype: str) -> List[str]:
