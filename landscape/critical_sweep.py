@@ -10,7 +10,8 @@ training show.
 
 A sweep resumes per checkpoint: each row, once measured, is journaled beside the table
 (``<out>.journal``, ``journal.Journal``), and a rerun with the same settings and checkpoints keeps
-those rows (a checkpoint whose weight files changed since is refused) and measures the others.
+those rows (a checkpoint whose weight files changed since, or whose row was measured under other
+code numerics, ``numerics_now``, is refused) and measures the others.
 A rerun with other settings is refused in one line unless ``overwrite``, which starts afresh.
 
 Under torchrun each checkpoint is loaded sharded over groups of ``settings.model.shard_size``
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .critical import measure, prepare
-from .errors import SettingsMismatch, UsageError
+from .errors import NumericsMismatch, SettingsMismatch, UsageError
 from .files import PathLike, atomic_output, check_distinct_paths, check_output_path, write_csv
 from .identity import MODEL_KEY, same_model, source_fingerprint
 from .journal import Journal
+from .numerics import NUMERICS_KEY
 from .outputs import claim_output
 from .results import StageResult
 from .settings import CriticalSharpnessSettings
@@ -115,7 +117,7 @@ def run_critical_sweep(settings: CriticalSharpnessSettings, checkpoints: Sequenc
             claim_output(plot, "figure", overwrite=overwrite, settings=drawn) as claim, stage_runtime(settings.model):
         join_torchrun(settings.model.device)
         layout = shard_layout(settings.model.shard_size)  # one mesh for every checkpoint
-        journal, done = _open_journal(out, drawn, overwrite)
+        journal, done = _open_journal(out, drawn, overwrite, settings.model.dtype)
         rows, computed = [], 0
         for index, checkpoint in enumerate(checkpoints):
             row = done.get(checkpoint)
@@ -123,8 +125,9 @@ def run_critical_sweep(settings: CriticalSharpnessSettings, checkpoints: Sequenc
             if row is None:
                 row = _row(settings.replace(source=checkpoint), checkpoint, log, layout)
                 computed += 1
-                if journal is not None:
-                    journal.append({"checkpoint": checkpoint, "row": row})
+                if journal is not None:  # the code numerics it was measured under, when a change applies
+                    stamp = numerics_now(checkpoint, settings.model.dtype)
+                    journal.append({"checkpoint": checkpoint, "row": row, **({NUMERICS_KEY: stamp} if stamp else {})})
                 gc.collect()  # the previous model goes before the next one loads
             rows.append(row)
         if rank_and_world()[0] == 0:
@@ -139,7 +142,7 @@ def journal_path(out) -> Path:
     return Path(str(out) + ".journal")
 
 
-def _open_journal(out: Path, identity: dict, overwrite: bool):
+def _open_journal(out: Path, identity: dict, overwrite: bool, dtype: str):
     """(the journal, on rank 0, else None; {checkpoint: row} of the rows it holds that still stand).
 
     Rank 0 reads it and every rank learns the rows, or the refusal (raised on every rank, so no
@@ -153,8 +156,9 @@ def _open_journal(out: Path, identity: dict, overwrite: bool):
             journal = Journal(journal_path(out), KIND, identity, what="critical-sharpness sweep journal",
                               remedy="delete it to start over", check=_check_record, fresh=overwrite)
             done = {r["checkpoint"]: r["row"] for r in journal.records}
-            for checkpoint, row in done.items():
-                _check_unchanged(out, checkpoint, row)
+            for record in journal.records:
+                _check_unchanged(out, record["checkpoint"], record["row"])
+                _check_numerics(out, record, dtype)
         except UsageError as err:
             refusal = err
     shared = broadcast_from_rank0((done, None if refusal is None else (isinstance(refusal, SettingsMismatch),
@@ -181,6 +185,53 @@ def _check_unchanged(out: Path, checkpoint: str, row: dict) -> None:
     if same_model(row.get(MODEL_KEY), source_fingerprint(checkpoint)) is False:
         raise SettingsMismatch(f"cannot resume '{out}': the checkpoint '{checkpoint}' changed since it was measured "
                                "(its weight files have another fingerprint); delete the journal to start over")
+
+
+def numerics_now(checkpoint: str, dtype: str) -> str:
+    """The code numerics stamp (``numerics.stamp``) of ``checkpoint`` loaded in ``dtype``, without its weights.
+
+    Built from its configuration on the meta device, as ``models.load_model`` would build it (an
+    adapter: its base's), so a journaled row is checked without loading the model it measured.
+    """
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
+
+    from . import numerics
+    from .adapters import is_adapter_folder, read_config, resolve_base
+    from .datahome import EMBEDDED_MODEL_DIR
+    from .models import kind_from_config
+    from .runtime import storage_dtype, transformers_silenced
+
+    source = checkpoint
+    if is_adapter_folder(source):
+        source = resolve_base(read_config(Path(source))[0], Path(source)) or str(EMBEDDED_MODEL_DIR)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read the configuration of '{checkpoint}': {str(err).splitlines()[0]}") from None
+    head = {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+            "classification": AutoModelForSequenceClassification}[kind_from_config(config)]
+    with transformers_silenced(), torch.device("meta"):
+        model = head.from_config(config)
+    return numerics.stamp(model, storage_dtype(dtype))
+
+
+def _check_numerics(out: Path, record: dict, dtype: str) -> None:
+    """Refuse a journaled row measured under other code numerics than this code's for its checkpoint."""
+    from . import numerics
+
+    then, now = record.get(NUMERICS_KEY), numerics_now(record["checkpoint"], dtype)
+    if numerics.normalized(then) != numerics.normalized(now):
+        raise NumericsMismatch(
+            f"cannot resume '{out}': the row of '{record['checkpoint']}' was measured under other numerics than "
+            f"this code computes with for it (numerics {numerics.describe(then)} then, {numerics.describe(now)} "
+            f"now: {numerics.explain(then, now)}); the table would mix two forwards, so start it over")
 
 
 def _row(s: CriticalSharpnessSettings, checkpoint: str, log, layout=None) -> dict:

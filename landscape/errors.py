@@ -17,6 +17,18 @@ class SettingsMismatch(UsageError):
     """
 
 
+class NumericsChanged(UsageError):
+    """A partial result was begun under other code numerics than this code computes with for its model.
+
+    Resuming it would mix numbers of two forwards (``numerics.CHANGES``: e.g. rotary frequencies
+    rounded to bfloat16 then, kept in float32 now); only starting it over is right.
+    """
+
+
+class NumericsMismatch(NumericsChanged, SettingsMismatch):
+    """``NumericsChanged`` of an output that ``overwrite=True`` starts over (the command line names ``--overwrite``)."""
+
+
 class NewHeadRefused(UsageError):
     """A checkpoint lacks weights of the model its objective needs (e.g. a bare encoder's MLM head).
 

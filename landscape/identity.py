@@ -38,8 +38,9 @@ from typing import Callable, Dict, List, Optional, Set
 
 import torch
 
-from .errors import SettingsMismatch, UsageError
+from .errors import NumericsChanged, NumericsMismatch, SettingsMismatch, UsageError
 from .files import json_text
+from .numerics import NUMERICS_KEY, describe, explain, normalized
 from .weights_hash import code_of, file_tensors, sampled_file_tensors, tensor_sample, weight_files
 
 MODEL_KEY = "model_fingerprint"
@@ -381,6 +382,8 @@ def differences(stored: Dict, current: Dict) -> List[str]:
         before, now = stored.get(key), current.get(key)
         if key == MODEL_KEY:
             differs = same_model(before, now) is False
+        elif key == NUMERICS_KEY:  # recorded only when a change applies: missing is none
+            differs = normalized(before) != normalized(now)
         elif key == SAMPLE_KEY:
             differs = before not in (None, "") and now not in (None, "") and str(before) != str(now)
         else:
@@ -421,7 +424,22 @@ def refuse_changed_resume(path, stored: Dict, current: Dict, remedy: Optional[st
 
 
 def _refuse_model_or_sample(lead: str, stored: Dict, current: Dict, remedy: Optional[str], error) -> None:
-    """Raise ``error`` with ``lead``, then which of the model or the sample changed and why."""
+    """Raise ``error`` with ``lead``, then which of the model or the sample changed and why.
+
+    Then, on the same model and sample, ``NumericsChanged`` (``NumericsMismatch`` where ``error`` is a
+    ``SettingsMismatch``) when the code numerics recorded are not this code's for the model.
+    """
+    _refuse_model_or_sample_only(lead, stored, current, remedy, error)
+    if normalized(stored.get(NUMERICS_KEY)) != normalized(current.get(NUMERICS_KEY)):
+        then, now = stored.get(NUMERICS_KEY), current.get(NUMERICS_KEY)
+        tail = f"; {remedy}" if remedy else ""
+        raise (NumericsMismatch if issubclass(error, SettingsMismatch) else NumericsChanged)(
+            f"{lead}: it was begun under other numerics than this code computes with for this model "
+            f"(numerics {describe(then)} then, {describe(now)} now: {explain(then, now)}); its numbers would "
+            f"mix two forwards, so start it over{tail}")
+
+
+def _refuse_model_or_sample_only(lead: str, stored: Dict, current: Dict, remedy: Optional[str], error) -> None:
     what = changed(stored, current)
     if what is not None:
         key = MODEL_KEY if what == "the model" else SAMPLE_KEY

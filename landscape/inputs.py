@@ -69,6 +69,7 @@ def stage_model(spec: ModelSpec, model: Optional[LoadedModel] = None, layout=Non
 
 def _check_loaded(spec: ModelSpec, loaded: LoadedModel) -> None:
     """Refuse a loaded model the settings do not describe: the files would record the settings' model."""
+    from .numerics import held_dtype
     from .runtime import storage_dtype
 
     if not isinstance(loaded, LoadedModel):
@@ -77,7 +78,7 @@ def _check_loaded(spec: ModelSpec, loaded: LoadedModel) -> None:
     if spec.source is not None and str(spec.source) != str(loaded.source):
         raise UsageError(f"the settings name the model '{spec.source}' but the loaded model is '{loaded.source}'; "
                          "leave the settings' model source out when passing a loaded model")
-    held = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+    held = held_dtype(loaded.model)  # a float16 T5 holds its wo in float32: still a float16 load
     if held != storage_dtype(spec.dtype):
         raise UsageError(f"the settings say dtype {spec.dtype} but the loaded model holds {held}; "
                          f"give dtype='{held}' in the model spec")

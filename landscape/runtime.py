@@ -183,21 +183,32 @@ def storage_dtype(precision: str) -> str:
 def to_storage(model: Any, device: Any = None, dtype: Any = None) -> Any:
     """Move a loaded model to ``device`` and cast it to ``dtype`` as ``from_pretrained(dtype=...)`` would.
 
-    ``Module.to(dtype)`` casts every floating buffer as well, and a rotary embedding's frequencies
-    (``inv_freq``: 1/θ^(2i/d), computed from the config, not read from the checkpoint) would be
-    rounded to bfloat16 (2⁻⁹ relative): every position's angle moves with them.  Transformers'
-    own load in a half precision keeps them in float32, and its rotary forward reads them as
-    float32, so they stay as loaded (transformers' rule for these modules: a class name with
-    ``RotaryEmbedding``).  Everything else is what ``Module.to`` makes of it.
+    ``Module.to(dtype)`` casts every floating tensor.  Transformers' own load in a half precision
+    keeps some in float32, and so does this (``numerics.kept_in_float32``, the one home of the rule):
+    a rotary embedding's frequencies (``inv_freq``: 1/θ^(2i/d), computed from the config; rounded to
+    bfloat16, 2⁻⁹ relative, every position's angle would move with them), and in float16 the tensors
+    of the modules the model class keeps in float32 (``_keep_in_fp32_modules``: T5's ``wo``, whose
+    activations overflow float16; ``_keep_in_fp32_modules_strict`` in bfloat16 too).  Everything
+    else is what ``Module.to`` makes of it.  Each rule is a change of numerics that resumable files
+    record (``numerics.CHANGES``).
 
     Returns:
         The model (cast in place).
     """
-    kept = [(module, key, buf) for module in model.modules() if "RotaryEmbedding" in type(module).__name__
-            for key, buf in module._buffers.items() if buf is not None and buf.is_floating_point()]
+    import torch
+
+    from .numerics import kept_in_float32
+
+    kept = [(module, kind, key, (module._parameters if kind == "parameter" else module._buffers)[key].data)
+            for module, kind, key in kept_in_float32(model, dtype)]
     model.to(device=device, dtype=dtype)
-    for module, key, buf in kept:
-        module._buffers[key] = buf.to(device=device)
+    for module, kind, key, held in kept:
+        if kind == "rotary":  # as loaded: transformers computes the frequencies in float32
+            module._buffers[key] = held.to(device=device)
+        elif kind == "buffer":
+            module._buffers[key] = held.to(device=device, dtype=torch.float32)
+        else:  # Module.to keeps the Parameter object and replaces its data: the same again, in float32
+            module._parameters[key].data = held.to(device=device, dtype=torch.float32)
     return model
 
 

@@ -113,6 +113,7 @@ def shard_model(model: nn.Module, layout: ShardLayout) -> nn.Module:
 
     if is_sharded_model(model):
         raise UsageError("the model is already distributed (DTensor parameters); load it unsharded")
+    _check_one_dtype(model)
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     shared = _ids_used_outside(model)
     mesh = layout.shard_mesh
@@ -125,6 +126,19 @@ def shard_model(model: nn.Module, layout: ShardLayout) -> nn.Module:
         fully_shard(model, mesh=mesh, reshard_after_forward=True)
     check_uniform(model)
     return model
+
+
+def _check_one_dtype(model: nn.Module) -> None:
+    """UsageError when the trainable parameters are held in several dtypes: FSDP2 gathers one per unit.
+
+    A float16 T5 holds its ``wo`` in float32, as transformers loads it (``numerics.kept_in_float32``);
+    FSDP2 would fail at the first forward ("expects uniform original parameter dtype").
+    """
+    held = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
+    if len(held) > 1:
+        raise UsageError(f"the model holds its parameters in several dtypes ({', '.join(held)}: the modules its "
+                         "class keeps in float32, as transformers loads it), and FSDP2 shards a model of one "
+                         "dtype only; load it in another dtype (bfloat16 or float32) or leave it unsharded")
 
 
 def _param_ids(module):

@@ -24,6 +24,7 @@ SMALL = ["--samples", "2", "--seq-len", "8", "--batch-size", "2"]
     ("bf16_agreement.py", [*SMALL, "--grid", "3"], "Fisher top-1% overlap"),
     ("bf16_hessian.py", [*SMALL, "--threads", "1"], "vs float32 twin: loss"),
     ("critical_sharpness.py", [*SMALL, "--max-iter", "10", "--threads", "1"], "Rayleigh / top eigenvalue"),
+    ("numerics.py", SMALL, "every tensor in float16"),
 ])
 def test_benchmark_runs_and_prints_its_comparison(script, args, printed, tiny_gpt2_dir, tiny_corpus_file):
     corpus = [] if script == "fisher.py" else ["--corpus", str(tiny_corpus_file)]

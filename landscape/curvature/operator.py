@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from .. import numerics
 from ..data.objectives import sequence_losses
 from ..errors import UsageError
 from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerprint
@@ -389,7 +390,7 @@ class HessianOperator:
             self._upcast.restore()
         return {"model": type(self.model).__name__, MODEL_KEY: module_fingerprint(self.model),
                 SAMPLE_KEY: sample_fingerprint(self.batches), "coordinates": self.space.fingerprint(),
-                "dim": self.dim, "objective": self.kind,
+                "dim": self.dim, "objective": self.kind, **numerics.recorded(self.model),
                 # Only when not exact: checkpoints written before the option keep resuming.
                 **({} if self.hvp == "exact" else {"hvp": self.hvp})}
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import checks
+from .. import checks, numerics
 from ..errors import UsageError
 from ..files import atomic_output
 from ..identity import MODEL_KEY, SAMPLE_KEY, differences, module_fingerprint, refuse_changed_resume, sample_fingerprint
@@ -143,7 +143,8 @@ def _with_identity(fingerprint, model, batches, model_fingerprint):
         with contextlib.suppress(UsageError):  # a sharded model without a checkpoint's fingerprint
             model_fingerprint = module_fingerprint(model)
     ids = {MODEL_KEY: model_fingerprint or "",
-           SAMPLE_KEY: sample_fingerprint(batches) if isinstance(batches, (list, tuple)) else ""}
+           SAMPLE_KEY: sample_fingerprint(batches) if isinstance(batches, (list, tuple)) else "",
+           **numerics.recorded(model)}  # the code numerics: a change since the start is refused
     return {"settings": fingerprint, **ids}
 
 

@@ -14,6 +14,7 @@ import json
 import zlib
 from pathlib import Path
 
+from .. import numerics
 from ..errors import SettingsMismatch, UsageError
 from ..files import json_text
 from ..identity import MODEL_KEY, canonical_identity, differences, refuse_changed_resume, sample_fingerprint
@@ -87,6 +88,7 @@ def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, ev
                         eval_n_samples=int(sum(b["labels"].shape[0] for b in eval_batches)),
                         eval_n_target_tokens=sum(int((b["labels"] != -100).sum()) for b in eval_batches))
     identity.update(settings or {})
+    identity.update(numerics.recorded(model))  # the code numerics: a change since the start is refused
     if MODEL_KEY not in identity:  # the Python API's in-memory model; the CLI gives its checkpoint's
         from ..identity import module_fingerprint
 
