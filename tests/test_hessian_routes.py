@@ -202,3 +202,49 @@ def test_an_estimators_products_leave_the_float32_copies_released(tiny_llama_dir
     # The first product records the graph from the float32 copies; the others find them released.
     assert held[0] == 4 * weight.numel() and held[1:] and all(n <= 4 for n in held[1:])
     assert (values == want).all()
+
+
+def test_a_padding_token_among_the_inputs_leaves_the_products_the_loss_s_hessian(tiny_llama_dir):
+    """An embedding's ``padding_idx`` leaves its row out of the gradient where the pad token is an input.
+
+    The tiny Llama's pad token is its EOS (as SmolLM2's is); a text holding it made the exact
+    product the Jacobian of that partial gradient: no symmetric matrix, and far from the loss's
+    Hessian.  The operator clears ``padding_idx`` for its products (and puts it back).
+    """
+    loaded = load_model(str(tiny_llama_dir))
+    model = loaded.model.double().eval()
+    model.set_attn_implementation("eager")
+    pad = model.config.pad_token_id
+    batches = load_batches(loaded, corpus=None, max_samples=2, seq_len=12, batch_size=2, seed=0)
+    batches[0]["input_ids"][:, 3] = pad
+    batches[0]["labels"][:, 3] = pad
+    op = C.HessianOperator(model, batches, kind=loaded.kind)
+    gen = torch.Generator().manual_seed(0)
+    u, v = (w / w.norm() for w in (torch.randn(op.dim, generator=gen, dtype=torch.float64) for _ in range(2)))
+    with op:
+        hv, hu = op.matvec(v).double(), op.matvec(u).double()
+    assert model.model.embed_tokens.padding_idx == pad  # put back
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(shift):
+        originals = [p.data for p in params]
+        offset = 0
+        for p in params:
+            p.data = p.data + shift * v[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        try:
+            losses = [sequence_losses(model, b, loaded.kind) for b in batches]
+            mean = sum(x.loss_sum.sum() for x in losses) / sum(x.n_tokens.sum() for x in losses)
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(mean, params)])
+        finally:
+            for p, data in zip(params, originals):
+                p.data = data
+
+    model.model.embed_tokens.padding_idx = None  # the loss's own gradient
+    # The loss is summed in float32 (objectives.sequence_losses), so the difference is rounded by
+    # ~1e-7/eps: 1.0e-4 of the largest element at this eps (0.8 before padding_idx was cleared).
+    eps = 1e-3
+    difference = (gradient(eps) - gradient(-eps)) / (2 * eps)
+    assert float((hv - difference).abs().max()) < 1e-3 * float(difference.abs().max())
+    assert float(u @ hv) == pytest.approx(float(v @ hu), rel=1e-6)  # float32 loss: 8e-8 measured

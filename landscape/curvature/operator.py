@@ -213,12 +213,23 @@ class _ModelState:
     """Puts a model in eval mode and float32 for the Hessian, and restores it exactly afterwards.
 
     Restored: each module's train flag, each cast tensor's original storage, each config's attention
-    implementation.
+    implementation, each embedding's ``padding_idx``.
+
+    An embedding's ``padding_idx`` is cleared for the products: it changes no forward, but its
+    backward leaves the padding row out of the gradient wherever that token is an input (a Llama
+    whose pad token is its EOS, a chat text holding it), and the Jacobian of that gradient is no
+    symmetric matrix: no Hessian of the loss (on the tiny Llama with one pad token per sample, its
+    product's largest element was as far off a float64 central difference of the loss as it is
+    large).  Without it the products are the loss's own Hessian (tests/test_hessian_routes.py).
     """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.modes = [(m, m.training) for m in model.modules()]
+        self.padding = [(m, m.padding_idx) for m in model.modules()
+                        if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None]
+        for module, _ in self.padding:
+            module.padding_idx = None
         self.attention = [(c, c._attn_implementation_internal) for c in _attention_configs(model)
                           if hasattr(c, "_attn_implementation_internal")]
         self.params, self.buffers = [], []
@@ -248,6 +259,8 @@ class _ModelState:
             config._attn_implementation_internal = impl
         for module, training in self.modes:
             module.training = training
+        for module, padding_idx in self.padding:
+            module.padding_idx = padding_idx
 
 
 def _needs_cast(t: torch.Tensor) -> bool:
