@@ -7,12 +7,18 @@ each product's seconds (noise on a shared CPU; the first exact product includes 
 With ``--lanczos C ...`` it also prints the error along the second Lanczos vector from the seeded
 Gaussian start vector v₁ of ``top_eigenpairs`` (v₂ ∝ H·v₁ − α₁v₁, every parameter a coordinate;
 it gathers on fewer coordinates than a random vector) and along the first random vector, with the
-step constant ``difference.DIFFERENCE_STEP`` set to each C in turn.  Norms and inner products are
-summed in float64 (``quadratic.block_dot``).
+step constant ``difference.DIFFERENCE_STEP`` set to each C in turn.  With ``--rules`` it prints, along the
+mean loss's gradient, 2 random vectors and the exact product's Lanczos vectors 1-3, the error at 2^-K
+times the library's step for each ``--grid K`` and how spread each vector is (the candidates' steps over
+the library's; ``benchmarks/results/hvp_difference_rules.txt``).  ``--model tiny:NAME`` takes one of the
+test suite's tiny models (tests/conftest.py: bert, gpt2, llama, t5 with gated GELU).  Norms and inner
+products are summed in float64 (``quadratic.block_dot``).
 
     python benchmarks/hvp_difference_error.py --model ~/.cache/landscape/checkpoints/smollm2-135m-instruct
     python benchmarks/hvp_difference_error.py --model ~/.cache/landscape/checkpoints/smollm2-135m-instruct \
         --samples 1 --trials 0 --lanczos 2e-4 5e-5 1e-5
+    python benchmarks/hvp_difference_error.py --model tiny:t5 --samples 8 --seq-len 32 --batch-size 4 \
+        --trials 0 --threads 1 --rules --grid -1 0 1
 """
 
 import argparse

@@ -21,11 +21,11 @@ from ..data.objectives import sequence_losses
 # coordinates' parameters: no coordinate moves by more than DIFFERENCE_STEP times the weights' RMS,
 # whether v is spread or gathers on few coordinates (a Lanczos vector, the loss's gradient: on
 # SmolLM2 the gradient's largest element is 1800 times a spread vector's, so the old rule
-# ε·‖v‖ = 2e-4·(1 + ‖θ‖) moved those coordinates by up to 0.3 of the RMS and was 0.83 off).
-# Measured (docs/curvature.md, "Concentrated vectors"): largest relative error over the loss's
-# gradient, 2 random v and Lanczos vectors 1-3 on the four tiny test models, float32, 8 × 32
-# tokens, and SmolLM2's gradient (1 × 16): 2e-4 at c = 2e-3, 1.5e-4 at 2.8e-3, 2.6e-4 at 4e-3,
-# 1.2e-3 at 6e-3 (truncation along the tiny T5's Lanczos vectors); 4.2e-4 at 1e-3 (SmolLM2's gradient).
+# ε·‖v‖ = 2e-4·(1 + ‖θ‖) moved the largest by 0.36 of the RMS, 0.72 at 2ε, and was 0.83 off).
+# Measured (docs/curvature.md, "Concentrated vectors"), largest relative error over the loss's
+# gradient, 2 random v and Lanczos vectors 1-3, float32: 1.8e-4 on the four tiny test models
+# (8 × 32 tokens) and 4.8e-4 on SmolLM2 (1 × 16); on the tiny models 2.5e-3 at 2c (truncation along
+# T5's Lanczos vectors), 1.4e-4 at c/2 and 5.2e-4 at c/8 (rounding).
 DIFFERENCE_STEP = 3e-3
 
 # (k, w_k): H·v ≈ Σ_k w_k·(∇L(θ + kεv) − ∇L(θ − kεv))/ε, the fourth-order central stencil (its ε²
