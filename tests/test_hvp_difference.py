@@ -212,3 +212,22 @@ def test_top_eigenpairs_refuse_an_eigenvalue_that_moves_with_the_step(tiny_gpt2,
             assert np.isfinite(values).all()
             assert info.products == op.products == 6 + 2  # one residual and one check product
     assert op.step_scale == 1.0  # the check's half step is not left behind
+
+
+def test_the_step_bounds_the_largest_coordinate_move(tiny_gpt2):
+    """ε·‖v‖_∞ = c·(1 + ‖θ‖)/√n whether v is spread or on one coordinate (docs/curvature.md, "Concentrated
+    vectors"): the earlier rule ε·‖v‖ = c·(1 + ‖θ‖) moved a one-coordinate v's element √n/15 times as far."""
+    params = [p for p in tiny_gpt2.model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    theta = sum(float(p.detach().double().square().sum()) for p in params) ** 0.5
+    spread = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    single = torch.zeros(n)
+    single[123] = -3.0
+    eps32 = torch.finfo(torch.float32).eps
+    for v in (spread, single, spread * 1e-3):
+        move = difference.step(params, v, eps32) * float(v.abs().max())
+        assert move == pytest.approx(difference.DIFFERENCE_STEP * (1 + theta) / n**0.5, rel=1e-9)
+    # A float64 model: the 4th-order stencil's optimum, (eps64/eps32)^(1/5) of it.
+    ratio = difference.step(params, single, torch.finfo(torch.float64).eps) / difference.step(params, single, eps32)
+    assert ratio == pytest.approx((torch.finfo(torch.float64).eps / eps32) ** 0.2, rel=1e-12)
+    assert difference.step(params, torch.zeros(n), eps32) == 0.0
