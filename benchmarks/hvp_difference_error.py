@@ -117,7 +117,8 @@ def _along_lanczos(exact, difference, steps) -> None:
             with difference:
                 got = {name: difference @ v for name, v in vectors.items()}
             errors = {name: _norm(got[name] - products[name]) / _norm(products[name]) for name in vectors}
-            print(f"  c {c:g} (step {c * (1 + theta):.3g} along a unit vector): relative error along v2 "
+            along_v2 = difference_module.step(difference.space.params, v2, torch.finfo(torch.float32).eps)
+            print(f"  c {c:g} (step {along_v2:.3g} along v2): relative error along v2 "
                   f"{errors['v2']:.3e} (v2'Hv2 {block_dot(v2, got['v2']):.6g}), along random v {errors['random']:.3e}",
                   flush=True)
     finally:
