@@ -172,13 +172,13 @@ def test_directions_and_rayleigh_pass_the_method_through(capfd, tiny_gpt2_dir, t
                              tmp_path / "no.json")[::2], "--hvp applies to --rayleigh only")
 
 
-@pytest.mark.parametrize("constant, refused", [(difference.DIFFERENCE_STEP, False), (3e-3, True)])
-def test_lanczos_refuses_difference_products_too_far_off_to_be_symmetric(tiny_gpt2, monkeypatch, constant, refused):
-    """On SmolLM2 the default step is too large for the Lanczos vectors (docs/curvature.md, "Concentrated
-    vectors"): its products along them are not a symmetric matrix's and Lanczos's eigenvalues are of
-    no matrix.  The tiny GPT-2 shows it at 15 times its default step (products about 0.5 off), and
-    runs at the default."""
-    monkeypatch.setattr(difference, "DIFFERENCE_STEP", constant)
+@pytest.mark.parametrize("scale, refused", [(1, False), (30, True)])
+def test_lanczos_refuses_difference_products_too_far_off_to_be_symmetric(tiny_gpt2, monkeypatch, scale, refused):
+    """On SmolLM2 the old step rule was too large for the Lanczos vectors (docs/curvature.md, "Concentrated
+    vectors"): its products along them were not a symmetric matrix's and Lanczos's eigenvalues of no
+    matrix.  The tiny GPT-2 shows it at 30 times its default step (0.0091 of the largest coefficient
+    at step 1; 0.001 at 15 times), and runs at the default."""
+    monkeypatch.setattr(difference, "DIFFERENCE_STEP", difference.DIFFERENCE_STEP * scale)
     batches = load_batches(tiny_gpt2, corpus=None, max_samples=4, seq_len=16, batch_size=4, seed=0)
     op = curvature.HessianOperator(tiny_gpt2.model, batches, kind=tiny_gpt2.kind, hvp="difference")
     with warnings.catch_warnings():
@@ -188,3 +188,46 @@ def test_lanczos_refuses_difference_products_too_far_off_to_be_symmetric(tiny_gp
                 curvature.top_eigenpairs(op, k=1, max_iter=6)
         else:
             assert np.isfinite(curvature.top_eigenpairs(op, k=1, max_iter=6)[0]).all()
+
+
+@pytest.mark.parametrize("scale, refused", [(1, False), (20, True)])
+def test_top_eigenpairs_refuse_an_eigenvalue_that_moves_with_the_step(tiny_gpt2, monkeypatch, scale, refused):
+    """The symmetry check sees asymmetric errors only (docs/curvature.md, "Concentrated vectors"); with it
+    off, a step 20 times the rule's is refused on the tiny GPT-2 because the Rayleigh quotient along the
+    returned vector moves when the step is halved (20.874 at the step, 21.117 at half of it: 0.012
+    apart, the exact eigenvalue 21.170), and the rule's own step passes (21.169635)."""
+    from landscape.curvature import lanczos
+
+    monkeypatch.setattr(lanczos, "ASYMMETRY_LIMIT", float("inf"))
+    monkeypatch.setattr(difference, "DIFFERENCE_STEP", difference.DIFFERENCE_STEP * scale)
+    batches = load_batches(tiny_gpt2, corpus=None, max_samples=4, seq_len=16, batch_size=4, seed=0)
+    op = curvature.HessianOperator(tiny_gpt2.model, batches, kind=tiny_gpt2.kind, hvp="difference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not converged in 6 products
+        if refused:
+            with pytest.raises(UsageError, match="not accurate along eigenvector 1: its Rayleigh quotient"):
+                curvature.top_eigenpairs(op, k=1, max_iter=6, tol=1e-3)
+        else:
+            values, _, info = curvature.top_eigenpairs(op, k=1, max_iter=6, tol=1e-3, return_info=True)
+            assert np.isfinite(values).all()
+            assert info.products == op.products == 6 + 2  # one residual and one check product
+    assert op.step_scale == 1.0  # the check's half step is not left behind
+
+
+def test_the_step_bounds_the_largest_coordinate_move(tiny_gpt2):
+    """ε·‖v‖_∞ = c·(1 + ‖θ‖)/√n whether v is spread or on one coordinate (docs/curvature.md, "Concentrated
+    vectors"): the earlier rule ε·‖v‖ = c·(1 + ‖θ‖) moved a one-coordinate v's element √n/15 times as far."""
+    params = [p for p in tiny_gpt2.model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    theta = sum(float(p.detach().double().square().sum()) for p in params) ** 0.5
+    spread = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    single = torch.zeros(n)
+    single[123] = -3.0
+    eps32 = torch.finfo(torch.float32).eps
+    for v in (spread, single, spread * 1e-3):
+        move = difference.step(params, v, eps32) * float(v.abs().max())
+        assert move == pytest.approx(difference.DIFFERENCE_STEP * (1 + theta) / n**0.5, rel=1e-9)
+    # A float64 model: the 4th-order stencil's optimum, (eps64/eps32)^(1/5) of it.
+    ratio = difference.step(params, single, torch.finfo(torch.float64).eps) / difference.step(params, single, eps32)
+    assert ratio == pytest.approx((torch.finfo(torch.float64).eps / eps32) ** 0.2, rel=1e-12)
+    assert difference.step(params, torch.zeros(n), eps32) == 0.0

@@ -17,12 +17,16 @@ import torch
 
 from ..data.objectives import sequence_losses
 
-# ε·‖v‖ = DIFFERENCE_STEP·(1 + ‖θ‖) in float32, ‖θ‖ the coordinates' norm: a step relative to the
-# weights, so the perturbation stays above their rounding.  Measured on the four tiny test models,
-# float32, largest relative error over v = the loss's gradient and 2 random v (docs/curvature.md):
-# c = 1e-4: 4.5e-4 (rounding, random v), 2e-4: 2.8e-4, 3e-4: 4.2e-4 (truncation, along the
-# gradient), 1e-3: 3.0e-2, 3e-3: 4.8e-1.
-DIFFERENCE_STEP = 2e-4
+# ε·‖v‖_∞ = DIFFERENCE_STEP·(1 + ‖θ‖)/√n in float32, ‖θ‖ the norm of the n elements of the
+# coordinates' parameters: no coordinate moves by more than DIFFERENCE_STEP times the weights' RMS,
+# whether v is spread or gathers on few coordinates (a Lanczos vector, the loss's gradient: on
+# SmolLM2 the gradient's largest element is 1800 times a spread vector's, so the old rule
+# ε·‖v‖ = 2e-4·(1 + ‖θ‖) moved the largest by 0.36 of the RMS, 0.72 at 2ε, and was 0.83 off).
+# Measured (docs/curvature.md, "Concentrated vectors"), largest relative error over the loss's
+# gradient, 2 random v and Lanczos vectors 1-3, float32: 1.8e-4 on the four tiny test models
+# (8 × 32 tokens) and 4.8e-4 on SmolLM2 (1 × 16); on the tiny models 2.5e-3 at 2c (truncation along
+# T5's Lanczos vectors), 1.4e-4 at c/2 and 5.2e-4 at c/8 (rounding).
+DIFFERENCE_STEP = 3e-3
 
 # (k, w_k): H·v ≈ Σ_k w_k·(∇L(θ + kεv) − ∇L(θ − kεv))/ε, the fourth-order central stencil (its ε²
 # terms cancel).  The second-order one ((1, 1/2), two gradients) meets 1e-3 at no single step on the
@@ -42,30 +46,35 @@ def kinked_activations(model: torch.nn.Module) -> list[str]:
 
 
 def step(params: list, v: torch.Tensor, eps: float, shards=None) -> float:
-    """ε for a product along v: ``DIFFERENCE_STEP·(eps/eps_float32)^(1/5)·(1 + ‖θ‖)/‖v‖`` (0 for v = 0).
+    """ε for a product along v: ``DIFFERENCE_STEP·(eps/eps_float32)^(1/5)·(1 + ‖θ‖)/(√n·‖v‖_∞)`` (0 for v = 0).
 
     Args:
-        params: the coordinates' parameters (their norm is ‖θ‖; off-mask elements count too, a bound).
+        params: the coordinates' parameters (their n elements and norm ‖θ‖; off-mask elements count
+            too: the weights' RMS, whatever the mask).
         v: the flat vector.
         eps: the machine epsilon of the parameters' dtype (float64 models take a smaller step).
         shards: a ``shards.VectorShards`` when v and the parameters are this rank's pieces
-            (sharded with FSDP2): the norms add the group's pieces.
+            (sharded with FSDP2): the sums add, and the largest element is the largest of, the
+            group's pieces, so every rank takes the same step.
     """
+    largest = float(v.abs().max()) if v.numel() else 0.0
     if shards is not None:
         from ..sharding import local_tensor
 
-        norm_v = math.sqrt(shards.total(float(v.double().square().sum())))
+        largest = shards.largest(largest)
+        count = shards.total(float(sum(local_tensor(p).numel() for p in params)))
         norm_theta = math.sqrt(shards.total(sum(float(local_tensor(p).double().square().sum()) for p in params)))
     else:
-        norm_v = float(v.double().norm())
+        count = float(sum(p.numel() for p in params))
         norm_theta = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
-    if norm_v == 0.0:
+    if largest == 0.0:
         return 0.0
     scale = (eps / torch.finfo(torch.float32).eps) ** (1.0 / 5.0)  # the optimum of a 4th-order stencil
-    return DIFFERENCE_STEP * scale * (1.0 + norm_theta) / norm_v
+    return DIFFERENCE_STEP * scale * (1.0 + norm_theta) / (math.sqrt(count) * largest)
 
 
-def difference_product(model: torch.nn.Module, space, batches: list, kind: str, v: torch.Tensor) -> tuple:
+def difference_product(model: torch.nn.Module, space, batches: list, kind: str, v: torch.Tensor,
+                       scale: float = 1.0) -> tuple:
     """(Σ over batches of the summed loss's H·v by central difference, Σ target tokens).
 
     The parameters are perturbed by swapping each one's ``.data`` for ``θ ± kεv`` (new tensors)
@@ -78,13 +87,14 @@ def difference_product(model: torch.nn.Module, space, batches: list, kind: str, 
         batches: batch dicts with ``labels``.
         kind: the objective for ``objectives.sequence_losses``.
         v: (dim,) float32 on the model's device.
+        scale: the step is ``step(...)`` times this (a check of the step compares two).
 
     Returns:
         ((dim,) float32 unnormalized H·v, float tokens); divide the first by the second for the
         mean loss's product.
     """
     params = space.params
-    eps = step(params, v, torch.finfo(params[0].dtype).eps, space.shards)
+    eps = step(params, v, torch.finfo(params[0].dtype).eps, space.shards) * float(scale)
     out = torch.zeros(space.local_dim, dtype=torch.float32, device=space.device)
     tokens = 0.0
     if eps == 0.0:

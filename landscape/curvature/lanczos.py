@@ -205,29 +205,67 @@ def _thick_restart(op: _Products, basis, k: int, m: int, generator: torch.Genera
         proj[np.arange(keep), np.arange(keep)] = theta[:keep]
         start = keep
     vectors = basis.ritz_vectors(y[:, :wanted], size)
-    measured = _measured_residuals(op, theta[:wanted], vectors)
-    info = LanczosInfo(products + wanted, measured, (done or size >= dim) and max(measured) <= tol, tol,
+    measured, quotients = _measured_residuals(op, theta[:wanted], vectors)
+    checked = _check_step(op, vectors, quotients, tol)
+    info = LanczosInfo(products + wanted + checked, measured, (done or size >= dim) and max(measured) <= tol, tol,
                        [float(r) for r in relative])
     return theta[:wanted].copy(), vectors, info
 
 
-def _measured_residuals(op: _Products, values, vectors: torch.Tensor) -> list:
-    """Measure ‖H·v − λ·v‖/|λ| of each returned (λ, v), by one product each.
+def _measured_residuals(op: _Products, values, vectors: torch.Tensor) -> tuple:
+    """Measure ‖H·v − λ·v‖/|λ| and the Rayleigh quotient vᵀ·H·v of each returned (λ, v), by one product each.
 
     The Krylov estimate β·|y_m| assumes exact arithmetic and can be 100 times smaller than what the
-    float32 vector achieves.
+    float32 vector achieves.  Returns (residuals, quotients).
     """
-    out = []
+    out, quotients = [], []
     for value, v in zip(values, vectors):
+        hv = op.matvec(v)
+        quotients.append(op.dot(v, hv))
         if isinstance(vectors, FileVectors):  # float64 a block at a time: no float64 copy of the vectors
-            norm = _residual_norm(op.matvec(v), v, float(value), op)
+            norm = _residual_norm(hv, v, float(value), op)
         elif op.shards is not None:
-            norm = op.summed(float((op.matvec(v).double() - float(value) * v.double()).square().sum())) ** 0.5
+            norm = op.summed(float((hv.double() - float(value) * v.double()).square().sum())) ** 0.5
         else:
-            hv = op.matvec(v).double()
-            norm = float(torch.linalg.norm(hv - float(value) * v.double()))
+            norm = float(torch.linalg.norm(hv.double() - float(value) * v.double()))
         out.append(norm / max(abs(float(value)), 1e-30))
-    return out
+    return out, quotients
+
+
+# The gradient-only product's error is its stencil's truncation (∝ ε⁴) plus its gradients' rounding
+# (∝ 1/ε).  Along each returned eigenvector its Rayleigh quotient is formed again at this share of
+# the step: where the truncation dominates the two differ by 15/16 of the first one's error, where
+# the rounding does by about twice it, so a difference within the run's tolerance bounds the error
+# of both (the symmetry check above misses an error that is symmetric).
+STEP_CHECK_FACTOR = 0.5
+
+
+def _check_step(op: _Products, vectors, quotients: list, tol: float) -> int:
+    """Refuse a gradient-only product whose Rayleigh quotients at ε and ε/2 differ by more than ``tol``.
+
+    Only for an operator with ``hvp == "difference"`` (and a ``scaled_step``); one product per
+    vector, its quotient summed over a shard group, so every rank of it decides alike.
+
+    Returns:
+        The products used (0 for any other operator).
+
+    Raises:
+        UsageError: the two quotients of a vector differ by more than ``tol`` of the first.
+    """
+    A = op.op
+    if getattr(A, "hvp", None) != "difference":
+        return 0
+    with A.scaled_step(STEP_CHECK_FACTOR):
+        for i, (v, quotient) in enumerate(zip(vectors, quotients)):
+            half = op.summed(op.quadratic(v))
+            defect = abs(half - quotient) / max(abs(quotient), 1e-30)
+            if not defect <= tol:  # a NaN is refused too
+                raise UsageError(f"the gradient-only Hessian product (hvp 'difference') is not accurate along "
+                                 f"eigenvector {i + 1}: its Rayleigh quotient is {quotient:.6g} at the step and "
+                                 f"{half:.6g} at half the step ({defect:.2g} apart, more than the tolerance {tol:g}), "
+                                 "so the eigenvalue would be wrong: use the exact product (docs/curvature.md, "
+                                 "'Concentrated vectors')")
+    return len(quotients)
 
 
 def _residual_norm(hv: torch.Tensor, v: torch.Tensor, value: float, op: _Products, block: int = 2**20) -> float:
@@ -253,7 +291,8 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
         seed: seeds the start vector.
         tol: stop when every wanted pair has ‖A·v − λ·v‖ ≤ tol·|λ|.
         max_iter: at most this many products for Lanczos (a warning says if tol was not reached),
-            plus one per returned pair to measure its residual.
+            plus one per returned pair to measure its residual (two for a gradient-only product:
+            ``_check_step``).
         ncv: Krylov basis size before a restart (default max(2k+10, 20), at least k+2); memory
             (ncv+1)·dim of the working dtype (float32, float64 for a float64 operator), or a
             temporary file of that size beyond ``basis_bytes``.
@@ -280,7 +319,8 @@ def top_eigenpairs(A, k: int = 2, seed: int = 0, *, tol: float = 1e-4, max_iter:
         raise UsageError(f"asked for {k} eigenpairs of an operator with only {op.dim} coordinates")
     if int(max_iter) < k:
         raise UsageError(f"max_iter ({max_iter}) must be at least the number of eigenpairs ({k})")
-    op.total = int(max_iter) + int(k)  # + one check per returned vector
+    # + one check per returned vector, and one more for a gradient-only product's step (``_check_step``)
+    op.total = int(max_iter) + int(k) * (2 if getattr(op.op, "hvp", None) == "difference" else 1)
     with op:
         values, vectors, info = _lanczos_top(op, int(k), seed, float(tol), int(max_iter), ncv, int(basis_bytes))
     if not info.converged:

@@ -51,6 +51,15 @@ class VectorShards:
         """A float summed over the group, in float64."""
         return float(self.reduce(torch.tensor([float(value)], dtype=torch.float64, device=collective_device()))[0])
 
+    def largest(self, value: float) -> float:
+        """The largest of a float over the group, in float64."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+        with collective_errors():
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return float(tensor[0])
+
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's pieces of a whole (dim,) vector, concatenated."""
         if not self.slices:
