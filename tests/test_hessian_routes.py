@@ -177,6 +177,8 @@ def test_an_estimators_products_leave_the_float32_copies_released(tiny_llama_dir
     loaded = load_model(str(tiny_llama_dir))
     batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
     half = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    # Eager: SDPA's fallback would record the first graph twice (tested in test_curvature.py).
+    half.set_attn_implementation("eager")
     full = copy.deepcopy(half).float()  # the same weights in float32: the products to equal
     op = C.HessianOperator(half, batches, kind=loaded.kind)
     held = []  # bytes the largest weight's storage held as each product began
@@ -202,3 +204,29 @@ def test_an_estimators_products_leave_the_float32_copies_released(tiny_llama_dir
     # The first product records the graph from the float32 copies; the others find them released.
     assert held[0] == 4 * weight.numel() and held[1:] and all(n <= 4 for n in held[1:])
     assert (values == want).all()
+
+
+def test_the_trace_draws_its_first_probe_after_the_graph_with_the_copies_released(tiny_llama_dir, monkeypatch):
+    from landscape.curvature import estimators
+
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    half = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    op = C.HessianOperator(half, batches, kind=loaded.kind)
+    weight = max(half.parameters(), key=lambda p: p.numel())
+    seen = []  # (graph recorded, bytes the largest weight's storage held) as each probe was drawn
+    draw = estimators._rademacher
+
+    def observed(*args, **kwargs):
+        seen.append((op._grad_sum is not None, weight.untyped_storage().nbytes()))
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(estimators, "_rademacher", observed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = C.trace(op, samples=3, seed=1)
+        monkeypatch.undo()
+        want = C.trace(C.HessianOperator(full, batches, kind=loaded.kind), samples=3, seed=1)
+    assert seen == [(True, 4)] * 3
+    assert got == want

@@ -322,6 +322,12 @@ class _Products:
     def identity(self) -> dict:
         return _identity_of(self.op)
 
+    def record(self) -> None:
+        """Let the operator record what all its products share before the first vector exists (the Hessian's graph)."""
+        record = getattr(self.op, "record", None)
+        if record is not None:
+            record()
+
     def __enter__(self) -> "_Products":
         self.bar = progress_bar(total=self.total, desc=self.label, unit="Hv", enabled=self.progress)
         try:

@@ -27,7 +27,7 @@ from ..models import check_kind
 from ..settings import HVP_METHODS
 from .difference import difference_product, kinked_activations
 from .quadratic import Quadratic, block_dot
-from .routes import Routes
+from .routes import Routes, undifferentiable
 from .shards import check_shardable, local_part, point_split, rows_of
 from .upcast import Upcast
 
@@ -449,29 +449,35 @@ class HessianOperator:
             self.products += 1
             return out.div_(tokens)
         with self, torch.enable_grad():
-            retry = False
-            try:
-                out = self._product(v, quadratic)
-            except (RuntimeError, NotImplementedError) as err:
-                self._reset_cache()  # a half-built cache would miscount the tokens
-                if self.products or not _no_double_backward(err) or not self._fall_back_to_eager():
-                    raise
-                retry = True
-            except BaseException:
-                self._reset_cache()
-                raise
-            if retry:  # outside the except block: the failed attempt's frames (its graph, its sum) are freed
-                try:
-                    out = self._product(v, quadratic)
-                except BaseException:
-                    self._reset_cache()
-                    raise
+            out = self._falling_back(lambda: self._product(v, quadratic))
         self.products += 1
         return out
 
     def clear(self):
         """Drop the cached first-order graphs (frees their memory)."""
         self._reset_cache()
+
+    def _falling_back(self, attempt):
+        """``attempt()``, redone once with eager attention when the model's first graph has no second derivative.
+
+        The failure is found in the recorded graph (``routes.undifferentiable``), before any
+        vector of the product is made, or else by the second backward itself.
+        """
+        try:
+            return attempt()
+        except (RuntimeError, NotImplementedError) as err:
+            self._reset_cache()  # a half-built cache would miscount the tokens
+            if self.products or not _no_double_backward(err) or not self._fall_back_to_eager():
+                raise
+        except BaseException:
+            self._reset_cache()
+            raise
+        # Outside the except block: the failed attempt's frames (its graph, its sum) are freed.
+        try:
+            return attempt()
+        except BaseException:
+            self._reset_cache()
+            raise
 
     @contextlib.contextmanager
     def released_between_products(self) -> Iterator["HessianOperator"]:
@@ -531,6 +537,7 @@ class HessianOperator:
         self._grad_sum = None  # Σ over cached batches of the first-order gradient, with its graph
         self._routes: Optional[Routes] = None  # where its second backward's shares reach the parameters
         self._cached = set()  # indices of batches inside _grad_sum
+        self._cached_tokens = 0.0  # Σ n_tokens of those batches
         self._tokens: Optional[float] = None  # Σ_b n_tokens_b
         self._signature = None
         self._used_bytes = 0
@@ -565,23 +572,20 @@ class HessianOperator:
         if self._signature is not None and self._signature != self._weights_signature():
             self._reset_cache()  # weights changed since the graphs were recorded
         first = self._tokens is None
-        tokens = 0.0
+        tokens = 0.0  # of the batches not cached
         vs = self.space.unflatten(v)
         with Quadratic(self.space.params, vs) if quadratic else _Accumulator(self.space) as hv:
             for index, batch in enumerate(self.batches):
                 if index in self._cached:
                     continue
                 grads, n_tokens, nbytes = self._gradient(batch)
-                tokens += n_tokens
                 if first and self._used_bytes + nbytes <= self.cache_bytes:
-                    self._used_bytes += nbytes
-                    self._cached.add(index)
-                    self._grad_sum = grads if self._grad_sum is None else [
-                        g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
+                    self._cache(index, grads, n_tokens, nbytes)
                 else:
+                    tokens += n_tokens
                     self._second(grads, vs, hv, Routes(grads, self.space.params), retain=False)
             if first:
-                self._tokens = tokens
+                self._tokens = self._cached_tokens + tokens
                 self._signature = self._weights_signature()
             if self._grad_sum is not None:
                 if self._routes is None:  # the cached graph's: found once, hooked for each backward
@@ -590,6 +594,41 @@ class HessianOperator:
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
         return hv.result() / self._tokens if quadratic else hv.result().div_(self._tokens)
+
+    def _cache(self, index: int, grads: list, n_tokens: float, nbytes: int) -> None:
+        self._used_bytes += nbytes
+        self._cached.add(index)
+        self._cached_tokens += n_tokens
+        self._grad_sum = grads if self._grad_sum is None else [
+            g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
+
+    def record(self) -> None:
+        """Record the cached first-order graphs now, as the first product would, before the caller's first vector.
+
+        For an estimator whose first vector can wait (the trace draws its first probe after this):
+        the graph is built while the float32 copies exist, and its vector would have been alive
+        beside them.  Batches beyond the cache budget are left to the products, as before.  Does
+        nothing for the difference product, without a cache budget, or once a product or a record
+        has run.  An attention without a second derivative is found in this graph
+        (``routes.undifferentiable``) and switched to eager here, before the first vector, rather
+        than by a first product that fails and records again beside its vector.
+        """
+        if self.hvp != "exact" or self.cache_bytes <= 0 or self._tokens is not None or self._cached:
+            return
+        with self, torch.enable_grad():
+            self._falling_back(self._record)
+            if self._lean and self._upcast is not None:  # the products need only the graph until the next one
+                self._upcast.release()
+
+    def _record(self) -> None:
+        for index, batch in enumerate(self.batches):
+            grads, n_tokens, nbytes = self._gradient(batch)
+            if self._used_bytes + nbytes > self.cache_bytes:
+                break  # this batch and those after it: the first product computes them
+            self._cache(index, grads, n_tokens, nbytes)
+            del grads
+        if self._cached:
+            self._signature = self._weights_signature()
 
     def _gradient(self, batch: dict):
         """First-order gradient of the batch's summed loss with its graph: (grads, n_tokens, bytes held)."""
@@ -621,6 +660,10 @@ class HessianOperator:
             finally:
                 for hook in hooks:
                     hook.remove()
+        missing = undifferentiable(grads, self.space.params)
+        if missing:  # failing here, not in the second backward: no vector of the product exists yet
+            raise RuntimeError(f"the gradient's graph has no second derivative: derivative for the backward of "
+                               f"{missing} is not implemented")
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
         return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
