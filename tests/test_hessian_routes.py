@@ -230,3 +230,62 @@ def test_the_trace_draws_its_first_probe_after_the_graph_with_the_copies_release
         want = C.trace(C.HessianOperator(full, batches, kind=loaded.kind), samples=3, seed=1)
     assert seen == [(True, 4)] * 3
     assert got == want
+
+
+@pytest.mark.parametrize("cache_bytes,masked", [(2**30, False), (0, False), (2**30, True)])
+def test_a_basis_row_read_by_parts_gives_the_same_products(tiny_case, cache_bytes, masked, monkeypatch):
+    """A Krylov row in a file is read a parameter's part at a time by the second backward (``cotangents``)."""
+    from landscape.curvature.krylov import FileBasis
+
+    model, batches, kind = tiny_case
+    mask = _mask(model, 120 / sum(p.numel() for p in model.parameters()), 3) if masked else None
+    op = C.HessianOperator(model, batches, mask, kind, cache_bytes=cache_bytes)
+    # Column blocks of 97 coordinates: parameters' parts straddle them.
+    basis = FileBasis(3, op.dim, torch.float32, "cpu", block_bytes=3 * 4 * 97)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5))
+    basis.put(1, v)
+    reads = []
+    read = type(basis.row(1)).read
+    monkeypatch.setattr(type(basis.row(1)), "read", lambda self, start, count: reads.append(count) or read(
+        self, start, count))
+    monkeypatch.setattr(FileBasis, "get", None)  # the row is never read whole
+    with op, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = op.matvec(v)
+        got = [op.matvec(basis.row(1)) for _ in range(2)]  # the cache's first product, then its reuse
+    assert all(torch.equal(g, want) for g in got)
+    assert reads and max(reads) == max(b.count for b in op.space.blocks) < op.dim
+    if masked:
+        H = _dense_on_mask(model, batches, kind, mask)
+        want = H @ v.double()
+        assert torch.linalg.norm(got[0].double() - want) <= 1e-5 * torch.linalg.norm(want)
+
+
+def test_lanczos_with_its_basis_in_a_file_hands_the_product_its_rows_unread(tiny_llama_dir, monkeypatch):
+    from landscape.curvature.krylov import FileRow
+
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)  # the released float32 copies too
+    model.set_attn_implementation("eager")
+    op = C.HessianOperator(model, batches, kind=loaded.kind)
+    given = []
+    matvec = C.HessianOperator.matvec
+    monkeypatch.setattr(C.HessianOperator, "matvec", lambda self, v: given.append(type(v)) or matvec(self, v))
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            top = C.top_eigenpairs(op, k=2, max_iter=12, seed=0, basis_bytes=0, return_info=True)
+            density = C.spectrum(op, runs=2, steps=6, seed=1, basis_bytes=0)
+        return top, density
+
+    (values, vectors, info), density = run()
+    # Lanczos's products get rows; the residuals' checks, the Ritz vectors.
+    assert given == [FileRow] * (info.products - 2) + [torch.Tensor] * 2 + [FileRow] * 12
+    monkeypatch.setattr(C.HessianOperator, "reads_rows", False)  # the rows read whole, as before
+    (want_values, want_vectors, want_info), want_density = run()
+    assert (values == want_values).all() and torch.equal(vectors, want_vectors)
+    assert want_info.residuals == info.residuals
+    pairs = zip(density.nodes + density.weights, want_density.nodes + want_density.weights)
+    assert all((a == b).all() for a, b in pairs)

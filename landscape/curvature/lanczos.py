@@ -132,7 +132,7 @@ def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
     """
     used, beta, j = 0, 0.0, start - 1
     for j in range(start, stop):
-        w = op.matvec(basis.get(j))
+        w = op.matvec_row(basis, j)
         used += 1
         w, coeffs = basis.orthogonalize(j + 1, w)
         column = coeffs.double().cpu().numpy()
@@ -318,12 +318,20 @@ def _run_steps(op: _Products, start: Callable[[], torch.Tensor], steps: int, bas
     alphas, betas = [], []
     v, previous, beta = start(), None, 0.0
     for j in range(steps):
-        w = op.matvec(v)
+        stored = basis is not None and basis.in_file
+        if stored:  # v in its row first: the product reads it from there a part at a time, not held beside it
+            basis.put(j, v)
+            v = None
+            w = op.matvec_row(basis, j)
+            v = basis.get(j)
+        else:
+            w = op.matvec(v)
         alpha = op.dot(w, v)
         _check_finite([alpha])
         size = max([abs(alpha), beta] + [abs(a) for a in alphas] + betas)  # about ‖A‖
         if basis is not None:
-            basis.put(j, v)
+            if not stored:
+                basis.put(j, v)
             w, coeffs = basis.orthogonalize(j + 1, w)
             if j > 0:
                 _check_symmetric(coeffs[:j].double().cpu().numpy(), _implied(j, beta), size, j)

@@ -12,6 +12,7 @@ module a reader finds by the name of what it computes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import warnings
@@ -25,6 +26,7 @@ from ..errors import UsageError
 from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerprint
 from ..models import check_kind
 from ..settings import HVP_METHODS
+from .cotangents import Cotangents
 from .difference import difference_product, kinked_activations
 from .quadratic import Quadratic, block_dot
 from .routes import Routes, undifferentiable
@@ -104,14 +106,11 @@ class _Space:
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """(dim,) float32 -> one float32 tensor per block, shaped like its parameter (zeros off-mask)."""
-        out = []
-        for b in self.blocks:
-            part = flat[b.offset: b.offset + b.count]
-            if b.index is not None:
-                part = torch.zeros(math.prod(b.shape), dtype=flat.dtype, device=flat.device).index_copy_(
-                    0, b.index, part)
-            out.append(part.view(b.shape))
-        return out
+        return [_shaped(b, flat[b.offset: b.offset + b.count]) for b in self.blocks]
+
+    def parts(self, row) -> list:
+        """One callable per block reading its part of ``row`` (``row.read(start, count)``), shaped as unflatten's."""
+        return [functools.partial(lambda b: _shaped(b, row.read(b.offset, b.count)), b) for b in self.blocks]
 
     def flatten(self, tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
         """Per-block tensors (None = zero) -> (dim,) float32: the kept elements only."""
@@ -147,6 +146,13 @@ class _Space:
             if b.index is not None:
                 digest.update(b.index.cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def _shaped(b: _Block, part: torch.Tensor) -> torch.Tensor:
+    """A block's kept elements -> a tensor shaped like its parameter (zeros off-mask)."""
+    if b.index is not None:
+        part = torch.zeros(math.prod(b.shape), dtype=part.dtype, device=part.device).index_copy_(0, b.index, part)
+    return part.view(b.shape)
 
 
 def _mask_tensor(mask: dict, name: str, param: torch.Tensor) -> torch.Tensor:
@@ -315,6 +321,7 @@ class HessianOperator:
 
     dtype = torch.float32  # of the products, whatever the model's (see "Model state")
     progress_label = "Hessian-vector products"  # the estimators' progress bars
+    reads_rows = True  # matvec takes a file basis's row and reads it by parts (``linear._Products.matvec_row``)
 
     def __init__(self, model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None,
                  kind: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES, hvp: str = "exact"):
@@ -406,7 +413,10 @@ class HessianOperator:
 
         Args:
             v: (local_dim,) float vector over the operator's coordinates (this rank's pieces of it
-                on a sharded model, every rank of the group calling), on any device.
+                on a sharded model, every rank of the group calling), on any device; or a row of
+                a Krylov basis in a file (``krylov.FileRow``), which the exact product reads one
+                parameter's part at a time as its second backward needs it (``cotangents``), so
+                that v is not held whole beside the product.
 
         Returns:
             (local_dim,) float32 on the model's device, in nats/token per unit² times v's units.
@@ -431,7 +441,11 @@ class HessianOperator:
             return block_dot(v, self._run(v, quadratic=False))
         return self._run(v, quadratic=True)
 
-    def _vector(self, v: torch.Tensor) -> torch.Tensor:
+    def _vector(self, v, lazy: bool = False):
+        if not torch.is_tensor(v):  # a basis row in a file (``krylov.FileRow``): read by parts when it may be
+            if lazy and self.hvp == "exact" and self.shards is None and v.numel() == self.local_dim:
+                return v
+            v = v.tensor()
         v = v.detach().to(device=self.device, dtype=torch.float32).reshape(-1)
         if v.numel() != self.local_dim:
             raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.local_dim}")
@@ -439,7 +453,7 @@ class HessianOperator:
 
     def _run(self, v: torch.Tensor, quadratic: bool):
         """H·v (``quadratic``: vᵀ·H·v as a float), with the attention fallback on the first product."""
-        v = self._vector(v)
+        v = self._vector(v, lazy=not quadratic)
         if self.hvp == "difference":
             self._warn_kinks()
             with self, torch.enable_grad():
@@ -573,7 +587,7 @@ class HessianOperator:
             self._reset_cache()  # weights changed since the graphs were recorded
         first = self._tokens is None
         tokens = 0.0  # of the batches not cached
-        vs = self.space.unflatten(v)
+        vs = self.space.unflatten(v) if torch.is_tensor(v) else self.space.parts(v)
         with Quadratic(self.space.params, vs) if quadratic else _Accumulator(self.space) as hv:
             for index, batch in enumerate(self.batches):
                 if index in self._cached:
@@ -674,7 +688,7 @@ class HessianOperator:
         gradient of Σ vdot(g, v) sends them, without keeping the gradients' values.  Each share
         of a parameter goes to ``hv.take`` as it is made (``routes``), none waits in autograd's buffers.
         """
-        pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+        pairs = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the weights: H = 0
             return
         if self._upcast is not None:  # before hv's vector: the graph reads the weights from the originals
@@ -682,9 +696,10 @@ class HessianOperator:
         # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
         # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
         hv.prepare()
-        handles = routes.attach(hv.take)
+        cotangents = Cotangents(pairs)  # v's parts, or read as their nodes run (a basis row in a file)
+        handles = routes.attach(hv.take) + cotangents.attach()
         try:
-            torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
+            torch.autograd.backward(cotangents.roots, grad_tensors=cotangents.grads,
                                     inputs=self.space.params, retain_graph=retain)
         finally:
             for handle in handles:
