@@ -26,7 +26,7 @@ import torch
 
 from ..errors import UsageError
 from ..sharding import collective_device
-from .quadratic import block_dot, block_rows_dot
+from .quadratic import BLOCK, block_dot, block_rows_dot
 
 # Bases up to this many bytes stay in memory (on the operator's device); larger ones go to a file.
 DEFAULT_BASIS_BYTES = 2**30
@@ -275,6 +275,11 @@ class FileRow:
     def tensor(self) -> torch.Tensor:
         """The whole row, a new tensor on the basis's device."""
         return self.basis.get(self.j)
+
+    def dot(self, w: torch.Tensor) -> float:
+        """``quadratic.block_dot(w, row)``, the row read a block at a time: the same sums in the same order."""
+        return float(sum(float(torch.dot(w[i: i + BLOCK].double(), self.read(i, min(BLOCK, w.numel() - i)).double()))
+                         for i in range(0, w.numel(), BLOCK)))
 
     def read(self, start: int, count: int) -> torch.Tensor:
         """Coordinates [start, start+count) of the row, a new tensor on the basis's device."""

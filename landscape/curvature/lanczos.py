@@ -319,14 +319,14 @@ def _run_steps(op: _Products, start: Callable[[], torch.Tensor], steps: int, bas
     v, previous, beta = start(), None, 0.0
     for j in range(steps):
         stored = basis is not None and basis.in_file
-        if stored:  # v in its row first: the product reads it from there a part at a time, not held beside it
+        if stored:  # v in its row first: the product and α read it from there a part at a time, not held beside w
             basis.put(j, v)
             v = None
             w = op.matvec_row(basis, j)
-            v = basis.get(j)
+            alpha = op.summed(basis.row(j).dot(w))
         else:
             w = op.matvec(v)
-        alpha = op.dot(w, v)
+            alpha = op.dot(w, v)
         _check_finite([alpha])
         size = max([abs(alpha), beta] + [abs(a) for a in alphas] + betas)  # about ‖A‖
         if basis is not None:
