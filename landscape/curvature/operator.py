@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 720 lines, 160 of them docstrings.  The coordinate space, the model state and the
+Size: about 790 lines, 180 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -302,8 +302,9 @@ class HessianOperator:
     Hutchinson's trace needs, 4 bytes per coordinate less.
 
     Attention: some fused kernels have no double backward (PyTorch's SDPA on CPU and its
-    flash/memory-efficient CUDA backends).  When the first product fails for that reason the
-    model's attention is switched to transformers' 'eager' implementation (``set_attn_implementation``
+    flash/memory-efficient CUDA backends).  When the first recorded graph holds such a backward
+    (``routes.undifferentiable``: before any second backward; ``record`` does it before an
+    estimator's first vector) or the first product fails for that reason, the model's attention is switched to transformers' 'eager' implementation (``set_attn_implementation``
     and each config's ``_attn_implementation``), a warning is issued once, the product is redone,
     and the original implementation is restored when the operator's block ends.
 
