@@ -304,9 +304,10 @@ class HessianOperator:
     Attention: some fused kernels have no double backward (PyTorch's SDPA on CPU and its
     flash/memory-efficient CUDA backends).  When the first recorded graph holds such a backward
     (``routes.undifferentiable``: before any second backward; ``record`` does it before an
-    estimator's first vector) or the first product fails for that reason, the model's attention is switched to transformers' 'eager' implementation (``set_attn_implementation``
-    and each config's ``_attn_implementation``), a warning is issued once, the product is redone,
-    and the original implementation is restored when the operator's block ends.
+    estimator's first vector) or the first product fails for that reason, the model's attention
+    is switched to transformers' 'eager' implementation (``set_attn_implementation`` and each
+    config's ``_attn_implementation``), a warning is issued once, the graph or the product is
+    made again, and the original implementation is restored when the operator's block ends.
 
     Args:
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
