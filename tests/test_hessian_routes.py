@@ -289,3 +289,33 @@ def test_lanczos_with_its_basis_in_a_file_hands_the_product_its_rows_unread(tiny
     assert want_info.residuals == info.residuals
     pairs = zip(density.nodes + density.weights, want_density.nodes + want_density.weights)
     assert all((a == b).all() for a, b in pairs)
+
+
+@pytest.mark.parametrize("basis_bytes", [0, 2**30])
+def test_lanczos_holds_no_whole_vector_when_a_product_makes_its_own(tiny_llama_dir, basis_bytes, monkeypatch):
+    """As each product allocates its vector, Lanczos holds no other vector of every coordinate.
+
+    Before, a spectrum run held v (the last step's w, normalized) through the product, and the top
+    eigenpairs read a file basis's row whole; the basis's own rows are not counted here (in memory
+    they are parts of one tensor, in a file not in memory at all).
+    """
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    model = loaded.model
+    model.set_attn_implementation("eager")
+    op = C.HessianOperator(model, batches, kind=loaded.kind)
+    alive = []
+    prepare = C.operator._Accumulator.prepare
+
+    def observed(self):
+        alive.append(len(fresh.alive))
+        return prepare(self)
+
+    monkeypatch.setattr(C.operator._Accumulator, "prepare", observed)
+    with _FreshTensors(op.dim) as fresh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        C.spectrum(op, runs=1, steps=5, seed=1, basis_bytes=basis_bytes)
+        spectrum = alive[:]
+        C.top_eigenpairs(op, k=1, max_iter=5, seed=0, basis_bytes=basis_bytes)
+    top = alive[len(spectrum):-1]  # the last: the residual's check on the returned vector
+    assert spectrum == [0] * 5 and top == [0] * 5
