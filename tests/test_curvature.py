@@ -437,6 +437,50 @@ def test_kernels_without_visible_backward_switch_to_eager_up_front(tiny):
     assert torch.linalg.norm(hv.double() - want) <= 1e-5 * torch.linalg.norm(want)
 
 
+def test_sdpa_falls_back_to_eager_before_any_second_backward(tiny, monkeypatch):
+    """CPU SDPA's missing second derivative is found in the recorded graph, not by a failing product."""
+    model, batches, H, _ = tiny
+    model = copy.deepcopy(model)
+    assert model.config._attn_implementation == "sdpa"
+    op = C.HessianOperator(model, batches, kind="causal")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(6))
+    attention = []  # the model's attention as each second backward began
+    second = C.HessianOperator._second
+
+    def observed(self, *args, **kwargs):
+        attention.append(model.config._attn_implementation)
+        return second(self, *args, **kwargs)
+
+    monkeypatch.setattr(C.HessianOperator, "_second", observed)
+    with pytest.warns(UserWarning, match="'sdpa' attention has no second derivative"):
+        hv = op.matvec(v)
+        form = op.quadratic(v)
+    assert attention == ["eager", "eager"]  # the old first product ran one with SDPA's graph, which failed
+    assert model.config._attn_implementation == "sdpa"
+    want = H @ v.double()
+    assert torch.linalg.norm(hv.double() - want) <= 1e-5 * torch.linalg.norm(want)
+    assert form == pytest.approx(float(v.double() @ want), rel=1e-5)
+
+
+def test_undifferentiable_counts_only_nodes_a_backward_to_the_coordinates_runs():
+    from landscape.curvature.routes import undifferentiable
+
+    gen = torch.Generator().manual_seed(0)
+    attended = torch.randn(1, 2, 3, 4, generator=gen).requires_grad_()
+    other = torch.randn(5, generator=gen).requires_grad_()
+    out = torch.nn.functional.scaled_dot_product_attention(attended, attended, attended)  # CPU: no double backward
+    loss = out.square().sum() + other.pow(3).sum()
+    grads = torch.autograd.grad(loss, [attended, other], create_graph=True)
+    assert undifferentiable(grads, [attended]) == "ScaledDotProductFlashAttentionForCpuBackward0"
+    assert undifferentiable(grads, [other]) == ""  # the engine never runs SDPA's node for it
+    torch.autograd.grad(grads[1], other, torch.ones(5))  # ... as this second backward shows
+    with pytest.raises(RuntimeError, match="derivative for"):
+        torch.autograd.grad(grads[0], attended, torch.ones_like(attended))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(attended, attended, attended)
+    assert undifferentiable(torch.autograd.grad(out.square().sum(), [attended], create_graph=True), [attended]) == ""
+
+
 # ----------------------------------------------------------------------------- any operator
 KNOWN = [5.0, 3.0, 2.5, 1.0, 0.5, 0.25, 0.0, -0.5, -1.0, -2.0, -3.0, -4.0]  # λ₁ = 5, trace 1.75
 

@@ -177,6 +177,8 @@ def test_an_estimators_products_leave_the_float32_copies_released(tiny_llama_dir
     loaded = load_model(str(tiny_llama_dir))
     batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
     half = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    # Eager: SDPA's fallback would record the first graph twice (tested in test_curvature.py).
+    half.set_attn_implementation("eager")
     full = copy.deepcopy(half).float()  # the same weights in float32: the products to equal
     op = C.HessianOperator(half, batches, kind=loaded.kind)
     held = []  # bytes the largest weight's storage held as each product began
@@ -248,3 +250,118 @@ def test_a_padding_token_among_the_inputs_leaves_the_products_the_loss_s_hessian
     difference = (gradient(eps) - gradient(-eps)) / (2 * eps)
     assert float((hv - difference).abs().max()) < 1e-3 * float(difference.abs().max())
     assert float(u @ hv) == pytest.approx(float(v @ hu), rel=1e-6)  # float32 loss: 8e-8 measured
+
+
+def test_the_trace_draws_its_first_probe_after_the_graph_with_the_copies_released(tiny_llama_dir, monkeypatch):
+    from landscape.curvature import estimators
+
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    half = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    op = C.HessianOperator(half, batches, kind=loaded.kind)
+    weight = max(half.parameters(), key=lambda p: p.numel())
+    seen = []  # (graph recorded, bytes the largest weight's storage held) as each probe was drawn
+    draw = estimators._rademacher
+
+    def observed(*args, **kwargs):
+        seen.append((op._grad_sum is not None, weight.untyped_storage().nbytes()))
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(estimators, "_rademacher", observed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = C.trace(op, samples=3, seed=1)
+        monkeypatch.undo()
+        want = C.trace(C.HessianOperator(full, batches, kind=loaded.kind), samples=3, seed=1)
+    assert seen == [(True, 4)] * 3
+    assert got == want
+
+
+@pytest.mark.parametrize("cache_bytes,masked", [(2**30, False), (0, False), (2**30, True)])
+def test_a_basis_row_read_by_parts_gives_the_same_products(tiny_case, cache_bytes, masked, monkeypatch):
+    """A Krylov row in a file is read a parameter's part at a time by the second backward (``cotangents``)."""
+    from landscape.curvature.krylov import FileBasis
+
+    model, batches, kind = tiny_case
+    mask = _mask(model, 120 / sum(p.numel() for p in model.parameters()), 3) if masked else None
+    op = C.HessianOperator(model, batches, mask, kind, cache_bytes=cache_bytes)
+    # Column blocks of 97 coordinates: parameters' parts straddle them.
+    basis = FileBasis(3, op.dim, torch.float32, "cpu", block_bytes=3 * 4 * 97)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5))
+    basis.put(1, v)
+    reads = []
+    read = type(basis.row(1)).read
+    monkeypatch.setattr(type(basis.row(1)), "read", lambda self, start, count: reads.append(count) or read(
+        self, start, count))
+    monkeypatch.setattr(FileBasis, "get", None)  # the row is never read whole
+    with op, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = op.matvec(v)
+        got = [op.matvec(basis.row(1)) for _ in range(2)]  # the cache's first product, then its reuse
+    assert all(torch.equal(g, want) for g in got)
+    assert reads and max(reads) == max(b.count for b in op.space.blocks) < op.dim
+    if masked:
+        H = _dense_on_mask(model, batches, kind, mask)
+        want = H @ v.double()
+        assert torch.linalg.norm(got[0].double() - want) <= 1e-5 * torch.linalg.norm(want)
+
+
+def test_lanczos_with_its_basis_in_a_file_hands_the_product_its_rows_unread(tiny_llama_dir, monkeypatch):
+    from landscape.curvature.krylov import FileRow
+
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)  # the released float32 copies too
+    model.set_attn_implementation("eager")
+    op = C.HessianOperator(model, batches, kind=loaded.kind)
+    given = []
+    matvec = C.HessianOperator.matvec
+    monkeypatch.setattr(C.HessianOperator, "matvec", lambda self, v: given.append(type(v)) or matvec(self, v))
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            top = C.top_eigenpairs(op, k=2, max_iter=12, seed=0, basis_bytes=0, return_info=True)
+            density = C.spectrum(op, runs=2, steps=6, seed=1, basis_bytes=0)
+        return top, density
+
+    (values, vectors, info), density = run()
+    # Lanczos's products get rows; the residuals' checks, the Ritz vectors.
+    assert given == [FileRow] * (info.products - 2) + [torch.Tensor] * 2 + [FileRow] * 12
+    monkeypatch.setattr(C.HessianOperator, "reads_rows", False)  # the rows read whole, as before
+    (want_values, want_vectors, want_info), want_density = run()
+    assert (values == want_values).all() and torch.equal(vectors, want_vectors)
+    assert want_info.residuals == info.residuals
+    pairs = zip(density.nodes + density.weights, want_density.nodes + want_density.weights)
+    assert all((a == b).all() for a, b in pairs)
+
+
+@pytest.mark.parametrize("basis_bytes", [0, 2**30])
+def test_lanczos_holds_no_whole_vector_when_a_product_makes_its_own(tiny_llama_dir, basis_bytes, monkeypatch):
+    """As each product allocates its vector, Lanczos holds no other vector of every coordinate.
+
+    Before, a spectrum run held v (the last step's w, normalized) through the product, and the top
+    eigenpairs read a file basis's row whole; the basis's own rows are not counted here (in memory
+    they are parts of one tensor, in a file not in memory at all).
+    """
+    loaded = load_model(str(tiny_llama_dir))
+    batches = load_batches(loaded, corpus=None, max_samples=4, seq_len=12, batch_size=2, seed=0)
+    model = loaded.model
+    model.set_attn_implementation("eager")
+    op = C.HessianOperator(model, batches, kind=loaded.kind)
+    alive = []
+    prepare = C.operator._Accumulator.prepare
+
+    def observed(self):
+        alive.append(len(fresh.alive))
+        return prepare(self)
+
+    monkeypatch.setattr(C.operator._Accumulator, "prepare", observed)
+    with _FreshTensors(op.dim) as fresh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        C.spectrum(op, runs=1, steps=5, seed=1, basis_bytes=basis_bytes)
+        spectrum = alive[:]
+        C.top_eigenpairs(op, k=1, max_iter=5, seed=0, basis_bytes=basis_bytes)
+    top = alive[len(spectrum):-1]  # the last: the residual's check on the returned vector
+    assert spectrum == [0] * 5 and top == [0] * 5

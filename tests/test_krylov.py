@@ -107,3 +107,20 @@ def test_a_spectrum_of_non_finite_products_is_refused_in_the_lanczos_words(reort
     broken[3, 5] = float("nan")
     with pytest.raises(UsageError, match="product is not finite"):
         C.spectrum(broken, runs=1, steps=8, reorthogonalize=reorthogonalize)
+
+
+def test_a_file_rows_reads_are_the_row_and_its_dot_is_block_dots():
+    """A row handed out unread (``FileRow``) gives the row's numbers, and α = wᵀv as ``block_dot`` sums it."""
+    from landscape.curvature.quadratic import BLOCK, block_dot
+
+    dim = BLOCK + 12345  # a second, partial block of block_dot's, and column blocks that do not align with it
+    basis = krylov.FileBasis(3, dim, torch.float32, "cpu", block_bytes=3 * 4 * 100003)
+    gen = torch.Generator().manual_seed(0)
+    v, w = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+    basis.put(2, v)
+    row = basis.row(2)
+    assert row.numel() == dim and torch.equal(row.tensor(), v)
+    for start, count in ((0, dim), (99990, 30), (100003, 100003), (dim - 7, 7)):
+        assert torch.equal(row.read(start, count), v[start: start + count])
+    assert row.dot(w) == block_dot(w, v)  # bit for bit: the spectrum's α is what it was with v in memory
+    basis.close()

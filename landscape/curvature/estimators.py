@@ -53,6 +53,8 @@ def trace(A, samples: int = 100, seed: int = 0, *, progress: bool = False, check
     if journal:
         journal.say_resumed(len(done), int(samples), "probes", progress)
     with op:
+        if mine:
+            op.record()  # the graph first, then the probe: not both beside the float32 weights
         for i in mine:
             # Not bound across probes: the next probe is drawn once this one is freed (a bound one
             # held two probes, 4 bytes per coordinate more, between products).
@@ -184,6 +186,8 @@ def spectrum(A, runs: int = 10, steps: int = 80, bins: int = 200, seed: int = 0,
     if journal:
         journal.say_resumed(len(done), int(runs), "runs", progress)
     with op:
+        if mine:
+            op.record()  # the graph first, then the start vector: not both beside the float32 weights
         for r in mine:
             start = partial(_random_unit, op.dim, _generator(seed, 3, r), op.device, rademacher=True, dtype=op.dtype,
                             op=op)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import UsageError
 from ..sharding import collective_device
-from .quadratic import block_dot, block_rows_dot
+from .quadratic import BLOCK, block_dot, block_rows_dot
 
 # Bases up to this many bytes stay in memory (on the operator's device); larger ones go to a file.
 DEFAULT_BASIS_BYTES = 2**30
@@ -173,6 +173,10 @@ class FileBasis:
             self._read(out[start: start + length], self._offset(start, j, length))
         return torch.from_numpy(out).to(self.device)
 
+    def row(self, j: int) -> "FileRow":
+        """Row j, to be read a stretch at a time (a Hessian product's cotangents, ``cotangents``)."""
+        return FileRow(self, j)
+
     def put(self, j: int, v: torch.Tensor) -> None:
         """Row j = v."""
         host = v.detach().to(self.dtype).cpu().numpy()
@@ -252,6 +256,42 @@ class FileBasis:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+class FileRow:
+    """Row j of a ``FileBasis``, read where and when it is needed rather than whole.
+
+    ``read(start, count)`` gives its coordinates [start, start+count) as a new tensor on the
+    basis's device; ``tensor()`` the whole row (``FileBasis.get``).
+    """
+
+    def __init__(self, basis: FileBasis, j: int):
+        self.basis, self.j = basis, int(j)
+
+    def numel(self) -> int:
+        """The row's length (the basis's ``dim``)."""
+        return self.basis.dim
+
+    def tensor(self) -> torch.Tensor:
+        """The whole row, a new tensor on the basis's device."""
+        return self.basis.get(self.j)
+
+    def dot(self, w: torch.Tensor) -> float:
+        """``quadratic.block_dot(w, row)``, the row read a block at a time: the same sums in the same order."""
+        return float(sum(float(torch.dot(w[i: i + BLOCK].double(), self.read(i, min(BLOCK, w.numel() - i)).double()))
+                         for i in range(0, w.numel(), BLOCK)))
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        """Coordinates [start, start+count) of the row, a new tensor on the basis's device."""
+        basis = self.basis
+        out = np.empty(int(count), dtype=basis.np_dtype)
+        first = int(start) - int(start) % basis.width
+        for block in range(first, int(start) + int(count), basis.width):  # the column blocks it spans
+            length = min(basis.width, basis.dim - block)
+            low, high = max(int(start), block), min(int(start) + int(count), block + length)
+            offset = basis._offset(block, self.j, length) + (low - block) * basis.item
+            basis._read(out[low - start: high - start], offset)
+        return torch.from_numpy(out).to(basis.device)
 
 
 class FileVectors:

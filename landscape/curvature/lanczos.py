@@ -44,7 +44,7 @@ def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool 
         v = torch.randn(dim, generator=generator, dtype=torch.float32)
         v = (v if op is None else op.local(v)).to(device)
     norm = vector_norm if op is None else op.norm
-    v = v / norm(v)
+    v = v.div_(norm(v))  # in place: a second vector here was the spectrum's peak (v is this function's own)
     # Normalized again in a wider dtype: float32's unit norm is 1 only to ~1e-7 there.
     return v if dtype == torch.float32 else (lambda w: w / norm(w))(v.to(dtype))
 
@@ -131,7 +131,7 @@ def _extend(op: _Products, basis, proj: np.ndarray, start: int, stop: int,
     """
     used, beta, j = 0, 0.0, start - 1
     for j in range(start, stop):
-        w = op.matvec(basis.get(j))
+        w = op.matvec_row(basis, j)
         used += 1
         w, coeffs = basis.orthogonalize(j + 1, w)
         column = coeffs.double().cpu().numpy()
@@ -357,12 +357,17 @@ def _run_steps(op: _Products, start: Callable[[], torch.Tensor], steps: int, bas
     alphas, betas = [], []
     v, previous, beta = start(), None, 0.0
     for j in range(steps):
-        w = op.matvec(v)
-        alpha = op.dot(w, v)
+        if basis is not None:  # v in its row first: the product and α read it there (a file's a part at a time)
+            basis.put(j, v)
+            v = w = None  # w is v (the last step's, normalized in place): neither is held through the product
+            w = op.matvec_row(basis, j)
+            alpha = op.summed(basis.row(j).dot(w)) if basis.in_file else op.dot(w, basis.get(j))
+        else:
+            w = op.matvec(v)
+            alpha = op.dot(w, v)
         _check_finite([alpha])
         size = max([abs(alpha), beta] + [abs(a) for a in alphas] + betas)  # about ‖A‖
         if basis is not None:
-            basis.put(j, v)
             w, coeffs = basis.orthogonalize(j + 1, w)
             if j > 0:
                 _check_symmetric(coeffs[:j].double().cpu().numpy(), _implied(j, beta), size, j)

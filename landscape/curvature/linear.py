@@ -312,6 +312,15 @@ class _Products:
             self.bar.update(1)
         return out.to(self.dtype)
 
+    def matvec_row(self, basis, j: int) -> torch.Tensor:
+        """A·(row j of a Krylov basis): a row in a file is handed over unread where the operator reads it by parts.
+
+        The Hessian's exact product reads each parameter's part as its second backward needs it
+        (``cotangents``): the row is never whole in memory beside the product.
+        """
+        lazy = basis.in_file and getattr(self.op, "reads_rows", False)
+        return self.matvec(basis.row(j) if lazy else basis.get(j))
+
     def quadratic(self, v: torch.Tensor) -> float:
         """vᵀ·A·v in float64, counted as one product.
 
@@ -329,6 +338,12 @@ class _Products:
 
     def identity(self) -> dict:
         return _identity_of(self.op)
+
+    def record(self) -> None:
+        """Let the operator record what all its products share before the first vector exists (the Hessian's graph)."""
+        record = getattr(self.op, "record", None)
+        if record is not None:
+            record()
 
     def __enter__(self) -> "_Products":
         self.bar = progress_bar(total=self.total, desc=self.label, unit="Hv", enabled=self.progress)

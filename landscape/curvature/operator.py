@@ -4,7 +4,7 @@
 trainable parameters); ``_ModelState`` puts the model in eval mode and float32 and restores it;
 the attention helpers switch fused kernels without a double backward to 'eager' (the fallback).
 
-Size: about 720 lines, 160 of them docstrings.  The coordinate space, the model state and the
+Size: about 790 lines, 180 of them docstrings.  The coordinate space, the model state and the
 operator are used together only (an operator owns one space and one state), so they stay in one
 module a reader finds by the name of what it computes.
 """
@@ -12,6 +12,7 @@ module a reader finds by the name of what it computes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import warnings
@@ -26,9 +27,10 @@ from ..errors import UsageError
 from ..identity import MODEL_KEY, SAMPLE_KEY, module_fingerprint, sample_fingerprint
 from ..models import check_kind
 from ..settings import HVP_METHODS
+from .cotangents import Cotangents
 from .difference import difference_product, kinked_activations
 from .quadratic import Quadratic, block_dot
-from .routes import Routes
+from .routes import Routes, undifferentiable
 from .shards import check_shardable, local_part, point_split, rows_of
 from .upcast import Upcast
 
@@ -105,14 +107,11 @@ class _Space:
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """(dim,) float32 -> one float32 tensor per block, shaped like its parameter (zeros off-mask)."""
-        out = []
-        for b in self.blocks:
-            part = flat[b.offset: b.offset + b.count]
-            if b.index is not None:
-                part = torch.zeros(math.prod(b.shape), dtype=flat.dtype, device=flat.device).index_copy_(
-                    0, b.index, part)
-            out.append(part.view(b.shape))
-        return out
+        return [_shaped(b, flat[b.offset: b.offset + b.count]) for b in self.blocks]
+
+    def parts(self, row) -> list:
+        """One callable per block reading its part of ``row`` (``row.read(start, count)``), shaped as unflatten's."""
+        return [functools.partial(lambda b: _shaped(b, row.read(b.offset, b.count)), b) for b in self.blocks]
 
     def flatten(self, tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
         """Per-block tensors (None = zero) -> (dim,) float32: the kept elements only."""
@@ -148,6 +147,13 @@ class _Space:
             if b.index is not None:
                 digest.update(b.index.cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def _shaped(b: _Block, part: torch.Tensor) -> torch.Tensor:
+    """A block's kept elements -> a tensor shaped like its parameter (zeros off-mask)."""
+    if b.index is not None:
+        part = torch.zeros(math.prod(b.shape), dtype=part.dtype, device=part.device).index_copy_(0, b.index, part)
+    return part.view(b.shape)
 
 
 def _mask_tensor(mask: dict, name: str, param: torch.Tensor) -> torch.Tensor:
@@ -310,10 +316,12 @@ class HessianOperator:
     Hutchinson's trace needs, 4 bytes per coordinate less.
 
     Attention: some fused kernels have no double backward (PyTorch's SDPA on CPU and its
-    flash/memory-efficient CUDA backends).  When the first product fails for that reason the
-    model's attention is switched to transformers' 'eager' implementation (``set_attn_implementation``
-    and each config's ``_attn_implementation``), a warning is issued once, the product is redone,
-    and the original implementation is restored when the operator's block ends.
+    flash/memory-efficient CUDA backends).  When the first recorded graph holds such a backward
+    (``routes.undifferentiable``: before any second backward; ``record`` does it before an
+    estimator's first vector) or the first product fails for that reason, the model's attention
+    is switched to transformers' 'eager' implementation (``set_attn_implementation`` and each
+    config's ``_attn_implementation``), a warning is issued once, the graph or the product is
+    made again, and the original implementation is restored when the operator's block ends.
 
     Args:
         model: a transformers LM (masked, causal, seq2seq or classifier), any device.
@@ -330,6 +338,7 @@ class HessianOperator:
 
     dtype = torch.float32  # of the products, whatever the model's (see "Model state")
     progress_label = "Hessian-vector products"  # the estimators' progress bars
+    reads_rows = True  # matvec takes a file basis's row and reads it by parts (``linear._Products.matvec_row``)
 
     def __init__(self, model: torch.nn.Module, batches: Iterable[dict], mask: Optional[dict] = None,
                  kind: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES, hvp: str = "exact"):
@@ -433,7 +442,10 @@ class HessianOperator:
 
         Args:
             v: (local_dim,) float vector over the operator's coordinates (this rank's pieces of it
-                on a sharded model, every rank of the group calling), on any device.
+                on a sharded model, every rank of the group calling), on any device; or a row of
+                a Krylov basis in a file (``krylov.FileRow``), which the exact product reads one
+                parameter's part at a time as its second backward needs it (``cotangents``), so
+                that v is not held whole beside the product.
 
         Returns:
             (local_dim,) float32 on the model's device, in nats/token per unit² times v's units.
@@ -458,7 +470,11 @@ class HessianOperator:
             return block_dot(v, self._run(v, quadratic=False))
         return self._run(v, quadratic=True)
 
-    def _vector(self, v: torch.Tensor) -> torch.Tensor:
+    def _vector(self, v, lazy: bool = False):
+        if not torch.is_tensor(v):  # a basis row in a file (``krylov.FileRow``): read by parts when it may be
+            if lazy and self.hvp == "exact" and self.shards is None and v.numel() == self.local_dim:
+                return v
+            v = v.tensor()
         v = v.detach().to(device=self.device, dtype=torch.float32).reshape(-1)
         if v.numel() != self.local_dim:
             raise UsageError(f"the vector has {v.numel()} elements but the Hessian acts on {self.local_dim}")
@@ -466,7 +482,7 @@ class HessianOperator:
 
     def _run(self, v: torch.Tensor, quadratic: bool):
         """H·v (``quadratic``: vᵀ·H·v as a float), with the attention fallback on the first product."""
-        v = self._vector(v)
+        v = self._vector(v, lazy=not quadratic)
         if self.hvp == "difference":
             self._warn_kinks()
             with self, torch.enable_grad():
@@ -477,29 +493,35 @@ class HessianOperator:
             self.products += 1
             return out.div_(tokens)
         with self, torch.enable_grad():
-            retry = False
-            try:
-                out = self._product(v, quadratic)
-            except (RuntimeError, NotImplementedError) as err:
-                self._reset_cache()  # a half-built cache would miscount the tokens
-                if self.products or not _no_double_backward(err) or not self._fall_back_to_eager():
-                    raise
-                retry = True
-            except BaseException:
-                self._reset_cache()
-                raise
-            if retry:  # outside the except block: the failed attempt's frames (its graph, its sum) are freed
-                try:
-                    out = self._product(v, quadratic)
-                except BaseException:
-                    self._reset_cache()
-                    raise
+            out = self._falling_back(lambda: self._product(v, quadratic))
         self.products += 1
         return out
 
     def clear(self):
         """Drop the cached first-order graphs (frees their memory)."""
         self._reset_cache()
+
+    def _falling_back(self, attempt):
+        """``attempt()``, redone once with eager attention when the model's first graph has no second derivative.
+
+        The failure is found in the recorded graph (``routes.undifferentiable``), before any
+        vector of the product is made, or else by the second backward itself.
+        """
+        try:
+            return attempt()
+        except (RuntimeError, NotImplementedError) as err:
+            self._reset_cache()  # a half-built cache would miscount the tokens
+            if self.products or not _no_double_backward(err) or not self._fall_back_to_eager():
+                raise
+        except BaseException:
+            self._reset_cache()
+            raise
+        # Outside the except block: the failed attempt's frames (its graph, its sum) are freed.
+        try:
+            return attempt()
+        except BaseException:
+            self._reset_cache()
+            raise
 
     @contextlib.contextmanager
     def scaled_step(self, factor: float) -> Iterator["HessianOperator"]:
@@ -571,6 +593,7 @@ class HessianOperator:
         self._grad_sum = None  # Σ over cached batches of the first-order gradient, with its graph
         self._routes: Optional[Routes] = None  # where its second backward's shares reach the parameters
         self._cached = set()  # indices of batches inside _grad_sum
+        self._cached_tokens = 0.0  # Σ n_tokens of those batches
         self._tokens: Optional[float] = None  # Σ_b n_tokens_b
         self._signature = None
         self._used_bytes = 0
@@ -605,23 +628,20 @@ class HessianOperator:
         if self._signature is not None and self._signature != self._weights_signature():
             self._reset_cache()  # weights changed since the graphs were recorded
         first = self._tokens is None
-        tokens = 0.0
-        vs = self.space.unflatten(v)
+        tokens = 0.0  # of the batches not cached
+        vs = self.space.unflatten(v) if torch.is_tensor(v) else self.space.parts(v)
         with Quadratic(self.space.params, vs) if quadratic else _Accumulator(self.space) as hv:
             for index, batch in enumerate(self.batches):
                 if index in self._cached:
                     continue
                 grads, n_tokens, nbytes = self._gradient(batch)
-                tokens += n_tokens
                 if first and self._used_bytes + nbytes <= self.cache_bytes:
-                    self._used_bytes += nbytes
-                    self._cached.add(index)
-                    self._grad_sum = grads if self._grad_sum is None else [
-                        g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
+                    self._cache(index, grads, n_tokens, nbytes)
                 else:
+                    tokens += n_tokens
                     self._second(grads, vs, hv, Routes(grads, self.space.params), retain=False)
             if first:
-                self._tokens = tokens
+                self._tokens = self._cached_tokens + tokens
                 self._signature = self._weights_signature()
             if self._grad_sum is not None:
                 if self._routes is None:  # the cached graph's: found once, hooked for each backward
@@ -630,6 +650,41 @@ class HessianOperator:
         if self._tokens == 0:
             raise UsageError("the Hessian's sample has no target tokens")
         return hv.result() / self._tokens if quadratic else hv.result().div_(self._tokens)
+
+    def _cache(self, index: int, grads: list, n_tokens: float, nbytes: int) -> None:
+        self._used_bytes += nbytes
+        self._cached.add(index)
+        self._cached_tokens += n_tokens
+        self._grad_sum = grads if self._grad_sum is None else [
+            g if s is None else (s if g is None else _hollow(s + g)) for s, g in zip(self._grad_sum, grads)]
+
+    def record(self) -> None:
+        """Record the cached first-order graphs now, as the first product would, before the caller's first vector.
+
+        For an estimator whose first vector can wait (the trace draws its first probe after this):
+        the graph is built while the float32 copies exist, and its vector would have been alive
+        beside them.  Batches beyond the cache budget are left to the products, as before.  Does
+        nothing for the difference product, without a cache budget, or once a product or a record
+        has run.  An attention without a second derivative is found in this graph
+        (``routes.undifferentiable``) and switched to eager here, before the first vector, rather
+        than by a first product that fails and records again beside its vector.
+        """
+        if self.hvp != "exact" or self.cache_bytes <= 0 or self._tokens is not None or self._cached:
+            return
+        with self, torch.enable_grad():
+            self._falling_back(self._record)
+            if self._lean and self._upcast is not None:  # the products need only the graph until the next one
+                self._upcast.release()
+
+    def _record(self) -> None:
+        for index, batch in enumerate(self.batches):
+            grads, n_tokens, nbytes = self._gradient(batch)
+            if self._used_bytes + nbytes > self.cache_bytes:
+                break  # this batch and those after it: the first product computes them
+            self._cache(index, grads, n_tokens, nbytes)
+            del grads
+        if self._cached:
+            self._signature = self._weights_signature()
 
     def _gradient(self, batch: dict):
         """First-order gradient of the batch's summed loss with its graph: (grads, n_tokens, bytes held)."""
@@ -661,6 +716,10 @@ class HessianOperator:
             finally:
                 for hook in hooks:
                     hook.remove()
+        missing = undifferentiable(grads, self.space.params)
+        if missing:  # failing here, not in the second backward: no vector of the product exists yet
+            raise RuntimeError(f"the gradient's graph has no second derivative: derivative for the backward of "
+                               f"{missing} is not implemented")
         held[0] += 4 * sum(p.numel() for p in self.space.params)  # the gradient tensors themselves (a bound)
         return [_hollow(g) for g in grads], float(losses.n_tokens.sum()), held[0]
 
@@ -671,7 +730,7 @@ class HessianOperator:
         gradient of Σ vdot(g, v) sends them, without keeping the gradients' values.  Each share
         of a parameter goes to ``hv.take`` as it is made (``routes``), none waits in autograd's buffers.
         """
-        pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+        pairs = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the weights: H = 0
             return
         if self._upcast is not None:  # before hv's vector: the graph reads the weights from the originals
@@ -679,9 +738,10 @@ class HessianOperator:
         # Into the parameters' .grad, which hv points at its own storage: no per-parameter copy and
         # no concatenation of them, two vectors fewer than autograd.grad's tensors and a flatten.
         hv.prepare()
-        handles = routes.attach(hv.take)
+        cotangents = Cotangents(pairs)  # v's parts, or read as their nodes run (a basis row in a file)
+        handles = routes.attach(hv.take) + cotangents.attach()
         try:
-            torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
+            torch.autograd.backward(cotangents.roots, grad_tensors=cotangents.grads,
                                     inputs=self.space.params, retain_graph=retain)
         finally:
             for handle in handles:

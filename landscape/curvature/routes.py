@@ -100,3 +100,39 @@ def _hook(routes: list, take: Callable):
         return tuple(out)
 
     return hook
+
+
+def undifferentiable(grads: list, params: list) -> str:
+    """The op whose backward has no derivative in a gradient's graph, on a path to a parameter ("" if none).
+
+    Autograd records such a backward (PyTorch's SDPA on CPU, for one) as a ``NotImplemented`` node,
+    which fails only when a second backward reaches it; found here, the graph can be recorded
+    again with another kernel before any vector of a product is made.  Only nodes a backward
+    to ``params`` runs count (they reach one of their accumulators), as the engine runs no other.
+
+    Args:
+        grads: first-order gradients with their graph.
+        params: the parameters a second backward would differentiate with respect to.
+
+    Returns:
+        The forward op's backward node's name (``ScaledDotProductFlashAttentionForCpuBackward0``),
+        or "" when every node on a path to ``params`` has a derivative.
+    """
+    targets = {id(p) for p in params}
+    reaches: dict = {}  # node -> whether it reaches a target's accumulator (False while being walked)
+    stack = [(g.grad_fn, False) for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node, walked = stack.pop()
+        edges = [nxt for nxt, _ in node.next_functions if nxt is not None]
+        if walked:  # a DAG: every edge's node is done before its parent comes back
+            reaches[node] = any(reaches[nxt] for nxt in edges)
+            if reaches[node] and node.name() == "torch::autograd::NotImplemented":
+                return edges[-1].name() if edges else node.name()
+        elif node not in reaches:
+            if type(node).__name__ == "AccumulateGrad":
+                reaches[node] = id(node.variable) in targets
+                continue
+            reaches[node] = False
+            stack.append((node, True))
+            stack.extend((nxt, False) for nxt in edges if nxt not in reaches)
+    return ""
