@@ -87,16 +87,24 @@ def plain_backward(model, batches, kind):
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn, device, repeats):
-    """(best seconds over repeats, peak MB of the last repeat)."""
-    best = float("inf")
+def timed(fn, device, repeats, cpu=None):
+    """(best seconds over repeats, peak MB of the last repeat).
+
+    ``cpu``: a list that gets this process's CPU seconds of the best repeat (on a shared machine,
+    with one thread, far less disturbed by the other jobs than the wall clock).
+    """
+    best, best_cpu = float("inf"), None
     for _ in range(repeats):
         with PeakMemory(device) as memory:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if seconds < best:
+                best, best_cpu = seconds, time.process_time() - start_cpu
+    if cpu is not None:
+        cpu.append(best_cpu)
     return best, memory.peak_mb
 
 
@@ -107,19 +115,25 @@ def alternated(args, model, batches, kind, device, n_samples):
         t_loop, m_loop = timed(lambda: loop_fisher(model, loop_batches, kind), device, 1)
         print(f"(a) batch-size-1 loop (paper): {t_loop * n_samples / args.loop_samples:.2f} s for {n_samples} "
               f"samples (timed on {args.loop_samples}), peak {m_loop:.0f} MB")
-    print(f"{'round':<7}{'(b) fwd+bwd s':>14}{'peak MB':>9}{'(c) fisher s':>14}{'peak MB':>9}{'ratio':>8}")
-    floor, fisher, ratios, peaks = [], [], [], []
+    print(f"{'round':<7}{'(b) fwd+bwd s':>14}{'peak MB':>9}{'(c) fisher s':>14}{'peak MB':>9}{'ratio':>8}"
+          f"{'(b) cpu s':>11}{'(c) cpu s':>11}{'cpu ratio':>10}")
+    floor, fisher, ratios, peaks, cpu_floor, cpu_fisher = [], [], [], [], [], []
     for r in range(args.rounds):
-        t_floor, m_floor = timed(lambda: plain_backward(model, batches, kind), device, 1)
-        t_fisher, m_fisher = timed(lambda: compute_fisher(model, batches, kind=kind), device, 1)
+        t_floor, m_floor = timed(lambda: plain_backward(model, batches, kind), device, 1, cpu_floor)
+        t_fisher, m_fisher = timed(lambda: compute_fisher(model, batches, kind=kind), device, 1, cpu_fisher)
         floor.append(t_floor)
         fisher.append(t_fisher)
         ratios.append(t_fisher / t_floor)
         peaks.append((m_floor, m_fisher))
-        print(f"{r + 1:<7}{t_floor:>14.2f}{m_floor:>9.0f}{t_fisher:>14.2f}{m_fisher:>9.0f}{ratios[-1]:>8.2f}")
+        print(f"{r + 1:<7}{t_floor:>14.2f}{m_floor:>9.0f}{t_fisher:>14.2f}{m_fisher:>9.0f}{ratios[-1]:>8.2f}"
+              f"{cpu_floor[-1]:>11.2f}{cpu_fisher[-1]:>11.2f}{cpu_fisher[-1] / cpu_floor[-1]:>10.2f}")
+    cpu_ratios = sorted(c / f for c, f in zip(cpu_fisher, cpu_floor))
     print(f"best: (b) {min(floor):.2f} s, (c) {min(fisher):.2f} s for {n_samples} samples; ratio of bests "
           f"{min(fisher) / min(floor):.2f}, best paired ratio {min(ratios):.2f}, median paired ratio "
           f"{sorted(ratios)[len(ratios) // 2]:.2f}  (target <= 1.5)")
+    print(f"cpu: (b) {min(cpu_floor):.2f} s, (c) {min(cpu_fisher):.2f} s; median paired cpu ratio "
+          f"{cpu_ratios[len(cpu_ratios) // 2]:.2f}, best {cpu_ratios[0]:.2f}  (process CPU seconds, one thread: "
+          "what a loaded machine disturbs least)")
     print(f"peak memory (max over rounds): (b) {max(p[0] for p in peaks):.0f} MB, "
           f"(c) {max(p[1] for p in peaks):.0f} MB  "
           + ("(CUDA allocator peak)" if device.type == "cuda"

@@ -166,3 +166,36 @@ def test_rule_equals_a_per_sample_loop(rule, budget):
             assert value.abs().max() > 0, (build.__name__, name)
             torch.testing.assert_close(fisher[name].double(), value, rtol=1e-5, atol=1e-7 * float(value.abs().max()),
                                        msg=lambda m: f"{build.__name__}: {name}: {m}")
+
+
+@pytest.mark.parametrize("build", [_linear, _tied_embedding, _llama_rms_norm], ids=lambda b: b.__name__[1:])
+def test_one_sample_of_weight_one_adds_the_bits_a_weighted_product_adds(build):
+    """Samples of weight 1, one at a time (row blocks), are added to a sum without the (1 x 1) weight
+    product that every other case uses; a second, all-ones group still takes that product, and its
+    sums must be the same floats."""
+    torch.manual_seed(0)
+    model, inputs = build()
+    labels = torch.randint(0, CLASSES, (SAMPLES,))
+    one = FisherAccumulator(model, kind="classification", max_chunk_mb=BUDGETS["row-blocks"])
+    two = FisherAccumulator(model, n_groups=2, kind="classification", max_chunk_mb=BUDGETS["row-blocks"])
+    for part in (slice(0, 4), slice(4, None)):
+        batch = {"inputs": inputs[part], "labels": labels[part]}
+        one.add_batch(batch)
+        two.add_batch(batch, torch.ones(len(labels[part]), 2))
+    for name, total in one.sums.items():
+        assert total.abs().max() > 0, name
+        assert torch.equal(total[0], two.sums[name][0]), name
+
+
+def test_hook_planning_walks_the_modules_a_fixed_number_of_times_not_once_per_parameter():
+    """Planning reads every module's parameters in one walk: a walk per parameter cost 0.14 s of every
+    Fisher call on SmolLM2 (272 tensors, 400+ modules), a tenth of a small sample's pass."""
+    walks = {}
+    for depth in (2, 8):
+        model = _Probe(nn.Sequential(*[_randomized(nn.Linear(WIDTH, WIDTH)) for _ in range(depth)]), WIDTH)
+        walk, calls = model.named_modules, []  # parameters() and named_parameters() walk through it too
+        model.named_modules = lambda *a, _walk=walk, _calls=calls, **k: _calls.append(1) or _walk(*a, **k)
+        accumulator = FisherAccumulator(model, kind="classification")
+        assert len(accumulator.params) == 2 * depth and accumulator.fallback == []
+        walks[depth] = len(calls)
+    assert walks[2] == walks[8], walks

@@ -130,6 +130,7 @@ class FisherAccumulator:
         self.chunk_elements = max(1, int(max_chunk_mb * 2**20 // 4))
         self.pass_bytes = int(default_pass_mb(model) * 2**20)
         self._costs = None
+        self._unit = False  # this batch: one group, every weight 1 (set by add_batch)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.sharded = any(is_sharded(p) for p in self.params.values())
         self.rows = {n: local_rows(p) for n, p in self.params.items()}
@@ -147,9 +148,14 @@ class FisherAccumulator:
         name_of = {id(p): n for n, p in self.params.items()}
         self.hooked = {}  # module name -> (module, rule, {role: param name})
         holders = {n: [] for n in self.params}
+        owners = {n: [] for n in self.params}  # every module holding the parameter directly
+        # One walk over the modules: a walk per parameter made planning O(parameters x modules),
+        # 0.14 s of every Fisher call on SmolLM2 (272 tensors, 400+ modules).
         for mname, module in self.model.named_modules():
             own = {role: name_of[id(p)] for role, p in module._parameters.items()
                    if p is not None and id(p) in name_of}
+            for pname in dict.fromkeys(own.values()):
+                owners[pname].append(mname)
             if not own:
                 continue
             rule = None if mname in unsupported else rule_for(mname, module)
@@ -162,7 +168,7 @@ class FisherAccumulator:
             # A head that re-exposes its child's parameter (BERT: ``self.decoder.bias = self.bias``)
             # holds it without using it; the child's hook sees every use.
             hooked_holders = [m for m in hs if m is not None]
-            containers = [m for m in self._owners(pname) if m not in hooked_holders]
+            containers = [m for m in owners[pname] if m not in hooked_holders]
             if hooked_holders and all(any(h.startswith(c + ".") or not c for h in hooked_holders)
                                       for c in containers):
                 holders[pname] = hooked_holders
@@ -179,12 +185,6 @@ class FisherAccumulator:
             else:
                 del self.hooked[mname]
 
-    def _owners(self, pname):
-        """Names of every module that holds parameter ``pname`` directly."""
-        target = self.params[pname]
-        return [m for m, mod in self.model.named_modules()
-                if any(p is target for p in mod._parameters.values())]
-
     # -- one batch -------------------------------------------------------------------------
     def add_batch(self, batch, weights=None):
         """Accumulate one batch.
@@ -196,7 +196,10 @@ class FisherAccumulator:
         size = batch["labels"].shape[0]
         if weights is None:
             weights = torch.ones(size, self.n_groups)
-        weights = torch.as_tensor(weights, dtype=torch.float32).reshape(size, self.n_groups).to(self.device)
+        weights = torch.as_tensor(weights, dtype=torch.float32).reshape(size, self.n_groups)
+        # Decided once per batch on the host, so that no block below waits on the device to ask.
+        self._unit = self.n_groups == 1 and bool((weights == 1).all())
+        weights = weights.to(self.device)
         step = self._samples_per_pass(batch)
         for start in range(0, size, step):
             rows = slice(start, min(size, start + step))
@@ -376,7 +379,13 @@ class FisherAccumulator:
                     grad = rule.per_sample_grad(x, g, role, module, param, out=grad,
                                                 rows=None if whole else (a, b))
                 flat_sum = self.sums[pname].narrow(1, a - first, b - a).view(self.n_groups, -1)
-                flat_sum.addmm_(weights, grad.reshape(stop - start, -1).square_())
+                squares = grad.reshape(stop - start, -1).square_()
+                if self._unit and stop - start == 1:
+                    # One sample of weight 1: sum + 1·g² is sum + g², rounded once either way, and
+                    # add_ is one pass where a k = 1 matrix product is about 25% slower (CPU).
+                    flat_sum.add_(squares)
+                else:
+                    flat_sum.addmm_(weights, squares)
 
     def _accumulate_sparse_embedding(self, pname, uses):
         """Untied embeddings: per-sample gradients touch only the rows of that sample's tokens."""
