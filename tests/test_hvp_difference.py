@@ -172,15 +172,20 @@ def test_directions_and_rayleigh_pass_the_method_through(capfd, tiny_gpt2_dir, t
                              tmp_path / "no.json")[::2], "--hvp applies to --rayleigh only")
 
 
+def _scaled_difference_operator(tiny_gpt2, monkeypatch, scale: float):
+    """The tiny GPT-2's gradient-only operator on 4 × 16 tokens, its step ``scale`` times the rule's."""
+    monkeypatch.setattr(difference, "DIFFERENCE_STEP", difference.DIFFERENCE_STEP * scale)
+    batches = load_batches(tiny_gpt2, corpus=None, max_samples=4, seq_len=16, batch_size=4, seed=0)
+    return curvature.HessianOperator(tiny_gpt2.model, batches, kind=tiny_gpt2.kind, hvp="difference")
+
+
 @pytest.mark.parametrize("scale, refused", [(1, False), (30, True)])
 def test_lanczos_refuses_difference_products_too_far_off_to_be_symmetric(tiny_gpt2, monkeypatch, scale, refused):
     """On SmolLM2 the old step rule was too large for the Lanczos vectors (docs/curvature.md, "Concentrated
     vectors"): its products along them were not a symmetric matrix's and Lanczos's eigenvalues of no
     matrix.  The tiny GPT-2 shows it at 30 times its default step (0.0091 of the largest coefficient
     at step 1; 0.001 at 15 times), and runs at the default."""
-    monkeypatch.setattr(difference, "DIFFERENCE_STEP", difference.DIFFERENCE_STEP * scale)
-    batches = load_batches(tiny_gpt2, corpus=None, max_samples=4, seq_len=16, batch_size=4, seed=0)
-    op = curvature.HessianOperator(tiny_gpt2.model, batches, kind=tiny_gpt2.kind, hvp="difference")
+    op = _scaled_difference_operator(tiny_gpt2, monkeypatch, scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # not converged in 6 products
         if refused:
@@ -199,9 +204,7 @@ def test_top_eigenpairs_refuse_an_eigenvalue_that_moves_with_the_step(tiny_gpt2,
     from landscape.curvature import lanczos
 
     monkeypatch.setattr(lanczos, "ASYMMETRY_LIMIT", float("inf"))
-    monkeypatch.setattr(difference, "DIFFERENCE_STEP", difference.DIFFERENCE_STEP * scale)
-    batches = load_batches(tiny_gpt2, corpus=None, max_samples=4, seq_len=16, batch_size=4, seed=0)
-    op = curvature.HessianOperator(tiny_gpt2.model, batches, kind=tiny_gpt2.kind, hvp="difference")
+    op = _scaled_difference_operator(tiny_gpt2, monkeypatch, scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # not converged in 6 products
         if refused:
