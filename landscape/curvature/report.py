@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, numerics
 from ..errors import SettingsMismatch, UsageError
 from ..files import PathLike, atomic_output, json_text, require_readable_file
 from ..fisher.subsets import perturbable_names
@@ -331,7 +331,7 @@ def _provenance(model, op: HessianOperator) -> dict:
             "n_samples": int(sum(b["labels"].shape[0] for b in op.batches)),
             "n_target_tokens": int(sum(int((b["labels"] != -100).sum()) for b in op.batches)),
             "objective": op.kind, "n_parameters": int(sum(p.numel() for p in model.parameters())),
-            "n_coordinates": int(op.dim), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "n_coordinates": int(op.dim), "dtype": numerics.held_dtype(model),
             "device": str(op.device), "landscape": __version__, "torch": torch.__version__,
             "python": platform.python_version(),
             "units": "loss: nats per target token; eigenvalues, trace, spectrum: nats/token per unit^2"}

@@ -67,7 +67,7 @@ def surface_identity(directions_attrs, batches, model, xs, ys, settings=None, ev
     Returns:
         A JSON-ready dict.
     """
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    dtype = numerics.held_dtype(model)  # a float16 T5 holds its wo in float32: still a float16 load
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     identity = {
         "format": FORMAT,
